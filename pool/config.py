@@ -1,0 +1,288 @@
+"""Configuration: the TOML file, ``GPU_POOL_*`` environment overrides, and validation.
+
+``load_config`` reads the file, applies the environment (env wins over the file), checks
+every value and raises a single ``ConfigError`` that lists every problem, each as
+``key.path: what is wrong (got X)``; ``check_config`` returns that list instead.
+
+Relative paths in the file are relative to the file's directory; relative paths from the
+environment are relative to the working directory. ``~`` is expanded in both.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+from pool.config_checks import (
+    ENDPOINT_SPEC,
+    MODEL_NAME_RE,
+    MODEL_SPECS,
+    POOL_SPECS,
+    VERSION_RE,
+    BadValue,
+    PathNotAllowed,
+    check_model_path,
+    check_section,
+    from_env,
+    ipc_path,
+    is_loopback_host,
+    show,
+    suggest,
+    tcp_host,
+    validate,
+)
+
+__all__ = [
+    "ENV_PREFIX", "MODEL_NAME_RE", "VERSION_RE", "Config", "ConfigError", "ModelConfig",
+    "PathNotAllowed", "PoolConfig", "check_config", "check_model_path",
+    "default_control_endpoint", "default_state_dir", "effective_model_roots", "ipc_path",
+    "load_config",
+]  # fmt: skip
+
+ENV_PREFIX = "GPU_POOL_"
+
+
+class ConfigError(Exception):
+    """Every problem found in one configuration; ``problems`` holds one line each."""
+
+    def __init__(self, problems: Sequence[str], source: str | None = None) -> None:
+        self.problems = list(problems)
+        self.source = source
+        count = len(self.problems)
+        where = f" in {source}" if source else ""
+        head = f"invalid configuration{where} ({count} problem{'' if count == 1 else 's'}):"
+        super().__init__("\n  ".join([head, *self.problems]))
+
+    def __reduce__(self) -> tuple[Any, ...]:  # keep problems intact across pickling
+        return (type(self), (self.problems, self.source))
+
+
+def default_state_dir(env: Mapping[str, str] | None = None) -> str:
+    """``$XDG_STATE_HOME/gpu-pool``, else ``~/.local/state/gpu-pool``."""
+    env = os.environ if env is None else env
+    base = env.get("XDG_STATE_HOME", "")
+    if not os.path.isabs(base):  # the XDG spec says to ignore relative values
+        home = env.get("HOME") or os.path.expanduser("~")
+        base = os.path.join(home, ".local", "state")
+    return os.path.join(base, "gpu-pool")
+
+
+def default_control_endpoint(
+    state_dir: str | None = None, env: Mapping[str, str] | None = None
+) -> str:
+    """``$GPU_POOL_CONTROL``, else ``ipc://$XDG_RUNTIME_DIR/gpu-pool/control.sock``, else
+    ``ipc://<state_dir>/control.sock`` (state_dir: argument, ``$GPU_POOL_STATE_DIR``, default).
+    """
+    env = os.environ if env is None else env
+    if env.get(ENV_PREFIX + "CONTROL"):
+        return env[ENV_PREFIX + "CONTROL"]
+    runtime = env.get("XDG_RUNTIME_DIR", "")
+    if os.path.isabs(runtime):
+        return "ipc://" + os.path.join(runtime, "gpu-pool", "control.sock")
+    if state_dir is None:
+        override = env.get(ENV_PREFIX + "STATE_DIR")
+        state_dir = os.path.abspath(override) if override else default_state_dir(env)
+    return "ipc://" + os.path.join(state_dir, "control.sock")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    path: str  # absolute
+    version: str | None = None  # None: the daemon uses a content digest
+    devices: tuple[str, ...] = ()  # (): cuda:0 if a GPU is visible, else cpu
+    max_batch: int = 8
+    max_delay_ms: float = 2.0
+    max_queue: int = 1024
+    request_timeout_s: float = 30.0
+    retry_on_worker_loss: bool = True
+    max_requests: int = 0  # recycle a worker after this many requests (0 = never)
+    max_requests_jitter: float = 0.1
+    max_rss_mb: int = 0  # 0 = off
+    max_gpu_growth_mb: int = 0  # 0 = off
+    threads: int | None = None
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    frontend: str = "tcp://127.0.0.1:5555"
+    control: str = ""  # "" here means "derive from state_dir", filled in __post_init__
+    state_dir: str = field(default_factory=default_state_dir)
+    metrics: str = "127.0.0.1:9400"  # "" disables the HTTP endpoint
+    model_roots: tuple[str, ...] = ()  # (): see effective_model_roots()
+    boot_timeout_s: float = 120.0
+    heartbeat_interval_s: float = 1.0
+    heartbeat_timeout_s: float = 30.0
+    request_grace_s: float = 5.0
+    drain_timeout_s: float = 30.0
+    upgrade_timeout_s: float = 600.0
+    stop_timeout_s: float = 10.0
+    surge_margin_mb: int = 512
+    curve_secret_key: str | None = None
+    curve_authorized_keys: str | None = None
+    log_format: str = "text"
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if not self.control:
+            object.__setattr__(self, "control", default_control_endpoint(self.state_dir))
+
+
+@dataclass(frozen=True)
+class Config:
+    pool: PoolConfig
+    models: tuple[ModelConfig, ...]
+    source: str | None  # absolute path of the file; None for defaults
+
+
+def effective_model_roots(config: Config) -> tuple[str, ...]:
+    """Where upgrades may load from: pool.model_roots, else the directories of the
+    configured models plus ``state_dir/demo`` (where the daemon writes its demo model)."""
+    if config.pool.model_roots:
+        return config.pool.model_roots
+    dirs = [os.path.dirname(m.path) for m in config.models]
+    dirs.append(os.path.join(config.pool.state_dir, "demo"))
+    return tuple(dict.fromkeys(dirs))  # de-duplicated, first-seen order
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+
+
+def _load_pool(table: Any, base: str, env: Mapping[str, str], problems: list[str]) -> PoolConfig:
+    """[pool] with env overrides. Type errors are reported for every source; range and
+    content checks only for the value that wins (a bad file value that env replaces is
+    still a type error in the file, but a missing directory there is not our business)."""
+    values = check_section(table, POOL_SPECS, "pool", base, problems)
+    labels = {key: f"pool.{key}" for key in POOL_SPECS}
+    overridden: set[str] = set()
+    for key, spec in POOL_SPECS.items():
+        name = ENV_PREFIX + key.upper()
+        if name not in env:
+            continue
+        labels[key] = f"env {name}"
+        overridden.add(key)
+        values.pop(key, None)
+        try:
+            values[key] = from_env(spec, env[name])
+        except BadValue:
+            problems.append(f"env {name}: must be {spec.want} (got {show(env[name])})")
+    if isinstance(values.get("log_level"), str):
+        values["log_level"] = values["log_level"].upper()
+    good = {
+        key: value
+        for key, value in values.items()
+        if validate(labels[key], POOL_SPECS[key], value, problems, key in overridden)
+    }
+    merged = _defaults(PoolConfig) | {"state_dir": default_state_dir(env)} | good
+    provided = overridden | (table.keys() if isinstance(table, dict) else set())
+    if "control" not in provided:
+        merged["control"] = default_control_endpoint(merged["state_dir"], env)
+        labels["control"] = "pool.control (default)"
+        validate(labels["control"], ENDPOINT_SPEC, merged["control"], problems, False)
+    _cross_check_pool(merged, values, labels, problems)
+    return PoolConfig(**merged)
+
+
+def _cross_check_pool(
+    merged: dict[str, Any], given: dict[str, Any], labels: dict[str, str], problems: list[str]
+) -> None:
+    """Checks across [pool] keys. ``given`` holds every typed value (valid or not), so a
+    curve key that is set but broken counts as set: its own problem is already reported."""
+    keys = ("curve_secret_key", "curve_authorized_keys")
+    curve_set = [given.get(k) is not None for k in keys]
+    if curve_set.count(True) == 1:
+        present, absent = keys if curve_set[0] else keys[::-1]
+        problems.append(f"{labels[present]}: must be set together with pool.{absent}")
+    for key in ("frontend", "control"):
+        host = tcp_host(merged[key])
+        if host is not None and not is_loopback_host(host) and not all(curve_set):
+            problems.append(
+                f"{labels[key]}: refusing to listen on a non-loopback address without CURVE: "
+                "set pool.curve_secret_key and pool.curve_authorized_keys "
+                f"(got {show(merged[key])})"
+            )
+    if merged["frontend"] == merged["control"]:
+        problems.append(f"{labels['control']}: must differ from pool.frontend")
+    interval, timeout = merged["heartbeat_interval_s"], merged["heartbeat_timeout_s"]
+    if timeout <= interval:  # else every worker would look dead between two beats
+        problems.append(
+            f"{labels['heartbeat_timeout_s']}: must be greater than pool.heartbeat_interval_s "
+            f"(got {timeout} <= {interval})"
+        )
+
+
+def _load_models(
+    entries: Any, base: str, roots: tuple[str, ...], problems: list[str]
+) -> tuple[ModelConfig, ...]:
+    if not isinstance(entries, list):
+        problems.append(f"models: must be an array of tables ([[models]]) (got {show(entries)})")
+        return ()
+    models: list[ModelConfig] = []
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(entries):
+        prefix = f"models[{i}]"
+        before = len(problems)
+        values = check_section(entry, MODEL_SPECS, prefix, base, problems)
+        if isinstance(entry, dict):
+            problems.extend(f"{prefix}.{k}: required" for k in ("name", "path") if k not in entry)
+        for key, value in values.items():
+            validate(f"{prefix}.{key}", MODEL_SPECS[key], value, problems, False)
+        name = values.get("name")
+        if isinstance(name, str) and name in seen:
+            problems.append(
+                f"{prefix}.name: duplicate model name {name!r} (also models[{seen[name]}])"
+            )
+        elif isinstance(name, str):
+            seen[name] = i
+        if len(problems) == before and roots:
+            try:
+                check_model_path(values["path"], roots)
+            except PathNotAllowed as exc:
+                problems.append(f"{prefix}.path: {exc}")
+        if len(problems) == before:
+            models.append(ModelConfig(**values))
+    return tuple(models)
+
+
+def load_config(path: str | None, env: Mapping[str, str] | None = None) -> Config:
+    """Read ``path`` (None: defaults, no models), apply ``env`` (default ``os.environ``)
+    and return the Config, or raise ConfigError listing every problem."""
+    env = os.environ if env is None else env
+    problems: list[str] = []
+    doc: dict[str, Any] = {}
+    source = None
+    base = os.getcwd()
+    if path is not None:
+        source = os.path.abspath(path)
+        base = os.path.dirname(source)
+        try:
+            with open(path, "rb") as fh:
+                doc = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError([f"{path}: no such file"], source) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError([f"{path}: TOML syntax error: {exc}"], source) from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError([f"{path}: not UTF-8 text ({exc.reason})"], source) from None
+        except OSError as exc:
+            raise ConfigError([f"{path}: cannot read: {exc.strerror}"], source) from None
+    for key in (k for k in doc if k not in ("pool", "models")):
+        problems.append(f"{key}: unknown top-level key{suggest(key, ['pool', 'models'])}")
+    pool = _load_pool(doc.get("pool", {}), base, env, problems)
+    models = _load_models(doc.get("models", []), base, pool.model_roots, problems)
+    if problems:
+        raise ConfigError(problems, source)
+    return Config(pool=pool, models=models, source=source)
+
+
+def check_config(path: str, env: Mapping[str, str] | None = None) -> list[str]:
+    """Every problem in the file at ``path`` (with ``env`` applied); [] when it is fine."""
+    try:
+        load_config(path, env)
+    except ConfigError as exc:
+        return exc.problems
+    return []

@@ -1,0 +1,232 @@
+"""The control endpoint: pool-ctl's commands, answered from inside the event loop.
+
+Frames (pool-ctl uses a DEALER socket, so one request may get several replies)::
+
+    request   b"", b"gpu-pool-ctl/1", msgpack {"cmd": str, "args": {...}}
+    replies   b"", b"gpu-pool-ctl/1", msgpack {"type": "progress", "phase": str, ...}   (0..n)
+              b"", b"gpu-pool-ctl/1", msgpack {"type": "result", "ok": bool, "data": {...},
+                                                "error": str}                          (1)
+
+Every frame is untrusted: a malformed request gets an error result, never an exception
+in the loop. Holding this socket means running code on the GPU host (upgrades load
+model files), so it is ipc in an owner-only directory unless CURVE is configured.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+import zmq
+
+from pool.config import PathNotAllowed, check_model_path
+from pool.lifecycle import WorkerState
+from pool.state import Deployed
+from pool.supervisor import ModelRuntime, Supervisor
+from pool.tasks import Operation
+from pool.upgrade import Refused, Upgrade, digest_then, start_operation
+from router import protocol as p
+
+log = logging.getLogger(__name__)
+
+CTL_PROTOCOL = b"gpu-pool-ctl/1"
+STRATEGIES = ("auto", "surge", "drain-first")
+Reply = Callable[[dict[str, Any]], None]
+
+
+class CommandError(Exception):
+    pass
+
+
+class ControlServer:
+    def __init__(self, sock: zmq.Socket[Any], sup: Supervisor, roots: list[str],
+                 on_reload: Callable[[], dict[str, Any]]) -> None:
+        self.sock = sock
+        self.sup = sup
+        self.roots = roots
+        self.on_reload = on_reload
+        self.started = time.time()
+        self.commands: dict[str, Callable[[dict[str, Any], Reply], None]] = {
+            "status": self.cmd_status,
+            "upgrade": self.cmd_upgrade,
+            "rollback": self.cmd_rollback,
+            "history": self.cmd_history,
+            "health": self.cmd_health,
+            "reload": self.cmd_reload,
+        }
+
+    def handle(self) -> None:
+        for _ in range(64):
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._one(frames)
+
+    def _one(self, frames: list[bytes]) -> None:
+        if len(frames) >= 2 and frames[1] == b"":
+            envelope, body = frames[:2], frames[2:]
+        else:
+            envelope, body = frames[:1], frames[1:]
+
+        def reply(msg: dict[str, Any]) -> None:
+            try:
+                self.sock.send_multipart([*envelope, CTL_PROTOCOL, msgpack.packb(msg)],
+                                         flags=zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                log.debug("control reply lost: %s", exc)
+
+        try:
+            if len(body) != 2 or body[0] != CTL_PROTOCOL:
+                raise CommandError(f"expected [{CTL_PROTOCOL!r}, msgpack request]")
+            req = p.unpack_map(body[1], limit=1 << 16)
+            cmd, args = req.get("cmd"), req.get("args", {})
+            if not isinstance(args, dict):
+                raise CommandError("args must be a map")
+            handler = self.commands.get(cmd) if isinstance(cmd, str) else None
+            if handler is None:
+                raise CommandError(f"unknown command {str(cmd)[:40]!r}; known: "
+                                   + ", ".join(sorted(self.commands)))
+            handler(args, reply)
+        except (CommandError, Refused, PathNotAllowed) as exc:
+            reply({"type": "result", "ok": False, "error": str(exc)})
+        except p.ProtocolError as exc:
+            reply({"type": "result", "ok": False, "error": exc.message})
+
+    # ------------------------------------------------------------------ helpers
+    def model(self, args: dict[str, Any]) -> ModelRuntime:
+        name = args.get("model")
+        if not isinstance(name, str) or name not in self.sup.models:
+            known = ", ".join(sorted(self.sup.models)) or "none"
+            raise CommandError(f"no model named {str(name)[:64]!r}; models: {known}")
+        return self.sup.models[name]
+
+    @staticmethod
+    def opt(args: dict[str, Any], key: str, kind: type, default: Any) -> Any:
+        value = args.get(key, default)
+        if value is None:
+            return default
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+            raise CommandError(f"{key} must be {kind.__name__}")
+        return value
+
+    # ----------------------------------------------------------------- commands
+    def cmd_status(self, args: dict[str, Any], reply: Reply) -> None:
+        """``pool-ctl status [--json]``: models, versions, workers, queues."""
+        reply({"type": "result", "ok": True, "data": self.status()})
+
+    def status(self) -> dict[str, Any]:
+        models = []
+        for rt in self.sup.models.values():
+            dep = rt.deployed
+            models.append({
+                "name": rt.name,
+                "status": rt.status(),
+                "version": dep.version if dep else None,
+                "digest": dep.digest if dep else None,
+                "path": dep.path if dep else None,
+                "generation": rt.serving_gen,
+                "devices": list(rt.devices),
+                "queue": len(rt.route.queue),
+                "operation": rt.busy,
+                "failed": rt.failed,
+                "workers": [w.describe() for w in rt.workers if w.alive],
+            })
+        return {
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started, 1),
+            "spawner_pid": self.sup.spawner.pid,
+            "inflight": self.sup.router.inflight_count(),
+            "models": models,
+        }
+
+    def cmd_health(self, args: dict[str, Any], reply: Reply) -> None:
+        """``pool-ctl health``: ok when every model has a ready worker serving."""
+        states = {rt.name: rt.status() for rt in self.sup.models.values()}
+        ok = bool(states) and all(s in ("serving", "upgrading") for s in states.values())
+        ok = ok and all(
+            any(w.state is WorkerState.READY and w.generation == rt.serving_gen
+                for w in rt.workers)
+            for rt in self.sup.models.values()
+        )
+        reply({"type": "result", "ok": ok, "data": {"models": states},
+               "error": "" if ok else "not every model is serving"})
+
+    def cmd_history(self, args: dict[str, Any], reply: Reply) -> None:
+        """``pool-ctl history MODEL [--json]``: versions run, with outcome and timings."""
+        rt = self.model(args)
+        reply({"type": "result", "ok": True,
+               "data": {"model": rt.name, "history": rt.state.history,
+                        "current": rt.deployed.__dict__ if rt.deployed else None}})
+
+    def cmd_reload(self, args: dict[str, Any], reply: Reply) -> None:
+        """``pool-ctl reload`` (or SIGHUP): re-read the config and apply it."""
+        reply({"type": "result", "ok": True, "data": self.on_reload()})
+
+    def cmd_upgrade(self, args: dict[str, Any], reply: Reply) -> None:
+        """``pool-ctl upgrade MODEL PATH [--version V] [--strategy S] [--timeout S]``.
+
+        Request args: model, path, version?, strategy?, timeout_s?. Streams progress
+        messages, then one result (ok true = committed, false = rolled back or refused).
+        """
+        rt = self.model(args)
+        path = self.opt(args, "path", str, None)
+        if not path:
+            raise CommandError("path is required")
+        real = check_model_path(path, self.roots)
+        version = self.opt(args, "version", str, None)
+        self._run(rt, "upgrade", real, version, args, reply)
+
+    def cmd_rollback(self, args: dict[str, Any], reply: Reply) -> None:
+        """``pool-ctl rollback MODEL [--to VERSION]``: back to the previous (or named) version."""
+        rt = self.model(args)
+        to = self.opt(args, "to", str, None)
+        current = rt.deployed
+        candidates = [d for d in rt.state.versions()
+                      if current is None or (d.version, d.digest) != (current.version, current.digest)]
+        if to is not None:
+            candidates = [d for d in candidates if d.version == to]
+        if not candidates:
+            raise CommandError(f"no earlier committed version{' ' + repr(to) if to else ''} "
+                               f"of {rt.name!r} to roll back to (see pool-ctl history)")
+        target = candidates[0]
+        if not os.path.exists(target.path):
+            raise CommandError(f"{target.path} (version {target.version}) no longer exists")
+        self._run(rt, "rollback", target.path, target.version, args, reply, target.digest)
+
+    def _run(self, rt: ModelRuntime, action: str, path: str, version: str | None,
+             args: dict[str, Any], reply: Reply, expect_digest: str | None = None) -> None:
+        strategy = self.opt(args, "strategy", str, "auto")
+        if strategy not in STRATEGIES:
+            raise CommandError(f"strategy must be one of {', '.join(STRATEGIES)}")
+        timeout = self.opt(args, "timeout_s", float, self.sup.pool.upgrade_timeout_s)
+        if timeout <= 0:
+            raise CommandError("timeout must be positive")
+        sup = self.sup
+
+        def progress(phase: str, **info: Any) -> None:
+            reply({"type": "progress", "phase": phase, **info})
+
+        def op() -> Operation:
+            progress("digest", path=path)
+            digest = yield from digest_then(sup, path)
+            if expect_digest and digest != expect_digest:
+                return {"ok": False, "model": rt.name, "outcome": "refused",
+                        "reason": f"{path} changed on disk since version {version} was "
+                                  f"deployed ({digest[:19]} != {expect_digest[:19]})"}
+            target = Deployed(version or digest.split(":")[1][:12], path, digest)
+            if sup.models[rt.name].failed:
+                sup.clear_failed(rt)  # an upgrade is how an operator recovers a failed model
+            up = Upgrade(sup, rt, target, strategy, timeout, action, progress)
+            return (yield from up.run())
+
+        start_operation(sup, rt, action, op(),
+                        lambda result: reply({"type": "result", "ok": bool(result.get("ok")),
+                                              "data": result,
+                                              "error": result.get("reason") or result.get("error", "")}))

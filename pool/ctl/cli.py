@@ -1,0 +1,127 @@
+"""pool-ctl: inspect and operate a running poold.
+
+Exit codes: 0 success, 1 operation failed (rolled back or refused), 2 usage error,
+3 poold unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from pool.config import default_control_endpoint
+from pool.ctl.client import ControlClient, Unreachable
+from pool.ctl.render import print_history, print_status, print_upgrade, progress_line
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+EPILOG = """\
+examples:
+  pool-ctl status                          models, versions, workers, queues
+  pool-ctl status --json | jq .models      the same, for scripts
+  pool-ctl upgrade demo ~/.local/state/gpu-pool/demo/demo-v2.pt --version 2
+  pool-ctl upgrade resnet /srv/models/resnet/4/model.pt --strategy drain-first
+  pool-ctl rollback demo                   back to the previous committed version
+  pool-ctl rollback demo --to 1
+  pool-ctl history demo
+  pool-ctl health && echo serving          exit 0 only when every model serves
+
+exit codes: 0 ok, 1 failed (rolled back, refused, unhealthy), 2 usage, 3 poold unreachable
+The control endpoint defaults to $GPU_POOL_CONTROL, then $XDG_RUNTIME_DIR/gpu-pool/control.sock,
+then the state dir's control.sock.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="pool-ctl", description="Inspect and operate a running gpu-pool daemon (poold).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--control", metavar="ENDPOINT", help="poold's control endpoint")
+    ap.add_argument("--connect-timeout", type=float, default=5.0, metavar="S",
+                    help="seconds to wait for poold's first answer (default 5)")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+        return p
+
+    add("status", "models, current version, every worker, queue depths")
+    add("health", "exit 0 when every model has a ready worker, else 1")
+    add("reload", "re-read poold's config file and apply the changes")
+    up = add("upgrade", "hot update: blocks until committed (exit 0) or rolled back (exit 1)")
+    up.add_argument("model")
+    up.add_argument("path", help="model file (TorchScript .pt, torch.export .pt2, .safetensors)")
+    up.add_argument("--version", help="version label (default: a content digest)")
+    for p in (up, add("rollback", "back to the previous (or a named) committed version")):
+        if p is not up:
+            p.add_argument("model")
+            p.add_argument("--to", metavar="VERSION", help="a version from pool-ctl history")
+        p.add_argument("--strategy", choices=("auto", "surge", "drain-first"), default="auto",
+                       help="surge: new beside old; drain-first: one device at a time "
+                            "(when the GPU cannot hold both); auto: decide from free memory")
+        p.add_argument("--timeout", type=float, metavar="S",
+                       help="give up and roll back if not done in S seconds")
+    hist = add("history", "the versions a model has run, with outcome and timings")
+    hist.add_argument("model")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    endpoint = args.control or default_control_endpoint()
+    client = ControlClient(endpoint, connect_timeout_s=args.connect_timeout)
+    cmd: str = args.command
+    payload: dict[str, Any] = {}
+    if cmd in ("upgrade", "rollback", "history"):
+        payload["model"] = args.model
+    if cmd == "upgrade":
+        payload["path"] = os.path.abspath(args.path)
+        if args.version:
+            payload["version"] = args.version
+    if cmd == "rollback" and args.to:
+        payload["to"] = args.to
+    timeout = None
+    if cmd in ("upgrade", "rollback"):
+        payload["strategy"] = args.strategy
+        if args.timeout:
+            payload["timeout_s"] = args.timeout
+        timeout = (args.timeout or 3600.0) + 120.0
+    tty = sys.stderr.isatty()
+    try:
+        result = client.call(cmd, payload, timeout_s=timeout,
+                             progress=lambda m: print(progress_line(m), file=sys.stderr,
+                                                      flush=True) if not args.json or tty else None)
+    except Unreachable as exc:
+        print(f"pool-ctl: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except TimeoutError as exc:
+        print(f"pool-ctl: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    ok = bool(result.get("ok"))
+    data = result.get("data") or {}
+    if args.json:
+        print(json.dumps({"ok": ok, "error": result.get("error") or None, **data}, indent=2,
+                         default=str))
+    elif cmd == "status":
+        print_status(data)
+    elif cmd == "history":
+        print_history(data)
+    elif cmd in ("upgrade", "rollback"):
+        print_upgrade(data, result.get("error") or "")
+    elif cmd == "health":
+        for name, state in (data.get("models") or {}).items():
+            print(f"{name}: {state}")
+    elif cmd == "reload":
+        for change in data.get("changes") or data.get("problems") or ["no changes"]:
+            print(change)
+    if not ok and not args.json and cmd not in ("upgrade", "rollback"):
+        print(f"pool-ctl: {result.get('error') or 'failed'}", file=sys.stderr)
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

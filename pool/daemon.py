@@ -1,0 +1,409 @@
+"""poold: one event loop that routes requests, supervises workers and answers pool-ctl.
+
+Signal handlers only enqueue; the loop wakes through ``signal.set_wakeup_fd`` and
+handles them in order (TERM/INT: drain and stop, HUP: reload the config, CHLD: reap).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import zmq
+
+from pool.config import Config, ConfigError, ModelConfig, check_config, ipc_path, load_config
+from pool.control import ControlServer
+from pool.gpu import Gpu
+from pool.http import serve_http
+from pool.logs import setup_logging
+from pool.metrics import PoolMetrics, PoolSnapshot, WorkerSample
+from pool.reload import apply_reload
+from pool.sdnotify import Notifier, watchdog_interval
+from pool.spawn import SpawnerClient
+from pool.state import Deployed, StateStore, file_digest
+from pool.supervisor import Supervisor
+from router.router import Router
+
+log = logging.getLogger("poold")
+
+TICK_S = 0.05
+PUBLISH_EVERY_S = 1.0
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> None:
+    """Orphans of a dead spawner become our children, so our reaper can reap them."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        log.debug("prctl(PR_SET_CHILD_SUBREAPER) unavailable")
+
+
+def owner_only_dir(path: str) -> None:
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.stat(path)
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+
+
+def demo_config(base: Config, gpu: Gpu) -> Config:
+    """The built-in demo model, generated on first run (in a child: poold never imports torch)."""
+    demo_dir = os.path.join(base.pool.state_dir, "demo")
+    owner_only_dir(demo_dir)
+    subprocess.run([sys.executable, "-m", "workers.demo", demo_dir], check=True)
+    device = "cuda:0" if gpu.count() > 0 else "cpu"
+    model = ModelConfig(name="demo", path=os.path.join(demo_dir, "demo-v1.pt"), version="1",
+                        devices=(device,), max_batch=8, max_delay_ms=1.0)
+    return Config(pool=base.pool, models=(model,), source=base.source)
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.pool = config.pool
+        self.signals: collections.deque[int] = collections.deque()
+        self.running = True
+        self.gpu = Gpu()
+        self.metrics = PoolMetrics()
+        self.notifier = Notifier.from_env()
+        self.ready_sent = False
+        self.last_tick = time.monotonic()
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self) -> None:
+        owner_only_dir(self.pool.state_dir)
+        for endpoint in (self.pool.control, self.pool.frontend):
+            path = ipc_path(endpoint)
+            if path:
+                owner_only_dir(os.path.dirname(path))
+        become_subreaper()
+        # The lifeline: workers hold the read end; when poold dies the kernel closes the
+        # write end and every worker exits, so no orphan keeps GPU memory.
+        self.lifeline_r, self.lifeline_w = os.pipe()
+        self.rundir = tempfile.mkdtemp(prefix="gpu-pool-")
+        backend = f"ipc://{self.rundir}/backend.sock"
+        self.ctx = zmq.Context()
+        curve = self._curve()
+        self.router = Router(self.ctx, self.pool.frontend, backend, self._events_proxy(),
+                             request_grace_s=self.pool.request_grace_s,
+                             observe=self.metrics.observe_request,
+                             curve_secret_key=curve[1] if curve else None)
+        self.control_sock = self.ctx.socket(zmq.ROUTER)
+        self.control_sock.setsockopt(zmq.LINGER, 0)
+        self.control_sock.setsockopt(zmq.MAXMSGSIZE, 1 << 16)
+        if curve:
+            self.control_sock.curve_server = True
+            self.control_sock.curve_secretkey = curve[1]
+        self.control_sock.bind(self.pool.control)
+        path = ipc_path(self.pool.control)
+        if path:
+            os.chmod(path, 0o600)
+        self.spawner = SpawnerClient(self.lifeline_r, self._on_spawned, self._on_exited,
+                                     self._on_spawn_failed)
+        self.spawner.start()
+        self.store = StateStore(self.pool.state_dir)
+        self.sup = Supervisor(self.config, self.router, self.spawner, self.store, self.gpu,
+                              self.metrics, backend, self.lifeline_r)
+        from pool.config import effective_model_roots
+
+        self.roots = list(effective_model_roots(self.config))
+        self.control = ControlServer(self.control_sock, self.sup, self.roots, self.reload)
+        for model in self.config.models:
+            self.add_model(model)
+        self.http = None
+        if self.pool.metrics:
+            self.http = serve_http(self.pool.metrics, self.metrics, self.health)
+        self.watchdog_s = watchdog_interval()
+        self.last_watchdog = 0.0
+        log.info("poold [pid %d] serving %s on %s, control %s", os.getpid(),
+                 ", ".join(m.name for m in self.config.models) or "no models",
+                 self.pool.frontend, self.pool.control)
+
+    def _curve(self) -> tuple[bytes, bytes] | None:
+        if not (self.pool.curve_secret_key and self.pool.curve_authorized_keys):
+            return None
+        import zmq.auth
+        from zmq.auth.thread import ThreadAuthenticator
+
+        public, secret = zmq.auth.load_certificate(self.pool.curve_secret_key)
+        if secret is None:
+            raise SystemExit(f"{self.pool.curve_secret_key} holds no secret key")
+        self.auth = ThreadAuthenticator(self.ctx)
+        self.auth.start()
+        self.auth.configure_curve(domain="*", location=self.pool.curve_authorized_keys)
+        return public, secret
+
+    def _events_proxy(self) -> Any:
+        daemon = self
+
+        class Events:  # the supervisor exists only after the router; forward lazily
+            def on_worker_event(self, wid: bytes, event: dict[str, Any]) -> None:
+                daemon.sup.on_worker_event(wid, event)
+
+            def on_worker_unreachable(self, wid: bytes) -> None:
+                daemon.sup.on_worker_unreachable(wid)
+
+            def on_worker_overdue(self, slot: Any, request: Any) -> None:
+                daemon.sup.on_worker_overdue(slot, request)
+
+        return Events()
+
+    def add_model(self, model: ModelConfig) -> None:
+        devices = model.devices or (("cuda:0",) if self.gpu.count() > 0 else ("cpu",))
+        state = self.store.load(model.name)
+        cur = state.current
+        if cur is not None and state.config_path == model.path and os.path.exists(cur.path):
+            deployed = cur  # restart on the last committed version
+            log.info("%s: resuming committed version %s", model.name, cur.version)
+        else:
+            digest = file_digest(model.path)
+            deployed = Deployed(model.version or digest.split(":")[1][:12], model.path, digest)
+            if cur is not None and state.config_path != model.path:
+                state.config_path = model.path
+                self.store.save(state)
+        self.sup.add_model(model, devices, deployed)
+
+    # -------------------------------------------------------------- callbacks
+    def _on_spawned(self, token: int, pid: int) -> None:
+        self.sup.on_spawned(token, pid)
+
+    def _on_exited(self, pid: int, status: int) -> None:
+        self.sup.on_exited(pid, status)
+
+    def _on_spawn_failed(self, token: int, reason: str) -> None:
+        self.sup.on_spawn_failed(token, reason)
+
+    def health(self) -> tuple[bool, bool, str]:
+        live = time.monotonic() - self.last_tick < 10.0
+        states = {rt.name: rt.status() for rt in self.sup.models.values()}
+        bad = [f"{n} {s}" for n, s in states.items() if s not in ("serving", "upgrading")]
+        return live, live and not bad and bool(states), ", ".join(bad) or "ok"
+
+    def reload(self) -> dict[str, Any]:
+        return apply_reload(self)
+
+    # -------------------------------------------------------------- signals
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.signals.append(signum)  # nothing else: handlers must stay async-signal-safe
+
+    def install_signals(self) -> int:
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        os.set_blocking(r, False)
+        signal.set_wakeup_fd(w)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(sig, self._on_signal)
+        return r
+
+    def handle_signals(self) -> None:
+        while self.signals:
+            sig = self.signals.popleft()
+            if sig in (signal.SIGTERM, signal.SIGINT):
+                if self.running:
+                    log.info("received %s: draining and stopping", signal.Signals(sig).name)
+                self.running = False
+            elif sig == signal.SIGHUP:
+                log.info("SIGHUP: reloading %s", self.config.source)
+                self.notifier.reloading("reloading configuration")
+                self.reload()
+            elif sig == signal.SIGCHLD:
+                self.reap()
+
+    def reap(self) -> None:
+        """The one reaper for our direct children: the spawner and adopted orphans."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid != self.spawner.pid:
+                self.sup.on_exited(pid, status)
+
+    # -------------------------------------------------------------- the loop
+    def run(self) -> int:
+        wake_r = self.install_signals()
+        poller = zmq.Poller()
+        poller.register(self.router.backend, zmq.POLLIN)
+        poller.register(self.router.frontend, zmq.POLLIN)
+        poller.register(self.control_sock, zmq.POLLIN)
+        poller.register(wake_r, zmq.POLLIN)
+        spawner_fd = self.spawner.fileno()
+        if spawner_fd is not None:
+            poller.register(spawner_fd, zmq.POLLIN)
+        next_publish = 0.0
+        stopping_since: float | None = None
+        while True:
+            timeout = 10 if self.sup.scheduler.busy() else int(TICK_S * 1000)
+            events = dict(poller.poll(timeout))
+            if self.router.backend in events:
+                self.router.handle_backend()
+            if self.router.frontend in events:
+                self.router.handle_frontend()
+            if self.control_sock in events:
+                self.control.handle()
+            if spawner_fd is not None and spawner_fd in events:
+                if not self.spawner.handle_readable():
+                    poller.unregister(spawner_fd)
+                    spawner_fd = None
+            if wake_r in events:
+                try:
+                    os.read(wake_r, 4096)
+                except BlockingIOError:
+                    pass
+            self.handle_signals()
+            now = time.monotonic()
+            if now - self.last_tick >= TICK_S:
+                self.last_tick = now
+                self.router.sweep(now)
+                self.sup.tick(now)
+                if self.spawner.maybe_restart(now):
+                    spawner_fd = self.spawner.fileno()
+                    if spawner_fd is not None:
+                        poller.register(spawner_fd, zmq.POLLIN)
+                self.systemd(now)
+            else:
+                self.sup.scheduler.poll()
+            if now >= next_publish:
+                next_publish = now + PUBLISH_EVERY_S
+                self.publish()
+            if not self.running:
+                stopping_since = self.shutdown_step(stopping_since, now)
+                if stopping_since is not None and stopping_since < 0:
+                    return 0
+
+    def shutdown_step(self, since: float | None, now: float) -> float | None:
+        """Stop accepting; let in-flight and queued work finish; then stop the workers."""
+        if since is None:
+            self.notifier.stopping("draining")
+            self.router.accepting = False
+            return now
+        drained = not self.router.inflight_count() and not self.router.queued_count()
+        if drained or now - since > self.pool.drain_timeout_s:
+            if not getattr(self, "_workers_told", False):
+                self._workers_told = True
+                self.sup.stop_all()
+            limit = self.pool.drain_timeout_s + self.pool.stop_timeout_s + 10
+            if self.sup.all_exited() or now - since > limit:
+                self.sup.kill_all()
+                return -1.0
+        return since
+
+    def systemd(self, now: float) -> None:
+        if self.watchdog_s and now - self.last_watchdog >= self.watchdog_s:
+            self.last_watchdog = now
+            self.notifier.watchdog()  # from the loop itself: a stuck loop stops the pings
+        if not self.ready_sent and self.running:
+            states = [rt.status() for rt in self.sup.models.values()]
+            if all(s == "serving" for s in states):
+                self.ready_sent = True
+                self.notifier.ready(f"serving {len(states)} model(s)")
+        busy = [f"upgrading {rt.name} to {rt.busy}" for rt in self.sup.models.values() if rt.busy]
+        status = "; ".join(busy) if busy else ("serving" if self.running else "draining")
+        if status != getattr(self, "_last_status", None):
+            self._last_status = status
+            self.notifier.status(status)
+
+    def publish(self) -> None:
+        workers = []
+        for rt in self.sup.models.values():
+            for w in rt.workers:
+                if w.alive and w.pid:
+                    workers.append(WorkerSample(
+                        model=w.model, version=w.version, generation=w.generation,
+                        device=w.device, state=w.state.value, pid=w.pid,
+                        gpu_bytes=w.gpu_bytes, rss_bytes=w.rss,
+                        inflight=len(w.slot_view.inflight), served=w.slot_view.served))
+        self.metrics.publish(PoolSnapshot(
+            workers=tuple(workers),
+            queue_depth={rt.name: len(rt.route.queue) for rt in self.sup.models.values()},
+            model_state={rt.name: rt.status() for rt in self.sup.models.values()},
+        ))
+
+    def close(self) -> None:
+        self.spawner.stop()
+        if self.http is not None:
+            self.http.close()
+        if getattr(self, "auth", None) is not None:
+            self.auth.stop()
+        self.router.close()
+        self.control_sock.close(linger=0)
+        self.ctx.term()
+        os.close(self.lifeline_w)
+        path = ipc_path(self.pool.control)
+        for p in (path, os.path.join(self.rundir, "backend.sock")):
+            try:
+                if p:
+                    os.unlink(p)
+            except OSError:
+                pass
+        try:
+            os.rmdir(self.rundir)
+        except OSError:
+            pass
+        log.info("poold stopped")
+
+
+EPILOG = """\
+examples:
+  poold --demo                       serve the built-in demo model (no config needed)
+  poold --config /etc/gpu-pool/pool.toml
+  poold --check-config pool.toml     report every problem in a config, start nothing
+
+environment: GPU_POOL_<KEY> overrides [pool] keys (e.g. GPU_POOL_FRONTEND=tcp://127.0.0.1:6000).
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="poold", description="Serve PyTorch models from one-model GPU worker processes.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", metavar="FILE", help="TOML config (default: the demo)")
+    ap.add_argument("--demo", action="store_true", help="serve the built-in demo model")
+    ap.add_argument("--check-config", metavar="FILE", help="validate FILE and exit (0 ok, 2 bad)")
+    ap.add_argument("--log-format", choices=("text", "json"), help="overrides pool.log_format")
+    ap.add_argument("--log-level", help="overrides pool.log_level")
+    args = ap.parse_args(argv)
+    if args.check_config:
+        problems = check_config(args.check_config)
+        for problem in problems:
+            print(f"{args.check_config}: {problem}", file=sys.stderr)
+        if not problems:
+            print(f"{args.check_config}: ok")
+        return 2 if problems else 0
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"{args.config}: {problem}", file=sys.stderr)
+        return 2
+    setup_logging(args.log_format or config.pool.log_format,
+                  args.log_level or config.pool.log_level)
+    gpu = Gpu()
+    if args.demo or not config.models:
+        config = demo_config(config, gpu)
+    daemon = Daemon(config)
+    try:
+        daemon.setup()
+    except zmq.ZMQError as exc:
+        log.error("cannot bind: %s (is another poold running?)", exc)
+        return 1
+    try:
+        return daemon.run()
+    finally:
+        daemon.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Worker lifecycle: states, the legal transitions between them, and the typed record."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from router.table import WorkerSlot
+
+
+class WorkerState(str, Enum):
+    SPAWNING = "spawning"  # asked the spawner for a process
+    STARTING = "starting"  # has a pid, not yet heard from
+    LOADING = "loading"
+    WARMING = "warming"
+    VALIDATING = "validating"
+    READY = "ready"  # loaded and warm; may be in the routing table
+    DRAINING = "draining"  # gets nothing new, finishing what it holds
+    STOPPING = "stopping"  # told to exit; escalating to signals if it does not
+    FAILED = "failed"  # could not become ready; waiting for its exit
+    EXITED = "exited"  # reaped
+
+
+_BOOTING = {"starting", "loading", "warming", "validating"}
+TRANSITIONS: dict[WorkerState, frozenset[WorkerState]] = {
+    WorkerState.SPAWNING: frozenset(
+        {WorkerState.STARTING, WorkerState.STOPPING, WorkerState.EXITED}
+    ),
+    WorkerState.STARTING: frozenset(
+        {WorkerState.LOADING, WorkerState.FAILED, WorkerState.STOPPING, WorkerState.EXITED}
+    ),
+    WorkerState.LOADING: frozenset(
+        {WorkerState.WARMING, WorkerState.FAILED, WorkerState.STOPPING, WorkerState.EXITED}
+    ),
+    WorkerState.WARMING: frozenset(
+        {
+            WorkerState.VALIDATING,
+            WorkerState.READY,
+            WorkerState.FAILED,
+            WorkerState.STOPPING,
+            WorkerState.EXITED,
+        }
+    ),
+    WorkerState.VALIDATING: frozenset(
+        {WorkerState.READY, WorkerState.FAILED, WorkerState.STOPPING, WorkerState.EXITED}
+    ),
+    WorkerState.READY: frozenset({WorkerState.DRAINING, WorkerState.STOPPING, WorkerState.EXITED}),
+    WorkerState.DRAINING: frozenset({WorkerState.STOPPING, WorkerState.EXITED}),
+    WorkerState.STOPPING: frozenset({WorkerState.EXITED}),
+    WorkerState.FAILED: frozenset({WorkerState.STOPPING, WorkerState.EXITED}),
+    WorkerState.EXITED: frozenset(),
+}
+
+
+class IllegalTransition(RuntimeError):
+    pass
+
+
+@dataclass
+class WorkerRecord:
+    wid: str
+    model: str
+    generation: int
+    slot: int
+    device: str
+    version: str
+    path: str
+    slot_view: WorkerSlot
+    state: WorkerState = WorkerState.SPAWNING
+    pid: int | None = None
+    spawned_at: float = field(default_factory=time.monotonic)
+    ready_at: float | None = None
+    last_heartbeat: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+    failure: str | None = None
+    exit_status: int | None = None
+    expected_exit: bool = False  # we asked it to go: an exit is a retirement, not a crash
+    rss: int = 0
+    gpu_bytes: int | None = None
+    ready_gpu_bytes: int | None = None
+    device_used_at_spawn: int | None = None
+    stop_stage: int = 0
+    stop_deadline: float = 0.0
+    recycle_after: int = 0
+    shapes: list[Any] = field(default_factory=list)
+
+    def to(self, new: WorkerState) -> None:
+        if new is self.state:
+            return
+        if new not in TRANSITIONS[self.state]:
+            raise IllegalTransition(f"worker {self.wid}: {self.state.value} -> {new.value}")
+        self.state = new
+
+    @property
+    def booting(self) -> bool:
+        return self.state.value in _BOOTING or self.state is WorkerState.SPAWNING
+
+    @property
+    def alive(self) -> bool:
+        return self.state is not WorkerState.EXITED
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "wid": self.wid,
+            "pid": self.pid,
+            "device": self.device,
+            "state": self.state.value,
+            "version": self.version,
+            "generation": self.generation,
+            "inflight": len(self.slot_view.inflight),
+            "served": self.slot_view.served,
+            "gpu_bytes": self.gpu_bytes,
+            "rss_bytes": self.rss,
+            "uptime_s": round(time.monotonic() - self.ready_at, 1) if self.ready_at else 0.0,
+            "failure": self.failure,
+        }
+
+
+def describe_exit(status: int) -> str:
+    """A waitpid status in words: 'exit 64 (load failed)' or 'killed by SIGKILL'."""
+    import signal
+
+    from workers.exitcodes import EXIT_MEANING  # no torch: a constants-only module
+
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = str(sig)
+        return f"killed by {name}"
+    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else status
+    meaning = EXIT_MEANING.get(code)
+    return f"exit {code}" + (f" ({meaning})" if meaning else "")

@@ -1,0 +1,133 @@
+"""What survives a restart: each model's committed version and its history.
+
+One JSON file per model under ``<state_dir>/models/``, replaced atomically (temporary
+file, fsync, rename, fsync of the directory), so a crash leaves the old file or the new
+one, never half of either. A content digest is recorded with every version: a model file
+replaced on disk later does not rewrite what the history says was deployed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+HISTORY_KEPT = 500
+
+
+@dataclass(frozen=True)
+class Deployed:
+    version: str
+    path: str
+    digest: str
+
+
+@dataclass
+class ModelState:
+    model: str
+    config_path: str = ""  # the path the config named when this state began
+    current: Deployed | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["current"] = asdict(self.current) if self.current else None
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ModelState:
+        cur = d.get("current")
+        return cls(
+            model=str(d["model"]),
+            config_path=str(d.get("config_path", "")),
+            current=Deployed(**cur) if isinstance(cur, dict) else None,
+            history=list(d.get("history", [])),
+        )
+
+    def versions(self) -> list[Deployed]:
+        """Committed versions, most recent first, each once."""
+        seen: set[tuple[str, str]] = set()
+        out: list[Deployed] = []
+        for h in reversed(self.history):
+            if h.get("outcome") != "committed":
+                continue
+            d = Deployed(h["version"], h["path"], h["digest"])
+            if (d.version, d.digest) not in seen:
+                seen.add((d.version, d.digest))
+                out.append(d)
+        return out
+
+
+def file_digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    directory = os.path.dirname(path)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    dfd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dfd)  # make the rename itself durable
+    finally:
+        os.close(dfd)
+
+
+class StateStore:
+    def __init__(self, state_dir: str) -> None:
+        self.dir = os.path.join(state_dir, "models")
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+
+    def _path(self, model: str) -> str:
+        return os.path.join(self.dir, f"{model}.json")
+
+    def load(self, model: str) -> ModelState:
+        try:
+            with open(self._path(model), "rb") as f:
+                return ModelState.from_json(json.loads(f.read()))
+        except FileNotFoundError:
+            return ModelState(model=model)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("state file of %s is unreadable (%s); starting from the config", model, exc)
+            return ModelState(model=model)
+
+    def save(self, state: ModelState) -> None:
+        state.history = state.history[-HISTORY_KEPT:]
+        write_atomic(self._path(state.model), json.dumps(state.to_json(), indent=1).encode())
+
+    def record(
+        self, state: ModelState, deployed: Deployed, action: str, outcome: str, **extra: Any
+    ) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "seq": (state.history[-1]["seq"] + 1) if state.history else 1,
+            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "action": action,
+            "outcome": outcome,
+            **asdict(deployed),
+            **extra,
+        }
+        state.history.append(entry)
+        if outcome == "committed":
+            state.current = deployed
+        self.save(state)
+        return entry

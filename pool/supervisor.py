@@ -1,0 +1,443 @@
+"""The supervisor: which workers exist, what state they are in, and what to do about it.
+
+It spawns workers through the preloaded spawner, hears their events through the router,
+hears their exits from the spawner's reaper (and poold's own, for orphans), replaces
+workers that crash or hang (with a restart-storm guard), retires drained workers in
+stages, and recycles workers by policy. Long operations live in ``pool.upgrade``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from itertools import count
+from typing import Any
+
+import msgpack
+import psutil
+
+from pool.config import Config, ModelConfig
+from pool.flapping import FlapGuard
+from pool.gpu import Gpu, device_index
+from pool.lifecycle import WorkerRecord, WorkerState, describe_exit
+from pool.metrics import PoolMetrics
+from pool.spawn import SpawnerClient
+from pool.state import Deployed, ModelState, StateStore
+from pool.tasks import Scheduler
+from router.router import Router
+from router.table import ModelRoute, Request, WorkerSlot
+from workers.exitcodes import BOOT_FAILURES
+
+log = logging.getLogger(__name__)
+
+KILL_GRACE_S = 2.0  # SIGTERM -> SIGKILL
+SAMPLE_EVERY_S = 2.0
+
+
+@dataclass
+class ModelRuntime:
+    cfg: ModelConfig
+    route: ModelRoute
+    state: ModelState
+    devices: tuple[str, ...]
+    gens: dict[int, Deployed] = field(default_factory=dict)
+    serving_gen: int = 0
+    workers: list[WorkerRecord] = field(default_factory=list)
+    busy: str | None = None  # the running operation, if any
+    failed: str | None = None
+    flap: FlapGuard = field(default_factory=FlapGuard)
+    restarts: list[tuple[float, int]] = field(default_factory=list)  # (when, slot)
+    shapes: list[Any] = field(default_factory=list)  # input signatures seen, for warm-up
+    gen_counter: count[int] = field(default_factory=lambda: count(1))
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    @property
+    def deployed(self) -> Deployed | None:
+        return self.gens.get(self.serving_gen)
+
+    def alive(self, generation: int | None = None) -> list[WorkerRecord]:
+        return [
+            w for w in self.workers
+            if w.alive and (generation is None or w.generation == generation)
+        ]
+
+    def status(self) -> str:
+        if self.failed:
+            return "failed"
+        if self.busy:
+            return "upgrading"
+        if any(w.state is WorkerState.READY and w.generation == self.serving_gen
+               for w in self.workers):
+            return "serving"
+        return "starting"
+
+
+class Supervisor:
+    def __init__(
+        self,
+        config: Config,
+        router: Router,
+        spawner: SpawnerClient,
+        store: StateStore,
+        gpu: Gpu,
+        metrics: PoolMetrics,
+        backend: str,
+        lifeline_fd: int,
+    ) -> None:
+        self.config = config
+        self.pool = config.pool
+        self.router = router
+        self.spawner = spawner
+        self.store = store
+        self.gpu = gpu
+        self.metrics = metrics
+        self.backend = backend
+        self.lifeline_fd = lifeline_fd
+        self.models: dict[str, ModelRuntime] = {}
+        self.by_wid: dict[bytes, WorkerRecord] = {}
+        self.by_pid: dict[int, WorkerRecord] = {}
+        self.by_token: dict[int, WorkerRecord] = {}
+        self.scheduler = Scheduler()
+        self.wids = count(1)
+        self.last_sample = 0.0
+
+    # ------------------------------------------------------------------ models
+    def add_model(self, cfg: ModelConfig, devices: tuple[str, ...], deployed: Deployed) -> ModelRuntime:
+        route = ModelRoute(cfg.name, cfg.max_queue, cfg.request_timeout_s, cfg.retry_on_worker_loss)
+        self.router.add_route(route)
+        rt = ModelRuntime(cfg=cfg, route=route, state=self.store.load(cfg.name), devices=devices)
+        if not rt.state.config_path:
+            rt.state.config_path = cfg.path
+        self.models[cfg.name] = rt
+        gen = self.new_generation(rt, deployed)
+        rt.serving_gen = gen  # requests queue until its workers are ready
+        for slot in range(len(devices)):
+            self.spawn(rt, gen, slot)
+        return rt
+
+    def new_generation(self, rt: ModelRuntime, deployed: Deployed) -> int:
+        gen = next(rt.gen_counter)
+        rt.gens[gen] = deployed
+        return gen
+
+    # ---------------------------------------------------------------- spawning
+    def spawn(self, rt: ModelRuntime, generation: int, slot: int) -> WorkerRecord:
+        dep = rt.gens[generation]
+        device = rt.devices[slot]
+        wid = f"{rt.name}.g{generation}.s{slot}.w{next(self.wids)}"
+        cfg = rt.cfg
+        view = WorkerSlot(wid.encode(), rt.name, generation, dep.version, cfg.max_batch)
+        rec = WorkerRecord(
+            wid=wid, model=rt.name, generation=generation, slot=slot, device=device,
+            version=dep.version, path=dep.path, slot_view=view,
+        )
+        if cfg.max_requests > 0:
+            jitter = int(cfg.max_requests * cfg.max_requests_jitter)
+            rec.recycle_after = cfg.max_requests + random.randint(0, max(0, jitter))
+        idx = device_index(device)
+        if idx is not None:
+            mem = self.gpu.memory(idx)
+            rec.device_used_at_spawn = mem[0] if mem else None
+        rt.workers.append(rec)
+        self.by_wid[view.wid] = rec
+        self.router.add_worker(view)
+        spec = {
+            "wid": wid, "backend": self.backend, "model": rt.name, "path": dep.path,
+            "version": dep.version, "device": device, "generation": generation,
+            "max_batch": cfg.max_batch, "max_delay_ms": cfg.max_delay_ms,
+            "heartbeat_interval_s": self.pool.heartbeat_interval_s, "threads": cfg.threads,
+            "lifeline_fd": self.lifeline_fd, "observed_shapes": rt.shapes[:1],
+        }
+        token = self.spawner.spawn(spec)
+        self.by_token[token] = rec
+        log.info("spawning %s version %s on %s", wid, dep.version, device,
+                 extra={"model": rt.name, "version": dep.version, "generation": generation})
+        return rec
+
+    def on_spawned(self, token: int, pid: int) -> None:
+        rec = self.by_token.pop(token, None)
+        if rec is None:
+            return
+        rec.pid = pid
+        self.by_pid[pid] = rec
+        rec.to(WorkerState.STARTING)
+        rec.last_heartbeat = time.monotonic()
+        if rec.stop_stage:  # stopped before it even had a pid
+            self._signal(rec, signal.SIGKILL)
+
+    def on_spawn_failed(self, token: int, reason: str) -> None:
+        rec = self.by_token.pop(token, None)
+        if rec is not None:
+            rec.failure = reason
+            self._exited(rec, None)
+
+    # ------------------------------------------------------------ worker events
+    def on_worker_event(self, wid: bytes, event: dict[str, Any]) -> None:
+        rec = self.by_wid.get(wid)
+        if rec is None or not rec.alive:
+            return
+        now = time.monotonic()
+        rec.last_heartbeat = now
+        kind = event.get("t")
+        if kind == "hello":
+            if rec.state is WorkerState.STARTING:
+                rec.to(WorkerState.LOADING)
+        elif kind == "phase":
+            phase = event.get("phase")
+            if phase == "warming" and rec.state is WorkerState.LOADING:
+                rec.to(WorkerState.WARMING)
+            elif phase == "validating" and rec.state is WorkerState.WARMING:
+                rec.to(WorkerState.VALIDATING)
+        elif kind == "ready":
+            self._ready(rec, event, now)
+        elif kind == "hb":
+            rec.rss = int(event.get("rss") or 0)
+            shapes = event.get("shapes")
+            if isinstance(shapes, list) and shapes:
+                rec.shapes = shapes
+                self.models[rec.model].shapes = shapes
+            self._check_recycle(rec)
+        elif kind == "failed":
+            rec.failure = f"{event.get('stage')}: {event.get('reason')}"
+            if rec.booting:
+                rec.to(WorkerState.FAILED)
+
+    def _ready(self, rec: WorkerRecord, event: dict[str, Any], now: float) -> None:
+        if rec.state not in (WorkerState.LOADING, WorkerState.WARMING, WorkerState.VALIDATING):
+            return
+        rec.to(WorkerState.READY)
+        rec.ready_at = now
+        timings = event.get("timings")
+        rec.timings = {k: float(v) for k, v in timings.items()} if isinstance(timings, dict) else {}
+        rec.timings["spawn_to_ready_s"] = now - rec.spawned_at
+        rec.rss = int(event.get("rss") or 0)
+        rt = self.models[rec.model]
+        log.info("worker %s ready [pid %s] in %.2fs", rec.wid, rec.pid, now - rec.spawned_at,
+                 extra={"model": rec.model, "version": rec.version, "worker_pid": rec.pid})
+        if rec.generation == rt.serving_gen and rt.busy is None:
+            self.activate(rt)
+            if rt.failed is None:
+                rt.flap.reset()
+            self._commit_start(rt)
+
+    def activate(self, rt: ModelRuntime) -> None:
+        """Route to every ready worker of the serving generation: one table assignment."""
+        slots = [w.slot_view for w in rt.workers
+                 if w.generation == rt.serving_gen and w.state is WorkerState.READY]
+        self.router.activate(rt.name, rt.serving_gen, slots)
+
+    def _commit_start(self, rt: ModelRuntime) -> None:
+        dep = rt.deployed
+        if dep is not None and rt.state.current != dep:
+            self.store.record(rt.state, dep, "start", "committed", generation=rt.serving_gen)
+
+    # ---------------------------------------------------------- router callbacks
+    def on_worker_unreachable(self, wid: bytes) -> None:
+        rec = self.by_wid.get(wid)
+        if rec is not None and rec.alive and rec.state is not WorkerState.STOPPING:
+            self.kill(rec, "unreachable on the backend socket")
+
+    def on_worker_overdue(self, slot: WorkerSlot, request: Request) -> None:
+        rec = self.by_wid.get(slot.wid)
+        if rec is not None and rec.alive and rec.stop_stage == 0:
+            self.kill(rec, f"hung: no answer {self.pool.request_grace_s:.1f}s past a deadline")
+
+    # ------------------------------------------------------------ stopping
+    def retire(self, rec: WorkerRecord) -> None:
+        """Take a worker out of routing; it is stopped once it holds nothing."""
+        if rec.state in (WorkerState.READY,):
+            self.router.deactivate(rec.slot_view)
+            rec.to(WorkerState.DRAINING)
+            rec.stop_deadline = time.monotonic() + self.pool.drain_timeout_s
+            rec.expected_exit = True
+        elif rec.alive and rec.state is not WorkerState.DRAINING:
+            self.stop(rec)
+
+    def stop(self, rec: WorkerRecord) -> None:
+        """Polite stop, escalating in tick(): control message, SIGTERM, SIGKILL (group)."""
+        if not rec.alive or rec.stop_stage:
+            return
+        rec.expected_exit = True
+        self.router.deactivate(rec.slot_view)
+        rec.to(WorkerState.STOPPING)
+        rec.stop_stage = 1
+        rec.stop_deadline = time.monotonic() + self.pool.stop_timeout_s
+        self.router.send_control(rec.slot_view.wid, msgpack.packb({"t": "stop"}))
+
+    def kill(self, rec: WorkerRecord, why: str) -> None:
+        """A worker that is broken: signal its process group now, re-route its requests."""
+        log.warning("killing worker %s [pid %s]: %s", rec.wid, rec.pid, why,
+                    extra={"model": rec.model, "version": rec.version, "worker_pid": rec.pid})
+        rec.failure = rec.failure or why
+        self.router.remove_worker(rec.slot_view.wid, lost=True)
+        if rec.state is not WorkerState.STOPPING:
+            rec.to(WorkerState.STOPPING)
+        rec.stop_stage = 2
+        rec.stop_deadline = time.monotonic() + KILL_GRACE_S
+        self._signal(rec, signal.SIGTERM)
+
+    def _signal(self, rec: WorkerRecord, sig: int) -> None:
+        if rec.pid is None:
+            return
+        try:
+            os.killpg(rec.pid, sig)  # the worker leads its own session and group
+        except ProcessLookupError:
+            pass
+        except PermissionError as exc:
+            log.error("cannot signal worker %s: %s", rec.pid, exc)
+
+    # ------------------------------------------------------------ exits
+    def on_exited(self, pid: int, status: int) -> None:
+        rec = self.by_pid.pop(pid, None)
+        if rec is not None:
+            self._exited(rec, status)
+
+    def _exited(self, rec: WorkerRecord, status: int | None) -> None:
+        if not rec.alive:
+            return
+        was = rec.state
+        rec.exit_status = status
+        how = describe_exit(status) if status is not None else (rec.failure or "no process")
+        rt = self.models.get(rec.model)
+        lost = self.router.remove_worker(rec.slot_view.wid, lost=not rec.expected_exit)
+        self.by_wid.pop(rec.slot_view.wid, None)
+        rec.to(WorkerState.EXITED)
+        if rt is None:
+            return
+        rt.workers = [w for w in rt.workers if w.alive or w is rec]
+        if rec.expected_exit:
+            log.info("worker %s [pid %s] retired: %s", rec.wid, rec.pid, how,
+                     extra={"model": rec.model, "version": rec.version, "worker_pid": rec.pid})
+            self.metrics.observe_worker_exit(rec.model, "retired")
+            return
+        boot = was in (WorkerState.SPAWNING, WorkerState.STARTING, WorkerState.LOADING,
+                       WorkerState.WARMING, WorkerState.VALIDATING, WorkerState.FAILED)
+        code = os.WEXITSTATUS(status) if status is not None and os.WIFEXITED(status) else None
+        reason = "boot_failed" if boot or code in BOOT_FAILURES else "crashed"
+        rec.failure = rec.failure or how
+        log.error("worker %s [pid %s] of %s v%s %s: %s (%s in flight re-routed)",
+                  rec.wid, rec.pid, rec.model, rec.version,
+                  "failed to start" if boot else "died", rec.failure, lost,
+                  extra={"model": rec.model, "version": rec.version, "worker_pid": rec.pid})
+        self.metrics.observe_worker_exit(rec.model, reason)
+        if rt.busy is None and rec.generation == rt.serving_gen:
+            self._schedule_restart(rt, rec.slot, rec.failure)
+
+    def _schedule_restart(self, rt: ModelRuntime, slot: int, why: str) -> None:
+        delay = rt.flap.failure()
+        if delay is None:
+            self.mark_failed(rt, f"gave up after {rt.flap.attempts} failures in "
+                             f"{rt.flap.window_s:.0f}s; last: {why}")
+            return
+        rt.restarts.append((time.monotonic() + delay, slot))
+
+    def mark_failed(self, rt: ModelRuntime, why: str) -> None:
+        rt.failed = why
+        rt.route.unavailable = f"model {rt.name!r} is failed: {why}"
+        n = self.router.fail_queued(rt.name, "MODEL_UNAVAILABLE", rt.route.unavailable)
+        log.error("model %s marked failed (%d queued requests answered): %s", rt.name, n, why,
+                  extra={"model": rt.name})
+
+    def clear_failed(self, rt: ModelRuntime) -> None:
+        rt.failed = None
+        rt.route.unavailable = None
+        rt.flap.reset()
+        rt.restarts.clear()
+
+    # ------------------------------------------------------------ periodic work
+    def tick(self, now: float) -> None:
+        for rt in self.models.values():
+            due = [r for r in rt.restarts if r[0] <= now]
+            if due and rt.busy is None and rt.failed is None:
+                rt.restarts = [r for r in rt.restarts if r[0] > now]
+                for _, slot in due:
+                    if not any(w.slot == slot and w.generation == rt.serving_gen
+                               for w in rt.alive()):
+                        self.spawn(rt, rt.serving_gen, slot)
+            for rec in list(rt.workers):
+                self._tick_worker(rt, rec, now)
+        if now - self.last_sample >= SAMPLE_EVERY_S:
+            self.last_sample = now
+            self.sample_memory()
+        self.scheduler.poll()
+
+    def _tick_worker(self, rt: ModelRuntime, rec: WorkerRecord, now: float) -> None:
+        state = rec.state
+        if state is WorkerState.DRAINING:
+            if not rec.slot_view.inflight or now >= rec.stop_deadline:
+                self.stop(rec)
+        elif state is WorkerState.STOPPING and now >= rec.stop_deadline:
+            if rec.stop_stage == 1:
+                rec.stop_stage = 2
+                rec.stop_deadline = now + KILL_GRACE_S
+                self._signal(rec, signal.SIGTERM)
+            elif rec.stop_stage == 2:
+                rec.stop_stage = 3
+                rec.stop_deadline = now + KILL_GRACE_S
+                self._signal(rec, signal.SIGKILL)
+            elif rec.pid is not None and not psutil.pid_exists(rec.pid):
+                self._exited(rec, None)  # reaped without our hearing of it
+        elif rec.booting:
+            if now - rec.spawned_at > self.pool.boot_timeout_s:
+                rec.failure = f"not ready after {self.pool.boot_timeout_s:.0f}s (boot_timeout_s)"
+                self.kill(rec, rec.failure)
+        elif state is WorkerState.READY:
+            if now - rec.last_heartbeat > self.pool.heartbeat_timeout_s:
+                self.kill(rec, f"hung: no heartbeat for {now - rec.last_heartbeat:.1f}s")
+
+    def _check_recycle(self, rec: WorkerRecord) -> None:
+        rt = self.models[rec.model]
+        if rec.state is not WorkerState.READY or rt.busy is not None or rt.failed:
+            return
+        cfg = rt.cfg
+        why = None
+        if rec.recycle_after and rec.slot_view.served >= rec.recycle_after:
+            why = f"served {rec.slot_view.served} requests (max_requests)"
+        elif cfg.max_rss_mb and rec.rss > cfg.max_rss_mb << 20:
+            why = f"RSS {rec.rss >> 20} MiB over max_rss_mb"
+        elif (cfg.max_gpu_growth_mb and rec.gpu_bytes is not None and rec.ready_gpu_bytes
+              and rec.gpu_bytes - rec.ready_gpu_bytes > cfg.max_gpu_growth_mb << 20):
+            why = f"GPU memory grew {(rec.gpu_bytes - rec.ready_gpu_bytes) >> 20} MiB"
+        if why is not None:
+            from pool.upgrade import start_recycle  # the operations module imports us
+
+            start_recycle(self, rt, rec, why)
+
+    def sample_memory(self) -> None:
+        """Per-worker GPU bytes from NVML (keyed by pid), once every few seconds."""
+        per_dev: dict[int, dict[int, int] | None] = {}
+        for rec in self.by_pid.values():
+            idx = device_index(rec.device)
+            if idx is None:
+                continue
+            if idx not in per_dev:
+                per_dev[idx] = self.gpu.process_bytes(idx)
+            procs = per_dev[idx]
+            if procs is not None and rec.pid is not None:
+                rec.gpu_bytes = procs.get(rec.pid)
+                if rec.state is WorkerState.READY and rec.ready_gpu_bytes is None:
+                    rec.ready_gpu_bytes = rec.gpu_bytes
+
+    # ------------------------------------------------------------ shutdown
+    def stop_all(self) -> None:
+        for rt in self.models.values():
+            for rec in rt.alive():
+                if rec.state is WorkerState.READY:
+                    self.retire(rec)
+                else:
+                    self.stop(rec)
+
+    def all_exited(self) -> bool:
+        return not any(rt.alive() for rt in self.models.values())
+
+    def kill_all(self) -> None:
+        for rt in self.models.values():
+            for rec in rt.alive():
+                self._signal(rec, signal.SIGKILL)

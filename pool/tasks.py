@@ -1,0 +1,85 @@
+"""Long operations (upgrades, rollbacks, recycles) as generators run by the event loop.
+
+An operation is written as straight-line code that ``yield``s a :class:`Wait`; the loop
+resumes it with ``True`` once the condition holds or ``False`` when the wait timed out.
+Nothing blocks the loop, so routing continues while an upgrade waits for a worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Wait:
+    until: Callable[[], bool]
+    timeout_s: float
+    what: str = ""
+
+
+Operation = Generator[Wait, bool, Any]
+
+
+class Task:
+    def __init__(self, name: str, op: Operation, done: Callable[[Any], None]) -> None:
+        self.name = name
+        self.op = op
+        self.done = done
+        self.wait: Wait | None = None
+        self.deadline = 0.0
+        self.finished = False
+
+    def step(self, value: bool | None) -> None:
+        try:
+            wait = self.op.send(value)  # type: ignore[arg-type]  # first send must be None
+        except StopIteration as stop:
+            self.finished = True
+            self.done(stop.value)
+            return
+        self.wait = wait
+        self.deadline = time.monotonic() + wait.timeout_s
+
+
+class Scheduler:
+    def __init__(self) -> None:
+        self.tasks: list[Task] = []
+
+    def start(self, name: str, op: Operation, done: Callable[[Any], None]) -> Task:
+        task = Task(name, op, done)
+        self.tasks.append(task)
+        self._step(task, None)
+        return task
+
+    def _step(self, task: Task, value: bool | None) -> None:
+        try:
+            task.step(value)
+        except Exception:
+            log.exception("operation %s crashed", task.name)
+            task.finished = True
+            task.done({"ok": False, "error": f"internal error in {task.name}; see poold's log"})
+
+    def poll(self) -> None:
+        """Resume every task whose wait is over. Called on each loop iteration."""
+        now = time.monotonic()
+        for task in list(self.tasks):
+            if task.finished or task.wait is None:
+                continue
+            try:
+                met = task.wait.until()
+            except Exception:
+                log.exception("wait condition of %s raised", task.name)
+                met = False
+            if met:
+                self._step(task, True)
+            elif now >= task.deadline:
+                self._step(task, False)
+        self.tasks = [t for t in self.tasks if not t.finished]
+
+    def busy(self) -> bool:
+        return bool(self.tasks)

@@ -1,0 +1,343 @@
+"""Hot update, rollback and recycle: the zero-loss paths, as loop-driven operations.
+
+surge        start generation N+1 beside N; switch the routing table in one step once
+             every new worker is ready; drain N; wait until its processes are reaped and
+             (on GPUs) their memory is back.
+drain-first  one slot (device entry) at a time: stop routing to N's worker there (its
+             requests wait in the router's bounded, deadline-aware queue or go to the other
+             slots), let it finish and exit, start N+1 there. The routing table switches
+             to N+1 when the first new worker is ready, so no client sees an older version
+             after a newer one. A failure puts the old version back.
+auto         surge when NVML shows room for another copy plus a margin, else drain-first.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Generator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from pool.gpu import device_index
+from pool.lifecycle import WorkerRecord, WorkerState
+from pool.state import Deployed
+from pool.supervisor import KILL_GRACE_S, ModelRuntime, Supervisor
+from pool.tasks import Operation, Wait
+
+log = logging.getLogger(__name__)
+
+MEMORY_TOLERANCE = 16 << 20  # retired means device memory back within this of its level
+MEMORY_WAIT_S = 10.0
+Progress = Callable[..., None]
+_digests = ThreadPoolExecutor(max_workers=2, thread_name_prefix="digest")
+BootResult = Generator[Wait, bool, tuple[bool, str]]
+
+
+class Refused(Exception):
+    """An operation that cannot start (another one runs, bad target); exit code 1."""
+
+
+def choose_strategy(sup: Supervisor, rt: ModelRuntime) -> tuple[str, str]:
+    """(strategy, why) for ``auto``."""
+    gpus = [(d, device_index(d)) for d in rt.devices]
+    if all(idx is None for _, idx in gpus):
+        return "surge", "CPU devices always surge"
+    need: dict[int, int] = {}
+    for rec in rt.alive(rt.serving_gen):
+        idx = device_index(rec.device)
+        if idx is not None:
+            foot = rec.gpu_bytes or rec.ready_gpu_bytes or 0
+            need[idx] = need.get(idx, 0) + foot
+    margin = sup.pool.surge_margin_mb << 20
+    for idx, foot in need.items():
+        mem = sup.gpu.memory(idx)
+        if mem is None:
+            return "drain-first", f"NVML cannot read cuda:{idx}"
+        if mem[1] < foot + margin:
+            return "drain-first", (f"cuda:{idx} has {mem[1] >> 20} MiB free, needs "
+                                   f"{(foot + margin) >> 20} MiB for a second copy")
+    return "surge", "room for both versions on every device"
+
+
+def _device_used(sup: Supervisor, device: str) -> int | None:
+    idx = device_index(device)
+    if idx is None:
+        return None
+    mem = sup.gpu.memory(idx)
+    return mem[0] if mem else None
+
+
+class Upgrade:
+    """One upgrade/rollback/recycle of one model; ``run`` is the loop-driven operation."""
+
+    def __init__(self, sup: Supervisor, rt: ModelRuntime, target: Deployed, strategy: str,
+                 timeout_s: float, action: str, progress: Progress) -> None:
+        self.sup = sup
+        self.rt = rt
+        self.target = target
+        self.strategy = strategy
+        self.action = action
+        self.progress = progress
+        self.t0 = time.monotonic()
+        self.deadline = self.t0 + timeout_s
+        self.old_gen = rt.serving_gen
+        self.from_version = rt.deployed.version if rt.deployed else ""
+        self.started: list[WorkerRecord] = []
+        self.stopped: list[WorkerRecord] = []
+        self.phases: dict[str, float] = {}
+        self.freed: dict[str, int] = {}
+        self.memory_back: bool | None = None
+        self.worker_timings: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ helpers
+    def say(self, phase: str, **info: Any) -> None:
+        self.progress(phase, elapsed_s=round(time.monotonic() - self.t0, 3), **info)
+
+    def spawn(self, gen: int, slot: int) -> WorkerRecord:
+        rec = self.sup.spawn(self.rt, gen, slot)
+        self.started.append(rec)
+        return rec
+
+    def wait_boot(self, recs: list[WorkerRecord]) -> BootResult:
+        """Wait until every worker is ready (True) or one fails (False, reason)."""
+        t = time.monotonic()
+        reported: dict[str, str] = {}
+        while True:
+            for r in recs:
+                if reported.get(r.wid) != r.state.value and r.state.value in (
+                    "loading", "warming", "validating"
+                ):
+                    reported[r.wid] = r.state.value
+                    self.say(r.state.value, worker=r.wid, pid=r.pid, device=r.device)
+            if all(r.state is WorkerState.READY for r in recs):
+                self.phases["boot_s"] = time.monotonic() - t
+                self.worker_timings = dict(recs[0].timings)
+                return True, ""
+            bad = [r for r in recs if r.state in (WorkerState.FAILED, WorkerState.EXITED,
+                                                   WorkerState.STOPPING)]
+            if bad:
+                return False, f"{bad[0].wid}: {bad[0].failure or bad[0].state.value}"
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                return False, "not ready before the upgrade timeout"
+            states = [r.state for r in recs]
+            met = yield Wait(lambda: [r.state for r in recs] != states, left, "boot")
+            if not met and time.monotonic() >= self.deadline:
+                return False, "not ready before the upgrade timeout"
+
+    def retire(self, recs: list[WorkerRecord]) -> Generator[Wait, bool, None]:
+        """Drain, stop and reap ``recs``; then wait for their GPU memory to come back."""
+        if not recs:
+            return
+        t = time.monotonic()
+        before = {r.device: _device_used(self.sup, r.device) for r in recs}
+        for r in recs:
+            self.sup.retire(r)
+        self.say("draining", workers=[r.wid for r in recs], pids=[r.pid for r in recs])
+        pool = self.sup.pool
+        limit = pool.drain_timeout_s + pool.stop_timeout_s + 3 * KILL_GRACE_S + 5
+        yield Wait(lambda: not any(r.alive for r in recs), limit, "exit")
+        self.stopped.extend(recs)
+        self.phases["drain_s"] = self.phases.get("drain_s", 0.0) + time.monotonic() - t
+        t = time.monotonic()
+        gpu_recs = [r for r in recs if device_index(r.device) is not None]
+        if gpu_recs:
+            pids = {r.pid for r in gpu_recs}
+
+            def gone() -> bool:
+                for r in gpu_recs:
+                    procs = self.sup.gpu.process_bytes(device_index(r.device) or 0)
+                    if procs is not None and pids & procs.keys():
+                        return False
+                return True
+
+            yield Wait(gone, MEMORY_WAIT_S, "nvml")
+            for dev, used in before.items():
+                after = _device_used(self.sup, dev)
+                if used is not None and after is not None:
+                    self.freed[dev] = self.freed.get(dev, 0) + max(0, used - after)
+        self.phases["retire_s"] = self.phases.get("retire_s", 0.0) + time.monotonic() - t
+        self.say("retired", pids=[r.pid for r in recs], bytes_freed=dict(self.freed))
+
+    def check_memory(self, reference: dict[str, int | None]) -> None:
+        """Retired means each device's used memory is back within 16 MiB of ``reference``."""
+        ok = True
+        for dev, level in reference.items():
+            now = _device_used(self.sup, dev)
+            if level is None or now is None:
+                continue
+            if abs(now - level) > MEMORY_TOLERANCE:
+                ok = False
+                log.warning("%s: %s used %d MiB, reference %d MiB", self.rt.name, dev,
+                            now >> 20, level >> 20)
+        if reference and any(v is not None for v in reference.values()):
+            self.memory_back = ok
+
+    def switch(self, gen: int) -> None:
+        self.rt.serving_gen = gen
+        self.sup.activate(self.rt)
+        self.phases["switch_at_s"] = time.monotonic() - self.t0
+        self.say("switched", generation=gen, version=self.rt.gens[gen].version)
+
+    # ------------------------------------------------------------------ strategies
+    def run(self) -> Operation:
+        rt = self.rt
+        if self.strategy == "auto":
+            self.strategy, why = choose_strategy(self.sup, rt)
+            self.say("strategy", strategy=self.strategy, why=why)
+        if self.strategy == "surge":
+            ok, reason = yield from self.surge()
+        else:
+            ok, reason = yield from self.drain_first()
+        return self.finish(ok, reason)
+
+    def surge(self) -> BootResult:
+        rt = self.rt
+        old = rt.alive(self.old_gen)
+        reference = {r.device: _device_used(self.sup, r.device) for r in old}
+        gen = self.sup.new_generation(rt, self.target)
+        self.say("starting", generation=gen, version=self.target.version)
+        new = [self.spawn(gen, slot) for slot in range(len(rt.devices))]
+        ok, reason = yield from self.wait_boot(new)
+        if not ok:
+            yield from self.abandon(new)
+            return False, reason
+        self.switch(gen)
+        yield from self.retire(old)
+        self.check_memory(reference)
+        return True, ""
+
+    def drain_first(self) -> BootResult:
+        rt = self.rt
+        gen = self.sup.new_generation(rt, self.target)
+        done: list[int] = []
+        for slot in range(len(rt.devices)):
+            old = [r for r in rt.alive(self.old_gen) if r.slot == slot]
+            reference = {r.device: r.device_used_at_spawn for r in old}
+            yield from self.retire(old)
+            self.check_memory(reference)
+            self.say("starting", generation=gen, slot=slot, device=rt.devices[slot])
+            new = self.spawn(gen, slot)
+            ok, reason = yield from self.wait_boot([new])
+            if not ok:
+                yield from self.abandon([new])
+                yield from self.restore(slot, done)
+                return False, reason
+            done.append(slot)
+            if rt.serving_gen != gen:
+                self.switch(gen)
+            else:
+                self.sup.activate(rt)
+        return True, ""
+
+    def abandon(self, recs: list[WorkerRecord]) -> Generator[Wait, bool, None]:
+        for r in recs:
+            if r.alive:
+                self.sup.kill(r, "abandoned by a failed upgrade")
+        yield Wait(lambda: not any(r.alive for r in recs), 3 * KILL_GRACE_S + 2, "abandon")
+
+    def restore(self, failed_slot: int, switched: list[int]) -> Generator[Wait, bool, None]:
+        """Put the old version back on the failed slot, then on the slots already switched."""
+        rt = self.rt
+        self.say("rolling_back", slot=failed_slot)
+        back = self.spawn(self.old_gen, failed_slot)
+        yield from self.wait_boot([back])
+        if rt.serving_gen != self.old_gen:
+            rt.serving_gen = self.old_gen
+            self.sup.activate(rt)
+        for slot in switched:
+            gone = [r for r in rt.alive() if r.slot == slot and r.generation != self.old_gen]
+            yield from self.retire(gone)
+            rec = self.spawn(self.old_gen, slot)
+            yield from self.wait_boot([rec])
+            self.sup.activate(rt)
+
+    # ------------------------------------------------------------------ the end
+    def finish(self, ok: bool, reason: str) -> dict[str, Any]:
+        rt = self.rt
+        elapsed = time.monotonic() - self.t0
+        outcome = "committed" if ok else "rolled_back"
+        result: dict[str, Any] = {
+            "ok": ok,
+            "model": rt.name,
+            "action": self.action,
+            "outcome": outcome,
+            "strategy": self.strategy,
+            "from_version": self.from_version,
+            "to_version": self.target.version if ok else self.from_version,
+            "target_version": self.target.version,
+            "digest": self.target.digest,
+            "generation": rt.serving_gen,
+            "pids_started": [r.pid for r in self.started],
+            "pids_stopped": [r.pid for r in self.stopped],
+            "phases": {k: round(v, 4) for k, v in self.phases.items()},
+            "worker_timings": {k: round(v, 4) for k, v in self.worker_timings.items()},
+            "bytes_freed": self.freed,
+            "memory_back": self.memory_back,
+            "elapsed_s": round(elapsed, 3),
+        }
+        if not ok:
+            result["reason"] = reason
+            log.error("%s of %s to %s rolled back: %s", self.action, rt.name,
+                      self.target.version, reason, extra={"model": rt.name})
+        else:
+            log.info("%s of %s %s -> %s committed in %.2fs (%s)", self.action, rt.name,
+                     self.from_version, self.target.version, elapsed, self.strategy,
+                     extra={"model": rt.name, "version": self.target.version})
+        if self.action != "recycle":
+            self.sup.store.record(
+                rt.state, self.target, self.action, outcome, reason=reason or None,
+                strategy=self.strategy, from_version=self.from_version,
+                phases=result["phases"], bytes_freed=self.freed,
+                pids_started=result["pids_started"], pids_stopped=result["pids_stopped"],
+                elapsed_s=result["elapsed_s"],
+            )
+        self.sup.metrics.observe_upgrade(rt.name, self.action, outcome, self.phases,
+                                         sum(self.freed.values()))
+        return result
+
+
+def digest_then(sup: Supervisor, path: str) -> Generator[Wait, bool, str]:
+    """Hash a model file on a thread so a big file never stalls routing."""
+    from pool.state import file_digest
+
+    fut = _digests.submit(file_digest, path)
+    yield Wait(fut.done, 600.0, "digest")
+    return fut.result()
+
+
+def start_operation(sup: Supervisor, rt: ModelRuntime, name: str, op: Operation,
+                    done: Callable[[dict[str, Any]], None]) -> None:
+    if rt.busy is not None:
+        raise Refused(f"{rt.busy} of model {rt.name!r} is already running; try again when it ends")
+    rt.busy = name
+
+    def finished(result: Any) -> None:
+        rt.busy = None
+        sup.activate(rt)  # workers that became ready meanwhile join the table
+        done(result if isinstance(result, dict) else {"ok": False, "error": str(result)})
+
+    sup.scheduler.start(f"{name}:{rt.name}", op, finished)
+
+
+def start_recycle(sup: Supervisor, rt: ModelRuntime, rec: WorkerRecord, why: str) -> None:
+    """Replace one worker with a fresh one of the same version, through the zero-loss path."""
+    log.info("recycling %s [pid %s]: %s", rec.wid, rec.pid, why, extra={"model": rt.name})
+
+    def op() -> Operation:
+        up = Upgrade(sup, rt, rt.gens[rec.generation], "surge", sup.pool.upgrade_timeout_s,
+                     "recycle", lambda *a, **k: None)
+        new = up.spawn(rec.generation, rec.slot)
+        ok, reason = yield from up.wait_boot([new])
+        if not ok:
+            yield from up.abandon([new])
+            return up.finish(False, reason)
+        sup.activate(rt)
+        yield from up.retire([rec])
+        return up.finish(True, "")
+
+    try:
+        start_operation(sup, rt, "recycle", op(), lambda r: None)
+    except Refused:
+        pass

@@ -1,0 +1,216 @@
+"""Run a real poold in a test: write its config, start it in its own session, wait for
+it to serve, talk to it, and always stop it (killpg in teardown)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pool.ctl.client import ControlClient
+from router.client import Client
+from router.errors import PoolError
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 30.0, what: str = "condition",
+             interval: float = 0.05) -> Any:
+    """Poll until ``cond()`` is truthy; fail the test with ``what`` after ``timeout``."""
+    end = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return repr(v)
+
+
+def write_config(path: str, pool: dict[str, Any], models: list[dict[str, Any]]) -> str:
+    lines = ["[pool]"] + [f"{k} = {toml_value(v)}" for k, v in pool.items()]
+    for m in models:
+        lines += ["", "[[models]]"] + [f"{k} = {toml_value(v)}" for k, v in m.items()]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class Pool:
+    dir: str
+    config: str
+    frontend: str
+    control: str
+    proc: subprocess.Popen[bytes]
+    log_path: str
+    env: dict[str, str] = field(default_factory=dict)
+
+    def ctl(self, cmd: str, args: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
+        return ControlClient(self.control).call(cmd, args, **kw)
+
+    def status(self) -> dict[str, Any]:
+        return self.ctl("status")["data"]
+
+    def model(self, name: str) -> dict[str, Any]:
+        return next(m for m in self.status()["models"] if m["name"] == name)
+
+    def client(self, **kw: Any) -> Client:
+        return Client(self.frontend, **kw)
+
+    def pool_ctl(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "pool.ctl.cli", "--control", self.control, *args],
+            capture_output=True, text=True, timeout=timeout, env=self.env or None)
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def wait_serving(self, timeout: float = 60.0) -> None:
+        def serving() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"poold exited {self.proc.returncode}:\n{self.log()}")
+            try:
+                data = self.ctl("status")["data"]
+            except Exception:
+                return False
+            return all(m["status"] == "serving" and all(w["state"] == "ready"
+                       for w in m["workers"]) and m["workers"] for m in data["models"])
+
+        wait_for(serving, timeout, "every model serving")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def start_pool(tmp: str, models: list[dict[str, Any]], *, wait: bool = True,
+               **pool_opts: Any) -> Pool:
+    os.makedirs(tmp, exist_ok=True)
+    pool = {
+        "frontend": f"ipc://{tmp}/front.sock",
+        "control": f"ipc://{tmp}/ctl.sock",
+        "state_dir": f"{tmp}/state",
+        "metrics": "",
+        "heartbeat_interval_s": 0.2,
+        "heartbeat_timeout_s": 10.0,
+        "drain_timeout_s": 10.0,
+        "stop_timeout_s": 3.0,
+        **pool_opts,
+    }
+    config = write_config(os.path.join(tmp, "pool.toml"), pool, models)
+    log_path = os.path.join(tmp, "poold.log")
+    env = dict(os.environ)
+    env.pop("NOTIFY_SOCKET", None)
+    log = open(log_path, "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "pool.daemon", "--config", config],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env=env)
+    log.close()
+    p = Pool(tmp, config, pool["frontend"], pool["control"], proc, log_path, env)
+    if wait:
+        p.wait_serving()
+    return p
+
+
+@contextmanager
+def running_pool(tmp: str, models: list[dict[str, Any]], **kw: Any) -> Iterator[Pool]:
+    p = start_pool(tmp, models, **kw)
+    try:
+        yield p
+    finally:
+        p.stop()
+        try:
+            os.killpg(p.proc.pid, signal.SIGKILL)  # anything left of its session
+        except ProcessLookupError:
+            pass
+
+
+class Load:
+    """Clients sending without pause on threads; every answer is checked and recorded."""
+
+    def __init__(self, endpoint: str, model: str, clients: int,
+                 check: Callable[[np.ndarray, Any], str | None] | None = None,
+                 make_input: Callable[[int], np.ndarray] | None = None,
+                 timeout: float = 30.0, allowed: frozenset[str] = frozenset()) -> None:
+        self.endpoint = endpoint
+        self.model = model
+        self.check = check
+        self.make_input = make_input or (lambda i: np.full((1, 16), i % 7, np.float32))
+        self.timeout = timeout
+        self.allowed = allowed  # error codes a test accepts (e.g. WORKER_LOST when retries are off)
+        self.stop_flag = threading.Event()
+        self.ok = 0
+        self.errors: list[str] = []
+        self.allowed_errors: dict[str, int] = {}
+        self.versions: list[list[str]] = [[] for _ in range(clients)]
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True)
+                        for i in range(clients)]
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self.stop_flag.set()
+        for t in self.threads:
+            t.join(60)
+
+    def _run(self, idx: int) -> None:
+        client = Client(self.endpoint, retries=1, timeout=self.timeout)
+        i = 0
+        try:
+            while not self.stop_flag.is_set():
+                x = self.make_input(idx * 100_000 + i)
+                i += 1
+                try:
+                    r = client.infer(self.model, x)
+                except PoolError as exc:
+                    with self.lock:
+                        if exc.code in self.allowed:
+                            self.allowed_errors[exc.code] = self.allowed_errors.get(exc.code, 0) + 1
+                        else:
+                            self.errors.append(f"client {idx}: {exc}")
+                    continue
+                problem = self.check(x, r) if self.check else None
+                with self.lock:
+                    if problem:
+                        self.errors.append(f"client {idx}: {problem}")
+                    else:
+                        self.ok += 1
+                    self.versions[idx].append(r.version)
+        finally:
+            client.close()
+
+    def wait_ok(self, n: int, timeout: float = 60.0) -> None:
+        start = self.ok
+        wait_for(lambda: self.ok >= start + n, timeout, f"{n} more answers")

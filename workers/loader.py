@@ -1,0 +1,334 @@
+"""Load a model file onto one device, without ever unpickling untrusted data.
+
+Formats, chosen by file extension:
+
+- ``.pt`` ``.pth`` ``.ts`` ``.torchscript``: TorchScript, ``torch.jit.load``.
+- ``.pt2``: ``torch.export``. ``torch.export.load`` falls back to full pickle for some
+  archive entries, so the archive is inspected first and refused when any entry would
+  take that path (see ``_check_pt2_pickle_free``).
+- ``.safetensors``: "factory + safetensors". The manifest names ``factory =
+  "net.py:build"``, a Python file inside the model's directory and a callable returning
+  an ``nn.Module``. The module is built on the meta device (no memory, no init cost),
+  then the weights are read straight onto the target device and assigned.
+
+Every failure is a ``ModelLoadError`` whose message names the file and the cause.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import io
+import itertools
+import json
+import os
+import sys
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from workers.manifest import Manifest, ManifestError, load_manifest
+
+__all__ = [
+    "FORMATS",
+    "LoadedModel",
+    "ModelLoadError",
+    "ModelOutputError",
+    "describe_error",
+    "load_model",
+]
+
+FORMATS: dict[str, str] = {
+    ".pt": "torchscript",
+    ".pth": "torchscript",
+    ".ts": "torchscript",
+    ".torchscript": "torchscript",
+    ".pt2": "export",
+    ".safetensors": "safetensors",
+}
+
+_factory_counter = itertools.count()
+
+
+class ModelLoadError(Exception):
+    """The model file could not be turned into a runnable module."""
+
+
+class ModelOutputError(TypeError):
+    """forward() returned something other than a tensor or a tuple/list of tensors."""
+
+
+@dataclass
+class LoadedModel:
+    module: torch.nn.Module | torch.jit.ScriptModule
+    device: torch.device
+    format: str
+    num_inputs: int | None
+    path: str = ""
+
+    def forward(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Run ``module(*inputs)`` and return the outputs as a list of tensors."""
+        moved = [x if x.device == self.device else x.to(self.device) for x in inputs]
+        with torch.inference_mode():
+            out = self.module(*moved)
+        return _as_tensor_list(out)
+
+
+def _as_tensor_list(out: object) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, tuple | list):
+        for i, item in enumerate(out):
+            if not isinstance(item, torch.Tensor):
+                raise ModelOutputError(
+                    "model output must be a tensor or a tuple/list of tensors; "
+                    f"element {i} of the {type(out).__name__} is {type(item).__name__}"
+                )
+        return list(out)
+    raise ModelOutputError(
+        f"model output must be a tensor or a tuple/list of tensors, got {type(out).__name__}"
+    )
+
+
+def load_model(
+    path: str, device: torch.device | str, manifest: Manifest | None = None
+) -> LoadedModel:
+    """Load ``path`` onto ``device``. ``manifest`` is read from disk when not given and
+    the format needs one (safetensors)."""
+    device = torch.device(device)
+    ext = os.path.splitext(path)[1].lower()
+    fmt = FORMATS.get(ext)
+    if fmt is None:
+        known = ", ".join(FORMATS)
+        raise ModelLoadError(
+            f"{path}: unsupported model format {ext or '(none)'!r}; known: {known}"
+        )
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"{path}: no such file")
+
+    if fmt == "torchscript":
+        module: torch.nn.Module = _load_torchscript(path, device)
+        num_inputs = _script_num_inputs(module, path)
+    elif fmt == "export":
+        module = _load_export(path, device)
+        num_inputs = _signature_num_inputs(module)
+    else:
+        module = _load_safetensors(path, device, manifest)
+        num_inputs = _signature_num_inputs(module)
+    return LoadedModel(module=module, device=device, format=fmt, num_inputs=num_inputs, path=path)
+
+
+def _load_torchscript(path: str, device: torch.device) -> torch.nn.Module:
+    try:
+        module = torch.jit.load(path, map_location=device)
+    except Exception as e:
+        raise ModelLoadError(f"{path}: cannot load as TorchScript: {describe_error(e)}") from e
+    return module.eval()
+
+
+def _script_num_inputs(module: torch.nn.Module, path: str) -> int | None:
+    try:
+        schema = getattr(module.forward, "schema")  # noqa: B009  (only script methods have it)
+    except (AttributeError, RuntimeError) as e:
+        raise ModelLoadError(f"{path}: TorchScript module has no forward method") from e
+    args = [a for a in schema.arguments[1:] if not a.kwarg_only]  # [0] is self
+    # An optional positional argument makes the count a range: report it as unknown.
+    if any(a.has_default_value() for a in args):
+        return None
+    return len(args)
+
+
+def _signature_num_inputs(module: torch.nn.Module) -> int | None:
+    try:
+        sig = inspect.signature(module.forward)
+    except (TypeError, ValueError):
+        return None
+    count = 0
+    for p in sig.parameters.values():
+        if p.kind is p.VAR_POSITIONAL:
+            return None
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            if p.default is not p.empty:
+                return None
+            count += 1
+        elif p.kind is p.KEYWORD_ONLY and p.default is p.empty:
+            return None  # module(*inputs) can never satisfy it
+    return count
+
+
+def _load_export(path: str, device: torch.device) -> torch.nn.Module:
+    _check_pt2_pickle_free(path)
+    try:
+        program = torch.export.load(path)
+        module = program.module()
+        # An exported module fixes train/eval at export time; .eval() is not supported.
+        return module.to(device)
+    except Exception as e:
+        raise ModelLoadError(
+            f"{path}: cannot load as torch.export program: {describe_error(e)}"
+        ) from e
+
+
+def _check_pt2_pickle_free(path: str) -> None:
+    """Refuse a .pt2 archive that torch.export.load would unpickle without restriction.
+
+    torch.export.load uses ``weights_only=False`` or ``pickle.loads`` for: the pre-2.5
+    archive layout, config entries marked ``use_pickle``, custom/opaque object
+    constants, and any embedded ``.pt`` that fails a ``weights_only=True`` load (it
+    retries without the restriction). Each is checked here before it can run.
+    """
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+            roots = [n[: -len("archive_format")] for n in names if n.endswith("archive_format")]
+            root = next((r for r in roots if r.count("/") <= 1), None)
+            if root is None or z.read(root + "archive_format").strip() != b"pt2":
+                raise ModelLoadError(
+                    f"{path}: not a PT2 archive from torch.export.save (torch >= 2.5); "
+                    "older layouts need pickle and are refused"
+                )
+            for name in names:
+                rel = name[len(root) :] if name.startswith(root) else name
+                if rel.startswith(("data/weights/", "data/constants/")) and rel.endswith(
+                    "_config.json"
+                ):
+                    _check_payload_config(path, rel, z.read(name))
+                elif rel.endswith(".pt"):
+                    try:
+                        torch.load(io.BytesIO(z.read(name)), weights_only=True)
+                    except Exception as e:
+                        raise ModelLoadError(
+                            f"{path}: archive entry {rel} needs unrestricted pickle "
+                            f"({describe_error(e)}); refused"
+                        ) from e
+    except (zipfile.BadZipFile, OSError, KeyError) as e:
+        raise ModelLoadError(
+            f"{path}: not a readable .pt2 (zip) archive: {describe_error(e)}"
+        ) from e
+
+
+def _check_payload_config(path: str, rel: str, raw: bytes) -> None:
+    try:
+        entries = json.loads(raw)["config"]
+        items = list(entries.items())
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ModelLoadError(
+            f"{path}: archive entry {rel} is malformed: {describe_error(e)}"
+        ) from e
+    for fqn, meta in items:
+        if not isinstance(meta, dict):
+            raise ModelLoadError(f"{path}: archive entry {rel}: {fqn} is malformed")
+        if meta.get("use_pickle"):
+            raise ModelLoadError(f"{path}: {fqn} in {rel} is stored with pickle; refused")
+        if rel.startswith("data/constants/") and not str(meta.get("path_name", "")).startswith(
+            "tensor_"
+        ):
+            raise ModelLoadError(
+                f"{path}: constant {fqn} in {rel} is a pickled object, not a tensor; refused"
+            )
+
+
+def _load_safetensors(
+    path: str, device: torch.device, manifest: Manifest | None
+) -> torch.nn.Module:
+    if manifest is None:
+        try:
+            manifest = load_manifest(path)
+        except ManifestError as e:
+            raise ModelLoadError(f"{path}: bad manifest: {e}") from e
+    if manifest is None or manifest.factory is None:
+        raise ModelLoadError(
+            f'{path}: a .safetensors model needs a manifest with factory = "file.py:callable" '
+            "(<stem>.toml or model.toml beside it)"
+        )
+    build = _import_factory(path, manifest.factory)
+    try:
+        # Parameters on meta cost nothing; the real ones are assigned below.
+        with torch.device("meta"):
+            module = build()
+    except Exception as e:
+        raise ModelLoadError(
+            f"{path}: factory {manifest.factory} raised: {describe_error(e)}"
+        ) from e
+    if not isinstance(module, torch.nn.Module):
+        raise ModelLoadError(
+            f"{path}: factory {manifest.factory} returned {type(module).__name__}, "
+            "not a torch.nn.Module"
+        )
+    try:
+        state = safetensors.torch.load_file(path, device=str(device))
+    except Exception as e:
+        raise ModelLoadError(f"{path}: cannot read safetensors weights: {describe_error(e)}") from e
+    try:
+        module.load_state_dict(state, strict=True, assign=True)
+    except Exception as e:
+        raise ModelLoadError(
+            f"{path}: weights do not fit the module built by {manifest.factory}: "
+            f"{describe_error(e)}"
+        ) from e
+    # A non-persistent buffer is not in any state dict, so it would stay on meta.
+    left = [
+        n
+        for n, t in itertools.chain(module.named_parameters(), module.named_buffers())
+        if t.is_meta
+    ]
+    if left:
+        raise ModelLoadError(
+            f"{path}: {', '.join(left)} not set by the weights file (still on the meta "
+            f"device); the factory must not rely on non-persistent buffers"
+        )
+    return module.eval()
+
+
+def _import_factory(path: str, spec: str) -> Callable[[], Any]:
+    file, _, name = spec.rpartition(":")
+    model_dir = os.path.dirname(os.path.realpath(path))
+    source = os.path.realpath(os.path.join(model_dir, file))
+    # Code must ship with the weights it builds: no reaching outside the model's directory.
+    if os.path.commonpath([model_dir, source]) != model_dir:
+        raise ModelLoadError(f"{path}: factory file {file!r} is outside the model directory")
+    if not os.path.isfile(source):
+        raise ModelLoadError(f"{path}: factory file {source} does not exist")
+    module_name = f"_gpu_pool_factory_{os.getpid()}_{next(_factory_counter)}"
+    import_spec = importlib.util.spec_from_file_location(module_name, source)
+    if import_spec is None or import_spec.loader is None:
+        raise ModelLoadError(f"{path}: factory file {source} cannot be imported")
+    mod: ModuleType = importlib.util.module_from_spec(import_spec)
+    # Registered before exec so that dataclasses and typing in the file can find it.
+    sys.modules[module_name] = mod
+    try:
+        import_spec.loader.exec_module(mod)
+    except BaseException as e:
+        del sys.modules[module_name]
+        if not isinstance(e, Exception):
+            raise
+        raise ModelLoadError(
+            f"{path}: factory file {source} failed to import: {describe_error(e)}"
+        ) from e
+    build = getattr(mod, name, None)
+    if build is None or not callable(build):
+        raise ModelLoadError(f"{path}: factory file {source} has no callable {name!r}")
+    return build
+
+
+def describe_error(e: BaseException, limit: int = 600) -> str:
+    """``Type: message`` on one line, bounded, for logs, events and error replies.
+
+    A TorchScript error carries both tracebacks in its message; its last line names the
+    original exception, which is what a reader needs.
+    """
+    text = str(e).strip()
+    if isinstance(e, torch.jit.Error) and text:
+        return _bounded(text.splitlines()[-1], limit)
+    # torch messages often span lines; one line keeps a reply or log line readable.
+    text = " ".join(text.split())
+    return _bounded(f"{type(e).__name__}: {text}" if text else type(e).__name__, limit)
+
+
+def _bounded(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,121 @@
+"""The worker process: one model on one device, from load to a clean exit.
+
+Started by ``workers.spawner`` (a process that imported torch and never touched CUDA),
+it pins its device before CUDA is initialised, loads and warms the model, announces
+itself ready, then serves batches from the router until told to stop. The serving loop
+itself sends the heartbeat, so a forward that never returns shows up as silence.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import zmq
+
+from router import protocol as p
+
+log = logging.getLogger(__name__)
+
+from workers.exitcodes import (  # noqa: F401  re-exported for the worker code
+    EXIT_INTERNAL,
+    EXIT_LOAD_FAILED,
+    EXIT_OK,
+    EXIT_ORPHANED,
+    EXIT_VALIDATION_FAILED,
+    EXIT_WARMUP_FAILED,
+)
+
+
+@dataclass
+class WorkerSpec:
+    """Everything a worker needs, sent by the supervisor through the spawner."""
+
+    wid: str
+    backend: str
+    model: str
+    path: str
+    version: str
+    device: str
+    generation: int
+    max_batch: int = 8
+    max_delay_ms: float = 0.0
+    heartbeat_interval_s: float = 1.0
+    threads: int | None = None
+    lifeline_fd: int = -1
+    observed_shapes: list[Any] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> WorkerSpec:
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def watch_lifeline(fd: int) -> None:
+    """Exit at once when poold dies, even in the middle of a forward.
+
+    The daemon holds the only write end of this pipe; the kernel closes it however the
+    daemon dies (SIGKILL included), and the read below then returns EOF. This is a death
+    watch, not a heartbeat: it proves nothing about the serving loop's progress.
+    """
+
+    def wait() -> None:
+        while True:
+            try:
+                if os.read(fd, 1) == b"":
+                    break
+            except InterruptedError:
+                continue
+            except OSError:
+                break
+        os._exit(EXIT_ORPHANED)
+
+    threading.Thread(target=wait, name="lifeline", daemon=True).start()
+
+
+def run(spec: WorkerSpec) -> int:
+    """Worker entry point; returns the process exit code."""
+    if spec.lifeline_fd >= 0:
+        watch_lifeline(spec.lifeline_fd)
+    if spec.device.startswith("cuda"):
+        # Pin the device before CUDA initialises: this process then only ever creates a
+        # context on its own GPU, and it appears there as cuda:0.
+        index = spec.device.partition(":")[2] or "0"
+        os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+        os.environ["CUDA_VISIBLE_DEVICES"] = index
+    from workers.serve import Worker  # imports torch: already loaded by the spawner
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, spec.wid.encode())
+    sock.setsockopt(zmq.LINGER, 2000)  # let the last replies and "bye" reach the router
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    sock.connect(spec.backend)
+    try:
+        return Worker(spec, sock).main()
+    finally:
+        sock.close()
+        ctx.term()
+
+
+def send_event(sock: zmq.Socket[Any], event: dict[str, Any]) -> None:
+    sock.send_multipart([p.KIND_EVENT, msgpack.packb(event)])
+
+
+def rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def monotonic() -> float:
+    return time.monotonic()
