@@ -96,6 +96,10 @@ class ControlServer:
             reply({"type": "result", "ok": False, "error": str(exc)})
         except p.ProtocolError as exc:
             reply({"type": "result", "ok": False, "error": exc.message})
+        except Exception as exc:  # a handler bug must not take the whole daemon down
+            log.exception("control request failed: %s", type(exc).__name__)
+            reply({"type": "result", "ok": False,
+                   "error": f"internal error: {type(exc).__name__} (see poold's log)"})
 
     # ------------------------------------------------------------------ helpers
     def model(self, args: dict[str, Any]) -> ModelRuntime:
@@ -179,6 +183,8 @@ class ControlServer:
         path = self.opt(args, "path", str, None)
         if not path:
             raise CommandError("path is required")
+        if "\x00" in path:  # os.path.realpath raises ValueError on it
+            raise CommandError("path must not contain a NUL character")
         real = check_model_path(path, self.roots)
         version = self.opt(args, "version", str, None)
         self._run(rt, "upgrade", real, version, args, reply)

@@ -162,7 +162,12 @@ class Daemon:
         devices = model.devices or (("cuda:0",) if self.gpu.count() > 0 else ("cpu",))
         state = self.store.load(model.name)
         cur = state.current
-        if cur is not None and state.config_path == model.path and os.path.exists(cur.path):
+        resume = cur is not None and state.config_path == model.path and os.path.exists(cur.path)
+        if resume and cur is not None and file_digest(cur.path) != cur.digest:
+            log.error("%s: %s changed on disk since version %s was deployed; starting the "
+                      "configured model instead", model.name, cur.path, cur.version)
+            resume = False
+        if resume and cur is not None:
             deployed = cur  # restart on the last committed version
             log.info("%s: resuming committed version %s", model.name, cur.version)
         else:

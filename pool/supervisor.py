@@ -165,12 +165,17 @@ class Supervisor:
         rec = self.by_token.pop(token, None)
         if rec is None:
             return
-        rec.pid = pid
-        self.by_pid[pid] = rec
-        rec.to(WorkerState.STARTING)
-        rec.last_heartbeat = time.monotonic()
+        self._know_pid(rec, pid)
+        if rec.state is WorkerState.SPAWNING:
+            rec.to(WorkerState.STARTING)
+            rec.last_heartbeat = time.monotonic()
         if rec.stop_stage:  # stopped before it even had a pid
             self._signal(rec, signal.SIGKILL)
+
+    def _know_pid(self, rec: WorkerRecord, pid: int) -> None:
+        if rec.pid is None:
+            rec.pid = pid
+            self.by_pid[pid] = rec
 
     def on_spawn_failed(self, token: int, reason: str) -> None:
         rec = self.by_token.pop(token, None)
@@ -186,9 +191,16 @@ class Supervisor:
         now = time.monotonic()
         rec.last_heartbeat = now
         kind = event.get("t")
+        if rec.state in (WorkerState.SPAWNING, WorkerState.STARTING):
+            # The worker's first words can overtake the spawner's "spawned" message
+            # (two different pipes), so its hello also tells us its pid.
+            pid = event.get("pid")
+            if isinstance(pid, int) and pid > 0:
+                self._know_pid(rec, pid)
+            rec.to(WorkerState.STARTING)
+            rec.to(WorkerState.LOADING)
         if kind == "hello":
-            if rec.state is WorkerState.STARTING:
-                rec.to(WorkerState.LOADING)
+            pass
         elif kind == "phase":
             phase = event.get("phase")
             if phase == "warming" and rec.state is WorkerState.LOADING:
@@ -281,7 +293,9 @@ class Supervisor:
             rec.to(WorkerState.STOPPING)
         rec.stop_stage = 2
         rec.stop_deadline = time.monotonic() + KILL_GRACE_S
-        self._signal(rec, signal.SIGTERM)
+        # SIGABRT: the worker's faulthandler writes every thread's stack to the log first,
+        # which is what an operator needs to see of a hung model. SIGKILL follows.
+        self._signal(rec, signal.SIGABRT)
 
     def _signal(self, rec: WorkerRecord, sig: int) -> None:
         if rec.pid is None:
@@ -382,8 +396,8 @@ class Supervisor:
                 rec.stop_stage = 3
                 rec.stop_deadline = now + KILL_GRACE_S
                 self._signal(rec, signal.SIGKILL)
-            elif rec.pid is not None and not psutil.pid_exists(rec.pid):
-                self._exited(rec, None)  # reaped without our hearing of it
+            elif rec.pid is None or not psutil.pid_exists(rec.pid):
+                self._exited(rec, None)  # never spawned, or reaped without our hearing of it
         elif rec.booting:
             if now - rec.spawned_at > self.pool.boot_timeout_s:
                 rec.failure = f"not ready after {self.pool.boot_timeout_s:.0f}s (boot_timeout_s)"

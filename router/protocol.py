@@ -126,7 +126,8 @@ def unpack_map(frame: bytes | memoryview, limit: int = MAX_HEADER_BYTES) -> dict
             max_ext_len=0,
         )
     except Exception as exc:  # msgpack raises several unrelated types for bad bytes
-        raise ProtocolError(BAD_REQUEST, f"header is not valid msgpack: {exc}") from None
+        why = str(exc) or type(exc).__name__  # StackError (nested too deep) has no text
+        raise ProtocolError(BAD_REQUEST, f"header is not valid msgpack: {why}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(BAD_REQUEST, "header must be a msgpack map")
     return obj
@@ -189,10 +190,12 @@ def tensor_nbytes(dtype: object, shape: object) -> int:
     if not isinstance(shape, list) or len(shape) > MAX_DIMS:
         raise ProtocolError(BAD_REQUEST, f"shape must be a list of at most {MAX_DIMS} dims")
     n = DTYPES[dtype]
-    for dim in shape:
+    extent = 1  # product of the non-zero dims: bounded even when a zero makes n == 0,
+    for dim in shape:  # so torch never sees a dim or stride past int64 (it raises TypeError)
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
             raise ProtocolError(BAD_REQUEST, f"shape dims must be non-negative ints: {shape}")
         n *= dim
-        if n > 1 << 40:  # Python ints never overflow; stop absurd products early
+        extent *= max(dim, 1)
+        if extent > 1 << 40:  # Python ints never overflow; stop absurd products early
             raise ProtocolError(BAD_REQUEST, f"shape {shape[:MAX_DIMS]} is absurdly large")
     return n

@@ -220,9 +220,7 @@ def make_factory_model(
 def make_golden_mismatch(path: str, seed: int) -> str:
     """An MLP whose manifest's golden outputs are off by 1.0: validation must fail."""
     make_mlp(path, seed, golden=False)
-    cases = [
-        GoldenCase(c.inputs, [o + 1.0 for o in c.outputs]) for c in _golden_cases(seed, 16, 4)
-    ]
+    cases = [GoldenCase(c.inputs, [o + 1.0 for o in c.outputs]) for c in _golden_cases(seed, 16, 4)]
     write_manifest(
         _manifest_path(path),
         inputs=[InputSpec("float32", (1, 16))],

@@ -21,8 +21,9 @@ from router.client import Client
 from router.errors import PoolError
 
 
-def wait_for(cond: Callable[[], Any], timeout: float = 30.0, what: str = "condition",
-             interval: float = 0.05) -> Any:
+def wait_for(
+    cond: Callable[[], Any], timeout: float = 30.0, what: str = "condition", interval: float = 0.05
+) -> Any:
     """Poll until ``cond()`` is truthy; fail the test with ``what`` after ``timeout``."""
     end = time.monotonic() + timeout
     while True:
@@ -78,7 +79,11 @@ class Pool:
     def pool_ctl(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "pool.ctl.cli", "--control", self.control, *args],
-            capture_output=True, text=True, timeout=timeout, env=self.env or None)
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.env or None,
+        )
 
     def log(self) -> str:
         with open(self.log_path, errors="replace") as f:
@@ -92,8 +97,12 @@ class Pool:
                 data = self.ctl("status")["data"]
             except Exception:
                 return False
-            return all(m["status"] == "serving" and all(w["state"] == "ready"
-                       for w in m["workers"]) and m["workers"] for m in data["models"])
+            return all(
+                m["status"] == "serving"
+                and all(w["state"] == "ready" for w in m["workers"])
+                and m["workers"]
+                for m in data["models"]
+            )
 
         wait_for(serving, timeout, "every model serving")
 
@@ -108,8 +117,9 @@ class Pool:
         return self.proc.returncode
 
 
-def start_pool(tmp: str, models: list[dict[str, Any]], *, wait: bool = True,
-               **pool_opts: Any) -> Pool:
+def start_pool(
+    tmp: str, models: list[dict[str, Any]], *, wait: bool = True, **pool_opts: Any
+) -> Pool:
     os.makedirs(tmp, exist_ok=True)
     pool = {
         "frontend": f"ipc://{tmp}/front.sock",
@@ -127,9 +137,13 @@ def start_pool(tmp: str, models: list[dict[str, Any]], *, wait: bool = True,
     env = dict(os.environ)
     env.pop("NOTIFY_SOCKET", None)
     log = open(log_path, "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "pool.daemon", "--config", config],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pool.daemon", "--config", config],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env=env,
+    )
     log.close()
     p = Pool(tmp, config, pool["frontend"], pool["control"], proc, log_path, env)
     if wait:
@@ -142,6 +156,10 @@ def running_pool(tmp: str, models: list[dict[str, Any]], **kw: Any) -> Iterator[
     p = start_pool(tmp, models, **kw)
     try:
         yield p
+    except BaseException:
+        print(f"--- poold log ({p.log_path}), last 60 lines ---")
+        print("\n".join(p.log().splitlines()[-60:]))
+        raise
     finally:
         p.stop()
         try:
@@ -153,10 +171,16 @@ def running_pool(tmp: str, models: list[dict[str, Any]], **kw: Any) -> Iterator[
 class Load:
     """Clients sending without pause on threads; every answer is checked and recorded."""
 
-    def __init__(self, endpoint: str, model: str, clients: int,
-                 check: Callable[[np.ndarray, Any], str | None] | None = None,
-                 make_input: Callable[[int], np.ndarray] | None = None,
-                 timeout: float = 30.0, allowed: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        model: str,
+        clients: int,
+        check: Callable[[np.ndarray, Any], str | None] | None = None,
+        make_input: Callable[[int], np.ndarray] | None = None,
+        timeout: float = 30.0,
+        allowed: frozenset[str] = frozenset(),
+    ) -> None:
         self.endpoint = endpoint
         self.model = model
         self.check = check
@@ -169,8 +193,9 @@ class Load:
         self.allowed_errors: dict[str, int] = {}
         self.versions: list[list[str]] = [[] for _ in range(clients)]
         self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True)
-                        for i in range(clients)]
+        self.threads = [
+            threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)
+        ]
 
     def __enter__(self) -> Load:
         for t in self.threads:

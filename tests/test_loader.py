@@ -151,9 +151,17 @@ def _save_export(path: str) -> _Exportable:
     return module
 
 
-def test_export_format(tmp_path: Path) -> None:
-    path = str(tmp_path / "m.pt2")
-    reference = _save_export(path)
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> str:
+    # Exporting is slow (seconds, the first time); tests share one archive and copy it.
+    path = str(tmp_path_factory.mktemp("export") / "m.pt2")
+    _save_export(path)
+    return path
+
+
+def test_export_format(exported: str) -> None:
+    path = exported
+    reference = _Exportable().eval()
     model = load_model(path, CPU)
     assert (model.format, model.num_inputs) == ("export", 2)
     x, y = torch.randn(5, 6), torch.randn(5)
@@ -177,9 +185,8 @@ def _rewrite_zip(src: str, dst: str, edit: dict[str, bytes | None]) -> None:
                 zout.writestr(info, data)
 
 
-def test_export_with_pickled_weights_is_refused(tmp_path: Path) -> None:
-    src = str(tmp_path / "src.pt2")
-    _save_export(src)
+def test_export_with_pickled_weights_is_refused(tmp_path: Path, exported: str) -> None:
+    src = exported
     with zipfile.ZipFile(src) as z:
         name = next(n for n in z.namelist() if n.endswith("model_weights_config.json"))
         config = json.loads(z.read(name))
@@ -191,11 +198,12 @@ def test_export_with_pickled_weights_is_refused(tmp_path: Path) -> None:
         load_model(path, CPU)
 
 
-def test_export_with_unsafe_embedded_pt_is_refused_without_unpickling(tmp_path: Path) -> None:
+def test_export_with_unsafe_embedded_pt_is_refused_without_unpickling(
+    tmp_path: Path, exported: str
+) -> None:
     # torch.export.load retries a failed weights_only load with full pickle; the loader
     # must refuse before that can happen.
-    src = str(tmp_path / "src.pt2")
-    _save_export(src)
+    src = exported
     marker = str(tmp_path / "unpickled")
     evil = str(tmp_path / "evil.pt")
     torch.save((_Marker(marker),), evil)
@@ -208,9 +216,8 @@ def test_export_with_unsafe_embedded_pt_is_refused_without_unpickling(tmp_path: 
     assert not os.path.exists(marker)
 
 
-def test_export_old_layout_is_refused(tmp_path: Path) -> None:
-    src = str(tmp_path / "src.pt2")
-    _save_export(src)
+def test_export_old_layout_is_refused(tmp_path: Path, exported: str) -> None:
+    src = exported
     path = str(tmp_path / "old.pt2")
     _rewrite_zip(src, path, {"archive_format": None})
     with pytest.raises(ModelLoadError, match="not a PT2 archive .* refused"):

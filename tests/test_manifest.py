@@ -282,3 +282,10 @@ def test_unreadable_manifest(tmp_path: Path) -> None:
     os.mkdir(os.path.join(tmp_path, "model.toml.d"))
     with pytest.raises(ManifestError, match="cannot read"):
         parse_manifest(os.path.join(tmp_path, "model.toml.d"))
+
+
+def test_golden_file_that_is_a_single_npy_array(tmp_path: Path) -> None:
+    with open(_golden_manifest(tmp_path), "wb") as f:
+        np.save(f, np.ones(3))
+    with pytest.raises(ManifestError, match=r"cannot read .npz: an .npy array, not an .npz"):
+        load_manifest(os.path.join(tmp_path, "model.pt"))

@@ -32,6 +32,13 @@ log = logging.getLogger(__name__)
 MAX_SHAPES_KEPT = 8  # input signatures remembered for the next version's warm-up
 
 
+def default_threads() -> int:
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, len(os.sched_getaffinity(0)))
+
+
 class Pending:
     """A decoded request waiting for its batch."""
 
@@ -71,8 +78,10 @@ class Worker:
             torch.empty(1, device=self.device)
             torch.cuda.synchronize()
             timings["cuda_init_s"] = time.monotonic() - t0
-        elif spec.threads:
-            torch.set_num_threads(spec.threads)
+        # The spawner imported torch with one thread; pick the real count here. A GPU
+        # worker needs few CPU threads: the forward runs on the device.
+        cpu_threads = default_threads() if self.device.type == "cpu" else min(4, default_threads())
+        torch.set_num_threads(spec.threads or cpu_threads)
         self.event("phase", phase="loading")
         t1 = time.monotonic()
         try:

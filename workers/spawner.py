@@ -18,6 +18,7 @@ It exits when poold closes its stdin, or when poold dies (the lifeline pipe).
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import select
 import signal
@@ -71,6 +72,7 @@ def child_main(spec: dict[str, Any], keep_fds: set[int]) -> None:
             signal.signal(sig, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)
         os.dup2(2, 1)  # stdout is the spawner's protocol pipe; send prints to stderr
+        faulthandler.enable()  # SIGABRT from the supervisor (a hung worker) dumps stacks
         for fd in keep_fds:
             os.close(fd)
         from workers.main import WorkerSpec, run
@@ -99,12 +101,32 @@ def reap(out_fd: int) -> None:
         write_message(out_fd, {"t": "exited", "pid": pid, "status": status})
 
 
+# Thread pools that native libraries start at import (OpenBLAS, OpenMP, MKL). A fork
+# from a multi-threaded parent can leave a child waiting forever on a lock some other
+# thread held, so the spawner imports torch single-threaded and each worker sets its
+# own thread count after the fork.
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
 def main() -> int:
     t0 = time.monotonic()
     lifeline = int(sys.argv[1]) if len(sys.argv) > 1 else -1
-    import torch  # noqa: F401  the point of this process: pay for the import once
+    saved = {k: os.environ.get(k) for k in THREAD_VARS}
+    for k in THREAD_VARS:
+        os.environ[k] = "1"
+    import torch  # the point of this process: pay for the import once
 
     import workers.serve  # noqa: F401  and everything a worker imports after it
+
+    for k, v in saved.items():  # children see the operator's settings again
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    threads = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else 1
+    if threads > 1:
+        sys.stderr.write(f"spawner: {threads} threads after import; forks may be unsafe\n")
+    del torch
 
     in_fd, out_fd = sys.stdin.fileno(), sys.stdout.fileno()
     wake_r, wake_w = os.pipe()
