@@ -220,7 +220,9 @@ class Daemon:
             elif sig == signal.SIGHUP:
                 log.info("SIGHUP: reloading %s", self.config.source)
                 self.notifier.reloading("reloading configuration")
-                self.reload()
+                result = self.reload()
+                # systemd waits for READY=1 after RELOADING=1, whatever the outcome.
+                self.notifier.ready("reloaded" if result.get("ok") else "reload refused")
             elif sig == signal.SIGCHLD:
                 self.reap()
 

@@ -121,10 +121,13 @@ class Client:
         """Run ``model.forward(*inputs)`` in the pool; raises a PoolError subclass on error."""
         timeout = self.timeout if timeout is None else timeout
         frames = encode_request(model, inputs, int(timeout * 1000), id)
+        # Wait a little past the deadline the pool enforces, so that its
+        # DEADLINE_EXCEEDED answer arrives instead of a client-side timeout.
+        wait_ms = int((timeout + min(1.0, 0.1 + 0.1 * timeout)) * 1000)
         for _attempt in range(max(1, self.retries)):
             sock = self._socket()
             sock.send_multipart(frames, copy=False)
-            if sock.poll(int(timeout * 1000)):
+            if sock.poll(wait_ms):
                 return decode_reply(sock.recv_multipart(copy=False))
             self._reset()  # lazy pirate: a REQ socket without its reply is unusable
         raise RequestTimeout(

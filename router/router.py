@@ -118,6 +118,8 @@ class Router:
         for req in pending:
             self._inflight.pop(req.key, None)
             req.worker = None
+            if req.answered:
+                continue
             if route is not None and route.retry and req.attempts < 2:
                 route.queue.appendleft(req)  # first in line: it has waited longest
             else:
@@ -264,6 +266,9 @@ class Router:
         if worker is not None:
             worker.inflight.pop(req.key, None)
             worker.served += 1
+        if req.answered:
+            self.dropped_replies += 1  # too late: the client has its DEADLINE_EXCEEDED
+            return
         now = time.monotonic()
         self.observe_done(req, frames[3].bytes.decode("ascii", "replace"), worker, now)
         self._send_client(req.envelope, frames[4], frames[5:])
@@ -283,14 +288,20 @@ class Router:
                         self._expire(r, now, "waited in the queue past its deadline")
                 route.queue.clear()
                 route.queue.extend(keep)
-        overdue = [r for r in self._inflight.values() if r.deadline + self.request_grace_s <= now]
+        overdue = []
+        for req in self._inflight.values():
+            if req.deadline > now:
+                continue
+            if not req.answered:
+                req.answered = True  # the client gets its answer at the deadline, not later
+                self._expire(req, now, "the model did not answer before the deadline")
+            elif req.deadline + self.request_grace_s <= now:
+                overdue.append(req)
         for req in overdue:
             worker = req.worker
             self._inflight.pop(req.key, None)
             if worker is not None:
                 worker.inflight.pop(req.key, None)
-            self._expire(req, now, "the worker did not answer before the deadline")
-            if worker is not None:
                 self.events.on_worker_overdue(worker, req)
 
     def _expire(self, req: Request, now: float, why: str) -> None:

@@ -25,6 +25,7 @@ class Request:
         "dispatched",
         "attempts",
         "worker",
+        "answered",
     )
 
     def __init__(
@@ -47,6 +48,9 @@ class Request:
         self.dispatched = 0.0
         self.attempts = 0
         self.worker: WorkerSlot | None = None
+        # Answered DEADLINE_EXCEEDED while a worker still holds it: the worker's late
+        # reply is dropped, and the worker counts as hung if it never sends one.
+        self.answered = False
 
 
 class WorkerSlot:

@@ -37,17 +37,29 @@ def test_text_format() -> None:
     logging.getLogger("pool.supervisor").info("worker %d ready", 42)
     logging.getLogger("pool.supervisor").debug("not shown at INFO")
     line = out.getvalue()
-    assert re.fullmatch(TS + rf" INFO pool\.supervisor \[pid {os.getpid()}\] worker 42 ready\n",
-                        line), line
+    assert re.fullmatch(
+        TS + rf" INFO pool\.supervisor \[pid {os.getpid()}\] worker 42 ready\n", line
+    ), line
 
 
 def test_json_lines_with_structured_fields() -> None:
     out = io.StringIO()
     setup_logging("json", "debug", stream=out)
     log = logging.getLogger("pool.upgrade")
-    log.debug("switched %s to %s", "resnet", "4",
-              extra={"model": "resnet", "version": "4", "generation": 2, "worker_pid": 77,
-                     "device": "cuda:0", "code": "OK", "unrelated": "dropped"})
+    log.debug(
+        "switched %s to %s",
+        "resnet",
+        "4",
+        extra={
+            "model": "resnet",
+            "version": "4",
+            "generation": 2,
+            "worker_pid": 77,
+            "device": "cuda:0",
+            "code": "OK",
+            "unrelated": "dropped",
+        },
+    )
     try:
         raise RuntimeError("bad\nthing")
     except RuntimeError:
@@ -58,9 +70,16 @@ def test_json_lines_with_structured_fields() -> None:
     first, second = (json.loads(x) for x in lines)
     assert re.fullmatch(TS, first.pop("ts"))
     assert first == {
-        "level": "DEBUG", "logger": "pool.upgrade", "pid": os.getpid(),
-        "msg": "switched resnet to 4", "model": "resnet", "version": "4",
-        "generation": 2, "worker_pid": 77, "device": "cuda:0", "code": "OK",
+        "level": "DEBUG",
+        "logger": "pool.upgrade",
+        "pid": os.getpid(),
+        "msg": "switched resnet to 4",
+        "model": "resnet",
+        "version": "4",
+        "generation": 2,
+        "worker_pid": 77,
+        "device": "cuda:0",
+        "code": "OK",
     }
     assert second["level"] == "ERROR" and second["model"] == "resnet"
     assert "version" not in second

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import http.client
-import sys
 import threading
 from collections.abc import Iterator
+from typing import NoReturn, TypeVar
 
 import pytest
 from prometheus_client import REGISTRY
@@ -38,8 +38,16 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 def worker(pid: int, state: str = "serving", **kw: object) -> WorkerSample:
     base: dict[str, object] = dict(
-        model="resnet", version="3", generation=1, device="cuda:0", state=state, pid=pid,
-        gpu_bytes=1 << 30, rss_bytes=500 << 20, inflight=2, served=100,
+        model="resnet",
+        version="3",
+        generation=1,
+        device="cuda:0",
+        state=state,
+        pid=pid,
+        gpu_bytes=1 << 30,
+        rss_bytes=500 << 20,
+        inflight=2,
+        served=100,
     )
     base.update(kw)
     return WorkerSample(**base)  # type: ignore[arg-type]
@@ -55,23 +63,31 @@ def recorded() -> PoolMetrics:
     m.observe_request("resnet", "3", "OK", 99.0, 1.0, 100.0)  # past the last bound
     for size in (1, 3, 32, 1000):
         m.observe_batch("resnet", size)
-    m.observe_upgrade("resnet", "upgrade", "committed",
-                      {"start": 1.2, "warm": 0.2, "drain": 0.05}, bytes_freed=768 << 20)
+    m.observe_upgrade(
+        "resnet",
+        "upgrade",
+        "committed",
+        {"start": 1.2, "warm": 0.2, "drain": 0.05},
+        bytes_freed=768 << 20,
+    )
     m.observe_upgrade("resnet", "rollback", "rolled_back", {"start": 0.4}, bytes_freed=-5)
     m.observe_worker_exit("resnet", "retired")
     m.observe_worker_exit("resnet", "retired")
     m.observe_worker_exit("bert", "crashed")
-    m.publish(PoolSnapshot(
-        workers=(
-            worker(101),
-            worker(102, device="cuda:1", inflight=0, served=7),
-            worker(103, state="starting", version="4", generation=2, gpu_bytes=None),
-            worker(201, model="bert", version="7", device="cpu", gpu_bytes=None,
-                   rss_bytes=None),
-        ),
-        queue_depth={"resnet": 5, "bert": 0},
-        model_state={"resnet": "upgrading", "bert": "serving", "old": "failed"},
-    ))
+    m.publish(
+        PoolSnapshot(
+            workers=(
+                worker(101),
+                worker(102, device="cuda:1", inflight=0, served=7),
+                worker(103, state="starting", version="4", generation=2, gpu_bytes=None),
+                worker(
+                    201, model="bert", version="7", device="cpu", gpu_bytes=None, rss_bytes=None
+                ),
+            ),
+            queue_depth={"resnet": 5, "bert": 0},
+            model_state={"resnet": "upgrading", "bert": "serving", "old": "failed"},
+        )
+    )
     return m
 
 
@@ -79,13 +95,15 @@ def test_counters(recorded: PoolMetrics) -> None:
     types, s = parse(recorded.render())
     assert types["gpupool_requests"] == "counter"
     assert value(s, "gpupool_requests_total", model="resnet", version="3", code="OK") == 3
-    assert value(s, "gpupool_requests_total", model="resnet", version="",
-                 code="OVERLOADED") == 1
+    assert value(s, "gpupool_requests_total", model="resnet", version="", code="OVERLOADED") == 1
     assert value(s, "gpupool_requests_total", model="bert", version="7", code="OK") == 1
-    assert value(s, "gpupool_upgrades_total", model="resnet", kind="upgrade",
-                 outcome="committed") == 1
-    assert value(s, "gpupool_upgrades_total", model="resnet", kind="rollback",
-                 outcome="rolled_back") == 1
+    assert (
+        value(s, "gpupool_upgrades_total", model="resnet", kind="upgrade", outcome="committed") == 1
+    )
+    assert (
+        value(s, "gpupool_upgrades_total", model="resnet", kind="rollback", outcome="rolled_back")
+        == 1
+    )
     # A negative "freed" is clamped: counters never go down.
     assert value(s, "gpupool_upgrade_bytes_freed_total", model="resnet") == 768 << 20
     assert value(s, "gpupool_worker_exits_total", model="resnet", reason="retired") == 2
@@ -125,8 +143,19 @@ def test_batch_and_phase_histograms(recorded: PoolMetrics) -> None:
     _, s = parse(recorded.render())
     b = "gpupool_batch_size_bucket"
     les = [x.labels["le"] for x in s[b] if x.labels["model"] == "resnet"]
-    assert les == ["1.0", "2.0", "4.0", "8.0", "16.0", "32.0", "64.0", "128.0", "256.0",
-                   "512.0", "+Inf"]
+    assert les == [
+        "1.0",
+        "2.0",
+        "4.0",
+        "8.0",
+        "16.0",
+        "32.0",
+        "64.0",
+        "128.0",
+        "256.0",
+        "512.0",
+        "+Inf",
+    ]
     assert value(s, b, model="resnet", le="1.0") == 1
     assert value(s, b, model="resnet", le="4.0") == 2
     assert value(s, b, model="resnet", le="32.0") == 3
@@ -169,9 +198,13 @@ def test_gauges_from_snapshot(recorded: PoolMetrics) -> None:
 
 def test_emptied_worker_state_reports_zero(recorded: PoolMetrics) -> None:
     recorded.render()
-    recorded.publish(PoolSnapshot(workers=(worker(104, version="4"),),
-                                  queue_depth={"resnet": 0},
-                                  model_state={"resnet": "serving"}))
+    recorded.publish(
+        PoolSnapshot(
+            workers=(worker(104, version="4"),),
+            queue_depth={"resnet": 0},
+            model_state={"resnet": "serving"},
+        )
+    )
     _, s = parse(recorded.render())
     assert value(s, "gpupool_workers", model="resnet", state="serving") == 1
     assert value(s, "gpupool_workers", model="resnet", state="starting") == 0
@@ -199,53 +232,82 @@ def test_model_label_cardinality_is_capped(monkeypatch: pytest.MonkeyPatch) -> N
     _, s = parse(m.render())
     models = {x.labels["model"] for x in s["gpupool_requests_total"]}
     assert models == {"a", "b", metrics_mod.OVERFLOW_MODEL}
-    assert value(s, "gpupool_requests_total", model=metrics_mod.OVERFLOW_MODEL,
-                 version="", code="NO_SUCH_MODEL") == 2
+    assert (
+        value(
+            s,
+            "gpupool_requests_total",
+            model=metrics_mod.OVERFLOW_MODEL,
+            version="",
+            code="NO_SUCH_MODEL",
+        )
+        == 2
+    )
 
 
-def test_scrape_while_loop_records() -> None:
-    """A scrape racing the loop (new models and label sets appearing) must not fail.
+K = TypeVar("K")
+V = TypeVar("V")
 
-    A stress test, so probabilistic: in trials it caught most, not all, runs of a
-    collector that iterated the live dicts instead of copies.
+
+class LiveDict(dict[K, V]):
+    """A dict that refuses to be iterated in place; ``dict.copy()`` (C) still works."""
+
+    def items(self) -> NoReturn:
+        raise AssertionError("the scrape iterated a dict the loop may be growing")
+
+    keys = values = items
+
+
+def test_scrape_reads_copies_of_live_state(recorded: PoolMetrics) -> None:
+    """The scrape thread must copy every dict the loop writes before iterating it.
+
+    Iterating a dict while the loop inserts a new label set raises "dictionary changed
+    size during iteration" in the scrape; a copy is one C call, atomic under the GIL.
+    A stress test can't hit that window reliably, so make in-place iteration fail here.
     """
+    m = recorded
+    for stats in m._models.values():
+        stats.requests = LiveDict(stats.requests)
+    m._models = LiveDict(m._models)
+    m._upgrades = LiveDict(m._upgrades)
+    m._phases = LiveDict(m._phases)
+    m._bytes_freed = LiveDict(m._bytes_freed)
+    m._exits = LiveDict(m._exits)
+    _, s = parse(m.render())
+    assert value(s, "gpupool_requests_total", model="resnet", version="3", code="OK") == 3
+    # The loop keeps writing through the wrappers.
+    m.observe_request("new", "1", "OK", 0.0, 0.0, 0.0)
+    m.observe_upgrade("new", "restart", "committed", {"start": 1.0}, 0)
+    m.observe_worker_exit("new", "crashed")
+    _, s = parse(m.render())
+    assert value(s, "gpupool_worker_exits_total", model="new", reason="crashed") == 1
+
+
+def test_scrape_concurrent_with_loop() -> None:
+    """Smoke test with real threads: scrapes and writes interleave without errors."""
     m = PoolMetrics()
     stop = threading.Event()
     errors: list[BaseException] = []
-    attempts = 0
 
     def scrape() -> None:
-        nonlocal attempts
         while not stop.is_set():
-            attempts += 1
             try:
                 m.render()
             except BaseException as exc:  # keep scraping; report to the main thread
                 errors.append(exc)
 
-    # Switch threads every 10 us instead of 5 ms so the scrape really interleaves with
-    # the writes (with the default, a dict iterated unsafely passes this test).
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)
     t = threading.Thread(target=scrape)
     t.start()
     try:
-        # New models and new label sets keep appearing for the whole run.
-        for i in range(5_000):
+        for i in range(1_000):
             model = f"m{i // 10}"
             m.observe_request(model, str(i), "OK", 0.001, 0.002, 0.003)
             m.observe_batch(model, i % 64 + 1)
-            if i % 500 == 0:
-                m.observe_upgrade(model, "upgrade", "committed", {f"p{i}": 0.1}, 1)
-                m.observe_worker_exit(model, f"r{i}")
     finally:
         stop.set()
         t.join(10)
-        sys.setswitchinterval(interval)
-    assert attempts > 0
     assert errors == []
     _, s = parse(m.render())
-    assert sum(x.value for x in s["gpupool_requests_total"]) == 5_000
+    assert sum(x.value for x in s["gpupool_requests_total"]) == 1_000
 
 
 # -- HTTP ------------------------------------------------------------------------------
@@ -293,8 +355,9 @@ def test_http_metrics_scrape(endpoint: HttpEndpoint) -> None:
     assert get(endpoint, "/metrics?name[]=x")[0] == 200
 
 
-def test_http_health_probes(endpoint: HttpEndpoint, health: Health,
-                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_http_health_probes(
+    endpoint: HttpEndpoint, health: Health, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert get(endpoint, "/healthz")[::2] == (200, b"ok\n")
     assert get(endpoint, "/readyz")[::2] == (503, b"loading resnet\n")
     health.ready, health.reason = True, "serving 2 models"
@@ -329,16 +392,21 @@ def test_http_close_stops_thread(recorded: PoolMetrics, health: Health) -> None:
             conn.close()
 
 
-def test_port_in_use_fails_at_start(endpoint: HttpEndpoint, recorded: PoolMetrics,
-                                    health: Health) -> None:
+def test_port_in_use_fails_at_start(
+    endpoint: HttpEndpoint, recorded: PoolMetrics, health: Health
+) -> None:
     with pytest.raises(OSError):
         serve_http(f"127.0.0.1:{endpoint.port}", recorded, health)
 
 
 @pytest.mark.parametrize(
     ("address", "expected"),
-    [("127.0.0.1:9400", ("127.0.0.1", 9400)), (":9400", ("", 9400)),
-     ("[::1]:0", ("::1", 0)), ("localhost:1", ("localhost", 1))],
+    [
+        ("127.0.0.1:9400", ("127.0.0.1", 9400)),
+        (":9400", ("", 9400)),
+        ("[::1]:0", ("::1", 0)),
+        ("localhost:1", ("localhost", 1)),
+    ],
 )
 def test_parse_address(address: str, expected: tuple[str, int]) -> None:
     assert parse_address(address) == expected

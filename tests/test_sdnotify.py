@@ -118,8 +118,10 @@ def test_send_rejects_bad_field_name(notifier: Notifier) -> None:
         notifier.send(ready=1)
 
 
-@pytest.mark.parametrize("env", [{}, {"NOTIFY_SOCKET": ""}, {"NOTIFY_SOCKET": "vsock:2:1"},
-                                 {"NOTIFY_SOCKET": "relative/path"}])
+@pytest.mark.parametrize(
+    "env",
+    [{}, {"NOTIFY_SOCKET": ""}, {"NOTIFY_SOCKET": "vsock:2:1"}, {"NOTIFY_SOCKET": "relative/path"}],
+)
 def test_disabled_is_a_silent_noop(env: dict[str, str]) -> None:
     n = Notifier.from_env(env)
     assert not n.enabled

@@ -109,10 +109,21 @@ def test_stop_timeout_covers_drain(service: dict[str, list[str]]) -> None:
 def test_example_config_has_every_key() -> None:
     config = tomllib.loads(EXAMPLE.read_text())
     pool_keys = {
-        "frontend", "control", "state_dir", "metrics", "model_roots",
-        "boot_timeout_s", "heartbeat_interval_s", "heartbeat_timeout_s", "request_grace_s",
-        "drain_timeout_s", "upgrade_timeout_s", "stop_timeout_s", "surge_margin_mb",
-        "log_format", "log_level",
+        "frontend",
+        "control",
+        "state_dir",
+        "metrics",
+        "model_roots",
+        "boot_timeout_s",
+        "heartbeat_interval_s",
+        "heartbeat_timeout_s",
+        "request_grace_s",
+        "drain_timeout_s",
+        "upgrade_timeout_s",
+        "stop_timeout_s",
+        "surge_margin_mb",
+        "log_format",
+        "log_level",
     }
     assert pool_keys <= config["pool"].keys()
     # CURVE is opt-in, so its keys are shown commented out.
@@ -120,9 +131,20 @@ def test_example_config_has_every_key() -> None:
     assert "# curve_secret_key = " in text and "# curve_authorized_keys = " in text
 
     model_keys = {
-        "name", "path", "version", "devices", "max_batch", "max_delay_ms", "max_queue",
-        "request_timeout_s", "retry_on_worker_loss", "max_requests", "max_requests_jitter",
-        "max_rss_mb", "max_gpu_growth_mb", "threads",
+        "name",
+        "path",
+        "version",
+        "devices",
+        "max_batch",
+        "max_delay_ms",
+        "max_queue",
+        "request_timeout_s",
+        "retry_on_worker_loss",
+        "max_requests",
+        "max_requests_jitter",
+        "max_rss_mb",
+        "max_gpu_growth_mb",
+        "threads",
     }
     first, *others = config["models"]
     assert model_keys <= first.keys()
@@ -136,8 +158,11 @@ def test_example_config_is_accepted_by_poold(tmp_path: Path) -> None:
     from pool.config import check_config
 
     models, state = tmp_path / "srv" / "models", tmp_path / "state"
-    text = EXAMPLE.read_text().replace('"/srv/models', f'"{models}').replace(
-        '"/var/lib/gpu-pool"', f'"{state}"')
+    text = (
+        EXAMPLE.read_text()
+        .replace('"/srv/models', f'"{models}')
+        .replace('"/var/lib/gpu-pool"', f'"{state}"')
+    )
     for model in tomllib.loads(text)["models"]:
         Path(model["path"]).parent.mkdir(parents=True, exist_ok=True)
         Path(model["path"]).write_bytes(b"")
@@ -156,12 +181,18 @@ def _verify(unit_text: str, tmp_path: Path) -> list[str]:
     copy.write_text(unit_text)
     proc = subprocess.run(
         [exe, "verify", "--man=no", str(copy)],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     # verify exits 0 even for unknown keys and unparsable values; it only warns, so
     # the warnings that name our file are what count.
-    complaints = [line for line in (proc.stdout + proc.stderr).splitlines()
-                  if UNIT.name in line or str(copy) in line]
+    complaints = [
+        line
+        for line in (proc.stdout + proc.stderr).splitlines()
+        if UNIT.name in line or str(copy) in line
+    ]
     if proc.returncode != 0 and not complaints:
         pytest.skip(f"systemd-analyze cannot run here: {proc.stderr.strip()[:200]}")
     if proc.returncode != 0:
@@ -184,7 +215,8 @@ def test_systemd_analyze_catches_mistakes(tmp_path: Path) -> None:
     """The check above can fail: a misspelt key and a bad value are both reported."""
     text = _runnable(UNIT.read_text())
     broken = text.replace("WatchdogSec=30", "WatchdogSecs=30").replace(
-        "KillMode=mixed", "KillMode=gently")
+        "KillMode=mixed", "KillMode=gently"
+    )
     complaints = _verify(broken, tmp_path)
     assert any("WatchdogSecs" in c for c in complaints)
     assert any("gently" in c for c in complaints)
