@@ -125,7 +125,9 @@ def metrics_problem(value: str) -> str | None:
         return None
     parts = split_host_port(value)
     if parts is None or not _PORT_RE.fullmatch(parts[1]) or not 0 <= int(parts[1]) <= 65535:
-        return f'must be "" or HOST:PORT with a port 0..65535 (0: any free port) (got {show(value)})'
+        return (
+            f'must be "" or HOST:PORT with a port 0..65535 (0: any free port) (got {show(value)})'
+        )
     return None
 
 

@@ -62,8 +62,14 @@ def demo_config(base: Config, gpu: Gpu) -> Config:
     owner_only_dir(demo_dir)
     subprocess.run([sys.executable, "-m", "workers.demo", demo_dir], check=True)
     device = "cuda:0" if gpu.count() > 0 else "cpu"
-    model = ModelConfig(name="demo", path=os.path.join(demo_dir, "demo-v1.pt"), version="1",
-                        devices=(device,), max_batch=8, max_delay_ms=1.0)
+    model = ModelConfig(
+        name="demo",
+        path=os.path.join(demo_dir, "demo-v1.pt"),
+        version="1",
+        devices=(device,),
+        max_batch=8,
+        max_delay_ms=1.0,
+    )
     return Config(pool=base.pool, models=(model,), source=base.source)
 
 
@@ -94,10 +100,15 @@ class Daemon:
         backend = f"ipc://{self.rundir}/backend.sock"
         self.ctx = zmq.Context()
         curve = self._curve()
-        self.router = Router(self.ctx, self.pool.frontend, backend, self._events_proxy(),
-                             request_grace_s=self.pool.request_grace_s,
-                             observe=self.metrics.observe_request,
-                             curve_secret_key=curve[1] if curve else None)
+        self.router = Router(
+            self.ctx,
+            self.pool.frontend,
+            backend,
+            self._events_proxy(),
+            request_grace_s=self.pool.request_grace_s,
+            observe=self.metrics.observe_request,
+            curve_secret_key=curve[1] if curve else None,
+        )
         self.control_sock = self.ctx.socket(zmq.ROUTER)
         self.control_sock.setsockopt(zmq.LINGER, 0)
         self.control_sock.setsockopt(zmq.MAXMSGSIZE, 1 << 16)
@@ -108,12 +119,21 @@ class Daemon:
         path = ipc_path(self.pool.control)
         if path:
             os.chmod(path, 0o600)
-        self.spawner = SpawnerClient(self.lifeline_r, self._on_spawned, self._on_exited,
-                                     self._on_spawn_failed)
+        self.spawner = SpawnerClient(
+            self.lifeline_r, self._on_spawned, self._on_exited, self._on_spawn_failed
+        )
         self.spawner.start()
         self.store = StateStore(self.pool.state_dir)
-        self.sup = Supervisor(self.config, self.router, self.spawner, self.store, self.gpu,
-                              self.metrics, backend, self.lifeline_r)
+        self.sup = Supervisor(
+            self.config,
+            self.router,
+            self.spawner,
+            self.store,
+            self.gpu,
+            self.metrics,
+            backend,
+            self.lifeline_r,
+        )
         from pool.config import effective_model_roots
 
         self.roots = list(effective_model_roots(self.config))
@@ -125,9 +145,13 @@ class Daemon:
             self.http = serve_http(self.pool.metrics, self.metrics, self.health)
         self.watchdog_s = watchdog_interval()
         self.last_watchdog = 0.0
-        log.info("poold [pid %d] serving %s on %s, control %s", os.getpid(),
-                 ", ".join(m.name for m in self.config.models) or "no models",
-                 self.pool.frontend, self.pool.control)
+        log.info(
+            "poold [pid %d] serving %s on %s, control %s",
+            os.getpid(),
+            ", ".join(m.name for m in self.config.models) or "no models",
+            self.pool.frontend,
+            self.pool.control,
+        )
 
     def _curve(self) -> tuple[bytes, bytes] | None:
         if not (self.pool.curve_secret_key and self.pool.curve_authorized_keys):
@@ -164,8 +188,13 @@ class Daemon:
         cur = state.current
         resume = cur is not None and state.config_path == model.path and os.path.exists(cur.path)
         if resume and cur is not None and file_digest(cur.path) != cur.digest:
-            log.error("%s: %s changed on disk since version %s was deployed; starting the "
-                      "configured model instead", model.name, cur.path, cur.version)
+            log.error(
+                "%s: %s changed on disk since version %s was deployed; starting the "
+                "configured model instead",
+                model.name,
+                cur.path,
+                cur.version,
+            )
             resume = False
         if resume and cur is not None:
             deployed = cur  # restart on the last committed version
@@ -275,7 +304,7 @@ class Daemon:
                 self.last_tick = now
                 self.router.sweep(now)
                 self.sup.tick(now)
-                if self.spawner.maybe_restart(now):
+                if self.running and self.spawner.maybe_restart(now):
                     spawner_fd = self.spawner.fileno()
                     if spawner_fd is not None:
                         poller.register(spawner_fd, zmq.POLLIN)
@@ -327,16 +356,27 @@ class Daemon:
         for rt in self.sup.models.values():
             for w in rt.workers:
                 if w.alive and w.pid:
-                    workers.append(WorkerSample(
-                        model=w.model, version=w.version, generation=w.generation,
-                        device=w.device, state=w.state.value, pid=w.pid,
-                        gpu_bytes=w.gpu_bytes, rss_bytes=w.rss,
-                        inflight=len(w.slot_view.inflight), served=w.slot_view.served))
-        self.metrics.publish(PoolSnapshot(
-            workers=tuple(workers),
-            queue_depth={rt.name: len(rt.route.queue) for rt in self.sup.models.values()},
-            model_state={rt.name: rt.status() for rt in self.sup.models.values()},
-        ))
+                    workers.append(
+                        WorkerSample(
+                            model=w.model,
+                            version=w.version,
+                            generation=w.generation,
+                            device=w.device,
+                            state=w.state.value,
+                            pid=w.pid,
+                            gpu_bytes=w.gpu_bytes,
+                            rss_bytes=w.rss,
+                            inflight=len(w.slot_view.inflight),
+                            served=w.slot_view.served,
+                        )
+                    )
+        self.metrics.publish(
+            PoolSnapshot(
+                workers=tuple(workers),
+                queue_depth={rt.name: len(rt.route.queue) for rt in self.sup.models.values()},
+                model_state={rt.name: rt.status() for rt in self.sup.models.values()},
+            )
+        )
 
     def close(self) -> None:
         self.spawner.stop()
@@ -374,8 +414,11 @@ environment: GPU_POOL_<KEY> overrides [pool] keys (e.g. GPU_POOL_FRONTEND=tcp://
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="poold", description="Serve PyTorch models from one-model GPU worker processes.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="poold",
+        description="Serve PyTorch models from one-model GPU worker processes.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--config", metavar="FILE", help="TOML config (default: the demo)")
     ap.add_argument("--demo", action="store_true", help="serve the built-in demo model")
     ap.add_argument("--check-config", metavar="FILE", help="validate FILE and exit (0 ok, 2 bad)")
@@ -395,8 +438,9 @@ def main(argv: list[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"{args.config}: {problem}", file=sys.stderr)
         return 2
-    setup_logging(args.log_format or config.pool.log_format,
-                  args.log_level or config.pool.log_level)
+    setup_logging(
+        args.log_format or config.pool.log_format, args.log_level or config.pool.log_level
+    )
     gpu = Gpu()
     if args.demo or not config.models:
         config = demo_config(config, gpu)

@@ -7,8 +7,13 @@ from collections import deque
 
 
 class FlapGuard:
-    def __init__(self, attempts: int = 5, window_s: float = 120.0, base_delay_s: float = 0.5,
-                 max_delay_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        attempts: int = 5,
+        window_s: float = 120.0,
+        base_delay_s: float = 0.5,
+        max_delay_s: float = 30.0,
+    ) -> None:
         self.attempts = attempts
         self.window_s = window_s
         self.base_delay_s = base_delay_s

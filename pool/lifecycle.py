@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from router.table import WorkerSlot
 
 
-class WorkerState(str, Enum):
+class WorkerState(StrEnum):
     SPAWNING = "spawning"  # asked the spawner for a process
     STARTING = "starting"  # has a pid, not yet heard from
     LOADING = "loading"

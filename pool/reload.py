@@ -67,8 +67,9 @@ def _change(d: Daemon, before: Any, after: Any) -> str:
     path = os.path.realpath(after.path)
     digest = file_digest(path)
     target = Deployed(after.version or digest.split(":")[1][:12], path, digest)
-    up = Upgrade(d.sup, rt, target, strategy, d.pool.upgrade_timeout_s, "upgrade",
-                 lambda *a, **k: None)
+    up = Upgrade(
+        d.sup, rt, target, strategy, d.pool.upgrade_timeout_s, "upgrade", lambda *a, **k: None
+    )
     try:
         start_operation(d.sup, rt, "upgrade", up.run(), lambda result: None)
     except Refused as exc:

@@ -64,7 +64,8 @@ class ModelRuntime:
 
     def alive(self, generation: int | None = None) -> list[WorkerRecord]:
         return [
-            w for w in self.workers
+            w
+            for w in self.workers
             if w.alive and (generation is None or w.generation == generation)
         ]
 
@@ -73,8 +74,9 @@ class ModelRuntime:
             return "failed"
         if self.busy:
             return "upgrading"
-        if any(w.state is WorkerState.READY and w.generation == self.serving_gen
-               for w in self.workers):
+        if any(
+            w.state is WorkerState.READY and w.generation == self.serving_gen for w in self.workers
+        ):
             return "serving"
         return "starting"
 
@@ -109,7 +111,9 @@ class Supervisor:
         self.last_sample = 0.0
 
     # ------------------------------------------------------------------ models
-    def add_model(self, cfg: ModelConfig, devices: tuple[str, ...], deployed: Deployed) -> ModelRuntime:
+    def add_model(
+        self, cfg: ModelConfig, devices: tuple[str, ...], deployed: Deployed
+    ) -> ModelRuntime:
         route = ModelRoute(cfg.name, cfg.max_queue, cfg.request_timeout_s, cfg.retry_on_worker_loss)
         self.router.add_route(route)
         rt = ModelRuntime(cfg=cfg, route=route, state=self.store.load(cfg.name), devices=devices)
@@ -135,8 +139,14 @@ class Supervisor:
         cfg = rt.cfg
         view = WorkerSlot(wid.encode(), rt.name, generation, dep.version, cfg.max_batch)
         rec = WorkerRecord(
-            wid=wid, model=rt.name, generation=generation, slot=slot, device=device,
-            version=dep.version, path=dep.path, slot_view=view,
+            wid=wid,
+            model=rt.name,
+            generation=generation,
+            slot=slot,
+            device=device,
+            version=dep.version,
+            path=dep.path,
+            slot_view=view,
         )
         if cfg.max_requests > 0:
             jitter = int(cfg.max_requests * cfg.max_requests_jitter)
@@ -149,16 +159,29 @@ class Supervisor:
         self.by_wid[view.wid] = rec
         self.router.add_worker(view)
         spec = {
-            "wid": wid, "backend": self.backend, "model": rt.name, "path": dep.path,
-            "version": dep.version, "device": device, "generation": generation,
-            "max_batch": cfg.max_batch, "max_delay_ms": cfg.max_delay_ms,
-            "heartbeat_interval_s": self.pool.heartbeat_interval_s, "threads": cfg.threads,
-            "lifeline_fd": self.lifeline_fd, "observed_shapes": rt.shapes[:1],
+            "wid": wid,
+            "backend": self.backend,
+            "model": rt.name,
+            "path": dep.path,
+            "version": dep.version,
+            "device": device,
+            "generation": generation,
+            "max_batch": cfg.max_batch,
+            "max_delay_ms": cfg.max_delay_ms,
+            "heartbeat_interval_s": self.pool.heartbeat_interval_s,
+            "threads": cfg.threads,
+            "lifeline_fd": self.lifeline_fd,
+            "observed_shapes": rt.shapes[:1],
         }
         token = self.spawner.spawn(spec)
         self.by_token[token] = rec
-        log.info("spawning %s version %s on %s", wid, dep.version, device,
-                 extra={"model": rt.name, "version": dep.version, "generation": generation})
+        log.info(
+            "spawning %s version %s on %s",
+            wid,
+            dep.version,
+            device,
+            extra={"model": rt.name, "version": dep.version, "generation": generation},
+        )
         return rec
 
     def on_spawned(self, token: int, pid: int) -> None:
@@ -231,9 +254,16 @@ class Supervisor:
         rec.timings["spawn_to_ready_s"] = now - rec.spawned_at
         rec.rss = int(event.get("rss") or 0)
         rt = self.models[rec.model]
-        log.info("worker %s ready [pid %s] in %.2fs", rec.wid, rec.pid, now - rec.spawned_at,
-                 extra={"model": rec.model, "version": rec.version, "worker_pid": rec.pid})
-        if rec.generation == rt.serving_gen and rt.busy is None:
+        log.info(
+            "worker %s ready [pid %s] in %.2fs",
+            rec.wid,
+            rec.pid,
+            now - rec.spawned_at,
+            extra={"model": rec.model, "version": rec.version, "worker_pid": rec.pid},
+        )
+        if rec.generation == rt.serving_gen:
+            # Also while an operation runs: a first start or a crash replacement of the
+            # serving generation belongs in the table, and in the history.
             self.activate(rt)
             if rt.failed is None:
                 rt.flap.reset()
@@ -241,8 +271,11 @@ class Supervisor:
 
     def activate(self, rt: ModelRuntime) -> None:
         """Route to every ready worker of the serving generation: one table assignment."""
-        slots = [w.slot_view for w in rt.workers
-                 if w.generation == rt.serving_gen and w.state is WorkerState.READY]
+        slots = [
+            w.slot_view
+            for w in rt.workers
+            if w.generation == rt.serving_gen and w.state is WorkerState.READY
+        ]
         self.router.activate(rt.name, rt.serving_gen, slots)
 
     def _commit_start(self, rt: ModelRuntime) -> None:
@@ -285,8 +318,13 @@ class Supervisor:
 
     def kill(self, rec: WorkerRecord, why: str) -> None:
         """A worker that is broken: signal its process group now, re-route its requests."""
-        log.warning("killing worker %s [pid %s]: %s", rec.wid, rec.pid, why,
-                    extra={"model": rec.model, "version": rec.version, "worker_pid": rec.pid})
+        log.warning(
+            "killing worker %s [pid %s]: %s",
+            rec.wid,
+            rec.pid,
+            why,
+            extra={"model": rec.model, "version": rec.version, "worker_pid": rec.pid},
+        )
         rec.failure = rec.failure or why
         self.router.remove_worker(rec.slot_view.wid, lost=True)
         if rec.state is not WorkerState.STOPPING:
@@ -327,19 +365,37 @@ class Supervisor:
             return
         rt.workers = [w for w in rt.workers if w.alive or w is rec]
         if rec.expected_exit:
-            log.info("worker %s [pid %s] retired: %s", rec.wid, rec.pid, how,
-                     extra={"model": rec.model, "version": rec.version, "worker_pid": rec.pid})
+            log.info(
+                "worker %s [pid %s] retired: %s",
+                rec.wid,
+                rec.pid,
+                how,
+                extra={"model": rec.model, "version": rec.version, "worker_pid": rec.pid},
+            )
             self.metrics.observe_worker_exit(rec.model, "retired")
             return
-        boot = was in (WorkerState.SPAWNING, WorkerState.STARTING, WorkerState.LOADING,
-                       WorkerState.WARMING, WorkerState.VALIDATING, WorkerState.FAILED)
+        boot = was in (
+            WorkerState.SPAWNING,
+            WorkerState.STARTING,
+            WorkerState.LOADING,
+            WorkerState.WARMING,
+            WorkerState.VALIDATING,
+            WorkerState.FAILED,
+        )
         code = os.WEXITSTATUS(status) if status is not None and os.WIFEXITED(status) else None
         reason = "boot_failed" if boot or code in BOOT_FAILURES else "crashed"
         rec.failure = rec.failure or how
-        log.error("worker %s [pid %s] of %s v%s %s: %s (%s in flight re-routed)",
-                  rec.wid, rec.pid, rec.model, rec.version,
-                  "failed to start" if boot else "died", rec.failure, lost,
-                  extra={"model": rec.model, "version": rec.version, "worker_pid": rec.pid})
+        log.error(
+            "worker %s [pid %s] of %s v%s %s: %s (%s in flight re-routed)",
+            rec.wid,
+            rec.pid,
+            rec.model,
+            rec.version,
+            "failed to start" if boot else "died",
+            rec.failure,
+            lost,
+            extra={"model": rec.model, "version": rec.version, "worker_pid": rec.pid},
+        )
         self.metrics.observe_worker_exit(rec.model, reason)
         if rt.busy is None and rec.generation == rt.serving_gen:
             self._schedule_restart(rt, rec.slot, rec.failure)
@@ -347,8 +403,11 @@ class Supervisor:
     def _schedule_restart(self, rt: ModelRuntime, slot: int, why: str) -> None:
         delay = rt.flap.failure()
         if delay is None:
-            self.mark_failed(rt, f"gave up after {rt.flap.attempts} failures in "
-                             f"{rt.flap.window_s:.0f}s; last: {why}")
+            self.mark_failed(
+                rt,
+                f"gave up after {rt.flap.attempts} failures in "
+                f"{rt.flap.window_s:.0f}s; last: {why}",
+            )
             return
         rt.restarts.append((time.monotonic() + delay, slot))
 
@@ -356,8 +415,13 @@ class Supervisor:
         rt.failed = why
         rt.route.unavailable = f"model {rt.name!r} is failed: {why}"
         n = self.router.fail_queued(rt.name, "MODEL_UNAVAILABLE", rt.route.unavailable)
-        log.error("model %s marked failed (%d queued requests answered): %s", rt.name, n, why,
-                  extra={"model": rt.name})
+        log.error(
+            "model %s marked failed (%d queued requests answered): %s",
+            rt.name,
+            n,
+            why,
+            extra={"model": rt.name},
+        )
 
     def clear_failed(self, rt: ModelRuntime) -> None:
         rt.failed = None
@@ -372,8 +436,9 @@ class Supervisor:
             if due and rt.busy is None and rt.failed is None:
                 rt.restarts = [r for r in rt.restarts if r[0] > now]
                 for _, slot in due:
-                    if not any(w.slot == slot and w.generation == rt.serving_gen
-                               for w in rt.alive()):
+                    if not any(
+                        w.slot == slot and w.generation == rt.serving_gen for w in rt.alive()
+                    ):
                         self.spawn(rt, rt.serving_gen, slot)
             for rec in list(rt.workers):
                 self._tick_worker(rt, rec, now)
@@ -416,8 +481,12 @@ class Supervisor:
             why = f"served {rec.slot_view.served} requests (max_requests)"
         elif cfg.max_rss_mb and rec.rss > cfg.max_rss_mb << 20:
             why = f"RSS {rec.rss >> 20} MiB over max_rss_mb"
-        elif (cfg.max_gpu_growth_mb and rec.gpu_bytes is not None and rec.ready_gpu_bytes
-              and rec.gpu_bytes - rec.ready_gpu_bytes > cfg.max_gpu_growth_mb << 20):
+        elif (
+            cfg.max_gpu_growth_mb
+            and rec.gpu_bytes is not None
+            and rec.ready_gpu_bytes
+            and rec.gpu_bytes - rec.ready_gpu_bytes > cfg.max_gpu_growth_mb << 20
+        ):
             why = f"GPU memory grew {(rec.gpu_bytes - rec.ready_gpu_bytes) >> 20} MiB"
         if why is not None:
             from pool.upgrade import start_recycle  # the operations module imports us

@@ -34,6 +34,12 @@ _digests = ThreadPoolExecutor(max_workers=2, thread_name_prefix="digest")
 BootResult = Generator[Wait, bool, tuple[bool, str]]
 
 
+def _changed(recs: list[WorkerRecord]) -> Callable[[], bool]:
+    """A condition: some worker of ``recs`` changed state since now."""
+    before = [r.state for r in recs]
+    return lambda: [r.state for r in recs] != before
+
+
 class Refused(Exception):
     """An operation that cannot start (another one runs, bad target); exit code 1."""
 
@@ -55,8 +61,10 @@ def choose_strategy(sup: Supervisor, rt: ModelRuntime) -> tuple[str, str]:
         if mem is None:
             return "drain-first", f"NVML cannot read cuda:{idx}"
         if mem[1] < foot + margin:
-            return "drain-first", (f"cuda:{idx} has {mem[1] >> 20} MiB free, needs "
-                                   f"{(foot + margin) >> 20} MiB for a second copy")
+            return "drain-first", (
+                f"cuda:{idx} has {mem[1] >> 20} MiB free, needs "
+                f"{(foot + margin) >> 20} MiB for a second copy"
+            )
     return "surge", "room for both versions on every device"
 
 
@@ -71,8 +79,16 @@ def _device_used(sup: Supervisor, device: str) -> int | None:
 class Upgrade:
     """One upgrade/rollback/recycle of one model; ``run`` is the loop-driven operation."""
 
-    def __init__(self, sup: Supervisor, rt: ModelRuntime, target: Deployed, strategy: str,
-                 timeout_s: float, action: str, progress: Progress) -> None:
+    def __init__(
+        self,
+        sup: Supervisor,
+        rt: ModelRuntime,
+        target: Deployed,
+        strategy: str,
+        timeout_s: float,
+        action: str,
+        progress: Progress,
+    ) -> None:
         self.sup = sup
         self.rt = rt
         self.target = target
@@ -106,7 +122,9 @@ class Upgrade:
         while True:
             for r in recs:
                 if reported.get(r.wid) != r.state.value and r.state.value in (
-                    "loading", "warming", "validating"
+                    "loading",
+                    "warming",
+                    "validating",
                 ):
                     reported[r.wid] = r.state.value
                     self.say(r.state.value, worker=r.wid, pid=r.pid, device=r.device)
@@ -114,15 +132,17 @@ class Upgrade:
                 self.phases["boot_s"] = time.monotonic() - t
                 self.worker_timings = dict(recs[0].timings)
                 return True, ""
-            bad = [r for r in recs if r.state in (WorkerState.FAILED, WorkerState.EXITED,
-                                                   WorkerState.STOPPING)]
+            bad = [
+                r
+                for r in recs
+                if r.state in (WorkerState.FAILED, WorkerState.EXITED, WorkerState.STOPPING)
+            ]
             if bad:
                 return False, f"{bad[0].wid}: {bad[0].failure or bad[0].state.value}"
             left = self.deadline - time.monotonic()
             if left <= 0:
                 return False, "not ready before the upgrade timeout"
-            states = [r.state for r in recs]
-            met = yield Wait(lambda: [r.state for r in recs] != states, left, "boot")
+            met = yield Wait(_changed(recs), left, "boot")
             if not met and time.monotonic() >= self.deadline:
                 return False, "not ready before the upgrade timeout"
 
@@ -169,8 +189,13 @@ class Upgrade:
                 continue
             if abs(now - level) > MEMORY_TOLERANCE:
                 ok = False
-                log.warning("%s: %s used %d MiB, reference %d MiB", self.rt.name, dev,
-                            now >> 20, level >> 20)
+                log.warning(
+                    "%s: %s used %d MiB, reference %d MiB",
+                    self.rt.name,
+                    dev,
+                    now >> 20,
+                    level >> 20,
+                )
         if reference and any(v is not None for v in reference.values()):
             self.memory_back = ok
 
@@ -279,22 +304,43 @@ class Upgrade:
         }
         if not ok:
             result["reason"] = reason
-            log.error("%s of %s to %s rolled back: %s", self.action, rt.name,
-                      self.target.version, reason, extra={"model": rt.name})
+            log.error(
+                "%s of %s to %s rolled back: %s",
+                self.action,
+                rt.name,
+                self.target.version,
+                reason,
+                extra={"model": rt.name},
+            )
         else:
-            log.info("%s of %s %s -> %s committed in %.2fs (%s)", self.action, rt.name,
-                     self.from_version, self.target.version, elapsed, self.strategy,
-                     extra={"model": rt.name, "version": self.target.version})
+            log.info(
+                "%s of %s %s -> %s committed in %.2fs (%s)",
+                self.action,
+                rt.name,
+                self.from_version,
+                self.target.version,
+                elapsed,
+                self.strategy,
+                extra={"model": rt.name, "version": self.target.version},
+            )
         if self.action != "recycle":
             self.sup.store.record(
-                rt.state, self.target, self.action, outcome, reason=reason or None,
-                strategy=self.strategy, from_version=self.from_version,
-                phases=result["phases"], bytes_freed=self.freed,
-                pids_started=result["pids_started"], pids_stopped=result["pids_stopped"],
+                rt.state,
+                self.target,
+                self.action,
+                outcome,
+                reason=reason or None,
+                strategy=self.strategy,
+                from_version=self.from_version,
+                phases=result["phases"],
+                bytes_freed=self.freed,
+                pids_started=result["pids_started"],
+                pids_stopped=result["pids_stopped"],
                 elapsed_s=result["elapsed_s"],
             )
-        self.sup.metrics.observe_upgrade(rt.name, self.action, outcome, self.phases,
-                                         sum(self.freed.values()))
+        self.sup.metrics.observe_upgrade(
+            rt.name, self.action, outcome, self.phases, sum(self.freed.values())
+        )
         return result
 
 
@@ -307,8 +353,13 @@ def digest_then(sup: Supervisor, path: str) -> Generator[Wait, bool, str]:
     return fut.result()
 
 
-def start_operation(sup: Supervisor, rt: ModelRuntime, name: str, op: Operation,
-                    done: Callable[[dict[str, Any]], None]) -> None:
+def start_operation(
+    sup: Supervisor,
+    rt: ModelRuntime,
+    name: str,
+    op: Operation,
+    done: Callable[[dict[str, Any]], None],
+) -> None:
     if rt.busy is not None:
         raise Refused(f"{rt.busy} of model {rt.name!r} is already running; try again when it ends")
     rt.busy = name
@@ -326,8 +377,15 @@ def start_recycle(sup: Supervisor, rt: ModelRuntime, rec: WorkerRecord, why: str
     log.info("recycling %s [pid %s]: %s", rec.wid, rec.pid, why, extra={"model": rt.name})
 
     def op() -> Operation:
-        up = Upgrade(sup, rt, rt.gens[rec.generation], "surge", sup.pool.upgrade_timeout_s,
-                     "recycle", lambda *a, **k: None)
+        up = Upgrade(
+            sup,
+            rt,
+            rt.gens[rec.generation],
+            "surge",
+            sup.pool.upgrade_timeout_s,
+            "recycle",
+            lambda *a, **k: None,
+        )
         new = up.spawn(rec.generation, rec.slot)
         ok, reason = yield from up.wait_boot([new])
         if not ok:

@@ -48,8 +48,9 @@ def _as_array(x: Any) -> tuple[str, list[int], Any]:
     return name, list(a.shape), a
 
 
-def encode_request(model: str, inputs: tuple[Any, ...], timeout_ms: int | None = None,
-                   rid: Any = None) -> list[Any]:
+def encode_request(
+    model: str, inputs: tuple[Any, ...], timeout_ms: int | None = None, rid: Any = None
+) -> list[Any]:
     specs, frames = [], []
     for x in inputs:
         dtype, shape, buf = _as_array(x)
@@ -88,10 +89,16 @@ def _to_numpy(dtype: str, shape: list[int], data: Any) -> np.ndarray:
 
 
 class Client:
-    def __init__(self, endpoint: str, *, retries: int = 3, timeout: float = 30.0,
-                 context: zmq.Context[Any] | None = None,
-                 curve_server_key: bytes | None = None,
-                 curve_keys: tuple[bytes, bytes] | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        retries: int = 3,
+        timeout: float = 30.0,
+        context: zmq.Context[Any] | None = None,
+        curve_server_key: bytes | None = None,
+        curve_keys: tuple[bytes, bytes] | None = None,
+    ) -> None:
         self.endpoint = endpoint
         self.retries = retries
         self.timeout = timeout
@@ -116,8 +123,9 @@ class Client:
             self.sock.close(linger=0)
             self.sock = None
 
-    def infer(self, model: str, *inputs: Any, timeout: float | None = None,
-              id: Any = None) -> Result:
+    def infer(
+        self, model: str, *inputs: Any, timeout: float | None = None, id: Any = None
+    ) -> Result:
         """Run ``model.forward(*inputs)`` in the pool; raises a PoolError subclass on error."""
         timeout = self.timeout if timeout is None else timeout
         frames = encode_request(model, inputs, int(timeout * 1000), id)
@@ -131,8 +139,8 @@ class Client:
                 return decode_reply(sock.recv_multipart(copy=False))
             self._reset()  # lazy pirate: a REQ socket without its reply is unusable
         raise RequestTimeout(
-            f"no reply from {self.endpoint} after {self.retries} tries of {timeout}s",
-            model=model)
+            f"no reply from {self.endpoint} after {self.retries} tries of {timeout}s", model=model
+        )
 
     def close(self) -> None:
         self._reset()

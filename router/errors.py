@@ -1,16 +1,16 @@
 """Errors a client sees, one per wire code, so callers can catch exactly what they handle::
 
-    PoolError                       .code (wire code string), .message, .model, .version
-    ├── RequestTimeout              no reply after every retry (client-side, code "TIMEOUT")
-    └── RemoteError                 the pool answered with an error
-        ├── BadRequest              BAD_REQUEST, UNSUPPORTED_PROTOCOL
-        ├── NoSuchModel             NO_SUCH_MODEL
-        ├── ModelUnavailable        MODEL_UNAVAILABLE (model failed to start)
-        ├── Overloaded              OVERLOADED        (retry later, with back-off)
-        ├── DeadlineExceeded        DEADLINE_EXCEEDED
-        ├── WorkerLost              WORKER_LOST       (safe to retry: inference is idempotent)
-        ├── ModelError              MODEL_ERROR       (the model's forward raised)
-        └── ShuttingDown            SHUTTING_DOWN
+PoolError                       .code (wire code string), .message, .model, .version
+├── RequestTimeout              no reply after every retry (client-side, code "TIMEOUT")
+└── RemoteError                 the pool answered with an error
+    ├── BadRequest              BAD_REQUEST, UNSUPPORTED_PROTOCOL
+    ├── NoSuchModel             NO_SUCH_MODEL
+    ├── ModelUnavailable        MODEL_UNAVAILABLE (model failed to start)
+    ├── Overloaded              OVERLOADED        (retry later, with back-off)
+    ├── DeadlineExceeded        DEADLINE_EXCEEDED
+    ├── WorkerLost              WORKER_LOST       (safe to retry: inference is idempotent)
+    ├── ModelError              MODEL_ERROR       (the model's forward raised)
+    └── ShuttingDown            SHUTTING_DOWN
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from router import protocol as p
 class PoolError(Exception):
     code = "ERROR"
 
-    def __init__(self, message: str, *, code: str | None = None, model: str = "",
-                 version: str = "") -> None:
+    def __init__(
+        self, message: str, *, code: str | None = None, model: str = "", version: str = ""
+    ) -> None:
         super().__init__(message)
         if code is not None:
             self.code = code
@@ -81,8 +82,16 @@ class ShuttingDown(RemoteError):
 
 _BY_CODE: dict[str, type[RemoteError]] = {
     cls.code: cls
-    for cls in (BadRequest, NoSuchModel, ModelUnavailable, Overloaded, DeadlineExceeded,
-                WorkerLost, ModelError, ShuttingDown)
+    for cls in (
+        BadRequest,
+        NoSuchModel,
+        ModelUnavailable,
+        Overloaded,
+        DeadlineExceeded,
+        WorkerLost,
+        ModelError,
+        ShuttingDown,
+    )
 }
 _BY_CODE[p.UNSUPPORTED_PROTOCOL] = BadRequest
 

@@ -196,6 +196,6 @@ def tensor_nbytes(dtype: object, shape: object) -> int:
             raise ProtocolError(BAD_REQUEST, f"shape dims must be non-negative ints: {shape}")
         n *= dim
         extent *= max(dim, 1)
-        if n > 1 << 40:  # Python ints never overflow; stop absurd products early
+        if extent > 1 << 40:  # Python ints never overflow; stop absurd products early
             raise ProtocolError(BAD_REQUEST, f"shape {shape[:MAX_DIMS]} is absurdly large")
     return n

@@ -154,20 +154,24 @@ class Router:
             header = p.unpack_map(body[1].buffer)
             model, timeout_ms, client_id = p.route_fields(header)
         except p.ProtocolError as exc:
+            self._reject("", exc.code)
             self._send_client(envelope, p.error_header(exc.code, exc.message))
             return
         route = self.routes.get(model)
         if route is None:
+            self._reject("", p.NO_SUCH_MODEL)  # not the name: clients choose it (cardinality)
             msg = f"no model named {model!r}; serving: {', '.join(sorted(self.routes)) or 'none'}"
             self._send_client(envelope, p.error_header(p.NO_SUCH_MODEL, msg, rid=client_id))
             return
         if not self.accepting:
+            self._reject(model, p.SHUTTING_DOWN)
             self._send_client(
                 envelope,
                 p.error_header(p.SHUTTING_DOWN, "the pool is shutting down", model=model, rid=client_id),
             )
             return
         if route.unavailable is not None:
+            self._reject(model, p.MODEL_UNAVAILABLE)
             self._send_client(
                 envelope,
                 p.error_header(p.MODEL_UNAVAILABLE, route.unavailable, model=model, rid=client_id),
@@ -193,6 +197,10 @@ class Router:
             route.queue.append(req)
             if worker is not None:
                 self.dispatch(route)
+
+    def _reject(self, model: str, code: str) -> None:
+        if self.observe is not None:
+            self.observe(model, "", code, 0.0, 0.0, 0.0)
 
     @staticmethod
     def _pick(route: ModelRoute) -> WorkerSlot | None:

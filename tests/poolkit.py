@@ -118,7 +118,13 @@ class Pool:
 
 
 def start_pool(
-    tmp: str, models: list[dict[str, Any]], *, wait: bool = True, **pool_opts: Any
+    tmp: str,
+    models: list[dict[str, Any]],
+    *,
+    wait: bool = True,
+    keep_notify: bool = False,
+    env_extra: dict[str, str] | None = None,
+    **pool_opts: Any,
 ) -> Pool:
     os.makedirs(tmp, exist_ok=True)
     pool = {
@@ -135,7 +141,10 @@ def start_pool(
     config = write_config(os.path.join(tmp, "pool.toml"), pool, models)
     log_path = os.path.join(tmp, "poold.log")
     env = dict(os.environ)
-    env.pop("NOTIFY_SOCKET", None)
+    if not keep_notify:
+        env.pop("NOTIFY_SOCKET", None)
+        env.pop("WATCHDOG_USEC", None)
+    env.update(env_extra or {})
     log = open(log_path, "ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "pool.daemon", "--config", config],

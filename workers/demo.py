@@ -115,3 +115,21 @@ def _write_version(path: str, seed: int) -> None:
         golden_file=f"{stem}.golden.npz",
     )
     log.info("wrote demo model %s (seed %d)", path, seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m workers.demo DIR``: write the demo models (poold runs this in a child,
+    since poold itself never imports torch)."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m workers.demo DIR", file=sys.stderr)
+        return 2
+    for version, path in make_demo_models(args[0]):
+        print(f"demo version {version}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -20,9 +20,6 @@ import msgpack
 import zmq
 
 from router import protocol as p
-
-log = logging.getLogger(__name__)
-
 from workers.exitcodes import (  # noqa: F401  re-exported for the worker code
     EXIT_INTERNAL,
     EXIT_LOAD_FAILED,
@@ -31,6 +28,8 @@ from workers.exitcodes import (  # noqa: F401  re-exported for the worker code
     EXIT_VALIDATION_FAILED,
     EXIT_WARMUP_FAILED,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass

@@ -133,7 +133,10 @@ def main() -> int:
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)  # the wakeup fd does the work
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # poold decides when we stop
+    # poold decides when we stop (stdin EOF or the lifeline), even if a signal reaches
+    # its whole process group.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     write_message(out_fd, {"t": "hello", "pid": os.getpid(), "import_s": time.monotonic() - t0})
     reader = MessageReader()
     watched = [in_fd, wake_r] + ([lifeline] if lifeline >= 0 else [])

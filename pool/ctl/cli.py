@@ -37,11 +37,19 @@ then the state dir's control.sock.
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="pool-ctl", description="Inspect and operate a running gpu-pool daemon (poold).",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="pool-ctl",
+        description="Inspect and operate a running gpu-pool daemon (poold).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--control", metavar="ENDPOINT", help="poold's control endpoint")
-    ap.add_argument("--connect-timeout", type=float, default=5.0, metavar="S",
-                    help="seconds to wait for poold's first answer (default 5)")
+    ap.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="seconds to wait for poold's first answer (default 5)",
+    )
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(name: str, help_: str) -> argparse.ArgumentParser:
@@ -60,11 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
         if p is not up:
             p.add_argument("model")
             p.add_argument("--to", metavar="VERSION", help="a version from pool-ctl history")
-        p.add_argument("--strategy", choices=("auto", "surge", "drain-first"), default="auto",
-                       help="surge: new beside old; drain-first: one device at a time "
-                            "(when the GPU cannot hold both); auto: decide from free memory")
-        p.add_argument("--timeout", type=float, metavar="S",
-                       help="give up and roll back if not done in S seconds")
+        p.add_argument(
+            "--strategy",
+            choices=("auto", "surge", "drain-first"),
+            default="auto",
+            help="surge: new beside old; drain-first: one device at a time "
+            "(when the GPU cannot hold both); auto: decide from free memory",
+        )
+        p.add_argument(
+            "--timeout",
+            type=float,
+            metavar="S",
+            help="give up and roll back if not done in S seconds",
+        )
     hist = add("history", "the versions a model has run, with outcome and timings")
     hist.add_argument("model")
     return ap
@@ -92,9 +108,16 @@ def main(argv: list[str] | None = None) -> int:
         timeout = (args.timeout or 3600.0) + 120.0
     tty = sys.stderr.isatty()
     try:
-        result = client.call(cmd, payload, timeout_s=timeout,
-                             progress=lambda m: print(progress_line(m), file=sys.stderr,
-                                                      flush=True) if not args.json or tty else None)
+        result = client.call(
+            cmd,
+            payload,
+            timeout_s=timeout,
+            progress=lambda m: (
+                print(progress_line(m), file=sys.stderr, flush=True)
+                if not args.json or tty
+                else None
+            ),
+        )
     except Unreachable as exc:
         print(f"pool-ctl: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
@@ -104,8 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     ok = bool(result.get("ok"))
     data = result.get("data") or {}
     if args.json:
-        print(json.dumps({"ok": ok, "error": result.get("error") or None, **data}, indent=2,
-                         default=str))
+        print(
+            json.dumps(
+                {"ok": ok, "error": result.get("error") or None, **data}, indent=2, default=str
+            )
+        )
     elif cmd == "status":
         print_status(data)
     elif cmd == "history":

@@ -21,21 +21,32 @@ class Unreachable(Exception):
 
 
 class ControlClient:
-    def __init__(self, endpoint: str, *, connect_timeout_s: float = 5.0,
-                 server_key: bytes | None = None,
-                 client_keys: tuple[bytes, bytes] | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        connect_timeout_s: float = 5.0,
+        server_key: bytes | None = None,
+        client_keys: tuple[bytes, bytes] | None = None,
+    ) -> None:
         self.endpoint = endpoint
         self.connect_timeout_s = connect_timeout_s
         self.server_key = server_key
         self.client_keys = client_keys
 
-    def call(self, cmd: str, args: dict[str, Any] | None = None, *,
-             timeout_s: float | None = None, progress: Progress | None = None) -> dict[str, Any]:
+    def call(
+        self,
+        cmd: str,
+        args: dict[str, Any] | None = None,
+        *,
+        timeout_s: float | None = None,
+        progress: Progress | None = None,
+    ) -> dict[str, Any]:
         """Send one command; return its result map. ``progress`` sees progress maps."""
         path = ipc_path(self.endpoint)
         if path is not None and not os.path.exists(path):
             raise Unreachable(f"no poold listening at {self.endpoint} (socket file missing)")
-        ctx = zmq.Context.instance()
+        ctx: zmq.Context[Any] = zmq.Context.instance()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         if self.server_key is not None and self.client_keys is not None:
@@ -43,18 +54,24 @@ class ControlClient:
             sock.curve_publickey, sock.curve_secretkey = self.client_keys
         try:
             sock.connect(self.endpoint)
-            sock.send_multipart([b"", CTL_PROTOCOL, msgpack.packb({"cmd": cmd, "args": args or {}})])
+            sock.send_multipart(
+                [b"", CTL_PROTOCOL, msgpack.packb({"cmd": cmd, "args": args or {}})]
+            )
             # The first message must come quickly; an upgrade then streams progress for as
             # long as it takes, bounded by the caller's timeout.
             wait = self.connect_timeout_s
-            end = time.monotonic() + (timeout_s if timeout_s is not None else self.connect_timeout_s)
+            end = time.monotonic() + (
+                timeout_s if timeout_s is not None else self.connect_timeout_s
+            )
             first = True
             while True:
                 budget = min(wait, end - time.monotonic()) if not first else wait
                 if budget <= 0 or not sock.poll(int(budget * 1000)):
                     if first:
-                        raise Unreachable(f"poold at {self.endpoint} did not answer within "
-                                          f"{self.connect_timeout_s:.0f}s")
+                        raise Unreachable(
+                            f"poold at {self.endpoint} did not answer within "
+                            f"{self.connect_timeout_s:.0f}s"
+                        )
                     raise TimeoutError(f"no result from poold within {timeout_s}s")
                 first = False
                 wait = max(1.0, end - time.monotonic())
