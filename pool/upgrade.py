@@ -40,6 +40,19 @@ def _changed(recs: list[WorkerRecord]) -> Callable[[], bool]:
     return lambda: [r.state for r in recs] != before
 
 
+def _settled(sup: Supervisor, devices: list[str]) -> Callable[[], bool]:
+    last: dict[str, int | None] = {}
+
+    def check() -> bool:
+        now = {d: _device_used(sup, d) for d in devices}
+        same = now == last
+        last.clear()
+        last.update(now)
+        return same
+
+    return check
+
+
 class Refused(Exception):
     """An operation that cannot start (another one runs, bad target); exit code 1."""
 
@@ -173,6 +186,9 @@ class Upgrade:
                 return True
 
             yield Wait(gone, MEMORY_WAIT_S, "nvml")
+            # The process entry can vanish a moment before the driver's count of used
+            # memory settles: wait for two equal readings in a row.
+            yield Wait(_settled(self.sup, [r.device for r in gpu_recs]), 3.0, "settle")
             for dev, used in before.items():
                 after = _device_used(self.sup, dev)
                 if used is not None and after is not None:

@@ -70,14 +70,23 @@ def print_status(data: dict[str, Any]) -> None:
 
 def print_history(data: dict[str, Any]) -> None:
     table = Table(title=f"history of {data.get('model')}", title_justify="left")
-    for col in ("#", "at", "action", "version", "outcome", "strategy", "time", "digest / reason"):
-        table.add_column(col)
+    for col in (
+        "#",
+        "at (UTC)",
+        "action",
+        "version",
+        "outcome",
+        "strategy",
+        "time",
+        "sha256 / reason",
+    ):
+        table.add_column(col, overflow="fold")
     for h in data.get("history", []):
-        note = h.get("reason") or (h.get("digest") or "")[:19]
+        note = h.get("reason") or (h.get("digest") or "").removeprefix("sha256:")[:12]
         elapsed = h.get("elapsed_s")
         table.add_row(
             str(h.get("seq")),
-            h.get("at", ""),
+            str(h.get("at", ""))[5:19].replace("T", " "),  # MM-DD HH:MM:SS, UTC
             h.get("action", ""),
             str(h.get("version")),
             h.get("outcome", ""),

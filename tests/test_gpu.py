@@ -1,0 +1,150 @@
+"""GPU behaviour: CUDA contexts freed on retire, NVML figures, rolling drain-first.
+
+Needs a CUDA device (and NVML); every test here carries the ``gpu`` marker and skips
+without one. The test process itself never touches CUDA: it reads memory through NVML,
+as poold does, so its own context cannot disturb the figures.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+from modelkit import make_big_mlp, make_mlp, mlp_input, mlp_reference
+from poolkit import Load, running_pool, start_pool, wait_for
+
+from pool.gpu import Gpu
+
+GPU = Gpu()
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(GPU.count() == 0, reason="needs a CUDA device with NVML"),
+]
+MIB = 1 << 20
+HIDDEN, LAYERS = 4096, 16  # 16 x 64 MiB fp32 = 1 GiB of weights
+
+
+def used(index: int = 0) -> int:
+    mem = GPU.memory(index)
+    assert mem is not None
+    return mem[0]
+
+
+def big_input(i: int) -> np.ndarray:
+    return np.full((1, HIDDEN), (i % 5) * 0.01, np.float32)
+
+
+@pytest.fixture(scope="module")
+def big_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, str]:
+    d = str(tmp_path_factory.mktemp("gpu"))
+    os.makedirs(os.path.join(d, "models"))
+    a = make_big_mlp(os.path.join(d, "models", "a.pt"), HIDDEN, LAYERS, seed=1)
+    b = make_big_mlp(os.path.join(d, "models", "b.pt"), HIDDEN, LAYERS, seed=2)
+    return d, a, b
+
+
+@pytest.mark.parametrize("strategy", ["surge", "drain-first"])
+def test_upgrades_of_a_1gib_model_return_every_byte(
+    big_models: tuple[str, str, str], strategy: str
+) -> None:
+    d, a, b = big_models
+    tmp = os.path.join(d, strategy)
+    baseline = used()
+    models = [{"name": "big", "path": a, "version": "a", "devices": ["cuda:0"], "max_batch": 8}]
+    with (
+        running_pool(tmp, models, boot_timeout_s=120) as pool,
+        Load(pool.frontend, "big", 8, make_input=big_input) as load,
+    ):
+        load.wait_ok(50)
+        worker = pool.model("big")["workers"][0]
+        assert worker["gpu_bytes"] is None or worker["gpu_bytes"] > 1024 * MIB
+        levels = []
+        for i in range(10):
+            path, version = (b, "b") if i % 2 == 0 else (a, "a")
+            res = pool.ctl(
+                "upgrade",
+                {"model": "big", "path": path, "version": version, "strategy": strategy},
+                timeout_s=300,
+            )
+            assert res["ok"], res
+            data = res["data"]
+            assert data["strategy"] == strategy
+            assert data["memory_back"] is True, data
+            freed = data["bytes_freed"]["cuda:0"]
+            assert freed > 1024 * MIB, data  # the whole old process: context + weights
+            levels.append(used())
+            load.wait_ok(10)
+        load.stop()
+        assert not load.errors, load.errors[:3]
+        # Flat across upgrades: every level within 16 MiB of the first.
+        assert max(levels) - min(levels) <= 16 * MIB, [x // MIB for x in levels]
+    wait_for(lambda: abs(used() - baseline) <= 16 * MIB, 20, "device back to its baseline")
+
+
+def test_auto_surges_when_the_gpu_has_room(big_models: tuple[str, str, str]) -> None:
+    d, a, b = big_models
+    models = [{"name": "big", "path": a, "version": "a", "devices": ["cuda:0"]}]
+    with running_pool(os.path.join(d, "auto"), models) as pool:
+        wait_for(lambda: pool.model("big")["workers"][0]["gpu_bytes"], 10, "NVML footprint")
+        res = pool.ctl("upgrade", {"model": "big", "path": b, "version": "b"}, timeout_s=300)
+        assert res["ok"] and res["data"]["strategy"] == "surge", res
+
+
+def test_answers_from_the_gpu_match_the_cpu(tmp_path: object) -> None:
+    d = str(tmp_path)
+    m = make_mlp(os.path.join(d, "m", "m.pt"), seed=3)
+    with running_pool(d, [{"name": "m", "path": m, "devices": ["cuda:0"], "max_batch": 16}]) as p:
+        from router.client import Client
+
+        with Client(p.frontend) as c:
+            for n in (1, 5, 16):
+                x = mlp_input(n, seed=n)
+                np.testing.assert_allclose(
+                    c.infer("m", x).outputs[0], mlp_reference(3, x), rtol=1e-3, atol=1e-4
+                )
+
+
+def test_sigkill_of_poold_frees_the_gpu(big_models: tuple[str, str, str]) -> None:
+    d, a, _ = big_models
+    baseline = used()
+    pool = start_pool(os.path.join(d, "kill"), [{"name": "big", "path": a, "devices": ["cuda:0"]}])
+    try:
+        assert used() - baseline > 1024 * MIB
+        pool.proc.send_signal(signal.SIGKILL)
+        pool.proc.wait(10)
+        t0 = time.monotonic()
+        wait_for(lambda: abs(used() - baseline) <= 16 * MIB, 10, "GPU memory back")
+        assert time.monotonic() - t0 < 5
+    finally:
+        try:
+            os.killpg(pool.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.skipif(GPU.count() < 2, reason="needs two GPUs")
+def test_drain_first_rolls_across_two_gpus_under_load(big_models: tuple[str, str, str]) -> None:
+    d, a, b = big_models
+    models = [{"name": "big", "path": a, "version": "a", "devices": ["cuda:0", "cuda:1"]}]
+    with (
+        running_pool(os.path.join(d, "two"), models) as pool,
+        Load(pool.frontend, "big", 16, make_input=big_input) as load,
+    ):
+        load.wait_ok(100)
+        for path, version in ((b, "b"), (a, "a")):
+            res = pool.ctl(
+                "upgrade",
+                {"model": "big", "path": path, "version": version, "strategy": "drain-first"},
+                timeout_s=300,
+            )
+            assert res["ok"], res
+            assert set(res["data"]["bytes_freed"]) == {"cuda:0", "cuda:1"}
+            load.wait_ok(50)
+        load.stop()
+        assert not load.errors, load.errors[:3]
+        for versions in load.versions:  # a, then b, then a again: never back mid-upgrade
+            runs = [v for i, v in enumerate(versions) if i == 0 or versions[i - 1] != v]
+            assert runs == ["a", "b", "a"][: len(runs)], runs
