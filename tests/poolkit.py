@@ -156,7 +156,12 @@ def start_pool(
     log.close()
     p = Pool(tmp, config, pool["frontend"], pool["control"], proc, log_path, env)
     if wait:
-        p.wait_serving()
+        try:
+            p.wait_serving()
+        except BaseException:
+            print("\n".join(p.log().splitlines()[-40:]))
+            os.killpg(proc.pid, signal.SIGKILL)  # never leave a daemon behind a failed start
+            raise
     return p
 
 
