@@ -105,6 +105,19 @@ def test_metrics_and_health_endpoints(tmp_path: object) -> None:
             lab == {"model": "m", "state": "ready"} and v == 2
             for lab, v in samples["gpupool_workers"]
         )
+        counted = wait_for(
+            lambda: (
+                sum(
+                    v
+                    for lab, v in scrape().get("gpupool_batch_size_count", [])
+                    if lab.get("model") == "m"
+                )
+                >= 20
+            ),
+            10,
+            "batch sizes",
+        )
+        assert counted
         rss = samples["gpupool_worker_rss_bytes"]
         assert len(rss) == 2 and all(v > 0 for _, v in rss)
         assert urllib.request.urlopen(base + "/healthz", timeout=5).status == 200

@@ -62,6 +62,7 @@ class Worker:
         self.last_beat = 0.0
         self.shapes: dict[tuple[Any, ...], int] = {}
         self.pinned: dict[tuple[Any, ...], torch.Tensor] = {}
+        self.batch_sizes: dict[int, int] = {}
 
     # ------------------------------------------------------------------ start-up
     def event(self, kind: str, **fields: Any) -> None:
@@ -162,7 +163,16 @@ class Worker:
     def beat(self) -> None:
         self.last_beat = time.monotonic()
         shapes = sorted(self.shapes, key=self.shapes.__getitem__, reverse=True)[:MAX_SHAPES_KEPT]
-        self.event("hb", served=self.served, rss=rss_bytes(), shapes=[list(s) for s in shapes])
+        batches, self.batch_sizes = self.batch_sizes, {}
+        self.event(
+            "hb",
+            served=self.served,
+            rss=rss_bytes(),
+            shapes=[list(s) for s in shapes],
+            # [rows per forward, count] since the last beat, for the batch-size metric
+            # (pairs, not a map: the router decodes maps with string keys only).
+            batches=[[size, n] for size, n in batches.items()],
+        )
 
     def take(self, batch: list[Pending], max_batch: int) -> None:
         """Receive what is waiting, without blocking, until the batch is full."""
@@ -209,6 +219,8 @@ class Worker:
         groups = plan_batches(keys, [r.size for r in batch], self.spec.max_batch)
         for group in groups:
             members = [batch[i] for i in group]
+            rows = self.rows(members)
+            self.batch_sizes[rows] = self.batch_sizes.get(rows, 0) + 1
             results = self.forward_group(members)
             for req, result in zip(members, results, strict=True):
                 if isinstance(result, BaseException):
