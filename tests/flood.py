@@ -24,8 +24,9 @@ def main() -> int:
     sock.connect(endpoint)
     x = mlp_input(1, seed=9)
     want = mlp_reference(4, x)
-    header = msgpack.packb({"model": model, "inputs": [{"dtype": "float32", "shape": [1, 16]}],
-                            "timeout_ms": 500})
+    header = msgpack.packb(
+        {"model": model, "inputs": [{"dtype": "float32", "shape": [1, 16]}], "timeout_ms": 500}
+    )
     counts: dict[str, int] = {}
     pending = 0
     end = time.monotonic() + seconds

@@ -25,6 +25,7 @@ def mlp_check(seed: int):  # type: ignore[no-untyped-def]
         want = mlp_reference(seed, x)
         got = r.outputs[0]  # type: ignore[attr-defined]
         return None if np.allclose(got, want, rtol=1e-5, atol=1e-6) else "wrong answer"
+
     return check
 
 
@@ -41,15 +42,21 @@ def crashy(tmp_path: object) -> Pool:
     """'good' serves normally; 'trap' dies (exit) or hangs on a negative input."""
     d = str(tmp_path)
     good = make_mlp(os.path.join(d, "good", "m.pt"), seed=4)
-    exits = make_factory_model(os.path.join(d, "exits"), seed=5, forward="exit",
-                               only_if_negative=True)
-    hangs = make_factory_model(os.path.join(d, "hangs"), seed=6, forward="hang",
-                               only_if_negative=True)
+    exits = make_factory_model(
+        os.path.join(d, "exits"), seed=5, forward="exit", only_if_negative=True
+    )
+    hangs = make_factory_model(
+        os.path.join(d, "hangs"), seed=6, forward="hang", only_if_negative=True
+    )
     models = [
         {"name": "good", "path": good, "devices": ["cpu", "cpu"]},
         {"name": "exits", "path": exits, "devices": ["cpu", "cpu"]},
-        {"name": "noretry", "path": exits, "devices": ["cpu", "cpu"],
-         "retry_on_worker_loss": False},
+        {
+            "name": "noretry",
+            "path": exits,
+            "devices": ["cpu", "cpu"],
+            "retry_on_worker_loss": False,
+        },
         {"name": "hangs", "path": hangs, "devices": ["cpu", "cpu"], "request_timeout_s": 2.0},
     ]
     with running_pool(d, models, request_grace_s=1.0) as pool:
@@ -58,13 +65,20 @@ def crashy(tmp_path: object) -> Pool:
 
 def test_sigkilled_worker_requests_are_retried_and_it_is_replaced(crashy: Pool) -> None:
     pool = crashy
-    with Load(pool.frontend, "exits", 8, check=mlp_check(5)) as load, \
-            Load(pool.frontend, "good", 4, check=mlp_check(4)) as other:
+    with (
+        Load(pool.frontend, "exits", 8, check=mlp_check(5)) as load,
+        Load(pool.frontend, "good", 4, check=mlp_check(4)) as other,
+    ):
         load.wait_ok(200)
         victim = worker_pids(pool, "exits")[0]
         os.kill(victim, signal.SIGKILL)
-        wait_for(lambda: victim not in worker_pids(pool, "exits")
-                 and len(worker_pids(pool, "exits")) == 2, 30, "a replacement worker")
+        wait_for(
+            lambda: (
+                victim not in worker_pids(pool, "exits") and len(worker_pids(pool, "exits")) == 2
+            ),
+            30,
+            "a replacement worker",
+        )
         load.wait_ok(200)
         other.wait_ok(50)
     assert not load.errors, load.errors[:3]  # in-flight requests were retried elsewhere
@@ -89,8 +103,9 @@ def test_crash_in_forward_retried_once_then_worker_lost(crashy: Pool) -> None:
     assert not other.errors
     with Client(pool.frontend) as c:
         x = mlp_input(2)
-        np.testing.assert_allclose(c.infer("exits", x).outputs[0], mlp_reference(5, x),
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            c.infer("exits", x).outputs[0], mlp_reference(5, x), rtol=1e-5, atol=1e-6
+        )
 
 
 def test_hung_forward_is_killed_and_replaced(crashy: Pool) -> None:
@@ -103,8 +118,14 @@ def test_hung_forward_is_killed_and_replaced(crashy: Pool) -> None:
             with pytest.raises(DeadlineExceeded):
                 c.infer("hangs", negative_input(0), timeout=2.0)
             assert time.monotonic() - t0 < 10
-        wait_for(lambda: len(set(worker_pids(pool, "hangs")) - before) >= 1
-                 and len(worker_pids(pool, "hangs")) == 2, 30, "the hung worker replaced")
+        wait_for(
+            lambda: (
+                len(set(worker_pids(pool, "hangs")) - before) >= 1
+                and len(worker_pids(pool, "hangs")) == 2
+            ),
+            30,
+            "the hung worker replaced",
+        )
         load.wait_ok(50)
     assert not load.errors, load.errors[:3]
     log = pool.log()
@@ -118,8 +139,10 @@ def test_model_that_cannot_start_is_marked_failed(tmp_path: object) -> None:
     os.makedirs(os.path.dirname(broken))
     with open(broken, "wb") as f:
         f.write(b"not a model")
-    models = [{"name": "good", "path": good, "devices": ["cpu"]},
-              {"name": "broken", "path": broken, "devices": ["cpu"]}]
+    models = [
+        {"name": "good", "path": good, "devices": ["cpu"]},
+        {"name": "broken", "path": broken, "devices": ["cpu"]},
+    ]
     pool = start_pool(d, models, wait=False)
     try:
         wait_for(lambda: _model_state(pool, "broken") == "failed", 90, "the model marked failed")
@@ -149,10 +172,19 @@ def _model_state(pool: Pool, name: str) -> str | None:
 
 def test_overload_answers_overloaded_and_expires_queued(tmp_path: object) -> None:
     d = str(tmp_path)
-    slow = make_factory_model(os.path.join(d, "slow"), seed=7, forward="hang",
-                              only_if_negative=True)
-    models = [{"name": "slow", "path": slow, "devices": ["cpu"], "max_queue": 4,
-               "max_batch": 1, "request_timeout_s": 1.5}]
+    slow = make_factory_model(
+        os.path.join(d, "slow"), seed=7, forward="hang", only_if_negative=True
+    )
+    models = [
+        {
+            "name": "slow",
+            "path": slow,
+            "devices": ["cpu"],
+            "max_queue": 4,
+            "max_batch": 1,
+            "request_timeout_s": 1.5,
+        }
+    ]
     with running_pool(d, models, request_grace_s=30.0) as pool:
         codes: list[str] = []
         lock = threading.Lock()
@@ -187,8 +219,14 @@ def test_sigterm_drains_and_exits_zero(tmp_path: object) -> None:
     pids = worker_pids(pool, "m")
     # Requests sent after poold has exited cannot be answered by anyone: at most one per
     # client (its last) may time out. Every other one is answered or told SHUTTING_DOWN.
-    load = Load(pool.frontend, "m", 8, check=mlp_check(4), timeout=3,
-                allowed=frozenset({"SHUTTING_DOWN", "TIMEOUT"}))
+    load = Load(
+        pool.frontend,
+        "m",
+        8,
+        check=mlp_check(4),
+        timeout=3,
+        allowed=frozenset({"SHUTTING_DOWN", "TIMEOUT"}),
+    )
     with load:
         load.wait_ok(100)
         pool.proc.send_signal(signal.SIGTERM)
@@ -229,14 +267,28 @@ def test_ten_times_overload_keeps_memory_bounded(tmp_path: object) -> None:
     bounded, every answer is correct or OVERLOADED/DEADLINE_EXCEEDED, and it recovers."""
     d = str(tmp_path)
     m = make_mlp(os.path.join(d, "m", "m.pt"), seed=4)
-    models = [{"name": "m", "path": m, "devices": ["cpu"], "max_batch": 1, "max_queue": 16,
-               "request_timeout_s": 0.5}]
+    models = [
+        {
+            "name": "m",
+            "path": m,
+            "devices": ["cpu"],
+            "max_batch": 1,
+            "max_queue": 16,
+            "request_timeout_s": 0.5,
+        }
+    ]
     with running_pool(d, models) as pool:
         proc = psutil.Process(pool.proc.pid)
         seconds = float(os.environ.get("GPU_POOL_OVERLOAD_S", "10"))
         script = os.path.join(os.path.dirname(__file__), "flood.py")
-        floods = [subprocess.Popen([sys.executable, script, pool.frontend, "m", str(seconds)],
-                                   stdout=subprocess.PIPE, text=True) for _ in range(2)]
+        floods = [
+            subprocess.Popen(
+                [sys.executable, script, pool.frontend, "m", str(seconds)],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(2)
+        ]
         rss = []
         end = time.monotonic() + seconds
         while time.monotonic() < end:
@@ -253,5 +305,6 @@ def test_ten_times_overload_keeps_memory_bounded(tmp_path: object) -> None:
         assert max(rss) - rss[len(rss) // 4] < 64 << 20, [r >> 20 for r in rss]
         with Client(pool.frontend) as c:
             x = mlp_input(1)
-            np.testing.assert_allclose(c.infer("m", x).outputs[0], mlp_reference(4, x),
-                                       rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(
+                c.infer("m", x).outputs[0], mlp_reference(4, x), rtol=1e-5, atol=1e-6
+            )

@@ -36,8 +36,10 @@ def check_answer(x: np.ndarray, r: object) -> str | None:
 
 def make_versions(d: str) -> tuple[str, str]:
     # Side by side: upgrades may load only from the configured model's directory tree.
-    return (make_mlp(os.path.join(d, "models", "v1.pt"), seed=1),
-            make_mlp(os.path.join(d, "models", "v2.pt"), seed=2))
+    return (
+        make_mlp(os.path.join(d, "models", "v1.pt"), seed=1),
+        make_mlp(os.path.join(d, "models", "v2.pt"), seed=2),
+    )
 
 
 def gone(pids: list[int]) -> bool:
@@ -51,7 +53,7 @@ def check_order(load: Load, windows: list[tuple[list[int], str, str]]) -> None:
     for n, (marks, old, new) in enumerate(windows):
         ends = windows[n + 1][0] if n + 1 < len(windows) else [len(v) for v in load.versions]
         for client, versions in enumerate(load.versions):
-            seen = versions[marks[client]:ends[client]]
+            seen = versions[marks[client] : ends[client]]
             switch = seen.index(new) if new in seen else len(seen)
             assert set(seen[:switch]) <= {old} and set(seen[switch:]) <= {new}, (old, new, seen)
 
@@ -72,9 +74,16 @@ def test_twenty_upgrades_and_five_rollbacks_lose_nothing(tmp_path: object, strat
                 res = pool.ctl("rollback", {"model": "m", "strategy": strategy}, timeout_s=120)
             else:
                 target = "2" if current == "1" else "1"
-                res = pool.ctl("upgrade", {"model": "m", "path": v2 if target == "2" else v1,
-                                           "version": target, "strategy": strategy},
-                               timeout_s=120)
+                res = pool.ctl(
+                    "upgrade",
+                    {
+                        "model": "m",
+                        "path": v2 if target == "2" else v1,
+                        "version": target,
+                        "strategy": strategy,
+                    },
+                    timeout_s=120,
+                )
             assert res["ok"], res
             data = res["data"]
             assert data["outcome"] == "committed" and data["strategy"] == strategy
@@ -103,8 +112,11 @@ def test_version_order_per_client_during_one_upgrade(tmp_path: object) -> None:
     models = [{"name": "m", "path": v1, "version": "1", "devices": ["cpu", "cpu"]}]
     with running_pool(d, models) as pool, Load(pool.frontend, "m", 8, check=check_answer) as load:
         load.wait_ok(100)
-        res = pool.ctl("upgrade", {"model": "m", "path": v2, "version": "2",
-                                   "strategy": "drain-first"}, timeout_s=60)
+        res = pool.ctl(
+            "upgrade",
+            {"model": "m", "path": v2, "version": "2", "strategy": "drain-first"},
+            timeout_s=60,
+        )
         assert res["ok"], res
         load.wait_ok(100)
         load.stop()
@@ -118,9 +130,13 @@ def test_version_order_per_client_during_one_upgrade(tmp_path: object) -> None:
 ROLLBACK_CASES = {
     "corrupt file": (lambda d: make_corrupt(os.path.join(d, "bad", "model.pt")), "load"),
     "forward raises in warm-up": (
-        lambda d: make_raising_forward(os.path.join(d, "bad", "model.pt")), "warmup"),
+        lambda d: make_raising_forward(os.path.join(d, "bad", "model.pt")),
+        "warmup",
+    ),
     "golden outputs differ": (
-        lambda d: make_golden_mismatch(os.path.join(d, "bad", "model.pt"), seed=3), "validate"),
+        lambda d: make_golden_mismatch(os.path.join(d, "bad", "model.pt"), seed=3),
+        "validate",
+    ),
 }
 
 
@@ -160,8 +176,9 @@ def test_drain_first_failure_restores_old_version(steady_pool: Pool) -> None:
     path = make_raising_forward(os.path.join(pool.dir, "models", "raising2", "model.pt"))
     with Load(pool.frontend, "m", 8, check=check_answer) as load:
         load.wait_ok(20)
-        res = pool.ctl("upgrade", {"model": "m", "path": path, "strategy": "drain-first"},
-                       timeout_s=60)
+        res = pool.ctl(
+            "upgrade", {"model": "m", "path": path, "strategy": "drain-first"}, timeout_s=60
+        )
         load.wait_ok(20)
     assert not res["ok"] and res["data"]["outcome"] == "rolled_back"
     assert not load.errors, load.errors[:3]
@@ -190,8 +207,11 @@ def test_new_worker_killed_mid_load(steady_pool: Pool) -> None:
     path = make_factory_model(os.path.join(pool.dir, "models", "killme"), seed=2, load_sleep_s=30)
     result: dict[str, object] = {}
     old_pids = {w["pid"] for w in pool.model("m")["workers"]}
-    t = threading.Thread(target=lambda: result.update(pool.ctl(
-        "upgrade", {"model": "m", "path": path, "strategy": "surge"}, timeout_s=60)))
+    t = threading.Thread(
+        target=lambda: result.update(
+            pool.ctl("upgrade", {"model": "m", "path": path, "strategy": "surge"}, timeout_s=60)
+        )
+    )
     with Load(pool.frontend, "m", 4, check=check_answer) as load:
         t.start()
 
@@ -214,8 +234,11 @@ def test_new_worker_killed_mid_load(steady_pool: Pool) -> None:
 def test_second_upgrade_refused_at_once(steady_pool: Pool) -> None:
     pool = steady_pool
     path = make_factory_model(os.path.join(pool.dir, "models", "slow2"), seed=2, load_sleep_s=3)
-    t = threading.Thread(target=lambda: pool.ctl(
-        "upgrade", {"model": "m", "path": path, "strategy": "surge"}, timeout_s=60))
+    t = threading.Thread(
+        target=lambda: pool.ctl(
+            "upgrade", {"model": "m", "path": path, "strategy": "surge"}, timeout_s=60
+        )
+    )
     t.start()
     wait_for(lambda: pool.model("m")["operation"] == "upgrade", 10, "the first upgrade")
     t0 = time.monotonic()
@@ -265,12 +288,26 @@ def test_restart_resumes_last_committed_version_and_digest_is_kept(tmp_path: obj
 def test_worker_recycling_by_max_requests(tmp_path: object) -> None:
     d = str(tmp_path)
     v1, _ = make_versions(d)
-    models = [{"name": "m", "path": v1, "version": "1", "devices": ["cpu"],
-               "max_requests": 100, "max_requests_jitter": 0.0}]
+    models = [
+        {
+            "name": "m",
+            "path": v1,
+            "version": "1",
+            "devices": ["cpu"],
+            "max_requests": 100,
+            "max_requests_jitter": 0.0,
+        }
+    ]
     with running_pool(d, models) as pool, Load(pool.frontend, "m", 4, check=check_answer) as load:
         first = pool.model("m")["workers"][0]["pid"]
-        wait_for(lambda: pool.model("m")["workers"][0]["pid"] != first
-                 and pool.model("m")["workers"][0]["state"] == "ready", 60, "a recycled worker")
+        wait_for(
+            lambda: (
+                pool.model("m")["workers"][0]["pid"] != first
+                and pool.model("m")["workers"][0]["state"] == "ready"
+            ),
+            60,
+            "a recycled worker",
+        )
         load.wait_ok(50)
         load.stop()
         assert not load.errors
