@@ -220,6 +220,7 @@ class ControlServer:
             reply({"type": "progress", "phase": phase, **info})
 
         def op() -> Operation:
+            t_start = time.monotonic()
             progress("digest", path=path)
             digest = yield from digest_then(sup, path)
             if expect_digest and digest != expect_digest:
@@ -230,6 +231,7 @@ class ControlServer:
             if sup.models[rt.name].failed:
                 sup.clear_failed(rt)  # an upgrade is how an operator recovers a failed model
             up = Upgrade(sup, rt, target, strategy, timeout, action, progress)
+            up.t0 = t_start  # the caller's wait includes hashing the file
             return (yield from up.run())
 
         start_operation(sup, rt, action, op(),

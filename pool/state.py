@@ -65,9 +65,26 @@ class ModelState:
         return out
 
 
+_digest_cache: dict[tuple[str, int, int, int, int], str] = {}
+
+
 def file_digest(path: str) -> str:
+    """sha256 of a file, remembered while its inode, size, mtime and ctime are unchanged.
+
+    ctime cannot be set from user space and changes on every write, so a file rewritten
+    in place (even with its mtime restored, as ``cp -p`` does) is hashed again.
+    """
     with open(path, "rb") as f:
-        return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+        st = os.fstat(f.fileno())
+        key = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        cached = _digest_cache.get(key)
+        if cached is not None:
+            return cached
+        digest = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+    if len(_digest_cache) > 256:
+        _digest_cache.clear()
+    _digest_cache[key] = digest
+    return digest
 
 
 def write_atomic(path: str, data: bytes) -> None:

@@ -261,6 +261,7 @@ class Supervisor:
         rec.timings = {k: float(v) for k, v in timings.items()} if isinstance(timings, dict) else {}
         rec.timings["spawn_to_ready_s"] = now - rec.spawned_at
         rec.rss = int(event.get("rss") or 0)
+        self.sample_memory()  # its footprint now, for auto's next decision
         rt = self.models[rec.model]
         log.info(
             "worker %s ready [pid %s] in %.2fs",
@@ -276,6 +277,12 @@ class Supervisor:
             if rt.failed is None:
                 rt.flap.reset()
             self._commit_start(rt)
+
+    def prune_generations(self, rt: ModelRuntime) -> None:
+        """Forget generations nothing runs any more (call only between operations)."""
+        live = {w.generation for w in rt.workers if w.alive} | {rt.serving_gen}
+        for gen in [g for g in rt.gens if g not in live]:
+            del rt.gens[gen]
 
     def activate(self, rt: ModelRuntime) -> None:
         """Route to every ready worker of the serving generation: one table assignment."""
@@ -368,10 +375,12 @@ class Supervisor:
         rt = self.models.get(rec.model)
         lost = self.router.remove_worker(rec.slot_view.wid, lost=not rec.expected_exit)
         self.by_wid.pop(rec.slot_view.wid, None)
+        if rec.pid is not None:
+            self.by_pid.pop(rec.pid, None)
         rec.to(WorkerState.EXITED)
         if rt is None:
             return
-        rt.workers = [w for w in rt.workers if w.alive or w is rec]
+        rt.workers = [w for w in rt.workers if w.alive]
         if rec.expected_exit:
             log.info(
                 "worker %s [pid %s] retired: %s",

@@ -66,7 +66,8 @@ def choose_strategy(sup: Supervisor, rt: ModelRuntime) -> tuple[str, str]:
     for rec in rt.alive(rt.serving_gen):
         idx = device_index(rec.device)
         if idx is not None:
-            foot = rec.gpu_bytes or rec.ready_gpu_bytes or 0
+            procs = sup.gpu.process_bytes(idx) or {}  # read now: a cached sample can lag
+            foot = procs.get(rec.pid or -1) or max(rec.gpu_bytes or 0, rec.ready_gpu_bytes or 0)
             need[idx] = need.get(idx, 0) + foot
     margin = sup.pool.surge_margin_mb << 20
     for idx, foot in need.items():
@@ -382,6 +383,7 @@ def start_operation(
 
     def finished(result: Any) -> None:
         rt.busy = None
+        sup.prune_generations(rt)
         sup.activate(rt)  # workers that became ready meanwhile join the table
         done(result if isinstance(result, dict) else {"ok": False, "error": str(result)})
 
