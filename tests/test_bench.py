@@ -1,0 +1,70 @@
+"""scripts/bench.py runs end to end on the CPU: the router and big-tensor sections, tiny.
+
+No timing assertions: the figures only have to exist, be finite and positive, and be
+printed next to their references with a ratio.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "scripts" / "bench.py"
+
+
+@pytest.mark.slow
+def test_bench_router_and_big_quick(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(BENCH), "--router", "--big", "--quick", "--workers", "2",
+           "--clients", "1,2", "--seconds", "0.3", "--big-mib", "2", "--json", str(out),
+           "--tmp", str(tmp_path / "work")]
+    env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT, env=env)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-6000:]
+
+    # The machine header, both sections' comparison tables and the summary.
+    assert "cores" in text and "torch" in text
+    for title in ("== router", "-- router", "== big", "-- big", "== summary"):
+        assert title in text, f"{title!r} missing:\n{text[-4000:]}"
+    assert "ratio/diff" in text and "reference (same run)" in text
+
+    data = json.loads(out.read_text())
+    assert data["failed"] == []
+    assert data["machine"]["cpus"] >= 1 and data["machine"]["date"]
+    rows = [r for r in data["rows"] if "rps" in r]
+    names = {(r["section"], r["name"]) for r in rows}
+    assert ("router", "direct REQ->REP (model)") in names
+    assert ("router", "zmq.proxy + 2 REP (model)") in names
+    assert ("router", "pool (2 workers)") in names
+    assert ("big", "pool (1 worker)") in names and ("big", "raw REQ->REP echo") in names
+    assert len(rows) == 2 + 2 + 2 + 2  # direct x2, proxy x2 client counts, pool x2, big x2
+    for r in rows:
+        assert math.isfinite(r["rps"]) and r["rps"] > 0, r
+        assert r["errors"] == 0, r
+        assert r["requests"] >= r["clients"], r
+        assert 0 < r["p50_us"] <= r["p99_us"], r
+
+    comps = data["comparisons"]
+    figures = {(c["section"], c["figure"], c["ref_name"]) for c in comps}
+    assert ("router", "req/s, 2 clients", "zmq.proxy") in figures
+    assert ("router", "p50, 1 client", "direct (model)") in figures
+    assert ("big", "2 MiB each way", "raw REQ->REP") in figures
+    for c in comps:
+        assert math.isfinite(c["result"]) and math.isfinite(c["value"]), c
+        assert c["value"] > 0 and c["ref"] > 0, c
+        # each comparison is printed as one table row with its ratio or difference
+        shown = f"{c['result']:.2f}x" if c["kind"] == "ratio" else f"{c['result']:+.0f} us"
+        assert shown in text, (shown, text[-3000:])
+    # Nothing the bench started outlives it (poold's command line names the work dir).
+    left = [p.info for p in psutil.process_iter(["pid", "cmdline"])
+            if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
+    assert not left, left
