@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import zmq
 
 from router import protocol as p
+from router.frames import NOBLOCK, recv_frames, send_frames
 from router.table import ModelRoute, Request, WorkerSlot
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ class Router:
         now = time.monotonic()
         for _ in range(DRAIN_BATCH):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_frames(sock)
             except zmq.Again:
                 return
             self._accept(frames, now)
@@ -167,7 +168,9 @@ class Router:
             self._reject(model, p.SHUTTING_DOWN)
             self._send_client(
                 envelope,
-                p.error_header(p.SHUTTING_DOWN, "the pool is shutting down", model=model, rid=client_id),
+                p.error_header(
+                    p.SHUTTING_DOWN, "the pool is shutting down", model=model, rid=client_id
+                ),
             )
             return
         if route.unavailable is not None:
@@ -178,7 +181,9 @@ class Router:
             )
             return
         timeout = timeout_ms / 1000.0 if timeout_ms else route.timeout_s
-        req = Request(_pack_key(next(self._keys)), envelope, body[1:], model, client_id, now, now + timeout)
+        req = Request(
+            _pack_key(next(self._keys)), envelope, body[1:], model, client_id, now, now + timeout
+        )
         worker = self._pick(route)
         if worker is not None and not route.queue:
             self._send_worker(worker, req, now)
@@ -233,9 +238,7 @@ class Router:
         worker.inflight[req.key] = req
         self._inflight[req.key] = req
         try:
-            self.backend.send_multipart(
-                [worker.wid, p.KIND_REQUEST, req.key, *req.frames], copy=False
-            )
+            send_frames(self.backend, [worker.wid, p.KIND_REQUEST, req.key, *req.frames])
         except zmq.ZMQError as exc:
             # EHOSTUNREACH (ROUTER_MANDATORY): the worker is gone. Re-route what it held.
             log.warning("worker %s unreachable (%s); re-routing its requests", worker.wid, exc)
@@ -247,7 +250,7 @@ class Router:
         sock = self.backend
         for _ in range(DRAIN_BATCH):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_frames(sock)
             except zmq.Again:
                 return
             if len(frames) < 2:
@@ -330,18 +333,22 @@ class Router:
             req.envelope, p.error_header(code, message, model=req.model, rid=req.client_id)
         )
 
-    def observe_done(self, req: Request, code: str, worker: WorkerSlot | str | None, now: float) -> None:
+    def observe_done(
+        self, req: Request, code: str, worker: WorkerSlot | str | None, now: float
+    ) -> None:
         if self.observe is None:
             return
         version = worker.version if isinstance(worker, WorkerSlot) else ""
         started = req.dispatched or now
-        self.observe(req.model, version, code, started - req.arrived, now - started, now - req.arrived)
+        self.observe(
+            req.model, version, code, started - req.arrived, now - started, now - req.arrived
+        )
 
-    def _send_client(self, envelope: list[Any], header: Any, buffers: list[Any] | None = None) -> None:
+    def _send_client(
+        self, envelope: list[Any], header: Any, buffers: list[Any] | None = None
+    ) -> None:
         try:
-            self.frontend.send_multipart(
-                [*envelope, p.PROTOCOL, header, *(buffers or ())], copy=False, flags=zmq.NOBLOCK
-            )
+            send_frames(self.frontend, [*envelope, p.PROTOCOL, header, *(buffers or ())], NOBLOCK)
         except zmq.ZMQError as exc:
             self.dropped_replies += 1
             log.debug("reply not delivered: %s", exc)
@@ -355,7 +362,7 @@ class Router:
 
     def send_control(self, wid: bytes, message: bytes) -> bool:
         try:
-            self.backend.send_multipart([wid, p.KIND_CONTROL, message], flags=zmq.NOBLOCK)
+            send_frames(self.backend, [wid, p.KIND_CONTROL, message], NOBLOCK)
             return True
         except zmq.ZMQError:
             return False

@@ -12,6 +12,7 @@ import torch
 import zmq
 
 from router import protocol as p
+from router.frames import recv_frames, send_frames
 from workers.batching import batch_key, plan_batches
 from workers.codec import WIRE_DTYPES, decode_inputs, encode_outputs
 from workers.loader import LoadedModel, ModelLoadError, load_model
@@ -25,6 +26,7 @@ from workers.main import (
     send_event,
 )
 from workers.manifest import ManifestError, load_manifest
+from workers.staging import Stager
 from workers.warmup import ValidationError, WarmupError, example_inputs, validate, warm_up
 
 log = logging.getLogger(__name__)
@@ -56,12 +58,12 @@ class Worker:
         self.spec = spec
         self.sock = sock
         self.device = torch.device("cpu")
+        self.stager = Stager(self.device)
         self.model: LoadedModel | None = None
         self.served = 0
         self.stopping = False
         self.last_beat = 0.0
         self.shapes: dict[tuple[Any, ...], int] = {}
-        self.pinned: dict[tuple[Any, ...], torch.Tensor] = {}
         self.batch_sizes: dict[int, int] = {}
 
     # ------------------------------------------------------------------ start-up
@@ -75,6 +77,7 @@ class Worker:
         t0 = time.monotonic()
         if spec.device.startswith("cuda"):
             self.device = torch.device("cuda", 0)
+            self.stager = Stager(self.device)
             torch.cuda.init()
             torch.empty(1, device=self.device)
             torch.cuda.synchronize()
@@ -178,7 +181,7 @@ class Worker:
         """Receive what is waiting, without blocking, until the batch is full."""
         while self.rows(batch) < max_batch:
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_frames(self.sock)
             except zmq.Again:
                 return
             kind = frames[0].bytes
@@ -234,8 +237,9 @@ class Worker:
         assert self.model is not None
         if len(members) == 1:
             return [self.forward_one(members[0].inputs)]
+        self.stager.reset()
         n_inputs = len(members[0].inputs)
-        stacked = [self.stage(torch.cat([m.inputs[i] for m in members])) for i in range(n_inputs)]
+        stacked = [self.stager.stage([m.inputs[i] for m in members]) for i in range(n_inputs)]
         sizes = [m.size for m in members]
         try:
             outputs = self.model.forward(stacked)
@@ -250,25 +254,12 @@ class Worker:
 
     def forward_one(self, inputs: list[torch.Tensor]) -> list[torch.Tensor] | BaseException:
         assert self.model is not None
+        self.stager.reset()
         try:
-            return self.model.forward([self.stage(t) for t in inputs])
+            outputs = self.model.forward([self.stager.stage([t]) for t in inputs])
+            return [o.cpu() for o in outputs]  # also: the staging arena is free again
         except Exception as exc:
             return exc
-
-    def stage(self, t: torch.Tensor) -> torch.Tensor:
-        """Copy an input to the device through a reused pinned host buffer."""
-        if self.device.type != "cuda":
-            return t
-        key = (t.dtype, tuple(t.shape))
-        buf = self.pinned.get(key)
-        if buf is None:
-            if len(self.pinned) > 64:
-                self.pinned.clear()
-            buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            self.pinned[key] = buf
-        buf.copy_(t)
-        # Synchronous on purpose: the pinned buffer is reused by the next request.
-        return buf.to(self.device)
 
     def remember_shapes(self, req: Pending) -> None:
         sig = tuple((WIRE_DTYPES.get(t.dtype, "float32"), list(t.shape)) for t in req.inputs)
@@ -284,14 +275,14 @@ class Worker:
             self.reply_error(req.key, req.header, p.MODEL_ERROR, str(exc))
             return
         self.served += 1
-        self.sock.send_multipart([p.KIND_REQUEST, req.key, b"OK", header, *frames], copy=False)
+        send_frames(self.sock, [p.KIND_REQUEST, req.key, b"OK", header, *frames])
 
     def reply_error(self, key: bytes, header: dict[str, Any], code: str, message: str) -> None:
         self.served += 1
         body = p.error_header(
             code, message, model=self.spec.model, version=self.spec.version, rid=header.get("id")
         )
-        self.sock.send_multipart([p.KIND_REQUEST, key, code.encode(), body])
+        send_frames(self.sock, [p.KIND_REQUEST, key, code.encode(), body])
 
 
 def packb(obj: Any) -> bytes:
