@@ -43,8 +43,13 @@ class CommandError(Exception):
 
 
 class ControlServer:
-    def __init__(self, sock: zmq.Socket[Any], sup: Supervisor, roots: list[str],
-                 on_reload: Callable[[], dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        sock: zmq.Socket[Any],
+        sup: Supervisor,
+        roots: list[str],
+        on_reload: Callable[[], dict[str, Any]],
+    ) -> None:
         self.sock = sock
         self.sup = sup
         self.roots = roots
@@ -75,8 +80,9 @@ class ControlServer:
 
         def reply(msg: dict[str, Any]) -> None:
             try:
-                self.sock.send_multipart([*envelope, CTL_PROTOCOL, msgpack.packb(msg)],
-                                         flags=zmq.NOBLOCK)
+                self.sock.send_multipart(
+                    [*envelope, CTL_PROTOCOL, msgpack.packb(msg)], flags=zmq.NOBLOCK
+                )
             except zmq.ZMQError as exc:
                 log.debug("control reply lost: %s", exc)
 
@@ -89,8 +95,9 @@ class ControlServer:
                 raise CommandError("args must be a map")
             handler = self.commands.get(cmd) if isinstance(cmd, str) else None
             if handler is None:
-                raise CommandError(f"unknown command {str(cmd)[:40]!r}; known: "
-                                   + ", ".join(sorted(self.commands)))
+                raise CommandError(
+                    f"unknown command {str(cmd)[:40]!r}; known: " + ", ".join(sorted(self.commands))
+                )
             handler(args, reply)
         except (CommandError, Refused, PathNotAllowed) as exc:
             reply({"type": "result", "ok": False, "error": str(exc)})
@@ -98,8 +105,13 @@ class ControlServer:
             reply({"type": "result", "ok": False, "error": exc.message})
         except Exception as exc:  # a handler bug must not take the whole daemon down
             log.exception("control request failed: %s", type(exc).__name__)
-            reply({"type": "result", "ok": False,
-                   "error": f"internal error: {type(exc).__name__} (see poold's log)"})
+            reply(
+                {
+                    "type": "result",
+                    "ok": False,
+                    "error": f"internal error: {type(exc).__name__} (see poold's log)",
+                }
+            )
 
     # ------------------------------------------------------------------ helpers
     def model(self, args: dict[str, Any]) -> ModelRuntime:
@@ -129,19 +141,21 @@ class ControlServer:
         models = []
         for rt in self.sup.models.values():
             dep = rt.deployed
-            models.append({
-                "name": rt.name,
-                "status": rt.status(),
-                "version": dep.version if dep else None,
-                "digest": dep.digest if dep else None,
-                "path": dep.path if dep else None,
-                "generation": rt.serving_gen,
-                "devices": list(rt.devices),
-                "queue": len(rt.route.queue),
-                "operation": rt.busy,
-                "failed": rt.failed,
-                "workers": [w.describe() for w in rt.workers if w.alive],
-            })
+            models.append(
+                {
+                    "name": rt.name,
+                    "status": rt.status(),
+                    "version": dep.version if dep else None,
+                    "digest": dep.digest if dep else None,
+                    "path": dep.path if dep else None,
+                    "generation": rt.serving_gen,
+                    "devices": list(rt.devices),
+                    "queue": len(rt.route.queue),
+                    "operation": rt.busy,
+                    "failed": rt.failed,
+                    "workers": [w.describe() for w in rt.workers if w.alive],
+                }
+            )
         return {
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started, 1),
@@ -155,19 +169,32 @@ class ControlServer:
         states = {rt.name: rt.status() for rt in self.sup.models.values()}
         ok = bool(states) and all(s in ("serving", "upgrading") for s in states.values())
         ok = ok and all(
-            any(w.state is WorkerState.READY and w.generation == rt.serving_gen
-                for w in rt.workers)
+            any(w.state is WorkerState.READY and w.generation == rt.serving_gen for w in rt.workers)
             for rt in self.sup.models.values()
         )
-        reply({"type": "result", "ok": ok, "data": {"models": states},
-               "error": "" if ok else "not every model is serving"})
+        reply(
+            {
+                "type": "result",
+                "ok": ok,
+                "data": {"models": states},
+                "error": "" if ok else "not every model is serving",
+            }
+        )
 
     def cmd_history(self, args: dict[str, Any], reply: Reply) -> None:
         """``pool-ctl history MODEL [--json]``: versions run, with outcome and timings."""
         rt = self.model(args)
-        reply({"type": "result", "ok": True,
-               "data": {"model": rt.name, "history": rt.state.history,
-                        "current": rt.deployed.__dict__ if rt.deployed else None}})
+        reply(
+            {
+                "type": "result",
+                "ok": True,
+                "data": {
+                    "model": rt.name,
+                    "history": rt.state.history,
+                    "current": rt.deployed.__dict__ if rt.deployed else None,
+                },
+            }
+        )
 
     def cmd_reload(self, args: dict[str, Any], reply: Reply) -> None:
         """``pool-ctl reload`` (or SIGHUP): re-read the config and apply it."""
@@ -194,20 +221,33 @@ class ControlServer:
         rt = self.model(args)
         to = self.opt(args, "to", str, None)
         current = rt.deployed
-        candidates = [d for d in rt.state.versions()
-                      if current is None or (d.version, d.digest) != (current.version, current.digest)]
+        candidates = [
+            d
+            for d in rt.state.versions()
+            if current is None or (d.version, d.digest) != (current.version, current.digest)
+        ]
         if to is not None:
             candidates = [d for d in candidates if d.version == to]
         if not candidates:
-            raise CommandError(f"no earlier committed version{' ' + repr(to) if to else ''} "
-                               f"of {rt.name!r} to roll back to (see pool-ctl history)")
+            raise CommandError(
+                f"no earlier committed version{' ' + repr(to) if to else ''} "
+                f"of {rt.name!r} to roll back to (see pool-ctl history)"
+            )
         target = candidates[0]
         if not os.path.exists(target.path):
             raise CommandError(f"{target.path} (version {target.version}) no longer exists")
         self._run(rt, "rollback", target.path, target.version, args, reply, target.digest)
 
-    def _run(self, rt: ModelRuntime, action: str, path: str, version: str | None,
-             args: dict[str, Any], reply: Reply, expect_digest: str | None = None) -> None:
+    def _run(
+        self,
+        rt: ModelRuntime,
+        action: str,
+        path: str,
+        version: str | None,
+        args: dict[str, Any],
+        reply: Reply,
+        expect_digest: str | None = None,
+    ) -> None:
         strategy = self.opt(args, "strategy", str, "auto")
         if strategy not in STRATEGIES:
             raise CommandError(f"strategy must be one of {', '.join(STRATEGIES)}")
@@ -224,9 +264,13 @@ class ControlServer:
             progress("digest", path=path)
             digest = yield from digest_then(sup, path)
             if expect_digest and digest != expect_digest:
-                return {"ok": False, "model": rt.name, "outcome": "refused",
-                        "reason": f"{path} changed on disk since version {version} was "
-                                  f"deployed ({digest[:19]} != {expect_digest[:19]})"}
+                return {
+                    "ok": False,
+                    "model": rt.name,
+                    "outcome": "refused",
+                    "reason": f"{path} changed on disk since version {version} was "
+                    f"deployed ({digest[:19]} != {expect_digest[:19]})",
+                }
             target = Deployed(version or digest.split(":")[1][:12], path, digest)
             if sup.models[rt.name].failed:
                 sup.clear_failed(rt)  # an upgrade is how an operator recovers a failed model
@@ -234,7 +278,17 @@ class ControlServer:
             up.t0 = t_start  # the caller's wait includes hashing the file
             return (yield from up.run())
 
-        start_operation(sup, rt, action, op(),
-                        lambda result: reply({"type": "result", "ok": bool(result.get("ok")),
-                                              "data": result,
-                                              "error": result.get("reason") or result.get("error", "")}))
+        start_operation(
+            sup,
+            rt,
+            action,
+            op(),
+            lambda result: reply(
+                {
+                    "type": "result",
+                    "ok": bool(result.get("ok")),
+                    "data": result,
+                    "error": result.get("reason") or result.get("error", ""),
+                }
+            ),
+        )

@@ -94,9 +94,10 @@ def main() -> int:
         stop.set()
         for t in threads:
             t.join()
+        order = [v for i, v in enumerate(seen) if i == 0 or seen[i - 1] != v]
         print(
             f"{len(seen)} requests during the upgrade and rollback, {len(failed)} failed; "
-            f"versions seen in order: {' -> '.join(v for i, v in enumerate(seen) if i == 0 or seen[i - 1] != v)}"
+            f"versions seen in order: {' -> '.join(order)}"
         )
         step("history")
         ctl(env, "history", "demo")

@@ -279,7 +279,8 @@ BAD_POOL = [
     ("frontend = 5555", "pool.frontend: must be a tcp:// or ipc:// endpoint (got 5555)"),
     (
         'metrics = "9400"',
-        "pool.metrics: must be \"\" or HOST:PORT with a port 1..65535 (got '9400')",
+        "pool.metrics: must be \"\" or HOST:PORT with a port 0..65535 (0: any free port) "
+        "(got '9400')",
     ),
     ('metrics = "127.0.0.1:65536"', 'pool.metrics: must be "" or HOST:PORT'),
     ("boot_timeout_s = 0", "pool.boot_timeout_s: must be a number > 0 (got 0.0)"),

@@ -88,9 +88,7 @@ def test_metrics_and_health_endpoints(tmp_path: object) -> None:
                     out.setdefault(s.name, []).append((s.labels, s.value))
             return out
 
-        samples = wait_for(
-            lambda: (s := scrape()) and "gpupool_workers" in s and s, 10, "published gauges"
-        )
+        samples = wait_for(lambda: _ready_workers(scrape()), 10, "a snapshot, both workers ready")
         ok = [
             v
             for lab, v in samples["gpupool_requests_total"]
@@ -125,6 +123,13 @@ def test_metrics_and_health_endpoints(tmp_path: object) -> None:
         assert pool.pool_ctl("health").returncode == 0
     finally:
         pool.stop()
+
+
+def _ready_workers(samples: dict[str, list[tuple[dict[str, str], float]]]) -> object:
+    """The scrape, once the published snapshot shows both workers ready (it is ~1 s old)."""
+    workers = samples.get("gpupool_workers", [])
+    ready = any(lab == {"model": "m", "state": "ready"} and v == 2 for lab, v in workers)
+    return samples if ready else None
 
 
 def test_check_config_reports_every_problem(tmp_path: object) -> None:

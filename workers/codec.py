@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 import torch
@@ -65,10 +65,18 @@ def decode_inputs(header: dict[str, Any], buffers: Sequence[Any]) -> list[torch.
                 f"inputs[{i}]: {dtype_name} {shape} needs {nbytes} bytes, got {view.nbytes}",
             )
         dtype = TORCH_DTYPES[str(dtype_name)]
-        if nbytes == 0:
-            tensors.append(torch.empty(shape, dtype=dtype))
-        else:
-            tensors.append(torch.frombuffer(view.cast("B"), dtype=dtype).reshape(shape))
+        dims = cast(list[int], shape)  # tensor_nbytes checked it: a list of ints
+        try:
+            if nbytes == 0:
+                tensors.append(torch.empty(dims, dtype=dtype))
+            else:
+                tensors.append(torch.frombuffer(view.cast("B"), dtype=dtype).reshape(dims))
+        except (RuntimeError, TypeError, ValueError) as exc:
+            # A second net under tensor_nbytes: torch's own limits on a shape (it raises
+            # TypeError past int64) must answer this request, not kill the worker.
+            why = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+            msg = f"inputs[{i}]: {dtype_name} {shape}: {why}"
+            raise p.ProtocolError(p.BAD_REQUEST, msg) from None
     if next_frame != len(buffers):
         raise p.ProtocolError(
             p.BAD_REQUEST, f"{len(buffers) - next_frame} tensor frames were not referenced"

@@ -215,6 +215,9 @@ class Worker:
         except p.ProtocolError as exc:
             self.reply_error(key, header, exc.code, exc.message)
             return None
+        except Exception as exc:  # whatever the codec missed must not kill the worker
+            self.reply_error(key, header, p.BAD_REQUEST, f"{type(exc).__name__}: {exc}"[:2000])
+            return None
         return Pending(key, header, inputs)
 
     def execute(self, batch: list[Pending]) -> None:
