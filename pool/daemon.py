@@ -98,7 +98,9 @@ class Daemon:
         self.lifeline_r, self.lifeline_w = os.pipe()
         self.rundir = tempfile.mkdtemp(prefix="gpu-pool-")
         backend = f"ipc://{self.rundir}/backend.sock"
-        self.ctx = zmq.Context()
+        # libzmq's I/O threads do the socket copies (large tensors pass through twice: in
+        # from a client, out to a worker), in parallel with the Python loop.
+        self.ctx = zmq.Context(io_threads=max(1, min(4, (os.cpu_count() or 2) // 4)))
         curve = self._curve()
         self.router = Router(
             self.ctx,

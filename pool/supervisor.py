@@ -137,7 +137,9 @@ class Supervisor:
         device = rt.devices[slot]
         wid = f"{rt.name}.g{generation}.s{slot}.w{next(self.wids)}"
         cfg = rt.cfg
-        view = WorkerSlot(wid.encode(), rt.name, generation, dep.version, cfg.max_batch)
+        # Credit of two batches: the next batch is already waiting at the worker while
+        # the current one runs, so the device does not idle between forwards.
+        view = WorkerSlot(wid.encode(), rt.name, generation, dep.version, 2 * cfg.max_batch)
         rec = WorkerRecord(
             wid=wid,
             model=rt.name,
