@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -618,6 +619,12 @@ def main(argv: list[str] | None = None) -> int:
     def emit(s: Sample) -> None:
         print(progress_line(s, args.cycles), file=log, flush=True)
 
+    def interrupted(signum: int, frame: object) -> None:
+        # A SIGTERM (e.g. from `timeout`) ends the run like Ctrl-C does: the cycle loop
+        # stops, its poold is shut down, and what was sampled so far is written.
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)
     t0 = time.monotonic()
     try:
         runner = run_pool if args.mode == "pool" else run_inprocess
