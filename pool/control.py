@@ -25,10 +25,12 @@ import zmq
 
 from pool.config import PathNotAllowed, check_model_path
 from pool.lifecycle import WorkerState
+from pool.operations import digest_then, start_operation
+from pool.runtime import ModelRuntime
 from pool.state import Deployed
-from pool.supervisor import ModelRuntime, Supervisor
+from pool.supervisor import Supervisor
 from pool.tasks import Operation
-from pool.upgrade import Refused, Upgrade, digest_then, start_operation
+from pool.upgrade import Refused, Upgrade
 from router import protocol as p
 
 log = logging.getLogger(__name__)

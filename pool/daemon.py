@@ -6,25 +6,21 @@ handles them in order (TERM/INT: drain and stop, HUP: reload the config, CHLD: r
 
 from __future__ import annotations
 
-import argparse
 import collections
 import ctypes
 import logging
 import os
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from typing import Any
 
 import zmq
 
-from pool.config import Config, ConfigError, ModelConfig, check_config, ipc_path, load_config
+from pool.config import Config, ModelConfig, ipc_path
 from pool.control import ControlServer
 from pool.gpu import Gpu
 from pool.http import serve_http
-from pool.logs import setup_logging
 from pool.metrics import PoolMetrics, PoolSnapshot, WorkerSample
 from pool.reload import apply_reload
 from pool.sdnotify import Notifier, watchdog_interval
@@ -54,23 +50,6 @@ def owner_only_dir(path: str) -> None:
     st = os.stat(path)
     if st.st_mode & 0o077:
         os.chmod(path, 0o700)
-
-
-def demo_config(base: Config, gpu: Gpu) -> Config:
-    """The built-in demo model, generated on first run (in a child: poold never imports torch)."""
-    demo_dir = os.path.join(base.pool.state_dir, "demo")
-    owner_only_dir(demo_dir)
-    subprocess.run([sys.executable, "-m", "workers.demo", demo_dir], check=True)
-    device = "cuda:0" if gpu.count() > 0 else "cpu"
-    model = ModelConfig(
-        name="demo",
-        path=os.path.join(demo_dir, "demo-v1.pt"),
-        version="1",
-        devices=(device,),
-        max_batch=8,
-        max_delay_ms=1.0,
-    )
-    return Config(pool=base.pool, models=(model,), source=base.source)
 
 
 class Daemon:
@@ -402,61 +381,3 @@ class Daemon:
         except OSError:
             pass
         log.info("poold stopped")
-
-
-EPILOG = """\
-examples:
-  poold --demo                       serve the built-in demo model (no config needed)
-  poold --config /etc/gpu-pool/pool.toml
-  poold --check-config pool.toml     report every problem in a config, start nothing
-
-environment: GPU_POOL_<KEY> overrides [pool] keys (e.g. GPU_POOL_FRONTEND=tcp://127.0.0.1:6000).
-"""
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="poold",
-        description="Serve PyTorch models from one-model GPU worker processes.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    ap.add_argument("--config", metavar="FILE", help="TOML config (default: the demo)")
-    ap.add_argument("--demo", action="store_true", help="serve the built-in demo model")
-    ap.add_argument("--check-config", metavar="FILE", help="validate FILE and exit (0 ok, 2 bad)")
-    ap.add_argument("--log-format", choices=("text", "json"), help="overrides pool.log_format")
-    ap.add_argument("--log-level", help="overrides pool.log_level")
-    args = ap.parse_args(argv)
-    if args.check_config:
-        problems = check_config(args.check_config)
-        for problem in problems:
-            print(f"{args.check_config}: {problem}", file=sys.stderr)
-        if not problems:
-            print(f"{args.check_config}: ok")
-        return 2 if problems else 0
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"{args.config}: {problem}", file=sys.stderr)
-        return 2
-    setup_logging(
-        args.log_format or config.pool.log_format, args.log_level or config.pool.log_level
-    )
-    gpu = Gpu()
-    if args.demo or not config.models:
-        config = demo_config(config, gpu)
-    daemon = Daemon(config)
-    try:
-        daemon.setup()
-    except zmq.ZMQError as exc:
-        log.error("cannot bind: %s (is another poold running?)", exc)
-        return 1
-    try:
-        return daemon.run()
-    finally:
-        daemon.close()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,8 +12,9 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from pool.config import ConfigError, load_config
+from pool.operations import start_operation
 from pool.state import Deployed, file_digest
-from pool.upgrade import Refused, Upgrade, start_operation
+from pool.upgrade import Refused, Upgrade
 
 if TYPE_CHECKING:
     from pool.daemon import Daemon

@@ -13,7 +13,6 @@ import os
 import random
 import signal
 import time
-from dataclasses import dataclass, field
 from itertools import count
 from typing import Any
 
@@ -21,12 +20,12 @@ import msgpack
 import psutil
 
 from pool.config import Config, ModelConfig
-from pool.flapping import FlapGuard
 from pool.gpu import Gpu, device_index
 from pool.lifecycle import WorkerRecord, WorkerState, describe_exit
 from pool.metrics import PoolMetrics
+from pool.runtime import ModelRuntime
 from pool.spawn import SpawnerClient
-from pool.state import Deployed, ModelState, StateStore
+from pool.state import Deployed, StateStore
 from pool.tasks import Scheduler
 from router.router import Router
 from router.table import ModelRoute, Request, WorkerSlot
@@ -36,49 +35,6 @@ log = logging.getLogger(__name__)
 
 KILL_GRACE_S = 2.0  # SIGTERM -> SIGKILL
 SAMPLE_EVERY_S = 2.0
-
-
-@dataclass
-class ModelRuntime:
-    cfg: ModelConfig
-    route: ModelRoute
-    state: ModelState
-    devices: tuple[str, ...]
-    gens: dict[int, Deployed] = field(default_factory=dict)
-    serving_gen: int = 0
-    workers: list[WorkerRecord] = field(default_factory=list)
-    busy: str | None = None  # the running operation, if any
-    failed: str | None = None
-    flap: FlapGuard = field(default_factory=FlapGuard)
-    restarts: list[tuple[float, int]] = field(default_factory=list)  # (when, slot)
-    shapes: list[Any] = field(default_factory=list)  # input signatures seen, for warm-up
-    gen_counter: count[int] = field(default_factory=lambda: count(1))
-
-    @property
-    def name(self) -> str:
-        return self.cfg.name
-
-    @property
-    def deployed(self) -> Deployed | None:
-        return self.gens.get(self.serving_gen)
-
-    def alive(self, generation: int | None = None) -> list[WorkerRecord]:
-        return [
-            w
-            for w in self.workers
-            if w.alive and (generation is None or w.generation == generation)
-        ]
-
-    def status(self) -> str:
-        if self.failed:
-            return "failed"
-        if self.busy:
-            return "upgrading"
-        if any(
-            w.state is WorkerState.READY and w.generation == self.serving_gen for w in self.workers
-        ):
-            return "serving"
-        return "starting"
 
 
 class Supervisor:
@@ -508,7 +464,7 @@ class Supervisor:
         ):
             why = f"GPU memory grew {(rec.gpu_bytes - rec.ready_gpu_bytes) >> 20} MiB"
         if why is not None:
-            from pool.upgrade import start_recycle  # the operations module imports us
+            from pool.operations import start_recycle  # that module imports this one
 
             start_recycle(self, rt, rec, why)
 

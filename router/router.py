@@ -1,7 +1,7 @@
 """The router: frontend and backend ROUTER sockets, queues, credit, deadlines.
 
 It never decodes tensor bytes and never imports torch. The event loop that calls it is
-owned by ``pool.daemon``; the router exposes handlers for its two sockets and a
+owned by ``pool.daemon.Daemon``; the router exposes handlers for its two sockets and a
 ``sweep`` for time-driven work (deadlines).
 
 Socket options, chosen on purpose:

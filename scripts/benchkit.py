@@ -227,7 +227,7 @@ class Pool:
 
 def start_pool(procs: Procs, tmp: str, models: list[dict[str, Any]],
                boot_timeout_s: float = 180.0, **pool_opts: Any) -> Pool:
-    """Write a config, start ``python -m pool.daemon`` and wait until every worker is ready."""
+    """Write a config, start ``python -m pool.poold`` and wait until every worker is ready."""
     os.makedirs(tmp, mode=0o700, exist_ok=True)
     opts = {"frontend": f"ipc://{tmp}/front.sock", "control": f"ipc://{tmp}/ctl.sock",
             "state_dir": f"{tmp}/state", "metrics": "", "log_level": "WARNING",
@@ -238,7 +238,7 @@ def start_pool(procs: Procs, tmp: str, models: list[dict[str, Any]],
     config = os.path.join(tmp, "pool.toml")
     with open(config, "w") as f:
         f.write("\n".join(lines) + "\n")
-    proc = procs.start([sys.executable, "-m", "pool.daemon", "--config", config],
+    proc = procs.start([sys.executable, "-m", "pool.poold", "--config", config],
                        name="poold", stdout=False)
     pool = Pool(tmp, opts["frontend"], opts["control"], proc, proc.err_path,  # type: ignore[attr-defined]
                 models)

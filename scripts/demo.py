@@ -49,7 +49,7 @@ def main() -> int:
     step(f"starting poold --demo (state in {home})")
     log = open(os.path.join(home, "poold.log"), "wb")
     daemon = subprocess.Popen(
-        [sys.executable, "-m", "pool.daemon", "--demo"],
+        [sys.executable, "-m", "pool.poold", "--demo"],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,

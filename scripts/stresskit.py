@@ -333,7 +333,7 @@ class PoolProcess:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pool.daemon", "--config", self.config],
+                [sys.executable, "-m", "pool.poold", "--config", self.config],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
 
     def wait_serving(self, ctl: Any, timeout_s: float = 180.0) -> dict[str, Any]:

@@ -147,7 +147,7 @@ def start_pool(
     env.update(env_extra or {})
     log = open(log_path, "ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pool.daemon", "--config", config],
+        [sys.executable, "-m", "pool.poold", "--config", config],
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,

@@ -140,7 +140,7 @@ def test_check_config_reports_every_problem(tmp_path: object) -> None:
         [{"name": "m", "path": os.path.join(d, "missing.pt"), "max_batch": 0}],
     )
     out = subprocess.run(
-        [sys.executable, "-m", "pool.daemon", "--check-config", cfg],
+        [sys.executable, "-m", "pool.poold", "--check-config", cfg],
         capture_output=True,
         text=True,
         timeout=60,
@@ -150,7 +150,7 @@ def test_check_config_reports_every_problem(tmp_path: object) -> None:
         assert key in out.stderr, out.stderr
     good = write_config(os.path.join(d, "good.toml"), {}, [])
     out = subprocess.run(
-        [sys.executable, "-m", "pool.daemon", "--check-config", good],
+        [sys.executable, "-m", "pool.poold", "--check-config", good],
         capture_output=True,
         text=True,
         timeout=60,

@@ -56,7 +56,7 @@ def assert_mlp_answer(client: Client) -> None:
 # ================================================= (a) no public endpoint without CURVE
 def run_poold(config: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "pool.daemon", "--config", config],
+        [sys.executable, "-m", "pool.poold", "--config", config],
         capture_output=True,
         text=True,
         timeout=120,

@@ -1,0 +1,76 @@
+"""Starting operations on a model: one at a time, hashing off the loop, recycling."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Generator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from pool.lifecycle import WorkerRecord
+from pool.runtime import ModelRuntime
+from pool.supervisor import Supervisor
+from pool.tasks import Operation, Wait
+from pool.upgrade import Refused, Upgrade
+
+log = logging.getLogger(__name__)
+
+_digests = ThreadPoolExecutor(max_workers=2, thread_name_prefix="digest")
+
+
+def digest_then(sup: Supervisor, path: str) -> Generator[Wait, bool, str]:
+    """Hash a model file on a thread so a big file never stalls routing."""
+    from pool.state import file_digest
+
+    fut = _digests.submit(file_digest, path)
+    yield Wait(fut.done, 600.0, "digest")
+    return fut.result()
+
+
+def start_operation(
+    sup: Supervisor,
+    rt: ModelRuntime,
+    name: str,
+    op: Operation,
+    done: Callable[[dict[str, Any]], None],
+) -> None:
+    if rt.busy is not None:
+        raise Refused(f"{rt.busy} of model {rt.name!r} is already running; try again when it ends")
+    rt.busy = name
+
+    def finished(result: Any) -> None:
+        rt.busy = None
+        sup.prune_generations(rt)
+        sup.activate(rt)  # workers that became ready meanwhile join the table
+        done(result if isinstance(result, dict) else {"ok": False, "error": str(result)})
+
+    sup.scheduler.start(f"{name}:{rt.name}", op, finished)
+
+
+def start_recycle(sup: Supervisor, rt: ModelRuntime, rec: WorkerRecord, why: str) -> None:
+    """Replace one worker with a fresh one of the same version, through the zero-loss path."""
+    log.info("recycling %s [pid %s]: %s", rec.wid, rec.pid, why, extra={"model": rt.name})
+
+    def op() -> Operation:
+        up = Upgrade(
+            sup,
+            rt,
+            rt.gens[rec.generation],
+            "surge",
+            sup.pool.upgrade_timeout_s,
+            "recycle",
+            lambda *a, **k: None,
+        )
+        new = up.spawn(rec.generation, rec.slot)
+        ok, reason = yield from up.wait_boot([new])
+        if not ok:
+            yield from up.abandon([new])
+            return up.finish(False, reason)
+        sup.activate(rt)
+        yield from up.retire([rec])
+        return up.finish(True, "")
+
+    try:
+        start_operation(sup, rt, "recycle", op(), lambda r: None)
+    except Refused:
+        pass

@@ -1,0 +1,56 @@
+"""One model at run time: its config, route, generations, workers and operation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import count
+from typing import Any
+
+from pool.config import ModelConfig
+from pool.flapping import FlapGuard
+from pool.lifecycle import WorkerRecord, WorkerState
+from pool.state import Deployed, ModelState
+from router.table import ModelRoute
+
+
+@dataclass
+class ModelRuntime:
+    cfg: ModelConfig
+    route: ModelRoute
+    state: ModelState
+    devices: tuple[str, ...]
+    gens: dict[int, Deployed] = field(default_factory=dict)
+    serving_gen: int = 0
+    workers: list[WorkerRecord] = field(default_factory=list)
+    busy: str | None = None  # the running operation, if any
+    failed: str | None = None
+    flap: FlapGuard = field(default_factory=FlapGuard)
+    restarts: list[tuple[float, int]] = field(default_factory=list)  # (when, slot)
+    shapes: list[Any] = field(default_factory=list)  # input signatures seen, for warm-up
+    gen_counter: count[int] = field(default_factory=lambda: count(1))
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    @property
+    def deployed(self) -> Deployed | None:
+        return self.gens.get(self.serving_gen)
+
+    def alive(self, generation: int | None = None) -> list[WorkerRecord]:
+        return [
+            w
+            for w in self.workers
+            if w.alive and (generation is None or w.generation == generation)
+        ]
+
+    def status(self) -> str:
+        if self.failed:
+            return "failed"
+        if self.busy:
+            return "upgrading"
+        if any(
+            w.state is WorkerState.READY and w.generation == self.serving_gen for w in self.workers
+        ):
+            return "serving"
+        return "starting"
