@@ -28,6 +28,7 @@ from pool.spawn import SpawnerClient
 from pool.state import Deployed, StateStore, file_digest
 from pool.supervisor import Supervisor
 from router.router import Router
+from workers.spawner import reaped
 
 log = logging.getLogger("poold")
 
@@ -238,13 +239,7 @@ class Daemon:
 
     def reap(self) -> None:
         """The one reaper for our direct children: the spawner and adopted orphans."""
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, status in reaped():
             if pid != self.spawner.pid:
                 self.sup.on_exited(pid, status)
 

@@ -192,16 +192,6 @@ def run_clients(procs: Procs, tmp: str, endpoint: str, clients: int, load: Load)
 
 
 # ----------------------------------------------------------------------- pool
-def toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return json.dumps(v)  # a JSON string is a valid TOML basic string
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    return repr(v)
-
-
 @dataclass
 class Pool:
     dir: str
@@ -232,12 +222,9 @@ def start_pool(procs: Procs, tmp: str, models: list[dict[str, Any]],
     opts = {"frontend": f"ipc://{tmp}/front.sock", "control": f"ipc://{tmp}/ctl.sock",
             "state_dir": f"{tmp}/state", "metrics": "", "log_level": "WARNING",
             "boot_timeout_s": boot_timeout_s, **pool_opts}
-    lines = ["[pool]"] + [f"{k} = {toml_value(v)}" for k, v in opts.items()]
-    for m in models:
-        lines += ["", "[[models]]"] + [f"{k} = {toml_value(v)}" for k, v in m.items()]
-    config = os.path.join(tmp, "pool.toml")
-    with open(config, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    from pool.tomlwrite import write_config
+
+    config = write_config(os.path.join(tmp, "pool.toml"), opts, models)
     proc = procs.start([sys.executable, "-m", "pool.poold", "--config", config],
                        name="poold", stdout=False)
     pool = Pool(tmp, opts["frontend"], opts["control"], proc, proc.err_path,  # type: ignore[attr-defined]

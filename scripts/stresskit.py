@@ -300,16 +300,6 @@ def output_problem(refs: dict[str, np.ndarray], version: str, out: np.ndarray) -
 
 
 # --------------------------------------------------------------------------- poold
-def _toml(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return json.dumps(v)  # a JSON string is a valid TOML basic string
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(_toml(x) for x in v) + "]"
-    return repr(v)
-
-
 class PoolProcess:
     """A private poold in ``directory``: its own session, ipc sockets and state."""
 
@@ -322,11 +312,9 @@ class PoolProcess:
                 "state_dir": f"{directory}/state", "metrics": "",
                 "heartbeat_interval_s": 0.5, "heartbeat_timeout_s": 30.0,
                 "drain_timeout_s": 10.0, "stop_timeout_s": 5.0}
-        lines = ["[pool]"] + [f"{k} = {_toml(v)}" for k, v in pool.items()]
-        lines += ["", "[[models]]"] + [f"{k} = {_toml(v)}" for k, v in model.items()]
-        self.config = os.path.join(directory, "pool.toml")
-        with open(self.config, "w") as f:
-            f.write("\n".join(lines) + "\n")
+        from pool.tomlwrite import write_config
+
+        self.config = write_config(os.path.join(directory, "pool.toml"), pool, [model])
         self.log_path = os.path.join(directory, "poold.log")
         env = dict(os.environ)
         env.pop("NOTIFY_SOCKET", None)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from pool.ctl.client import ControlClient
+from pool.tomlwrite import write_config  # noqa: F401  tests import it from here
 from router.client import Client
 from router.errors import PoolError
 
@@ -33,25 +34,6 @@ def wait_for(
         if time.monotonic() > end:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
-
-
-def toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    return repr(v)
-
-
-def write_config(path: str, pool: dict[str, Any], models: list[dict[str, Any]]) -> str:
-    lines = ["[pool]"] + [f"{k} = {toml_value(v)}" for k, v in pool.items()]
-    for m in models:
-        lines += ["", "[[models]]"] + [f"{k} = {toml_value(v)}" for k, v in m.items()]
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return path
 
 
 @dataclass

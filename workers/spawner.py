@@ -25,6 +25,7 @@ import signal
 import struct
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import msgpack
@@ -90,7 +91,8 @@ def child_main(spec: dict[str, Any], keep_fds: set[int]) -> None:
             os._exit(code)
 
 
-def reap(out_fd: int) -> None:
+def reaped() -> Iterator[tuple[int, int]]:
+    """(pid, raw wait status) of every child that has exited, without blocking."""
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -98,6 +100,11 @@ def reap(out_fd: int) -> None:
             return
         if pid == 0:
             return
+        yield pid, status
+
+
+def reap(out_fd: int) -> None:
+    for pid, status in reaped():
         write_message(out_fd, {"t": "exited", "pid": pid, "status": status})
 
 
