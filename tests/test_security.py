@@ -507,3 +507,28 @@ def test_the_source_checks_catch_what_they_look_for() -> None:
     )
     assert pickle_problems(good, "good.py") == []
     assert torch_load_problems(good, "good.py") == ([], 1)
+
+
+def test_pool_ctl_reaches_a_curve_control_endpoint_with_key_files(curve: CurvePool) -> None:
+    keys = os.path.join(curve.pool.dir, "keys")
+    base = ["--control", curve.control, "--connect-timeout", "2"]
+    server = ["--curve-server-key", os.path.join(keys, "server", "server.key")]
+    ok = curve.pool.pool_ctl(
+        *base,
+        *server,
+        "--curve-client-key",
+        os.path.join(keys, "client", "client.key_secret"),
+        "status",
+        "--json",
+    )
+    assert ok.returncode == 0, ok.stderr
+    stranger = curve.pool.pool_ctl(
+        *base,
+        *server,
+        "--curve-client-key",
+        os.path.join(keys, "stranger", "stranger.key_secret"),
+        "status",
+    )
+    assert stranger.returncode == 3
+    half = curve.pool.pool_ctl(*base, *server, "status")
+    assert half.returncode == 2 and "go together" in half.stderr

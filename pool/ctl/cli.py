@@ -50,6 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="seconds to wait for poold's first answer (default 5)",
     )
+    ap.add_argument(
+        "--curve-server-key",
+        metavar="FILE",
+        help="poold's public key file, for a tcp:// control endpoint with CURVE",
+    )
+    ap.add_argument(
+        "--curve-client-key",
+        metavar="FILE",
+        help="this client's secret key file (its public key must be authorised)",
+    )
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(name: str, help_: str) -> argparse.ArgumentParser:
@@ -86,10 +96,37 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def curve_keys(
+    server: str | None, client: str | None
+) -> tuple[bytes | None, tuple[bytes, bytes] | None]:
+    """Keys for a CURVE control endpoint, from zmq.auth certificate files."""
+    if not server and not client:
+        return None, None
+    if not (server and client):
+        raise ValueError("--curve-server-key and --curve-client-key go together")
+    import zmq.auth
+
+    server_public, _ = zmq.auth.load_certificate(server)
+    public, secret = zmq.auth.load_certificate(client)
+    if secret is None:
+        raise ValueError(f"{client} holds no secret key (pass the .key_secret file)")
+    return server_public, (public, secret)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     endpoint = args.control or default_control_endpoint()
-    client = ControlClient(endpoint, connect_timeout_s=args.connect_timeout)
+    try:
+        server_key, client_keys = curve_keys(args.curve_server_key, args.curve_client_key)
+    except (OSError, ValueError) as exc:
+        print(f"pool-ctl: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    client = ControlClient(
+        endpoint,
+        connect_timeout_s=args.connect_timeout,
+        server_key=server_key,
+        client_keys=client_keys,
+    )
     cmd: str = args.command
     payload: dict[str, Any] = {}
     if cmd in ("upgrade", "rollback", "history"):
