@@ -121,6 +121,7 @@ class PoolConfig:
     upgrade_timeout_s: float = 600.0
     stop_timeout_s: float = 10.0
     surge_margin_mb: int = 512
+    max_message_mb: int = 1024  # the largest client message libzmq will accept (MAXMSGSIZE)
     curve_secret_key: str | None = None
     curve_authorized_keys: str | None = None
     log_format: str = "text"

@@ -255,6 +255,7 @@ POOL_SPECS: dict[str, FieldSpec] = {
     "upgrade_timeout_s": _TIMEOUT,
     "stop_timeout_s": _TIMEOUT,
     "surge_margin_mb": FieldSpec("int", "an integer >= 0", _nonneg),
+    "max_message_mb": FieldSpec("int", "an integer >= 1", _pos),
     "curve_secret_key": FieldSpec(
         "path", "a key file path", check=secret_key_problem, optional=True
     ),

@@ -88,6 +88,7 @@ class Daemon:
             backend,
             self._events_proxy(),
             request_grace_s=self.pool.request_grace_s,
+            max_message_bytes=self.pool.max_message_mb << 20,
             observe=self.metrics.observe_request,
             curve_secret_key=curve[1] if curve else None,
         )

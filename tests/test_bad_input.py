@@ -78,7 +78,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         "max_batch": 8,
         "threads": 1,
     }
-    with running_pool(d, [model]) as pool:
+    with running_pool(d, [model], max_message_mb=2) as pool:
         pids = {w["pid"] for w in pool.model("mlp")["workers"]}
         assert len(pids) == 2
         with Load(pool.frontend, "mlp", 4, check=Checker(), make_input=make_input) as load:
@@ -434,13 +434,12 @@ def send_until_dropped(endpoint: str, frames: list[Any]) -> list[bytes] | None:
 
 
 def test_frame_over_the_frontend_size_limit(served: Served) -> None:
-    """A frame over the frontend's MAXMSGSIZE (1 GiB, the Router default; poold's config has
-    no key to lower it) cannot be answered: libzmq drops the connection after reading the
-    frame's size, before allocating it. poold stays up, does not grow, and serves."""
+    """A frame over the frontend's MAXMSGSIZE (pool.max_message_mb, 2 MiB in this pool)
+    cannot be answered: libzmq drops the connection after reading the frame's size, before
+    allocating it. poold stays up, does not grow, and serves."""
     proc = psutil.Process(served.pool.proc.pid)
     rss_before = proc.memory_info().rss
-    # np.zeros maps untouched zero pages: the 1 GiB costs this test no real memory.
-    big = np.zeros((1 << 30) + 1, np.uint8)
+    big = np.zeros((2 << 20) + 1, np.uint8)
     reply = send_until_dropped(served.pool.frontend, [b"", p.PROTOCOL, VALID, big])
     del big
     assert reply is None, "an over-size message must not be answered"
