@@ -280,7 +280,7 @@ def test_ten_times_overload_keeps_memory_bounded(tmp_path: object) -> None:
     ]
     with running_pool(d, models) as pool:
         proc = psutil.Process(pool.proc.pid)
-        seconds = float(os.environ.get("GPU_POOL_OVERLOAD_S", "10"))
+        seconds = float(os.environ.get("GPU_POOL_OVERLOAD_S", "30"))  # issue 4 asks for 30 s
         script = os.path.join(os.path.dirname(__file__), "flood.py")
         floods = [
             subprocess.Popen(

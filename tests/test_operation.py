@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -45,6 +46,14 @@ def test_systemd_notify_ready_watchdog_stopping_in_order(tmp_path: object, monke
         assert pool.model("m")["status"] == "serving"
         while sum("WATCHDOG=1" in x for x in seen[ready_at:]) < 2:
             seen.append(sock.recv(4096).decode())
+        # systemctl reload (ExecReload sends SIGHUP): RELOADING=1, then READY=1 again.
+        reload_at = len(seen)
+        pool.proc.send_signal(signal.SIGHUP)
+        while not any(x.startswith("READY=1") for x in seen[reload_at:]):
+            seen.append(sock.recv(4096).decode())
+        reloading = [i for i, x in enumerate(seen) if i >= reload_at and "RELOADING=1" in x]
+        ready_again = [i for i, x in enumerate(seen) if i >= reload_at and x.startswith("READY=1")]
+        assert reloading and reloading[0] < ready_again[0], seen[reload_at:]
         pool.proc.terminate()
         while not any(x.startswith("STOPPING=1") for x in seen):
             seen.append(sock.recv(4096).decode())
