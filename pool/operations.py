@@ -42,6 +42,7 @@ def start_operation(
         rt.busy = None
         sup.prune_generations(rt)
         sup.activate(rt)  # workers that became ready meanwhile join the table
+        sup.refill(rt)  # a serving worker that died during the operation is replaced now
         done(result if isinstance(result, dict) else {"ok": False, "error": str(result)})
 
     sup.scheduler.start(f"{name}:{rt.name}", op, finished)

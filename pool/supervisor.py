@@ -236,6 +236,16 @@ class Supervisor:
                 rt.flap.reset()
             self._commit_start(rt)
 
+    def refill(self, rt: ModelRuntime) -> None:
+        """Schedule a worker for every slot the serving generation has none on."""
+        if rt.failed or rt.serving_gen not in rt.gens:
+            return
+        alive = {w.slot for w in rt.alive(rt.serving_gen)}
+        pending = {slot for _, slot in rt.restarts}
+        for slot in range(len(rt.devices)):
+            if slot not in alive and slot not in pending:
+                self._schedule_restart(rt, slot, "no worker on this slot after an operation")
+
     def prune_generations(self, rt: ModelRuntime) -> None:
         """Forget generations nothing runs any more (call only between operations)."""
         live = {w.generation for w in rt.workers if w.alive} | {rt.serving_gen}

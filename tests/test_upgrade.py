@@ -313,3 +313,33 @@ def test_worker_recycling_by_max_requests(tmp_path: object) -> None:
         assert not load.errors
         wait_for(lambda: gone([first]), 10, "the recycled worker reaped")
         assert pool.model("m")["version"] == "1"
+
+
+def test_worker_that_dies_during_an_operation_is_replaced_after_it(steady_pool: Pool) -> None:
+    pool = steady_pool
+    path = make_factory_model(os.path.join(pool.dir, "models", "slow3"), seed=2, load_sleep_s=60)
+    victim = pool.model("m")["workers"][0]["pid"]
+    result: dict[str, object] = {}
+    t = threading.Thread(
+        target=lambda: result.update(
+            pool.ctl(
+                "upgrade",
+                {"model": "m", "path": path, "strategy": "surge", "timeout_s": 4.0},
+                timeout_s=60,
+            )
+        )
+    )
+    t.start()
+    wait_for(lambda: pool.model("m")["operation"] == "upgrade", 10, "the upgrade to start")
+    os.kill(victim, 9)
+    t.join(60)
+    assert result["ok"] is False  # the slow model missed its deadline
+    wait_for(
+        lambda: (
+            sum(w["state"] == "ready" and w["version"] == "1" for w in pool.model("m")["workers"])
+            == 2
+        ),
+        30,
+        "the slot refilled",
+    )
+    assert victim not in {w["pid"] for w in pool.model("m")["workers"]}
