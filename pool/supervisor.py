@@ -16,9 +16,6 @@ import time
 from itertools import count
 from typing import Any
 
-import msgpack
-import psutil
-
 from pool.config import Config, ModelConfig
 from pool.gpu import Gpu, device_index
 from pool.lifecycle import WorkerRecord, WorkerState, describe_exit
@@ -26,6 +23,7 @@ from pool.metrics import PoolMetrics
 from pool.runtime import ModelRuntime
 from pool.spawn import SpawnerClient
 from pool.state import Deployed, StateStore
+from pool.stopping import WorkerStopping
 from pool.tasks import Scheduler
 from router.router import Router
 from router.table import ModelRoute, Request, WorkerSlot
@@ -33,11 +31,10 @@ from workers.exitcodes import BOOT_FAILURES
 
 log = logging.getLogger(__name__)
 
-KILL_GRACE_S = 2.0  # SIGTERM -> SIGKILL
 SAMPLE_EVERY_S = 2.0
 
 
-class Supervisor:
+class Supervisor(WorkerStopping):
     def __init__(
         self,
         config: Config,
@@ -277,57 +274,6 @@ class Supervisor:
         if rec is not None and rec.alive and rec.stop_stage == 0:
             self.kill(rec, f"hung: no answer {self.pool.request_grace_s:.1f}s past a deadline")
 
-    # ------------------------------------------------------------ stopping
-    def retire(self, rec: WorkerRecord) -> None:
-        """Take a worker out of routing; it is stopped once it holds nothing."""
-        if rec.state in (WorkerState.READY,):
-            self.router.deactivate(rec.slot_view)
-            rec.to(WorkerState.DRAINING)
-            rec.stop_deadline = time.monotonic() + self.pool.drain_timeout_s
-            rec.expected_exit = True
-        elif rec.alive and rec.state is not WorkerState.DRAINING:
-            self.stop(rec)
-
-    def stop(self, rec: WorkerRecord) -> None:
-        """Polite stop, escalating in tick(): control message, SIGTERM, SIGKILL (group)."""
-        if not rec.alive or rec.stop_stage:
-            return
-        rec.expected_exit = True
-        self.router.deactivate(rec.slot_view)
-        rec.to(WorkerState.STOPPING)
-        rec.stop_stage = 1
-        rec.stop_deadline = time.monotonic() + self.pool.stop_timeout_s
-        self.router.send_control(rec.slot_view.wid, msgpack.packb({"t": "stop"}))
-
-    def kill(self, rec: WorkerRecord, why: str) -> None:
-        """A worker that is broken: signal its process group now, re-route its requests."""
-        log.warning(
-            "killing worker %s [pid %s]: %s",
-            rec.wid,
-            rec.pid,
-            why,
-            extra={"model": rec.model, "version": rec.version, "worker_pid": rec.pid},
-        )
-        rec.failure = rec.failure or why
-        self.router.remove_worker(rec.slot_view.wid, lost=True)
-        if rec.state is not WorkerState.STOPPING:
-            rec.to(WorkerState.STOPPING)
-        rec.stop_stage = 2
-        rec.stop_deadline = time.monotonic() + KILL_GRACE_S
-        # SIGABRT: the worker's faulthandler writes every thread's stack to the log first,
-        # which is what an operator needs to see of a hung model. SIGKILL follows.
-        self._signal(rec, signal.SIGABRT)
-
-    def _signal(self, rec: WorkerRecord, sig: int) -> None:
-        if rec.pid is None:
-            return
-        try:
-            os.killpg(rec.pid, sig)  # the worker leads its own session and group
-        except ProcessLookupError:
-            pass
-        except PermissionError as exc:
-            log.error("cannot signal worker %s: %s", rec.pid, exc)
-
     # ------------------------------------------------------------ exits
     def on_exited(self, pid: int, status: int) -> None:
         rec = self.by_pid.pop(pid, None)
@@ -432,30 +378,6 @@ class Supervisor:
             self.sample_memory()
         self.scheduler.poll()
 
-    def _tick_worker(self, rt: ModelRuntime, rec: WorkerRecord, now: float) -> None:
-        state = rec.state
-        if state is WorkerState.DRAINING:
-            if not rec.slot_view.inflight or now >= rec.stop_deadline:
-                self.stop(rec)
-        elif state is WorkerState.STOPPING and now >= rec.stop_deadline:
-            if rec.stop_stage == 1:
-                rec.stop_stage = 2
-                rec.stop_deadline = now + KILL_GRACE_S
-                self._signal(rec, signal.SIGTERM)
-            elif rec.stop_stage == 2:
-                rec.stop_stage = 3
-                rec.stop_deadline = now + KILL_GRACE_S
-                self._signal(rec, signal.SIGKILL)
-            elif rec.pid is None or not psutil.pid_exists(rec.pid):
-                self._exited(rec, None)  # never spawned, or reaped without our hearing of it
-        elif rec.booting:
-            if now - rec.spawned_at > self.pool.boot_timeout_s:
-                rec.failure = f"not ready after {self.pool.boot_timeout_s:.0f}s (boot_timeout_s)"
-                self.kill(rec, rec.failure)
-        elif state is WorkerState.READY:
-            if now - rec.last_heartbeat > self.pool.heartbeat_timeout_s:
-                self.kill(rec, f"hung: no heartbeat for {now - rec.last_heartbeat:.1f}s")
-
     def _check_recycle(self, rec: WorkerRecord) -> None:
         rt = self.models[rec.model]
         if rec.state is not WorkerState.READY or rt.busy is not None or rt.failed:
@@ -492,20 +414,3 @@ class Supervisor:
                 rec.gpu_bytes = procs.get(rec.pid)
                 if rec.state is WorkerState.READY and rec.ready_gpu_bytes is None:
                     rec.ready_gpu_bytes = rec.gpu_bytes
-
-    # ------------------------------------------------------------ shutdown
-    def stop_all(self) -> None:
-        for rt in self.models.values():
-            for rec in rt.alive():
-                if rec.state is WorkerState.READY:
-                    self.retire(rec)
-                else:
-                    self.stop(rec)
-
-    def all_exited(self) -> bool:
-        return not any(rt.alive() for rt in self.models.values())
-
-    def kill_all(self) -> None:
-        for rt in self.models.values():
-            for rec in rt.alive():
-                self._signal(rec, signal.SIGKILL)

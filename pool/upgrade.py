@@ -22,7 +22,8 @@ from pool.gpu import device_index
 from pool.lifecycle import WorkerRecord, WorkerState
 from pool.runtime import ModelRuntime
 from pool.state import Deployed
-from pool.supervisor import KILL_GRACE_S, Supervisor
+from pool.stopping import KILL_GRACE_S
+from pool.supervisor import Supervisor
 from pool.tasks import Operation, Wait
 
 log = logging.getLogger(__name__)

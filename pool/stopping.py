@@ -1,0 +1,130 @@
+"""Taking workers out of service: drain, stop, kill, and the stages between.
+
+Stopping is staged the way gunicorn and circus do it: a polite ``stop`` control
+message, then SIGTERM to the worker's process group, then SIGKILL. A worker judged
+broken (hung, unreachable, past its boot deadline) skips the polite stage and gets
+SIGABRT first, so its faulthandler writes every thread's stack to the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from typing import TYPE_CHECKING
+
+import msgpack
+import psutil
+
+from pool.lifecycle import WorkerRecord, WorkerState
+from pool.runtime import ModelRuntime
+
+if TYPE_CHECKING:
+    from pool.config import PoolConfig
+    from router.router import Router
+
+log = logging.getLogger("pool.supervisor")
+
+KILL_GRACE_S = 2.0  # SIGTERM/SIGABRT -> SIGKILL
+
+
+class WorkerStopping:
+    """The stopping half of the supervisor (mixed into ``pool.supervisor.Supervisor``)."""
+
+    pool: PoolConfig
+    router: Router
+    models: dict[str, ModelRuntime]
+
+    def _exited(self, rec: WorkerRecord, status: int | None) -> None:
+        raise NotImplementedError
+
+    def retire(self, rec: WorkerRecord) -> None:
+        """Take a worker out of routing; it is stopped once it holds nothing."""
+        if rec.state in (WorkerState.READY,):
+            self.router.deactivate(rec.slot_view)
+            rec.to(WorkerState.DRAINING)
+            rec.stop_deadline = time.monotonic() + self.pool.drain_timeout_s
+            rec.expected_exit = True
+        elif rec.alive and rec.state is not WorkerState.DRAINING:
+            self.stop(rec)
+
+    def stop(self, rec: WorkerRecord) -> None:
+        """Polite stop, escalating in tick(): control message, SIGTERM, SIGKILL (group)."""
+        if not rec.alive or rec.stop_stage:
+            return
+        rec.expected_exit = True
+        self.router.deactivate(rec.slot_view)
+        rec.to(WorkerState.STOPPING)
+        rec.stop_stage = 1
+        rec.stop_deadline = time.monotonic() + self.pool.stop_timeout_s
+        self.router.send_control(rec.slot_view.wid, msgpack.packb({"t": "stop"}))
+
+    def kill(self, rec: WorkerRecord, why: str) -> None:
+        """A worker that is broken: signal its process group now, re-route its requests."""
+        log.warning(
+            "killing worker %s [pid %s]: %s",
+            rec.wid,
+            rec.pid,
+            why,
+            extra={"model": rec.model, "version": rec.version, "worker_pid": rec.pid},
+        )
+        rec.failure = rec.failure or why
+        self.router.remove_worker(rec.slot_view.wid, lost=True)
+        if rec.state is not WorkerState.STOPPING:
+            rec.to(WorkerState.STOPPING)
+        rec.stop_stage = 2
+        rec.stop_deadline = time.monotonic() + KILL_GRACE_S
+        # SIGABRT: the worker's faulthandler writes every thread's stack to the log first,
+        # which is what an operator needs to see of a hung model. SIGKILL follows.
+        self._signal(rec, signal.SIGABRT)
+
+    def _signal(self, rec: WorkerRecord, sig: int) -> None:
+        if rec.pid is None:
+            return
+        try:
+            os.killpg(rec.pid, sig)  # the worker leads its own session and group
+        except ProcessLookupError:
+            pass
+        except PermissionError as exc:
+            log.error("cannot signal worker %s: %s", rec.pid, exc)
+
+    def _tick_worker(self, rt: ModelRuntime, rec: WorkerRecord, now: float) -> None:
+        state = rec.state
+        if state is WorkerState.DRAINING:
+            if not rec.slot_view.inflight or now >= rec.stop_deadline:
+                self.stop(rec)
+        elif state is WorkerState.STOPPING and now >= rec.stop_deadline:
+            if rec.stop_stage == 1:
+                rec.stop_stage = 2
+                rec.stop_deadline = now + KILL_GRACE_S
+                self._signal(rec, signal.SIGTERM)
+            elif rec.stop_stage == 2:
+                rec.stop_stage = 3
+                rec.stop_deadline = now + KILL_GRACE_S
+                self._signal(rec, signal.SIGKILL)
+            elif rec.pid is None or not psutil.pid_exists(rec.pid):
+                self._exited(rec, None)  # never spawned, or reaped without our hearing of it
+        elif rec.booting:
+            if now - rec.spawned_at > self.pool.boot_timeout_s:
+                rec.failure = f"not ready after {self.pool.boot_timeout_s:.0f}s (boot_timeout_s)"
+                self.kill(rec, rec.failure)
+        elif state is WorkerState.READY:
+            if now - rec.last_heartbeat > self.pool.heartbeat_timeout_s:
+                self.kill(rec, f"hung: no heartbeat for {now - rec.last_heartbeat:.1f}s")
+
+    def stop_all(self) -> None:
+        for rt in self.models.values():
+            for rec in rt.alive():
+                if rec.state is WorkerState.READY:
+                    self.retire(rec)
+                else:
+                    self.stop(rec)
+
+    def all_exited(self) -> bool:
+        return not any(rt.alive() for rt in self.models.values())
+
+    def kill_all(self) -> None:
+        for rt in self.models.values():
+            for rec in rt.alive():
+                self._signal(rec, signal.SIGKILL)
