@@ -60,13 +60,43 @@ __all__ = [
 
 # 50 us (a local queue hop) up to 60 s (the longest sensible request deadline).
 LATENCY_BUCKETS: tuple[float, ...] = (
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
-    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
 )
 BATCH_BUCKETS: tuple[float, ...] = tuple(float(2**i) for i in range(10))  # 1 .. 512
 # Upgrade phases run from a few ms (switch) to minutes (drain, big loads).
 PHASE_BUCKETS: tuple[float, ...] = (
-    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+    0.01,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
 )
 
 # States in which the model answers requests (an upgrade keeps the old version serving).
@@ -192,11 +222,11 @@ class PoolMetrics:
         h.counts[bisect_left(LATENCY_BUCKETS, total_s)] += 1
         h.sum += total_s
 
-    def observe_batch(self, model: str, size: int) -> None:
-        """Record one batch dispatched to a worker."""
+    def observe_batch(self, model: str, size: int, count: int = 1) -> None:
+        """Record ``count`` forwards of ``size`` rows each (workers report them in bulk)."""
         h = (self._models.get(model) or self._stats(model)).batch
-        h.counts[bisect_left(BATCH_BUCKETS, size)] += 1
-        h.sum += size
+        h.counts[bisect_left(BATCH_BUCKETS, size)] += count
+        h.sum += size * count
 
     # -- lifecycle events (rare) -----------------------------------------------------------
 
@@ -304,14 +334,30 @@ class _PoolCollector:
     def _histograms(self) -> Iterator[Metric]:
         models = list(self._m._models.copy().items())
         specs = (
-            ("gpupool_request_queue_seconds", "Time a request waited in the router queue.",
-             "queue", LATENCY_BUCKETS),
-            ("gpupool_request_compute_seconds", "Time the worker spent on the request's batch.",
-             "compute", LATENCY_BUCKETS),
-            ("gpupool_request_duration_seconds", "Time from request arrival to reply.",
-             "total", LATENCY_BUCKETS),
-            ("gpupool_batch_size", "Requests per batch dispatched to a worker.",
-             "batch", BATCH_BUCKETS),
+            (
+                "gpupool_request_queue_seconds",
+                "Time a request waited in the router queue.",
+                "queue",
+                LATENCY_BUCKETS,
+            ),
+            (
+                "gpupool_request_compute_seconds",
+                "Time the worker spent on the request's batch.",
+                "compute",
+                LATENCY_BUCKETS,
+            ),
+            (
+                "gpupool_request_duration_seconds",
+                "Time from request arrival to reply.",
+                "total",
+                LATENCY_BUCKETS,
+            ),
+            (
+                "gpupool_batch_size",
+                "Requests per batch dispatched to a worker.",
+                "batch",
+                BATCH_BUCKETS,
+            ),
         )
         for name, doc, attr, bounds in specs:
             fam = HistogramMetricFamily(name, doc, labels=["model"])
@@ -345,7 +391,8 @@ class _PoolCollector:
         yield age
 
         depth = GaugeMetricFamily(
-            "gpupool_queue_depth", "Requests waiting in the router for a worker.",
+            "gpupool_queue_depth",
+            "Requests waiting in the router for a worker.",
             labels=["model"],
         )
         for model, n in snap.queue_depth.items():
@@ -353,11 +400,13 @@ class _PoolCollector:
         yield depth
 
         up = GaugeMetricFamily(
-            "gpupool_model_up", "1 when the model answers requests (serving or upgrading).",
+            "gpupool_model_up",
+            "1 when the model answers requests (serving or upgrading).",
             labels=["model"],
         )
         state = GaugeMetricFamily(
-            "gpupool_model_state", "1 for the model's current lifecycle state.",
+            "gpupool_model_state",
+            "1 for the model's current lifecycle state.",
             labels=["model", "state"],
         )
         for model, st in snap.model_state.items():
@@ -384,18 +433,21 @@ class _PoolCollector:
 
         labels = ["model", "version", "device", "pid"]
         gpu = GaugeMetricFamily(
-            "gpupool_worker_gpu_bytes", "Device memory used by the worker process (NVML).",
+            "gpupool_worker_gpu_bytes",
+            "Device memory used by the worker process (NVML).",
             labels=labels,
         )
         rss = GaugeMetricFamily(
             "gpupool_worker_rss_bytes", "Resident memory of the worker process.", labels=labels
         )
         inflight = GaugeMetricFamily(
-            "gpupool_worker_inflight", "Requests the worker is computing or holds.",
+            "gpupool_worker_inflight",
+            "Requests the worker is computing or holds.",
             labels=labels,
         )
         served = CounterMetricFamily(
-            "gpupool_worker_served_total", "Requests the worker has answered (per process).",
+            "gpupool_worker_served_total",
+            "Requests the worker has answered (per process).",
             labels=labels,
         )
         for w in snap.workers:

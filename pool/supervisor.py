@@ -190,13 +190,11 @@ class Supervisor(WorkerStopping):
         elif kind == "hb":
             rec.rss = int(event.get("rss") or 0)
             batches = event.get("batches")
-            if isinstance(batches, list):
-                for pair in batches[:1024]:
-                    if isinstance(pair, list) and len(pair) == 2:
-                        size, n = pair
-                        if isinstance(size, int) and isinstance(n, int) and 0 < n <= 100_000:
-                            for _ in range(n):
-                                self.metrics.observe_batch(rec.model, size)
+            for pair in batches[:1024] if isinstance(batches, list) else ():
+                if isinstance(pair, list) and len(pair) == 2:
+                    size, n = pair
+                    if isinstance(size, int) and isinstance(n, int) and size > 0 and n > 0:
+                        self.metrics.observe_batch(rec.model, size, n)
             shapes = event.get("shapes")
             if isinstance(shapes, list) and shapes:
                 rec.shapes = shapes

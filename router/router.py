@@ -188,7 +188,7 @@ class Router:
         if worker is not None and not route.queue:
             self._send_worker(worker, req, now)
         elif len(route.queue) >= route.max_queue:
-            self.observe_done(req, p.OVERLOADED, "", now)
+            self.observe_done(req, p.OVERLOADED, None, now)
             self._send_client(
                 envelope,
                 p.error_header(
@@ -333,12 +333,10 @@ class Router:
             req.envelope, p.error_header(code, message, model=req.model, rid=req.client_id)
         )
 
-    def observe_done(
-        self, req: Request, code: str, worker: WorkerSlot | str | None, now: float
-    ) -> None:
+    def observe_done(self, req: Request, code: str, worker: WorkerSlot | None, now: float) -> None:
         if self.observe is None:
             return
-        version = worker.version if isinstance(worker, WorkerSlot) else ""
+        version = worker.version if worker is not None else ""
         started = req.dispatched or now
         self.observe(
             req.model, version, code, started - req.arrived, now - started, now - req.arrived

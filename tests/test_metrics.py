@@ -416,3 +416,14 @@ def test_parse_address(address: str, expected: tuple[str, int]) -> None:
 def test_parse_address_rejects(address: str) -> None:
     with pytest.raises(ValueError):
         parse_address(address)
+
+
+def test_batches_reported_in_bulk_count_each_forward() -> None:
+    m = PoolMetrics()
+    m.observe_batch("bulk", 8, 3)
+    m.observe_batch("bulk", 1)
+    _, samples = parse(m.render())
+    assert value(samples, "gpupool_batch_size_count", model="bulk") == 4
+    assert value(samples, "gpupool_batch_size_sum", model="bulk") == 25
+    assert value(samples, "gpupool_batch_size_bucket", model="bulk", le="8.0") == 4
+    assert value(samples, "gpupool_batch_size_bucket", model="bulk", le="4.0") == 1

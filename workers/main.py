@@ -12,7 +12,6 @@ import logging
 import os
 import resource
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,7 +113,3 @@ def rss_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def monotonic() -> float:
-    return time.monotonic()

@@ -7,7 +7,6 @@ import os
 import time
 from typing import Any
 
-import msgpack
 import torch
 import zmq
 
@@ -286,7 +285,3 @@ class Worker:
             code, message, model=self.spec.model, version=self.spec.version, rid=header.get("id")
         )
         send_frames(self.sock, [p.KIND_REQUEST, key, code.encode(), body])
-
-
-def packb(obj: Any) -> bytes:
-    return msgpack.packb(obj)
