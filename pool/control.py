@@ -152,7 +152,7 @@ class ControlServer:
                     "path": dep.path if dep else None,
                     "generation": rt.serving_gen,
                     "devices": list(rt.devices),
-                    "queue": len(rt.route.queue),
+                    "queue": self.sup.router.queue_len(rt.name),
                     "operation": rt.busy,
                     "failed": rt.failed,
                     "workers": [w.describe() for w in rt.workers if w.alive],

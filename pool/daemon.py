@@ -21,7 +21,7 @@ from pool.config import Config, ModelConfig, ipc_path
 from pool.control import ControlServer
 from pool.gpu import Gpu
 from pool.http import serve_http
-from pool.metrics import PoolMetrics, PoolSnapshot, WorkerSample
+from pool.metrics import LATENCY_BUCKETS, PoolMetrics, PoolSnapshot, WorkerSample
 from pool.reload import apply_reload
 from pool.sdnotify import Notifier, watchdog_interval
 from pool.spawn import SpawnerClient
@@ -90,7 +90,10 @@ class Daemon:
             request_grace_s=self.pool.request_grace_s,
             max_message_bytes=self.pool.max_message_mb << 20,
             observe=self.metrics.observe_request,
+            observe_bulk=self.metrics.observe_requests_bulk,
+            latency_bounds=LATENCY_BUCKETS,
             curve_secret_key=curve[1] if curve else None,
+            spin_us=self.pool.spin_us(),
         )
         self.control_sock = self.ctx.socket(zmq.ROUTER)
         self.control_sock.setsockopt(zmq.LINGER, 0)
@@ -160,8 +163,8 @@ class Daemon:
             def on_worker_unreachable(self, wid: bytes) -> None:
                 daemon.sup.on_worker_unreachable(wid)
 
-            def on_worker_overdue(self, slot: Any, request: Any) -> None:
-                daemon.sup.on_worker_overdue(slot, request)
+            def on_worker_overdue(self, slot: Any) -> None:
+                daemon.sup.on_worker_overdue(slot)
 
         return Events()
 
@@ -247,30 +250,31 @@ class Daemon:
     # -------------------------------------------------------------- the loop
     def run(self) -> int:
         wake_r = self.install_signals()
-        poller = zmq.Poller()
-        poller.register(self.router.backend, zmq.POLLIN)
-        poller.register(self.router.frontend, zmq.POLLIN)
-        poller.register(self.control_sock, zmq.POLLIN)
-        poller.register(wake_r, zmq.POLLIN)
         spawner_fd = self.spawner.fileno()
-        if spawner_fd is not None:
-            poller.register(spawner_fd, zmq.POLLIN)
+
+        def wakeups() -> None:
+            # 0: control socket, 1: signal wake-up pipe, 2: the spawner's pipe (if alive)
+            items: list[tuple[zmq.Socket[Any] | None, int]] = [
+                (self.control_sock, 0),
+                (None, wake_r),
+            ]
+            if spawner_fd is not None:
+                items.append((None, spawner_fd))
+            self.router.set_wakeups(items)
+
+        wakeups()
         next_publish = 0.0
         stopping_since: float | None = None
         while True:
             timeout = 10 if self.sup.scheduler.busy() else int(TICK_S * 1000)
-            events = dict(poller.poll(timeout))
-            if self.router.backend in events:
-                self.router.handle_backend()
-            if self.router.frontend in events:
-                self.router.handle_frontend()
-            if self.control_sock in events:
+            self.router.pump(timeout)
+            if self.router.woke(0):
                 self.control.handle()
-            if spawner_fd is not None and spawner_fd in events:
+            if spawner_fd is not None and self.router.woke(2):
                 if not self.spawner.handle_readable():
-                    poller.unregister(spawner_fd)
                     spawner_fd = None
-            if wake_r in events:
+                    wakeups()
+            if self.router.woke(1):
                 try:
                     os.read(wake_r, 4096)
                 except BlockingIOError:
@@ -283,8 +287,7 @@ class Daemon:
                 self.sup.tick(now)
                 if self.running and self.spawner.maybe_restart(now):
                     spawner_fd = self.spawner.fileno()
-                    if spawner_fd is not None:
-                        poller.register(spawner_fd, zmq.POLLIN)
+                    wakeups()
                 self.systemd(now)
             else:
                 self.sup.scheduler.poll()
@@ -329,6 +332,7 @@ class Daemon:
             self.notifier.status(status)
 
     def publish(self) -> None:
+        self.router.flush_stats()
         workers = []
         for rt in self.sup.models.values():
             for w in rt.workers:
@@ -343,14 +347,16 @@ class Daemon:
                             pid=w.pid,
                             gpu_bytes=w.gpu_bytes,
                             rss_bytes=w.rss,
-                            inflight=len(w.slot_view.inflight),
+                            inflight=w.slot_view.load,
                             served=w.slot_view.served,
                         )
                     )
         self.metrics.publish(
             PoolSnapshot(
                 workers=tuple(workers),
-                queue_depth={rt.name: len(rt.route.queue) for rt in self.sup.models.values()},
+                queue_depth={
+                    rt.name: self.router.queue_len(rt.name) for rt in self.sup.models.values()
+                },
                 model_state={rt.name: rt.status() for rt in self.sup.models.values()},
             )
         )

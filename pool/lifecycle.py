@@ -110,7 +110,7 @@ class WorkerRecord:
             "state": self.state.value,
             "version": self.version,
             "generation": self.generation,
-            "inflight": len(self.slot_view.inflight),
+            "inflight": self.slot_view.load,
             "served": self.slot_view.served,
             "gpu_bytes": self.gpu_bytes,
             "rss_bytes": self.rss,

@@ -222,6 +222,28 @@ class PoolMetrics:
         h.counts[bisect_left(LATENCY_BUCKETS, total_s)] += 1
         h.sum += total_s
 
+    def observe_requests_bulk(
+        self,
+        model: str,
+        version: str,
+        counts: dict[str, int],
+        hists: list[list[int]],
+        sums: list[float],
+    ) -> None:
+        """Record requests counted elsewhere (the router's C core): per-code counts plus
+        queue, compute and total bucket counts over LATENCY_BUCKETS, and their sums."""
+        stats = self._models.get(model) or self._stats(model)
+        requests = stats.requests
+        for code, n in counts.items():
+            key = (version, code)
+            requests[key] = requests.get(key, 0) + n
+        for h, counts_, total in zip(
+            (stats.queue, stats.compute, stats.total), hists, sums, strict=True
+        ):
+            for i, n in enumerate(counts_):
+                h.counts[i] += n
+            h.sum += total
+
     def observe_batch(self, model: str, size: int, count: int = 1) -> None:
         """Record ``count`` forwards of ``size`` rows each (workers report them in bulk)."""
         h = (self._models.get(model) or self._stats(model)).batch

@@ -14,6 +14,7 @@ from pool.config import Config, ConfigError, ModelConfig, check_config, load_con
 from pool.daemon import Daemon, owner_only_dir
 from pool.gpu import Gpu
 from pool.logs import setup_logging
+from router.fastlane import FastlaneUnavailable
 
 log = logging.getLogger("poold")
 
@@ -82,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         daemon.setup()
     except zmq.ZMQError as exc:
         log.error("cannot bind: %s (is another poold running?)", exc)
+        return 1
+    except FastlaneUnavailable as exc:
+        log.error("%s", exc)
         return 1
     try:
         return daemon.run()

@@ -44,7 +44,7 @@ def apply_reload(d: Daemon) -> dict[str, Any]:
         if rt is None:
             continue
         d.router.fail_queued(name, "MODEL_UNAVAILABLE", f"model {name!r} was removed")
-        d.router.routes.pop(name, None)
+        d.router.remove_route(name)
         for rec in rt.alive():
             d.sup.retire(rec)
             d.sup.models.setdefault(f"~removed~{name}", rt)  # keep ticking until it exits

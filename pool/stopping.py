@@ -92,7 +92,7 @@ class WorkerStopping:
     def _tick_worker(self, rt: ModelRuntime, rec: WorkerRecord, now: float) -> None:
         state = rec.state
         if state is WorkerState.DRAINING:
-            if not rec.slot_view.inflight or now >= rec.stop_deadline:
+            if not rec.slot_view.load or now >= rec.stop_deadline:
                 self.stop(rec)
         elif state is WorkerState.STOPPING and now >= rec.stop_deadline:
             if rec.stop_stage == 1:

@@ -26,7 +26,7 @@ from pool.state import Deployed, StateStore
 from pool.stopping import WorkerStopping
 from pool.tasks import Scheduler
 from router.router import Router
-from router.table import ModelRoute, Request, WorkerSlot
+from router.table import ModelRoute, WorkerSlot
 from workers.exitcodes import BOOT_FAILURES
 
 log = logging.getLogger(__name__)
@@ -267,7 +267,7 @@ class Supervisor(WorkerStopping):
         if rec is not None and rec.alive and rec.state is not WorkerState.STOPPING:
             self.kill(rec, "unreachable on the backend socket")
 
-    def on_worker_overdue(self, slot: WorkerSlot, request: Request) -> None:
+    def on_worker_overdue(self, slot: WorkerSlot) -> None:
         rec = self.by_wid.get(slot.wid)
         if rec is not None and rec.alive and rec.stop_stage == 0:
             self.kill(rec, f"hung: no answer {self.pool.request_grace_s:.1f}s past a deadline")
@@ -313,6 +313,9 @@ class Supervisor(WorkerStopping):
         )
         code = os.WEXITSTATUS(status) if status is not None and os.WIFEXITED(status) else None
         reason = "boot_failed" if boot or code in BOOT_FAILURES else "crashed"
+        # Say how the process ended, and what we had noticed first if that differs
+        # (a SIGKILLed worker is often seen as unreachable before its exit is reaped).
+        said = how if rec.failure in (None, how) else f"{how} (first seen: {rec.failure})"
         rec.failure = rec.failure or how
         log.error(
             "worker %s [pid %s] of %s v%s %s: %s (%s in flight re-routed)",
@@ -321,7 +324,7 @@ class Supervisor(WorkerStopping):
             rec.model,
             rec.version,
             "failed to start" if boot else "died",
-            rec.failure,
+            said,
             lost,
             extra={"model": rec.model, "version": rec.version, "worker_pid": rec.pid},
         )

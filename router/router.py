@@ -1,13 +1,23 @@
 """The router: frontend and backend ROUTER sockets, queues, credit, deadlines.
 
 It never decodes tensor bytes and never imports torch. The event loop that calls it is
-owned by ``pool.daemon.Daemon``; the router exposes handlers for its two sockets and a
-``sweep`` for time-driven work (deadlines).
+owned by ``pool.daemon.Daemon``: it calls ``pump``, which runs the C core
+(``router/fastlane.c``) until Python has something to do.
+
+Who does what:
+
+* The C core serves every ordinary request from end to end: it reads the client's
+  message, checks the header as strictly as ``router.protocol`` does, picks the least
+  loaded worker with credit, forwards the frames untouched, and sends the reply back.
+  It owns every dispatched request, and counts results per worker for the metrics.
+* Python owns the rest, and everything the core "punts" to it: malformed or unknown
+  requests (answered with the right error), models whose requests must wait (a queue,
+  a failed model, a shutdown), worker events, deadlines, retries after a worker's exit.
 
 Socket options, chosen on purpose:
 
-* ROUTER_MANDATORY on the backend: a send to a worker that vanished raises
-  EHOSTUNREACH instead of dropping the request silently, so we can re-route it.
+* ROUTER_MANDATORY on the backend: a send to a worker that vanished fails instead of
+  dropping the request silently, so we can re-route it.
   Not on the frontend: a client that left cannot be answered anyway.
 * High-water marks are generous (our own per-model queues are the bound that matters and
   they answer OVERLOADED); a ZeroMQ HWM would drop or block without telling anyone.
@@ -18,22 +28,23 @@ Socket options, chosen on purpose:
 from __future__ import annotations
 
 import logging
-import struct
 import time
-from collections.abc import Callable
-from itertools import count
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import zmq
 
+from router import fastlane as fl
 from router import protocol as p
-from router.frames import NOBLOCK, recv_frames, send_frames
-from router.table import ModelRoute, Request, WorkerSlot
+from router.frames import NOBLOCK, send_frames
+from router.table import ModelRoute, WorkerSlot
 
 log = logging.getLogger(__name__)
 
-DRAIN_BATCH = 512  # messages handled per socket per wake-up, so no socket starves another
-_pack_key = struct.Struct("<Q").pack
+# Status strings a worker may put in a reply, counted by the C core per worker.
+STATUS_CODES: tuple[str, ...] = ("OK", *sorted(p.ERROR_CODES))
+# Default histogram bounds (seconds) when the caller gives none.
+DEFAULT_BOUNDS: tuple[float, ...] = (0.001, 0.01, 0.1, 1.0, 10.0)
 
 
 class RouterEvents(Protocol):
@@ -41,10 +52,14 @@ class RouterEvents(Protocol):
 
     def on_worker_event(self, wid: bytes, event: dict[str, Any]) -> None: ...
     def on_worker_unreachable(self, wid: bytes) -> None: ...
-    def on_worker_overdue(self, slot: WorkerSlot, request: Request) -> None: ...
+    def on_worker_overdue(self, slot: WorkerSlot) -> None: ...
 
 
+# One answered request: (model, version, code, queue_s, compute_s, total_s).
 RequestObserver = Callable[[str, str, str, float, float, float], None]
+# Requests the C core answered since the last flush, for one worker:
+# (model, version, {code: count}, [queue, compute, total] bucket counts, their sums).
+BulkObserver = Callable[[str, str, dict[str, int], list[list[int]], list[float]], None]
 
 
 class Router:
@@ -58,17 +73,22 @@ class Router:
         max_message_bytes: int = 1 << 30,
         request_grace_s: float = 5.0,
         observe: RequestObserver | None = None,
+        observe_bulk: BulkObserver | None = None,
+        latency_bounds: Sequence[float] = DEFAULT_BOUNDS,
         curve_secret_key: bytes | None = None,
+        spin_us: int = 0,
     ) -> None:
         self.events = events
         self.request_grace_s = request_grace_s
         self.observe = observe
+        self.observe_bulk = observe_bulk
+        self.spin_us = spin_us
         self.routes: dict[str, ModelRoute] = {}
         self.workers: dict[bytes, WorkerSlot] = {}
         self.accepting = True
-        self._keys = count(1)
-        self._inflight: dict[bytes, Request] = {}
-        self.dropped_replies = 0
+        self._python_dropped = 0
+        self._route_at: dict[int, ModelRoute] = {}
+        self._slot_at: dict[int, WorkerSlot] = {}
 
         self.frontend = ctx.socket(zmq.ROUTER)
         self.frontend.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
@@ -87,25 +107,59 @@ class Router:
         self.backend.setsockopt(zmq.LINGER, 0)
         self.backend.bind(backend)
 
+        self.core = fl.Core(self.frontend, self.backend, STATUS_CODES, latency_bounds)
+
     # ----------------------------------------------------------------- table edits
     def add_route(self, route: ModelRoute) -> None:
+        route.index = self.core.model_add(route.name)
+        route.pushed = ()
         self.routes[route.name] = route
+        self._route_at[route.index] = route
+        self._push(route)
+
+    def remove_route(self, name: str) -> None:
+        route = self.routes.pop(name, None)
+        if route is not None:
+            self.core.model_remove(route.index)
+            self._route_at.pop(route.index, None)
 
     def add_worker(self, slot: WorkerSlot) -> None:
+        route = self.routes[slot.model]
+        slot.index = self.core.worker_add(slot.wid, route.index, slot.credit)
+        slot.core = self.core
         self.workers[slot.wid] = slot
+        self._slot_at[slot.index] = slot
 
     def activate(self, model: str, generation: int, slots: list[WorkerSlot]) -> None:
         """Make ``slots`` the only workers that get new requests for ``model``: one step."""
         route = self.routes[model]
         route.generation = generation
-        route.active = slots
-        self.dispatch(route)
+        route.active = list(slots)
+        self._push(route)
+        self.core.kick(route.index)  # what waited (a drain-first upgrade) goes out now
 
     def deactivate(self, slot: WorkerSlot) -> None:
         """Stop sending new requests to one worker (it keeps what it holds)."""
         route = self.routes.get(slot.model)
         if route is not None and slot in route.active:
             route.active = [s for s in route.active if s is not slot]
+            self._push(route)
+
+    def _push(self, route: ModelRoute) -> None:
+        """Tell the C core what changed about a route (cheap when nothing did)."""
+        state = (
+            tuple(s.index for s in route.active),
+            self.accepting and route.unavailable is None,
+            route.retry,
+            route.timeout_s,
+            route.max_queue,
+        )
+        if state == route.pushed:
+            return
+        if not route.pushed or state[0] != route.pushed[0]:
+            self.core.model_set_active(route.index, state[0])
+        self.core.model_set(route.index, state[1], route.retry, route.timeout_s, route.max_queue)
+        route.pushed = state
 
     def remove_worker(self, wid: bytes, *, lost: bool) -> int:
         """Forget a worker. Its in-flight requests are retried once or answered WORKER_LOST."""
@@ -113,35 +167,66 @@ class Router:
         if slot is None:
             return 0
         self.deactivate(slot)
-        pending = list(slot.inflight.values())
-        slot.inflight.clear()
+        core = self.core
+        held = slot.load
+        why = "the worker exited" if lost else "the worker was stopped"
+        for key in core.worker_drop(slot.index):  # the retryable ones are queued again
+            info = core.info(key)
+            if info is not None:
+                self._answer_key(key, info, p.WORKER_LOST, f"{why} while computing this request")
+            core.forget(key)
+        self._flush_worker(slot)
+        slot.final_served = slot.served
+        slot.core = None
+        core.worker_remove(slot.index)
+        self._slot_at.pop(slot.index, None)
         route = self.routes.get(slot.model)
-        for req in pending:
-            self._inflight.pop(req.key, None)
-            req.worker = None
-            if req.answered:
-                continue
-            if route is not None and route.retry and req.attempts < 2:
-                route.queue.appendleft(req)  # first in line: it has waited longest
-            else:
-                why = "the worker exited" if lost else "the worker was stopped"
-                self._reply_error(req, p.WORKER_LOST, f"{why} while computing this request")
-        if route is not None and pending:
-            self.dispatch(route)
-        return len(pending)
+        if route is not None:
+            core.kick(route.index)
+        return held
+
+    # ------------------------------------------------------------------- the loop
+    def set_wakeups(self, items: Sequence[tuple[zmq.Socket[Any] | None, int]]) -> None:
+        """Other sockets or file descriptors that should end ``pump`` when readable."""
+        self.core.set_extra(items)
+
+    def woke(self, i: int) -> bool:
+        """Whether wake-up item ``i`` was readable when ``pump`` last returned."""
+        return self.core.extra_ready(i)
+
+    def pump(self, timeout_ms: int) -> None:
+        """Serve requests in C until Python has work, or ``timeout_ms`` passes."""
+        for route in self.routes.values():
+            self._push(route)  # the supervisor may have changed a route since last time
+        flags = self.core.run(timeout_ms, self.spin_us)
+        if flags & fl.RUN_ERROR:
+            log.error("router poll failed: %s", zmq.strerror(zmq.zmq_errno()))
+            time.sleep(0.01)  # never spin on a persistent error
+        if flags & fl.RUN_PUNTS:
+            self._handle_punts()
+        if flags & fl.RUN_EXPIRED:
+            self.sweep(time.monotonic())
+
+    def _handle_punts(self) -> None:
+        now = time.monotonic()
+        for kind, index, frames in self.core.punts():
+            if kind == fl.PUNT_FRONTEND:
+                self._accept(frames, now)
+            elif kind == fl.PUNT_BACKEND:
+                self._backend_message(frames)
+            elif kind == fl.PUNT_UNREACHABLE:
+                slot = self._slot_at.get(index)
+                if slot is not None:
+                    self._unreachable(slot)
+
+    def _unreachable(self, slot: WorkerSlot) -> None:
+        # EHOSTUNREACH (ROUTER_MANDATORY): the worker is gone. Re-route what it held.
+        log.warning("worker %s unreachable; re-routing its requests", slot.wid)
+        self.remove_worker(slot.wid, lost=True)
+        self.events.on_worker_unreachable(slot.wid)
 
     # ------------------------------------------------------------------- frontend
-    def handle_frontend(self) -> None:
-        sock = self.frontend
-        now = time.monotonic()
-        for _ in range(DRAIN_BATCH):
-            try:
-                frames = recv_frames(sock)
-            except zmq.Again:
-                return
-            self._accept(frames, now)
-
-    def _accept(self, frames: list[Any], now: float) -> None:
+    def _accept(self, frames: list[bytes], now: float) -> None:
         # Envelope: identity, then the empty delimiter REQ sockets add. A DEALER client
         # that skips the delimiter is served too (its next frame is the protocol id).
         if len(frames) >= 2 and len(frames[1]) == 0:
@@ -151,8 +236,8 @@ class Router:
         try:
             if len(body) < 2:
                 raise p.ProtocolError(p.BAD_REQUEST, "expected protocol id and header frames")
-            p.check_protocol(body[0].bytes)
-            header = p.unpack_map(body[1].buffer)
+            p.check_protocol(body[0])
+            header = p.unpack_map(body[1])
             model, timeout_ms, client_id = p.route_fields(header)
         except p.ProtocolError as exc:
             self._reject("", exc.code)
@@ -181,182 +266,136 @@ class Router:
             )
             return
         timeout = timeout_ms / 1000.0 if timeout_ms else route.timeout_s
-        req = Request(
-            _pack_key(next(self._keys)), envelope, body[1:], model, client_id, now, now + timeout
-        )
-        worker = self._pick(route)
-        if worker is not None and not route.queue:
-            self._send_worker(worker, req, now)
-        elif len(route.queue) >= route.max_queue:
-            self.observe_done(req, p.OVERLOADED, None, now)
+        queued = self.core.queued(route.index)
+        if queued >= route.max_queue and not any(s.load < s.credit for s in route.active):
+            self._observe_python(model, p.OVERLOADED, 0.0)
             self._send_client(
                 envelope,
                 p.error_header(
                     p.OVERLOADED,
-                    f"model {model!r} has {len(route.queue)} requests waiting (max_queue)",
+                    f"model {model!r} has {queued} requests waiting (max_queue)",
                     model=model,
                     rid=client_id,
                 ),
             )
-        else:
-            route.queue.append(req)
-            if worker is not None:
-                self.dispatch(route)
+            return
+        # A header only Python could judge (the C check is stricter): serve it the same way.
+        self.core.enqueue(route.index, envelope, body[1:], now, now + timeout)
+        self.core.kick(route.index)
 
     def _reject(self, model: str, code: str) -> None:
         if self.observe is not None:
             self.observe(model, "", code, 0.0, 0.0, 0.0)
 
-    @staticmethod
-    def _pick(route: ModelRoute) -> WorkerSlot | None:
-        best: WorkerSlot | None = None
-        best_load = 1 << 30
-        for slot in route.active:
-            load = len(slot.inflight)
-            if load < slot.credit and load < best_load:
-                best, best_load = slot, load
-        return best
-
-    def dispatch(self, route: ModelRoute) -> None:
-        """Move queued requests to workers with free credit, oldest first."""
-        queue = route.queue
-        now = time.monotonic()
-        while queue:
-            worker = self._pick(route)
-            if worker is None:
-                return
-            req = queue.popleft()
-            if req.deadline <= now:
-                self._expire(req, now, "waited in the queue past its deadline")
-                continue
-            self._send_worker(worker, req, now)
-
-    def _send_worker(self, worker: WorkerSlot, req: Request, now: float) -> None:
-        req.attempts += 1
-        req.worker = worker
-        req.dispatched = now
-        worker.inflight[req.key] = req
-        self._inflight[req.key] = req
+    def _backend_message(self, frames: list[bytes]) -> None:
+        if len(frames) < 3 or frames[1] != p.KIND_EVENT:
+            return  # a short reply or an unknown kind: nothing to act on
+        wid = frames[0]
         try:
-            send_frames(self.backend, [worker.wid, p.KIND_REQUEST, req.key, *req.frames])
-        except zmq.ZMQError as exc:
-            # EHOSTUNREACH (ROUTER_MANDATORY): the worker is gone. Re-route what it held.
-            log.warning("worker %s unreachable (%s); re-routing its requests", worker.wid, exc)
-            self.remove_worker(worker.wid, lost=True)
-            self.events.on_worker_unreachable(worker.wid)
-
-    # -------------------------------------------------------------------- backend
-    def handle_backend(self) -> None:
-        sock = self.backend
-        for _ in range(DRAIN_BATCH):
-            try:
-                frames = recv_frames(sock)
-            except zmq.Again:
-                return
-            if len(frames) < 2:
-                continue
-            kind = frames[1].bytes
-            if kind == p.KIND_REQUEST and len(frames) >= 5:
-                self._complete(frames)
-            elif kind == p.KIND_EVENT and len(frames) >= 3:
-                wid = frames[0].bytes
-                try:
-                    event = p.unpack_map(frames[2].buffer)
-                except p.ProtocolError:
-                    log.warning("undecodable event from worker %r", wid)
-                    continue
-                self.events.on_worker_event(wid, event)
-
-    def _complete(self, frames: list[Any]) -> None:
-        # frames: wid, b"R", key, status, reply header, *output buffers
-        req = self._inflight.pop(frames[2].bytes, None)
-        if req is None:
-            self.dropped_replies += 1  # answered already (deadline) or its worker was dropped
+            event = p.unpack_map(frames[2])
+        except p.ProtocolError:
+            log.warning("undecodable event from worker %r", wid)
             return
-        worker = req.worker
-        if worker is not None:
-            worker.inflight.pop(req.key, None)
-            worker.served += 1
-        if req.answered:
-            self.dropped_replies += 1  # too late: the client has its DEADLINE_EXCEEDED
-            return
-        now = time.monotonic()
-        self.observe_done(req, frames[3].bytes.decode("ascii", "replace"), worker, now)
-        self._send_client(req.envelope, frames[4], frames[5:])
-        if worker is not None:
-            route = self.routes.get(worker.model)
-            if route is not None and route.queue:
-                self.dispatch(route)
+        self.events.on_worker_event(wid, event)
 
     # ------------------------------------------------------------------ deadlines
     def sweep(self, now: float) -> None:
-        """Expire queued requests past their deadline; report workers past deadline+grace."""
-        for route in self.routes.values():
-            if route.queue and any(r.deadline <= now for r in route.queue):
-                keep = [r for r in route.queue if r.deadline > now]
-                for r in route.queue:
-                    if r.deadline <= now:
-                        self._expire(r, now, "waited in the queue past its deadline")
-                route.queue.clear()
-                route.queue.extend(keep)
-        overdue = []
-        for req in self._inflight.values():
-            if req.deadline > now:
+        """Expire requests past their deadline; report workers past deadline+grace."""
+        expired, overdue = self.core.sweep(now, self.request_grace_s)
+        for key in expired:
+            info = self.core.info(key)
+            if info is None:
                 continue
-            if not req.answered:
-                req.answered = True  # the client gets its answer at the deadline, not later
-                self._expire(req, now, "the model did not answer before the deadline")
-            elif req.deadline + self.request_grace_s <= now:
-                overdue.append(req)
-        for req in overdue:
-            worker = req.worker
-            self._inflight.pop(req.key, None)
-            if worker is not None:
-                worker.inflight.pop(req.key, None)
-                self.events.on_worker_overdue(worker, req)
-
-    def _expire(self, req: Request, now: float, why: str) -> None:
-        self._reply_error(req, p.DEADLINE_EXCEEDED, why, now)
+            if info.worker < 0:  # never reached a worker
+                why = "waited in the queue past its deadline"
+                self._answer_key(key, info, p.DEADLINE_EXCEEDED, why, now)
+                self.core.forget(key)
+            else:
+                # The client gets its answer at the deadline, not later; the worker's late
+                # reply is dropped, and the worker counts as hung if it never sends one.
+                why = "the model did not answer before the deadline"
+                self._answer_key(key, info, p.DEADLINE_EXCEEDED, why, now)
+        for key in overdue:
+            info = self.core.info(key)
+            if info is None:
+                continue
+            slot = self._slot_at.get(info.worker)
+            self.core.forget(key)
+            if slot is not None:
+                self.events.on_worker_overdue(slot)
 
     def fail_queued(self, model: str, code: str, message: str) -> int:
         """Answer every queued request of ``model`` with an error (a model marked failed)."""
         route = self.routes[model]
-        n = len(route.queue)
-        while route.queue:
-            self._reply_error(route.queue.popleft(), code, message)
-        return n
+        keys = self.core.queue_take(route.index)
+        for key in keys:
+            info = self.core.info(key)
+            if info is not None:
+                self._answer_key(key, info, code, message)
+            self.core.forget(key)
+        return len(keys)
 
     # -------------------------------------------------------------------- replies
-    def _reply_error(self, req: Request, code: str, message: str, now: float = 0.0) -> None:
-        self.observe_done(req, code, req.worker, now or time.monotonic())
-        self._send_client(
-            req.envelope, p.error_header(code, message, model=req.model, rid=req.client_id)
-        )
-
-    def observe_done(self, req: Request, code: str, worker: WorkerSlot | None, now: float) -> None:
-        if self.observe is None:
-            return
-        version = worker.version if worker is not None else ""
-        started = req.dispatched or now
-        self.observe(
-            req.model, version, code, started - req.arrived, now - started, now - req.arrived
-        )
-
-    def _send_client(
-        self, envelope: list[Any], header: Any, buffers: list[Any] | None = None
+    def _answer_key(
+        self, key: int, info: fl.ReqInfo, code: str, message: str, now: float = 0.0
     ) -> None:
+        """Answer, with an error, a request the C core holds."""
+        route = self._route_at.get(info.model)
+        slot = self._slot_at.get(info.worker)
+        model = route.name if route is not None else ""
+        _, body = self.core.frames(key, info)
+        rid = _client_id(body[0]) if body else None
+        version = slot.version if slot is not None else ""
+        if not self.core.answer(key, p.error_header(code, message, model=model, rid=rid)):
+            self._python_dropped += 1
+        if self.observe is not None:
+            now = now or time.monotonic()
+            queued = info.dispatched - info.arrived
+            self.observe(model, version, code, queued, now - info.dispatched, now - info.arrived)
+
+    def _observe_python(self, model: str, code: str, waited: float) -> None:
+        if self.observe is not None:
+            self.observe(model, "", code, waited, 0.0, waited)
+
+    def _send_client(self, envelope: list[bytes], header: bytes) -> None:
         try:
-            send_frames(self.frontend, [*envelope, p.PROTOCOL, header, *(buffers or ())], NOBLOCK)
+            send_frames(self.frontend, [*envelope, p.PROTOCOL, header], NOBLOCK)
         except zmq.ZMQError as exc:
-            self.dropped_replies += 1
+            self._python_dropped += 1
             log.debug("reply not delivered: %s", exc)
 
+    # ------------------------------------------------------------------ metrics
+    def flush_stats(self) -> None:
+        """Hand the C core's per-worker request counts to ``observe_bulk``."""
+        for slot in self.workers.values():
+            self._flush_worker(slot)
+
+    def _flush_worker(self, slot: WorkerSlot) -> None:
+        n, codes, hists, sums = self.core.worker_stats(slot.index)
+        if not n or self.observe_bulk is None:
+            return
+        counts: dict[str, int] = {}
+        for i, c in enumerate(codes):
+            if c:
+                code = STATUS_CODES[i] if i < len(STATUS_CODES) else p.INTERNAL
+                counts[code] = counts.get(code, 0) + c
+        self.observe_bulk(slot.model, slot.version, counts, hists, sums)
+
     # ------------------------------------------------------------------ snapshots
+    @property
+    def dropped_replies(self) -> int:
+        """Replies nobody could receive: late after a deadline, or the client had left."""
+        return self._python_dropped + self.core.dropped_replies()
+
     def inflight_count(self) -> int:
-        return len(self._inflight)
+        return self.core.live()
 
     def queued_count(self) -> int:
-        return sum(len(r.queue) for r in self.routes.values())
+        return sum(self.core.queued(r.index) for r in self.routes.values())
+
+    def queue_len(self, model: str) -> int:
+        route = self.routes.get(model)
+        return self.core.queued(route.index) if route is not None else 0
 
     def send_control(self, wid: bytes, message: bytes) -> bool:
         try:
@@ -366,5 +405,14 @@ class Router:
             return False
 
     def close(self) -> None:
+        self.core.close()
         self.frontend.close(linger=1000)
         self.backend.close(linger=0)
+
+
+def _client_id(header: bytes) -> Any:
+    """The request id from a header the C core already checked (for error answers)."""
+    try:
+        return p.unpack_map(header).get("id")
+    except p.ProtocolError:
+        return None

@@ -7,56 +7,13 @@ only reads that decision and keeps the per-request bookkeeping.
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Any
-
-
-class Request:
-    """One client request, from arrival on the frontend until its reply leaves."""
-
-    __slots__ = (
-        "key",
-        "envelope",
-        "frames",
-        "model",
-        "client_id",
-        "arrived",
-        "deadline",
-        "dispatched",
-        "attempts",
-        "worker",
-        "answered",
-    )
-
-    def __init__(
-        self,
-        key: bytes,
-        envelope: list[Any],
-        frames: list[Any],
-        model: str,
-        client_id: Any,
-        arrived: float,
-        deadline: float,
-    ) -> None:
-        self.key = key
-        self.envelope = envelope  # identity frame(s) plus the empty delimiter
-        self.frames = frames  # header frame followed by tensor frames, forwarded untouched
-        self.model = model
-        self.client_id = client_id
-        self.arrived = arrived
-        self.deadline = deadline
-        self.dispatched = 0.0
-        self.attempts = 0
-        self.worker: WorkerSlot | None = None
-        # Answered DEADLINE_EXCEEDED while a worker still holds it: the worker's late
-        # reply is dropped, and the worker counts as hung if it never sends one.
-        self.answered = False
 
 
 class WorkerSlot:
     """The router's view of one worker process."""
 
-    __slots__ = ("wid", "model", "generation", "version", "credit", "inflight", "served")
+    __slots__ = ("wid", "model", "generation", "version", "credit", "index", "core", "final_served")
 
     def __init__(self, wid: bytes, model: str, generation: int, version: str, credit: int) -> None:
         self.wid = wid
@@ -64,8 +21,19 @@ class WorkerSlot:
         self.generation = generation
         self.version = version
         self.credit = max(1, credit)  # how many requests this worker may hold at once
-        self.inflight: dict[bytes, Request] = {}
-        self.served = 0
+        self.index = -1  # its row in the C core, once the router has added it
+        self.core: Any = None
+        self.final_served = 0  # what it had served when the router let it go
+
+    @property
+    def load(self) -> int:
+        """Requests this worker holds now."""
+        return self.core.worker_load(self.index) if self.core is not None else 0
+
+    @property
+    def served(self) -> int:
+        """Replies this worker has sent."""
+        return self.core.worker_served(self.index) if self.core is not None else self.final_served
 
 
 class ModelRoute:
@@ -75,11 +43,12 @@ class ModelRoute:
         "name",
         "generation",
         "active",
-        "queue",
         "max_queue",
         "timeout_s",
         "retry",
         "unavailable",
+        "index",
+        "pushed",
     )
 
     def __init__(self, name: str, max_queue: int, timeout_s: float, retry: bool) -> None:
@@ -88,9 +57,10 @@ class ModelRoute:
         # Workers that receive new requests. The supervisor replaces this list in one
         # assignment when it switches generations, so no dispatch sees a mixture.
         self.active: list[WorkerSlot] = []
-        self.queue: deque[Request] = deque()
         self.max_queue = max_queue
         self.timeout_s = timeout_s
         self.retry = retry
         # A reason to answer MODEL_UNAVAILABLE at once instead of queueing (failed model).
         self.unavailable: str | None = None
+        self.index = -1  # its row in the C core
+        self.pushed: tuple[Any, ...] = ()  # what the C core was last told about this route

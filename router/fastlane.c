@@ -1,0 +1,1137 @@
+/*
+ * fastlane: the router's per-request hot path, run outside the Python interpreter.
+ *
+ * Python (router/router.py) owns every decision that is not per request: the routing
+ * table, queues, deadlines' answers, retries, metrics export. This file owns what
+ * happens millions of times: receive a client request, check its header, pick the
+ * least-loaded worker with credit, forward the frames untouched; receive the worker's
+ * reply, find the client's envelope, forward it back; hold requests in a per-model FIFO
+ * while no worker has credit. Anything unusual (a malformed or unknown request, a model
+ * that is failed or shutting down, a full queue, a worker event) is "punted": kept whole
+ * and handed to Python, which runs the full checks and answers with the right error.
+ * So the C path only ever accepts what the Python path would accept.
+ *
+ * It does not link against libzmq: Python passes the path of the libzmq that pyzmq
+ * already loaded, and we resolve the few functions we call from that same copy, so
+ * socket handles (pyzmq's Socket.underlying) are shared, not duplicated.
+ *
+ * Called only from the event-loop thread; ctypes releases the GIL around each call.
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+/* ---- the libzmq ABI we use (stable since 4.x) ------------------------------------ */
+typedef struct { unsigned char _[64]; } __attribute__((aligned(8))) zmsg_t;
+typedef struct { void *socket; int fd; short events; short revents; } zpoll_t;
+#define Z_DONTWAIT 1
+#define Z_SNDMORE 2
+#define Z_POLLIN 1
+
+static int (*z_msg_init)(zmsg_t *);
+static int (*z_msg_init_size)(zmsg_t *, size_t);
+static int (*z_msg_close)(zmsg_t *);
+static void *(*z_msg_data)(zmsg_t *);
+static size_t (*z_msg_size)(const zmsg_t *);
+static int (*z_msg_more)(const zmsg_t *);
+static int (*z_msg_recv)(zmsg_t *, void *, int);
+static int (*z_msg_send)(zmsg_t *, void *, int);
+static int (*z_msg_copy)(zmsg_t *, zmsg_t *);
+static int (*z_errno)(void);
+static int (*z_poll)(zpoll_t *, int, long);
+
+/* Bumped whenever a signature changes, so a stale build is refused, not misused. */
+int fl_abi(void) { return 2; }
+
+int fl_bind(const char *libzmq_path) {
+    /* RTLD_NOLOAD: only the copy already in this process will do. */
+    void *h = dlopen(libzmq_path, RTLD_NOW | RTLD_NOLOAD);
+    if (!h) return -1;
+#define SYM(var, name) if (!(*(void **)&var = dlsym(h, name))) return -2
+    SYM(z_msg_init, "zmq_msg_init");
+    SYM(z_msg_init_size, "zmq_msg_init_size");
+    SYM(z_msg_close, "zmq_msg_close");
+    SYM(z_msg_data, "zmq_msg_data");
+    SYM(z_msg_size, "zmq_msg_size");
+    SYM(z_msg_more, "zmq_msg_more");
+    SYM(z_msg_recv, "zmq_msg_recv");
+    SYM(z_msg_send, "zmq_msg_send");
+    SYM(z_msg_copy, "zmq_msg_copy");
+    SYM(z_errno, "zmq_errno");
+    SYM(z_poll, "zmq_poll");
+#undef SYM
+    return 0;
+}
+
+/* ---- limits that mirror router/protocol.py ---------------------------------------- */
+#define MAX_HEADER_BYTES (1 << 20)
+#define MAX_ARRAY_LEN 4096
+#define MAX_MAP_LEN 256
+#define MAX_DEPTH 32 /* deeper headers are legal but odd: Python judges them */
+#define MAX_ID_BYTES 256
+#define MAX_MODEL_BYTES 512
+#define MAX_IDENTITY 255
+#define MAX_CODES 32
+#define MAX_BOUNDS 64
+#define DRAIN_BATCH 512
+
+static const char PROTOCOL[] = "gpu-pool/1";
+#define PROTOCOL_LEN (sizeof(PROTOCOL) - 1)
+
+/* ---- records ---------------------------------------------------------------------- */
+typedef struct { zmsg_t *m; int n, cap; } msgvec;
+
+typedef struct {
+    int used, model, credit, load;
+    uint64_t served;
+    unsigned char id[MAX_IDENTITY];
+    size_t idlen;
+    /* per-worker metrics since the last drain: one bucket array per histogram */
+    uint64_t codes[MAX_CODES + 1];
+    uint64_t hist[3][MAX_BOUNDS + 1];
+    double sums[3];
+} worker_t;
+
+typedef struct {
+    int used, open, retry, max_queue;
+    double timeout_s;
+    size_t namelen;
+    char name[MAX_MODEL_BYTES];
+    int *active, nactive, cap;
+    /* the queue: a ring of request keys, oldest first. A request that left the queue
+     * some other way (deadline, failed model) leaves a stale key, skipped when reached. */
+    uint64_t *q;
+    int qhead, qcount, qcap, queued;
+} model_t;
+
+typedef struct {
+    uint32_t gen;
+    int live, answered, attempts, worker, model, next_free;
+    int whole;  /* every body frame kept: the request can be sent again */
+    int queued; /* waiting in its model's queue (worker -1) */
+    double arrived, dispatched, deadline;
+    msgvec env;  /* identity (+ empty delimiter) */
+    msgvec body; /* header + tensor frames kept for a retry; header only without retry */
+} req_t;
+
+typedef struct {
+    int kind; /* FL_PUNT_* */
+    int worker;
+    msgvec frames;
+} punt_t;
+
+enum { FL_PUNT_FRONTEND = 0, FL_PUNT_BACKEND = 1, FL_PUNT_UNREACHABLE = 2 };
+enum {
+    FL_RUN_PUNTS = 1,
+    FL_RUN_EXTRA = 2,
+    FL_RUN_TIMEOUT = 8,
+    FL_RUN_EINTR = 16,
+    FL_RUN_ERROR = 32,
+    FL_RUN_EXPIRED = 64,
+};
+
+typedef struct {
+    void *frontend, *backend;
+    worker_t *workers;
+    int nworkers;
+    model_t *models;
+    int nmodels;
+    req_t **reqs;
+    int nreqs, free_head, live;
+    punt_t *punts;
+    int npunts, punt_cap;
+    int expired;
+    uint64_t dropped_replies;
+    char codes[MAX_CODES][32];
+    size_t codelen[MAX_CODES];
+    int ncodes;
+    double bounds[MAX_BOUNDS];
+    int nbounds;
+    msgvec scratch;
+} core_t;
+
+/* ---- small helpers ------------------------------------------------------------------ */
+static double now_s(void) {
+    struct timespec ts; /* CLOCK_MONOTONIC: the clock behind Python's time.monotonic() */
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static int vec_reserve(msgvec *v, int n) {
+    if (n <= v->cap) return 0;
+    int cap = v->cap ? v->cap : 8;
+    while (cap < n) cap *= 2;
+    zmsg_t *m = realloc(v->m, (size_t)cap * sizeof(zmsg_t));
+    if (!m) return -1;
+    v->m = m;
+    v->cap = cap;
+    return 0;
+}
+
+static void vec_close(msgvec *v) {
+    for (int i = 0; i < v->n; i++) z_msg_close(&v->m[i]);
+    v->n = 0;
+}
+
+static void vec_free(msgvec *v) {
+    vec_close(v);
+    free(v->m);
+    v->m = NULL;
+    v->cap = 0;
+}
+
+/* Receive one whole multipart message into v (emptied first). 1: got one, 0: none. */
+static int recv_message(void *sock, msgvec *v) {
+    vec_close(v);
+    for (;;) {
+        if (vec_reserve(v, v->n + 1)) return -1;
+        zmsg_t *m = &v->m[v->n];
+        z_msg_init(m);
+        if (z_msg_recv(m, sock, v->n ? 0 : Z_DONTWAIT) < 0) {
+            z_msg_close(m);
+            return v->n ? -1 : 0;
+        }
+        v->n++;
+        if (!z_msg_more(m)) return 1;
+    }
+}
+
+static inline unsigned char *mdata(zmsg_t *m) { return (unsigned char *)z_msg_data(m); }
+static inline size_t msize(zmsg_t *m) { return z_msg_size(m); }
+
+static int send_bytes(void *sock, const void *data, size_t n, int flags) {
+    zmsg_t m;
+    if (z_msg_init_size(&m, n)) return -1;
+    if (n) memcpy(z_msg_data(&m), data, n);
+    if (z_msg_send(&m, sock, flags) < 0) {
+        z_msg_close(&m);
+        return -1;
+    }
+    return 0;
+}
+
+/* Send a frame and keep ours: zmq_msg_copy shares the buffer of large messages. */
+static int send_copy(void *sock, zmsg_t *src, int flags) {
+    zmsg_t m;
+    z_msg_init(&m);
+    if (z_msg_copy(&m, src)) {
+        z_msg_close(&m);
+        return -1;
+    }
+    if (z_msg_send(&m, sock, flags) < 0) {
+        z_msg_close(&m);
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- the header check: a strict msgpack walk --------------------------------------- */
+/* Accept exactly what msgpack.unpackb(raw=False, strict_map_key=True, limits as in
+ * router/protocol.py) accepts, or say "punt"; never accept what Python would reject. */
+typedef struct {
+    const unsigned char *p, *end;
+    int bad;
+} rd_t;
+
+static int utf8_ok(const unsigned char *s, size_t n) {
+    size_t i = 0;
+    while (i < n) {
+        unsigned c = s[i];
+        if (c < 0x80) { i++; continue; }
+        size_t len;
+        unsigned cp;
+        if (c >= 0xC2 && c <= 0xDF) { len = 2; cp = c & 0x1F; }
+        else if (c >= 0xE0 && c <= 0xEF) { len = 3; cp = c & 0x0F; }
+        else if (c >= 0xF0 && c <= 0xF4) { len = 4; cp = c & 0x07; }
+        else return 0;
+        if (i + len > n) return 0;
+        for (size_t k = 1; k < len; k++) {
+            if ((s[i + k] & 0xC0) != 0x80) return 0;
+            cp = (cp << 6) | (s[i + k] & 0x3F);
+        }
+        if ((len == 3 && cp < 0x800) || (len == 4 && (cp < 0x10000 || cp > 0x10FFFF))) return 0;
+        if (cp >= 0xD800 && cp <= 0xDFFF) return 0; /* Python's codec refuses surrogates */
+        i += len;
+    }
+    return 1;
+}
+
+static uint64_t rd_be(rd_t *r, int n) {
+    if (r->end - r->p < n) { r->bad = 1; return 0; }
+    uint64_t v = 0;
+    for (int i = 0; i < n; i++) v = (v << 8) | r->p[i];
+    r->p += n;
+    return v;
+}
+
+enum { T_NIL, T_BOOL, T_UINT, T_INT, T_FLOAT, T_STR, T_BIN, T_ARRAY, T_MAP };
+
+typedef struct {
+    int type;
+    uint64_t u; /* uint value, or length of str/bin/array/map */
+    int64_t i;
+    const unsigned char *s; /* str/bin bytes */
+} tok_t;
+
+/* Read one token's head (containers: only their length). */
+static int rd_tok(rd_t *r, tok_t *t) {
+    if (r->p >= r->end) return -1;
+    unsigned c = *r->p++;
+    t->s = NULL;
+    if (c <= 0x7f) { t->type = T_UINT; t->u = c; return 0; }
+    if (c >= 0xe0) { t->type = T_INT; t->i = (int8_t)c; return 0; }
+    if (c >= 0x80 && c <= 0x8f) { t->type = T_MAP; t->u = c & 0x0f; return 0; }
+    if (c >= 0x90 && c <= 0x9f) { t->type = T_ARRAY; t->u = c & 0x0f; return 0; }
+    size_t n = 0;
+    switch (c) {
+    case 0xc0: t->type = T_NIL; return 0;
+    case 0xc2: case 0xc3: t->type = T_BOOL; t->u = c & 1; return 0;
+    case 0xca: t->type = T_FLOAT; rd_be(r, 4); return r->bad ? -1 : 0;
+    case 0xcb: t->type = T_FLOAT; rd_be(r, 8); return r->bad ? -1 : 0;
+    case 0xcc: t->type = T_UINT; t->u = rd_be(r, 1); return r->bad ? -1 : 0;
+    case 0xcd: t->type = T_UINT; t->u = rd_be(r, 2); return r->bad ? -1 : 0;
+    case 0xce: t->type = T_UINT; t->u = rd_be(r, 4); return r->bad ? -1 : 0;
+    case 0xcf: t->type = T_UINT; t->u = rd_be(r, 8); return r->bad ? -1 : 0;
+    case 0xd0: t->type = T_INT; t->i = (int8_t)rd_be(r, 1); return r->bad ? -1 : 0;
+    case 0xd1: t->type = T_INT; t->i = (int16_t)rd_be(r, 2); return r->bad ? -1 : 0;
+    case 0xd2: t->type = T_INT; t->i = (int32_t)rd_be(r, 4); return r->bad ? -1 : 0;
+    case 0xd3: t->type = T_INT; t->i = (int64_t)rd_be(r, 8); return r->bad ? -1 : 0;
+    case 0xd9: t->type = T_STR; n = rd_be(r, 1); break;
+    case 0xda: t->type = T_STR; n = rd_be(r, 2); break;
+    case 0xdb: t->type = T_STR; n = rd_be(r, 4); break;
+    case 0xc4: t->type = T_BIN; n = rd_be(r, 1); break;
+    case 0xc5: t->type = T_BIN; n = rd_be(r, 2); break;
+    case 0xc6: t->type = T_BIN; n = rd_be(r, 4); break;
+    case 0xdc: t->type = T_ARRAY; t->u = rd_be(r, 2); return r->bad ? -1 : 0;
+    case 0xdd: t->type = T_ARRAY; t->u = rd_be(r, 4); return r->bad ? -1 : 0;
+    case 0xde: t->type = T_MAP; t->u = rd_be(r, 2); return r->bad ? -1 : 0;
+    case 0xdf: t->type = T_MAP; t->u = rd_be(r, 4); return r->bad ? -1 : 0;
+    default:
+        if (c >= 0xa0 && c <= 0xbf) { t->type = T_STR; n = c & 0x1f; break; }
+        return -1; /* 0xc1, ext types (refused by max_ext_len=0) */
+    }
+    if (r->bad || (size_t)(r->end - r->p) < n) return -1;
+    t->s = r->p;
+    t->u = n;
+    r->p += n;
+    if (t->type == T_STR && !utf8_ok(t->s, n)) return -1;
+    return 0;
+}
+
+/* Skip one whole value (its head already read into t). */
+static int rd_skip_rest(rd_t *r, const tok_t *t, int depth) {
+    if (t->type == T_ARRAY || t->type == T_MAP) {
+        if (depth >= MAX_DEPTH) return -1;
+        if (t->type == T_ARRAY && t->u > MAX_ARRAY_LEN) return -1;
+        if (t->type == T_MAP && t->u > MAX_MAP_LEN) return -1;
+        uint64_t items = t->type == T_MAP ? 2 * t->u : t->u;
+        for (uint64_t k = 0; k < items; k++) {
+            tok_t c;
+            if (rd_tok(r, &c)) return -1;
+            /* strict_map_key: a key must be str or bytes */
+            if (t->type == T_MAP && !(k & 1) && c.type != T_STR && c.type != T_BIN) return -1;
+            if (rd_skip_rest(r, &c, depth + 1)) return -1;
+        }
+    }
+    return 0;
+}
+
+typedef struct {
+    const unsigned char *model;
+    size_t model_len;
+    int has_timeout;
+    uint64_t timeout_ms;
+    int has_inputs;
+} route_t;
+
+static int key_is(const tok_t *k, const char *name) {
+    size_t n = strlen(name);
+    return k->type == T_STR && k->u == n && memcmp(k->s, name, n) == 0;
+}
+
+/* 0: routable, fields filled. -1: punt to Python. */
+static int parse_header(const unsigned char *p, size_t n, route_t *out) {
+    if (n > MAX_HEADER_BYTES || n == 0) return -1;
+    rd_t r = {p, p + n, 0};
+    tok_t m;
+    if (rd_tok(&r, &m) || m.type != T_MAP || m.u > MAX_MAP_LEN) return -1;
+    memset(out, 0, sizeof(*out));
+    /* duplicates: the last one wins, as in the Python dict */
+    for (uint64_t i = 0; i < m.u; i++) {
+        tok_t k, v;
+        if (rd_tok(&r, &k)) return -1;
+        if (k.type != T_STR && k.type != T_BIN) return -1;
+        if (rd_tok(&r, &v)) return -1;
+        if (key_is(&k, "model")) {
+            if (v.type != T_STR || v.u == 0 || v.u > MAX_MODEL_BYTES) return -1;
+            out->model = v.s;
+            out->model_len = v.u;
+        } else if (key_is(&k, "timeout_ms")) {
+            if (v.type == T_NIL) out->has_timeout = 0;
+            else if (v.type == T_UINT && v.u > 0) { out->has_timeout = 1; out->timeout_ms = v.u; }
+            else return -1;
+        } else if (key_is(&k, "id")) {
+            if (v.type == T_STR || v.type == T_BIN) { if (v.u > MAX_ID_BYTES) return -1; }
+            else if (v.type != T_NIL && v.type != T_UINT && v.type != T_INT) return -1;
+        } else if (key_is(&k, "inputs")) {
+            out->has_inputs = v.type == T_ARRAY;
+            if (!out->has_inputs) return -1;
+        }
+        if (rd_skip_rest(&r, &v, 1)) return -1;
+    }
+    if (r.p != r.end) return -1; /* trailing bytes: unpackb raises ExtraData */
+    return out->model && out->has_inputs ? 0 : -1;
+}
+
+/* ---- lifetime ------------------------------------------------------------------------ */
+core_t *fl_new(void *frontend, void *backend) {
+    if (!z_msg_recv) return NULL;
+    core_t *c = calloc(1, sizeof(core_t));
+    if (!c) return NULL;
+    c->frontend = frontend;
+    c->backend = backend;
+    c->free_head = -1;
+    return c;
+}
+
+static void req_release(core_t *c, int idx);
+
+void fl_free(core_t *c) {
+    if (!c) return;
+    for (int i = 0; i < c->nreqs; i++) {
+        if (c->reqs[i]->live) req_release(c, i);
+        vec_free(&c->reqs[i]->env);
+        vec_free(&c->reqs[i]->body);
+        free(c->reqs[i]);
+    }
+    free(c->reqs);
+    for (int i = 0; i < c->npunts; i++) vec_free(&c->punts[i].frames);
+    free(c->punts);
+    for (int i = 0; i < c->nmodels; i++) {
+        free(c->models[i].active);
+        free(c->models[i].q);
+    }
+    free(c->models);
+    free(c->workers);
+    vec_free(&c->scratch);
+    free(c);
+}
+
+int fl_add_code(core_t *c, const char *code, size_t n) {
+    if (c->ncodes >= MAX_CODES || n >= sizeof(c->codes[0])) return -1;
+    memcpy(c->codes[c->ncodes], code, n);
+    c->codelen[c->ncodes] = n;
+    return c->ncodes++;
+}
+
+int fl_set_bounds(core_t *c, const double *bounds, int n) {
+    if (n > MAX_BOUNDS) return -1;
+    memcpy(c->bounds, bounds, (size_t)n * sizeof(double));
+    c->nbounds = n;
+    return 0;
+}
+
+/* ---- table edits (Python decides, we apply) ----------------------------------------- */
+int fl_model_add(core_t *c, const char *name, size_t n) {
+    if (n == 0 || n > MAX_MODEL_BYTES) return -1;
+    int idx = -1;
+    for (int i = 0; i < c->nmodels; i++)
+        if (!c->models[i].used) { idx = i; break; }
+    if (idx < 0) {
+        model_t *m = realloc(c->models, (size_t)(c->nmodels + 1) * sizeof(model_t));
+        if (!m) return -1;
+        c->models = m;
+        idx = c->nmodels++;
+        memset(&c->models[idx], 0, sizeof(model_t));
+    }
+    model_t *m = &c->models[idx];
+    free(m->active);
+    free(m->q);
+    memset(m, 0, sizeof(*m));
+    m->used = 1;
+    memcpy(m->name, name, n);
+    m->namelen = n;
+    return idx;
+}
+
+void fl_model_remove(core_t *c, int idx) {
+    if (idx < 0 || idx >= c->nmodels) return;
+    c->models[idx].used = 0;
+    c->models[idx].open = 0;
+    c->models[idx].nactive = 0;
+}
+
+/* open: we may take new requests ourselves (the pool accepts, the model is not failed). */
+void fl_model_set(core_t *c, int idx, int open, int retry, double timeout_s, int max_queue) {
+    model_t *m = &c->models[idx];
+    m->open = open;
+    m->retry = retry;
+    m->timeout_s = timeout_s;
+    m->max_queue = max_queue;
+}
+
+int fl_model_set_active(core_t *c, int idx, const int *workers, int n) {
+    model_t *m = &c->models[idx];
+    if (n > m->cap) {
+        int *a = realloc(m->active, (size_t)n * sizeof(int));
+        if (!a) return -1;
+        m->active = a;
+        m->cap = n;
+    }
+    if (n) memcpy(m->active, workers, (size_t)n * sizeof(int));
+    m->nactive = n;
+    return 0;
+}
+
+int fl_worker_add(core_t *c, const void *id, size_t n, int model, int credit) {
+    if (n == 0 || n > MAX_IDENTITY) return -1;
+    int idx = -1;
+    for (int i = 0; i < c->nworkers; i++)
+        if (!c->workers[i].used) { idx = i; break; }
+    if (idx < 0) {
+        worker_t *w = realloc(c->workers, (size_t)(c->nworkers + 1) * sizeof(worker_t));
+        if (!w) return -1;
+        c->workers = w;
+        idx = c->nworkers++;
+    }
+    worker_t *w = &c->workers[idx];
+    memset(w, 0, sizeof(*w));
+    w->used = 1;
+    w->model = model;
+    w->credit = credit < 1 ? 1 : credit;
+    memcpy(w->id, id, n);
+    w->idlen = n;
+    return idx;
+}
+
+/* The caller has taken or forgotten every request the worker held. */
+void fl_worker_remove(core_t *c, int idx) {
+    if (idx >= 0 && idx < c->nworkers) c->workers[idx].used = 0;
+}
+
+int fl_worker_load(core_t *c, int idx) { return c->workers[idx].load; }
+uint64_t fl_worker_served(core_t *c, int idx) { return c->workers[idx].served; }
+
+/* Copy out and reset one worker's request counters since the last call.
+ * codes: ncodes+1 counts (last: statuses we do not know); hist: 3 x (nbounds+1);
+ * sums: 3 (queue wait, compute, total seconds). Returns the number of requests. */
+uint64_t fl_worker_stats(core_t *c, int idx, uint64_t *codes, uint64_t *hist, double *sums) {
+    worker_t *w = &c->workers[idx];
+    uint64_t total = 0;
+    for (int i = 0; i <= c->ncodes; i++) {
+        codes[i] = i == c->ncodes ? w->codes[MAX_CODES] : w->codes[i];
+        total += codes[i];
+    }
+    for (int h = 0; h < 3; h++) {
+        memcpy(hist + h * (c->nbounds + 1), w->hist[h], (size_t)(c->nbounds + 1) * sizeof(uint64_t));
+        sums[h] = w->sums[h];
+    }
+    memset(w->codes, 0, sizeof(w->codes));
+    memset(w->hist, 0, sizeof(w->hist));
+    memset(w->sums, 0, sizeof(w->sums));
+    return total;
+}
+
+/* ---- requests in flight ---------------------------------------------------------- */
+static req_t *req_get(core_t *c, uint64_t key, int *idx_out) {
+    uint32_t idx = (uint32_t)(key & 0xffffffffu);
+    if (idx >= (uint32_t)c->nreqs) return NULL;
+    req_t *r = c->reqs[idx];
+    if (!r->live || r->gen != (uint32_t)(key >> 32)) return NULL;
+    if (idx_out) *idx_out = (int)idx;
+    return r;
+}
+
+static uint64_t req_key(core_t *c, int idx) {
+    return ((uint64_t)c->reqs[idx]->gen << 32) | (uint32_t)idx;
+}
+
+static int req_alloc(core_t *c) {
+    int idx = c->free_head;
+    if (idx >= 0) {
+        c->free_head = c->reqs[idx]->next_free;
+    } else {
+        req_t **a = realloc(c->reqs, (size_t)(c->nreqs + 1) * sizeof(req_t *));
+        if (!a) return -1;
+        c->reqs = a;
+        req_t *r = calloc(1, sizeof(req_t));
+        if (!r) return -1;
+        idx = c->nreqs++;
+        c->reqs[idx] = r;
+    }
+    req_t *r = c->reqs[idx];
+    r->gen++;
+    r->live = 1;
+    r->answered = 0;
+    r->attempts = 0;
+    r->queued = 0;
+    r->whole = 0;
+    r->worker = -1;
+    c->live++;
+    return idx;
+}
+
+/* Free a request: its frames, its hold on the worker's credit. */
+static void req_release(core_t *c, int idx) {
+    req_t *r = c->reqs[idx];
+    if (!r->live) return;
+    vec_close(&r->env);
+    vec_close(&r->body);
+    if (r->queued) {
+        c->models[r->model].queued--; /* its key in the ring is stale from now on */
+        r->queued = 0;
+    } else if (r->worker >= 0 && r->worker < c->nworkers && c->workers[r->worker].used) {
+        worker_t *w = &c->workers[r->worker];
+        if (w->load > 0) w->load--;
+    }
+    r->live = 0;
+    r->next_free = c->free_head;
+    c->free_head = idx;
+    c->live--;
+}
+
+int fl_live(core_t *c) { return c->live; }
+uint64_t fl_dropped_replies(core_t *c) { return c->dropped_replies; }
+
+static int pick_worker(core_t *c, model_t *m) {
+    int best = -1, best_load = 1 << 30;
+    for (int i = 0; i < m->nactive; i++) {
+        worker_t *w = &c->workers[m->active[i]];
+        if (w->load < w->credit && w->load < best_load) {
+            best = m->active[i];
+            best_load = w->load;
+        }
+    }
+    return best;
+}
+
+/* Send [worker id, "R", key, body...] to the backend. The first frame failing means the
+ * worker is gone (ROUTER_MANDATORY) or full; nothing was sent then. */
+static int send_to_worker(core_t *c, int widx, uint64_t key, msgvec *body, int keep) {
+    worker_t *w = &c->workers[widx];
+    if (send_bytes(c->backend, w->id, w->idlen, Z_SNDMORE | Z_DONTWAIT)) return -1;
+    unsigned char k[8];
+    for (int i = 0; i < 8; i++) k[i] = (unsigned char)(key >> (8 * i)); /* little-endian */
+    send_bytes(c->backend, "R", 1, Z_SNDMORE);
+    send_bytes(c->backend, k, 8, Z_SNDMORE);
+    for (int i = 0; i < body->n; i++) {
+        int flags = i + 1 < body->n ? Z_SNDMORE : 0;
+        /* keep: header always (for error answers), tensors only when retries are on */
+        if (i < keep) send_copy(c->backend, &body->m[i], flags);
+        else z_msg_send(&body->m[i], c->backend, flags);
+    }
+    return 0;
+}
+
+static void punt(core_t *c, int kind, int worker, msgvec *frames) {
+    if (c->npunts == c->punt_cap) {
+        int cap = c->punt_cap ? 2 * c->punt_cap : 16;
+        punt_t *p = realloc(c->punts, (size_t)cap * sizeof(punt_t));
+        if (!p) { vec_close(frames); return; }
+        c->punts = p;
+        c->punt_cap = cap;
+    }
+    punt_t *p = &c->punts[c->npunts++];
+    p->kind = kind;
+    p->worker = worker;
+    p->frames = *frames; /* take the frames; the caller's vector starts empty */
+    frames->m = NULL;
+    frames->n = frames->cap = 0;
+}
+
+static void punt_notice(core_t *c, int kind, int worker) {
+    msgvec none = {NULL, 0, 0};
+    punt(c, kind, worker, &none);
+}
+
+int fl_punt_count(core_t *c) { return c->npunts; }
+int fl_punt_kind(core_t *c, int i) { return c->punts[i].kind; }
+int fl_punt_worker(core_t *c, int i) { return c->punts[i].worker; }
+int fl_punt_nframes(core_t *c, int i) { return c->punts[i].frames.n; }
+
+size_t fl_punt_frame(core_t *c, int i, int j, const unsigned char **data) {
+    zmsg_t *m = &c->punts[i].frames.m[j];
+    *data = mdata(m);
+    return msize(m);
+}
+
+void fl_punt_clear(core_t *c) {
+    for (int i = 0; i < c->npunts; i++) vec_free(&c->punts[i].frames);
+    c->npunts = 0;
+}
+
+/* ---- queues ------------------------------------------------------------------------ */
+static int ring_push(model_t *m, uint64_t key, int front) {
+    if (m->qcount == m->qcap) {
+        int cap = m->qcap ? 2 * m->qcap : 64;
+        uint64_t *q = malloc((size_t)cap * sizeof(uint64_t));
+        if (!q) return -1;
+        for (int i = 0; i < m->qcount; i++) q[i] = m->q[(m->qhead + i) % m->qcap];
+        free(m->q);
+        m->q = q;
+        m->qcap = cap;
+        m->qhead = 0;
+    }
+    if (front) {
+        m->qhead = (m->qhead + m->qcap - 1) % m->qcap;
+        m->q[m->qhead] = key;
+    } else {
+        m->q[(m->qhead + m->qcount) % m->qcap] = key;
+    }
+    m->qcount++;
+    return 0;
+}
+
+static void enqueue(core_t *c, int idx, int front) {
+    req_t *r = c->reqs[idx];
+    model_t *m = &c->models[r->model];
+    if (ring_push(m, req_key(c, idx), front)) {
+        r->deadline = 0.0; /* no memory to queue it: let the sweep answer it now */
+        c->expired = 1;
+        return;
+    }
+    r->queued = 1;
+    r->worker = -1;
+    m->queued++;
+}
+
+/* Drop stale keys when they outnumber the live ones, so the ring stays bounded. */
+static void ring_compact(core_t *c, model_t *m) {
+    if (m->qcount <= 64 || m->qcount <= 2 * m->queued) return;
+    int n = 0;
+    for (int i = 0; i < m->qcount; i++) {
+        uint64_t key = m->q[(m->qhead + i) % m->qcap];
+        req_t *r = req_get(c, key, NULL);
+        if (r && r->queued) m->q[(m->qhead + n++) % m->qcap] = key;
+    }
+    m->qcount = n;
+}
+
+static int send_to_worker(core_t *c, int widx, uint64_t key, msgvec *body, int keep);
+static void punt_notice(core_t *c, int kind, int worker);
+static int pick_worker(core_t *c, model_t *m);
+
+/* Send queued requests, oldest first, while workers have credit. */
+static void dispatch_queue(core_t *c, int mi, double now) {
+    model_t *m = &c->models[mi];
+    while (m->qcount) {
+        uint64_t key = m->q[m->qhead];
+        int idx;
+        req_t *r = req_get(c, key, &idx);
+        if (!r || !r->queued) { /* stale */
+            m->qhead = (m->qhead + 1) % m->qcap;
+            m->qcount--;
+            continue;
+        }
+        int wi = pick_worker(c, m);
+        if (wi < 0) break;
+        m->qhead = (m->qhead + 1) % m->qcap;
+        m->qcount--;
+        m->queued--;
+        r->queued = 0;
+        if (r->deadline <= now) { /* waited too long: the sweep answers it */
+            r->worker = -1;
+            c->expired = 1;
+            continue;
+        }
+        int keep = m->retry ? r->body.n : 1;
+        if (send_to_worker(c, wi, key, &r->body, keep)) {
+            ring_push(m, key, 1); /* back in front; Python drops the worker */
+            r->queued = 1;
+            m->queued++;
+            punt_notice(c, FL_PUNT_UNREACHABLE, wi);
+            break;
+        }
+        for (int i = keep; i < r->body.n; i++) z_msg_close(&r->body.m[i]);
+        r->whole = keep == r->body.n;
+        r->body.n = keep;
+        r->worker = wi;
+        r->attempts++;
+        r->dispatched = now;
+        c->workers[wi].load++;
+    }
+    ring_compact(c, m);
+}
+
+void fl_kick(core_t *c, int mi) { dispatch_queue(c, mi, now_s()); }
+int fl_queued(core_t *c, int mi) { return c->models[mi].queued; }
+
+/* Take every queued request of a model out of its queue (the model failed); returns
+ * their keys; Python answers each and forgets it. */
+int fl_queue_take(core_t *c, int mi, uint64_t *keys, int max) {
+    model_t *m = &c->models[mi];
+    int n = 0;
+    while (m->qcount && n < max) {
+        uint64_t key = m->q[m->qhead];
+        m->qhead = (m->qhead + 1) % m->qcap;
+        m->qcount--;
+        req_t *r = req_get(c, key, NULL);
+        if (!r || !r->queued) continue;
+        r->queued = 0;
+        m->queued--;
+        keys[n++] = key;
+    }
+    return n;
+}
+
+/* ---- the frontend fast path ------------------------------------------------------ */
+static int find_model(core_t *c, const unsigned char *name, size_t n) {
+    for (int i = 0; i < c->nmodels; i++) {
+        model_t *m = &c->models[i];
+        if (m->used && m->namelen == n && memcmp(m->name, name, n) == 0) return i;
+    }
+    return -1;
+}
+
+/* Try to dispatch one client message. 0: done (sent), -1: punt it whole. */
+static int accept_request(core_t *c, msgvec *v, double now) {
+    int nenv = v->n >= 2 && msize(&v->m[1]) == 0 ? 2 : 1;
+    if (v->n - nenv < 2) return -1;
+    zmsg_t *proto = &v->m[nenv];
+    if (msize(proto) != PROTOCOL_LEN || memcmp(mdata(proto), PROTOCOL, PROTOCOL_LEN)) return -1;
+    route_t rt;
+    zmsg_t *hdr = &v->m[nenv + 1];
+    if (parse_header(mdata(hdr), msize(hdr), &rt)) return -1;
+    int mi = find_model(c, rt.model, rt.model_len);
+    if (mi < 0 || !c->models[mi].open) return -1;
+    model_t *m = &c->models[mi];
+    int wi = m->queued ? -1 : pick_worker(c, m);
+    if (wi < 0 && m->queued >= m->max_queue) return -1; /* Python answers OVERLOADED */
+
+    int idx = req_alloc(c);
+    if (idx < 0) return -1;
+    req_t *r = c->reqs[idx];
+    uint64_t key = req_key(c, idx);
+    double deadline = now + (rt.has_timeout ? (double)rt.timeout_ms / 1000.0 : m->timeout_s);
+    if (wi < 0) { /* no credit anywhere: wait in line, every frame kept */
+        if (vec_reserve(&r->env, nenv) || vec_reserve(&r->body, v->n - nenv - 1)) {
+            req_release(c, idx);
+            return -1;
+        }
+        for (int i = 0; i < nenv; i++) r->env.m[i] = v->m[i];
+        r->env.n = nenv;
+        for (int i = nenv + 1; i < v->n; i++) r->body.m[r->body.n++] = v->m[i];
+        z_msg_close(proto);
+        v->n = 0;
+        r->model = mi;
+        r->arrived = now;
+        r->dispatched = now;
+        r->deadline = deadline;
+        r->whole = 1;
+        enqueue(c, idx, 0);
+        return 0;
+    }
+    /* the envelope stays with us; the body (header onwards) goes to the worker */
+    msgvec body = {v->m + nenv + 1, v->n - nenv - 1, 0};
+    int keep = m->retry ? body.n : 1;
+    if (send_to_worker(c, wi, key, &body, keep)) {
+        r->worker = -1;
+        req_release(c, idx);
+        punt_notice(c, FL_PUNT_UNREACHABLE, wi);
+        return -1; /* Python drops the worker, then re-routes this request */
+    }
+    if (vec_reserve(&r->env, nenv) || vec_reserve(&r->body, keep)) {
+        /* out of memory after sending: the reply will be dropped; better than a crash */
+        r->worker = wi;
+        r->model = mi;
+        c->workers[wi].load++;
+        r->deadline = now;
+        return 0;
+    }
+    for (int i = 0; i < nenv; i++) r->env.m[i] = v->m[i]; /* moved: zmq_msg_t relocates */
+    r->env.n = nenv;
+    for (int i = 0; i < keep; i++) r->body.m[i] = body.m[i];
+    r->body.n = keep;
+    r->whole = keep == body.n;
+    /* the frames sent or moved above are no longer ours; close only the proto frame */
+    z_msg_close(proto);
+    v->n = 0;
+    r->worker = wi;
+    r->model = mi;
+    r->attempts = 1;
+    r->arrived = now;
+    r->dispatched = now;
+    r->deadline = deadline;
+    c->workers[wi].load++;
+    return 0;
+}
+
+static int drain_frontend(core_t *c, double now) {
+    int handled = 0;
+    for (; handled < DRAIN_BATCH; handled++) {
+        int got = recv_message(c->frontend, &c->scratch);
+        if (got <= 0) break;
+        if (accept_request(c, &c->scratch, now)) punt(c, FL_PUNT_FRONTEND, -1, &c->scratch);
+    }
+    return handled;
+}
+
+/* ---- the backend fast path ------------------------------------------------------- */
+static int code_index(core_t *c, zmsg_t *m) {
+    size_t n = msize(m);
+    const unsigned char *s = mdata(m);
+    for (int i = 0; i < c->ncodes; i++)
+        if (c->codelen[i] == n && memcmp(c->codes[i], s, n) == 0) return i;
+    return MAX_CODES;
+}
+
+static int bucket(core_t *c, double v) {
+    int lo = 0, hi = c->nbounds; /* bisect_left: a value equal to a bound goes in its bucket */
+    while (lo < hi) {
+        int mid = (lo + hi) / 2;
+        if (c->bounds[mid] < v) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo;
+}
+
+static void record(core_t *c, worker_t *w, int code, double queue, double compute, double total) {
+    w->codes[code]++;
+    double v[3] = {queue, compute, total};
+    for (int h = 0; h < 3; h++) {
+        w->hist[h][bucket(c, v[h])]++;
+        w->sums[h] += v[h];
+    }
+}
+
+static void complete(core_t *c, msgvec *v, double now) {
+    /* wid, "R", key, status, reply header, *outputs */
+    if (msize(&v->m[2]) != 8) { c->dropped_replies++; return; }
+    const unsigned char *k = mdata(&v->m[2]);
+    uint64_t key = 0;
+    for (int i = 7; i >= 0; i--) key = (key << 8) | k[i];
+    int idx;
+    req_t *r = req_get(c, key, &idx);
+    if (!r) { c->dropped_replies++; return; } /* answered and forgotten, or its worker dropped */
+    if (r->worker >= 0 && c->workers[r->worker].used) {
+        worker_t *w = &c->workers[r->worker];
+        w->served++;
+        if (!r->answered) {
+            int code = code_index(c, &v->m[3]);
+            record(c, w, code, r->dispatched - r->arrived, now - r->dispatched, now - r->arrived);
+        }
+    }
+    if (r->answered) { /* the client already has its DEADLINE_EXCEEDED */
+        c->dropped_replies++;
+        int mi = r->model;
+        req_release(c, idx);
+        if (c->models[mi].queued) dispatch_queue(c, mi, now);
+        return;
+    }
+    int ok = 1;
+    for (int i = 0; i < r->env.n && ok; i++)
+        ok = send_copy(c->frontend, &r->env.m[i], Z_SNDMORE | Z_DONTWAIT) == 0;
+    if (ok) ok = send_bytes(c->frontend, PROTOCOL, PROTOCOL_LEN, Z_SNDMORE | Z_DONTWAIT) == 0;
+    for (int i = 4; i < v->n && ok; i++) {
+        int flags = (i + 1 < v->n ? Z_SNDMORE : 0) | Z_DONTWAIT;
+        ok = z_msg_send(&v->m[i], c->frontend, flags) >= 0;
+        if (ok) z_msg_init(&v->m[i]); /* sent: leave a closable empty message behind */
+    }
+    if (!ok) c->dropped_replies++; /* the client left; nobody to answer */
+    int mi = r->model;
+    req_release(c, idx);
+    if (c->models[mi].queued) dispatch_queue(c, mi, now);
+}
+
+static int drain_backend(core_t *c, double now) {
+    int handled = 0;
+    for (; handled < DRAIN_BATCH; handled++) {
+        int got = recv_message(c->backend, &c->scratch);
+        if (got <= 0) break;
+        msgvec *v = &c->scratch;
+        if (v->n >= 5 && msize(&v->m[1]) == 1 && mdata(&v->m[1])[0] == 'R') complete(c, v, now);
+        else punt(c, FL_PUNT_BACKEND, -1, v); /* events, and anything Python should judge */
+    }
+    return handled;
+}
+
+/* ---- the loop ----------------------------------------------------------------------- */
+/* Serve until Python has something to do: punted messages, an extra item readable,
+ * credit freed for a model with a queue, or timeout_ms elapsed. While traffic flows,
+ * keep polling without sleeping for spin_us: a sleeping thread takes tens of
+ * microseconds to wake, which is most of a small request's round trip. */
+int fl_run(core_t *c, zpoll_t *extra, int nextra, long timeout_ms, long spin_us) {
+    zpoll_t items[16];
+    if (nextra > 14) return FL_RUN_ERROR;
+    items[0] = (zpoll_t){c->frontend, 0, Z_POLLIN, 0};
+    items[1] = (zpoll_t){c->backend, 0, Z_POLLIN, 0};
+    for (int i = 0; i < nextra; i++) items[2 + i] = extra[i];
+    double start = now_s(), deadline = start + (double)timeout_ms / 1000.0;
+    double busy_until = 0.0;
+    for (;;) {
+        double now = now_s();
+        long wait;
+        if (now < busy_until) wait = 0;
+        else {
+            wait = (long)((deadline - now) * 1000.0 + 0.999);
+            if (wait < 0) wait = 0;
+        }
+        for (int i = 0; i < 2 + nextra; i++) items[i].revents = 0;
+        int rc = z_poll(items, 2 + nextra, wait);
+        if (rc < 0) return z_errno() == EINTR ? FL_RUN_EINTR : FL_RUN_ERROR;
+        int flags = 0, handled = 0;
+        now = now_s();
+        if (items[1].revents & Z_POLLIN) handled += drain_backend(c, now);
+        if (items[0].revents & Z_POLLIN) handled += drain_frontend(c, now);
+        for (int i = 0; i < nextra; i++) {
+            extra[i].revents = items[2 + i].revents;
+            if (items[2 + i].revents) flags |= FL_RUN_EXTRA;
+        }
+        if (c->npunts) flags |= FL_RUN_PUNTS;
+        if (c->expired) {
+            c->expired = 0;
+            flags |= FL_RUN_EXPIRED;
+        }
+        if (flags) return flags;
+        if (handled) busy_until = now + (double)spin_us * 1e-6;
+        else if (now >= deadline) return FL_RUN_TIMEOUT;
+    }
+}
+
+/* ---- Python's half of a request's life ------------------------------------------------ */
+/* Queue a request Python holds (a header only Python could judge) at the back, or a
+ * retried one at the front; fl_kick sends it. Frames are copied. Returns the key. */
+int64_t fl_enqueue(core_t *c, int midx, const unsigned char **env, const size_t *envlen,
+                   int nenv, const unsigned char **body, const size_t *bodylen, int nbody,
+                   double arrived, double deadline, int attempts, int front) {
+    int idx = req_alloc(c);
+    if (idx < 0) return -1;
+    req_t *r = c->reqs[idx];
+    if (vec_reserve(&r->body, nbody) || vec_reserve(&r->env, nenv)) goto fail;
+    for (; r->body.n < nbody; r->body.n++) {
+        if (z_msg_init_size(&r->body.m[r->body.n], bodylen[r->body.n])) goto fail;
+        if (bodylen[r->body.n]) memcpy(z_msg_data(&r->body.m[r->body.n]), body[r->body.n], bodylen[r->body.n]);
+    }
+    for (; r->env.n < nenv; r->env.n++) {
+        if (z_msg_init_size(&r->env.m[r->env.n], envlen[r->env.n])) goto fail;
+        if (envlen[r->env.n]) memcpy(z_msg_data(&r->env.m[r->env.n]), env[r->env.n], envlen[r->env.n]);
+    }
+    r->model = midx;
+    r->attempts = attempts;
+    r->arrived = arrived;
+    r->dispatched = arrived;
+    r->deadline = deadline;
+    r->whole = 1;
+    enqueue(c, idx, front);
+    return (int64_t)req_key(c, idx);
+fail:
+    req_release(c, idx);
+    return -1;
+}
+
+/* A worker is leaving: requeue (at the front, oldest first) what may be retried; return
+ * the keys of the rest, which Python answers WORKER_LOST and forgets. Answered requests
+ * (their client has a DEADLINE_EXCEEDED already) are simply dropped. */
+int fl_worker_drop(core_t *c, int widx, uint64_t *lost, int max) {
+    int n = 0, nretry = 0;
+    int *retry = malloc((size_t)(c->nreqs ? c->nreqs : 1) * sizeof(int));
+    for (int i = 0; i < c->nreqs; i++) {
+        req_t *r = c->reqs[i];
+        if (!r->live || r->queued || r->worker != widx) continue;
+        model_t *m = &c->models[r->model];
+        if (r->answered) {
+            req_release(c, i);
+        } else if (retry && m->retry && r->whole && r->attempts < 2) {
+            retry[nretry++] = i;
+        } else if (n < max) {
+            lost[n++] = req_key(c, i);
+        }
+    }
+    /* newest first onto the front, so the oldest ends up first in line */
+    for (int a = 1; a < nretry; a++) { /* insertion sort by arrival; few requests */
+        int v = retry[a], b = a - 1;
+        while (b >= 0 && c->reqs[retry[b]]->arrived > c->reqs[v]->arrived) {
+            retry[b + 1] = retry[b];
+            b--;
+        }
+        retry[b + 1] = v;
+    }
+    for (int k = nretry - 1; k >= 0; k--) enqueue(c, retry[k], 1);
+    free(retry);
+    c->workers[widx].load = 0;
+    return n;
+}
+
+typedef struct {
+    int worker, model, attempts, answered, whole, queued;
+    double arrived, dispatched, deadline;
+    int nenv, nbody;
+} req_info_t;
+
+int fl_info(core_t *c, uint64_t key, req_info_t *out) {
+    req_t *r = req_get(c, key, NULL);
+    if (!r) return -1;
+    out->worker = r->worker;
+    out->model = r->model;
+    out->attempts = r->attempts;
+    out->answered = r->answered;
+    out->whole = r->whole;
+    out->queued = r->queued;
+    out->arrived = r->arrived;
+    out->dispatched = r->dispatched;
+    out->deadline = r->deadline;
+    out->nenv = r->env.n;
+    out->nbody = r->body.n;
+    return 0;
+}
+
+/* Frame j of a request: envelope frames first, then the body frames we kept. */
+size_t fl_frame(core_t *c, uint64_t key, int j, const unsigned char **data) {
+    req_t *r = req_get(c, key, NULL);
+    if (!r) { *data = NULL; return 0; }
+    zmsg_t *m = j < r->env.n ? &r->env.m[j] : &r->body.m[j - r->env.n];
+    *data = mdata(m);
+    return msize(m);
+}
+
+/* Answer a request's client with [envelope, protocol, header] (an error from Python);
+ * the request stays in flight (its worker may still answer: that reply is dropped). */
+int fl_answer(core_t *c, uint64_t key, const unsigned char *header, size_t n) {
+    req_t *r = req_get(c, key, NULL);
+    if (!r) return -1;
+    r->answered = 1;
+    for (int i = 0; i < r->env.n; i++)
+        if (send_copy(c->frontend, &r->env.m[i], Z_SNDMORE | Z_DONTWAIT)) return -2;
+    if (send_bytes(c->frontend, PROTOCOL, PROTOCOL_LEN, Z_SNDMORE | Z_DONTWAIT)) return -2;
+    return send_bytes(c->frontend, header, n, Z_DONTWAIT) ? -2 : 0;
+}
+
+int fl_forget(core_t *c, uint64_t key) {
+    int idx;
+    if (!req_get(c, key, &idx)) return -1;
+    req_release(c, idx);
+    return 0;
+}
+
+/* Requests past their deadline: unanswered ones (Python answers DEADLINE_EXCEEDED) and,
+ * separately, answered ones whose worker stayed silent past deadline + grace. */
+int fl_sweep(core_t *c, double now, double grace, uint64_t *expired, int max_expired,
+             int *nexpired, uint64_t *overdue, int max_overdue) {
+    int ne = 0, no = 0;
+    for (int i = 0; i < c->nreqs; i++) {
+        req_t *r = c->reqs[i];
+        if (!r->live || r->deadline > now) continue;
+        if (!r->answered) {
+            if (ne < max_expired) expired[ne++] = req_key(c, i);
+        } else if (r->deadline + grace <= now && no < max_overdue) {
+            overdue[no++] = req_key(c, i);
+        }
+    }
+    *nexpired = ne;
+    return no;
+}
+
+/* For tests: run the header check alone. 0: routable (model at p + *model_off). */
+int fl_check_header(const unsigned char *p, size_t n, size_t *model_off, size_t *model_len,
+                    int64_t *timeout_ms) {
+    route_t rt;
+    if (parse_header(p, n, &rt)) return -1;
+    *model_off = (size_t)(rt.model - p);
+    *model_len = rt.model_len;
+    *timeout_ms = rt.has_timeout ? (int64_t)rt.timeout_ms : 0;
+    return 0;
+}

@@ -1,0 +1,460 @@
+"""ctypes binding for ``router/fastlane.c``: the router's per-request path in C.
+
+The C side never calls into Python and uses no Python headers, so ctypes can call it
+with the GIL released. It shares pyzmq's own libzmq (found in this process's memory
+map), so the socket handles pyzmq gives us are the ones C uses.
+
+Build: ``pip install -e .`` compiles it (setup.py); by hand, ``gcc -O2 -shared -fPIC
+-o router/_fastlane.so router/fastlane.c``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import zmq
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+PUNT_FRONTEND = 0
+PUNT_BACKEND = 1
+PUNT_UNREACHABLE = 2
+
+RUN_PUNTS = 1
+RUN_EXTRA = 2
+RUN_TIMEOUT = 8
+RUN_EINTR = 16
+RUN_ERROR = 32
+RUN_EXPIRED = 64
+
+ABI = 2  # fl_abi() of the C file this binding matches
+
+_u8p = ctypes.POINTER(ctypes.c_ubyte)
+_u64 = ctypes.c_uint64
+_vp = ctypes.c_void_p
+
+
+class FastlaneUnavailable(RuntimeError):
+    """The compiled core is missing or cannot bind to pyzmq's libzmq."""
+
+
+class PollItem(ctypes.Structure):
+    _fields_ = [
+        ("socket", _vp),
+        ("fd", ctypes.c_int),
+        ("events", ctypes.c_short),
+        ("revents", ctypes.c_short),
+    ]
+
+
+class ReqInfo(ctypes.Structure):
+    _fields_ = [
+        ("worker", ctypes.c_int),
+        ("model", ctypes.c_int),
+        ("attempts", ctypes.c_int),
+        ("answered", ctypes.c_int),
+        ("whole", ctypes.c_int),
+        ("queued", ctypes.c_int),
+        ("arrived", ctypes.c_double),
+        ("dispatched", ctypes.c_double),
+        ("deadline", ctypes.c_double),
+        ("nenv", ctypes.c_int),
+        ("nbody", ctypes.c_int),
+    ]
+
+
+def _library_path() -> str:
+    found = sorted(glob.glob(os.path.join(HERE, "_fastlane*.so")))
+    if not found:
+        raise FastlaneUnavailable(
+            "router/_fastlane*.so is not built: run `pip install -e .` (needs a C compiler) or "
+            "`gcc -O2 -shared -fPIC -o router/_fastlane.so router/fastlane.c`"
+        )
+    return found[0]
+
+
+def _libzmq_path() -> str:
+    """The libzmq file pyzmq loaded: the one whose socket handles we are given."""
+    zmq.Context.instance()  # make sure the backend (and its libzmq) is loaded
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            path = line.rstrip("\n").split(maxsplit=5)[-1]
+            if "libzmq" in os.path.basename(path) and os.path.exists(path):
+                return path
+    # pyzmq built with libzmq linked statically into its extension module
+    from zmq.backend.cython import _zmq
+
+    return str(_zmq.__file__)
+
+
+_lib: ctypes.CDLL | None = None
+
+
+def load() -> ctypes.CDLL:
+    """Load and bind the library once per process; raise FastlaneUnavailable if we can't."""
+    global _lib
+    if _lib is not None:
+        return _lib
+    path = _library_path()
+    lib = ctypes.CDLL(path)
+    abi = lib.fl_abi() if hasattr(lib, "fl_abi") else 0
+    if abi != ABI:
+        raise FastlaneUnavailable(
+            f"{path} is a stale build (ABI {abi}, this code needs {ABI}): rebuild it with "
+            "`pip install -e .` or `gcc -O2 -shared -fPIC -o router/_fastlane.so "
+            "router/fastlane.c`"
+        )
+    rc = lib.fl_bind(_libzmq_path().encode())
+    if rc != 0:
+        raise FastlaneUnavailable(f"fastlane could not bind to pyzmq's libzmq (code {rc})")
+    sigs: dict[str, tuple[Any, list[Any]]] = {
+        "fl_new": (_vp, [_vp, _vp]),
+        "fl_free": (None, [_vp]),
+        "fl_add_code": (ctypes.c_int, [_vp, ctypes.c_char_p, ctypes.c_size_t]),
+        "fl_set_bounds": (ctypes.c_int, [_vp, ctypes.POINTER(ctypes.c_double), ctypes.c_int]),
+        "fl_model_add": (ctypes.c_int, [_vp, ctypes.c_char_p, ctypes.c_size_t]),
+        "fl_model_remove": (None, [_vp, ctypes.c_int]),
+        "fl_model_set": (
+            None,
+            [_vp, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_double, ctypes.c_int],
+        ),
+        "fl_kick": (None, [_vp, ctypes.c_int]),
+        "fl_queued": (ctypes.c_int, [_vp, ctypes.c_int]),
+        "fl_queue_take": (ctypes.c_int, [_vp, ctypes.c_int, ctypes.POINTER(_u64), ctypes.c_int]),
+        "fl_worker_drop": (ctypes.c_int, [_vp, ctypes.c_int, ctypes.POINTER(_u64), ctypes.c_int]),
+        "fl_model_set_active": (
+            ctypes.c_int,
+            [_vp, ctypes.c_int, ctypes.POINTER(ctypes.c_int), ctypes.c_int],
+        ),
+        "fl_worker_add": (
+            ctypes.c_int,
+            [_vp, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int],
+        ),
+        "fl_worker_remove": (None, [_vp, ctypes.c_int]),
+        "fl_worker_load": (ctypes.c_int, [_vp, ctypes.c_int]),
+        "fl_worker_served": (_u64, [_vp, ctypes.c_int]),
+        "fl_worker_stats": (
+            _u64,
+            [
+                _vp,
+                ctypes.c_int,
+                ctypes.POINTER(_u64),
+                ctypes.POINTER(_u64),
+                ctypes.POINTER(ctypes.c_double),
+            ],
+        ),
+        "fl_check_header": (
+            ctypes.c_int,
+            [
+                ctypes.c_char_p,
+                ctypes.c_size_t,
+                ctypes.POINTER(ctypes.c_size_t),
+                ctypes.POINTER(ctypes.c_size_t),
+                ctypes.POINTER(ctypes.c_int64),
+            ],
+        ),
+        "fl_live": (ctypes.c_int, [_vp]),
+        "fl_dropped_replies": (_u64, [_vp]),
+        "fl_punt_count": (ctypes.c_int, [_vp]),
+        "fl_punt_kind": (ctypes.c_int, [_vp, ctypes.c_int]),
+        "fl_punt_worker": (ctypes.c_int, [_vp, ctypes.c_int]),
+        "fl_punt_nframes": (ctypes.c_int, [_vp, ctypes.c_int]),
+        "fl_punt_frame": (
+            ctypes.c_size_t,
+            [_vp, ctypes.c_int, ctypes.c_int, ctypes.POINTER(_u8p)],
+        ),
+        "fl_punt_clear": (None, [_vp]),
+        "fl_run": (
+            ctypes.c_int,
+            [_vp, ctypes.POINTER(PollItem), ctypes.c_int, ctypes.c_long, ctypes.c_long],
+        ),
+        "fl_enqueue": (
+            ctypes.c_int64,
+            [
+                _vp,
+                ctypes.c_int,
+                ctypes.POINTER(ctypes.c_char_p),
+                ctypes.POINTER(ctypes.c_size_t),
+                ctypes.c_int,
+                ctypes.POINTER(ctypes.c_char_p),
+                ctypes.POINTER(ctypes.c_size_t),
+                ctypes.c_int,
+                ctypes.c_double,
+                ctypes.c_double,
+                ctypes.c_int,
+                ctypes.c_int,
+            ],
+        ),
+        "fl_info": (ctypes.c_int, [_vp, _u64, ctypes.POINTER(ReqInfo)]),
+        "fl_frame": (ctypes.c_size_t, [_vp, _u64, ctypes.c_int, ctypes.POINTER(_u8p)]),
+        "fl_answer": (ctypes.c_int, [_vp, _u64, ctypes.c_char_p, ctypes.c_size_t]),
+        "fl_forget": (ctypes.c_int, [_vp, _u64]),
+        "fl_sweep": (
+            ctypes.c_int,
+            [
+                _vp,
+                ctypes.c_double,
+                ctypes.c_double,
+                ctypes.POINTER(_u64),
+                ctypes.c_int,
+                ctypes.POINTER(ctypes.c_int),
+                ctypes.POINTER(_u64),
+                ctypes.c_int,
+            ],
+        ),
+    }
+    for name, (restype, argtypes) in sigs.items():
+        fn = getattr(lib, name)
+        fn.restype = restype
+        fn.argtypes = argtypes
+    _lib = lib
+    return lib
+
+
+def available() -> bool:
+    try:
+        load()
+    except (FastlaneUnavailable, OSError):
+        return False
+    return True
+
+
+def check_header(header: bytes) -> tuple[str, int] | None:
+    """The C header check alone: (model, timeout_ms or 0) if C would route it, else None."""
+    lib = load()
+    off, n, timeout = ctypes.c_size_t(), ctypes.c_size_t(), ctypes.c_int64()
+    rc = lib.fl_check_header(
+        header, len(header), ctypes.byref(off), ctypes.byref(n), ctypes.byref(timeout)
+    )
+    if rc != 0:
+        return None
+    return header[off.value : off.value + n.value].decode(), timeout.value
+
+
+def _as_char_array(items: Sequence[bytes]) -> Any:
+    return (ctypes.c_char_p * max(1, len(items)))(*items)
+
+
+def _as_size_array(items: Sequence[bytes]) -> Any:
+    return (ctypes.c_size_t * max(1, len(items)))(*(len(b) for b in items))
+
+
+class Core:
+    """One router's C state: workers, models, requests in flight, punted messages."""
+
+    def __init__(
+        self,
+        frontend: zmq.Socket[Any],
+        backend: zmq.Socket[Any],
+        codes: Sequence[str],
+        bounds: Sequence[float],
+    ) -> None:
+        self.lib = lib = load()
+        self.frontend = frontend
+        self.backend = backend  # kept alive: C holds their raw handles
+        handle = lib.fl_new(frontend.underlying, backend.underlying)
+        if not handle:
+            raise FastlaneUnavailable("fl_new failed")
+        self.h = handle
+        self.codes = list(codes)
+        for code in self.codes:
+            raw = code.encode()
+            if lib.fl_add_code(handle, raw, len(raw)) < 0:
+                raise ValueError(f"too many status codes for fastlane: {code}")
+        self.nbounds = len(bounds)
+        arr = (ctypes.c_double * max(1, len(bounds)))(*bounds)
+        if lib.fl_set_bounds(handle, arr, len(bounds)) != 0:
+            raise ValueError("too many histogram bounds for fastlane")
+        self._codes_buf = (_u64 * (len(self.codes) + 1))()
+        self._hist_buf = (_u64 * (3 * (self.nbounds + 1)))()
+        self._sums_buf = (ctypes.c_double * 3)()
+        self._keys = (_u64 * 4096)()
+        self._keys2 = (_u64 * 4096)()
+        self._ptr = _u8p()
+        self._info = ReqInfo()
+        self._items: Any = None
+        self._nitems = 0
+
+    def close(self) -> None:
+        if self.h:
+            self.lib.fl_free(self.h)
+            self.h = None
+
+    # ---------------------------------------------------------------- table edits
+    def model_add(self, name: str) -> int:
+        raw = name.encode()
+        idx = int(self.lib.fl_model_add(self.h, raw, len(raw)))
+        if idx < 0:
+            raise ValueError(f"fastlane cannot hold model {name!r}")
+        return idx
+
+    def model_remove(self, idx: int) -> None:
+        self.lib.fl_model_remove(self.h, idx)
+
+    def model_set(
+        self, idx: int, open_: bool, retry: bool, timeout_s: float, max_queue: int
+    ) -> None:
+        self.lib.fl_model_set(self.h, idx, int(open_), int(retry), timeout_s, max_queue)
+
+    def kick(self, idx: int) -> None:
+        """Send what a model's queue holds to workers with credit."""
+        self.lib.fl_kick(self.h, idx)
+
+    def queued(self, idx: int) -> int:
+        return int(self.lib.fl_queued(self.h, idx))
+
+    def queue_take(self, idx: int) -> list[int]:
+        """Empty a model's queue; the keys of what it held (still to answer and forget)."""
+        n = self.queued(idx)
+        buf = (_u64 * max(1, n))()
+        return list(buf[: int(self.lib.fl_queue_take(self.h, idx, buf, n))])
+
+    def model_set_active(self, idx: int, workers: Sequence[int]) -> None:
+        arr = (ctypes.c_int * max(1, len(workers)))(*workers)
+        if self.lib.fl_model_set_active(self.h, idx, arr, len(workers)) != 0:
+            raise MemoryError("fastlane: no memory for the active worker list")
+
+    def worker_add(self, wid: bytes, model: int, credit: int) -> int:
+        idx = int(self.lib.fl_worker_add(self.h, wid, len(wid), model, credit))
+        if idx < 0:
+            raise ValueError(f"fastlane cannot hold worker {wid!r}")
+        return idx
+
+    def worker_remove(self, idx: int) -> None:
+        self.lib.fl_worker_remove(self.h, idx)
+
+    def worker_load(self, idx: int) -> int:
+        return int(self.lib.fl_worker_load(self.h, idx))
+
+    def worker_served(self, idx: int) -> int:
+        return int(self.lib.fl_worker_served(self.h, idx))
+
+    def worker_stats(self, idx: int) -> tuple[int, list[int], list[list[int]], list[float]]:
+        """(requests, counts per code (+1 unknown), 3 histograms, 3 sums) since last call."""
+        n = int(
+            self.lib.fl_worker_stats(self.h, idx, self._codes_buf, self._hist_buf, self._sums_buf)
+        )
+        if not n:
+            return 0, [], [], []
+        width = self.nbounds + 1
+        hist = list(self._hist_buf)
+        return (
+            n,
+            list(self._codes_buf),
+            [hist[i * width : (i + 1) * width] for i in range(3)],
+            list(self._sums_buf),
+        )
+
+    # ------------------------------------------------------------------ the loop
+    def set_extra(self, items: Sequence[tuple[Any, int]]) -> None:
+        """Sockets (pyzmq) or file descriptors the loop should also wake up for."""
+        arr = (PollItem * max(1, len(items)))()
+        for i, (obj, fd) in enumerate(items):
+            arr[i].socket = obj.underlying if obj is not None else None
+            arr[i].fd = fd
+            arr[i].events = int(zmq.POLLIN)
+        self._items = arr
+        self._nitems = len(items)
+
+    def run(self, timeout_ms: int, spin_us: int) -> int:
+        return int(self.lib.fl_run(self.h, self._items, self._nitems, timeout_ms, spin_us))
+
+    def extra_ready(self, i: int) -> bool:
+        return bool(self._items[i].revents)
+
+    def punts(self) -> list[tuple[int, int, list[bytes]]]:
+        """Take the punted messages: (kind, worker index, frames)."""
+        lib, h, ptr = self.lib, self.h, self._ptr
+        out = []
+        for i in range(lib.fl_punt_count(h)):
+            frames = []
+            for j in range(lib.fl_punt_nframes(h, i)):
+                n = lib.fl_punt_frame(h, i, j, ctypes.byref(ptr))
+                frames.append(ctypes.string_at(ptr, n) if n else b"")
+            out.append((lib.fl_punt_kind(h, i), lib.fl_punt_worker(h, i), frames))
+        lib.fl_punt_clear(h)
+        return out
+
+    # -------------------------------------------------------- Python's requests
+    def enqueue(
+        self,
+        model: int,
+        envelope: Sequence[bytes],
+        body: Sequence[bytes],
+        arrived: float,
+        deadline: float,
+        attempts: int = 0,
+        front: bool = False,
+    ) -> int:
+        """Queue a request Python held (frames copied); ``kick`` sends it. Returns its key."""
+        key = int(
+            self.lib.fl_enqueue(
+                self.h,
+                model,
+                _as_char_array(envelope),
+                _as_size_array(envelope),
+                len(envelope),
+                _as_char_array(body),
+                _as_size_array(body),
+                len(body),
+                arrived,
+                deadline,
+                attempts,
+                int(front),
+            )
+        )
+        if key < 0:
+            raise MemoryError("fastlane: no memory to queue a request")
+        return key
+
+    def info(self, key: int) -> ReqInfo | None:
+        info = ReqInfo()
+        return info if self.lib.fl_info(self.h, key, ctypes.byref(info)) == 0 else None
+
+    def frames(self, key: int, info: ReqInfo) -> tuple[list[bytes], list[bytes]]:
+        """A request's envelope and the body frames kept for it (header first)."""
+        ptr = self._ptr
+        out = []
+        for j in range(info.nenv + info.nbody):
+            n = self.lib.fl_frame(self.h, key, j, ctypes.byref(ptr))
+            out.append(ctypes.string_at(ptr, n) if n else b"")
+        return out[: info.nenv], out[info.nenv :]
+
+    def answer(self, key: int, header: bytes) -> bool:
+        return int(self.lib.fl_answer(self.h, key, header, len(header))) == 0
+
+    def forget(self, key: int) -> None:
+        self.lib.fl_forget(self.h, key)
+
+    def worker_drop(self, worker: int) -> list[int]:
+        """A worker leaves: retryable requests go back to the front of the queue; returns
+        the keys of the others (still to answer and forget)."""
+        n = self.worker_load(worker)
+        buf = (_u64 * max(1, n))()
+        return list(buf[: int(self.lib.fl_worker_drop(self.h, worker, buf, n))])
+
+    def sweep(self, now: float, grace: float) -> tuple[list[int], list[int]]:
+        nexp = ctypes.c_int()
+        nover = int(
+            self.lib.fl_sweep(
+                self.h,
+                now,
+                grace,
+                self._keys,
+                len(self._keys),
+                ctypes.byref(nexp),
+                self._keys2,
+                len(self._keys2),
+            )
+        )
+        return list(self._keys[: nexp.value]), list(self._keys2[:nover])
+
+    def live(self) -> int:
+        return int(self.lib.fl_live(self.h))
+
+    def dropped_replies(self) -> int:
+        return int(self.lib.fl_dropped_replies(self.h))
