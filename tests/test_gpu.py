@@ -7,12 +7,17 @@ as poold does, so its own context cannot disturb the figures.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import struct
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
+import torch
 from modelkit import make_big_mlp, make_mlp, mlp_input, mlp_reference
 from poolkit import Load, running_pool, start_pool, wait_for
 
@@ -148,3 +153,77 @@ def test_drain_first_rolls_across_two_gpus_under_load(big_models: tuple[str, str
         for versions in load.versions:  # a, then b, then a again: never back mid-upgrade
             runs = [v for i, v in enumerate(versions) if i == 0 or versions[i - 1] != v]
             assert runs == ["a", "b", "a"][: len(runs)], runs
+
+
+# Run in a child so that this process never touches CUDA (see the module docstring).
+FAST_PATH_CHECK = """
+import sys, torch, safetensors.torch
+from workers import weights
+path = sys.argv[1]
+want = safetensors.torch.load_file(path)
+for kwargs in ({}, {"chunk_bytes": (1 << 20) + 3, "threads": 3, "ring_slots": 2}):
+    got = weights.load_file(path, "cuda:0", **kwargs)
+    assert got.keys() == want.keys(), kwargs
+    for name, w in want.items():
+        g = got[name]
+        assert g.device == torch.device("cuda", 0) and g.is_contiguous(), (name, kwargs)
+        assert (g.dtype, g.shape) == (w.dtype, w.shape), (name, kwargs)
+        same = torch.equal(g.reshape(-1).view(torch.uint8).cpu(), w.reshape(-1).view(torch.uint8))
+        assert same, (name, kwargs)
+    del got
+print("bit-identical", flush=True)
+"""
+
+
+def test_safetensors_fast_path_is_bit_identical_on_cuda(tmp_path: object) -> None:
+    """~256 MiB through workers.weights' pinned ring onto cuda:0, bytes as safetensors has
+    them. A 3-byte tensor first leaves every later tensor misaligned for its dtype."""
+    layout = [
+        ("tag", torch.uint8, (3,)),
+        ("w0", torch.float32, (4096, 4096)),
+        ("w1", torch.float32, (4096, 4096)),
+        ("w2", torch.float32, (4096, 4095)),
+        ("half", torch.bfloat16, (4097, 4095)),
+        ("f16", torch.float16, (1001, 3)),
+        ("i8", torch.int8, (25_000_001,)),
+        ("f64", torch.float64, (1_000_003,)),
+        ("scalar", torch.float32, ()),
+        ("none", torch.float32, (0, 7)),
+    ]
+    names = {
+        torch.uint8: "U8",
+        torch.float32: "F32",
+        torch.bfloat16: "BF16",
+        torch.float16: "F16",
+        torch.int8: "I8",
+        torch.float64: "F64",
+    }
+    g = torch.Generator().manual_seed(0)
+    header: dict[str, object] = {}
+    blobs, pos = [], 0
+    for name, dtype, shape in layout:
+        n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        blobs.append(torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g).numpy().tobytes())
+        header[name] = {"dtype": names[dtype], "shape": list(shape), "data_offsets": [pos, pos + n]}
+        pos += n
+    assert pos > 250 * MIB
+    path = os.path.join(str(tmp_path), "big.safetensors")
+    text = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for blob in blobs:
+            f.write(blob)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+    }
+    res = subprocess.run(
+        [sys.executable, "-c", FAST_PATH_CHECK, path],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0 and "bit-identical" in res.stdout, res.stderr[-3000:]

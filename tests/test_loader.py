@@ -4,16 +4,22 @@ path, warm-up and golden validation."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import shutil
+import struct
+import threading
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as hst
 from modelkit import (
     make_big_mlp,
     make_corrupt,
@@ -26,6 +32,7 @@ from modelkit import (
     mlp_reference,
 )
 
+from workers import weights
 from workers.loader import (
     LoadedModel,
     ModelLoadError,
@@ -409,6 +416,330 @@ def test_variadic_forward_count_is_unknown(tmp_path: Path) -> None:
 def test_signature_counts(tmp_path: Path, signature: str, expected: int | None) -> None:
     source = NET_OK.replace("def forward(self, x):", f"def forward(self, {signature}):")
     assert load_model(_factory_dir(tmp_path, source), CPU).num_inputs == expected
+
+
+# ---------------------------------------------------------------- safetensors reader
+
+ST_NAME = {dtype: name for name, dtype in weights.DTYPES.items()}
+# Stored in this order, one after the other: odd byte counts put most tensors at offsets
+# that are not a multiple of their element size.
+ODD_TENSORS: list[tuple[str, torch.dtype, tuple[int, ...]]] = [
+    ("u8", torch.uint8, (3,)),
+    ("f32", torch.float32, (5, 7)),
+    ("flag", torch.bool, (7,)),
+    ("f64_scalar", torch.float64, ()),
+    ("i16", torch.int16, (3, 3)),
+    ("bf16", torch.bfloat16, (11,)),
+    ("i8", torch.int8, (1,)),
+    ("f16", torch.float16, (2, 3, 5)),
+    ("c64", torch.complex64, (3,)),
+    ("empty", torch.float32, (0, 4)),
+    ("i64", torch.int64, (5,)),
+    ("u16", torch.uint16, (9,)),
+    ("u32", torch.uint32, (3,)),
+    ("u64", torch.uint64, (2,)),
+    ("e4m3", torch.float8_e4m3fn, (13,)),
+    ("e5m2", torch.float8_e5m2, (4,)),
+    ("e4m3fnuz", torch.float8_e4m3fnuz, (3,)),
+    ("e5m2fnuz", torch.float8_e5m2fnuz, (3,)),
+    ("e8m0", torch.float8_e8m0fnu, (6,)),
+    ("i32", torch.int32, (1,)),
+    ("big", torch.float32, (301,)),  # spans many chunks when they are small
+    ("f32_tail", torch.float32, (2, 1)),
+]
+
+
+def _random_tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Random bytes (NaNs and all) reinterpreted as ``dtype``; bools stay 0 or 1."""
+    n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    g = torch.Generator().manual_seed(seed)
+    raw = torch.randint(0, 2 if dtype == torch.bool else 256, (n,), dtype=torch.uint8, generator=g)
+    return raw.view(dtype).reshape(shape)
+
+
+def _st_bytes(tensors: list[tuple[str, torch.Tensor]]) -> tuple[dict[str, Any], bytes]:
+    """Header entries and data region for ``tensors`` stored in the given order, unpadded
+    (safetensors.torch.save_file would sort them by alignment)."""
+    entries: dict[str, Any] = {}
+    data = bytearray()
+    for name, t in tensors:
+        raw = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        entries[name] = {
+            "dtype": ST_NAME[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [len(data), len(data) + len(raw)],
+        }
+        data += raw
+    return entries, bytes(data)
+
+
+def _write_st(path: Path, header: object, data: bytes) -> str:
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    return str(path)
+
+
+def _odd_file(path: Path) -> str:
+    tensors = [(n, _random_tensor(d, s, i)) for i, (n, d, s) in enumerate(ODD_TENSORS)]
+    entries, data = _st_bytes(tensors)
+    return _write_st(path, {"__metadata__": {"format": "pt"}, **entries}, data)
+
+
+def _assert_bit_identical(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == want.keys()
+    for name, w in want.items():
+        g = got[name].cpu()
+        assert (g.dtype, g.shape, g.is_contiguous()) == (w.dtype, w.shape, True), name
+        assert torch.equal(g.reshape(-1).view(torch.uint8), w.reshape(-1).view(torch.uint8)), name
+
+
+def test_read_header_of_a_safetensors_file(tmp_path: Path) -> None:
+    path = str(tmp_path / "w.safetensors")
+    safetensors.torch.save_file(
+        {"b": torch.zeros(2, 3), "a": torch.ones(4, dtype=torch.int8)}, path, {"k": "v"}
+    )
+    header = weights.read_header(path)
+    (n,) = struct.unpack("<Q", Path(path).read_bytes()[:8])
+    assert (header.data_start, header.data_size) == (8 + n, 24 + 4)
+    assert header.metadata == {"k": "v"}
+    assert [(t.name, t.dtype, t.shape, t.nbytes) for t in header.tensors] == [
+        ("b", torch.float32, (2, 3), 24),
+        ("a", torch.int8, (4,), 4),
+    ]
+
+
+def test_reader_is_bit_identical_to_safetensors_with_misaligned_offsets(tmp_path: Path) -> None:
+    path = _odd_file(tmp_path / "odd.safetensors")
+    header = weights.read_header(path)
+    assert any(t.begin % t.dtype.itemsize for t in header.tensors)  # really misaligned
+    want = safetensors.torch.load_file(path)
+    got = weights.load_file(path, CPU)
+    _assert_bit_identical(got, want)
+    ptrs = [t.untyped_storage().data_ptr() for t in got.values() if t.numel()]
+    assert len(set(ptrs)) == len(ptrs)  # each tensor owns its storage, as with safetensors
+
+
+@pytest.mark.parametrize(
+    ("chunk_bytes", "threads", "ring_slots"),
+    [(1, 1, 1), (3, 2, 2), (7, 3, 4), (64, 4, 6), (100, 8, 2), (1 << 20, 4, 6)],
+)
+def test_chunked_reads_are_bit_identical(
+    tmp_path: Path, chunk_bytes: int, threads: int, ring_slots: int
+) -> None:
+    path = _odd_file(tmp_path / "odd.safetensors")
+    got = weights.load_file(
+        path, "cpu", chunk_bytes=chunk_bytes, threads=threads, ring_slots=ring_slots
+    )
+    _assert_bit_identical(got, safetensors.torch.load_file(path))
+    assert not [t for t in threading.enumerate() if t.name.startswith("weights")]
+
+
+def test_a_file_saved_by_safetensors_is_read_the_same(tmp_path: Path) -> None:
+    path = str(tmp_path / "saved.safetensors")
+    tensors = {n: _random_tensor(d, s, i) for i, (n, d, s) in enumerate(ODD_TENSORS)}
+    safetensors.torch.save_file(tensors, path)
+    for chunk in (5, 1 << 20):
+        _assert_bit_identical(weights.load_file(path, CPU, chunk_bytes=chunk), tensors)
+
+
+def test_files_without_data(tmp_path: Path) -> None:
+    path = _write_st(tmp_path / "none.safetensors", {}, b"")
+    assert weights.load_file(path, CPU) == {}
+    entries, data = _st_bytes(
+        [("e", torch.zeros(0, 2)), ("s", torch.zeros(3, 0, dtype=torch.int8))]
+    )
+    got = weights.load_file(_write_st(tmp_path / "empty.safetensors", entries, data), CPU)
+    assert {k: (v.shape, v.dtype) for k, v in got.items()} == {
+        "e": ((0, 2), torch.float32),
+        "s": ((3, 0), torch.int8),
+    }
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    specs=hst.lists(
+        hst.tuples(
+            hst.sampled_from(sorted(weights.DTYPES, key=str)),
+            hst.lists(hst.integers(0, 9), max_size=3),
+        ),
+        max_size=12,
+    ),
+    chunk_bytes=hst.integers(1, 200),
+    threads=hst.integers(1, 4),
+    ring_slots=hst.integers(1, 5),
+)
+def test_any_layout_and_chunking_is_bit_identical(
+    tmp_path_factory: pytest.TempPathFactory,
+    specs: list[tuple[str, list[int]]],
+    chunk_bytes: int,
+    threads: int,
+    ring_slots: int,
+) -> None:
+    tensors = [
+        (f"t{i}", _random_tensor(weights.DTYPES[name], tuple(shape), i))
+        for i, (name, shape) in enumerate(specs)
+    ]
+    entries, data = _st_bytes(tensors)
+    path = _write_st(tmp_path_factory.mktemp("st") / "h.safetensors", entries, data)
+    got = weights.load_file(
+        path, CPU, chunk_bytes=chunk_bytes, threads=threads, ring_slots=ring_slots
+    )
+    _assert_bit_identical(got, safetensors.torch.load_file(path))
+
+
+def _u8(begin: int, end: int, shape: list[Any] | None = None) -> dict[str, Any]:
+    return {
+        "dtype": "U8",
+        "shape": [end - begin] if shape is None else shape,
+        "data_offsets": [begin, end],
+    }
+
+
+BAD_HEADERS: list[tuple[str, object, bytes, str]] = [
+    ("not an object", [1, 2], b"", "header is not a JSON object"),
+    ("entry not an object", {"a": 3}, b"", "tensor 'a': entry is not a JSON object"),
+    ("missing key", {"a": {"dtype": "U8", "shape": [1]}}, b"x", "missing data_offsets"),
+    ("extra key", {"a": {**_u8(0, 1), "x": 1}}, b"x", "unknown x"),
+    (
+        "unknown dtype",
+        {"a": {**_u8(0, 1), "dtype": "F6_E2M3"}},
+        b"x",
+        "unsupported dtype 'F6_E2M3'",
+    ),
+    ("dtype not a string", {"a": {**_u8(0, 1), "dtype": 4}}, b"x", "unsupported dtype 4"),
+    ("negative dim", {"a": _u8(0, 1, [-1])}, b"x", r"shape must be .* got \[-1\]"),
+    ("float dim", {"a": _u8(0, 1, [1.0])}, b"x", r"shape must be .* got \[1.0\]"),
+    ("bool dim", {"a": _u8(0, 1, [True])}, b"x", r"shape must be .* got \[True\]"),
+    (
+        "huge dim",
+        {"a": _u8(0, 0, [0, 2**63])},
+        b"",
+        r"shape must be .* got \[0, 9223372036854775808\]",
+    ),
+    ("shape not a list", {"a": {**_u8(0, 1), "shape": 1}}, b"x", "shape must be"),
+    ("one offset", {"a": {**_u8(0, 1), "data_offsets": [1]}}, b"x", "two non-negative integers"),
+    ("string offset", {"a": {**_u8(0, 1), "data_offsets": [0, "1"]}}, b"x", "two non-negative"),
+    ("negative offset", {"a": {**_u8(0, 1), "data_offsets": [-1, 0]}}, b"x", "two non-negative"),
+    ("reversed offsets", {"a": {**_u8(0, 1), "data_offsets": [1, 0]}}, b"x", "end before they"),
+    (
+        "dtype x shape mismatch",
+        {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}},
+        b"abcd",
+        r"F32 x \[2\] is 8 bytes but data_offsets \[0, 4\] hold 4",
+    ),
+    ("offsets out of range", {"a": _u8(0, 8)}, b"abcd", r"\[0, 8\] run past the end of the data"),
+    ("far out of range", {"a": _u8(2**62, 2**62 + 1)}, b"", "run past the end of the data"),
+    ("overlap", {"a": _u8(0, 4), "b": _u8(2, 6)}, b"abcdef", r"'b'.* overlap tensor 'a' \[0, 4\]"),
+    ("duplicate range", {"a": _u8(0, 2), "b": _u8(0, 2)}, b"ab", "overlap tensor"),
+    ("gap", {"a": _u8(0, 2), "b": _u8(3, 5)}, b"abcde", "leave a gap of 1 bytes"),
+    ("gap at the start", {"a": _u8(1, 2)}, b"ab", "leave a gap of 1 bytes"),
+    ("trailing bytes", {"a": _u8(0, 2)}, b"abc", "1 bytes after the last tensor"),
+    ("untensored data", {}, b"abc", "3 bytes after the last tensor"),
+    ("metadata not strings", {"__metadata__": {"k": 1}}, b"", "__metadata__"),
+    ("metadata not a map", {"__metadata__": ["k"]}, b"", "__metadata__"),
+]
+
+
+@pytest.mark.parametrize(
+    ("header", "data", "message"),
+    [pytest.param(h, d, m, id=i) for i, h, d, m in BAD_HEADERS],
+)
+def test_bad_headers_are_refused(tmp_path: Path, header: object, data: bytes, message: str) -> None:
+    path = _write_st(tmp_path / "bad.safetensors", header, data)
+    with pytest.raises(weights.SafetensorsError, match=message):
+        weights.read_header(path)
+    with pytest.raises(weights.SafetensorsError, match=message):
+        weights.load_file(path, CPU)
+
+
+def _framed(header: bytes) -> bytes:
+    return struct.pack("<Q", len(header)) + header
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "file is 0 bytes, too short for the 8-byte header length"),
+        (b"\x01\x00\x00", "file is 3 bytes, too short"),
+        (struct.pack("<Q", 200_000_000) + b"{}", "header length 200000000 is over the "),
+        (struct.pack("<Q", 2**64 - 1), "is over the 100000000-byte limit"),
+        (struct.pack("<Q", 10) + b"{}", r"header length 10 runs past the end of the file \(10 "),
+        (_framed(b"\xff\xfe"), "header is not UTF-8"),
+        (_framed(b'{"a"'), "header is not valid JSON"),
+        (_framed(b" {} "), "header is not a JSON object"),
+        (_framed(b"[[[]]]"), "header is not a JSON object"),
+        (_framed(b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}"), "not valid JSON"),
+        (_framed(b'{"a":' + b"[" * 9_996), "header is not valid JSON"),
+        (_framed(b'{"a": 1, "a": 2}'), "header has the key 'a' twice"),
+    ],
+)
+def test_bad_framing_is_refused(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(weights.SafetensorsError, match=message):
+        weights.read_header(str(path))
+
+
+def test_truncated_file_is_refused(tmp_path: Path) -> None:
+    path = _odd_file(tmp_path / "odd.safetensors")
+    os.truncate(path, os.path.getsize(path) - 1)
+    with pytest.raises(weights.SafetensorsError, match="'f32_tail'.* run past the end .*truncated"):
+        weights.load_file(path, CPU)
+
+
+def test_file_truncated_while_being_read(tmp_path: Path) -> None:
+    path = _odd_file(tmp_path / "odd.safetensors")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        header = weights._read_header(fd)
+        os.truncate(path, header.data_start + 100)
+        with pytest.raises(weights.SafetensorsError, match="truncated while being read"):
+            weights._stream(fd, header, CPU, 16, 3, 4)
+    finally:
+        os.close(fd)
+    assert not [t for t in threading.enumerate() if t.name.startswith("weights")]
+
+
+def test_missing_weights_file(tmp_path: Path) -> None:
+    with pytest.raises(weights.SafetensorsError, match="cannot open: No such file"):
+        weights.load_file(str(tmp_path / "nope.safetensors"), CPU)
+    with pytest.raises(ValueError, match="at least 1"):
+        weights.load_file(str(tmp_path / "nope.safetensors"), CPU, chunk_bytes=0)
+
+
+@pytest.mark.parametrize(
+    ("header", "data", "message"),
+    [
+        ({"body.0.weight": _u8(0, 8)}, b"abcd", r"run past the end of the data \(4 bytes\)"),
+        ({"a": _u8(0, 2), "b": _u8(1, 3)}, b"abc", "overlap tensor 'a'"),
+    ],
+)
+def test_loader_names_the_header_problem(
+    tmp_path: Path, header: object, data: bytes, message: str
+) -> None:
+    path = make_factory_model(str(tmp_path / "f"), seed=1)
+    _write_st(Path(path), header, data)
+    with pytest.raises(
+        ModelLoadError, match=f"^{path}: cannot read safetensors weights: .*{message}"
+    ):
+        load_model(path, CPU)
+
+
+def test_loader_reads_misaligned_weights(tmp_path: Path) -> None:
+    """A persistent 3-byte buffer stored first puts every float after it off alignment."""
+    source = NET_OK.replace(
+        "super().__init__()",
+        "super().__init__()\n"
+        "        self.register_buffer('tag', torch.zeros(3, dtype=torch.uint8))",
+    )
+    path = _factory_dir(tmp_path, source)
+    tag = torch.tensor([7, 8, 9], dtype=torch.uint8)
+    entries, data = _st_bytes([("tag", tag), *safetensors.torch.load_file(path).items()])
+    _write_st(Path(path), entries, data)
+    model = load_model(path, CPU)
+    assert torch.equal(model.module.get_buffer("tag"), tag)
+    x = mlp_input(2)
+    np.testing.assert_allclose(_answer(model, x), mlp_reference(1, x), **TOL)
 
 
 # ---------------------------------------------------------------- generic errors

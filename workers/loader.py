@@ -9,7 +9,9 @@ Formats, chosen by file extension:
 - ``.safetensors``: "factory + safetensors". The manifest names ``factory =
   "net.py:build"``, a Python file inside the model's directory and a callable returning
   an ``nn.Module``. The module is built on the meta device (no memory, no init cost),
-  then the weights are read straight onto the target device and assigned.
+  then the weights are read straight onto the target device and assigned. The header is
+  checked strictly first (``workers.weights``), and a CUDA device gets the weights
+  streamed through pinned memory by several reader threads.
 
 Every failure is a ``ModelLoadError`` whose message names the file and the cause.
 """
@@ -32,6 +34,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
+from workers import weights
 from workers.manifest import Manifest, ManifestError, load_manifest
 
 __all__ = [
@@ -260,10 +263,7 @@ def _load_safetensors(
             f"{path}: factory {manifest.factory} returned {type(module).__name__}, "
             "not a torch.nn.Module"
         )
-    try:
-        state = safetensors.torch.load_file(path, device=str(device))
-    except Exception as e:
-        raise ModelLoadError(f"{path}: cannot read safetensors weights: {describe_error(e)}") from e
+    state = _read_safetensors(path, device)
     try:
         module.load_state_dict(state, strict=True, assign=True)
     except Exception as e:
@@ -283,6 +283,22 @@ def _load_safetensors(
             f"device); the factory must not rely on non-persistent buffers"
         )
     return module.eval()
+
+
+def _read_safetensors(path: str, device: torch.device) -> dict[str, torch.Tensor]:
+    """The weights of ``path`` on ``device``. Every device gets workers.weights' strict
+    header checks; CUDA gets its pinned, multi-threaded copy (safetensors' own copies from
+    pageable memory, which the driver stages through a small buffer of its own); the CPU
+    keeps safetensors' mmap, which copies nothing."""
+    try:
+        if device.type == "cuda":
+            return weights.load_file(path, device)
+        weights.read_header(path)
+        return safetensors.torch.load_file(path, device=str(device))
+    except weights.SafetensorsError as e:
+        raise ModelLoadError(f"{path}: cannot read safetensors weights: {e}") from e
+    except Exception as e:
+        raise ModelLoadError(f"{path}: cannot read safetensors weights: {describe_error(e)}") from e
 
 
 def _import_factory(path: str, spec: str) -> Callable[[], Any]:

@@ -1,0 +1,418 @@
+"""Read a ``.safetensors`` file onto a device: a strict header parser and a fast CUDA path.
+
+The format: an 8-byte little-endian header length ``n``, ``n`` bytes of JSON (``name ->
+{"dtype", "shape", "data_offsets"}`` plus an optional ``"__metadata__"`` of strings),
+then the data region, which the tensors' ``[begin, end)`` offsets must cover exactly,
+with no gap and no overlap. ``read_header`` checks all of that before any tensor byte is
+read, so a bad file fails with one clear ``SafetensorsError`` and never half-loads.
+
+``load_file`` then copies the data region to the device through a small ring of pinned
+host buffers: several threads ``preadv`` chunks of the file (page cache -> pinned memory,
+GIL released) while the CUDA copy engine moves finished chunks to the device.
+``safetensors.torch.load_file(device="cuda")`` instead copies each tensor from pageable
+memory (the mapped file), which the driver stages through pinned buffers of its own,
+synchronously, with one thread reading.
+No pickle anywhere: the header is JSON and the data raw bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = [
+    "CHUNK_BYTES",
+    "DTYPES",
+    "MAX_HEADER_BYTES",
+    "READ_THREADS",
+    "RING_SLOTS",
+    "Header",
+    "SafetensorsError",
+    "TensorSpec",
+    "load_file",
+    "parse_header",
+    "read_header",
+]
+
+# The ring of pinned buffers is RING_SLOTS x CHUNK_BYTES = 48 MiB. Pinning
+# (cudaHostAlloc) is paid on every load and costs far more per byte than a copy, so the
+# ring stays small; 8 MiB per chunk still keeps the per-chunk cost (a thread hand-off, a
+# copy launch, an event: tens of us) a few percent of the millisecond or so that one
+# thread takes to read a chunk. scripts/bench_weights_paths.py times other choices.
+CHUNK_BYTES = 8 << 20
+# One thread copies page cache -> user memory at a few GB/s (one core's memcpy); four
+# together outrun the host-to-device copy without taking a busy host's every core (a
+# pool may start a worker per GPU at once).
+READ_THREADS = 4
+# Two slots beyond the readers: one being copied to the device while every reader fills
+# another, and one to spare so a reader never waits on a copy that has just been issued.
+RING_SLOTS = READ_THREADS + 2
+# The same bound as the safetensors library: a header is names, dtypes, shapes, offsets.
+MAX_HEADER_BYTES = 100_000_000
+
+# safetensors dtype names, as safetensors.torch maps them. Sub-byte formats (F4, F6_*)
+# pack several values per byte and change the shape; they are refused.
+DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
+    "F8_E8M0": torch.float8_e8m0fnu,
+    "I16": torch.int16,
+    "U16": torch.uint16,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I32": torch.int32,
+    "U32": torch.uint32,
+    "F32": torch.float32,
+    "C64": torch.complex64,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "U64": torch.uint64,
+}
+_ITEMSIZE = {name: torch.empty((), dtype=dt).element_size() for name, dt in DTYPES.items()}
+_ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
+
+
+class SafetensorsError(ValueError):
+    """The file is not a well-formed safetensors file (or changed while being read)."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of the header; ``begin``/``end`` are offsets in the data region."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass(frozen=True)
+class Header:
+    """A validated header: tensors sorted by offset, covering the data region exactly."""
+
+    tensors: tuple[TensorSpec, ...]
+    data_start: int  # file offset of the data region: 8 + header length
+    data_size: int
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def read_header(path: str) -> Header:
+    """Parse and validate the header of ``path``; ``SafetensorsError`` when it is bad."""
+    fd = _open(path)
+    try:
+        return _read_header(fd)
+    finally:
+        os.close(fd)
+
+
+def load_file(
+    path: str,
+    device: torch.device | str,
+    *,
+    chunk_bytes: int = CHUNK_BYTES,
+    threads: int = READ_THREADS,
+    ring_slots: int = RING_SLOTS,
+) -> dict[str, torch.Tensor]:
+    """The tensors of ``path`` on ``device``, bit-identical to
+    ``safetensors.torch.load_file``; each tensor has its own contiguous storage.
+
+    On CUDA the data is streamed through ``ring_slots`` pinned buffers of ``chunk_bytes``
+    filled by ``threads`` readers. On any other device the same chunking and threading
+    run with plain host buffers and synchronous copies (slower than safetensors' mmap:
+    it is there so that CPU tests cover the chunk logic; the model loader keeps using
+    safetensors for the CPU).
+    """
+    if chunk_bytes < 1 or threads < 1 or ring_slots < 1:
+        raise ValueError("chunk_bytes, threads and ring_slots must be at least 1")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    fd = _open(path)
+    try:
+        header = _read_header(fd)
+        return _stream(fd, header, device, chunk_bytes, threads, ring_slots)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------- header
+
+
+def _open(path: str) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise SafetensorsError(f"cannot open: {e.strerror or e}") from e
+
+
+def _pread_exact(fd: int, size: int, offset: int) -> bytes:
+    out = bytearray()
+    while len(out) < size:
+        part = os.pread(fd, size - len(out), offset + len(out))
+        if not part:
+            break
+        out += part
+    return bytes(out)
+
+
+def _read_header(fd: int) -> Header:
+    file_size = os.fstat(fd).st_size
+    if file_size < 8:
+        raise SafetensorsError(f"file is {file_size} bytes, too short for the 8-byte header length")
+    head = _pread_exact(fd, 8, 0)
+    if len(head) != 8:
+        raise SafetensorsError("file ended inside the header (it changed while being read)")
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER_BYTES:
+        raise SafetensorsError(f"header length {n} is over the {MAX_HEADER_BYTES}-byte limit")
+    if 8 + n > file_size:
+        raise SafetensorsError(
+            f"header length {n} runs past the end of the file ({file_size} bytes)"
+        )
+    raw = _pread_exact(fd, n, 8)
+    if len(raw) != n:
+        raise SafetensorsError("file ended inside the header (it changed while being read)")
+    return parse_header(raw, 8 + n, file_size - 8 - n)
+
+
+def parse_header(raw: bytes, data_start: int, data_size: int) -> Header:
+    """Validate the JSON header ``raw`` for a data region of ``data_size`` bytes that
+    starts at file offset ``data_start``."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SafetensorsError(f"header is not UTF-8: {e}") from e
+    if not text.startswith("{"):
+        raise SafetensorsError("header is not a JSON object")
+    try:
+        doc = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except (ValueError, RecursionError) as e:
+        raise SafetensorsError(f"header is not valid JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise SafetensorsError("header is not a JSON object")
+    metadata = doc.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise SafetensorsError('"__metadata__" must map strings to strings')
+    specs = sorted(
+        (_entry(name, entry) for name, entry in doc.items()), key=lambda s: (s.begin, s.end)
+    )
+    # Sorted by offset, each tensor must start where the previous one ended: the data
+    # region is covered exactly once, with no gap, overlap or trailing bytes.
+    pos, prev = 0, None
+    for s in specs:
+        if s.end > data_size:
+            raise SafetensorsError(
+                f"tensor {s.name!r}: data_offsets [{s.begin}, {s.end}] run past the end of "
+                f"the data ({data_size} bytes): the file is truncated or the offsets wrong"
+            )
+        if s.begin < pos:
+            assert prev is not None
+            raise SafetensorsError(
+                f"tensor {s.name!r}: data_offsets [{s.begin}, {s.end}] overlap tensor "
+                f"{prev.name!r} [{prev.begin}, {prev.end}]"
+            )
+        if s.begin > pos:
+            raise SafetensorsError(
+                f"tensor {s.name!r}: data_offsets [{s.begin}, {s.end}] leave a gap of "
+                f"{s.begin - pos} bytes before it"
+            )
+        pos, prev = s.end, s
+    if pos != data_size:
+        raise SafetensorsError(
+            f"{data_size - pos} bytes after the last tensor: the tensors cover {pos} of the "
+            f"{data_size} data bytes"
+        )
+    return Header(tuple(specs), data_start, data_size, metadata)
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise SafetensorsError(f"header has the key {key!r} twice")
+        out[key] = value
+    return out
+
+
+def _is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _entry(name: str, entry: object) -> TensorSpec:
+    if not isinstance(entry, dict):
+        raise SafetensorsError(f"tensor {name!r}: entry is not a JSON object")
+    if set(entry) != _ENTRY_KEYS:
+        missing, extra = sorted(_ENTRY_KEYS - set(entry)), sorted(set(entry) - _ENTRY_KEYS)
+        raise SafetensorsError(
+            f"tensor {name!r}: entry must have exactly dtype, shape, data_offsets"
+            + (f"; missing {', '.join(missing)}" if missing else "")
+            + (f"; unknown {', '.join(extra)}" if extra else "")
+        )
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise SafetensorsError(
+            f"tensor {name!r}: unsupported dtype {dtype!r}; known: {', '.join(DTYPES)}"
+        )
+    # Dimensions are int64 in torch, even those of an empty tensor.
+    if not isinstance(shape, list) or not all(_is_count(d) and d < 2**63 for d in shape):
+        raise SafetensorsError(
+            f"tensor {name!r}: shape must be a list of integers in [0, 2**63), got {shape!r}"
+        )
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))):
+        raise SafetensorsError(
+            f"tensor {name!r}: data_offsets must be two non-negative integers, got {offsets!r}"
+        )
+    begin, end = offsets
+    if end < begin:
+        raise SafetensorsError(
+            f"tensor {name!r}: data_offsets [{begin}, {end}] end before they start"
+        )
+    expected = math.prod(shape) * _ITEMSIZE[dtype]
+    if end - begin != expected:
+        raise SafetensorsError(
+            f"tensor {name!r}: {dtype} x {shape} is {expected} bytes but data_offsets "
+            f"[{begin}, {end}] hold {end - begin}"
+        )
+    return TensorSpec(name, DTYPES[dtype], tuple(shape), begin, end)
+
+
+# ------------------------------------------------------------------------- streaming
+
+
+def _stream(
+    fd: int, header: Header, device: torch.device, chunk_bytes: int, threads: int, slots: int
+) -> dict[str, torch.Tensor]:
+    """Copy the data region of ``fd`` into new tensors on ``device``, chunk by chunk.
+
+    Chunk ``k`` is the data bytes ``[k * chunk, (k + 1) * chunk)``, read into ring slot
+    ``k % slots``; a tensor may span several chunks and a chunk hold many tensors, so each
+    chunk is copied out piece by piece into the byte views of the tensors it overlaps.
+    """
+    cuda = device.type == "cuda"
+    total = header.data_size
+    if total == 0:
+        return {s.name: torch.empty(s.shape, dtype=s.dtype, device=device) for s in header.tensors}
+    chunk = min(chunk_bytes, total)
+    n_chunks = -(-total // chunk)
+    slots = min(slots, n_chunks)
+    # Destinations and copies both on the current stream: the caching allocator's stream
+    # order then holds as is, with no wait_stream/record_stream.
+    stream = torch.cuda.current_stream(device) if cuda else None
+    ring: list[torch.Tensor] = []
+    views: list[memoryview] = []
+    # After the copies out of a slot, an event: its next read waits for it, so a pinned
+    # buffer is refilled only once the device has taken its bytes.
+    copied: list[torch.cuda.Event | None] = [None] * slots
+    reads: dict[int, Future[None]] = {}
+    pool = ThreadPoolExecutor(max_workers=min(threads, slots), thread_name_prefix="weights")
+
+    def start_read(k: int) -> None:
+        s = k % slots
+        if s == len(ring):
+            # The ring grows as the first reads start, so pinning a slot overlaps the
+            # reads into the slots before it.
+            buf = torch.empty(chunk, dtype=torch.uint8, pin_memory=cuda)
+            ring.append(buf)
+            views.append(buf.numpy().data)
+        lo = k * chunk
+        view = views[s][: min(chunk, total - lo)]
+        reads[k] = pool.submit(_read_into, fd, view, header.data_start + lo, copied[s])
+
+    try:
+        for k in range(slots):
+            start_read(k)
+        # Allocated while the first chunks are being read.
+        out = {s.name: torch.empty(s.shape, dtype=s.dtype, device=device) for s in header.tensors}
+        pieces = [s for s in header.tensors if s.nbytes]
+        dst = [out[s.name].reshape(-1).view(torch.uint8) for s in pieces]
+        first = 0  # pieces before this one are complete
+        for k in range(n_chunks):
+            reads.pop(k).result()
+            lo = k * chunk
+            src = ring[k % slots][: min(chunk, total - lo)]
+            first = _copy_chunk(src, lo, pieces, dst, first, cuda)
+            del src  # only the ring may hold a pinned buffer, so that it is freed below
+            if stream is not None:
+                event = torch.cuda.Event()
+                event.record(stream)
+                copied[k % slots] = event
+            if k + slots < n_chunks:
+                start_read(k + slots)
+        return out
+    finally:
+        # Also on error: readers blocked on an event return, no copy still reads a
+        # pinned buffer when it is freed, and no thread outlives the file descriptor.
+        try:
+            if stream is not None:
+                stream.synchronize()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            views.clear()
+            ring.clear()
+            if cuda:
+                # Freed pinned blocks stay cached (and locked in RAM) in torch's host
+                # allocator; a worker loads once, so give them back to the system.
+                _empty_host_cache()
+
+
+def _empty_host_cache() -> None:
+    """Release torch's cached pinned host blocks (torch >= 2.12; older ones keep them)."""
+    empty = getattr(torch.accelerator, "empty_host_cache", None)
+    if empty is None:
+        empty = getattr(torch._C, "_host_emptyCache", None)  # torch 2.10/2.11 spelling
+    if empty is not None:
+        empty()
+
+
+def _copy_chunk(
+    src: torch.Tensor,
+    lo: int,
+    pieces: list[TensorSpec],
+    dst: list[torch.Tensor],
+    first: int,
+    non_blocking: bool,
+) -> int:
+    """Copy the data bytes ``[lo, lo + len(src))``, held in ``src``, into the byte views
+    ``dst`` of the ``pieces`` they overlap, starting at piece ``first``; returns the first
+    piece not yet complete."""
+    hi = lo + src.numel()
+    i = first
+    while i < len(pieces) and pieces[i].begin < hi:
+        p = pieces[i]
+        a, b = max(p.begin, lo), min(p.end, hi)
+        dst[i][a - p.begin : b - p.begin].copy_(src[a - lo : b - lo], non_blocking=non_blocking)
+        if p.end <= hi:
+            first = i + 1
+        i += 1
+    return first
+
+
+def _read_into(fd: int, view: memoryview, offset: int, after: torch.cuda.Event | None) -> None:
+    if after is not None:
+        after.synchronize()  # the slot's previous chunk has reached the device
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise SafetensorsError(
+                f"file ended at byte {offset + done}, inside the tensor data "
+                "(it was truncated while being read)"
+            )
+        done += n
