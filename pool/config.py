@@ -125,6 +125,8 @@ class PoolConfig:
     # How long the router keeps polling without sleeping after a message (µs); -1: auto,
     # 200 on hosts with 8+ CPUs (it saves a thread wake-up per hop), 0 on smaller ones.
     router_spin_us: int = -1
+    # libzmq I/O threads (they do the socket copies); 0: auto, one per 4 CPUs, 1 to 4.
+    io_threads: int = 0
     curve_secret_key: str | None = None
     curve_authorized_keys: str | None = None
     log_format: str = "text"
@@ -135,6 +137,11 @@ class PoolConfig:
         if self.router_spin_us >= 0:
             return self.router_spin_us
         return 200 if (os.cpu_count() or 1) >= 8 else 0
+
+    def zmq_io_threads(self) -> int:
+        if self.io_threads > 0:
+            return self.io_threads
+        return max(1, min(4, (os.cpu_count() or 2) // 4))
 
     def __post_init__(self) -> None:
         if not self.control:

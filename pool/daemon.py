@@ -80,7 +80,7 @@ class Daemon:
         backend = f"ipc://{self.rundir}/backend.sock"
         # libzmq's I/O threads do the socket copies (large tensors pass through twice: in
         # from a client, out to a worker), in parallel with the Python loop.
-        self.ctx = zmq.Context(io_threads=max(1, min(4, (os.cpu_count() or 2) // 4)))
+        self.ctx = zmq.Context(io_threads=self.pool.zmq_io_threads())
         curve = self._curve()
         self.router = Router(
             self.ctx,

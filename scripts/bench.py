@@ -201,6 +201,14 @@ def section_router(b: Bench) -> None:
             rows[("pool", c)] = b.measure("router", f"pool ({workers} workers)",
                                           pool.frontend, c, load, broker=[pool.proc.pid],
                                           workers=pids, n_workers=workers)
+    for variant in filter(None, a.router_variants.split(";")):
+        opts = {k: int(v) for k, v in (kv.split("=") for kv in variant.split(","))}
+        with b.pool("router-pool-" + variant.replace(",", "-").replace("=", ""), [cfg],
+                    **opts) as pool:
+            pids = pool_worker_pids(pool)
+            for c in clients:
+                b.measure("router", f"pool {variant}", pool.frontend, c, load,
+                          broker=[pool.proc.pid], workers=pids, n_workers=workers)
     for c in clients:
         b.compare(Compare("router", f"req/s, {c} client{'s' * (c > 1)}", "pool",
                           rows[("pool", c)]["rps"], "zmq.proxy", rows[("proxy", c)]["rps"],
@@ -444,6 +452,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="CPU workers for router (default 8 when they fit in memory)")
     ap.add_argument("--max-batch", type=int, default=1, help="pool max_batch (router)")
     ap.add_argument("--max-delay-ms", type=float, default=0.0, help="pool max_delay_ms (router)")
+    ap.add_argument("--router-variants", default="",
+                    help="extra pool rows (router) with other settings, e.g. "
+                         "'router_spin_us=0,io_threads=1;router_spin_us=200' (info only: the "
+                         "compared row always uses the defaults)")
     ap.add_argument("--big-mib", type=int, default=64, help="request size in MiB (big)")
     ap.add_argument("--batch-clients", type=int, default=64, help="clients (batching)")
     ap.add_argument("--batch-delay-ms", type=float, default=3.0, help="max_delay_ms (batching)")
