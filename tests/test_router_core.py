@@ -1,0 +1,371 @@
+"""The router and its C core, driven in one process with fake workers (no torch, no poold).
+
+Each test builds a Router on ipc sockets, plays the workers with DEALER sockets whose
+identities are the worker ids, and plays clients with DEALER sockets (an empty delimiter
+frame, as REQ adds). That reaches every path of router/fastlane.c: the fast path, the
+queue, OVERLOADED, deadlines in the queue and at a worker, late replies, worker loss
+with and without retry, an unreachable worker, and punted messages. The last test is a
+randomised soak whose invariant is "every request gets exactly one answer"; run it
+under AddressSanitizer with scripts/asan_router.sh.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+
+from router import fastlane
+from router import protocol as p
+from router.router import Router
+from router.table import ModelRoute, WorkerSlot
+
+pytestmark = pytest.mark.skipif(not fastlane.available(), reason="router/_fastlane not built")
+
+
+class Events:
+    def __init__(self) -> None:
+        self.events: list[tuple[bytes, dict[str, Any]]] = []
+        self.unreachable: list[bytes] = []
+        self.overdue: list[bytes] = []
+
+    def on_worker_event(self, wid: bytes, event: dict[str, Any]) -> None:
+        self.events.append((wid, event))
+
+    def on_worker_unreachable(self, wid: bytes) -> None:
+        self.unreachable.append(wid)
+
+    def on_worker_overdue(self, slot: WorkerSlot) -> None:
+        self.overdue.append(slot.wid)
+
+
+class Rig:
+    def __init__(self, tmp: str, ctx: zmq.Context[Any]) -> None:
+        self.ctx = ctx
+        self.front = f"ipc://{tmp}/front.sock"
+        self.back = f"ipc://{tmp}/back.sock"
+        self.events = Events()
+        self.observed: list[tuple[str, ...]] = []
+        self.bulk: list[dict[str, int]] = []
+        self.router = Router(
+            ctx,
+            self.front,
+            self.back,
+            self.events,
+            request_grace_s=0.2,
+            observe=lambda *a: self.observed.append(tuple(str(x) for x in a[:3])),
+            observe_bulk=lambda m, v, counts, h, s: self.bulk.append(counts),
+        )
+        self.workers: dict[bytes, zmq.Socket[Any]] = {}
+        self.clients: list[zmq.Socket[Any]] = []
+
+    def route(
+        self, name: str, max_queue: int = 100, timeout_s: float = 30.0, retry: bool = True
+    ) -> ModelRoute:
+        r = ModelRoute(name, max_queue, timeout_s, retry)
+        self.router.add_route(r)
+        return r
+
+    def worker(self, wid: bytes, model: str, credit: int = 2) -> WorkerSlot:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, wid)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.back)
+        self.workers[wid] = sock
+        sock.send_multipart([p.KIND_EVENT, msgpack.packb({"t": "hello"})])
+        slot = WorkerSlot(wid, model, 1, "v1", credit)
+        self.router.add_worker(slot)
+        self.pump_until(lambda: any(w == wid for w, _ in self.events.events))
+        return slot
+
+    def client(self) -> zmq.Socket[Any]:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.front)
+        self.clients.append(sock)
+        return sock
+
+    def pump(self, ms: int = 5) -> None:
+        self.router.pump(ms)
+
+    def pump_until(self, cond: Any, timeout: float = 5.0) -> None:
+        end = time.monotonic() + timeout
+        while not cond():
+            assert time.monotonic() < end, "timed out"
+            self.pump(5)
+
+    def take(self, wid: bytes, timeout: float = 5.0) -> list[bytes]:
+        """Pump until worker ``wid`` receives a request; return [b"R", key, header, ...]."""
+        sock = self.workers[wid]
+        end = time.monotonic() + timeout
+        while not sock.poll(0):
+            assert time.monotonic() < end, f"{wid!r} got nothing"
+            self.pump(5)
+        return sock.recv_multipart()
+
+    def reply(self, wid: bytes, req: list[bytes], status: bytes = b"OK") -> None:
+        rid = msgpack.unpackb(req[2]).get("id")
+        header = msgpack.packb({"ok": status == b"OK", "model": "m", "version": "v1", "id": rid})
+        self.workers[wid].send_multipart([p.KIND_REQUEST, req[1], status, header, req[3]])
+
+    def answer(
+        self, client: zmq.Socket[Any], timeout: float = 5.0
+    ) -> tuple[dict[str, Any], list[bytes]]:
+        end = time.monotonic() + timeout
+        while not client.poll(0):
+            assert time.monotonic() < end, "client got no answer"
+            self.pump(5)
+        frames = client.recv_multipart()
+        assert frames[0] == b"" and frames[1] == p.PROTOCOL
+        return msgpack.unpackb(frames[2]), frames[3:]
+
+    def close(self) -> None:
+        self.router.close()
+        for s in [*self.workers.values(), *self.clients]:
+            s.close(0)
+
+
+def send(client: zmq.Socket[Any], model: str, payload: bytes = b"x" * 16, **extra: Any) -> None:
+    header = {"model": model, "inputs": [{"dtype": "uint8", "shape": [len(payload)]}], **extra}
+    client.send_multipart([b"", p.PROTOCOL, msgpack.packb(header), payload])
+
+
+@pytest.fixture
+def rig(tmp_path: Any) -> Iterator[Rig]:
+    ctx: zmq.Context[Any] = zmq.Context()
+    r = Rig(str(tmp_path), ctx)
+    try:
+        yield r
+    finally:
+        r.close()
+        ctx.term()
+
+
+def test_fast_path_forwards_frames_untouched_and_counts_the_reply(rig: Rig) -> None:
+    rig.route("m")
+    slot = rig.worker(b"w1", "m")
+    rig.router.activate("m", 1, [slot])
+    c = rig.client()
+    send(c, "m", b"\x00\xffabc", id="r1")
+    req = rig.take(b"w1")
+    assert req[0] == p.KIND_REQUEST and len(req[1]) == 8
+    assert msgpack.unpackb(req[2])["id"] == "r1" and req[3] == b"\x00\xffabc"
+    assert slot.load == 1
+    rig.reply(b"w1", req)
+    header, buffers = rig.answer(c)
+    assert header["ok"] and buffers == [b"\x00\xffabc"]
+    assert slot.load == 0 and slot.served == 1
+    rig.router.flush_stats()
+    assert rig.bulk == [{"OK": 1}]
+
+
+def test_no_credit_queues_in_order_then_overloaded(rig: Rig) -> None:
+    rig.route("m", max_queue=2)
+    slot = rig.worker(b"w1", "m", credit=1)
+    rig.router.activate("m", 1, [slot])
+    c = rig.client()
+    for i in range(4):
+        send(c, "m", bytes([i]) * 4, id=i)
+    first = rig.take(b"w1")
+    rig.pump_until(lambda: rig.router.queued_count() == 2 and c.poll(0))
+    header, _ = rig.answer(c)  # the fourth: two waiting already
+    assert header["error"]["code"] == p.OVERLOADED and header["id"] == 3
+    rig.reply(b"w1", first)
+    assert rig.answer(c)[0]["id"] == 0
+    order = [0]
+    for _ in range(2):
+        req = rig.take(b"w1")
+        order.append(msgpack.unpackb(req[2])["id"])
+        rig.reply(b"w1", req)
+        rig.answer(c)
+    assert order == [0, 1, 2]
+    assert rig.router.queued_count() == 0 and slot.load == 0
+
+
+def test_drain_first_holds_requests_until_a_worker_is_activated(rig: Rig) -> None:
+    rig.route("m")
+    old = rig.worker(b"old", "m")
+    rig.router.activate("m", 1, [old])
+    rig.router.deactivate(old)
+    c = rig.client()
+    for i in range(3):
+        send(c, "m", id=i)
+    rig.pump_until(lambda: rig.router.queued_count() == 3)
+    new = rig.worker(b"new", "m", credit=8)
+    rig.router.activate("m", 2, [new])
+    got = sorted(msgpack.unpackb(rig.take(b"new")[2])["id"] for _ in range(3))
+    assert got == [0, 1, 2] and not rig.workers[b"old"].poll(0)
+
+
+def test_deadlines_in_the_queue_and_at_a_worker(rig: Rig) -> None:
+    rig.route("m")
+    slot = rig.worker(b"w1", "m", credit=1)
+    rig.router.activate("m", 1, [slot])
+    c = rig.client()
+    send(c, "m", id="held", timeout_ms=100)
+    send(c, "m", id="queued", timeout_ms=100)
+    held = rig.take(b"w1")
+    time.sleep(0.15)
+    rig.router.sweep(time.monotonic())
+    answers = {rig.answer(c)[0]["id"]: None for _ in range(2)}
+    assert set(answers) == {"held", "queued"}
+    assert rig.router.queued_count() == 0
+    assert slot.load == 1  # the worker still holds "held"; its late reply is dropped
+    dropped = rig.router.dropped_replies
+    rig.reply(b"w1", held)
+    rig.pump_until(lambda: slot.load == 0)
+    assert rig.router.dropped_replies == dropped + 1 and not c.poll(50)
+
+
+def test_a_worker_silent_past_deadline_and_grace_is_reported(rig: Rig) -> None:
+    rig.route("m")
+    slot = rig.worker(b"w1", "m")
+    rig.router.activate("m", 1, [slot])
+    c = rig.client()
+    send(c, "m", timeout_ms=50)
+    rig.take(b"w1")
+    time.sleep(0.1)
+    rig.router.sweep(time.monotonic())
+    assert rig.answer(c)[0]["error"]["code"] == p.DEADLINE_EXCEEDED
+    time.sleep(0.25)
+    rig.router.sweep(time.monotonic())
+    assert rig.events.overdue == [b"w1"] and slot.load == 0
+
+
+@pytest.mark.parametrize("retry", [True, False])
+def test_worker_loss_retries_once_or_answers_worker_lost(rig: Rig, retry: bool) -> None:
+    rig.route("m", retry=retry)
+    a = rig.worker(b"a", "m")
+    rig.router.activate("m", 1, [a])
+    c = rig.client()
+    send(c, "m", b"payload", id=1)
+    rig.take(b"a")
+    b = rig.worker(b"b", "m")
+    rig.router.activate("m", 1, [b])
+    assert rig.router.remove_worker(b"a", lost=True) == 1
+    if retry:
+        again = rig.take(b"b")
+        assert again[3] == b"payload" and msgpack.unpackb(again[2])["id"] == 1
+        rig.reply(b"b", again)
+        assert rig.answer(c)[0]["ok"]
+    else:
+        header, _ = rig.answer(c)
+        assert header["error"]["code"] == p.WORKER_LOST and header["id"] == 1
+    assert a.load == 0 and a.core is None
+
+
+def test_unreachable_worker_is_dropped_and_its_request_rerouted(rig: Rig) -> None:
+    rig.route("m")
+    ghost = WorkerSlot(b"ghost", "m", 1, "v1", 4)  # never connected
+    rig.router.add_worker(ghost)
+    live = rig.worker(b"live", "m")
+    rig.router.activate("m", 1, [ghost, live])
+    c = rig.client()
+    send(c, "m", id=5)
+    req = rig.take(b"live")
+    assert rig.events.unreachable == [b"ghost"]
+    rig.reply(b"live", req)
+    assert rig.answer(c)[0]["ok"]
+
+
+@pytest.mark.parametrize(
+    "frames, code",
+    [
+        ([b"", b"nope"], p.BAD_REQUEST),
+        ([b"", b"gpu-pool/9", b"\x80"], p.UNSUPPORTED_PROTOCOL),
+        ([b"", p.PROTOCOL, b"\xc1"], p.BAD_REQUEST),
+        ([b"", p.PROTOCOL, msgpack.packb({"model": "zz", "inputs": []})], p.NO_SUCH_MODEL),
+    ],
+)
+def test_punted_messages_get_python_errors(rig: Rig, frames: list[bytes], code: str) -> None:
+    rig.route("m")
+    c = rig.client()
+    c.send_multipart(frames)
+    assert rig.answer(c)[0]["error"]["code"] == code
+
+
+def test_a_failed_model_answers_unavailable_and_fails_its_queue(rig: Rig) -> None:
+    route = rig.route("m")
+    c = rig.client()
+    send(c, "m", id=1)
+    rig.pump_until(lambda: rig.router.queued_count() == 1)
+    route.unavailable = "model 'm' is failed: test"
+    assert rig.router.fail_queued("m", p.MODEL_UNAVAILABLE, route.unavailable) == 1
+    send(c, "m", id=2)
+    codes = {rig.answer(c)[0]["id"]: None for _ in range(2)}
+    assert set(codes) == {1, 2} and rig.router.queued_count() == 0
+
+
+def test_soak_every_request_gets_exactly_one_answer(rig: Rig) -> None:
+    """Random traffic, worker churn and deadlines; counts answers per request id."""
+    rng = random.Random(7)
+    rig.route("m", max_queue=40, retry=True)
+    live: dict[bytes, WorkerSlot] = {}
+    serial = 0
+
+    def spawn() -> None:
+        nonlocal serial
+        serial += 1
+        wid = f"w{serial}".encode()
+        live[wid] = rig.worker(wid, "m", credit=rng.randint(1, 4))
+        rig.router.activate("m", 1, list(live.values()))
+
+    for _ in range(3):
+        spawn()
+    clients = [rig.client() for _ in range(4)]
+    sent: dict[int, int] = {}
+    answered: dict[int, int] = {}
+    next_id = 0
+    end = time.monotonic() + 4.0
+    while time.monotonic() < end:
+        for cl in clients:
+            if rng.random() < 0.6:
+                size = rng.choice([0, 8, 5000, 300_000])
+                send(cl, "m", bytes(size), id=next_id, timeout_ms=rng.choice([50, 2000]))
+                sent[next_id] = 1
+                next_id += 1
+        rig.pump(1)
+        for wid in list(live):
+            sock = rig.workers[wid]
+            while sock.poll(0):
+                req = sock.recv_multipart()
+                if req[0] != p.KIND_REQUEST:
+                    continue
+                if rng.random() < 0.05:
+                    continue  # never answered: a deadline or the worker's loss settles it
+                rig.reply(wid, req, b"OK" if rng.random() < 0.9 else b"MODEL_ERROR")
+        if rng.random() < 0.05 and len(live) > 1:
+            wid = rng.choice(list(live))
+            del live[wid]
+            rig.router.remove_worker(wid, lost=True)
+            rig.workers.pop(wid).close(0)
+            spawn()
+        rig.router.sweep(time.monotonic())
+        for cl in clients:
+            while cl.poll(0):
+                header = msgpack.unpackb(cl.recv_multipart()[2])
+                if "id" in header:
+                    answered[header["id"]] = answered.get(header["id"], 0) + 1
+    # settle: answer what workers hold, let deadlines pass
+    settle = time.monotonic() + 3.0
+    while (len(answered) < len(sent) or rig.router.inflight_count()) and time.monotonic() < settle:
+        rig.pump(5)
+        for wid in live:
+            sock = rig.workers[wid]
+            while sock.poll(0):
+                req = sock.recv_multipart()
+                if req[0] == p.KIND_REQUEST:
+                    rig.reply(wid, req)
+        rig.router.sweep(time.monotonic())
+        for cl in clients:
+            while cl.poll(0):
+                header = msgpack.unpackb(cl.recv_multipart()[2])
+                answered[header["id"]] = answered.get(header["id"], 0) + 1
+    assert set(answered) == set(sent), f"{len(sent) - len(answered)} requests unanswered"
+    assert all(n == 1 for n in answered.values())
+    assert rig.router.inflight_count() == 0 and rig.router.queued_count() == 0
