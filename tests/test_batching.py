@@ -1,22 +1,53 @@
-"""workers.batching: batch keys, batch planning, and batched answers that equal the
-unbatched ones request by request."""
+"""Dynamic batching: batch keys, batch planning, the staging arena, the reply codec, and
+batched answers that equal the unbatched ones request by request, from ``run_batch`` up
+to the worker's pipelined serving loop and a real pool."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import os
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
+import msgpack
 import numpy as np
 import pytest
 import torch
+import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from modelkit import make_factory_model, make_mlp, make_two_input, mlp_input, mlp_reference
+from poolkit import running_pool
 
+from router.client import Client
+from router.errors import ModelError
 from workers.batching import batch_key, plan_batches, run_batch
+from workers.codec import (
+    INLINE_LIMIT,
+    TORCH_DTYPES,
+    WIRE_DTYPES,
+    HostOutputs,
+    ReplyEncoder,
+    RequestLayout,
+    decode_inputs,
+    encode_outputs,
+)
 from workers.loader import LoadedModel, ModelOutputError, load_model
+from workers.main import WorkerSpec
+from workers.serve import Gather, Launched, Worker
+from workers.staging import Staged, Stager, TensorSpec
 
 CPU = torch.device("cpu")
+
+# Received frames are wrapped read-only on purpose (workers/codec.py silences torch's
+# warning at import, but pytest's filterwarnings = error resets the filters per test).
+pytestmark = pytest.mark.filterwarnings("ignore:The given buffer is not writable:UserWarning")
 
 
 class CountingModel(LoadedModel):
@@ -262,3 +293,485 @@ def test_planned_batches_answer_like_single_requests(
         got = answers[i]
         assert isinstance(got, list)
         torch.testing.assert_close(got[0], eager_mlp.forward(req)[0], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- staging arena
+
+
+def _spec(t: torch.Tensor) -> TensorSpec:
+    return TensorSpec(t.dtype, tuple(t.shape), t.numel() * t.element_size())
+
+
+def _layout(t: torch.Tensor) -> tuple[torch.dtype, tuple[int, ...]] | None:
+    return (t.dtype, tuple(t.shape[1:])) if t.dim() else None
+
+
+def _put(stager: Stager, t: torch.Tensor) -> Staged:
+    raw = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()  # as a frame's bytes
+    return stager.put(raw, _spec(t), _layout(t))
+
+
+def test_puts_of_one_layout_are_one_block_without_a_copy() -> None:
+    stager = Stager(CPU, pinned=False)
+    stager.reserve(1 << 20)
+    parts = [torch.randn(n, 4, 3) for n in (1, 2, 1)]
+    staged = [_put(stager, t) for t in parts]
+    assert all(isinstance(s, int) for s in staged)
+    block = stager.batch(staged, [_spec(t) for t in parts])
+    assert torch.equal(block, torch.cat(parts))
+    assert stager.owns(block) and block.data_ptr() == stager.arena.data_ptr() + staged[0]
+    # Each staged input reads back as itself, alone too.
+    for s, t in zip(staged, parts, strict=True):
+        assert torch.equal(stager.batch([s], [_spec(t)]), t)
+
+
+def test_interleaved_layouts_are_concatenated_in_the_arena() -> None:
+    stager = Stager(CPU, pinned=False)
+    stager.reserve(1 << 20)
+    a, b, c = torch.randn(1, 4), torch.randn(2, 3).half(), torch.randn(3, 4)
+    sa, sb, sc = (_put(stager, t) for t in (a, b, c))
+    assert isinstance(sb, int) and sb % 256 == 0  # a new layout starts aligned
+    block = stager.batch([sa, sc], [_spec(a), _spec(c)])
+    assert torch.equal(block, torch.cat([a, c])) and stager.owns(block)
+    assert torch.equal(stager.batch([sb], [_spec(b)]), b)
+
+
+def test_a_full_arena_gives_inputs_their_own_memory_then_grows() -> None:
+    stager = Stager(CPU, pinned=False)
+    stager.reserve(1)  # the minimum: 64 KiB
+    size = stager.arena.numel()
+    parts = [torch.randn(1, 4096) for _ in range(6)]  # 16 KiB each, 96 KiB in all
+    staged = [_put(stager, t) for t in parts]
+    assert any(isinstance(s, torch.Tensor) for s in staged)
+    block = stager.batch(staged, [_spec(t) for t in parts])
+    assert torch.equal(block, torch.cat(parts))
+    stager.reset()
+    assert stager.arena.numel() > size
+    staged = [_put(stager, t) for t in parts]
+    assert all(isinstance(s, int) for s in staged)
+    assert torch.equal(stager.batch(staged, [_spec(t) for t in parts]), torch.cat(parts))
+
+
+def test_empty_and_scalar_inputs_stage() -> None:
+    stager = Stager(CPU, pinned=False)
+    stager.reserve(1 << 16)
+    for t in (
+        torch.tensor(2.5),
+        torch.zeros(0, 3),
+        torch.zeros(2, 0),
+        torch.tensor([], dtype=torch.int64),
+    ):
+        s = _put(stager, t)
+        got = stager.batch([s], [_spec(t)])
+        assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t)
+    empties = [torch.zeros(n, 0) for n in (1, 2)]
+    staged = [_put(stager, t) for t in empties]
+    assert stager.batch(staged, [_spec(t) for t in empties]).shape == (3, 0)
+
+
+def test_launch_staging_passes_a_lone_tensor_through() -> None:
+    # The CPU default: inputs are the received frames, concatenated only when batched.
+    stager = Stager(CPU, pinned=False)
+    x, y = torch.randn(2, 5), torch.randn(1, 5)
+    assert stager.batch([x], [_spec(x)]) is x
+    both = stager.batch([x, y], [_spec(x), _spec(y)])
+    assert torch.equal(both, torch.cat([x, y])) and not stager.owns(both)  # no arena yet
+    stager.reset()  # the next batch finds an arena its size
+    both = stager.batch([x, y], [_spec(x), _spec(y)])
+    assert torch.equal(both, torch.cat([x, y])) and stager.owns(both)
+
+
+# ---------------------------------------------------------------- reply and request codec
+
+
+@pytest.mark.parametrize("rid", [None, "r-17", 42])
+def test_reply_pieces_decode_like_the_plain_map(rid: Any) -> None:
+    gen = torch.Generator().manual_seed(3)
+    outputs = [
+        torch.randn(5, 1000, generator=gen).half(),  # a classifier's rows: inline
+        torch.randn(5, 3, 2000, generator=gen),  # 24 KB a row: frames
+        torch.arange(10).reshape(5, 2),
+        torch.randn(5, 2, generator=gen).bfloat16(),
+        torch.zeros(5, 0),
+    ]
+    host = HostOutputs(outputs)
+    encoder = ReplyEncoder("net", "3")
+    for start, stop in ((0, 1), (1, 3), (3, 5), (0, 5)):
+        header, frames = encoder.encode(host, start, stop, rid)
+        got = msgpack.unpackb(header, raw=False)
+        assert got["ok"] is True and got["model"] == "net" and got["version"] == "3"
+        assert got.get("id") == rid and ("id" in got) == (rid is not None)
+        frames_left = iter(frames)
+        for entry, full in zip(got["outputs"], outputs, strict=True):
+            want = full[start:stop].contiguous()
+            data = entry.get("data")
+            raw = bytes(next(frames_left) if data is None else data)
+            assert (data is None) == (len(raw) > INLINE_LIMIT)
+            assert entry["dtype"] == WIRE_DTYPES[want.dtype] and entry["shape"] == list(want.shape)
+            assert raw == bytes(want.reshape(-1).view(torch.uint8).numpy())
+        assert next(frames_left, None) is None
+
+
+def test_whole_outputs_encode_like_before() -> None:
+    header, frames = encode_outputs([torch.tensor(1.5), torch.ones(2, 3)], "m", "v", None)
+    assert msgpack.unpackb(header, raw=False) == {
+        "ok": True,
+        "model": "m",
+        "version": "v",
+        "outputs": [
+            {"dtype": "float32", "shape": [], "data": torch.tensor(1.5).numpy().tobytes()},
+            {"dtype": "float32", "shape": [2, 3], "data": torch.ones(2, 3).numpy().tobytes()},
+        ],
+    }
+    assert frames == []
+    with pytest.raises(TypeError, match="not supported on the wire"):
+        encode_outputs([torch.zeros(2, dtype=torch.complex64)], "m", "v", None)
+
+
+def test_request_layout_checks_frames_against_its_header() -> None:
+    x = torch.randn(2, 8)
+    header = {
+        "model": "m",
+        "id": 9,
+        "inputs": [
+            {"dtype": "float32", "shape": [2, 8]},
+            {"dtype": "int64", "shape": [2], "data": torch.arange(2).numpy().tobytes()},
+        ],
+    }
+    frame = memoryview(x.numpy()).cast("B")
+    tensors = decode_inputs(header, [frame])
+    layout = RequestLayout(header, tensors)
+    assert layout.rid == 9 and layout.size == 2 and layout.bkey == batch_key(tensors)
+    assert layout.fits([frame]) and not layout.fits([frame[:-4]]) and not layout.fits([])
+    again = layout.tensors([frame])
+    assert all(torch.equal(a, b) for a, b in zip(again, tensors, strict=True))
+
+
+# ---------------------------------------------------------------- the pipelined serving loop
+#
+# The GPU's loop, run on the CPU: each launch "runs on the device" for a few milliseconds
+# after it was queued (a fake event), so requests are taken and staged into the other
+# gather while it runs, exactly as with CUDA. The worker runs in this process on a thread,
+# over real ZeroMQ sockets; the test is its router.
+
+
+class _Affine(torch.nn.Module):
+    """Elementwise, so any dtype and shape batches; refuses negative input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() and bool((x < 0).any()):
+            raise ValueError("negative input")
+        return x * 2 + 1
+
+
+class _FakeEvent:
+    """Completes ``delay`` seconds after it was recorded, like a forward on a GPU; keeps a
+    copy of its gather's staged bytes, to catch the loop overwriting them meanwhile."""
+
+    def __init__(self, delay: float, stager: Stager) -> None:
+        self.due = time.monotonic() + delay
+        self.stager = stager
+        self.snapshot = bytes(stager.mem[: stager.offset])
+
+    def query(self) -> bool:
+        return time.monotonic() >= self.due
+
+    def synchronize(self) -> None:
+        time.sleep(max(0.0, self.due - time.monotonic()))
+
+    def intact(self) -> bool:
+        return bytes(self.stager.mem[: len(self.snapshot)]) == self.snapshot
+
+
+class _PipelinedWorker(Worker):
+    delay = 0.004
+    launches = 0
+    overwritten = 0
+
+    @property
+    def asynchronous(self) -> bool:
+        return True
+
+    def record(self, gather: Gather) -> Any:
+        self.launches += 1
+        return _FakeEvent(self.delay * (1 + self.launches % 3), gather.stager)
+
+    overlapped = 0
+
+    def finish(self, launched: Launched) -> None:
+        if not launched.event.intact():
+            self.overwritten += 1
+        other = next(g for g in self.gathers if g.stager is not launched.event.stager)
+        if other.requests:
+            self.overlapped += 1  # requests were taken while this batch "ran"
+        super().finish(launched)
+
+
+class _Harness:
+    def __init__(self, on_arrival: bool, max_batch: int = 16, max_delay_ms: float = 1.0) -> None:
+        self.ctx = zmq.Context()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.bind("inproc://backend")
+        dealer = self.ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.IDENTITY, b"w")
+        dealer.connect("inproc://backend")
+        spec = WorkerSpec(
+            wid="w",
+            backend="inproc://backend",
+            model="affine",
+            path="",
+            version="1",
+            device="cpu",
+            generation=1,
+            max_batch=max_batch,
+            max_delay_ms=max_delay_ms,
+            heartbeat_interval_s=0.05,
+        )
+        self.worker = _PipelinedWorker(spec, dealer)
+        self.worker.model = LoadedModel(_Affine(), CPU, "safetensors", 1)
+        self.worker.prepare_staging([[torch.zeros(1, 64)]])  # small: some requests overflow
+        self.worker.stage_on_arrival = on_arrival
+        self.batches: dict[int, int] = {}
+        self.failure: list[BaseException] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            self.worker.serve()
+        except BaseException as exc:
+            self.failure.append(exc)
+
+    def send(self, key: int, x: torch.Tensor) -> None:
+        header = {
+            "model": "affine",
+            "id": f"id-{key}",
+            "inputs": [{"dtype": WIRE_DTYPES[x.dtype], "shape": list(x.shape)}],
+        }
+        raw = x.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        self.router.send_multipart([b"w", b"R", struct.pack("<Q", key), msgpack.packb(header), raw])
+
+    def receive(self) -> tuple[int, bytes, dict[str, Any], list[torch.Tensor]]:
+        """The next reply: (key, status, header, outputs); heartbeats are tallied."""
+        while True:
+            if not self.router.poll(10_000):
+                raise AssertionError(f"no reply within 10 s; worker failure: {self.failure}")
+            frames = self.router.recv_multipart()
+            if frames[1] == b"E":
+                event = msgpack.unpackb(frames[2], raw=False)
+                for size, n in event.get("batches", []):
+                    self.batches[size] = self.batches.get(size, 0) + n
+                continue
+            (key,) = struct.unpack("<Q", frames[2])
+            header = msgpack.unpackb(frames[4], raw=False)
+            outputs, more = [], iter(frames[5:])
+            for entry in header.get("outputs", []):
+                data = entry.get("data")
+                raw = bytearray(next(more) if data is None else data)
+                dtype = TORCH_DTYPES[entry["dtype"]]
+                t = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+                outputs.append(t.reshape(entry["shape"]))
+            return key, frames[3], header, outputs
+
+    def stop(self) -> None:
+        self.router.send_multipart([b"w", b"C", msgpack.packb({"t": "stop"})])
+        self.thread.join(10)
+        assert not self.thread.is_alive() and not self.failure, self.failure
+        assert self.worker.overwritten == 0, "a gather's arena changed while its batch ran"
+
+    def close(self) -> None:
+        self.worker.sock.close(linger=0)
+        self.router.close(linger=0)
+        self.ctx.term()
+
+
+def _mixed(i: int, gen: torch.Generator) -> torch.Tensor:
+    """Request ``i``: one of several dtypes and shapes, 0 to 3 rows (or a scalar)."""
+    rows = int(torch.randint(0, 4, (), generator=gen))
+    kind = i % 7
+    if kind == 0:
+        return torch.randn(rows, 4, generator=gen).abs()
+    if kind == 1:
+        return torch.randn(rows, 3, 5, generator=gen).abs().half()
+    if kind == 2:
+        return torch.randint(0, 100, (rows, 7), generator=gen)
+    if kind == 3:
+        return torch.randn(rows, generator=gen).abs().double()
+    if kind == 4:
+        return torch.randn(rows, 2, generator=gen).abs().bfloat16()
+    if kind == 5:
+        return torch.tensor(float(i))  # no batch dimension: runs alone
+    return torch.randint(0, 255, (rows, 8192), generator=gen, dtype=torch.uint8)  # 8 KiB a row
+
+
+@pytest.fixture(params=[True, False], ids=["staged-on-arrival", "staged-at-launch"])
+def harness(request: pytest.FixtureRequest) -> Iterator[_Harness]:
+    h = _Harness(on_arrival=request.param)
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+def test_pipelined_answers_equal_unbatched_per_request(harness: _Harness) -> None:
+    gen = torch.Generator().manual_seed(5)
+    total, in_flight = 600, 40
+    sent: dict[int, torch.Tensor] = {}
+    for key in range(in_flight):
+        sent[key] = _mixed(key, gen)
+        harness.send(key, sent[key])
+    answered = 0
+    while answered < total:
+        key, status, header, outputs = harness.receive()
+        x = sent.pop(key)
+        assert status == b"OK", header
+        assert header["id"] == f"id-{key}" and header["version"] == "1"
+        (got,) = outputs
+        want = _Affine()(x)
+        assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
+        answered += 1
+        nxt = answered + in_flight - 1
+        if nxt < total:
+            sent[nxt] = _mixed(nxt, gen)
+            harness.send(nxt, sent[nxt])
+    assert not sent
+    harness.stop()
+    assert max(harness.batches) > 4  # batches did form while the previous one "ran"
+    assert harness.worker.overlapped > 10
+    assert sum(size * n for size, n in harness.batches.items()) >= total - 100
+
+
+def test_a_failing_request_mid_pipeline_fails_alone(harness: _Harness) -> None:
+    gen = torch.Generator().manual_seed(6)
+    bad = {13, 50, 51, 97}
+    total = 160
+    sent = {}
+    for key in range(total):  # a burst: several launches, some while others "run"
+        x = torch.randn(1 + key % 2, 4, generator=gen).abs()
+        sent[key] = -x if key in bad else x
+        harness.send(key, sent[key])
+    for _ in range(total):
+        key, status, header, outputs = harness.receive()
+        if key in bad:
+            assert status == b"MODEL_ERROR" and header["error"]["code"] == "MODEL_ERROR"
+            assert "negative input" in header["error"]["message"] and header["id"] == f"id-{key}"
+        else:
+            assert status == b"OK" and torch.equal(outputs[0], sent[key] * 2 + 1)
+        del sent[key]
+    # The worker goes on batching afterwards.
+    harness.send(1000, torch.ones(2, 4))
+    key, status, _, outputs = harness.receive()
+    assert (key, status) == (1000, b"OK") and torch.equal(outputs[0], torch.full((2, 4), 3.0))
+    harness.stop()
+
+
+def test_stop_answers_every_request_taken(harness: _Harness) -> None:
+    for key in range(48):
+        harness.send(key, torch.full((1, 4), float(key)))
+    harness.router.send_multipart([b"w", b"C", msgpack.packb({"t": "stop"})])
+    keys = set()
+    for _ in range(48):
+        key, status, _, outputs = harness.receive()
+        assert status == b"OK" and torch.equal(outputs[0], torch.full((1, 4), 2.0 * key + 1))
+        keys.add(key)
+    assert keys == set(range(48))
+    harness.stop()
+
+
+# ---------------------------------------------------------------- through a real pool
+
+
+@pytest.mark.parametrize("on_arrival", ["1", "0"], ids=["staged-on-arrival", "staged-at-launch"])
+def test_pool_batches_concurrent_clients_per_request(tmp_path: Path, on_arrival: str) -> None:
+    """One worker, 12 client threads with mixed row counts and ids, a poisoned client:
+    every answer is the one its request gets alone, matched by id."""
+    d = str(tmp_path)
+    mlp = make_factory_model(os.path.join(d, "mlp"), 7, forward="raise_if_negative")
+    pair = make_two_input(os.path.join(d, "pair", "v1.pt"))
+    models = [
+        {
+            "name": "mlp",
+            "path": mlp,
+            "version": "7",
+            "devices": ["cpu"],
+            "max_batch": 8,
+            "max_delay_ms": 3.0,
+        },
+        {
+            "name": "pair",
+            "path": pair,
+            "version": "1",
+            "devices": ["cpu"],
+            "max_batch": 8,
+            "max_delay_ms": 3.0,
+        },
+    ]
+    errors: list[str] = []
+
+    def client(idx: int) -> None:
+        with Client(pool.frontend, retries=1, timeout=30) as c:
+            for i in range(60):
+                rid = f"{idx}-{i}"
+                try:
+                    if idx % 3 == 2:
+                        a = np.full((1 + i % 3, 4), i, np.float32)
+                        b = np.full((1 + i % 3, 4), idx, np.float32)
+                        r = c.infer("pair", a, b, id=rid)
+                        ok = np.array_equal(r.outputs[0], a + b) and np.array_equal(
+                            r.outputs[1], a * b
+                        )
+                    else:
+                        x = mlp_input(1 + (i + idx) % 3, seed=idx * 1000 + i)
+                        poisoned = idx == 0 and i % 10 == 5
+                        if poisoned:
+                            x = -np.abs(x) - 1
+                        try:
+                            r = c.infer("mlp", x, id=rid)
+                        except ModelError as exc:
+                            ok = poisoned and "negative input" in str(exc)
+                            if not ok:
+                                errors.append(f"{rid}: {exc}")
+                            continue
+                        ok = not poisoned and np.allclose(
+                            r.outputs[0], mlp_reference(7, x), rtol=1e-5, atol=1e-6
+                        )
+                    if not ok or r.id != rid:
+                        errors.append(f"{rid}: wrong answer {r}")
+                except Exception as exc:
+                    errors.append(f"{rid}: {type(exc).__name__}: {exc}")
+
+    env = {"GPU_POOL_STAGE_ON_ARRIVAL": on_arrival}
+    with running_pool(d, models, env_extra=env) as pool:
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors[:5]
+
+
+def test_worker_host_bench_runs(tmp_path: Path) -> None:
+    """scripts/bench_worker_host.py (one worker over its DEALER protocol) on the CPU."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [
+        sys.executable,
+        os.path.join(root, "scripts", "bench_worker_host.py"),
+        "--json",
+        "--seconds",
+        "1",
+        "--warmup-s",
+        "0.5",
+        "--inflight",
+        "8",
+        "--max-batch",
+        "8",
+        "--reference",
+        "--reference-s",
+        "0.3",
+    ]
+    env = dict(os.environ, PYTHONPATH=root)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["errors"] == 0 and result["requests"] > 0
+    assert result["worker_main_thread_us"] > 0 and result["reference"]["images_per_s"] > 0

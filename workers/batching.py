@@ -10,13 +10,20 @@ then run one by one. A model that must never be batched sets ``max_batch = 1``.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import torch
 
 from workers.loader import LoadedModel
 
-__all__ = ["BatchKey", "batch_key", "plan_batches", "run_batch"]
+__all__ = [
+    "BatchKey",
+    "GroupResult",
+    "batch_key",
+    "forward_group",
+    "plan_batches",
+    "run_batch",
+]
 
 BatchKey = tuple[tuple[torch.dtype, tuple[int, ...]], ...]
 
@@ -64,6 +71,75 @@ def plan_batches(
     return batches
 
 
+class GroupResult:
+    """What one forward group produced: the whole batch's outputs (``outputs``, cut back
+    into requests by ``sizes`` rows each), or one result per request (``alone``) when the
+    requests ran one by one."""
+
+    __slots__ = ("alone", "outputs", "sizes")
+
+    def __init__(
+        self,
+        sizes: list[int],
+        outputs: list[torch.Tensor] | None,
+        alone: list[list[torch.Tensor] | BaseException] | None = None,
+    ) -> None:
+        self.sizes = sizes
+        self.outputs = outputs
+        self.alone = alone
+
+    def split(self) -> list[list[torch.Tensor] | BaseException]:
+        """One entry per request: its outputs, or the exception its forward raised."""
+        if self.alone is not None:
+            return self.alone
+        assert self.outputs is not None
+        pieces = [torch.split(o, self.sizes) for o in self.outputs]
+        return [[p[j] for p in pieces] for j in range(len(self.sizes))]
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def forward_group(
+    model: LoadedModel,
+    sizes: Sequence[int],
+    keys: Sequence[Hashable | None],
+    stacked: Callable[[], list[torch.Tensor]],
+    alone: Callable[[int], list[torch.Tensor]],
+    fetch: Callable[[torch.Tensor], torch.Tensor] = _same,
+) -> GroupResult:
+    """Run a group of requests as one forward when possible.
+
+    The requests are described by their first-dim ``sizes`` and batch ``keys``;
+    ``stacked()`` builds the batch's inputs (their concatenation, on the model's device)
+    and ``alone(j)`` request ``j``'s own inputs, so the caller decides where the bytes
+    come from (the worker: its staging arena) and nothing is built that is not needed.
+    ``fetch`` turns an output into what the caller keeps (the worker starts the copy back
+    to the host there, without waiting for it). When the batched forward raises or its
+    outputs cannot be split by request, every request runs alone, so that only the one
+    at fault gets an error.
+    """
+    n = len(sizes)
+
+    def one(j: int) -> list[torch.Tensor] | BaseException:
+        try:
+            return [fetch(o) for o in model.forward(alone(j))]
+        except Exception as e:  # the model's fault, reported to this request's client
+            return e
+
+    if n > 1 and keys[0] is not None and all(k == keys[0] for k in keys):
+        total = sum(sizes)
+        try:
+            outputs = model.forward(stacked())
+            if outputs and all(o.dim() and o.shape[0] == total for o in outputs):
+                return GroupResult(list(sizes), [fetch(o) for o in outputs])
+        except Exception:
+            pass  # find out whose input fails: below
+    # One request, requests the planner would not have grouped, or a failed batch.
+    return GroupResult(list(sizes), None, [one(j) for j in range(n)])
+
+
 def run_batch(
     model: LoadedModel, requests: Sequence[Sequence[torch.Tensor]]
 ) -> list[list[torch.Tensor] | BaseException]:
@@ -73,29 +149,11 @@ def run_batch(
     When the batched forward raises or its outputs cannot be split by request, every
     request is run alone so that only the one at fault gets an error.
     """
-    if len(requests) <= 1:
-        return [_run_one(model, r) for r in requests]
-    keys = [batch_key(r) for r in requests]
-    if keys[0] is None or any(k != keys[0] for k in keys):
-        # Not one batch (the planner would not have grouped them): run each alone.
-        return [_run_one(model, r) for r in requests]
-    sizes = [int(r[0].shape[0]) for r in requests]
-    total = sum(sizes)
-    try:
-        stacked = [torch.cat(list(parts)) for parts in zip(*requests, strict=True)]
-        outputs = model.forward(stacked)
-    except Exception:
-        return [_run_one(model, r) for r in requests]
-    if not outputs or any(o.dim() == 0 or o.shape[0] != total for o in outputs):
-        return [_run_one(model, r) for r in requests]
-    pieces = [torch.split(o, sizes) for o in outputs]
-    return [[p[j] for p in pieces] for j in range(len(requests))]
-
-
-def _run_one(
-    model: LoadedModel, inputs: Sequence[torch.Tensor]
-) -> list[torch.Tensor] | BaseException:
-    try:
-        return model.forward(inputs)
-    except Exception as e:  # the model's fault, reported to this request's client
-        return e
+    sizes = [int(r[0].shape[0]) if r and r[0].dim() else 1 for r in requests]
+    return forward_group(
+        model,
+        sizes,
+        [batch_key(r) for r in requests],
+        lambda: [torch.cat(list(parts)) for parts in zip(*requests, strict=True)],
+        lambda j: list(requests[j]),
+    ).split()

@@ -11,9 +11,12 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 import msgpack
+import numpy as np
 import torch
 
 from router import protocol as p
+from workers.batching import batch_key
+from workers.staging import TensorSpec
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
@@ -84,28 +87,168 @@ def decode_inputs(header: dict[str, Any], buffers: Sequence[Any]) -> list[torch.
     return tensors
 
 
+class RequestLayout:
+    """What a request header says, checked once and kept per distinct header bytes.
+
+    Clients send the same header again and again (the same model and input shapes, no
+    id or the same one), so the worker decodes and validates a header the first time it
+    sees it and afterwards only checks the tensor frames' sizes against it.
+    """
+
+    __slots__ = ("bkey", "frame_nbytes", "inline", "layouts", "rid", "size", "specs")
+
+    def __init__(self, header: dict[str, Any], tensors: Sequence[torch.Tensor]) -> None:
+        """``tensors``: what ``decode_inputs`` made of this header (it validated it)."""
+        self.rid: Any = header.get("id")
+        self.specs = tuple(
+            TensorSpec(t.dtype, tuple(t.shape), t.numel() * t.element_size()) for t in tensors
+        )
+        maps = cast(list[dict[str, Any]], header["inputs"])
+        # Per input: its inline bytes (None: its bytes are the next frame).
+        self.inline: tuple[Any, ...] = tuple(m.get("data") for m in maps)
+        self.frame_nbytes = tuple(
+            s.nbytes for s, data in zip(self.specs, self.inline, strict=True) if data is None
+        )
+        self.size = int(tensors[0].shape[0]) if tensors and tensors[0].dim() else 1
+        self.bkey = batch_key(tensors)
+        # Per input, what consecutive inputs must share to lie back to back in a batch.
+        self.layouts = tuple((s.dtype, s.shape[1:]) if s.shape else None for s in self.specs)
+
+    def fits(self, buffers: Sequence[Any]) -> bool:
+        """Whether ``buffers`` (the tensor frames) are the ones this header describes."""
+        sizes = self.frame_nbytes
+        if len(buffers) != len(sizes):
+            return False
+        if len(sizes) == 1:  # the usual request: one tensor frame
+            return len(buffers[0]) == sizes[0]
+        return all(len(b) == n for b, n in zip(buffers, sizes, strict=True))
+
+    def sources(self, buffers: Sequence[Any]) -> Sequence[Any]:
+        """Each input's bytes: inline from the header, or its frame."""
+        if len(buffers) == len(self.inline):
+            return buffers  # every input in a frame of its own
+        frames = iter(buffers)
+        return [next(frames) if data is None else data for data in self.inline]
+
+    def tensors(self, buffers: Sequence[Any]) -> list[torch.Tensor]:
+        """The inputs wrapped without a copy (what ``decode_inputs`` returns)."""
+        out: list[torch.Tensor] = []
+        for spec, data in zip(self.specs, self.sources(buffers), strict=True):
+            if spec.nbytes == 0:
+                out.append(torch.empty(spec.shape, dtype=spec.dtype))
+            else:
+                flat = torch.frombuffer(memoryview(data).cast("B"), dtype=spec.dtype)
+                out.append(flat.view(spec.shape))
+        return out
+
+
+def _bin_header(n: int) -> bytes:
+    if n < 0x100:
+        return b"\xc4" + n.to_bytes(1, "big")
+    if n < 0x10000:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")
+
+
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 0x10000:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+_DTYPE_KEY = msgpack.packb("dtype")
+_SHAPE_KEY = msgpack.packb("shape")
+_DATA_KEY = msgpack.packb("data")
+_ID_KEY = msgpack.packb("id")
+_EMPTY = np.empty(0, dtype=np.uint8)
+
+
+class HostOutputs:
+    """A forward's outputs on the host, ready to be cut into replies by row range.
+
+    Each output is made contiguous once and viewed as flat bytes; a request's part is a
+    slice of those bytes (no torch op per request), inlined in its reply header up to
+    ``INLINE_LIMIT`` bytes and sent as a zero-copy frame beyond. Raises TypeError for a
+    dtype that has no wire name.
+    """
+
+    __slots__ = ("dtype_parts", "flats", "row_bytes", "shapes")
+
+    def __init__(self, outputs: Sequence[torch.Tensor]) -> None:
+        self.dtype_parts: list[bytes] = []
+        self.flats: list[np.ndarray[Any, Any]] = []
+        self.row_bytes: list[int] = []
+        self.shapes: list[list[int]] = []
+        for t in outputs:
+            t = t.detach()
+            if t.device.type != "cpu":
+                t = t.cpu()
+            t = t.contiguous()
+            name = WIRE_DTYPES.get(t.dtype)
+            if name is None:
+                raise TypeError(f"output dtype {t.dtype} is not supported on the wire")
+            flat = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else _EMPTY
+            self.dtype_parts.append(_DTYPE_KEY + msgpack.packb(name))
+            self.flats.append(flat)  # the array keeps the tensor's storage alive
+            shape = list(t.shape)
+            self.shapes.append(shape)
+            rows = shape[0] if shape else 1
+            self.row_bytes.append(len(flat) // rows if rows else 0)
+
+    def pieces(self, start: int, stop: int | None, items: list[Any], frames: list[Any]) -> None:
+        """Append the msgpack tensor maps of rows ``start:stop`` (None: the whole tensors,
+        0-d ones included) to ``items``, and their out-of-line bytes to ``frames``."""
+        for dtype_part, flat, row_bytes, shape in zip(
+            self.dtype_parts, self.flats, self.row_bytes, self.shapes, strict=True
+        ):
+            if stop is None:
+                data = flat
+            else:
+                data = flat[start * row_bytes : stop * row_bytes]
+                shape = [stop - start, *shape[1:]]
+            packed_shape = msgpack.packb(shape)
+            if len(data) <= INLINE_LIMIT:
+                header = _bin_header(len(data))
+                items += (b"\x83", dtype_part, _SHAPE_KEY, packed_shape, _DATA_KEY, header, data)
+            else:
+                items += (b"\x82", dtype_part, _SHAPE_KEY, packed_shape)
+                frames.append(data)
+
+
+class ReplyEncoder:
+    """Reply headers of one model version: the fixed keys are packed once.
+
+    The header is the map ``{"ok": true, "model", "version", "outputs": [...], "id"}``
+    built by joining packed pieces, so a reply costs no dict and no second copy of its
+    inline bytes.
+    """
+
+    def __init__(self, model: str, version: str) -> None:
+        fixed = {"ok": True, "model": model, "version": version}
+        self.fixed = b"".join(msgpack.packb(k) + msgpack.packb(v) for k, v in fixed.items())
+        self.outputs_key = msgpack.packb("outputs")
+
+    def encode(
+        self, outputs: HostOutputs, start: int, stop: int | None, rid: Any
+    ) -> tuple[bytes, list[Any]]:
+        """Header and frames of the reply carrying rows ``start:stop`` of ``outputs``."""
+        items: list[Any] = [
+            b"\x84" if rid is None else b"\x85",
+            self.fixed,
+            self.outputs_key,
+            _array_header(len(outputs.flats)),
+        ]
+        frames: list[Any] = []
+        outputs.pieces(start, stop, items, frames)
+        if rid is not None:
+            items += (_ID_KEY, msgpack.packb(rid))
+        return b"".join(items), frames
+
+
 def encode_outputs(
     outputs: Sequence[torch.Tensor], model: str, version: str, rid: Any
 ) -> tuple[bytes, list[Any]]:
     """Reply header and the frames of the larger outputs (zero-copy numpy views)."""
-    maps: list[dict[str, Any]] = []
-    frames: list[Any] = []
-    for t in outputs:
-        t = t.detach()
-        if t.device.type != "cpu":
-            t = t.cpu()
-        t = t.contiguous()
-        name = WIRE_DTYPES.get(t.dtype)
-        if name is None:
-            raise TypeError(f"output dtype {t.dtype} is not supported on the wire")
-        raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
-        entry: dict[str, Any] = {"dtype": name, "shape": list(t.shape)}
-        if len(raw) <= INLINE_LIMIT:
-            entry["data"] = bytes(raw)
-        else:
-            frames.append(raw)  # the numpy array keeps the tensor's storage alive
-        maps.append(entry)
-    body: dict[str, Any] = {"ok": True, "model": model, "version": version, "outputs": maps}
-    if rid is not None:
-        body["id"] = rid
-    return msgpack.packb(body), frames
+    return ReplyEncoder(model, version).encode(HostOutputs(outputs), 0, None, rid)

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
+import threading
 import time
+from queue import SimpleQueue
 from typing import Any
 
 import torch
 import zmq
 
 from router import protocol as p
-from router.frames import recv_frames, send_frames
-from workers.batching import batch_key, plan_batches
-from workers.codec import WIRE_DTYPES, decode_inputs, encode_outputs
+from workers.batching import GroupResult, forward_group, plan_batches
+from workers.codec import WIRE_DTYPES, HostOutputs, ReplyEncoder, RequestLayout, decode_inputs
 from workers.loader import LoadedModel, ModelLoadError, load_model
 from workers.main import (
     EXIT_LOAD_FAILED,
@@ -25,7 +27,7 @@ from workers.main import (
     send_event,
 )
 from workers.manifest import ManifestError, load_manifest
-from workers.staging import Stager
+from workers.staging import ALIGN, Staged, Stager
 from workers.warmup import ValidationError, WarmupError, example_inputs, validate, warm_up
 
 log = logging.getLogger(__name__)
@@ -40,16 +42,146 @@ def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)))
 
 
+# Copy each request into the pinned staging arena as it arrives ("1") or when its batch
+# is launched ("0"). Default: on arrival on a GPU (the copy overlaps the running
+# forward), at launch on a CPU (nothing runs meanwhile, and a request that runs alone
+# is then passed to the model without any copy). Tests set it to run the GPU's host
+# path on a CPU.
+STAGE_ON_ARRIVAL_ENV = "GPU_POOL_STAGE_ON_ARRIVAL"
+CPU = torch.device("cpu")
+# Request headers remembered, already checked: a header longer than this carries inline
+# tensor bytes (not worth keeping), and a worker sees few distinct headers unless every
+# request has its own id (then the table is cleared whenever it fills up).
+MAX_LAYOUT_HEADER = 1024
+MAX_LAYOUTS = 256
+
+
+NOBLOCK = int(zmq.NOBLOCK)
+SNDMORE = int(zmq.SNDMORE)
+
+
+def recv_message(sock: zmq.Socket[Any]) -> list[zmq.Frame]:
+    """One whole message as zero-copy frames; raises zmq.Again if none waits. (pyzmq's
+    keyword arguments cost a few microseconds per call: positional only, here.)"""
+    recv = sock.recv
+    frame = recv(NOBLOCK, False)
+    frames = [frame]
+    while frame.more:
+        frame = recv(0, False)
+        frames.append(frame)
+    return frames
+
+
+def send_reply(
+    sock: zmq.Socket[Any], key: bytes, status: bytes, header: bytes, frames: list[Any]
+) -> None:
+    """``R, key, status, header, *frames``: the small parts copied (cheaper than a
+    zero-copy frame below 64 KiB), the tensor frames without a copy."""
+    send = sock.send
+    send(p.KIND_REQUEST, SNDMORE)
+    send(key, SNDMORE)
+    send(status, SNDMORE)
+    if not frames:
+        send(header, 0)
+        return
+    send(header, SNDMORE)
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        send(frame, SNDMORE if i < last else 0, False)
+
+
 class Pending:
-    """A decoded request waiting for its batch."""
+    """A request waiting for its batch: its header's layout and its staged inputs (arena
+    offsets or tensors, see ``workers.staging``)."""
 
-    __slots__ = ("key", "header", "inputs", "size")
+    __slots__ = ("key", "layout", "staged")
 
-    def __init__(self, key: bytes, header: dict[str, Any], inputs: list[torch.Tensor]) -> None:
+    def __init__(self, key: bytes, layout: RequestLayout, staged: list[Staged]) -> None:
         self.key = key
-        self.header = header
-        self.inputs = inputs
-        self.size = int(inputs[0].shape[0]) if inputs and inputs[0].dim() > 0 else 1
+        self.layout = layout
+        self.staged = staged
+
+
+class Gather:
+    """Requests taken for the next launch, and the arena they are staged in.
+
+    The worker has two and alternates them: one is being launched or waits for its
+    forward to complete, the other takes requests meanwhile. A gather is reset only
+    after its previous launch completed, so its arena is free again by then.
+    """
+
+    __slots__ = ("requests", "rows", "since", "stager")
+
+    def __init__(self, device: torch.device) -> None:
+        self.stager = Stager(device)
+        self.requests: list[Pending] = []
+        self.rows = 0
+        self.since = 0.0  # when the first request was taken
+
+    def reset(self) -> None:
+        self.requests = []
+        self.rows = 0
+        self.stager.reset()
+
+
+class Launched:
+    """A gather whose forwards were queued on the device; answerable once ``event`` (None
+    on a CPU: the forward already ran) has completed."""
+
+    __slots__ = ("event", "groups")
+
+    def __init__(self, groups: list[tuple[list[Pending], GroupResult]], event: Any) -> None:
+        self.groups = groups
+        self.event = event
+
+    def done(self) -> bool:
+        return self.event is None or bool(self.event.query())
+
+    def wait(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+
+
+class Completions:
+    """Wakes the serving loop (a readable eventfd) when a launched batch's CUDA event
+    completes, so that the loop can block in one poll on both its socket and the GPU.
+
+    A thread waits on the events (``synchronize`` releases the GIL; the events are
+    created with ``blocking=True`` so it sleeps rather than spins). The loop itself still
+    checks ``Launched.done`` first, so a late wake-up costs one spare poll, not latency.
+    """
+
+    def __init__(self) -> None:
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.queue: SimpleQueue[Any] = SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="completions", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (event := self.queue.get()) is not None:
+            try:
+                event.synchronize()
+            except Exception:
+                pass  # a device error: the serving loop meets it when it queries the event
+            try:
+                os.eventfd_write(self.fd, 1)
+            except OSError:
+                return  # closed: the loop has ended
+
+    def watch(self, event: Any) -> None:
+        self.queue.put(event)
+
+    def clear(self) -> None:
+        try:
+            os.eventfd_read(self.fd)
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join(1.0)
+        if not self.thread.is_alive():  # else it may still write: leave the fd to the exit
+            os.close(self.fd)
 
 
 class Worker:
@@ -57,8 +189,11 @@ class Worker:
         self.spec = spec
         self.sock = sock
         self.device = torch.device("cpu")
-        self.stager = Stager(self.device)
         self.model: LoadedModel | None = None
+        self.encoder = ReplyEncoder(spec.model, spec.version)
+        self.gathers: tuple[Gather, Gather] = (Gather(self.device), Gather(self.device))
+        self.stage_on_arrival = False
+        self.layouts: dict[bytes, RequestLayout] = {}
         self.served = 0
         self.stopping = False
         self.last_beat = 0.0
@@ -76,7 +211,6 @@ class Worker:
         t0 = time.monotonic()
         if spec.device.startswith("cuda"):
             self.device = torch.device("cuda", 0)
-            self.stager = Stager(self.device)
             torch.cuda.init()
             torch.empty(1, device=self.device)
             torch.cuda.synchronize()
@@ -110,6 +244,7 @@ class Worker:
             except ValidationError as exc:
                 return self.fail("validate", exc, EXIT_VALIDATION_FAILED)
             timings["validate_s"] = time.monotonic() - t3
+        self.prepare_staging(sets)
         gpu = torch.cuda.memory_reserved(self.device) if self.device.type == "cuda" else 0
         self.event(
             "ready",
@@ -121,6 +256,25 @@ class Worker:
         self.serve()
         self.event("bye", served=self.served)
         return EXIT_OK
+
+    def prepare_staging(self, sets: list[list[torch.Tensor]]) -> None:
+        """Two gathers on this device, their arenas sized for a full batch of the warm-up
+        inputs, so that serving starts without allocating pinned memory."""
+        env = os.environ.get(STAGE_ON_ARRIVAL_ENV, "")
+        self.stage_on_arrival = env == "1" if env in ("0", "1") else self.device.type == "cuda"
+        self.gathers = (Gather(self.device), Gather(self.device))
+        per_row = 0
+        for inputs in sets:
+            row = 0
+            for t in inputs:
+                rows = int(t.shape[0]) if t.dim() and t.shape[0] else 1
+                row += t.numel() * t.element_size() // rows + ALIGN
+            per_row = max(per_row, row)
+        try:
+            for gather in self.gathers:
+                gather.stager.reserve(per_row * max(1, self.spec.max_batch))
+        except RuntimeError as exc:  # no pinned memory now: the arenas grow when used
+            log.warning("worker %s: staging arenas not reserved: %s", self.spec.wid, exc)
 
     def fail(self, stage: str, exc: BaseException, code: int) -> int:
         reason = f"{type(exc).__name__}: {exc}"
@@ -134,33 +288,96 @@ class Worker:
 
     # ------------------------------------------------------------------- serving
     def serve(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
-        interval_ms = max(1, int(self.spec.heartbeat_interval_s * 1000))
+        """Take requests, launch batches, answer them; heartbeats between.
+
+        On a GPU the loop is a two-stage pipeline: while batch k's forward runs (its
+        inputs copied to the device from one gather's pinned arena, its outputs copied
+        back into pinned memory, an event recorded after them), requests for batch k+1
+        are received, decoded and copied into the other gather's arena. Once batch k
+        has completed and been answered, batch k+1 is launched: at once if it took
+        requests while k ran (they have waited for company already), else when it is
+        full or ``max_delay_ms`` after its first request. A launch comes only after the
+        previous one completed, so the worker holds at most two batches, the router's
+        credit. On a CPU the forward completes when it is launched, and the loop is the
+        plain take-run-answer cycle.
+        """
+        sock = self.sock
         max_batch = max(1, self.spec.max_batch)
         delay = self.spec.max_delay_ms / 1000.0
+        interval = self.spec.heartbeat_interval_s
+        gathers = (self.gathers[0], self.gathers[1])
+        gather = gathers[0]
+        running: Launched | None = None
+        completions = Completions() if self.asynchronous else None
+        take_or_wake = zmq.Poller()  # requests, or the running batch completing
+        take_or_wake.register(sock, zmq.POLLIN)
+        wake_only = zmq.Poller()  # the next batch is full: only completion matters
+        if completions is not None:
+            take_or_wake.register(completions.fd, zmq.POLLIN)
+            wake_only.register(completions.fd, zmq.POLLIN)
         self.beat()
-        while not self.stopping:
-            if poller.poll(interval_ms):
-                batch: list[Pending] = []
-                self.take(batch, max_batch)
-                if delay > 0 and batch and self.rows(batch) < max_batch:
-                    # Wait a little for company: one forward of many rows costs about
-                    # as much as one of a single row on a GPU.
-                    until = time.monotonic() + delay
-                    while self.rows(batch) < max_batch:
-                        left = until - time.monotonic()
-                        if left <= 0 or not poller.poll(max(1, int(left * 1000))):
-                            break
-                        self.take(batch, max_batch)
-                if batch:
-                    self.execute(batch)
-            if time.monotonic() - self.last_beat >= self.spec.heartbeat_interval_s:
-                self.beat()
+        try:
+            while not self.stopping:
+                if running is not None and self.completed(running):
+                    self.finish(running)
+                    running = None
+                    if gather.requests:
+                        # These waited for company while the device was busy: waiting
+                        # longer would only leave it idle.
+                        gather.since = -math.inf
+                now = time.monotonic()
+                if (
+                    running is None
+                    and gather.requests
+                    and (gather.rows >= max_batch or now - gather.since >= delay)
+                ):
+                    running = self.launch(gather)
+                    if completions is not None and running.event is not None:
+                        completions.watch(running.event)
+                    gather = gathers[1] if gather is gathers[0] else gathers[0]
+                    gather.reset()  # its launch completed before this one started
+                    continue
+                timeout = self.last_beat + interval - now
+                if running is None and gather.requests:
+                    timeout = min(timeout, gather.since + delay - now)
+                poller = wake_only if gather.rows >= max_batch else take_or_wake
+                ready = poller.poll(max(0, math.ceil(timeout * 1000)))
+                for what, _ in ready:
+                    if what is sock:
+                        self.take(gather, max_batch)
+                    elif completions is not None:
+                        completions.clear()
+                if time.monotonic() - self.last_beat >= interval:
+                    self.beat()
+            # Told to stop: answer everything already taken.
+            if running is not None:
+                self.complete(running)
+            if gather.requests:
+                self.complete(self.launch(gather))
+        finally:
+            if completions is not None:
+                completions.close()
 
-    @staticmethod
-    def rows(batch: list[Pending]) -> int:
-        return sum(r.size for r in batch)
+    def completed(self, launched: Launched) -> bool:
+        try:
+            return launched.done()
+        except Exception as exc:  # a device error (sticky in CUDA): nothing will run again
+            self.fail_launched(launched, exc)
+            raise
+
+    def complete(self, launched: Launched) -> None:
+        try:
+            launched.wait()
+        except Exception as exc:
+            self.fail_launched(launched, exc)
+            raise
+        self.finish(launched)
+
+    def fail_launched(self, launched: Launched, exc: BaseException) -> None:
+        msg = f"{type(exc).__name__}: {exc}"[:4000]
+        for members, _ in launched.groups:
+            for req in members:
+                self.reply_error(req.key, req.layout.rid, p.MODEL_ERROR, msg)
 
     def beat(self) -> None:
         self.last_beat = time.monotonic()
@@ -176,20 +393,26 @@ class Worker:
             batches=[[size, n] for size, n in batches.items()],
         )
 
-    def take(self, batch: list[Pending], max_batch: int) -> None:
-        """Receive what is waiting, without blocking, until the batch is full."""
-        while self.rows(batch) < max_batch:
+    def take(self, gather: Gather, max_batch: int) -> None:
+        """Receive what is waiting, without blocking, until the gather is full."""
+        sock = self.sock
+        stager = gather.stager if self.stage_on_arrival else None
+        requests = gather.requests
+        while gather.rows < max_batch:
             try:
-                frames = recv_frames(self.sock)
+                frames = recv_message(sock)
             except zmq.Again:
                 return
             kind = frames[0].bytes
-            if kind == p.KIND_CONTROL:
-                self.control(frames)
-            elif kind == p.KIND_REQUEST and len(frames) >= 3:
-                pending = self.decode(frames)
+            if kind == p.KIND_REQUEST and len(frames) >= 3:
+                pending = self.decode(frames, stager)
                 if pending is not None:
-                    batch.append(pending)
+                    if not requests:
+                        gather.since = time.monotonic()
+                    requests.append(pending)
+                    gather.rows += pending.layout.size
+            elif kind == p.KIND_CONTROL:
+                self.control(frames)
 
     def control(self, frames: list[Any]) -> None:
         try:
@@ -199,89 +422,178 @@ class Worker:
         if msg.get("t") == "stop":
             self.stopping = True
 
-    def decode(self, frames: list[Any]) -> Pending | None:
+    def decode(self, frames: list[Any], stager: Stager | None) -> Pending | None:
+        """The request in ``frames`` (kind, key, header, tensor frames), its inputs staged
+        when ``stager`` is given; None when it was answered with an error."""
         key = frames[1].bytes
+        head = frames[2].bytes
+        buffers = [f.buffer for f in frames[3:]]
+        layout = self.layouts.get(head)
+        tensors: list[torch.Tensor] | None = None
+        if layout is None or not layout.fits(buffers):
+            decoded = self.parse(key, head, buffers)
+            if decoded is None:
+                return None
+            layout, tensors = decoded
+        if stager is None:
+            # Staged at launch: the frames themselves, wrapped without a copy.
+            inputs: list[Staged] = list(layout.tensors(buffers) if tensors is None else tensors)
+            return Pending(key, layout, inputs)
+        try:
+            # Copied now, while the previous batch runs; the frames can go.
+            sources = layout.sources(buffers)
+            staged = [
+                stager.put(data, spec, lay)
+                for data, spec, lay in zip(sources, layout.specs, layout.layouts, strict=True)
+            ]
+        except Exception as exc:  # no host memory to stage it: this request's answer
+            msg = f"{type(exc).__name__}: {exc}"[:2000]
+            self.reply_error(key, layout.rid, p.MODEL_ERROR, msg)
+            return None
+        return Pending(key, layout, staged)
+
+    def parse(
+        self, key: bytes, head: bytes, buffers: list[Any]
+    ) -> tuple[RequestLayout, list[torch.Tensor]] | None:
+        """Decode and check a header not seen before (or frames that do not fit it)."""
         header: dict[str, Any] = {}
         try:
-            header = p.unpack_map(frames[2].buffer)
-            inputs = decode_inputs(header, [f.buffer for f in frames[3:]])
+            header = p.unpack_map(head)
+            inputs = decode_inputs(header, buffers)
             expected = self.model.num_inputs if self.model else None
             if expected is not None and len(inputs) != expected:
                 raise p.ProtocolError(
                     p.BAD_REQUEST,
                     f"model {self.spec.model!r} takes {expected} inputs, got {len(inputs)}",
                 )
+            layout = RequestLayout(header, inputs)
         except p.ProtocolError as exc:
-            self.reply_error(key, header, exc.code, exc.message)
+            self.reply_error(key, header.get("id"), exc.code, exc.message)
             return None
         except Exception as exc:  # whatever the codec missed must not kill the worker
-            self.reply_error(key, header, p.BAD_REQUEST, f"{type(exc).__name__}: {exc}"[:2000])
+            msg = f"{type(exc).__name__}: {exc}"[:2000]
+            self.reply_error(key, header.get("id"), p.BAD_REQUEST, msg)
             return None
-        return Pending(key, header, inputs)
+        if len(head) <= MAX_LAYOUT_HEADER:
+            if len(self.layouts) >= MAX_LAYOUTS:
+                self.layouts.clear()  # e.g. a client whose every header has a new id
+            self.layouts[head] = layout
+        return layout, inputs
 
-    def execute(self, batch: list[Pending]) -> None:
-        keys = [batch_key(r.inputs) for r in batch]
-        groups = plan_batches(keys, [r.size for r in batch], self.spec.max_batch)
-        for group in groups:
-            members = [batch[i] for i in group]
-            rows = self.rows(members)
+    def launch(self, gather: Gather) -> Launched:
+        """Queue the gather's forwards on the device (one per compatible group) and the
+        copies of their outputs back to pinned host memory; on a CPU they simply run."""
+        assert self.model is not None
+        model = self.model
+        requests = gather.requests
+        stager = gather.stager
+        max_batch = max(1, self.spec.max_batch)
+        first = requests[0].layout.bkey
+        same = first is not None and all(r.layout.bkey == first for r in requests)
+        if same and gather.rows <= max_batch:
+            plan = [requests]  # the usual case: one shape, one batch
+        else:
+            plan = [
+                [requests[i] for i in group]
+                for group in plan_batches(
+                    [r.layout.bkey for r in requests],
+                    [r.layout.size for r in requests],
+                    max_batch,
+                )
+            ]
+
+        def fetch(out: torch.Tensor) -> torch.Tensor:
+            if out.device.type == "cuda":
+                return out.to(CPU, non_blocking=True)  # into pinned memory; read after the event
+            # A CPU model may answer with (a view of) its input: it must not point into
+            # the arena, which the next batch overwrites.
+            return out.clone() if stager.owns(out) else out
+
+        groups: list[tuple[list[Pending], GroupResult]] = []
+        for members in plan:
+            sizes = [r.layout.size for r in members]
+            rows = sum(sizes)
             self.batch_sizes[rows] = self.batch_sizes.get(rows, 0) + 1
-            results = self.forward_group(members)
-            for req, result in zip(members, results, strict=True):
-                if isinstance(result, BaseException):
-                    msg = f"{type(result).__name__}: {result}"
-                    self.reply_error(req.key, req.header, p.MODEL_ERROR, msg[:4000])
-                else:
-                    self.reply(req, result)
+
+            def stacked(members: list[Pending] = members) -> list[torch.Tensor]:
+                specs = [r.layout.specs for r in members]
+                return [
+                    stager.batch([r.staged[i] for r in members], [s[i] for s in specs])
+                    for i in range(len(specs[0]))
+                ]
+
+            def alone(j: int, members: list[Pending] = members) -> list[torch.Tensor]:
+                req = members[j]
+                return [
+                    stager.batch([staged], [spec])
+                    for staged, spec in zip(req.staged, req.layout.specs, strict=True)
+                ]
+
+            keys = [r.layout.bkey for r in members]
+            result = forward_group(model, sizes, keys, stacked, alone, fetch)
+            groups.append((members, result))
+        return Launched(groups, self.record(gather))
+
+    @property
+    def asynchronous(self) -> bool:
+        """Whether a launch returns before its forward has run (then ``record`` gives an
+        event to wait for): on a GPU."""
+        return self.device.type == "cuda"
+
+    def record(self, gather: Gather) -> Any:
+        """An event completing once everything queued on the device so far has run, the
+        copies of the outputs to the host included; None on a CPU, where it has."""
+        if self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event(blocking=True)  # its waiter sleeps rather than spins
+        event.record()
+        return event
+
+    def finish(self, launched: Launched) -> None:
+        """Answer every request of a completed launch."""
+        encoder = self.encoder
+        sock = self.sock
+        for members, result in launched.groups:
+            if result.outputs is not None:
+                try:
+                    host = HostOutputs(result.outputs)
+                except TypeError as exc:
+                    for req in members:
+                        self.reply_error(req.key, req.layout.rid, p.MODEL_ERROR, str(exc))
+                    continue
+                start = 0
+                for req in members:
+                    stop = start + req.layout.size
+                    header, frames = encoder.encode(host, start, stop, req.layout.rid)
+                    start = stop
+                    send_reply(sock, req.key, b"OK", header, frames)
+                self.served += len(members)
+            else:
+                assert result.alone is not None
+                for req, outcome in zip(members, result.alone, strict=True):
+                    if isinstance(outcome, BaseException):
+                        msg = f"{type(outcome).__name__}: {outcome}"
+                        self.reply_error(req.key, req.layout.rid, p.MODEL_ERROR, msg[:4000])
+                    else:
+                        self.reply(req, outcome)
             self.remember_shapes(members[0])
 
-    def forward_group(self, members: list[Pending]) -> list[list[torch.Tensor] | BaseException]:
-        assert self.model is not None
-        if len(members) == 1:
-            return [self.forward_one(members[0].inputs)]
-        self.stager.reset()
-        n_inputs = len(members[0].inputs)
-        stacked = [self.stager.stage([m.inputs[i] for m in members]) for i in range(n_inputs)]
-        sizes = [m.size for m in members]
-        try:
-            outputs = self.model.forward(stacked)
-        except Exception:
-            return [self.forward_one(m.inputs) for m in members]  # find whose input fails
-        total = sum(sizes)
-        if any(o.dim() == 0 or o.shape[0] != total for o in outputs):
-            return [self.forward_one(m.inputs) for m in members]
-        moved = [o.cpu() for o in outputs]
-        parts = [torch.split(o, sizes) for o in moved]
-        return [[part[j] for part in parts] for j in range(len(members))]
-
-    def forward_one(self, inputs: list[torch.Tensor]) -> list[torch.Tensor] | BaseException:
-        assert self.model is not None
-        self.stager.reset()
-        try:
-            outputs = self.model.forward([self.stager.stage([t]) for t in inputs])
-            return [o.cpu() for o in outputs]  # also: the staging arena is free again
-        except Exception as exc:
-            return exc
-
     def remember_shapes(self, req: Pending) -> None:
-        sig = tuple((WIRE_DTYPES.get(t.dtype, "float32"), list(t.shape)) for t in req.inputs)
-        key = tuple((d, tuple(s)) for d, s in sig)
+        key = tuple((WIRE_DTYPES.get(s.dtype, "float32"), s.shape) for s in req.layout.specs)
         self.shapes[key] = self.shapes.get(key, 0) + 1
 
     def reply(self, req: Pending, outputs: list[torch.Tensor]) -> None:
         try:
-            header, frames = encode_outputs(
-                outputs, self.spec.model, self.spec.version, req.header.get("id")
-            )
+            header, frames = self.encoder.encode(HostOutputs(outputs), 0, None, req.layout.rid)
         except TypeError as exc:
-            self.reply_error(req.key, req.header, p.MODEL_ERROR, str(exc))
+            self.reply_error(req.key, req.layout.rid, p.MODEL_ERROR, str(exc))
             return
         self.served += 1
-        send_frames(self.sock, [p.KIND_REQUEST, req.key, b"OK", header, *frames])
+        send_reply(self.sock, req.key, b"OK", header, frames)
 
-    def reply_error(self, key: bytes, header: dict[str, Any], code: str, message: str) -> None:
+    def reply_error(self, key: bytes, rid: Any, code: str, message: str) -> None:
         self.served += 1
         body = p.error_header(
-            code, message, model=self.spec.model, version=self.spec.version, rid=header.get("id")
+            code, message, model=self.spec.model, version=self.spec.version, rid=rid
         )
-        send_frames(self.sock, [p.KIND_REQUEST, key, code.encode(), body])
+        send_reply(self.sock, key, code.encode(), body, [])

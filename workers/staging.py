@@ -1,60 +1,174 @@
-"""Inputs to the GPU through one reused pinned buffer, concatenated in place.
+"""Inputs to the GPU through a reused (pinned) host arena, concatenated in place.
 
 Allocating pinned memory costs milliseconds per call (it registers pages with the
-driver), so a buffer per batch shape would be slower than none. One arena per worker
-grows to the largest batch seen; each forward carves its inputs out of it with a bump
-offset, ``torch.cat`` writes the batch straight into the pinned slice (one host copy,
-not two) and the host-to-device copy runs asynchronously on the current stream. The
-next forward reuses the arena only after the previous one's outputs were copied back
-to the host, which synchronises the stream.
+driver), and a fresh pageable buffer per batch costs a page fault per 4 KiB on first
+touch; so each stager owns one arena, carved with a bump offset and grown (between
+batches) to the largest batch seen. The worker keeps two stagers and alternates them:
+one holds the batch whose forward is running (its host-to-device copy reads the arena
+asynchronously), the other receives the next batch meanwhile. A stager is reset only
+once the forward that read it has completed.
+
+Two ways in:
+
+* ``put`` copies one request's input bytes into the arena as soon as the request
+  arrives (the GPU path: the copy overlaps the running forward, the received frame can
+  be freed, and no torch op runs per request: a plain memcpy into a memoryview).
+  Consecutive puts of the same layout (dtype and shape after the first dimension) lie
+  back to back, so a batch of them already is one contiguous block.
+* ``batch`` gives the batch of one input on the device: the block ``put`` built (no host
+  copy), or the parts concatenated into the arena; on a CUDA stager it then starts the
+  asynchronous host-to-device copy.
+
+An input is "staged" as an ``int`` (its byte offset in the arena) or, when it did not
+fit or is not in the arena at all, as a tensor.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 
 ALIGN = 256
+MIN_ARENA = 1 << 16
+
+Staged = int | torch.Tensor
+
+
+class TensorSpec(NamedTuple):
+    """One input as its request header describes it."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int
 
 
 class Stager:
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, *, pinned: bool | None = None) -> None:
         self.device = device
+        self.pinned = device.type == "cuda" if pinned is None else pinned
         self.arena = torch.empty(0, dtype=torch.uint8)
+        self.mem = memoryview(b"")  # the arena's bytes, for copies without torch ops
         self.offset = 0
+        self.high = 0  # end of what this batch placed in the arena
+        self.missed = 0  # bytes that did not fit: the arena grows by them on reset
+        self.last: Hashable = None  # the layout of the previous put
 
     def reset(self) -> None:
-        """Start a new forward: everything staged before it has reached the device."""
+        """Start a new batch: every forward that read this arena has completed."""
+        if self.missed:
+            need = self.high + self.missed
+            self._grow(max(need + need // 4, self.arena.numel()))
         self.offset = 0
+        self.high = 0
+        self.missed = 0
+        self.last = None
 
-    def stage(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
-        """``torch.cat(parts)`` (or the one part) on the device."""
-        if self.device.type != "cuda":
-            return parts[0] if len(parts) == 1 else torch.cat(list(parts))
+    def reserve(self, nbytes: int) -> None:
+        """Grow the idle arena to at least ``nbytes`` now rather than mid-batch."""
+        if nbytes > self.arena.numel() and not self.offset:
+            self._grow(nbytes)
+
+    def _grow(self, nbytes: int) -> None:
+        size = max(nbytes, MIN_ARENA)
+        self.arena = torch.empty(size, dtype=torch.uint8, pin_memory=self.pinned)
+        self.mem = self.arena.numpy().data.cast("B")
+
+    def owns(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` lives in the arena (so it must not outlive the next reset)."""
+        return t.untyped_storage().data_ptr() == self.arena.untyped_storage().data_ptr()
+
+    def _place(self, nbytes: int, packed: bool) -> int | None:
+        """Byte offset of ``nbytes`` more arena (aligned unless ``packed``), or None when
+        the arena is full (it grows on the next reset)."""
+        start = self.offset if packed else -(-self.offset // ALIGN) * ALIGN
+        end = start + nbytes
+        if end > len(self.mem):
+            self.missed += nbytes + ALIGN
+            return None
+        self.offset = self.high = end
+        return start
+
+    # ------------------------------------------------------------------ on arrival
+    def put(self, data: Any, spec: TensorSpec, layout: Hashable) -> Staged:
+        """Copy one input's bytes (a buffer of exactly ``spec.nbytes``) into the arena;
+        ``layout`` (not None) equal to the previous put's packs it right behind that one."""
+        nbytes = spec.nbytes
+        if nbytes == 0:
+            self.last = None
+            return torch.empty(spec.shape, dtype=spec.dtype)
+        start = self._place(nbytes, layout is not None and layout == self.last)
+        if start is None:
+            # Full: this input gets pinned memory of its own (torch caches freed pinned
+            # blocks), and from the next batch on the arena is large enough.
+            self.last = None
+            own = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
+            own.numpy().data.cast("B")[:] = data
+            return own.view(spec.dtype).view(spec.shape)
+        self.mem[start : start + nbytes] = data
+        self.last = layout
+        return start
+
+    def tensor(self, staged: Staged, spec: TensorSpec) -> torch.Tensor:
+        """A staged input as a host tensor."""
+        if isinstance(staged, torch.Tensor):
+            return staged
+        return self.arena[staged : staged + spec.nbytes].view(spec.dtype).view(spec.shape)
+
+    # ------------------------------------------------------------------ at launch
+    def batch(self, parts: Sequence[Staged], specs: Sequence[TensorSpec]) -> torch.Tensor:
+        """The concatenation of ``parts`` along dim 0 (or the one part) on the device."""
+        block = self._block(parts, specs)
+        cuda = self.device.type == "cuda"
+        if block is None:
+            tensors = [self.tensor(s, spec) for s, spec in zip(parts, specs, strict=True)]
+            if len(tensors) == 1 and not (cuda and self.pinned and not tensors[0].is_pinned()):
+                block = tensors[0]  # nothing to concatenate (or to pin first)
+            else:
+                block = self._concat(tensors)
+        if cuda:
+            # From pinned memory the copy is asynchronous; from pageable memory (a batch
+            # that found no room in the arena) it is synchronous, which is still correct.
+            return block.to(self.device, non_blocking=block.is_pinned())
+        return block
+
+    def _block(self, parts: Sequence[Staged], specs: Sequence[TensorSpec]) -> torch.Tensor | None:
+        """The arena block ``parts`` form, when they lie back to back in it."""
+        start = parts[0]
+        if not isinstance(start, int):
+            return None
+        first = specs[0]
+        if len(parts) == 1:
+            return self.tensor(start, first)
+        end = start
+        rows = 0
+        tail = first.shape[1:]
+        for staged, spec in zip(parts, specs, strict=True):
+            if not isinstance(staged, int) or staged != end or spec.dtype != first.dtype:
+                return None
+            if spec.shape[1:] != tail:
+                return None
+            end += spec.nbytes
+            rows += spec.shape[0]
+        return self.arena[start:end].view(first.dtype).view((rows, *tail))
+
+    def _concat(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
         first = parts[0]
         rows = sum(int(p.shape[0]) for p in parts) if first.dim() else 0
         shape = (rows, *first.shape[1:]) if first.dim() else ()
         nbytes = first.element_size() * (rows * math.prod(first.shape[1:]) if first.dim() else 1)
         if nbytes == 0:
-            return torch.empty(shape, dtype=first.dtype, device=self.device)
-        start = -(-self.offset // ALIGN) * ALIGN
-        if start + nbytes > self.arena.numel():
-            if self.offset:
-                # A forward with several large inputs: don't move data already staged.
-                return self._unpinned(parts)
-            size = max(nbytes, 2 * self.arena.numel())
-            self.arena = torch.empty(size, dtype=torch.uint8, pin_memory=True)
-            start = 0
+            return torch.empty(shape, dtype=first.dtype)
+        start = self._place(nbytes, False)
+        if start is None:
+            # Staged inputs took the arena; it is larger from the next batch on.
+            return torch.cat(list(parts)) if len(parts) > 1 else first
+        self.last = None
         buf = self.arena[start : start + nbytes].view(first.dtype).view(shape)
         if len(parts) == 1:
             buf.copy_(first)
         else:
             torch.cat(list(parts), out=buf)
-        self.offset = start + nbytes
-        return buf.to(self.device, non_blocking=True)
-
-    def _unpinned(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
-        host = parts[0] if len(parts) == 1 else torch.cat(list(parts))
-        return host.to(self.device)
+        return buf
