@@ -104,6 +104,9 @@ class ModelConfig:
     max_rss_mb: int = 0  # 0 = off
     max_gpu_growth_mb: int = 0  # 0 = off
     threads: int | None = None
+    # Replay the forward as CUDA graphs, one per batch size (workers/graphs.py): cuts the
+    # CPU cost of launching a forward to microseconds, at warm-up time and some memory.
+    cuda_graphs: bool = False
 
 
 @dataclass(frozen=True)
@@ -122,9 +125,10 @@ class PoolConfig:
     stop_timeout_s: float = 10.0
     surge_margin_mb: int = 512
     max_message_mb: int = 1024  # the largest client message libzmq will accept (MAXMSGSIZE)
-    # How long the router keeps polling without sleeping after a message (µs); -1: auto,
-    # 200 on hosts with 8+ CPUs (it saves a thread wake-up per hop), 0 on smaller ones.
-    router_spin_us: int = -1
+    # How long the router keeps polling without sleeping after a message (µs). Off by
+    # default: on a 16-core H100 host it cost throughput and latency under load (see
+    # docs/PERFORMANCE.md). -1: 200 on hosts with 8+ CPUs, 0 on smaller ones.
+    router_spin_us: int = 0
     # libzmq I/O threads (they do the socket copies); 0: auto, one per 4 CPUs, 1 to 4.
     io_threads: int = 0
     curve_secret_key: str | None = None

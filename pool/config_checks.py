@@ -280,6 +280,7 @@ MODEL_SPECS: dict[str, FieldSpec] = {
     "max_queue": FieldSpec("int", "an integer >= 1", lambda v: v >= 1),
     "request_timeout_s": _TIMEOUT,
     "retry_on_worker_loss": FieldSpec("bool", "true or false"),
+    "cuda_graphs": FieldSpec("bool", "true or false"),
     "max_requests": FieldSpec("int", "an integer >= 0", _nonneg),
     "max_requests_jitter": FieldSpec("float", "a number between 0 and 1", lambda v: 0 <= v <= 1),
     "max_rss_mb": FieldSpec("int", "an integer >= 0", _nonneg),

@@ -34,6 +34,14 @@ log = logging.getLogger(__name__)
 SAMPLE_EVERY_S = 2.0
 
 
+def graphs_note(graphs: Any) -> str:
+    """`` (CUDA graphs at batch sizes 1-64)`` for a ready event that reports some."""
+    sizes = graphs.get("sizes") if isinstance(graphs, dict) else None
+    if not isinstance(sizes, list) or not sizes:
+        return ""
+    return f" (CUDA graphs at batch sizes {min(sizes)}-{max(sizes)}, {len(sizes)} of them)"
+
+
 class Supervisor(WorkerStopping):
     def __init__(
         self,
@@ -127,6 +135,7 @@ class Supervisor(WorkerStopping):
             "threads": cfg.threads,
             "lifeline_fd": self.lifeline_fd,
             "observed_shapes": rt.shapes[:1],
+            "cuda_graphs": cfg.cuda_graphs,
         }
         token = self.spawner.spawn(spec)
         self.by_token[token] = rec
@@ -216,13 +225,19 @@ class Supervisor(WorkerStopping):
         rec.rss = int(event.get("rss") or 0)
         self.sample_memory()  # its footprint now, for auto's next decision
         rt = self.models[rec.model]
+        extra = {"model": rec.model, "version": rec.version, "worker_pid": rec.pid}
         log.info(
-            "worker %s ready [pid %s] in %.2fs",
+            "worker %s ready [pid %s] in %.2fs%s",
             rec.wid,
             rec.pid,
             now - rec.spawned_at,
-            extra={"model": rec.model, "version": rec.version, "worker_pid": rec.pid},
+            graphs_note(event.get("graphs")),
+            extra=extra,
         )
+        graphs = event.get("graphs")
+        skipped = graphs.get("skipped") if isinstance(graphs, dict) else None
+        for reason in skipped[:8] if isinstance(skipped, list) else ():
+            log.warning("worker %s: no CUDA graphs for %s", rec.wid, reason, extra=extra)
         if rec.generation == rt.serving_gen:
             # Also while an operation runs: a first start or a crash replacement of the
             # serving generation belongs in the table, and in the history.

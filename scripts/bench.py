@@ -47,6 +47,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from bench_worker_host import cpu_ticks  # noqa: E402
 from benchkit import (  # noqa: E402
     BenchError,
     Compare,
@@ -384,15 +385,70 @@ def section_batching(b: Bench) -> None:
     cfg = {"name": "net", "path": path, "devices": [dev], "max_batch": 64,
            "max_delay_ms": a.batch_delay_ms, "request_timeout_s": 120.0}
     load = Load(dtype, [1, 3, image, image], model="net", seconds=seconds, warm=5)
-    with b.pool("batching-pool", [cfg], boot_timeout_s=600.0) as pool:
-        row = b.measure("batching", "pool (1 worker)", pool.frontend, clients, load,
-                        broker=[pool.proc.pid], workers=pool_worker_pids(pool))
+    # The target row replays CUDA graphs (cuda_graphs = true, what a GPU deployment of a
+    # batched model sets); the ordinary forward is measured beside it for information.
+    variants = [("pool (1 worker, CUDA graphs)", True)] if resnet else []
+    variants.append(("pool (1 worker)", False))
+    rows = {}
+    for name, graphs in variants:
+        port = free_port()
+        with b.pool(f"batching-pool-{int(graphs)}", [{**cfg, "cuda_graphs": graphs}],
+                    boot_timeout_s=600.0, metrics=f"127.0.0.1:{port}") as pool:
+            before = batch_rows(port, "net")
+            wpids = pool_worker_pids(pool)
+            ticks = [cpu_ticks(pid) for pid in wpids]
+            rows[graphs] = b.measure("batching", name, pool.frontend, clients, load,
+                                     broker=[pool.proc.pid], workers=wpids)
+            after = batch_rows(port, "net")
+            served = max(1, rows[graphs]["requests"])
+            hz = os.sysconf("SC_CLK_TCK")
+            split = {k: sum(cpu_ticks(pid)[k] - t[k] for pid, t in zip(wpids, ticks, strict=True))
+                     / hz / served * 1e6 for k in ("main", "zmq", "other")}
+            rows[graphs]["worker_threads_us"] = {k: round(v, 1) for k, v in split.items()}
+            print(f"  {name}: worker CPU per request: serving thread {split['main']:.1f} us, "
+                  f"zmq I/O {split['zmq']:.1f} us, other threads {split['other']:.1f} us",
+                  flush=True)
+            forwards = after[1] - before[1]
+            if forwards > 0:  # what the worker's heartbeats reported: rows per forward
+                mean = (after[0] - before[0]) / forwards
+                rows[graphs]["rows_per_forward"] = round(mean, 1)
+                print(f"  {name}: {mean:.1f} rows per forward", flush=True)
+            for line in pool.log_tail(20_000).splitlines()[-200:]:
+                if " WARNING " in line or " ERROR " in line:
+                    print(f"  poold: {line[:300]}", flush=True)
+    row = rows[resnet]
     b.compare(Compare("batching", f"images/s, {clients} clients x batch 1", "pool",
                       row["rps"], "direct batch 64", direct[64]["images_per_s"], "images/s",
                       target=0.8 if resnet else None))
     b.compare(Compare("batching", f"images/s, {clients} clients x batch 1", "pool",
                       row["rps"], "direct batch 1", direct[1]["images_per_s"], "images/s",
                       note="what batching buys"))
+    if resnet:
+        b.compare(Compare("batching", f"images/s, {clients} clients x batch 1",
+                          "pool, no graphs", rows[False]["rps"], "direct batch 64",
+                          direct[64]["images_per_s"], "images/s",
+                          note="cuda_graphs = false"))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def batch_rows(port: int, model: str) -> tuple[float, float]:
+    """(sum, count) of the pool's gpupool_batch_size histogram for ``model``."""
+    import urllib.request
+
+    found = {"sum": 0.0, "count": 0.0}
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            for part in found:
+                if line.startswith(f'gpupool_batch_size_{part}{{model="{model}"}}'):
+                    found[part] = float(line.rsplit(" ", 1)[1])
+    return found["sum"], found["count"]
 
 
 def section_weights(b: Bench) -> None:

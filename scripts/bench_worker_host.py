@@ -122,6 +122,9 @@ def main() -> int:
     ap.add_argument("--max-delay-ms", type=float, default=2.0, help="pool default: 2.0")
     ap.add_argument("--shape", default="1,3,224,224", help="one request's input shape")
     ap.add_argument("--dtype", default="float16")
+    ap.add_argument(
+        "--cuda-graphs", action="store_true", help="replay the forward as CUDA graphs"
+    )
     ap.add_argument("--threads", type=int, default=0, help="worker torch threads (0: its own)")
     ap.add_argument("--seconds", type=float, default=10.0, help="measured time")
     ap.add_argument("--warmup-s", type=float, default=2.0)
@@ -171,6 +174,7 @@ def main() -> int:
         "max_delay_ms": a.max_delay_ms,
         "heartbeat_interval_s": 0.5,
         "threads": a.threads or None,
+        "cuda_graphs": a.cuda_graphs,
     }
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
     if a.profile:
@@ -360,6 +364,7 @@ def drive(
         "inflight": a.inflight,
         "max_batch": a.max_batch,
         "max_delay_ms": a.max_delay_ms,
+        "cuda_graphs": a.cuda_graphs,
         "request_bytes": len(data),
         "build_s": round(build_s, 2),
         "ready_s": round(ready_s, 2),
@@ -384,7 +389,8 @@ def drive(
 def report(a: argparse.Namespace, r: dict[str, Any]) -> None:
     print(
         f"{r['model']} on {a.device}, {a.inflight} in flight, {r['request_bytes']} B requests, "
-        f"max_batch {a.max_batch}, max_delay_ms {a.max_delay_ms:g}\n"
+        f"max_batch {a.max_batch}, max_delay_ms {a.max_delay_ms:g}"
+        f"{', CUDA graphs' if a.cuda_graphs else ''}\n"
         f"  {r['requests']} requests in {r['seconds']:.2f} s: {r['requests_per_s']:,.0f} req/s, "
         f"{r['rows_per_forward']} rows per forward, {r['errors']} errors\n"
         f"  worker CPU per request: {r['worker_cpu_us_per_request']:.1f} us (serving thread "

@@ -38,6 +38,7 @@ from workers.codec import (
     decode_inputs,
     encode_outputs,
 )
+from workers.graphs import CapturedForward, GraphTable
 from workers.loader import LoadedModel, ModelOutputError, load_model
 from workers.main import WorkerSpec
 from workers.serve import Gather, Launched, Worker
@@ -498,11 +499,14 @@ class _PipelinedWorker(Worker):
 
     overlapped = 0
 
-    def finish(self, launched: Launched) -> None:
-        if not launched.event.intact():
+    def completed(self, launched: Launched) -> bool:
+        done = super().completed(launched)
+        if done and not launched.event.intact():  # the "device" read it until now
             self.overwritten += 1
-        other = next(g for g in self.gathers if g.stager is not launched.event.stager)
-        if other.requests:
+        return done
+
+    def finish(self, launched: Launched) -> None:
+        if any(g.requests for g in self.gathers if g.stager is not launched.event.stager):
             self.overlapped += 1  # requests were taken while this batch "ran"
         super().finish(launched)
 
@@ -638,6 +642,8 @@ def test_pipelined_answers_equal_unbatched_per_request(harness: _Harness) -> Non
     harness.stop()
     assert max(harness.batches) > 4  # batches did form while the previous one "ran"
     assert harness.worker.overlapped > 10
+    # Some batches were queued behind a running one, and no arena changed under them.
+    assert harness.worker.queued_launches > 5
     assert sum(size * n for size, n in harness.batches.items()) >= total - 100
 
 
@@ -775,3 +781,82 @@ def test_worker_host_bench_runs(tmp_path: Path) -> None:
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["errors"] == 0 and result["requests"] > 0
     assert result["worker_main_thread_us"] > 0 and result["reference"]["images_per_s"] > 0
+
+
+# ------------------------------------------------- CUDA graph replay, simulated on a CPU
+
+
+class _FakeGraph:
+    """Stands in for a captured ``torch.cuda.CUDAGraph``: replay runs the model on the
+    fixed input tensors into the fixed output tensors, as a real replay does."""
+
+    def __init__(self, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> None:
+        self.inputs = inputs
+        self.outputs = outputs
+        self.replays = 0
+        self.fail = False
+
+    def replay(self) -> None:
+        if self.fail:
+            raise RuntimeError("replay refused")
+        self.replays += 1
+        self.outputs[0].copy_(_Affine()(self.inputs[0]))
+
+
+def _fake_table(key_example: torch.Tensor, sizes: list[int]) -> tuple[GraphTable, list[_FakeGraph]]:
+    table, graphs, forwards = GraphTable(), [], []
+    for rows in sizes:
+        # Stale, distinctive padding: rows past a batch's own must never reach an answer.
+        inp = torch.full((rows, *key_example.shape[1:]), 1e6, dtype=key_example.dtype)
+        out = torch.full_like(inp, -7.0)
+        graph = _FakeGraph([inp], [out])
+        graphs.append(graph)
+        forwards.append(CapturedForward(rows, graph, [inp], [out]))  # type: ignore[arg-type]
+    key = batch_key([key_example])
+    assert key is not None
+    table.add(key, forwards)
+    return table, graphs
+
+
+def test_graph_replays_answer_like_unbatched_requests(harness: _Harness) -> None:
+    """Batches of float32 [N, 4] go through the (simulated) graphs, padded up to the next
+    captured size; everything else through the ordinary forward; all answers equal the
+    request run alone."""
+    table, graphs = _fake_table(torch.zeros(1, 4), [1, 2, 4, 8, 16])
+    harness.worker.graphs = table
+    gen = torch.Generator().manual_seed(11)
+    total, in_flight = 400, 30
+    sent: dict[int, torch.Tensor] = {}
+
+    def request(i: int) -> torch.Tensor:
+        return torch.randn(1 + i % 3, 4, generator=gen).abs() if i % 2 else _mixed(i, gen)
+
+    for key in range(in_flight):
+        sent[key] = request(key)
+        harness.send(key, sent[key])
+    for answered in range(1, total + 1):
+        key, status, header, outputs = harness.receive()
+        x = sent.pop(key)
+        assert status == b"OK", header
+        want = _Affine()(x)
+        assert outputs[0].shape == want.shape and torch.equal(outputs[0], want), key
+        nxt = answered + in_flight - 1
+        if nxt < total:
+            sent[nxt] = request(nxt)
+            harness.send(nxt, sent[nxt])
+    harness.stop()
+    assert sum(g.replays for g in graphs) > 20
+    assert sum(g.replays for g in graphs[2:]) > 0  # padded, multi-request batches too
+
+
+def test_a_failing_replay_falls_back_to_the_ordinary_forward(harness: _Harness) -> None:
+    table, graphs = _fake_table(torch.zeros(1, 4), [4, 16])
+    for g in graphs:
+        g.fail = True
+    harness.worker.graphs = table
+    for key in range(20):
+        harness.send(key, torch.full((1, 4), float(key)))
+    for _ in range(20):
+        key, status, _, outputs = harness.receive()
+        assert status == b"OK" and torch.equal(outputs[0], torch.full((1, 4), 2.0 * key + 1))
+    harness.stop()

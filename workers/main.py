@@ -48,6 +48,7 @@ class WorkerSpec:
     threads: int | None = None
     lifeline_fd: int = -1
     observed_shapes: list[Any] = field(default_factory=list)
+    cuda_graphs: bool = False  # capture the forward per batch size (workers.graphs)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> WorkerSpec:

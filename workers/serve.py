@@ -7,6 +7,8 @@ import math
 import os
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from queue import SimpleQueue
 from typing import Any
 
@@ -16,6 +18,7 @@ import zmq
 from router import protocol as p
 from workers.batching import GroupResult, forward_group, plan_batches
 from workers.codec import WIRE_DTYPES, HostOutputs, ReplyEncoder, RequestLayout, decode_inputs
+from workers.graphs import GraphTable, capture_graphs
 from workers.loader import LoadedModel, ModelLoadError, load_model
 from workers.main import (
     EXIT_LOAD_FAILED,
@@ -27,12 +30,17 @@ from workers.main import (
     send_event,
 )
 from workers.manifest import ManifestError, load_manifest
+from workers.pacing import LaunchClock
 from workers.staging import ALIGN, Staged, Stager
 from workers.warmup import ValidationError, WarmupError, example_inputs, validate, warm_up
 
 log = logging.getLogger(__name__)
 
 MAX_SHAPES_KEPT = 8  # input signatures remembered for the next version's warm-up
+# Gathers in the ring: one running on the device, one queued behind it, one taking
+# requests (see Worker.serve).
+GATHERS = 3
+POLL_TICK_S = 0.001  # zmq_poll's timeout resolution
 
 
 def default_threads() -> int:
@@ -105,9 +113,9 @@ class Pending:
 class Gather:
     """Requests taken for the next launch, and the arena they are staged in.
 
-    The worker has two and alternates them: one is being launched or waits for its
-    forward to complete, the other takes requests meanwhile. A gather is reset only
-    after its previous launch completed, so its arena is free again by then.
+    The worker has three and takes turns with them (see ``Worker.serve``): one runs on
+    the device, one may be queued behind it, one takes requests. A gather is reset
+    only after its previous batch was answered, so its arena is free again by then.
     """
 
     __slots__ = ("requests", "rows", "since", "stager")
@@ -128,11 +136,23 @@ class Launched:
     """A gather whose forwards were queued on the device; answerable once ``event`` (None
     on a CPU: the forward already ran) has completed."""
 
-    __slots__ = ("event", "groups")
+    __slots__ = ("at", "event", "groups", "queued", "rows", "start")
 
-    def __init__(self, groups: list[tuple[list[Pending], GroupResult]], event: Any) -> None:
+    def __init__(
+        self,
+        groups: list[tuple[list[Pending], GroupResult]],
+        event: Any,
+        rows: int = 0,
+        start: Any = None,
+    ) -> None:
         self.groups = groups
         self.event = event
+        # For the pacing clock (workers.pacing): its size, when it was launched, whether
+        # behind a running batch, and a timing event recorded as its work began.
+        self.rows = rows
+        self.at = 0.0
+        self.queued = False
+        self.start = start
 
     def done(self) -> bool:
         return self.event is None or bool(self.event.query())
@@ -191,7 +211,9 @@ class Worker:
         self.device = torch.device("cpu")
         self.model: LoadedModel | None = None
         self.encoder = ReplyEncoder(spec.model, spec.version)
-        self.gathers: tuple[Gather, Gather] = (Gather(self.device), Gather(self.device))
+        self.gathers = tuple(Gather(self.device) for _ in range(GATHERS))
+        self.clock = LaunchClock()
+        self.queued_launches = 0  # launched behind a running batch (see workers.pacing)
         self.stage_on_arrival = False
         self.layouts: dict[bytes, RequestLayout] = {}
         self.served = 0
@@ -199,6 +221,9 @@ class Worker:
         self.last_beat = 0.0
         self.shapes: dict[tuple[Any, ...], int] = {}
         self.batch_sizes: dict[int, int] = {}
+        self.graphs: GraphTable | None = None
+        self.copy_stream: Any = None  # host-to-device copies for graph replays
+        self.graph_info: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ start-up
     def event(self, kind: str, **fields: Any) -> None:
@@ -244,6 +269,10 @@ class Worker:
             except ValidationError as exc:
                 return self.fail("validate", exc, EXIT_VALIDATION_FAILED)
             timings["validate_s"] = time.monotonic() - t3
+        if spec.cuda_graphs and self.device.type == "cuda":
+            t4 = time.monotonic()
+            self.capture(sets)
+            timings["graphs_s"] = time.monotonic() - t4
         self.prepare_staging(sets)
         gpu = torch.cuda.memory_reserved(self.device) if self.device.type == "cuda" else 0
         self.event(
@@ -252,17 +281,29 @@ class Worker:
             rss=rss_bytes(),
             torch_reserved=gpu,
             num_inputs=self.model.num_inputs,
+            graphs=self.graph_info,
         )
         self.serve()
         self.event("bye", served=self.served)
         return EXIT_OK
 
+    def capture(self, sets: list[list[torch.Tensor]]) -> None:
+        """CUDA graphs of the forward for the warm-up signatures (``workers.graphs``);
+        a signature that cannot be captured keeps the ordinary forward."""
+        assert self.model is not None
+        # Signatures left out are reported in the ready event (poold logs them).
+        table, problems = capture_graphs(self.model, sets, max(1, self.spec.max_batch))
+        self.graphs = table if len(table) else None
+        if self.graphs is not None:
+            self.copy_stream = torch.cuda.Stream(self.device)
+        self.graph_info = {**table.describe(), "skipped": problems}
+
     def prepare_staging(self, sets: list[list[torch.Tensor]]) -> None:
-        """Two gathers on this device, their arenas sized for a full batch of the warm-up
+        """The gathers on this device, their arenas sized for a full batch of the warm-up
         inputs, so that serving starts without allocating pinned memory."""
         env = os.environ.get(STAGE_ON_ARRIVAL_ENV, "")
         self.stage_on_arrival = env == "1" if env in ("0", "1") else self.device.type == "cuda"
-        self.gathers = (Gather(self.device), Gather(self.device))
+        self.gathers = tuple(Gather(self.device) for _ in range(GATHERS))
         per_row = 0
         for inputs in sets:
             row = 0
@@ -290,24 +331,36 @@ class Worker:
     def serve(self) -> None:
         """Take requests, launch batches, answer them; heartbeats between.
 
-        On a GPU the loop is a two-stage pipeline: while batch k's forward runs (its
-        inputs copied to the device from one gather's pinned arena, its outputs copied
-        back into pinned memory, an event recorded after them), requests for batch k+1
-        are received, decoded and copied into the other gather's arena. Once batch k
-        has completed and been answered, batch k+1 is launched: at once if it took
-        requests while k ran (they have waited for company already), else when it is
-        full or ``max_delay_ms`` after its first request. A launch comes only after the
-        previous one completed, so the worker holds at most two batches, the router's
-        credit. On a CPU the forward completes when it is launched, and the loop is the
-        plain take-run-answer cycle.
+        On a GPU the loop is a pipeline over three gathers: while batch k's forward
+        runs (its inputs copied to the device from one gather's pinned arena, its
+        outputs copied back into pinned memory, an event recorded after them), requests
+        for batch k+1 are received, decoded and copied into the next gather's arena.
+        Batch k+1 is launched, queued behind k on the device, shortly before k is due
+        to end (``workers.pacing``), or when it is full; requests arriving after that
+        go to the third gather. A batch is launched on an idle device when it is full,
+        ``max_delay_ms`` after its first request, or at once if it took requests while
+        the device was busy (they have waited for company already). At most two
+        batches are launched and unanswered at a time, the router's credit, so a gather
+        is reused only after its batch was answered. On a CPU the forward completes
+        when it is launched, and the loop is the plain take-run-answer cycle.
         """
         sock = self.sock
         max_batch = max(1, self.spec.max_batch)
         delay = self.spec.max_delay_ms / 1000.0
         interval = self.spec.heartbeat_interval_s
-        gathers = (self.gathers[0], self.gathers[1])
-        gather = gathers[0]
-        running: Launched | None = None
+        ring = self.gathers
+        turn = 0
+        gather = ring[0]
+        # Replaying a CUDA graph takes microseconds: the next batch is launched before
+        # a completed one is answered, so the device is busy meanwhile (answers read
+        # host copies of the outputs, never an arena). An ordinary forward takes
+        # milliseconds of CPU to launch: answering first lets those clients send their
+        # next requests meanwhile.
+        launch_first = self.graphs is not None
+        depth = 2 if self.asynchronous else 1
+        launched: deque[Launched] = deque()
+        previous: Launched | None = None  # the batch completed last
+        clock = self.clock
         completions = Completions() if self.asynchronous else None
         take_or_wake = zmq.Poller()  # requests, or the running batch completing
         take_or_wake.register(sock, zmq.POLLIN)
@@ -318,45 +371,88 @@ class Worker:
         self.beat()
         try:
             while not self.stopping:
-                if running is not None and self.completed(running):
-                    self.finish(running)
-                    running = None
-                    if gather.requests:
+                done: list[Launched] = []
+                while launched and self.completed(launched[0]):
+                    finished = launched.popleft()
+                    clock.completed(finished, previous, time.monotonic())
+                    previous = finished
+                    if launch_first:
+                        done.append(finished)
+                    else:
+                        self.finish(finished)
+                    if gather.requests and not launched:
                         # These waited for company while the device was busy: waiting
                         # longer would only leave it idle.
                         gather.since = -math.inf
                 now = time.monotonic()
-                if (
-                    running is None
-                    and gather.requests
-                    and (gather.rows >= max_batch or now - gather.since >= delay)
-                ):
-                    running = self.launch(gather)
-                    if completions is not None and running.event is not None:
-                        completions.watch(running.event)
-                    gather = gathers[1] if gather is gathers[0] else gathers[0]
-                    gather.reset()  # its launch completed before this one started
+                launch_at = self.launch_time(gather, launched, depth, max_batch, delay)
+                due = launch_at is not None and now >= launch_at
+                if launch_at is not None and launched and not due and launch_at - now < POLL_TICK_S:
+                    # Less than a poll tick to go (a poll would round it to a tick):
+                    # sleep it off, then take whatever arrived meanwhile.
+                    time.sleep(launch_at - now)
+                    due = True
+                if due:
+                    if launched:
+                        self.take(gather, max_batch)  # the last arrivals join it
+                        self.queued_launches += 1
+                    started = time.monotonic()
+                    batch = self.launch(gather)
+                    batch.at = started
+                    batch.queued = bool(launched)
+                    clock.launched(started, time.monotonic())
+                    launched.append(batch)
+                    if completions is not None and batch.event is not None:
+                        completions.watch(batch.event)
+                    turn = (turn + 1) % len(ring)
+                    gather = ring[turn]
+                    gather.reset()  # its batch was answered: at most two are pending
+                for finished in done:
+                    self.finish(finished)
+                if done or due:
                     continue
-                timeout = self.last_beat + interval - now
-                if running is None and gather.requests:
-                    timeout = min(timeout, gather.since + delay - now)
-                poller = wake_only if gather.rows >= max_batch else take_or_wake
-                ready = poller.poll(max(0, math.ceil(timeout * 1000)))
+                wait_ms = math.ceil((self.last_beat + interval - now) * 1000)
+                if launch_at is not None:
+                    ms = (launch_at - now) * 1000  # behind a batch: never late (see above)
+                    wait_ms = min(wait_ms, int(ms) if launched else math.ceil(ms))
+                full = gather.rows >= max_batch
+                ready = (wake_only if full else take_or_wake).poll(max(0, wait_ms))
                 for what, _ in ready:
                     if what is sock:
-                        self.take(gather, max_batch)
+                        self.take(gather, max_batch, launched[0] if launched else None)
                     elif completions is not None:
                         completions.clear()
                 if time.monotonic() - self.last_beat >= interval:
                     self.beat()
             # Told to stop: answer everything already taken.
-            if running is not None:
-                self.complete(running)
+            while launched:
+                self.complete(launched.popleft())
             if gather.requests:
                 self.complete(self.launch(gather))
         finally:
             if completions is not None:
                 completions.close()
+
+    def launch_time(
+        self,
+        gather: Gather,
+        launched: deque[Launched],
+        depth: int,
+        max_batch: int,
+        delay: float,
+    ) -> float | None:
+        """When ``gather`` is to be launched (at once: -inf); None: not yet (empty, or
+        as many batches pending as the pipeline holds)."""
+        if not gather.requests or len(launched) >= depth:
+            return None
+        if gather.rows >= max_batch:
+            return -math.inf
+        if not launched:
+            return gather.since + delay
+        # Behind the running batch, shortly before it is due to end; when its length
+        # cannot be told yet, once it completed (the loop comes back then).
+        running = launched[-1]
+        return self.clock.launch_at(running.rows, running.at)
 
     def completed(self, launched: Launched) -> bool:
         try:
@@ -393,12 +489,17 @@ class Worker:
             batches=[[size, n] for size, n in batches.items()],
         )
 
-    def take(self, gather: Gather, max_batch: int) -> None:
-        """Receive what is waiting, without blocking, until the gather is full."""
+    def take(self, gather: Gather, max_batch: int, running: Launched | None = None) -> None:
+        """Receive what is waiting, without blocking, until the gather is full or the
+        running batch has completed (the device must not wait while requests are read:
+        the completion thread's wake-up needs the GIL, which this loop holds)."""
         sock = self.sock
         stager = gather.stager if self.stage_on_arrival else None
         requests = gather.requests
+        event = running.event if running is not None else None
         while gather.rows < max_batch:
+            if event is not None and event.query():
+                return
             try:
                 frames = recv_message(sock)
             except zmq.Again:
@@ -509,6 +610,10 @@ class Worker:
             # the arena, which the next batch overwrites.
             return out.clone() if stager.owns(out) else out
 
+        start = None
+        if self.device.type == "cuda":
+            start = torch.cuda.Event(enable_timing=True)  # when the device gets to it
+            start.record()
         groups: list[tuple[list[Pending], GroupResult]] = []
         for members in plan:
             sizes = [r.layout.size for r in members]
@@ -530,9 +635,51 @@ class Worker:
                 ]
 
             keys = [r.layout.bkey for r in members]
-            result = forward_group(model, sizes, keys, stacked, alone, fetch)
+            result = None
+            if self.graphs is not None and all(k == keys[0] for k in keys):
+                result = self.replay(members, sizes, rows, stager, fetch)
+            if result is None:
+                result = forward_group(model, sizes, keys, stacked, alone, fetch)
             groups.append((members, result))
-        return Launched(groups, self.record(gather))
+        return Launched(groups, self.record(gather), gather.rows, start)
+
+    def replay(
+        self,
+        members: list[Pending],
+        sizes: list[int],
+        rows: int,
+        stager: Stager,
+        fetch: Callable[[torch.Tensor], torch.Tensor],
+    ) -> GroupResult | None:
+        """The group's forward as a CUDA graph replay, when one was captured for its
+        signature and size; None sends it down the ordinary path."""
+        assert self.graphs is not None
+        graph = self.graphs.find(members[0].layout.bkey, rows)
+        if graph is None:
+            return None
+        specs = [r.layout.specs for r in members]
+        try:
+            batch = [
+                stager.host_batch([r.staged[i] for r in members], [s[i] for s in specs])
+                for i in range(len(specs[0]))
+            ]
+            if self.copy_stream is not None:
+                # Host to device on the copy stream, overlapping the batch ahead; the
+                # replay then reads a device copy once the copy stream is done.
+                mirrored = [stager.to_device(block, self.copy_stream) for block in batch]
+                if all(m is not None for m in mirrored):
+                    torch.cuda.current_stream().wait_stream(self.copy_stream)
+                    batch = [m for m in mirrored if m is not None]
+            # The graph's outputs are overwritten by its next replay: a copy is answered
+            # (to pinned host memory on a GPU; tests replay simulated graphs on a CPU).
+            outputs = graph.run(batch, rows)
+            kept = [fetch(out) if out.is_cuda else out.clone() for out in outputs]
+            return GroupResult(sizes, kept)
+        except Exception as exc:  # e.g. out of pinned memory: the ordinary path may cope
+            log.warning(
+                "worker %s: graph replay failed (%s); running it eagerly", self.spec.wid, exc
+            )
+            return None
 
     @property
     def asynchronous(self) -> bool:
@@ -545,7 +692,8 @@ class Worker:
         copies of the outputs to the host included; None on a CPU, where it has."""
         if self.device.type != "cuda":
             return None
-        event = torch.cuda.Event(blocking=True)  # its waiter sleeps rather than spins
+        # Its waiter sleeps rather than spins; timed, for the pacing clock.
+        event = torch.cuda.Event(blocking=True, enable_timing=True)
         event.record()
         return event
 

@@ -55,6 +55,7 @@ class Stager:
         self.high = 0  # end of what this batch placed in the arena
         self.missed = 0  # bytes that did not fit: the arena grows by them on reset
         self.last: Hashable = None  # the layout of the previous put
+        self.mirror: torch.Tensor | None = None  # the arena's bytes on the device
 
     def reset(self) -> None:
         """Start a new batch: every forward that read this arena has completed."""
@@ -75,6 +76,21 @@ class Stager:
         size = max(nbytes, MIN_ARENA)
         self.arena = torch.empty(size, dtype=torch.uint8, pin_memory=self.pinned)
         self.mem = self.arena.numpy().data.cast("B")
+
+    def to_device(self, block: torch.Tensor, stream: Any) -> torch.Tensor | None:
+        """``block`` (a slice of the arena) copied to the same offsets of a device mirror
+        of the arena, asynchronously on ``stream``, so that the copy overlaps the batch
+        running on the compute stream; None for a block outside the arena. The mirror,
+        like the arena, is rewritten only after the batch that read it has completed."""
+        if self.device.type != "cuda" or not self.owns(block):
+            return None
+        if self.mirror is None or self.mirror.numel() < self.arena.numel():
+            self.mirror = torch.empty(self.arena.numel(), dtype=torch.uint8, device=self.device)
+        start = block.data_ptr() - self.arena.data_ptr()
+        end = start + block.numel() * block.element_size()
+        with torch.cuda.stream(stream):
+            self.mirror[start:end].copy_(self.arena[start:end], non_blocking=True)
+        return self.mirror[start:end].view(block.dtype).view(block.shape)
 
     def owns(self, t: torch.Tensor) -> bool:
         """Whether ``t`` lives in the arena (so it must not outlive the next reset)."""
@@ -120,19 +136,24 @@ class Stager:
     # ------------------------------------------------------------------ at launch
     def batch(self, parts: Sequence[Staged], specs: Sequence[TensorSpec]) -> torch.Tensor:
         """The concatenation of ``parts`` along dim 0 (or the one part) on the device."""
-        block = self._block(parts, specs)
-        cuda = self.device.type == "cuda"
-        if block is None:
-            tensors = [self.tensor(s, spec) for s, spec in zip(parts, specs, strict=True)]
-            if len(tensors) == 1 and not (cuda and self.pinned and not tensors[0].is_pinned()):
-                block = tensors[0]  # nothing to concatenate (or to pin first)
-            else:
-                block = self._concat(tensors)
-        if cuda:
+        block = self.host_batch(parts, specs)
+        if self.device.type == "cuda":
             # From pinned memory the copy is asynchronous; from pageable memory (a batch
             # that found no room in the arena) it is synchronous, which is still correct.
             return block.to(self.device, non_blocking=block.is_pinned())
         return block
+
+    def host_batch(self, parts: Sequence[Staged], specs: Sequence[TensorSpec]) -> torch.Tensor:
+        """The concatenation of ``parts`` along dim 0 in host memory: the arena block
+        ``put`` built, or the parts copied together (pinned, on a CUDA stager)."""
+        block = self._block(parts, specs)
+        if block is not None:
+            return block
+        tensors = [self.tensor(s, spec) for s, spec in zip(parts, specs, strict=True)]
+        cuda = self.device.type == "cuda"
+        if len(tensors) == 1 and not (cuda and self.pinned and not tensors[0].is_pinned()):
+            return tensors[0]  # nothing to concatenate (or to pin first)
+        return self._concat(tensors)
 
     def _block(self, parts: Sequence[Staged], specs: Sequence[TensorSpec]) -> torch.Tensor | None:
         """The arena block ``parts`` form, when they lie back to back in it."""

@@ -1,0 +1,220 @@
+"""CUDA graphs of the model's forward, one per batch size, for the worker's batches.
+
+Launching a TorchScript forward costs the CPU one interpreter step and one kernel launch
+per op: about 4-7 ms for resnet50 on an H100 host, more than the GPU needs to run a
+batch of 32 of it. A CUDA graph records those launches once and replays them as one,
+in microseconds of CPU. A graph has fixed shapes, so the worker captures one per input
+signature (dtype and shape after the batch dimension, per input) at a ladder of batch
+sizes up to ``max_batch``; a batch of ``n`` rows replays the smallest graph of at least
+``n`` rows, the rows after ``n`` holding whatever an earlier batch left there (the
+rows of a batchable model are independent, which batching assumes anyway), and only
+the first ``n`` rows of its outputs are read.
+
+A graph's inputs and outputs are fixed device tensors: a batch is copied into the
+inputs, and its outputs must be copied out (the worker queues the copy to pinned host
+memory right after the replay, on the same stream) before the next replay writes them.
+All graphs read one set of input tensors (each the first rows of it) and draw their
+intermediate memory from one pool, captured largest first, so they cost about as much
+device memory as the largest one alone.
+
+A model whose forward cannot be captured (it synchronises with the host, or its output
+shape depends on data) or whose replayed outputs differ from an ordinary forward on the
+same inputs keeps the ordinary path for that signature; the worker logs why.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from workers.batching import BatchKey, batch_key
+from workers.loader import LoadedModel
+
+log = logging.getLogger(__name__)
+
+# Ordinary and replayed forwards of the same inputs are compared with these tolerances
+# (cuDNN may pick another algorithm for the eager run; a broken capture differs by far
+# more than this).
+TOLERANCE = {
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (5e-2, 5e-2),
+    torch.float32: (1e-3, 1e-4),
+    torch.float64: (1e-6, 1e-8),
+}
+WARM_RUNS = 1  # ordinary forwards at each size before its capture
+
+
+def batch_ladder(max_batch: int) -> list[int]:
+    """The batch sizes captured: every size up to 16, then every 4 up to ``max_batch``,
+    and ``max_batch`` itself. A batch pads to the next size, so at most 3 rows of the
+    device's work are wasted; a coarser ladder (every 8) cost about a tenth of the
+    throughput with 64 clients, whose batches hover around 20 to 40 rows."""
+    top = max(1, max_batch)
+    sizes = set(range(1, min(top, 16) + 1))
+    sizes.update(range(20, top + 1, 4))
+    sizes.add(top)
+    return sorted(sizes)
+
+
+class GraphCaptureError(RuntimeError):
+    """One signature's graphs could not be captured, or did not match the model."""
+
+
+class CapturedForward:
+    """The model's forward at ``rows`` rows of one signature, as a replayable graph."""
+
+    __slots__ = ("graph", "inputs", "outputs", "rows")
+
+    def __init__(
+        self,
+        rows: int,
+        graph: torch.cuda.CUDAGraph,
+        inputs: list[torch.Tensor],
+        outputs: list[torch.Tensor],
+    ) -> None:
+        self.rows = rows
+        self.graph = graph
+        self.inputs = inputs
+        self.outputs = outputs
+
+    def run(self, batch: Sequence[torch.Tensor], rows: int) -> list[torch.Tensor]:
+        """Replay on ``batch`` (one tensor per input, ``rows`` rows each, on the host or
+        the device). Returns views of the first ``rows`` rows of the graph's outputs:
+        copy them out before the next replay of any graph of the same table."""
+        for static, part in zip(self.inputs, batch, strict=True):
+            static[:rows].copy_(part, non_blocking=True)
+        self.graph.replay()
+        return [out[:rows] for out in self.outputs]
+
+
+class GraphTable:
+    """Captured forwards by signature, each signature's sorted by rows."""
+
+    def __init__(self) -> None:
+        self.by_key: dict[BatchKey, list[CapturedForward]] = {}
+        self._rows: dict[BatchKey, list[int]] = {}
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.by_key.values())
+
+    def add(self, key: BatchKey, forwards: list[CapturedForward]) -> None:
+        forwards = sorted(forwards, key=lambda f: f.rows)
+        self.by_key[key] = forwards
+        self._rows[key] = [f.rows for f in forwards]
+
+    def find(self, key: Any, rows: int) -> CapturedForward | None:
+        """The smallest graph of ``key`` with room for ``rows`` rows, if any."""
+        sizes = self._rows.get(key)
+        if not sizes:
+            return None
+        i = bisect.bisect_left(sizes, rows)
+        return self.by_key[key][i] if i < len(sizes) else None
+
+    def describe(self) -> dict[str, Any]:
+        """For the worker's ready event: signatures and the batch sizes captured."""
+        return {
+            "signatures": len(self.by_key),
+            "sizes": sorted({f.rows for fs in self.by_key.values() for f in fs}),
+        }
+
+
+def sample_rows(example: Sequence[torch.Tensor], rows: int) -> list[torch.Tensor]:
+    """``example``'s inputs with their first dimension cycled out (or cut) to ``rows``."""
+    out = []
+    for t in example:
+        have = int(t.shape[0])
+        index = torch.arange(rows, device=t.device) % have
+        out.append(t.index_select(0, index).contiguous())
+    return out
+
+
+def capture_signature(
+    model: LoadedModel, example: Sequence[torch.Tensor], sizes: Sequence[int], pool: Any
+) -> list[CapturedForward]:
+    """Capture ``model`` at each of ``sizes`` (largest first, sharing ``pool``) for the
+    signature of ``example``, checking each replay against an ordinary forward."""
+    captured: list[CapturedForward] = []
+    side = torch.cuda.Stream(model.device)
+    # One set of input tensors for all sizes: each graph reads the first rows of it.
+    shared = sample_rows(example, max(sizes))
+    for rows in sorted(sizes, reverse=True):
+        inputs = [t[:rows] for t in shared]
+        # Warm-up off the default stream, as capture needs: lazy initialisation (cuBLAS
+        # handles, the TorchScript executor's specialisation to this shape) must not
+        # happen inside the capture.
+        side.wait_stream(torch.cuda.current_stream(model.device))
+        with torch.cuda.stream(side):
+            for _ in range(WARM_RUNS):
+                expected = model.forward(inputs)
+        torch.cuda.current_stream(model.device).wait_stream(side)
+        torch.cuda.synchronize(model.device)
+        if not expected or any(o.dim() == 0 or o.shape[0] != rows for o in expected):
+            raise GraphCaptureError(
+                f"outputs do not have the batch's {rows} rows first: cannot cut them per request"
+            )
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=pool):
+                outputs = model.forward(inputs)
+        except Exception as exc:
+            raise GraphCaptureError(f"capture at {rows} rows failed: {exc}") from exc
+        graph.replay()
+        torch.cuda.synchronize(model.device)
+        check_same(outputs, expected, rows)
+        captured.append(CapturedForward(rows, graph, inputs, outputs))
+    return captured
+
+
+def check_same(got: Sequence[torch.Tensor], expected: Sequence[torch.Tensor], rows: int) -> None:
+    if len(got) != len(expected):
+        raise GraphCaptureError(f"replay gave {len(got)} outputs, the model {len(expected)}")
+    for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+        if g.shape != e.shape or g.dtype != e.dtype:
+            raise GraphCaptureError(f"output {i} at {rows} rows: replay and model disagree")
+        rtol, atol = TOLERANCE.get(e.dtype, (0.0, 0.0))
+        if not torch.allclose(g, e, rtol=rtol, atol=atol, equal_nan=True):
+            raise GraphCaptureError(
+                f"output {i} at {rows} rows: replayed values differ from the model's"
+            )
+
+
+def capture_graphs(
+    model: LoadedModel, examples: Sequence[Sequence[torch.Tensor]], max_batch: int
+) -> tuple[GraphTable, list[str]]:
+    """Graphs for every batchable signature among ``examples`` (the warm-up sets), at
+    ``batch_ladder(max_batch)``. Returns the table and, per signature left out, why."""
+    table = GraphTable()
+    problems: list[str] = []
+    if model.device.type != "cuda":
+        return table, ["not on a CUDA device"]
+    pool = torch.cuda.graph_pool_handle()
+    sizes = batch_ladder(max_batch)
+    seen: set[BatchKey] = set()
+    for example in examples:
+        key = batch_key(example)
+        if key is None or key in seen:
+            continue
+        seen.add(key)
+        t = time.monotonic()
+        try:
+            table.add(key, capture_signature(model, example, sizes, pool))
+        except GraphCaptureError as exc:
+            problems.append(f"{describe_key(key)}: {exc}")
+            torch.cuda.synchronize(model.device)  # a device error surfaces here, not later
+            continue
+        log.debug("captured %s in %.2fs", describe_key(key), time.monotonic() - t)
+    if not seen:
+        problems.append("no batchable input example to capture with (give the manifest inputs)")
+    return table, problems
+
+
+def describe_key(key: BatchKey) -> str:
+    return ", ".join(
+        f"{str(dtype).removeprefix('torch.')}[N{''.join(f',{d}' for d in shape)}]"
+        for dtype, shape in key
+    )
