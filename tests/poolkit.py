@@ -99,6 +99,15 @@ class Pool:
         return self.proc.returncode
 
 
+def in_threads(fn: Callable[[int], None], n: int, timeout: float = 120.0) -> None:
+    """Run ``fn(0)`` .. ``fn(n - 1)`` on ``n`` threads at once and wait for them all."""
+    threads = [threading.Thread(target=fn, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+
+
 def start_pool(
     tmp: str,
     models: list[dict[str, Any]],

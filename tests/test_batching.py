@@ -23,7 +23,7 @@ import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from modelkit import make_factory_model, make_mlp, make_two_input, mlp_input, mlp_reference
-from poolkit import running_pool
+from poolkit import in_threads, running_pool
 
 from router.client import Client
 from router.errors import ModelError
@@ -748,11 +748,7 @@ def test_pool_batches_concurrent_clients_per_request(tmp_path: Path, on_arrival:
 
     env = {"GPU_POOL_STAGE_ON_ARRIVAL": on_arrival}
     with running_pool(d, models, env_extra=env) as pool:
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(12)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
+        in_threads(client, 12, timeout=120)
         assert not errors, errors[:5]
 
 

@@ -5,14 +5,13 @@ included, and models that cannot be captured keeping the ordinary path."""
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from modelkit import make_mlp, mlp_input, mlp_reference
-from poolkit import running_pool
+from poolkit import in_threads, running_pool
 
 from pool.config import ConfigError, load_config
 from workers.batching import batch_key
@@ -165,9 +164,5 @@ def test_pool_with_cuda_graphs_answers_every_client_like_the_cpu(tmp_path: Path)
                     if not np.allclose(out, mlp_reference(3, x), rtol=1e-3, atol=1e-4):
                         errors.append(f"client {idx} request {i}: wrong answer")
 
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(12)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
+        in_threads(client, 12, timeout=120)
     assert not errors, errors[:5]

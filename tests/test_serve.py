@@ -10,7 +10,7 @@ import threading
 import numpy as np
 import pytest
 from modelkit import make_mlp, make_two_input, mlp_input, mlp_reference
-from poolkit import Pool, running_pool
+from poolkit import Pool, in_threads, running_pool
 
 from router.client import Client
 from router.errors import BadRequest, NoSuchModel
@@ -60,11 +60,7 @@ def test_sixteen_clients_every_answer_checked(pool: Pool) -> None:
                     return
                 counts[idx] += 1
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
+    in_threads(client, 16, timeout=300)
     assert not errors, errors[:3]
     assert counts == [500] * 16
     served = sum(w["served"] for m in pool.status()["models"] for w in m["workers"])
