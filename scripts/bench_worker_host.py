@@ -122,8 +122,11 @@ def main() -> int:
     ap.add_argument("--max-delay-ms", type=float, default=2.0, help="pool default: 2.0")
     ap.add_argument("--shape", default="1,3,224,224", help="one request's input shape")
     ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--cuda-graphs", action="store_true", help="replay the forward as CUDA graphs")
     ap.add_argument(
-        "--cuda-graphs", action="store_true", help="replay the forward as CUDA graphs"
+        "--via-spawner",
+        action="store_true",
+        help="fork the worker from workers.spawner, as poold does (default: a fresh process)",
     )
     ap.add_argument("--threads", type=int, default=0, help="worker torch threads (0: its own)")
     ap.add_argument("--seconds", type=float, default=10.0, help="measured time")
@@ -180,9 +183,13 @@ def main() -> int:
     if a.profile:
         cmd += ["--profile", os.path.abspath(a.profile)]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen(cmd, env=env)
+    proc: Any = SpawnedWorker(spec, env) if a.via_spawner else subprocess.Popen(cmd, env=env)
     try:
         result = drive(a, sock, proc, shape, build_s)
+        result["via_spawner"] = a.via_spawner
+        result["worker_pid"] = proc.pid
+        if isinstance(proc, SpawnedWorker):
+            result["spawner_pid"] = proc.spawner.pid
         rows = result["requests_per_s"] * math.prod(shape[:1])
         result["rows_per_s"] = round(rows, 1)
         if a.reference:
@@ -197,12 +204,80 @@ def main() -> int:
             pstats.Stats(a.profile).sort_stats("tottime").print_stats(25)
         return 1 if result["errors"] else 0
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None or isinstance(proc, SpawnedWorker):
             proc.kill()
             proc.wait()
         sock.close()
         ctx.term()
         tmp.cleanup()
+
+
+class SpawnedWorker:
+    """The worker forked from ``workers.spawner``, as poold starts it (a process that
+    imported torch before the fork), behind the few calls ``drive`` makes of a Popen."""
+
+    def __init__(self, spec: dict[str, Any], env: dict[str, str]) -> None:
+        from workers.spawner import MessageReader, write_message
+
+        self.spawner = subprocess.Popen(
+            [sys.executable, "-m", "workers.spawner"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            cwd=ROOT,
+        )
+        assert self.spawner.stdin is not None and self.spawner.stdout is not None
+        self.out = self.spawner.stdout.fileno()
+        self.reader = MessageReader()
+        self.returncode: int | None = None
+        self._next("hello", 120)
+        write_message(self.spawner.stdin.fileno(), {"t": "spawn", "token": 1, "spec": spec})
+        self.pid = int(self._next("spawned", 30)["pid"])
+
+    def _pump(self, timeout: float) -> list[dict[str, Any]]:
+        """Messages the spawner sent within ``timeout`` (noting the worker's exit)."""
+        import select
+
+        got: list[dict[str, Any]] = []
+        if select.select([self.out], [], [], timeout)[0]:
+            data = os.read(self.out, 65536)
+            got = self.reader.feed(data) if data else []
+        for msg in got:
+            if msg.get("t") == "exited" and msg.get("pid") == getattr(self, "pid", None):
+                self.returncode = os.waitstatus_to_exitcode(int(msg["status"]))
+        return got
+
+    def _next(self, kind: str, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for msg in self._pump(0.1):
+                if msg.get("t") == kind:
+                    return msg
+        raise SystemExit(f"spawner: no {kind!r} within {timeout:.0f} s")
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self._pump(0.0)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        deadline = time.monotonic() + (timeout or 30.0)
+        while self.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.returncode
+
+    def kill(self) -> None:
+        """The worker if alive, then the spawner (it exits when its stdin closes)."""
+        if self.returncode is None:
+            try:
+                os.kill(self.pid, 9)
+            except ProcessLookupError:
+                pass
+            self.returncode = -9
+        if self.spawner.poll() is None:
+            assert self.spawner.stdin is not None
+            self.spawner.stdin.close()
+            self.spawner.wait(30)
 
 
 def reference_main(cfg_json: str) -> int:
@@ -250,7 +325,7 @@ def self_ticks() -> dict[str, int]:
 def drive(
     a: argparse.Namespace,
     sock: zmq.Socket[Any],
-    proc: subprocess.Popen[bytes],
+    proc: Any,
     shape: list[int],
     build_s: float,
 ) -> dict[str, Any]:

@@ -752,8 +752,10 @@ def test_pool_batches_concurrent_clients_per_request(tmp_path: Path, on_arrival:
         assert not errors, errors[:5]
 
 
-def test_worker_host_bench_runs(tmp_path: Path) -> None:
-    """scripts/bench_worker_host.py (one worker over its DEALER protocol) on the CPU."""
+@pytest.mark.parametrize("how", ["fresh", "via-spawner"])
+def test_worker_host_bench_runs(tmp_path: Path, how: str) -> None:
+    """scripts/bench_worker_host.py (one worker over its DEALER protocol) on the CPU, in
+    a fresh process or forked from workers.spawner as poold starts it."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = [
         sys.executable,
@@ -770,6 +772,7 @@ def test_worker_host_bench_runs(tmp_path: Path) -> None:
         "--reference",
         "--reference-s",
         "0.3",
+        *(["--via-spawner"] if how == "via-spawner" else []),
     ]
     env = dict(os.environ, PYTHONPATH=root)
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
@@ -777,6 +780,10 @@ def test_worker_host_bench_runs(tmp_path: Path) -> None:
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["errors"] == 0 and result["requests"] > 0
     assert result["worker_main_thread_us"] > 0 and result["reference"]["images_per_s"] > 0
+    if how == "via-spawner":
+        assert result["via_spawner"] and result["worker_pid"] != result["spawner_pid"]
+        with pytest.raises(ProcessLookupError):  # the bench stopped its spawner
+            os.kill(result["spawner_pid"], 0)
 
 
 # ------------------------------------------------- CUDA graph replay, simulated on a CPU
