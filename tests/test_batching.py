@@ -41,7 +41,8 @@ from workers.codec import (
 from workers.graphs import CapturedForward, GraphTable
 from workers.loader import LoadedModel, ModelOutputError, load_model
 from workers.main import WorkerSpec
-from workers.serve import Gather, Launched, Worker
+from workers.pipeline import Gather, Launched
+from workers.serve import Worker
 from workers.staging import Staged, Stager, TensorSpec
 
 CPU = torch.device("cpu")

@@ -33,7 +33,7 @@ SMOOTHING = 0.2  # weight of the newest sample in the running averages
 
 
 class Timed(Protocol):
-    """What the clock reads of a launched batch (``workers.serve.Launched``)."""
+    """What the clock reads of a launched batch (``workers.pipeline.Launched``)."""
 
     rows: int
     at: float  # host time the launch began

@@ -1,0 +1,157 @@
+"""The serving loop's parts: whole messages in and out, a gather (the batch being
+collected), a launched batch, and the thread that wakes the loop when the device is done.
+``workers.serve`` puts them together."""
+
+from __future__ import annotations
+
+import os
+import threading
+from queue import SimpleQueue
+from typing import Any
+
+import torch
+import zmq
+
+from router import protocol as p
+from workers.batching import GroupResult
+from workers.codec import RequestLayout
+from workers.staging import Staged, Stager
+
+NOBLOCK = int(zmq.NOBLOCK)
+SNDMORE = int(zmq.SNDMORE)
+
+
+def recv_message(sock: zmq.Socket[Any]) -> list[zmq.Frame]:
+    """One whole message as zero-copy frames; raises zmq.Again if none waits. (pyzmq's
+    keyword arguments cost a few microseconds per call: positional only, here.)"""
+    recv = sock.recv
+    frame = recv(NOBLOCK, False)
+    frames = [frame]
+    while frame.more:
+        frame = recv(0, False)
+        frames.append(frame)
+    return frames
+
+
+def send_reply(
+    sock: zmq.Socket[Any], key: bytes, status: bytes, header: bytes, frames: list[Any]
+) -> None:
+    """``R, key, status, header, *frames``: the small parts copied (cheaper than a
+    zero-copy frame below 64 KiB), the tensor frames without a copy."""
+    send = sock.send
+    send(p.KIND_REQUEST, SNDMORE)
+    send(key, SNDMORE)
+    send(status, SNDMORE)
+    if not frames:
+        send(header, 0)
+        return
+    send(header, SNDMORE)
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        send(frame, SNDMORE if i < last else 0, False)
+
+
+class Pending:
+    """A request waiting for its batch: its header's layout and its staged inputs (arena
+    offsets or tensors, see ``workers.staging``)."""
+
+    __slots__ = ("key", "layout", "staged")
+
+    def __init__(self, key: bytes, layout: RequestLayout, staged: list[Staged]) -> None:
+        self.key = key
+        self.layout = layout
+        self.staged = staged
+
+
+class Gather:
+    """Requests taken for the next launch, and the arena they are staged in.
+
+    The worker has three and takes turns with them (see ``Worker.serve``): one runs on
+    the device, one may be queued behind it, one takes requests. A gather is reset
+    only after its previous batch was answered, so its arena is free again by then.
+    """
+
+    __slots__ = ("requests", "rows", "since", "stager")
+
+    def __init__(self, device: torch.device) -> None:
+        self.stager = Stager(device)
+        self.requests: list[Pending] = []
+        self.rows = 0
+        self.since = 0.0  # when the first request was taken
+
+    def reset(self) -> None:
+        self.requests = []
+        self.rows = 0
+        self.stager.reset()
+
+
+class Launched:
+    """A gather whose forwards were queued on the device; answerable once ``event`` (None
+    on a CPU: the forward already ran) has completed."""
+
+    __slots__ = ("at", "event", "groups", "queued", "rows", "start")
+
+    def __init__(
+        self,
+        groups: list[tuple[list[Pending], GroupResult]],
+        event: Any,
+        rows: int = 0,
+        start: Any = None,
+    ) -> None:
+        self.groups = groups
+        self.event = event
+        # For the pacing clock (workers.pacing): its size, when it was launched, whether
+        # behind a running batch, and a timing event recorded as its work began.
+        self.rows = rows
+        self.at = 0.0
+        self.queued = False
+        self.start = start
+
+    def done(self) -> bool:
+        return self.event is None or bool(self.event.query())
+
+    def wait(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+
+
+class Completions:
+    """Wakes the serving loop (a readable eventfd) when a launched batch's CUDA event
+    completes, so that the loop can block in one poll on both its socket and the GPU.
+
+    A thread waits on the events (``synchronize`` releases the GIL; the events are
+    created with ``blocking=True`` so it sleeps rather than spins). The loop itself still
+    checks ``Launched.done`` first, so a late wake-up costs one spare poll, not latency.
+    """
+
+    def __init__(self) -> None:
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.queue: SimpleQueue[Any] = SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="completions", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (event := self.queue.get()) is not None:
+            try:
+                event.synchronize()
+            except Exception:
+                pass  # a device error: the serving loop meets it when it queries the event
+            try:
+                os.eventfd_write(self.fd, 1)
+            except OSError:
+                return  # closed: the loop has ended
+
+    def watch(self, event: Any) -> None:
+        self.queue.put(event)
+
+    def clear(self) -> None:
+        try:
+            os.eventfd_read(self.fd)
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join(1.0)
+        if not self.thread.is_alive():  # else it may still write: leave the fd to the exit
+            os.close(self.fd)
