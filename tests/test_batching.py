@@ -43,7 +43,7 @@ from workers.loader import LoadedModel, ModelOutputError, load_model
 from workers.main import WorkerSpec
 from workers.pipeline import Gather, Launched
 from workers.serve import Worker
-from workers.staging import Staged, Stager, TensorSpec
+from workers.staging import Copier, Staged, Stager, TensorSpec
 
 CPU = torch.device("cpu")
 
@@ -327,6 +327,27 @@ def test_puts_of_one_layout_are_one_block_without_a_copy() -> None:
         assert torch.equal(stager.batch([s], [_spec(t)]), t)
 
 
+def test_copies_on_the_copier_thread_are_in_the_arena_once_settled() -> None:
+    copier = Copier()
+    try:
+        stager = Stager(CPU, pinned=False, copier=copier)
+        stager.reserve(1 << 22)
+        gen = torch.Generator().manual_seed(3)
+        parts = [torch.randn(1, 3, 64, 64, generator=gen) for _ in range(21)]  # 3 handovers
+        staged = [_put(stager, t) for t in parts]
+        assert len(stager.handed) == 2 and len(stager.pending) == 5
+        stager.settle()
+        assert not stager.pending and not stager.handed
+        assert torch.equal(stager.batch(staged, [_spec(t) for t in parts]), torch.cat(parts))
+        # A copy that fails is reported where the arena would be read.
+        stager.reset()
+        stager.pending.append((stager.arena.data_ptr(), object()))  # not a buffer
+        with pytest.raises(RuntimeError, match="staging copy failed"):
+            stager.settle()
+    finally:
+        copier.close()
+
+
 def test_interleaved_layouts_are_concatenated_in_the_arena() -> None:
     stager = Stager(CPU, pinned=False)
     stager.reserve(1 << 20)
@@ -534,8 +555,8 @@ class _Harness:
         )
         self.worker = _PipelinedWorker(spec, dealer)
         self.worker.model = LoadedModel(_Affine(), CPU, "safetensors", 1)
-        self.worker.prepare_staging([[torch.zeros(1, 64)]])  # small: some requests overflow
-        self.worker.stage_on_arrival = on_arrival
+        # Small arenas: some requests overflow. On arrival, copies run on the copier thread.
+        self.worker.prepare_staging([[torch.zeros(1, 64)]], on_arrival=on_arrival)
         self.batches: dict[int, int] = {}
         self.failure: list[BaseException] = []
         self.thread = threading.Thread(target=self._serve, daemon=True)

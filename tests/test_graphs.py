@@ -27,9 +27,10 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
     [
         (1, [1]),
         (3, [1, 2, 3]),
-        (16, list(range(1, 17))),
-        (22, [*range(1, 17), 20, 22]),
-        (64, [*range(1, 17), *range(20, 65, 4)]),
+        (32, list(range(1, 33))),
+        (42, [*range(1, 33), 36, 40, 42]),
+        (64, [*range(1, 33), *range(36, 65, 4)]),
+        (128, [*range(1, 33), *range(36, 65, 4), 80, 96, 112, 128]),
         (0, [1]),
     ],
 )
@@ -111,13 +112,13 @@ def test_replays_equal_the_model_at_every_row_count() -> None:
     torch.manual_seed(0)
     model = _on_gpu(_Mlp())
     example = torch.randn(1, 16, device=model.device)
-    table, problems = capture_graphs(model, [[example]], 28)
-    assert problems == [] and table.describe()["sizes"] == [*range(1, 17), 20, 24, 28]
+    table, problems = capture_graphs(model, [[example]], 44)
+    assert problems == [] and table.describe()["sizes"] == [*range(1, 33), 36, 40, 44]
     key = batch_key([example])
     gen = torch.Generator().manual_seed(1)
-    # Padded sizes (17 runs the graph of 20...), and sizes revisited: whatever an earlier
+    # Padded sizes (33 runs the graph of 36...), and sizes revisited: whatever an earlier
     # batch left in the rows past a batch's own must never reach its answers.
-    for rows in (*range(1, 29), 17, 3, 27, 21, 1, 28, 18):
+    for rows in (*range(1, 45), 33, 3, 43, 37, 1, 44, 34):
         x = torch.randn(rows, 16, generator=gen)
         graph = table.find(key, rows)
         assert graph is not None and graph.rows >= rows

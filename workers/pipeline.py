@@ -15,7 +15,7 @@ import zmq
 from router import protocol as p
 from workers.batching import GroupResult
 from workers.codec import RequestLayout
-from workers.staging import Staged, Stager
+from workers.staging import Copier, Staged, Stager
 
 NOBLOCK = int(zmq.NOBLOCK)
 SNDMORE = int(zmq.SNDMORE)
@@ -73,8 +73,8 @@ class Gather:
 
     __slots__ = ("requests", "rows", "since", "stager")
 
-    def __init__(self, device: torch.device) -> None:
-        self.stager = Stager(device)
+    def __init__(self, device: torch.device, copier: Copier | None = None) -> None:
+        self.stager = Stager(device, copier=copier)
         self.requests: list[Pending] = []
         self.rows = 0
         self.since = 0.0  # when the first request was taken

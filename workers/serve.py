@@ -30,7 +30,7 @@ from workers.main import (
 from workers.manifest import ManifestError, load_manifest
 from workers.pacing import LaunchClock
 from workers.pipeline import Completions, Gather, Launched, Pending, recv_message, send_reply
-from workers.staging import ALIGN, Staged, Stager
+from workers.staging import ALIGN, Copier, Staged, Stager
 from workers.warmup import ValidationError, WarmupError, example_inputs, validate, warm_up
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,7 @@ class Worker:
         self.shapes: dict[tuple[Any, ...], int] = {}
         self.batch_sizes: dict[int, int] = {}
         self.graphs: GraphTable | None = None
+        self.copier: Copier | None = None
         self.copy_stream: Any = None  # host-to-device copies for graph replays
         self.graph_info: dict[str, Any] = {}
 
@@ -157,12 +158,21 @@ class Worker:
             self.copy_stream = torch.cuda.Stream(self.device)
         self.graph_info = {**table.describe(), "skipped": problems}
 
-    def prepare_staging(self, sets: list[list[torch.Tensor]]) -> None:
+    def prepare_staging(
+        self, sets: list[list[torch.Tensor]], on_arrival: bool | None = None
+    ) -> None:
         """The gathers on this device, their arenas sized for a full batch of the warm-up
-        inputs, so that serving starts without allocating pinned memory."""
+        inputs, so that serving starts without allocating pinned memory. Staged on
+        arrival (``on_arrival``, default: see STAGE_ON_ARRIVAL_ENV), the copies run on a
+        thread of their own (``workers.staging.Copier``)."""
         env = os.environ.get(STAGE_ON_ARRIVAL_ENV, "")
-        self.stage_on_arrival = env == "1" if env in ("0", "1") else self.device.type == "cuda"
-        self.gathers = tuple(Gather(self.device) for _ in range(GATHERS))
+        if on_arrival is None:
+            on_arrival = env == "1" if env in ("0", "1") else self.device.type == "cuda"
+        self.stage_on_arrival = on_arrival
+        if self.copier is not None:
+            self.copier.close()
+        self.copier = Copier() if on_arrival else None
+        self.gathers = tuple(Gather(self.device, self.copier) for _ in range(GATHERS))
         per_row = 0
         for inputs in sets:
             row = 0
@@ -291,6 +301,9 @@ class Worker:
         finally:
             if completions is not None:
                 completions.close()
+            if self.copier is not None:
+                self.copier.close()
+                self.copier = None
 
     def launch_time(
         self,
@@ -349,6 +362,13 @@ class Worker:
         )
 
     def take(self, gather: Gather, max_batch: int, running: Launched | None = None) -> None:
+        """Receive what waits (see ``receive``); the copies it staged start meanwhile."""
+        try:
+            self.receive(gather, max_batch, running)
+        finally:
+            gather.stager.flush()
+
+    def receive(self, gather: Gather, max_batch: int, running: Launched | None) -> None:
         """Receive what is waiting, without blocking, until the gather is full or the
         running batch has completed (the device must not wait while requests are read:
         the completion thread's wake-up needs the GIL, which this loop holds)."""
@@ -447,6 +467,7 @@ class Worker:
         model = self.model
         requests = gather.requests
         stager = gather.stager
+        stager.settle()  # every staged byte is in the arena before anything reads it
         max_batch = max(1, self.spec.max_batch)
         first = requests[0].layout.bkey
         same = first is not None and all(r.layout.bkey == first for r in requests)

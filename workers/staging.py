@@ -25,14 +25,19 @@ fit or is not in the arena at all, as a tensor.
 
 from __future__ import annotations
 
+import ctypes
 import math
+import threading
 from collections.abc import Hashable, Sequence
+from queue import SimpleQueue
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 ALIGN = 256
 MIN_ARENA = 1 << 16
+COPIES_PER_HANDOVER = 8
 
 Staged = int | torch.Tensor
 
@@ -45,8 +50,48 @@ class TensorSpec(NamedTuple):
     nbytes: int
 
 
+class Copier:
+    """Copies received bytes into arenas on a thread of its own.
+
+    A memcpy of a 300 KiB image into pinned memory costs 30-50 µs, a third of what the
+    serving thread spends on a request; ``ctypes.memmove`` releases the GIL, so here it
+    overlaps the serving thread's own work. Copies are handed over in lists (one queue
+    operation per few requests, not per request), each with an event set once done.
+    """
+
+    def __init__(self) -> None:
+        self.queue: SimpleQueue[tuple[list[tuple[int, Any]], threading.Event] | None]
+        self.queue = SimpleQueue()
+        self.failure: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="stager-copies", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (job := self.queue.get()) is not None:
+            items, done = job
+            try:
+                for address, data in items:
+                    source = np.frombuffer(data, dtype=np.uint8)
+                    ctypes.memmove(address, source.ctypes.data, source.nbytes)
+            except BaseException as exc:  # reported by the stager that waits on it
+                self.failure = exc
+            finally:
+                done.set()
+
+    def submit(self, items: list[tuple[int, Any]]) -> threading.Event:
+        """Copy each ``(address, buffer)``; the event is set once all are done."""
+        done = threading.Event()
+        self.queue.put((items, done))
+        return done
+
+    def close(self) -> None:
+        self.queue.put(None)
+
+
 class Stager:
-    def __init__(self, device: torch.device, *, pinned: bool | None = None) -> None:
+    def __init__(
+        self, device: torch.device, *, pinned: bool | None = None, copier: Copier | None = None
+    ) -> None:
         self.device = device
         self.pinned = device.type == "cuda" if pinned is None else pinned
         self.arena = torch.empty(0, dtype=torch.uint8)
@@ -56,9 +101,14 @@ class Stager:
         self.missed = 0  # bytes that did not fit: the arena grows by them on reset
         self.last: Hashable = None  # the layout of the previous put
         self.mirror: torch.Tensor | None = None  # the arena's bytes on the device
+        # Copies by ``copier`` (when given): not yet handed over, and handed over.
+        self.copier = copier
+        self.pending: list[tuple[int, Any]] = []
+        self.handed: list[threading.Event] = []
 
     def reset(self) -> None:
         """Start a new batch: every forward that read this arena has completed."""
+        self.settle()
         if self.missed:
             need = self.high + self.missed
             self._grow(max(need + need // 4, self.arena.numel()))
@@ -123,9 +173,29 @@ class Stager:
             own = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
             own.numpy().data.cast("B")[:] = data
             return own.view(spec.dtype).view(spec.shape)
-        self.mem[start : start + nbytes] = data
+        if self.copier is None:
+            self.mem[start : start + nbytes] = data
+        else:
+            self.pending.append((self.arena.data_ptr() + start, data))  # data: kept alive
+            if len(self.pending) >= COPIES_PER_HANDOVER:
+                self.flush()
         self.last = layout
         return start
+
+    def flush(self) -> None:
+        """Hand the copies collected so far to the copier thread."""
+        if self.pending and self.copier is not None:
+            self.handed.append(self.copier.submit(self.pending))
+            self.pending = []
+
+    def settle(self) -> None:
+        """Wait until every byte ``put`` has reached the arena (before reading it)."""
+        self.flush()
+        for done in self.handed:
+            done.wait()
+        self.handed.clear()
+        if self.copier is not None and self.copier.failure is not None:
+            raise RuntimeError(f"staging copy failed: {self.copier.failure}")
 
     def tensor(self, staged: Staged, spec: TensorSpec) -> torch.Tensor:
         """A staged input as a host tensor."""
