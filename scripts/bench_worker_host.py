@@ -19,9 +19,12 @@ GPU, scripted resnet50 fp16 (built here with torchvision, random weights; or --m
     PYTHONPATH=. python scripts/bench_worker_host.py --device cuda:0 --resnet --reference
     PYTHONPATH=. python scripts/bench_worker_host.py --device cuda:0 --model net.pt --reference
 
-``--profile FILE`` runs the worker under cProfile (the serving thread's CPU time) and
-prints its top functions. ``GPU_POOL_STAGE_ON_ARRIVAL=1`` in the environment makes a CPU
-worker stage requests as a GPU worker does (see ``workers/serve.py``).
+``--via-spawner`` forks the worker from ``workers.spawner`` as poold does, instead of
+starting a fresh interpreter. ``--cuda-graphs`` replays the forward as CUDA graphs
+(``cuda_graphs = true``). ``--profile FILE`` runs the worker under cProfile (the
+serving thread's CPU time) and prints its top functions. ``GPU_POOL_STAGE_ON_ARRIVAL=1``
+in the environment makes a CPU worker stage requests as a GPU worker does (see
+``workers/serve.py``).
 """
 
 from __future__ import annotations
