@@ -14,21 +14,28 @@ import zmq
 
 NOBLOCK = int(zmq.NOBLOCK)
 SNDMORE = int(zmq.SNDMORE)
+# Below this many bytes a part is copied into its message: cheaper than a zero-copy
+# frame, whose bookkeeping costs more than the copy (pyzmq's own default threshold).
+COPY_BELOW = 1 << 16
 
 
 def recv_frames(sock: zmq.Socket[Any], flags: int = NOBLOCK) -> list[zmq.Frame]:
-    """One whole multipart message as zero-copy frames; raises zmq.Again if none waits."""
-    frame = sock.recv(flags, copy=False)
+    """One whole multipart message as zero-copy frames; raises zmq.Again if none waits.
+    (Arguments are positional: pyzmq's keyword handling costs microseconds per call.)"""
+    recv = sock.recv
+    frame = recv(flags, False)
     frames = [frame]
     while frame.more:
-        frame = sock.recv(0, copy=False)
+        frame = recv(0, False)
         frames.append(frame)
     return frames
 
 
 def send_frames(sock: zmq.Socket[Any], frames: Sequence[Any], flags: int = 0) -> None:
-    """Send ``frames`` as one message; ``flags`` (e.g. NOBLOCK) apply to every part."""
+    """Send ``frames`` as one message; ``flags`` (e.g. NOBLOCK) apply to every part.
+    Small parts are copied, large ones (tensor bytes) sent without a copy."""
+    send = sock.send
     last = len(frames) - 1
     more = flags | SNDMORE
     for i, frame in enumerate(frames):
-        sock.send(frame, more if i < last else flags, copy=False)
+        send(frame, more if i < last else flags, len(frame) < COPY_BELOW)

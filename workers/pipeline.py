@@ -1,4 +1,4 @@
-"""The serving loop's parts: whole messages in and out, a gather (the batch being
+"""The serving loop's parts: a request waiting for its batch, a gather (the batch being
 collected), a launched batch, and the thread that wakes the loop when the device is done.
 ``workers.serve`` puts them together."""
 
@@ -6,49 +6,15 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable, Sequence
 from queue import SimpleQueue
 from typing import Any
 
 import torch
-import zmq
 
-from router import protocol as p
 from workers.batching import GroupResult
 from workers.codec import RequestLayout
-from workers.staging import Copier, Staged, Stager
-
-NOBLOCK = int(zmq.NOBLOCK)
-SNDMORE = int(zmq.SNDMORE)
-
-
-def recv_message(sock: zmq.Socket[Any]) -> list[zmq.Frame]:
-    """One whole message as zero-copy frames; raises zmq.Again if none waits. (pyzmq's
-    keyword arguments cost a few microseconds per call: positional only, here.)"""
-    recv = sock.recv
-    frame = recv(NOBLOCK, False)
-    frames = [frame]
-    while frame.more:
-        frame = recv(0, False)
-        frames.append(frame)
-    return frames
-
-
-def send_reply(
-    sock: zmq.Socket[Any], key: bytes, status: bytes, header: bytes, frames: list[Any]
-) -> None:
-    """``R, key, status, header, *frames``: the small parts copied (cheaper than a
-    zero-copy frame below 64 KiB), the tensor frames without a copy."""
-    send = sock.send
-    send(p.KIND_REQUEST, SNDMORE)
-    send(key, SNDMORE)
-    send(status, SNDMORE)
-    if not frames:
-        send(header, 0)
-        return
-    send(header, SNDMORE)
-    last = len(frames) - 1
-    for i, frame in enumerate(frames):
-        send(frame, SNDMORE if i < last else 0, False)
+from workers.staging import Copier, Staged, Stager, TensorSpec
 
 
 class Pending:
@@ -61,6 +27,18 @@ class Pending:
         self.key = key
         self.layout = layout
         self.staged = staged
+
+
+def inputs_of(
+    members: Sequence[Pending],
+    build: Callable[[list[Staged], list[TensorSpec]], torch.Tensor],
+) -> list[torch.Tensor]:
+    """The batch of each input of ``members``, made by ``build`` from the members' staged
+    parts (a stager's ``batch``, on the device, or ``host_batch``)."""
+    specs = [r.layout.specs for r in members]
+    return [
+        build([r.staged[i] for r in members], [s[i] for s in specs]) for i in range(len(specs[0]))
+    ]
 
 
 class Gather:

@@ -14,9 +14,11 @@ import torch
 import zmq
 
 from router import protocol as p
+from router.frames import recv_frames, send_frames
 from workers.batching import GroupResult, forward_group, plan_batches
-from workers.codec import WIRE_DTYPES, HostOutputs, ReplyEncoder, RequestLayout, decode_inputs
+from workers.codec import WIRE_DTYPES, HostOutputs, ReplyEncoder
 from workers.graphs import GraphTable, capture_graphs
+from workers.intake import Intake
 from workers.loader import LoadedModel, ModelLoadError, load_model
 from workers.main import (
     EXIT_LOAD_FAILED,
@@ -29,8 +31,8 @@ from workers.main import (
 )
 from workers.manifest import ManifestError, load_manifest
 from workers.pacing import LaunchClock
-from workers.pipeline import Completions, Gather, Launched, Pending, recv_message, send_reply
-from workers.staging import ALIGN, Copier, Staged, Stager
+from workers.pipeline import Completions, Gather, Launched, Pending, inputs_of
+from workers.staging import ALIGN, Copier, Stager
 from workers.warmup import ValidationError, WarmupError, example_inputs, validate, warm_up
 
 log = logging.getLogger(__name__)
@@ -56,11 +58,6 @@ def default_threads() -> int:
 # path on a CPU.
 STAGE_ON_ARRIVAL_ENV = "GPU_POOL_STAGE_ON_ARRIVAL"
 CPU = torch.device("cpu")
-# Request headers remembered, already checked: a header longer than this carries inline
-# tensor bytes (not worth keeping), and a worker sees few distinct headers unless every
-# request has its own id (then the table is cleared whenever it fills up).
-MAX_LAYOUT_HEADER = 1024
-MAX_LAYOUTS = 256
 
 
 class Worker:
@@ -74,7 +71,11 @@ class Worker:
         self.clock = LaunchClock()
         self.queued_launches = 0  # launched behind a running batch (see workers.pacing)
         self.stage_on_arrival = False
-        self.layouts: dict[bytes, RequestLayout] = {}
+        self.intake = Intake(
+            spec.model,
+            lambda: self.model.num_inputs if self.model else None,
+            self.reply_error,
+        )
         self.served = 0
         self.stopping = False
         self.last_beat = 0.0
@@ -380,12 +381,12 @@ class Worker:
             if event is not None and event.query():
                 return
             try:
-                frames = recv_message(sock)
+                frames = recv_frames(sock)
             except zmq.Again:
                 return
             kind = frames[0].bytes
             if kind == p.KIND_REQUEST and len(frames) >= 3:
-                pending = self.decode(frames, stager)
+                pending = self.intake.decode(frames, stager)
                 if pending is not None:
                     if not requests:
                         gather.since = time.monotonic()
@@ -401,64 +402,6 @@ class Worker:
             return
         if msg.get("t") == "stop":
             self.stopping = True
-
-    def decode(self, frames: list[Any], stager: Stager | None) -> Pending | None:
-        """The request in ``frames`` (kind, key, header, tensor frames), its inputs staged
-        when ``stager`` is given; None when it was answered with an error."""
-        key = frames[1].bytes
-        head = frames[2].bytes
-        buffers = [f.buffer for f in frames[3:]]
-        layout = self.layouts.get(head)
-        tensors: list[torch.Tensor] | None = None
-        if layout is None or not layout.fits(buffers):
-            decoded = self.parse(key, head, buffers)
-            if decoded is None:
-                return None
-            layout, tensors = decoded
-        if stager is None:
-            # Staged at launch: the frames themselves, wrapped without a copy.
-            inputs: list[Staged] = list(layout.tensors(buffers) if tensors is None else tensors)
-            return Pending(key, layout, inputs)
-        try:
-            # Copied now, while the previous batch runs; the frames can go.
-            sources = layout.sources(buffers)
-            staged = [
-                stager.put(data, spec, lay)
-                for data, spec, lay in zip(sources, layout.specs, layout.layouts, strict=True)
-            ]
-        except Exception as exc:  # no host memory to stage it: this request's answer
-            msg = f"{type(exc).__name__}: {exc}"[:2000]
-            self.reply_error(key, layout.rid, p.MODEL_ERROR, msg)
-            return None
-        return Pending(key, layout, staged)
-
-    def parse(
-        self, key: bytes, head: bytes, buffers: list[Any]
-    ) -> tuple[RequestLayout, list[torch.Tensor]] | None:
-        """Decode and check a header not seen before (or frames that do not fit it)."""
-        header: dict[str, Any] = {}
-        try:
-            header = p.unpack_map(head)
-            inputs = decode_inputs(header, buffers)
-            expected = self.model.num_inputs if self.model else None
-            if expected is not None and len(inputs) != expected:
-                raise p.ProtocolError(
-                    p.BAD_REQUEST,
-                    f"model {self.spec.model!r} takes {expected} inputs, got {len(inputs)}",
-                )
-            layout = RequestLayout(header, inputs)
-        except p.ProtocolError as exc:
-            self.reply_error(key, header.get("id"), exc.code, exc.message)
-            return None
-        except Exception as exc:  # whatever the codec missed must not kill the worker
-            msg = f"{type(exc).__name__}: {exc}"[:2000]
-            self.reply_error(key, header.get("id"), p.BAD_REQUEST, msg)
-            return None
-        if len(head) <= MAX_LAYOUT_HEADER:
-            if len(self.layouts) >= MAX_LAYOUTS:
-                self.layouts.clear()  # e.g. a client whose every header has a new id
-            self.layouts[head] = layout
-        return layout, inputs
 
     def launch(self, gather: Gather) -> Launched:
         """Queue the gather's forwards on the device (one per compatible group) and the
@@ -501,18 +444,10 @@ class Worker:
             self.batch_sizes[rows] = self.batch_sizes.get(rows, 0) + 1
 
             def stacked(members: list[Pending] = members) -> list[torch.Tensor]:
-                specs = [r.layout.specs for r in members]
-                return [
-                    stager.batch([r.staged[i] for r in members], [s[i] for s in specs])
-                    for i in range(len(specs[0]))
-                ]
+                return inputs_of(members, stager.batch)
 
             def alone(j: int, members: list[Pending] = members) -> list[torch.Tensor]:
-                req = members[j]
-                return [
-                    stager.batch([staged], [spec])
-                    for staged, spec in zip(req.staged, req.layout.specs, strict=True)
-                ]
+                return inputs_of(members[j : j + 1], stager.batch)
 
             keys = [r.layout.bkey for r in members]
             result = None
@@ -537,12 +472,8 @@ class Worker:
         graph = self.graphs.find(members[0].layout.bkey, rows)
         if graph is None:
             return None
-        specs = [r.layout.specs for r in members]
         try:
-            batch = [
-                stager.host_batch([r.staged[i] for r in members], [s[i] for s in specs])
-                for i in range(len(specs[0]))
-            ]
+            batch = inputs_of(members, stager.host_batch)
             if self.copy_stream is not None:
                 # Host to device on the copy stream, overlapping the batch ahead; the
                 # replay then reads a device copy once the copy stream is done.
@@ -594,7 +525,7 @@ class Worker:
                     stop = start + req.layout.size
                     header, frames = encoder.encode(host, start, stop, req.layout.rid)
                     start = stop
-                    send_reply(sock, req.key, b"OK", header, frames)
+                    send_frames(sock, [p.KIND_REQUEST, req.key, b"OK", header, *frames])
                 self.served += len(members)
             else:
                 assert result.alone is not None
@@ -617,11 +548,11 @@ class Worker:
             self.reply_error(req.key, req.layout.rid, p.MODEL_ERROR, str(exc))
             return
         self.served += 1
-        send_reply(self.sock, req.key, b"OK", header, frames)
+        send_frames(self.sock, [p.KIND_REQUEST, req.key, b"OK", header, *frames])
 
     def reply_error(self, key: bytes, rid: Any, code: str, message: str) -> None:
         self.served += 1
         body = p.error_header(
             code, message, model=self.spec.model, version=self.spec.version, rid=rid
         )
-        send_reply(self.sock, key, code.encode(), body, [])
+        send_frames(self.sock, [p.KIND_REQUEST, key, code.encode(), body])
