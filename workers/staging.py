@@ -3,21 +3,22 @@
 Allocating pinned memory costs milliseconds per call (it registers pages with the
 driver), and a fresh pageable buffer per batch costs a page fault per 4 KiB on first
 touch; so each stager owns one arena, carved with a bump offset and grown (between
-batches) to the largest batch seen. The worker keeps two stagers and alternates them:
-one holds the batch whose forward is running (its host-to-device copy reads the arena
-asynchronously), the other receives the next batch meanwhile. A stager is reset only
-once the forward that read it has completed.
+batches) to the largest batch seen. The worker keeps one stager per gather and takes
+turns with them (``workers.serve``): a stager is reset only once the batch that read
+it has completed, since the host-to-device copy reads the arena asynchronously.
 
 Two ways in:
 
 * ``put`` copies one request's input bytes into the arena as soon as the request
   arrives (the GPU path: the copy overlaps the running forward, the received frame can
-  be freed, and no torch op runs per request: a plain memcpy into a memoryview).
+  be freed, and no torch op runs per request). With a ``Copier`` the memcpy runs on its
+  thread and ``settle`` waits for it; without, it is a plain copy into a memoryview.
   Consecutive puts of the same layout (dtype and shape after the first dimension) lie
   back to back, so a batch of them already is one contiguous block.
 * ``batch`` gives the batch of one input on the device: the block ``put`` built (no host
   copy), or the parts concatenated into the arena; on a CUDA stager it then starts the
-  asynchronous host-to-device copy.
+  asynchronous host-to-device copy. ``host_batch`` stops before that copy, and
+  ``to_device`` makes it on a given stream into a device mirror of the arena.
 
 An input is "staged" as an ``int`` (its byte offset in the arena) or, when it did not
 fit or is not in the arena at all, as a tensor.
