@@ -226,15 +226,15 @@ class Supervisor(WorkerStopping):
         self.sample_memory()  # its footprint now, for auto's next decision
         rt = self.models[rec.model]
         extra = {"model": rec.model, "version": rec.version, "worker_pid": rec.pid}
+        graphs = event.get("graphs")
         log.info(
             "worker %s ready [pid %s] in %.2fs%s",
             rec.wid,
             rec.pid,
             now - rec.spawned_at,
-            graphs_note(event.get("graphs")),
+            graphs_note(graphs),
             extra=extra,
         )
-        graphs = event.get("graphs")
         skipped = graphs.get("skipped") if isinstance(graphs, dict) else None
         for reason in skipped[:8] if isinstance(skipped, list) else ():
             log.warning("worker %s: no CUDA graphs for %s", rec.wid, reason, extra=extra)

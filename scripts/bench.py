@@ -47,7 +47,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_worker_host import cpu_ticks  # noqa: E402
+from bench_worker_host import cpu_ticks, us_per_request  # noqa: E402
 from benchkit import (  # noqa: E402
     BenchError,
     Compare,
@@ -396,14 +396,11 @@ def section_batching(b: Bench) -> None:
                     boot_timeout_s=600.0, metrics=f"127.0.0.1:{port}") as pool:
             before = batch_rows(port, "net")
             wpids = pool_worker_pids(pool)
-            ticks = [cpu_ticks(pid) for pid in wpids]
+            ticks = [cpu_ticks(pid) for pid in wpids[:1]]  # the one worker
             rows[graphs] = b.measure("batching", name, pool.frontend, clients, load,
                                      broker=[pool.proc.pid], workers=wpids)
             after = batch_rows(port, "net")
-            served = max(1, rows[graphs]["requests"])
-            hz = os.sysconf("SC_CLK_TCK")
-            split = {k: sum(cpu_ticks(pid)[k] - t[k] for pid, t in zip(wpids, ticks, strict=True))
-                     / hz / served * 1e6 for k in ("main", "zmq", "other")}
+            split = us_per_request(ticks[0], cpu_ticks(wpids[0]), rows[graphs]["requests"])
             rows[graphs]["worker_threads_us"] = {k: round(v, 1) for k, v in split.items()}
             print(f"  {name}: worker CPU per request: serving thread {split['main']:.1f} us, "
                   f"zmq I/O {split['zmq']:.1f} us, other threads {split['other']:.1f} us",
@@ -459,7 +456,7 @@ def section_weights(b: Bench) -> None:
           f"{', '.join(devices)}, from page cache", flush=True)
     paths, hidden, layers = mlp_files(b, 1, small=False)
     st = make_factory_copy(paths[0], b.dir(f"factory-{hidden}x{layers}"), hidden, layers)
-    preread([paths[0], st])
+    # (the load_weights role reads both files into the page cache itself)
     for dev in devices:
         p = b.procs.role("load_weights", {"pt": paths[0], "st": st, "device": dev,
                                           "repeats": b.args.weight_repeats})

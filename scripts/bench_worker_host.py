@@ -115,6 +115,12 @@ def cpu_ticks(pid: int) -> dict[str, int]:
     return out
 
 
+def us_per_request(start: dict[str, int], end: dict[str, int], served: int) -> dict[str, float]:
+    """CPU microseconds per request in each thread group between two ``cpu_ticks``."""
+    hz = os.sysconf("SC_CLK_TCK")
+    return {k: (end[k] - start[k]) / hz * 1e6 / max(1, served) for k in end}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
@@ -426,13 +432,8 @@ def drive(
                 on_event(frames)
     proc.wait(30)
 
-    hz = os.sysconf("SC_CLK_TCK")
-
-    def per_request(end: dict[str, int], start: dict[str, int], k: str) -> float:
-        return (end[k] - start[k]) / hz * 1e6 / max(1, served)
-
-    us = {k: per_request(cpu_end, measure["cpu"], k) for k in cpu_end}
-    drv = {k: per_request(self_end, measure["self"], k) for k in self_end}
+    us = us_per_request(measure["cpu"], cpu_end, served)
+    drv = us_per_request(measure["self"], self_end, served)
     total_us = sum(us.values())
     rows = sum(s * c for s, c in batches.items())
     forwards = sum(batches.values())
