@@ -134,7 +134,14 @@ class Client:
         wait_ms = int((timeout + min(1.0, 0.1 + 0.1 * timeout)) * 1000)
         for _attempt in range(max(1, self.retries)):
             sock = self._socket()
-            sock.send_multipart(frames, copy=False)
+            # A send blocks while no peer can take it (say, a CURVE handshake that the
+            # pool refused tore the connection down): bounded by the same wait.
+            sock.setsockopt(zmq.SNDTIMEO, wait_ms)
+            try:
+                sock.send_multipart(frames, copy=False)
+            except zmq.Again:
+                self._reset()
+                continue
             if sock.poll(wait_ms):
                 return decode_reply(sock.recv_multipart(copy=False))
             self._reset()  # lazy pirate: a REQ socket without its reply is unusable
