@@ -28,6 +28,7 @@ from pool.spawn import SpawnerClient
 from pool.state import Deployed, StateStore, file_digest
 from pool.supervisor import Supervisor
 from router.router import Router
+from workers.heap import freeze_heap
 from workers.spawner import reaped
 
 log = logging.getLogger("poold")
@@ -263,6 +264,7 @@ class Daemon:
             self.router.set_wakeups(items)
 
         wakeups()
+        freeze_heap()  # see workers.heap: full collections would pause routing
         next_publish = 0.0
         stopping_since: float | None = None
         while True:

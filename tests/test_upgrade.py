@@ -118,6 +118,8 @@ def test_version_order_per_client_during_one_upgrade(tmp_path: object) -> None:
             timeout_s=60,
         )
         assert res["ok"], res
+        # The new worker froze its heap before it said ready (workers.heap).
+        assert "freeze_s" in res["data"]["worker_timings"], res
         load.wait_ok(100)
         load.stop()
         assert not load.errors

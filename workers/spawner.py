@@ -30,6 +30,8 @@ from typing import Any
 
 import msgpack
 
+from workers.heap import freeze_heap
+
 _LEN = struct.Struct("<I")
 MAX_COMMAND = 1 << 20
 
@@ -134,6 +136,7 @@ def main() -> int:
     if threads > 1:
         sys.stderr.write(f"spawner: {threads} threads after import; forks may be unsafe\n")
     del torch
+    freeze_heap()  # children inherit a frozen heap (see workers.heap)
 
     in_fd, out_fd = sys.stdin.fileno(), sys.stdout.fileno()
     wake_r, wake_w = os.pipe()
