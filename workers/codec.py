@@ -95,7 +95,7 @@ class RequestLayout:
     sees it and afterwards only checks the tensor frames' sizes against it.
     """
 
-    __slots__ = ("bkey", "frame_nbytes", "inline", "layouts", "rid", "size", "specs")
+    __slots__ = ("bkey", "frame_nbytes", "inline", "layouts", "rid", "signature", "size", "specs")
 
     def __init__(self, header: dict[str, Any], tensors: Sequence[torch.Tensor]) -> None:
         """``tensors``: what ``decode_inputs`` made of this header (it validated it)."""
@@ -113,6 +113,9 @@ class RequestLayout:
         self.bkey = batch_key(tensors)
         # Per input, what consecutive inputs must share to lie back to back in a batch.
         self.layouts = tuple((s.dtype, s.shape[1:]) if s.shape else None for s in self.specs)
+        # (wire dtype, shape) per input: the key of the shapes a worker has served, which
+        # the next version warms up with.
+        self.signature = tuple((WIRE_DTYPES.get(s.dtype, "float32"), s.shape) for s in self.specs)
 
     def fits(self, buffers: Sequence[Any]) -> bool:
         """Whether ``buffers`` (the tensor frames) are the ones this header describes."""

@@ -16,7 +16,7 @@ import zmq
 from router import protocol as p
 from router.frames import recv_frames, send_frames
 from workers.batching import GroupResult, forward_group, plan_batches
-from workers.codec import WIRE_DTYPES, HostOutputs, ReplyEncoder
+from workers.codec import HostOutputs, ReplyEncoder
 from workers.graphs import GraphTable, capture_graphs
 from workers.heap import freeze_heap
 from workers.intake import Intake
@@ -273,6 +273,12 @@ class Worker:
                         self.queued_launches += 1
                     started = time.monotonic()
                     batch = self.launch(gather)
+                    if batch.event is None and not launched and not launch_first:
+                        # It ran as it was launched (on a CPU): answer it now and take
+                        # the next requests into the same gather.
+                        self.finish(batch)
+                        gather.reset()
+                        continue
                     batch.at = started
                     batch.queued = bool(launched)
                     clock.launched(started, time.monotonic())
@@ -543,7 +549,7 @@ class Worker:
             self.remember_shapes(members[0])
 
     def remember_shapes(self, req: Pending) -> None:
-        key = tuple((WIRE_DTYPES.get(s.dtype, "float32"), s.shape) for s in req.layout.specs)
+        key = req.layout.signature
         self.shapes[key] = self.shapes.get(key, 0) + 1
 
     def reply(self, req: Pending, outputs: list[torch.Tensor]) -> None:
