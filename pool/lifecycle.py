@@ -79,6 +79,7 @@ class WorkerRecord:
     exit_status: int | None = None
     expected_exit: bool = False  # we asked it to go: an exit is a retirement, not a crash
     rss: int = 0
+    heap_frozen: int = 0  # objects the worker keeps out of garbage collection
     gpu_bytes: int | None = None
     ready_gpu_bytes: int | None = None
     device_used_at_spawn: int | None = None
@@ -114,6 +115,7 @@ class WorkerRecord:
             "served": self.slot_view.served,
             "gpu_bytes": self.gpu_bytes,
             "rss_bytes": self.rss,
+            "heap_frozen": self.heap_frozen,
             "uptime_s": round(time.monotonic() - self.ready_at, 1) if self.ready_at else 0.0,
             "failure": self.failure,
         }

@@ -223,6 +223,8 @@ class Supervisor(WorkerStopping):
         rec.timings = {k: float(v) for k, v in timings.items()} if isinstance(timings, dict) else {}
         rec.timings["spawn_to_ready_s"] = now - rec.spawned_at
         rec.rss = int(event.get("rss") or 0)
+        frozen = event.get("heap_frozen")
+        rec.heap_frozen = frozen if isinstance(frozen, int) else 0
         self.sample_memory()  # its footprint now, for auto's next decision
         rt = self.models[rec.model]
         extra = {"model": rec.model, "version": rec.version, "worker_pid": rec.pid}

@@ -118,8 +118,8 @@ def test_version_order_per_client_during_one_upgrade(tmp_path: object) -> None:
             timeout_s=60,
         )
         assert res["ok"], res
-        # The new worker froze its heap before it said ready (workers.heap).
-        assert "freeze_s" in res["data"]["worker_timings"], res
+        # Workers start with the torch import frozen by the spawner (workers.heap).
+        assert all(w["heap_frozen"] > 10_000 for w in pool.model("m")["workers"])
         load.wait_ok(100)
         load.stop()
         assert not load.errors

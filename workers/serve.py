@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -18,7 +19,6 @@ from router.frames import recv_frames, send_frames
 from workers.batching import GroupResult, forward_group, plan_batches
 from workers.codec import HostOutputs, ReplyEncoder
 from workers.graphs import GraphTable, capture_graphs
-from workers.heap import freeze_heap
 from workers.intake import Intake
 from workers.loader import LoadedModel, ModelLoadError, load_model
 from workers.main import (
@@ -137,13 +137,12 @@ class Worker:
             timings["graphs_s"] = time.monotonic() - t4
         self.prepare_staging(sets)
         gpu = torch.cuda.memory_reserved(self.device) if self.device.type == "cuda" else 0
-        t5 = time.monotonic()
-        frozen = freeze_heap()  # the model and torch: no full collection walks them again
-        timings["freeze_s"] = time.monotonic() - t5
         self.event(
             "ready",
             timings=timings,
-            heap_frozen=frozen,
+            # Objects kept out of garbage collection: the torch import, frozen by the
+            # spawner before it forked this process (workers.heap).
+            heap_frozen=gc.get_freeze_count(),
             rss=rss_bytes(),
             torch_reserved=gpu,
             num_inputs=self.model.num_inputs,
