@@ -15,9 +15,8 @@ import torch
 import zmq
 
 from router import protocol as p
-from router.frames import recv_frames, send_frames
+from router.frames import recv_frames
 from workers.batching import GroupResult, forward_group, plan_batches
-from workers.codec import HostOutputs, ReplyEncoder
 from workers.graphs import GraphTable, capture_graphs
 from workers.intake import Intake
 from workers.loader import LoadedModel, ModelLoadError, load_model
@@ -33,6 +32,7 @@ from workers.main import (
 from workers.manifest import ManifestError, load_manifest
 from workers.pacing import LaunchClock
 from workers.pipeline import Completions, Gather, Launched, Pending, inputs_of
+from workers.replies import Replier
 from workers.staging import ALIGN, Copier, Stager
 from workers.warmup import ValidationError, WarmupError, example_inputs, validate, warm_up
 
@@ -67,7 +67,7 @@ class Worker:
         self.sock = sock
         self.device = torch.device("cpu")
         self.model: LoadedModel | None = None
-        self.encoder = ReplyEncoder(spec.model, spec.version)
+        self.replies = Replier(sock, spec.model, spec.version)
         self.gathers = tuple(Gather(self.device) for _ in range(GATHERS))
         self.clock = LaunchClock()
         self.queued_launches = 0  # launched behind a running batch (see workers.pacing)
@@ -75,12 +75,10 @@ class Worker:
         self.intake = Intake(
             spec.model,
             lambda: self.model.num_inputs if self.model else None,
-            self.reply_error,
+            self.replies.error,
         )
-        self.served = 0
         self.stopping = False
         self.last_beat = 0.0
-        self.shapes: dict[tuple[Any, ...], int] = {}
         self.batch_sizes: dict[int, int] = {}
         self.graphs: GraphTable | None = None
         self.copier: Copier | None = None
@@ -149,7 +147,7 @@ class Worker:
             graphs=self.graph_info,
         )
         self.serve()
-        self.event("bye", served=self.served)
+        self.event("bye", served=self.replies.served)
         return EXIT_OK
 
     def capture(self, sets: list[list[torch.Tensor]]) -> None:
@@ -341,30 +339,26 @@ class Worker:
         try:
             return launched.done()
         except Exception as exc:  # a device error (sticky in CUDA): nothing will run again
-            self.fail_launched(launched, exc)
+            self.replies.fail(launched, exc)
             raise
 
     def complete(self, launched: Launched) -> None:
         try:
             launched.wait()
         except Exception as exc:
-            self.fail_launched(launched, exc)
+            self.replies.fail(launched, exc)
             raise
         self.finish(launched)
 
-    def fail_launched(self, launched: Launched, exc: BaseException) -> None:
-        msg = f"{type(exc).__name__}: {exc}"[:4000]
-        for members, _ in launched.groups:
-            for req in members:
-                self.reply_error(req.key, req.layout.rid, p.MODEL_ERROR, msg)
 
     def beat(self) -> None:
         self.last_beat = time.monotonic()
-        shapes = sorted(self.shapes, key=self.shapes.__getitem__, reverse=True)[:MAX_SHAPES_KEPT]
+        seen = self.replies.shapes
+        shapes = sorted(seen, key=seen.__getitem__, reverse=True)[:MAX_SHAPES_KEPT]
         batches, self.batch_sizes = self.batch_sizes, {}
         self.event(
             "hb",
-            served=self.served,
+            served=self.replies.served,
             rss=rss_bytes(),
             shapes=[list(s) for s in shapes],
             # [rows per forward, count] since the last beat, for the batch-size metric
@@ -519,50 +513,5 @@ class Worker:
         return event
 
     def finish(self, launched: Launched) -> None:
-        """Answer every request of a completed launch."""
-        encoder = self.encoder
-        sock = self.sock
-        for members, result in launched.groups:
-            if result.outputs is not None:
-                try:
-                    host = HostOutputs(result.outputs)
-                except TypeError as exc:
-                    for req in members:
-                        self.reply_error(req.key, req.layout.rid, p.MODEL_ERROR, str(exc))
-                    continue
-                start = 0
-                for req in members:
-                    stop = start + req.layout.size
-                    header, frames = encoder.encode(host, start, stop, req.layout.rid)
-                    start = stop
-                    send_frames(sock, [p.KIND_REQUEST, req.key, b"OK", header, *frames])
-                self.served += len(members)
-            else:
-                assert result.alone is not None
-                for req, outcome in zip(members, result.alone, strict=True):
-                    if isinstance(outcome, BaseException):
-                        msg = f"{type(outcome).__name__}: {outcome}"
-                        self.reply_error(req.key, req.layout.rid, p.MODEL_ERROR, msg[:4000])
-                    else:
-                        self.reply(req, outcome)
-            self.remember_shapes(members[0])
-
-    def remember_shapes(self, req: Pending) -> None:
-        key = req.layout.signature
-        self.shapes[key] = self.shapes.get(key, 0) + 1
-
-    def reply(self, req: Pending, outputs: list[torch.Tensor]) -> None:
-        try:
-            header, frames = self.encoder.encode(HostOutputs(outputs), 0, None, req.layout.rid)
-        except TypeError as exc:
-            self.reply_error(req.key, req.layout.rid, p.MODEL_ERROR, str(exc))
-            return
-        self.served += 1
-        send_frames(self.sock, [p.KIND_REQUEST, req.key, b"OK", header, *frames])
-
-    def reply_error(self, key: bytes, rid: Any, code: str, message: str) -> None:
-        self.served += 1
-        body = p.error_header(
-            code, message, model=self.spec.model, version=self.spec.version, rid=rid
-        )
-        send_frames(self.sock, [p.KIND_REQUEST, key, code.encode(), body])
+        """Answer every request of a completed launch (``workers.replies``)."""
+        self.replies.finish(launched)

@@ -1,0 +1,84 @@
+"""Answers on the way out: each request's share of its batch's outputs, or an error.
+
+The worker's loop hands a completed launch here; every request gets exactly one reply
+frame set ``[kind, key, status, header, *tensor frames]`` on the backend socket. The
+replier also counts what it answered and which input shapes it served (the heartbeat
+reports both; the next version of the model warms up with those shapes).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import zmq
+
+from router import protocol as p
+from router.frames import send_frames
+from workers.codec import HostOutputs, ReplyEncoder
+from workers.pipeline import Launched, Pending
+
+
+class Replier:
+    def __init__(self, sock: zmq.Socket[Any], model: str, version: str) -> None:
+        self.sock = sock
+        self.model = model
+        self.version = version
+        self.encoder = ReplyEncoder(model, version)
+        self.served = 0  # requests answered, errors included
+        self.shapes: dict[tuple[Any, ...], int] = {}  # input signature -> times served
+
+    def finish(self, launched: Launched) -> None:
+        """Answer every request of a completed launch."""
+        encoder = self.encoder
+        sock = self.sock
+        for members, result in launched.groups:
+            if result.outputs is not None:
+                try:
+                    host = HostOutputs(result.outputs)
+                except TypeError as exc:
+                    for req in members:
+                        self.error(req.key, req.layout.rid, p.MODEL_ERROR, str(exc))
+                    continue
+                start = 0
+                for req in members:
+                    stop = start + req.layout.size
+                    header, frames = encoder.encode(host, start, stop, req.layout.rid)
+                    start = stop
+                    send_frames(sock, [p.KIND_REQUEST, req.key, b"OK", header, *frames])
+                self.served += len(members)
+            else:
+                assert result.alone is not None
+                for req, outcome in zip(members, result.alone, strict=True):
+                    if isinstance(outcome, BaseException):
+                        msg = f"{type(outcome).__name__}: {outcome}"
+                        self.error(req.key, req.layout.rid, p.MODEL_ERROR, msg[:4000])
+                    else:
+                        self.reply(req, outcome)
+            self.remember_shapes(members[0])
+
+    def fail(self, launched: Launched, exc: BaseException) -> None:
+        """A launch that cannot complete (a device error): every request gets it."""
+        msg = f"{type(exc).__name__}: {exc}"[:4000]
+        for members, _ in launched.groups:
+            for req in members:
+                self.error(req.key, req.layout.rid, p.MODEL_ERROR, msg)
+
+    def remember_shapes(self, req: Pending) -> None:
+        key = req.layout.signature
+        self.shapes[key] = self.shapes.get(key, 0) + 1
+
+    def reply(self, req: Pending, outputs: list[torch.Tensor]) -> None:
+        """One request's own outputs (it ran alone)."""
+        try:
+            header, frames = self.encoder.encode(HostOutputs(outputs), 0, None, req.layout.rid)
+        except TypeError as exc:
+            self.error(req.key, req.layout.rid, p.MODEL_ERROR, str(exc))
+            return
+        self.served += 1
+        send_frames(self.sock, [p.KIND_REQUEST, req.key, b"OK", header, *frames])
+
+    def error(self, key: bytes, rid: Any, code: str, message: str) -> None:
+        self.served += 1
+        body = p.error_header(code, message, model=self.model, version=self.version, rid=rid)
+        send_frames(self.sock, [p.KIND_REQUEST, key, code.encode(), body])
