@@ -350,7 +350,6 @@ class Worker:
             raise
         self.finish(launched)
 
-
     def beat(self) -> None:
         self.last_beat = time.monotonic()
         seen = self.replies.shapes
