@@ -42,6 +42,9 @@ def graphs_note(graphs: Any) -> str:
     return f" (CUDA graphs at batch sizes {min(sizes)}-{max(sizes)}, {len(sizes)} of them)"
 
 
+# How long a worker's exit waits for the reason it sent just before (see on_exited).
+REASON_GRACE_S = 0.5
+
 class Supervisor(WorkerStopping):
     def __init__(
         self,
@@ -67,6 +70,9 @@ class Supervisor(WorkerStopping):
         self.by_wid: dict[bytes, WorkerRecord] = {}
         self.by_pid: dict[int, WorkerRecord] = {}
         self.by_token: dict[int, WorkerRecord] = {}
+        # Workers that exited with a boot-failure code before their "failed" event (with
+        # the reason) arrived: wid -> (record, wait status, when to stop waiting).
+        self.awaiting_reason: dict[bytes, tuple[WorkerRecord, int, float]] = {}
         self.scheduler = Scheduler()
         self.wids = count(1)
         self.last_sample = 0.0
@@ -213,6 +219,7 @@ class Supervisor(WorkerStopping):
             rec.failure = f"{event.get('stage')}: {event.get('reason')}"
             if rec.booting:
                 rec.to(WorkerState.FAILED)
+            self._reason_arrived(wid)
 
     def _ready(self, rec: WorkerRecord, event: dict[str, Any], now: float) -> None:
         if rec.state not in (WorkerState.LOADING, WorkerState.WARMING, WorkerState.VALIDATING):
@@ -292,8 +299,28 @@ class Supervisor(WorkerStopping):
     # ------------------------------------------------------------ exits
     def on_exited(self, pid: int, status: int) -> None:
         rec = self.by_pid.pop(pid, None)
-        if rec is not None:
-            self._exited(rec, status)
+        if rec is None:
+            return
+        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+        if rec.booting and rec.failure is None and code in BOOT_FAILURES:
+            # The worker sent its reason ("load: ...") as an event before it exited, but
+            # the event comes over the backend socket and the exit through the spawner's
+            # pipe, and the exit can arrive first. Wait a moment for the reason.
+            deadline = time.monotonic() + REASON_GRACE_S
+            self.awaiting_reason[rec.slot_view.wid] = (rec, status, deadline)
+            return
+        self._exited(rec, status)
+
+    def stop_awaiting_reasons(self, now: float) -> None:
+        """Exits whose reason did not come in time: the exit status is all there is."""
+        for wid, (_, _, deadline) in list(self.awaiting_reason.items()):
+            if now >= deadline:
+                self._reason_arrived(wid)
+
+    def _reason_arrived(self, wid: bytes) -> None:
+        waiting = self.awaiting_reason.pop(wid, None)
+        if waiting is not None:
+            self._exited(waiting[0], waiting[1])
 
     def _exited(self, rec: WorkerRecord, status: int | None) -> None:
         if not rec.alive:
@@ -380,6 +407,7 @@ class Supervisor(WorkerStopping):
 
     # ------------------------------------------------------------ periodic work
     def tick(self, now: float) -> None:
+        self.stop_awaiting_reasons(now)
         for rt in self.models.values():
             due = [r for r in rt.restarts if r[0] <= now]
             if due and rt.busy is None and rt.failed is None:
