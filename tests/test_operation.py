@@ -97,7 +97,13 @@ def test_metrics_and_health_endpoints(tmp_path: object) -> None:
                     out.setdefault(s.name, []).append((s.labels, s.value))
             return out
 
-        samples = wait_for(lambda: _ready_workers(scrape()), 10, "a snapshot, both workers ready")
+        # The snapshot is published once a second: one that shows both workers ready may
+        # still predate the requests, so wait for the one that counts them.
+        samples = wait_for(
+            lambda: _counted(_ready_workers(scrape()), 20),
+            10,
+            "a snapshot with both workers ready and the 21 requests counted",
+        )
         ok = [
             v
             for lab, v in samples["gpupool_requests_total"]
@@ -132,6 +138,17 @@ def test_metrics_and_health_endpoints(tmp_path: object) -> None:
         assert pool.pool_ctl("health").returncode == 0
     finally:
         pool.stop()
+
+
+def _counted(samples: object, n: int) -> object:
+    """The scrape, once it counts at least ``n`` OK requests of model m and the request
+    for a missing model."""
+    if not isinstance(samples, dict):
+        return None
+    totals = samples.get("gpupool_requests_total", [])
+    ok = sum(v for lab, v in totals if lab == {"model": "m", "version": "1", "code": "OK"})
+    missing = any(lab.get("code") == "NO_SUCH_MODEL" for lab, _ in totals)
+    return samples if ok >= n and missing else None
 
 
 def _ready_workers(samples: dict[str, list[tuple[dict[str, str], float]]]) -> object:
