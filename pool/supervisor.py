@@ -45,6 +45,7 @@ def graphs_note(graphs: Any) -> str:
 # How long a worker's exit waits for the reason it sent just before (see on_exited).
 REASON_GRACE_S = 0.5
 
+
 class Supervisor(WorkerStopping):
     def __init__(
         self,

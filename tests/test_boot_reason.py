@@ -4,9 +4,7 @@ must keep the reason whichever comes first."""
 
 from __future__ import annotations
 
-import os
 from types import SimpleNamespace
-from typing import Any
 
 from pool.lifecycle import WorkerRecord, WorkerState
 from pool.supervisor import REASON_GRACE_S, Supervisor
@@ -30,7 +28,7 @@ class _Metrics:
         self.exits.append(reason)
 
 
-def _supervisor() -> tuple[Supervisor, WorkerRecord, Any]:
+def _supervisor() -> tuple[Supervisor, WorkerRecord]:
     sup = Supervisor.__new__(Supervisor)  # only the exit and event paths are exercised
     rec = WorkerRecord(
         wid="m.g2.s0.w1",
@@ -52,15 +50,11 @@ def _supervisor() -> tuple[Supervisor, WorkerRecord, Any]:
     sup.awaiting_reason = {}
     sup.router = _Router()  # type: ignore[assignment]
     sup.metrics = _Metrics()  # type: ignore[assignment]
-    return sup, rec, rt
-
-
-def test_exit_status_is_decoded_as_a_boot_failure() -> None:
-    assert os.WIFEXITED(EXIT_STATUS) and os.WEXITSTATUS(EXIT_STATUS) == LOAD_FAILED
+    return sup, rec
 
 
 def test_reason_after_the_exit_is_kept() -> None:
-    sup, rec, _ = _supervisor()
+    sup, rec = _supervisor()
     sup.on_exited(4242, EXIT_STATUS)
     assert rec.alive and rec.state is WorkerState.LOADING  # waiting for the reason
     sup.on_worker_event(rec.slot_view.wid, {"t": "failed", "stage": "load", "reason": "bad file"})
@@ -70,7 +64,7 @@ def test_reason_after_the_exit_is_kept() -> None:
 
 
 def test_reason_before_the_exit_is_kept() -> None:
-    sup, rec, _ = _supervisor()
+    sup, rec = _supervisor()
     sup.on_worker_event(rec.slot_view.wid, {"t": "failed", "stage": "load", "reason": "bad file"})
     assert rec.state is WorkerState.FAILED
     sup.on_exited(4242, EXIT_STATUS)
@@ -78,7 +72,7 @@ def test_reason_before_the_exit_is_kept() -> None:
 
 
 def test_without_a_reason_the_exit_status_is_reported_after_the_grace() -> None:
-    sup, rec, _ = _supervisor()
+    sup, rec = _supervisor()
     sup.on_exited(4242, EXIT_STATUS)
     (_, _, deadline) = sup.awaiting_reason[rec.slot_view.wid]
     sup.stop_awaiting_reasons(deadline - REASON_GRACE_S / 2)
@@ -89,6 +83,6 @@ def test_without_a_reason_the_exit_status_is_reported_after_the_grace() -> None:
 
 
 def test_other_exits_are_not_held_back() -> None:
-    sup, rec, _ = _supervisor()
+    sup, rec = _supervisor()
     sup.on_exited(4242, 9)  # killed by SIGKILL while loading
     assert rec.state is WorkerState.EXITED and not sup.awaiting_reason
