@@ -9,7 +9,6 @@ stages, and recycles workers by policy. Long operations live in ``pool.upgrade``
 from __future__ import annotations
 
 import logging
-import os
 import random
 import signal
 import time
@@ -17,8 +16,9 @@ from itertools import count
 from typing import Any
 
 from pool.config import Config, ModelConfig
+from pool.exits import WorkerExits
 from pool.gpu import Gpu, device_index
-from pool.lifecycle import WorkerRecord, WorkerState, describe_exit
+from pool.lifecycle import WorkerRecord, WorkerState
 from pool.metrics import PoolMetrics
 from pool.runtime import ModelRuntime
 from pool.spawn import SpawnerClient
@@ -27,7 +27,6 @@ from pool.stopping import WorkerStopping
 from pool.tasks import Scheduler
 from router.router import Router
 from router.table import ModelRoute, WorkerSlot
-from workers.exitcodes import BOOT_FAILURES
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +41,7 @@ def graphs_note(graphs: Any) -> str:
     return f" (CUDA graphs at batch sizes {min(sizes)}-{max(sizes)}, {len(sizes)} of them)"
 
 
-# How long a worker's exit waits for the reason it sent just before (see on_exited).
-REASON_GRACE_S = 0.5
-
-
-class Supervisor(WorkerStopping):
+class Supervisor(WorkerExits, WorkerStopping):
     def __init__(
         self,
         config: Config,
@@ -296,115 +291,6 @@ class Supervisor(WorkerStopping):
         rec = self.by_wid.get(slot.wid)
         if rec is not None and rec.alive and rec.stop_stage == 0:
             self.kill(rec, f"hung: no answer {self.pool.request_grace_s:.1f}s past a deadline")
-
-    # ------------------------------------------------------------ exits
-    def on_exited(self, pid: int, status: int) -> None:
-        rec = self.by_pid.pop(pid, None)
-        if rec is None:
-            return
-        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
-        if rec.booting and rec.failure is None and code in BOOT_FAILURES:
-            # The worker sent its reason ("load: ...") as an event before it exited, but
-            # the event comes over the backend socket and the exit through the spawner's
-            # pipe, and the exit can arrive first. Wait a moment for the reason.
-            deadline = time.monotonic() + REASON_GRACE_S
-            self.awaiting_reason[rec.slot_view.wid] = (rec, status, deadline)
-            return
-        self._exited(rec, status)
-
-    def stop_awaiting_reasons(self, now: float) -> None:
-        """Exits whose reason did not come in time: the exit status is all there is."""
-        for wid, (_, _, deadline) in list(self.awaiting_reason.items()):
-            if now >= deadline:
-                self._reason_arrived(wid)
-
-    def _reason_arrived(self, wid: bytes) -> None:
-        waiting = self.awaiting_reason.pop(wid, None)
-        if waiting is not None:
-            self._exited(waiting[0], waiting[1])
-
-    def _exited(self, rec: WorkerRecord, status: int | None) -> None:
-        if not rec.alive:
-            return
-        was = rec.state
-        rec.exit_status = status
-        how = describe_exit(status) if status is not None else (rec.failure or "no process")
-        rt = self.models.get(rec.model)
-        lost = self.router.remove_worker(rec.slot_view.wid, lost=not rec.expected_exit)
-        self.by_wid.pop(rec.slot_view.wid, None)
-        if rec.pid is not None:
-            self.by_pid.pop(rec.pid, None)
-        rec.to(WorkerState.EXITED)
-        if rt is None:
-            return
-        rt.workers = [w for w in rt.workers if w.alive]
-        if rec.expected_exit:
-            log.info(
-                "worker %s [pid %s] retired: %s",
-                rec.wid,
-                rec.pid,
-                how,
-                extra={"model": rec.model, "version": rec.version, "worker_pid": rec.pid},
-            )
-            self.metrics.observe_worker_exit(rec.model, "retired")
-            return
-        boot = was in (
-            WorkerState.SPAWNING,
-            WorkerState.STARTING,
-            WorkerState.LOADING,
-            WorkerState.WARMING,
-            WorkerState.VALIDATING,
-            WorkerState.FAILED,
-        )
-        code = os.WEXITSTATUS(status) if status is not None and os.WIFEXITED(status) else None
-        reason = "boot_failed" if boot or code in BOOT_FAILURES else "crashed"
-        # Say how the process ended, and what we had noticed first if that differs
-        # (a SIGKILLed worker is often seen as unreachable before its exit is reaped).
-        said = how if rec.failure in (None, how) else f"{how} (first seen: {rec.failure})"
-        rec.failure = rec.failure or how
-        log.error(
-            "worker %s [pid %s] of %s v%s %s: %s (%s in flight re-routed)",
-            rec.wid,
-            rec.pid,
-            rec.model,
-            rec.version,
-            "failed to start" if boot else "died",
-            said,
-            lost,
-            extra={"model": rec.model, "version": rec.version, "worker_pid": rec.pid},
-        )
-        self.metrics.observe_worker_exit(rec.model, reason)
-        if rt.busy is None and rec.generation == rt.serving_gen:
-            self._schedule_restart(rt, rec.slot, rec.failure)
-
-    def _schedule_restart(self, rt: ModelRuntime, slot: int, why: str) -> None:
-        delay = rt.flap.failure()
-        if delay is None:
-            self.mark_failed(
-                rt,
-                f"gave up after {rt.flap.attempts} failures in "
-                f"{rt.flap.window_s:.0f}s; last: {why}",
-            )
-            return
-        rt.restarts.append((time.monotonic() + delay, slot))
-
-    def mark_failed(self, rt: ModelRuntime, why: str) -> None:
-        rt.failed = why
-        rt.route.unavailable = f"model {rt.name!r} is failed: {why}"
-        n = self.router.fail_queued(rt.name, "MODEL_UNAVAILABLE", rt.route.unavailable)
-        log.error(
-            "model %s marked failed (%d queued requests answered): %s",
-            rt.name,
-            n,
-            why,
-            extra={"model": rt.name},
-        )
-
-    def clear_failed(self, rt: ModelRuntime) -> None:
-        rt.failed = None
-        rt.route.unavailable = None
-        rt.flap.reset()
-        rt.restarts.clear()
 
     # ------------------------------------------------------------ periodic work
     def tick(self, now: float) -> None:

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+from pool.exits import REASON_GRACE_S
 from pool.lifecycle import WorkerRecord, WorkerState
-from pool.supervisor import REASON_GRACE_S, Supervisor
+from pool.supervisor import Supervisor
 from router.table import WorkerSlot
 from workers.exitcodes import BOOT_FAILURES
 
