@@ -14,7 +14,8 @@ import torch
 
 from workers.batching import GroupResult
 from workers.codec import RequestLayout
-from workers.staging import Copier, Staged, Stager, TensorSpec
+from workers.copier import Copier
+from workers.staging import Staged, Stager, TensorSpec
 
 
 class Pending:

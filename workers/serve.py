@@ -17,6 +17,7 @@ import zmq
 from router import protocol as p
 from router.frames import recv_frames
 from workers.batching import GroupResult, forward_group, plan_batches
+from workers.copier import Copier, new_copier
 from workers.graphs import GraphTable, capture_graphs
 from workers.intake import Intake
 from workers.loader import LoadedModel, ModelLoadError, load_model
@@ -33,7 +34,7 @@ from workers.manifest import ManifestError, load_manifest
 from workers.pacing import LaunchClock
 from workers.pipeline import Completions, Gather, Launched, Pending, inputs_of
 from workers.replies import Replier
-from workers.staging import ALIGN, Copier, Stager
+from workers.staging import ALIGN, Stager
 from workers.warmup import ValidationError, WarmupError, example_inputs, validate, warm_up
 
 log = logging.getLogger(__name__)
@@ -166,15 +167,15 @@ class Worker:
     ) -> None:
         """The gathers on this device, their arenas sized for a full batch of the warm-up
         inputs, so that serving starts without allocating pinned memory. Staged on
-        arrival (``on_arrival``, default: see STAGE_ON_ARRIVAL_ENV), the copies run on a
-        thread of their own (``workers.staging.Copier``)."""
+        arrival (``on_arrival``, default: see STAGE_ON_ARRIVAL_ENV), the copies run on
+        threads of their own (``workers.copier``)."""
         env = os.environ.get(STAGE_ON_ARRIVAL_ENV, "")
         if on_arrival is None:
             on_arrival = env == "1" if env in ("0", "1") else self.device.type == "cuda"
         self.stage_on_arrival = on_arrival
         if self.copier is not None:
             self.copier.close()
-        self.copier = Copier() if on_arrival else None
+        self.copier = new_copier() if on_arrival else None
         self.gathers = tuple(Gather(self.device, self.copier) for _ in range(GATHERS))
         per_row = 0
         for inputs in sets:

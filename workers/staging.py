@@ -11,8 +11,9 @@ Two ways in:
 
 * ``put`` copies one request's input bytes into the arena as soon as the request
   arrives (the GPU path: the copy overlaps the running forward, the received frame can
-  be freed, and no torch op runs per request). With a ``Copier`` the memcpy runs on its
-  thread and ``settle`` waits for it; without, it is a plain copy into a memoryview.
+  be freed, and no torch op runs per request). With a copier (``workers.copier``) the
+  memcpy runs on its threads and ``settle`` waits for it; without, it is a plain copy
+  into a memoryview.
   Consecutive puts of the same layout (dtype and shape after the first dimension) lie
   back to back, so a batch of them already is one contiguous block.
 * ``batch`` gives the batch of one input on the device: the block ``put`` built (no host
@@ -26,19 +27,16 @@ fit or is not in the arena at all, as a tensor.
 
 from __future__ import annotations
 
-import ctypes
 import math
-import threading
 from collections.abc import Hashable, Sequence
-from queue import SimpleQueue
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
+
+from workers.copier import Copier, Ticket
 
 ALIGN = 256
 MIN_ARENA = 1 << 16
-COPIES_PER_HANDOVER = 8
 
 Staged = int | torch.Tensor
 
@@ -49,44 +47,6 @@ class TensorSpec(NamedTuple):
     dtype: torch.dtype
     shape: tuple[int, ...]
     nbytes: int
-
-
-class Copier:
-    """Copies received bytes into arenas on a thread of its own.
-
-    A memcpy of a 300 KiB image into pinned memory costs 30-50 µs, a third of what the
-    serving thread spends on a request; ``ctypes.memmove`` releases the GIL, so here it
-    overlaps the serving thread's own work. Copies are handed over in lists (one queue
-    operation per few requests, not per request), each with an event set once done.
-    """
-
-    def __init__(self) -> None:
-        self.queue: SimpleQueue[tuple[list[tuple[int, Any]], threading.Event] | None]
-        self.queue = SimpleQueue()
-        self.failure: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="stager-copies", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while (job := self.queue.get()) is not None:
-            items, done = job
-            try:
-                for address, data in items:
-                    source = np.frombuffer(data, dtype=np.uint8)
-                    ctypes.memmove(address, source.ctypes.data, source.nbytes)
-            except BaseException as exc:  # reported by the stager that waits on it
-                self.failure = exc
-            finally:
-                done.set()
-
-    def submit(self, items: list[tuple[int, Any]]) -> threading.Event:
-        """Copy each ``(address, buffer)``; the event is set once all are done."""
-        done = threading.Event()
-        self.queue.put((items, done))
-        return done
-
-    def close(self) -> None:
-        self.queue.put(None)
 
 
 class Stager:
@@ -105,7 +65,7 @@ class Stager:
         # Copies by ``copier`` (when given): not yet handed over, and handed over.
         self.copier = copier
         self.pending: list[tuple[int, Any]] = []
-        self.handed: list[threading.Event] = []
+        self.handed: list[Ticket] = []
 
     def reset(self) -> None:
         """Start a new batch: every forward that read this arena has completed."""
@@ -178,7 +138,7 @@ class Stager:
             self.mem[start : start + nbytes] = data
         else:
             self.pending.append((self.arena.data_ptr() + start, data))  # data: kept alive
-            if len(self.pending) >= COPIES_PER_HANDOVER:
+            if len(self.pending) >= self.copier.handover:
                 self.flush()
         self.last = layout
         return start
