@@ -40,6 +40,7 @@ from workers.codec import (
 )
 from workers.copier import NativeCopier, ThreadCopier
 from workers.graphs import CapturedForward, GraphTable
+from workers.launcher import Launcher
 from workers.loader import LoadedModel, ModelOutputError, load_model
 from workers.main import WorkerSpec
 from workers.pipeline import Gather, Launched
@@ -511,10 +512,11 @@ class _FakeEvent:
         return bytes(self.stager.mem[: len(self.snapshot)]) == self.snapshot
 
 
-class _PipelinedWorker(Worker):
+class _PipelinedLauncher(Launcher):
+    """Launches that "complete" later, as on a GPU, though the forward ran on the CPU."""
+
     delay = 0.004
     launches = 0
-    overwritten = 0
 
     @property
     def asynchronous(self) -> bool:
@@ -524,7 +526,14 @@ class _PipelinedWorker(Worker):
         self.launches += 1
         return _FakeEvent(self.delay * (1 + self.launches % 3), gather.stager)
 
+
+class _PipelinedWorker(Worker):
+    overwritten = 0
     overlapped = 0
+
+    def __init__(self, spec: WorkerSpec, sock: zmq.Socket[Any]) -> None:
+        super().__init__(spec, sock)
+        self.launcher = _PipelinedLauncher(spec.wid, spec.max_batch)
 
     def completed(self, launched: Launched) -> bool:
         done = super().completed(launched)
@@ -853,7 +862,7 @@ def test_graph_replays_answer_like_unbatched_requests(harness: _Harness) -> None
     captured size; everything else through the ordinary forward; all answers equal the
     request run alone."""
     table, graphs = _fake_table(torch.zeros(1, 4), [1, 2, 4, 8, 16])
-    harness.worker.graphs = table
+    harness.worker.launcher.graphs = table
     gen = torch.Generator().manual_seed(11)
     total, in_flight = 400, 30
     sent: dict[int, torch.Tensor] = {}
@@ -883,7 +892,7 @@ def test_a_failing_replay_falls_back_to_the_ordinary_forward(harness: _Harness) 
     table, graphs = _fake_table(torch.zeros(1, 4), [4, 16])
     for g in graphs:
         g.fail = True
-    harness.worker.graphs = table
+    harness.worker.launcher.graphs = table
     for key in range(20):
         harness.send(key, torch.full((1, 4), float(key)))
     for _ in range(20):

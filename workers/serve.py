@@ -8,7 +8,6 @@ import math
 import os
 import time
 from collections import deque
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -16,10 +15,10 @@ import zmq
 
 from router import protocol as p
 from router.frames import recv_frames
-from workers.batching import GroupResult, forward_group, plan_batches
 from workers.copier import Copier, new_copier
-from workers.graphs import GraphTable, capture_graphs
+from workers.graphs import capture_graphs
 from workers.intake import Intake
+from workers.launcher import Launcher
 from workers.loader import LoadedModel, ModelLoadError, load_model
 from workers.main import (
     EXIT_LOAD_FAILED,
@@ -32,9 +31,9 @@ from workers.main import (
 )
 from workers.manifest import ManifestError, load_manifest
 from workers.pacing import LaunchClock
-from workers.pipeline import Completions, Gather, Launched, Pending, inputs_of
+from workers.pipeline import Completions, Gather, Launched
 from workers.replies import Replier
-from workers.staging import ALIGN, Stager
+from workers.staging import ALIGN
 from workers.warmup import ValidationError, WarmupError, example_inputs, validate, warm_up
 
 log = logging.getLogger(__name__)
@@ -59,15 +58,14 @@ def default_threads() -> int:
 # is then passed to the model without any copy). Tests set it to run the GPU's host
 # path on a CPU.
 STAGE_ON_ARRIVAL_ENV = "GPU_POOL_STAGE_ON_ARRIVAL"
-CPU = torch.device("cpu")
 
 
 class Worker:
     def __init__(self, spec: WorkerSpec, sock: zmq.Socket[Any]) -> None:
         self.spec = spec
         self.sock = sock
-        self.device = torch.device("cpu")
-        self.model: LoadedModel | None = None
+        # Owns the model, the device and the graphs once loaded (workers.launcher).
+        self.launcher = Launcher(spec.wid, spec.max_batch)
         self.replies = Replier(sock, spec.model, spec.version)
         self.gathers = tuple(Gather(self.device) for _ in range(GATHERS))
         self.clock = LaunchClock()
@@ -80,11 +78,24 @@ class Worker:
         )
         self.stopping = False
         self.last_beat = 0.0
-        self.batch_sizes: dict[int, int] = {}
-        self.graphs: GraphTable | None = None
         self.copier: Copier | None = None
-        self.copy_stream: Any = None  # host-to-device copies for graph replays
         self.graph_info: dict[str, Any] = {}
+
+    @property
+    def model(self) -> LoadedModel | None:
+        return self.launcher.model
+
+    @model.setter
+    def model(self, model: LoadedModel | None) -> None:
+        self.launcher.model = model
+
+    @property
+    def device(self) -> torch.device:
+        return self.launcher.device
+
+    @device.setter
+    def device(self, device: torch.device) -> None:
+        self.launcher.device = device
 
     # ------------------------------------------------------------------ start-up
     def event(self, kind: str, **fields: Any) -> None:
@@ -157,9 +168,8 @@ class Worker:
         assert self.model is not None
         # Signatures left out are reported in the ready event (poold logs them).
         table, problems = capture_graphs(self.model, sets, max(1, self.spec.max_batch))
-        self.graphs = table if len(table) else None
-        if self.graphs is not None:
-            self.copy_stream = torch.cuda.Stream(self.device)
+        if len(table):
+            self.launcher.use_graphs(table)
         self.graph_info = {**table.describe(), "skipped": problems}
 
     def prepare_staging(
@@ -229,12 +239,13 @@ class Worker:
         # host copies of the outputs, never an arena). An ordinary forward takes
         # milliseconds of CPU to launch: answering first lets those clients send their
         # next requests meanwhile.
-        launch_first = self.graphs is not None
-        depth = 2 if self.asynchronous else 1
+        launcher = self.launcher
+        launch_first = launcher.graphs is not None
+        depth = 2 if launcher.asynchronous else 1
         launched: deque[Launched] = deque()
         previous: Launched | None = None  # the batch completed last
         clock = self.clock
-        completions = Completions() if self.asynchronous else None
+        completions = Completions() if launcher.asynchronous else None
         take_or_wake = zmq.Poller()  # requests, or the running batch completing
         take_or_wake.register(sock, zmq.POLLIN)
         wake_only = zmq.Poller()  # the next batch is full: only completion matters
@@ -270,7 +281,7 @@ class Worker:
                         self.take(gather, max_batch)  # the last arrivals join it
                         self.queued_launches += 1
                     started = time.monotonic()
-                    batch = self.launch(gather)
+                    batch = launcher.launch(gather)
                     if batch.event is None and not launched and not launch_first:
                         # It ran as it was launched (on a CPU): answer it now and take
                         # the next requests into the same gather.
@@ -307,7 +318,7 @@ class Worker:
             while launched:
                 self.complete(launched.popleft())
             if gather.requests:
-                self.complete(self.launch(gather))
+                self.complete(launcher.launch(gather))
         finally:
             if completions is not None:
                 completions.close()
@@ -355,7 +366,7 @@ class Worker:
         self.last_beat = time.monotonic()
         seen = self.replies.shapes
         shapes = sorted(seen, key=seen.__getitem__, reverse=True)[:MAX_SHAPES_KEPT]
-        batches, self.batch_sizes = self.batch_sizes, {}
+        batches = self.launcher.take_batch_sizes()
         self.event(
             "hb",
             served=self.replies.served,
@@ -406,111 +417,6 @@ class Worker:
             return
         if msg.get("t") == "stop":
             self.stopping = True
-
-    def launch(self, gather: Gather) -> Launched:
-        """Queue the gather's forwards on the device (one per compatible group) and the
-        copies of their outputs back to pinned host memory; on a CPU they simply run."""
-        assert self.model is not None
-        model = self.model
-        requests = gather.requests
-        stager = gather.stager
-        stager.settle()  # every staged byte is in the arena before anything reads it
-        max_batch = max(1, self.spec.max_batch)
-        first = requests[0].layout.bkey
-        same = first is not None and all(r.layout.bkey == first for r in requests)
-        if same and gather.rows <= max_batch:
-            plan = [requests]  # the usual case: one shape, one batch
-        else:
-            plan = [
-                [requests[i] for i in group]
-                for group in plan_batches(
-                    [r.layout.bkey for r in requests],
-                    [r.layout.size for r in requests],
-                    max_batch,
-                )
-            ]
-
-        def fetch(out: torch.Tensor) -> torch.Tensor:
-            if out.device.type == "cuda":
-                return out.to(CPU, non_blocking=True)  # into pinned memory; read after the event
-            # A CPU model may answer with (a view of) its input: it must not point into
-            # the arena, which the next batch overwrites.
-            return out.clone() if stager.owns(out) else out
-
-        start = None
-        if self.device.type == "cuda":
-            start = torch.cuda.Event(enable_timing=True)  # when the device gets to it
-            start.record()
-        groups: list[tuple[list[Pending], GroupResult]] = []
-        for members in plan:
-            sizes = [r.layout.size for r in members]
-            rows = sum(sizes)
-            self.batch_sizes[rows] = self.batch_sizes.get(rows, 0) + 1
-
-            def stacked(members: list[Pending] = members) -> list[torch.Tensor]:
-                return inputs_of(members, stager.batch)
-
-            def alone(j: int, members: list[Pending] = members) -> list[torch.Tensor]:
-                return inputs_of(members[j : j + 1], stager.batch)
-
-            keys = [r.layout.bkey for r in members]
-            result = None
-            if self.graphs is not None and all(k == keys[0] for k in keys):
-                result = self.replay(members, sizes, rows, stager, fetch)
-            if result is None:
-                result = forward_group(model, sizes, keys, stacked, alone, fetch)
-            groups.append((members, result))
-        return Launched(groups, self.record(gather), gather.rows, start)
-
-    def replay(
-        self,
-        members: list[Pending],
-        sizes: list[int],
-        rows: int,
-        stager: Stager,
-        fetch: Callable[[torch.Tensor], torch.Tensor],
-    ) -> GroupResult | None:
-        """The group's forward as a CUDA graph replay, when one was captured for its
-        signature and size; None sends it down the ordinary path."""
-        assert self.graphs is not None
-        graph = self.graphs.find(members[0].layout.bkey, rows)
-        if graph is None:
-            return None
-        try:
-            batch = inputs_of(members, stager.host_batch)
-            if self.copy_stream is not None:
-                # Host to device on the copy stream, overlapping the batch ahead; the
-                # replay then reads a device copy once the copy stream is done.
-                mirrored = [stager.to_device(block, self.copy_stream) for block in batch]
-                if all(m is not None for m in mirrored):
-                    torch.cuda.current_stream().wait_stream(self.copy_stream)
-                    batch = [m for m in mirrored if m is not None]
-            # The graph's outputs are overwritten by its next replay: a copy is answered
-            # (to pinned host memory on a GPU; tests replay simulated graphs on a CPU).
-            outputs = graph.run(batch, rows)
-            kept = [fetch(out) if out.is_cuda else out.clone() for out in outputs]
-            return GroupResult(sizes, kept)
-        except Exception as exc:  # e.g. out of pinned memory: the ordinary path may cope
-            log.warning(
-                "worker %s: graph replay failed (%s); running it eagerly", self.spec.wid, exc
-            )
-            return None
-
-    @property
-    def asynchronous(self) -> bool:
-        """Whether a launch returns before its forward has run (then ``record`` gives an
-        event to wait for): on a GPU."""
-        return self.device.type == "cuda"
-
-    def record(self, gather: Gather) -> Any:
-        """An event completing once everything queued on the device so far has run, the
-        copies of the outputs to the host included; None on a CPU, where it has."""
-        if self.device.type != "cuda":
-            return None
-        # Its waiter sleeps rather than spins; timed, for the pacing clock.
-        event = torch.cuda.Event(blocking=True, enable_timing=True)
-        event.record()
-        return event
 
     def finish(self, launched: Launched) -> None:
         """Answer every request of a completed launch (``workers.replies``)."""
