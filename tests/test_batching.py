@@ -569,7 +569,7 @@ class _Harness:
         )
         self.worker = _PipelinedWorker(spec, dealer)
         self.worker.model = LoadedModel(_Affine(), CPU, "safetensors", 1)
-        # Small arenas: some requests overflow. On arrival, copies run on the copier thread.
+        # Small arenas: some requests overflow. On arrival, copies run on the copier's threads.
         self.worker.prepare_staging([[torch.zeros(1, 64)]], on_arrival=on_arrival)
         self.batches: dict[int, int] = {}
         self.failure: list[BaseException] = []

@@ -144,7 +144,7 @@ class Stager:
         return start
 
     def flush(self) -> None:
-        """Hand the copies collected so far to the copier thread."""
+        """Hand the copies collected so far to the copier (``workers.copier``)."""
         if self.pending and self.copier is not None:
             self.handed.append(self.copier.submit(self.pending))
             self.pending = []
