@@ -356,9 +356,18 @@ class Compare:
             return None
         return self.result >= self.target if self.kind == "ratio" else self.result <= self.target
 
-    def row(self) -> list[str]:
+    def shown(self) -> str:
+        """The result as printed. Where the usual rounding would show the target itself
+        while missing it (0.7998x against 0.8x), more digits are shown."""
         r = self.result
-        res = f"{r:.2f}x" if self.kind == "ratio" else f"{r:+.{_prec(self.unit)}f} {self.unit}"
+        prec = 2 if self.kind == "ratio" else _prec(self.unit)
+        if self.met is False and self.target is not None:
+            while prec < 6 and round(r, prec) == round(self.target, prec):
+                prec += 1
+        return f"{r:.{prec}f}x" if self.kind == "ratio" else f"{r:+.{prec}f} {self.unit}"
+
+    def row(self) -> list[str]:
+        res = self.shown()
         tgt = "" if self.target is None else (
             f">= {self.target:g}x" if self.kind == "ratio" else f"<= {self.target:+g} {self.unit}")
         met = {None: "", True: "yes", False: "NO"}[self.met]

@@ -18,6 +18,21 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "scripts" / "bench.py"
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from benchkit import Compare  # noqa: E402
+
+
+def test_a_missed_target_is_never_printed_as_the_target() -> None:
+    def ratio(value: float) -> Compare:
+        return Compare("s", "f", "pool", value, "ref", 10_000.0, "images/s", target=0.8)
+
+    assert ratio(7_998.0).shown() == "0.7998x" and ratio(7_998.0).row()[6] == "NO"
+    assert ratio(8_004.0).shown() == "0.80x" and ratio(8_004.0).met
+    assert ratio(7_000.0).shown() == "0.70x"  # plainly missed: the usual two digits
+    late = Compare("s", "p50", "pool", 300.4, "direct", 200.0, "us", kind="diff", target=100.0)
+    assert late.shown() == "+100.4 us" and late.met is False
+    assert Compare("s", "f", "a", 1.0, "b", 3.0, "x").shown() == "0.33x"  # no target
 
 
 @pytest.mark.slow
