@@ -108,13 +108,17 @@ def test_the_ring_wraps_under_many_submitters_and_threads() -> None:
         copier.close()
 
 
-def test_close_finishes_what_was_queued() -> None:
-    copier = _native(threads=2)
+@pytest.mark.parametrize("kind", ["native", "thread"])
+def test_close_finishes_what_was_queued(kind: str) -> None:
+    copier: NativeCopier | ThreadCopier = _native(threads=2) if kind == "native" else ThreadCopier()
     dst = np.zeros(8 << 20, dtype=np.uint8)
     ticket = copier.submit([(_address(dst), b"\x09" * (8 << 20))])
     copier.close()
     ticket.wait()  # returns: the threads copied everything before they stopped
     assert dst[0] == 9 and dst[-1] == 9
+    with pytest.raises(RuntimeError, match="closed"):
+        copier.submit([(_address(dst), b"x")])
+    copier.close()  # twice is harmless
 
 
 def test_thread_count_comes_from_the_environment_or_the_cpus(

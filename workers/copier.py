@@ -95,6 +95,7 @@ class ThreadCopier:
         self.queue: SimpleQueue[tuple[list[tuple[int, Any]], threading.Event] | None]
         self.queue = SimpleQueue()
         self.failure: BaseException | None = None
+        self.closed = False
         self.thread = threading.Thread(target=self._run, name="stager-copies", daemon=True)
         self.thread.start()
 
@@ -110,12 +111,17 @@ class ThreadCopier:
             done.set()
 
     def submit(self, items: list[tuple[int, Any]]) -> threading.Event:
+        if self.closed:
+            raise RuntimeError("the copier is closed")
         done = threading.Event()
         self.queue.put((items, done))
         return done
 
     def close(self) -> None:
-        self.queue.put(None)
+        """The thread finishes what was queued, then ends."""
+        if not self.closed:
+            self.closed = True
+            self.queue.put(None)
 
 
 # ------------------------------------------------------------------------------ C
@@ -182,6 +188,8 @@ class NativeTicket:
 
 
 class NativeCopier:
+    """``threads`` C threads copying from a ring of ``ring`` chunks (``workers/copier.c``)."""
+
     # A submission costs a few microseconds: each request's copy starts as it arrives.
     handover = 1
 
@@ -195,6 +203,8 @@ class NativeCopier:
         self.inflight: deque[tuple[int, list[Any]]] = deque()
 
     def submit(self, items: list[tuple[int, Any]]) -> NativeTicket:
+        if not self.handle:
+            raise RuntimeError("the copier is closed")
         dst: list[int] = []
         src: list[int] = []
         size: list[int] = []
