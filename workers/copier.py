@@ -58,7 +58,7 @@ class Copier(Protocol):
 def copy_threads() -> int:
     """Copy threads for a worker: $GPU_POOL_COPY_THREADS, else 2 where it may use 8 CPUs
     or more, else 1. On an H100 host (16 cores, resnet50 at 7,000 images/s) two threads
-    beat four: the copies are done as soon, with fewer wake-ups (docs/PERFORMANCE.md)."""
+    beat four: the launch waited as little, for less CPU (docs/PERFORMANCE.md)."""
     env = os.environ.get(THREADS_ENV, "")
     if env.isdigit() and int(env) > 0:
         return min(int(env), MAX_THREADS)
