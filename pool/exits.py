@@ -9,11 +9,10 @@ its queue and new requests ``MODEL_UNAVAILABLE`` until an upgrade or rollback cl
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import TYPE_CHECKING
 
-from pool.lifecycle import WorkerRecord, WorkerState, describe_exit
+from pool.lifecycle import WorkerRecord, WorkerState, describe_exit, exit_code
 from pool.runtime import ModelRuntime
 from workers.exitcodes import BOOT_FAILURES
 
@@ -43,8 +42,7 @@ class WorkerExits:
         rec = self.by_pid.pop(pid, None)
         if rec is None:
             return
-        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
-        if rec.booting and rec.failure is None and code in BOOT_FAILURES:
+        if rec.booting and rec.failure is None and exit_code(status) in BOOT_FAILURES:
             # The worker sent its reason ("load: ...") as an event before it exited, but
             # the event comes over the backend socket and the exit through the spawner's
             # pipe, and the exit can arrive first. Wait a moment for the reason.
@@ -67,7 +65,8 @@ class WorkerExits:
     def _exited(self, rec: WorkerRecord, status: int | None) -> None:
         if not rec.alive:
             return
-        was = rec.state
+        # A worker that had not started serving failed to boot (FAILED: it said why).
+        boot = rec.booting or rec.state is WorkerState.FAILED
         rec.exit_status = status
         how = describe_exit(status) if status is not None else (rec.failure or "no process")
         rt = self.models.get(rec.model)
@@ -89,16 +88,7 @@ class WorkerExits:
             )
             self.metrics.observe_worker_exit(rec.model, "retired")
             return
-        boot = was in (
-            WorkerState.SPAWNING,
-            WorkerState.STARTING,
-            WorkerState.LOADING,
-            WorkerState.WARMING,
-            WorkerState.VALIDATING,
-            WorkerState.FAILED,
-        )
-        code = os.WEXITSTATUS(status) if status is not None and os.WIFEXITED(status) else None
-        reason = "boot_failed" if boot or code in BOOT_FAILURES else "crashed"
+        reason = "boot_failed" if boot or exit_code(status) in BOOT_FAILURES else "crashed"
         # Say how the process ended, and what we had noticed first if that differs
         # (a SIGKILLed worker is often seen as unreachable before its exit is reaped).
         said = how if rec.failure in (None, how) else f"{how} (first seen: {rec.failure})"

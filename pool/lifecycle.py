@@ -121,6 +121,11 @@ class WorkerRecord:
         }
 
 
+def exit_code(status: int | None) -> int | None:
+    """The exit code in a waitpid status; None for a signal (or no status)."""
+    return os.WEXITSTATUS(status) if status is not None and os.WIFEXITED(status) else None
+
+
 def describe_exit(status: int) -> str:
     """A waitpid status in words: 'exit 64 (load failed)' or 'killed by SIGKILL'."""
     import signal

@@ -101,7 +101,6 @@ copier_t *cp_new(int nthreads, int cap) {
 uint64_t cp_submit(copier_t *c, char *const *dst, const char *const *src, const size_t *n,
                    int count) {
     pthread_mutex_lock(&c->mu);
-    uint64_t first = c->next;
     for (int i = 0; i < count; i++) {
         size_t off = 0;
         do {
@@ -110,13 +109,12 @@ uint64_t cp_submit(copier_t *c, char *const *dst, const char *const *src, const 
             c->jobs[c->next % c->cap] = (job_t){dst[i] + off, src[i] + off, len};
             c->next++;
             off += len;
-            /* Wake threads as the chunks come, not all at once at the end, so that the
-             * first copies start while the rest are being queued. */
+            /* One sleeping thread per chunk, woken as it is queued: the first copies
+             * start while the rest are being queued. */
             pthread_cond_signal(&c->work);
         } while (off < n[i]);
     }
     uint64_t ticket = c->next;
-    if (c->next - first > 1) pthread_cond_broadcast(&c->work);
     pthread_mutex_unlock(&c->mu);
     return ticket;
 }

@@ -198,7 +198,6 @@ class NativeCopier:
         self.handle = self.lib.cp_new(max(1, min(threads, MAX_THREADS)), ring)
         if not self.handle:
             raise CopierUnavailable("could not start the copy threads")
-        self.threads = threads
         self.failure: BaseException | None = None
         self.inflight: deque[tuple[int, list[Any]]] = deque()
 
