@@ -74,17 +74,20 @@ def main() -> int:
         ctl(env, "status")
 
         step("upgrading demo to version 2 while 4 clients keep calling it")
-        stop, seen, failed = threading.Event(), [], []
+        stop, failed = threading.Event(), []
+        # Versions each client saw, in its own order: across clients, a reply from the
+        # draining old worker may still land after another client's first new reply.
+        seen: list[list[str]] = [[] for _ in range(4)]
 
-        def caller() -> None:
+        def caller(mine: list[str]) -> None:
             c = Client(frontend, retries=1, timeout=10)
             while not stop.is_set():
                 try:
-                    seen.append(c.infer("demo", np.ones((1, 16), np.float32)).version)
+                    mine.append(c.infer("demo", np.ones((1, 16), np.float32)).version)
                 except PoolError as exc:
                     failed.append(str(exc))
 
-        threads = [threading.Thread(target=caller) for _ in range(4)]
+        threads = [threading.Thread(target=caller, args=(mine,)) for mine in seen]
         for t in threads:
             t.start()
         v2 = os.path.join(env["XDG_STATE_HOME"], "gpu-pool", "demo", "demo-v2.pt")
@@ -94,10 +97,12 @@ def main() -> int:
         stop.set()
         for t in threads:
             t.join()
-        order = [v for i, v in enumerate(seen) if i == 0 or seen[i - 1] != v]
+        orders = sorted(
+            {" -> ".join(v for i, v in enumerate(vs) if i == 0 or vs[i - 1] != v) for vs in seen}
+        )
         print(
-            f"{len(seen)} requests during the upgrade and rollback, {len(failed)} failed; "
-            f"versions seen in order: {' -> '.join(order)}"
+            f"{sum(map(len, seen))} requests during the upgrade and rollback, "
+            f"{len(failed)} failed; versions each client saw in order: {'; '.join(orders)}"
         )
         step("history")
         ctl(env, "history", "demo")
