@@ -129,6 +129,9 @@ class PoolConfig:
     # default: on a 16-core H100 host it cost throughput and latency under load (see
     # docs/PERFORMANCE.md). -1: 200 on hosts with 8+ CPUs, 0 on smaller ones.
     router_spin_us: int = 0
+    # Small requests and replies over a unix socket per worker, skipping libzmq's I/O
+    # threads (router/fastlane.c, "the lane"); false: the backend socket only.
+    router_lane: bool = True
     # libzmq I/O threads (they do the socket copies); 0: auto, one per 4 CPUs, 1 to 4.
     io_threads: int = 0
     curve_secret_key: str | None = None

@@ -258,6 +258,7 @@ POOL_SPECS: dict[str, FieldSpec] = {
     "max_message_mb": FieldSpec("int", "an integer >= 1", _pos),
     "io_threads": FieldSpec("int", "0 (auto) or an integer >= 1", _nonneg),
     "router_spin_us": FieldSpec("int", "-1 (auto) or an integer >= 0", lambda v: v >= -1),
+    "router_lane": FieldSpec("bool", "true or false"),
     "curve_secret_key": FieldSpec(
         "path", "a key file path", check=secret_key_problem, optional=True
     ),

@@ -95,6 +95,7 @@ class Daemon:
             latency_bounds=LATENCY_BUCKETS,
             curve_secret_key=curve[1] if curve else None,
             spin_us=self.pool.spin_us(),
+            lane=os.path.join(self.rundir, "lane.sock") if self.pool.router_lane else "",
         )
         self.control_sock = self.ctx.socket(zmq.ROUTER)
         self.control_sock.setsockopt(zmq.LINGER, 0)

@@ -113,6 +113,7 @@ class WorkerRecord:
             "generation": self.generation,
             "inflight": self.slot_view.load,
             "served": self.slot_view.served,
+            "lane": self.slot_view.lane,
             "gpu_bytes": self.gpu_bytes,
             "rss_bytes": self.rss,
             "heap_frozen": self.heap_frozen,

@@ -126,6 +126,7 @@ class Supervisor(WorkerExits, WorkerStopping):
         spec = {
             "wid": wid,
             "backend": self.backend,
+            "lane": self.router.lane,
             "model": rt.name,
             "path": dep.path,
             "version": dep.version,

@@ -23,7 +23,10 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
 #include <time.h>
+#include <unistd.h>
 
 /* ---- the libzmq ABI we use (stable since 4.x) ------------------------------------ */
 typedef struct { unsigned char _[64]; } __attribute__((aligned(8))) zmsg_t;
@@ -45,7 +48,7 @@ static int (*z_errno)(void);
 static int (*z_poll)(zpoll_t *, int, long);
 
 /* Bumped whenever a signature changes, so a stale build is refused, not misused. */
-int fl_abi(void) { return 2; }
+int fl_abi(void) { return 3; }
 
 int fl_bind(const char *libzmq_path) {
     /* RTLD_NOLOAD: only the copy already in this process will do. */
@@ -79,6 +82,13 @@ int fl_bind(const char *libzmq_path) {
 #define MAX_BOUNDS 64
 #define DRAIN_BATCH 512
 
+/* The lane: a unix SOCK_SEQPACKET connection per worker that carries small requests
+ * and their replies, one datagram per multipart message (see "the lane" below). Limits
+ * mirror workers/lane.py. */
+#define LANE_MAX_BYTES (64 << 10) /* whole datagram: a socket buffer holds several */
+#define LANE_MAX_FRAMES 64
+#define LANE_PENDING_MAX 64 /* accepted connections that have not said who they are */
+
 static const char PROTOCOL[] = "gpu-pool/1";
 #define PROTOCOL_LEN (sizeof(PROTOCOL) - 1)
 
@@ -87,6 +97,7 @@ typedef struct { zmsg_t *m; int n, cap; } msgvec;
 
 typedef struct {
     int used, model, credit, load;
+    int lane; /* the lane's socket, -1 without one */
     uint64_t served;
     unsigned char id[MAX_IDENTITY];
     size_t idlen;
@@ -152,6 +163,15 @@ typedef struct {
     double bounds[MAX_BOUNDS];
     int nbounds;
     msgvec scratch;
+    /* the lane: its listening socket, connections waiting for their hello, and the
+     * poll items fl_run rebuilds when either (or a worker's lane) changes */
+    int lane_listen, npending, items_dirty;
+    int pending[LANE_PENDING_MAX];
+    unsigned char *lane_buf;
+    zpoll_t *items;
+    int *item_worker; /* per poll item: worker index (lane), -2 listener, -3-i pending i */
+    int nitems, items_cap;
+    uint64_t lane_sent, lane_received;
 } core_t;
 
 /* ---- small helpers ------------------------------------------------------------------ */
@@ -395,6 +415,8 @@ core_t *fl_new(void *frontend, void *backend) {
     c->frontend = frontend;
     c->backend = backend;
     c->free_head = -1;
+    c->lane_listen = -1;
+    c->items_dirty = 1;
     return c;
 }
 
@@ -416,7 +438,14 @@ void fl_free(core_t *c) {
         free(c->models[i].q);
     }
     free(c->models);
+    for (int i = 0; i < c->nworkers; i++)
+        if (c->workers[i].used && c->workers[i].lane >= 0) close(c->workers[i].lane);
     free(c->workers);
+    for (int i = 0; i < c->npending; i++) close(c->pending[i]);
+    if (c->lane_listen >= 0) close(c->lane_listen);
+    free(c->lane_buf);
+    free(c->items);
+    free(c->item_worker);
     vec_free(&c->scratch);
     free(c);
 }
@@ -501,6 +530,7 @@ int fl_worker_add(core_t *c, const void *id, size_t n, int model, int credit) {
     worker_t *w = &c->workers[idx];
     memset(w, 0, sizeof(*w));
     w->used = 1;
+    w->lane = -1; /* until the worker connects and says hello */
     w->model = model;
     w->credit = credit < 1 ? 1 : credit;
     memcpy(w->id, id, n);
@@ -508,9 +538,13 @@ int fl_worker_add(core_t *c, const void *id, size_t n, int model, int credit) {
     return idx;
 }
 
+static void lane_close(core_t *c, worker_t *w);
+
 /* The caller has taken or forgotten every request the worker held. */
 void fl_worker_remove(core_t *c, int idx) {
-    if (idx >= 0 && idx < c->nworkers) c->workers[idx].used = 0;
+    if (idx < 0 || idx >= c->nworkers) return;
+    lane_close(c, &c->workers[idx]);
+    c->workers[idx].used = 0;
 }
 
 int fl_worker_load(core_t *c, int idx) { return c->workers[idx].load; }
@@ -609,13 +643,24 @@ static int pick_worker(core_t *c, model_t *m) {
     return best;
 }
 
-/* Send [worker id, "R", key, body...] to the backend. The first frame failing means the
- * worker is gone (ROUTER_MANDATORY) or full; nothing was sent then. */
+static int lane_send(core_t *c, worker_t *w, const unsigned char *key, msgvec *body);
+
+/* Send [worker id, "R", key, body...] to the backend, or ["R", key, body...] down the
+ * worker's lane. The first frame failing means the worker is gone (ROUTER_MANDATORY)
+ * or full; nothing was sent then. Frames from keep on are the receiver's afterwards. */
 static int send_to_worker(core_t *c, int widx, uint64_t key, msgvec *body, int keep) {
     worker_t *w = &c->workers[widx];
-    if (send_bytes(c->backend, w->id, w->idlen, Z_SNDMORE | Z_DONTWAIT)) return -1;
     unsigned char k[8];
     for (int i = 0; i < 8; i++) k[i] = (unsigned char)(key >> (8 * i)); /* little-endian */
+    if (w->lane >= 0 && lane_send(c, w, k, body) == 0) {
+        /* copied into the datagram: release what a zmq send would have taken */
+        for (int i = keep; i < body->n; i++) {
+            z_msg_close(&body->m[i]);
+            z_msg_init(&body->m[i]);
+        }
+        return 0;
+    }
+    if (send_bytes(c->backend, w->id, w->idlen, Z_SNDMORE | Z_DONTWAIT)) return -1;
     send_bytes(c->backend, "R", 1, Z_SNDMORE);
     send_bytes(c->backend, k, 8, Z_SNDMORE);
     for (int i = 0; i < body->n; i++) {
@@ -949,20 +994,231 @@ static int drain_backend(core_t *c, double now) {
     return handled;
 }
 
+/* ---- the lane ------------------------------------------------------------------------ */
+/* A request through the backend socket is handed from thread to thread: our libzmq I/O
+ * thread, the worker's I/O thread, the worker's loop; the reply the same way back. On a
+ * virtual machine each wake-up costs tens of microseconds, so a small request spends
+ * more time being handed over than being computed. The lane is a unix SOCK_SEQPACKET
+ * connection from each worker to us: one sendmsg(2) here wakes the worker's loop itself,
+ * and its reply wakes this loop. Everything else (events, control, messages over
+ * LANE_MAX_BYTES, and whatever finds the lane's socket buffer full) stays on the backend
+ * socket, and a reply may come either way.
+ *
+ * Datagram: u32 frame count, u32 length of each frame, then the frames back to back, all
+ * little-endian. The worker connects to lane_listen and sends its identity as its first
+ * datagram (its hello); until then the connection is "pending". */
+static void put_le32(unsigned char *p, uint32_t v) {
+    for (int i = 0; i < 4; i++) p[i] = (unsigned char)(v >> (8 * i));
+}
+
+static uint32_t get_le32(const unsigned char *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static void lane_close(core_t *c, worker_t *w) {
+    if (w->lane < 0) return;
+    close(w->lane);
+    w->lane = -1;
+    c->items_dirty = 1;
+}
+
+/* 0: sent whole. -1: not sent (too big, socket buffer full, or the lane broke). */
+static int lane_send(core_t *c, worker_t *w, const unsigned char *key, msgvec *body) {
+    int n = 2 + body->n;
+    if (n > LANE_MAX_FRAMES) return -1;
+    unsigned char head[4 * (1 + LANE_MAX_FRAMES)];
+    struct iovec iov[1 + LANE_MAX_FRAMES];
+    size_t total = 4 * (size_t)(1 + n) + 1 + 8;
+    put_le32(head, (uint32_t)n);
+    put_le32(head + 4, 1);
+    put_le32(head + 8, 8);
+    iov[0] = (struct iovec){head, 4 * (size_t)(1 + n)};
+    iov[1] = (struct iovec){(void *)"R", 1};
+    iov[2] = (struct iovec){(void *)key, 8};
+    for (int i = 0; i < body->n; i++) {
+        size_t len = msize(&body->m[i]);
+        total += len;
+        if (total > LANE_MAX_BYTES) return -1;
+        put_le32(head + 4 * (3 + i), (uint32_t)len);
+        iov[3 + i] = (struct iovec){mdata(&body->m[i]), len};
+    }
+    struct msghdr mh;
+    memset(&mh, 0, sizeof mh);
+    mh.msg_iov = iov;
+    mh.msg_iovlen = (size_t)(1 + n);
+    ssize_t sent;
+    do sent = sendmsg(w->lane, &mh, MSG_DONTWAIT | MSG_NOSIGNAL);
+    while (sent < 0 && errno == EINTR);
+    if (sent == (ssize_t)total) {
+        c->lane_sent++;
+        return 0;
+    }
+    if (sent < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS)) return -1;
+    lane_close(c, w); /* the worker is gone or broke the protocol: backend socket only */
+    return -1;
+}
+
+/* A datagram from worker w as a backend message [w's identity, frames...] in v.
+ * 0: done; -1: malformed (only a broken worker sends that). */
+static int lane_unpack(worker_t *w, const unsigned char *p, size_t n, msgvec *v) {
+    vec_close(v);
+    if (n < 4) return -1;
+    uint32_t count = get_le32(p);
+    if (count == 0 || count > LANE_MAX_FRAMES || n < 4 + 4 * (size_t)count) return -1;
+    size_t off = 4 + 4 * (size_t)count;
+    if (vec_reserve(v, (int)count + 1)) return -1;
+    if (z_msg_init_size(&v->m[0], w->idlen)) return -1;
+    memcpy(mdata(&v->m[0]), w->id, w->idlen);
+    v->n = 1;
+    for (uint32_t i = 0; i < count; i++) {
+        size_t len = get_le32(p + 4 + 4 * (size_t)i);
+        if (len > n - off) return -1;
+        if (z_msg_init_size(&v->m[v->n], len)) return -1;
+        if (len) memcpy(mdata(&v->m[v->n]), p + off, len);
+        v->n++;
+        off += len;
+    }
+    return off == n ? 0 : -1;
+}
+
+static void complete(core_t *c, msgvec *v, double now);
+
+/* Every datagram waiting on worker wi's lane; a reply is completed as one from the
+ * backend socket would be, anything else punted the same way. */
+static int lane_read(core_t *c, int wi, double now) {
+    int handled = 0;
+    if (!c->lane_buf && !(c->lane_buf = malloc(LANE_MAX_BYTES))) return 0;
+    for (; handled < DRAIN_BATCH; handled++) {
+        worker_t *w = &c->workers[wi];
+        if (w->lane < 0) break;
+        /* MSG_TRUNC: the datagram's real length, so an oversized one is caught */
+        ssize_t n = recv(w->lane, c->lane_buf, LANE_MAX_BYTES, MSG_DONTWAIT | MSG_TRUNC);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
+        if (n <= 0 || n > LANE_MAX_BYTES || lane_unpack(w, c->lane_buf, (size_t)n, &c->scratch)) {
+            lane_close(c, w); /* closed (the worker exited) or broken: backend socket only */
+            break;
+        }
+        c->lane_received++;
+        msgvec *v = &c->scratch;
+        if (v->n >= 5 && msize(&v->m[1]) == 1 && mdata(&v->m[1])[0] == 'R') complete(c, v, now);
+        else punt(c, FL_PUNT_BACKEND, -1, v);
+    }
+    return handled;
+}
+
+static void lane_accept(core_t *c) {
+    for (;;) {
+        int fd = accept4(c->lane_listen, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EINTR || errno == ECONNABORTED) continue;
+            return; /* EAGAIN: no more; anything else: try again on the next wake-up */
+        }
+        if (c->npending == LANE_PENDING_MAX) {
+            close(fd); /* that worker keeps using the backend socket */
+            continue;
+        }
+        c->pending[c->npending++] = fd;
+        c->items_dirty = 1;
+    }
+}
+
+static void lane_hello(core_t *c, int i);
+
+/* Pending connection i: its hello names a worker we know without a lane, or it goes. */
+static void lane_hello(core_t *c, int i) {
+    int fd = c->pending[i];
+    unsigned char id[MAX_IDENTITY + 1];
+    ssize_t n = recv(fd, id, sizeof id, MSG_DONTWAIT | MSG_TRUNC);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return;
+    c->pending[i] = c->pending[--c->npending];
+    c->items_dirty = 1;
+    if (n > 0 && n <= MAX_IDENTITY) {
+        for (int wi = 0; wi < c->nworkers; wi++) {
+            worker_t *w = &c->workers[wi];
+            if (w->used && w->lane < 0 && w->idlen == (size_t)n && !memcmp(w->id, id, (size_t)n)) {
+                w->lane = fd;
+                return;
+            }
+        }
+    }
+    close(fd);
+}
+
+/* Take over a listening SOCK_SEQPACKET socket (non-blocking). */
+void fl_lane_listen(core_t *c, int fd) {
+    if (c->lane_listen >= 0) close(c->lane_listen);
+    c->lane_listen = fd;
+    c->items_dirty = 1;
+}
+
+int fl_worker_lane(core_t *c, int idx) { return c->workers[idx].lane >= 0; }
+uint64_t fl_lane_sent(core_t *c) { return c->lane_sent; }
+uint64_t fl_lane_received(core_t *c) { return c->lane_received; }
+
+/* The poll set: frontend, backend, the caller's extra items, then the lane's sockets. */
+static int build_items(core_t *c, zpoll_t *extra, int nextra) {
+    int need = 2 + nextra + (c->lane_listen >= 0) + c->npending;
+    for (int i = 0; i < c->nworkers; i++) need += c->workers[i].used && c->workers[i].lane >= 0;
+    if (need > c->items_cap) {
+        zpoll_t *items = realloc(c->items, (size_t)need * sizeof(zpoll_t));
+        if (!items) return -1;
+        c->items = items;
+        int *who = realloc(c->item_worker, (size_t)need * sizeof(int));
+        if (!who) return -1;
+        c->item_worker = who;
+        c->items_cap = need;
+    }
+    int n = 0;
+    c->items[n++] = (zpoll_t){c->frontend, 0, Z_POLLIN, 0};
+    c->items[n++] = (zpoll_t){c->backend, 0, Z_POLLIN, 0};
+    for (int i = 0; i < nextra; i++) c->items[n++] = extra[i];
+    if (c->lane_listen >= 0) {
+        c->item_worker[n] = -2;
+        c->items[n++] = (zpoll_t){NULL, c->lane_listen, Z_POLLIN, 0};
+    }
+    for (int i = 0; i < c->npending; i++) {
+        c->item_worker[n] = -3 - i;
+        c->items[n++] = (zpoll_t){NULL, c->pending[i], Z_POLLIN, 0};
+    }
+    for (int i = 0; i < c->nworkers; i++) {
+        if (!c->workers[i].used || c->workers[i].lane < 0) continue;
+        c->item_worker[n] = i;
+        c->items[n++] = (zpoll_t){NULL, c->workers[i].lane, Z_POLLIN, 0};
+    }
+    c->nitems = n;
+    c->items_dirty = 0;
+    return 0;
+}
+
+/* Serve what the lane's sockets had ready (their items follow the first lane_from). */
+static int serve_lanes(core_t *c, int lane_from, double now) {
+    int handled = 0, hellos = 0;
+    for (int i = lane_from; i < c->nitems; i++) {
+        if (!c->items[i].revents) continue;
+        int who = c->item_worker[i];
+        if (who >= 0) handled += lane_read(c, who, now);
+        else hellos = 1; /* a hello, or a new connection whose hello is likely there */
+        if (who == -2) lane_accept(c);
+    }
+    /* hellos after the loop: answering one reorders the pending list */
+    for (int i = c->npending - 1; hellos && i >= 0; i--) lane_hello(c, i);
+    return handled;
+}
+
 /* ---- the loop ----------------------------------------------------------------------- */
 /* Serve until Python has something to do: punted messages, an extra item readable,
  * credit freed for a model with a queue, or timeout_ms elapsed. While traffic flows,
  * keep polling without sleeping for spin_us: a sleeping thread takes tens of
  * microseconds to wake, which is most of a small request's round trip. */
 int fl_run(core_t *c, zpoll_t *extra, int nextra, long timeout_ms, long spin_us) {
-    zpoll_t items[16];
-    if (nextra > 14) return FL_RUN_ERROR;
-    items[0] = (zpoll_t){c->frontend, 0, Z_POLLIN, 0};
-    items[1] = (zpoll_t){c->backend, 0, Z_POLLIN, 0};
-    for (int i = 0; i < nextra; i++) items[2 + i] = extra[i];
+    c->items_dirty = 1; /* the caller's items may have changed since the last call */
     double start = now_s(), deadline = start + (double)timeout_ms / 1000.0;
     double busy_until = 0.0;
     for (;;) {
+        if (c->items_dirty && build_items(c, extra, nextra)) return FL_RUN_ERROR;
+        zpoll_t *items = c->items;
+        int lane_from = 2 + nextra;
         double now = now_s();
         long wait;
         if (now < busy_until) wait = 0;
@@ -970,17 +1226,18 @@ int fl_run(core_t *c, zpoll_t *extra, int nextra, long timeout_ms, long spin_us)
             wait = (long)((deadline - now) * 1000.0 + 0.999);
             if (wait < 0) wait = 0;
         }
-        for (int i = 0; i < 2 + nextra; i++) items[i].revents = 0;
-        int rc = z_poll(items, 2 + nextra, wait);
+        for (int i = 0; i < c->nitems; i++) items[i].revents = 0;
+        int rc = z_poll(items, c->nitems, wait);
         if (rc < 0) return z_errno() == EINTR ? FL_RUN_EINTR : FL_RUN_ERROR;
         int flags = 0, handled = 0;
         now = now_s();
-        if (items[1].revents & Z_POLLIN) handled += drain_backend(c, now);
-        if (items[0].revents & Z_POLLIN) handled += drain_frontend(c, now);
         for (int i = 0; i < nextra; i++) {
             extra[i].revents = items[2 + i].revents;
             if (items[2 + i].revents) flags |= FL_RUN_EXTRA;
         }
+        if (c->nitems > lane_from) handled += serve_lanes(c, lane_from, now);
+        if (items[1].revents & Z_POLLIN) handled += drain_backend(c, now);
+        if (items[0].revents & Z_POLLIN) handled += drain_frontend(c, now);
         if (c->npunts) flags |= FL_RUN_PUNTS;
         if (c->expired) {
             c->expired = 0;

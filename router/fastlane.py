@@ -31,7 +31,7 @@ RUN_EINTR = 16
 RUN_ERROR = 32
 RUN_EXPIRED = 64
 
-ABI = 2  # fl_abi() of the C file this binding matches
+ABI = 3  # fl_abi() of the C file this binding matches
 
 _u8p = ctypes.POINTER(ctypes.c_ubyte)
 _u64 = ctypes.c_uint64
@@ -135,6 +135,10 @@ def load() -> ctypes.CDLL:
             [_vp, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int],
         ),
         "fl_worker_remove": (None, [_vp, ctypes.c_int]),
+        "fl_lane_listen": (None, [_vp, ctypes.c_int]),
+        "fl_worker_lane": (ctypes.c_int, [_vp, ctypes.c_int]),
+        "fl_lane_sent": (_u64, [_vp]),
+        "fl_lane_received": (_u64, [_vp]),
         "fl_worker_load": (ctypes.c_int, [_vp, ctypes.c_int]),
         "fl_worker_served": (_u64, [_vp, ctypes.c_int]),
         "fl_worker_stats": (
@@ -326,6 +330,17 @@ class Core:
 
     def worker_remove(self, idx: int) -> None:
         self.lib.fl_worker_remove(self.h, idx)
+
+    def lane_listen(self, fd: int) -> None:
+        """Hand over a listening, non-blocking SOCK_SEQPACKET socket (C closes it)."""
+        self.lib.fl_lane_listen(self.h, fd)
+
+    def worker_has_lane(self, idx: int) -> bool:
+        return bool(self.lib.fl_worker_lane(self.h, idx))
+
+    def lane_counts(self) -> tuple[int, int]:
+        """Datagrams sent down lanes, and received from them, since the start."""
+        return int(self.lib.fl_lane_sent(self.h)), int(self.lib.fl_lane_received(self.h))
 
     def worker_load(self, idx: int) -> int:
         return int(self.lib.fl_worker_load(self.h, idx))

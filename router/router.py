@@ -23,11 +23,18 @@ Socket options, chosen on purpose:
   they answer OVERLOADED); a ZeroMQ HWM would drop or block without telling anyone.
 * MAXMSGSIZE on the frontend caps what one client message may make libzmq allocate.
 * LINGER is short so a stopping daemon flushes its last replies without hanging forever.
+
+The lane (``lane`` below): each worker also connects to a unix SOCK_SEQPACKET socket of
+ours, and the C core sends small requests down it: the worker's loop is then woken by one
+sendmsg(2) instead of two libzmq I/O threads in turn (see "the lane" in
+``router/fastlane.c``). Replies may come either way.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -77,6 +84,7 @@ class Router:
         latency_bounds: Sequence[float] = DEFAULT_BOUNDS,
         curve_secret_key: bytes | None = None,
         spin_us: int = 0,
+        lane: str = "",
     ) -> None:
         self.events = events
         self.request_grace_s = request_grace_s
@@ -108,6 +116,24 @@ class Router:
         self.backend.bind(backend)
 
         self.core = fl.Core(self.frontend, self.backend, STATUS_CODES, latency_bounds)
+        self.lane = lane  # "" without lanes
+        if lane:
+            self._listen_lane(lane)
+
+    def _listen_lane(self, path: str) -> None:
+        """Listen on ``path`` for the workers' lanes; the C core accepts and owns them."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            if os.path.exists(path):
+                os.unlink(path)  # a stale file from a daemon that was killed
+            sock.bind(path)
+            os.chmod(path, 0o600)
+            sock.listen(64)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self.core.lane_listen(sock.detach())
 
     # ----------------------------------------------------------------- table edits
     def add_route(self, route: ModelRoute) -> None:
@@ -406,6 +432,11 @@ class Router:
 
     def close(self) -> None:
         self.core.close()
+        if self.lane:
+            try:
+                os.unlink(self.lane)
+            except OSError:
+                pass
         self.frontend.close(linger=1000)
         self.backend.close(linger=0)
 

@@ -35,6 +35,11 @@ class WorkerSlot:
         """Replies this worker has sent."""
         return self.core.worker_served(self.index) if self.core is not None else self.final_served
 
+    @property
+    def lane(self) -> bool:
+        """Whether the worker's lane is connected (``workers.lane``)."""
+        return self.core.worker_has_lane(self.index) if self.core is not None else False
+
 
 class ModelRoute:
     """Where requests for one model go, and where they wait."""

@@ -144,7 +144,8 @@ class Bench:
         cpu_text = "".join(f"  {k} {num(v)} us" for k, v in
                            (("broker cpu/req", row["broker_cpu_us"]),
                             ("workers cpu/req", row["workers_cpu_us"])) if v is not None)
-        print(f"  {name:<28} {clients:>3} client{'s' if clients > 1 else ' '} "
+        tag = f"r{extra['round']} " if "round" in extra else ""
+        print(f"  {tag}{name:<28} {clients:>3} client{'s' if clients > 1 else ' '} "
               f"{num(row['rps']):>8} req/s  p50 {num(row['p50_us']):>7} us  "
               f"p99 {num(row['p99_us']):>7} us{cpu_text}{flag}", flush=True)
         return row
@@ -163,69 +164,81 @@ def default_workers(b: Bench) -> int:
 
 
 def section_router(b: Bench) -> None:
+    """Every target is started first, then measured in ``--rounds`` interleaved rounds
+    (direct, proxy, pool, variants; again); a compared figure is the median over rounds.
+    On a shared virtual machine the same row moves by tens of percent from one minute to
+    the next, and whatever runs first after a start-up runs slow: interleaving gives
+    every target the same share of both."""
     from benchmodels import make_identity
 
     a = b.args
     d = b.dir("router")
     workers = a.workers or default_workers(b)
     clients = a.clients
+    rounds = a.rounds or (1 if b.quick else 3)
     model = make_identity(os.path.join(d, "id.pt"))
     load = Load("float32", [1, 256], model="id", seconds=b.seconds, requests=a.requests,
                 warm=20, check_identity=True)
     per = f"{a.requests} requests" if a.requests else f"{b.seconds:.1f} s"
     print(f"\n== router: 1 KiB requests (float32 [1, 256], identity TorchScript), {workers} "
-          f"workers, max_batch {a.max_batch}, max_delay_ms {a.max_delay_ms:g}, {per} per client",
-          flush=True)
-    rows: dict[tuple[str, int], dict[str, Any]] = {}
-    ep = f"ipc://{d}/direct.sock"
-    for work in ("echo", "model"):
-        with b.rep(ep, work, 1, bind=True, model_path=model) as reps:
-            rows[("direct-" + work, 1)] = b.measure(
-                "router", f"direct REQ->REP ({work})", ep, 1, load, workers=reps, n_workers=1)
-    front, back = f"ipc://{d}/px-front.sock", f"ipc://{d}/px-back.sock"
-    with b.proxy(front, back) as px, b.rep(back, "model", workers, model_path=model) as reps:
-        for c in clients:
-            rows[("proxy", c)] = b.measure(
-                "router", f"zmq.proxy + {workers} REP (model)", front, c, load, broker=px,
-                workers=reps, n_workers=workers)
-    if not b.quick:
-        front, back = f"ipc://{d}/pe-front.sock", f"ipc://{d}/pe-back.sock"
-        with b.proxy(front, back) as px, b.rep(back, "echo", workers) as reps:
-            rows[("proxy-echo", clients[-1])] = b.measure(
-                "router", f"zmq.proxy + {workers} REP (echo)", front, clients[-1], load,
-                broker=px, workers=reps, n_workers=workers)
+          f"workers, max_batch {a.max_batch}, max_delay_ms {a.max_delay_ms:g}, {per} per client, "
+          f"{rounds} interleaved round{'s' * (rounds > 1)} (figures: medians)", flush=True)
+    # (key, row name, endpoint, client counts, broker pids, worker pids)
+    targets: list[tuple[str, str, str, list[int], list[int] | None, list[int]]] = []
     cfg = {"name": "id", "path": model, "devices": ["cpu"] * workers, "threads": 1,
            "max_batch": a.max_batch, "max_delay_ms": a.max_delay_ms}
-    with b.pool("router-pool", [cfg]) as pool:
-        pids = pool_worker_pids(pool)
-        for c in clients:
-            rows[("pool", c)] = b.measure("router", f"pool ({workers} workers)",
-                                          pool.frontend, c, load, broker=[pool.proc.pid],
-                                          workers=pids, n_workers=workers)
-    for variant in filter(None, a.router_variants.split(";")):
-        opts = {k: int(v) for k, v in (kv.split("=") for kv in variant.split(","))}
-        with b.pool("router-pool-" + variant.replace(",", "-").replace("=", ""), [cfg],
-                    **opts) as pool:
-            pids = pool_worker_pids(pool)
-            for c in clients:
-                b.measure("router", f"pool {variant}", pool.frontend, c, load,
-                          broker=[pool.proc.pid], workers=pids, n_workers=workers)
+    with contextlib.ExitStack() as stack:
+        for work in ("echo", "model"):
+            ep = f"ipc://{d}/direct-{work}.sock"
+            reps = stack.enter_context(b.rep(ep, work, 1, bind=True, model_path=model))
+            targets.append((f"direct-{work}", f"direct REQ->REP ({work})", ep, [1], None, reps))
+        front, back = f"ipc://{d}/px-front.sock", f"ipc://{d}/px-back.sock"
+        px = stack.enter_context(b.proxy(front, back))
+        reps = stack.enter_context(b.rep(back, "model", workers, model_path=model))
+        targets.append(("proxy", f"zmq.proxy + {workers} REP (model)", front, clients, px, reps))
+        if not b.quick:
+            front, back = f"ipc://{d}/pe-front.sock", f"ipc://{d}/pe-back.sock"
+            px = stack.enter_context(b.proxy(front, back))
+            reps = stack.enter_context(b.rep(back, "echo", workers))
+            targets.append(("proxy-echo", f"zmq.proxy + {workers} REP (echo)", front,
+                            clients[-1:], px, reps))
+        pool = stack.enter_context(b.pool("router-pool", [cfg]))
+        targets.append(("pool", f"pool ({workers} workers)", pool.frontend, clients,
+                        [pool.proc.pid], pool_worker_pids(pool)))
+        for variant in filter(None, a.router_variants.split(";")):
+            opts = {k: int(v) if v.lstrip("-").isdigit() else v
+                    for k, v in (kv.split("=", 1) for kv in variant.split(","))}
+            name = "router-pool-" + variant.replace(",", "-").replace("=", "")
+            vpool = stack.enter_context(b.pool(name, [cfg], **opts))
+            targets.append((f"variant {variant}", f"pool {variant}", vpool.frontend, clients,
+                            [vpool.proc.pid], pool_worker_pids(vpool)))
+        runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        for r in range(rounds):
+            for key, name, ep, counts, broker, pids in targets:
+                for c in counts:
+                    runs.setdefault((key, c), []).append(b.measure(
+                        "router", name, ep, c, load, broker=broker, workers=pids,
+                        n_workers=1 if key.startswith("direct") else workers, round=r + 1))
+
+    def med(key: str, c: int, field: str) -> float:
+        return float(statistics.median(row[field] for row in runs[(key, c)]))
+
     for c in clients:
         b.compare(Compare("router", f"req/s, {c} client{'s' * (c > 1)}", "pool",
-                          rows[("pool", c)]["rps"], "zmq.proxy", rows[("proxy", c)]["rps"],
+                          med("pool", c, "rps"), "zmq.proxy", med("proxy", c, "rps"),
                           "req/s", target=1.0 if c == 32 else None))
-    if ("proxy-echo", clients[-1]) in rows:
+    if ("proxy-echo", clients[-1]) in runs:
         c = clients[-1]
-        b.compare(Compare("router", f"req/s, {c} clients", "pool", rows[("pool", c)]["rps"],
-                          "zmq.proxy+echo", rows[("proxy-echo", c)]["rps"], "req/s",
+        b.compare(Compare("router", f"req/s, {c} clients", "pool", med("pool", c, "rps"),
+                          "zmq.proxy+echo", med("proxy-echo", c, "rps"), "req/s",
                           note="echo workers, as the baseline's 49.2k"))
     if 1 in clients:
-        b.compare(Compare("router", "p50, 1 client", "pool", rows[("pool", 1)]["p50_us"],
-                          "direct (model)", rows[("direct-model", 1)]["p50_us"], "us",
-                          kind="diff", target=100.0))
-        b.compare(Compare("router", "p50, 1 client", "zmq.proxy", rows[("proxy", 1)]["p50_us"],
-                          "direct (model)", rows[("direct-model", 1)]["p50_us"], "us",
-                          kind="diff", note="what one C hop costs"))
+        direct = med("direct-model", 1, "p50_us")
+        b.compare(Compare("router", "p50, 1 client", "pool", med("pool", 1, "p50_us"),
+                          "direct (model)", direct, "us", kind="diff", target=100.0))
+        b.compare(Compare("router", "p50, 1 client", "zmq.proxy", med("proxy", 1, "p50_us"),
+                          "direct (model)", direct, "us", kind="diff",
+                          note=f"what one C hop costs ({workers} REP workers in turn)"))
 
 
 def pool_worker_pids(pool: Pool) -> list[int]:
@@ -503,11 +516,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--clients", default="1,8,32", help="client counts (router)")
     ap.add_argument("--workers", type=int, default=0,
                     help="CPU workers for router (default 8 when they fit in memory)")
+    ap.add_argument("--rounds", type=int, default=0,
+                    help="interleaved rounds per row (router; default 3, --quick 1)")
     ap.add_argument("--max-batch", type=int, default=1, help="pool max_batch (router)")
     ap.add_argument("--max-delay-ms", type=float, default=0.0, help="pool max_delay_ms (router)")
     ap.add_argument("--router-variants", default="",
                     help="extra pool rows (router) with other settings, e.g. "
-                         "'router_spin_us=0,io_threads=1;router_spin_us=200' (info only: the "
+                         "'router_lane=off;router_spin_us=200,io_threads=1' (info only: the "
                          "compared row always uses the defaults)")
     ap.add_argument("--big-mib", type=int, default=64, help="request size in MiB (big)")
     ap.add_argument("--batch-clients", type=int, default=64, help="clients (batching)")
@@ -586,9 +601,10 @@ def detail(b: Bench) -> None:
 
         print_table("raw client rows (cpu us/req: CPU time of the broker process and of all "
                     "workers, per request)",
-                    ["section", "target", "clients", "req/s", "p50 us", "p99 us", "requests",
-                     "errors", "broker cpu us/req", "workers cpu us/req"],
-                    [[r["section"], r["name"], str(r["clients"]), num(r["rps"]),
+                    ["section", "target", "round", "clients", "req/s", "p50 us", "p99 us",
+                     "requests", "errors", "broker cpu us/req", "workers cpu us/req"],
+                    [[r["section"], r["name"], str(r.get("round", "")), str(r["clients"]),
+                      num(r["rps"]),
                       num(r["p50_us"]), num(r["p99_us"]), str(r["requests"]), str(r["errors"]),
                       cpu(r.get("broker_cpu_us")), cpu(r.get("workers_cpu_us"))]
                      for r in rows])

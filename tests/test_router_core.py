@@ -24,6 +24,7 @@ from router import fastlane
 from router import protocol as p
 from router.router import Router
 from router.table import ModelRoute, WorkerSlot
+from workers.lane import Lane
 
 pytestmark = pytest.mark.skipif(not fastlane.available(), reason="router/_fastlane not built")
 
@@ -45,10 +46,14 @@ class Events:
 
 
 class Rig:
-    def __init__(self, tmp: str, ctx: zmq.Context[Any]) -> None:
+    """A router and its fake workers; with ``lanes``, each worker also connects a lane
+    (``workers.lane``) and ``take``/``reply`` use whichever way a request came."""
+
+    def __init__(self, tmp: str, ctx: zmq.Context[Any], lanes: bool = False) -> None:
         self.ctx = ctx
         self.front = f"ipc://{tmp}/front.sock"
         self.back = f"ipc://{tmp}/back.sock"
+        self.lane_path = f"{tmp}/lane.sock"
         self.events = Events()
         self.observed: list[tuple[str, ...]] = []
         self.bulk: list[dict[str, int]] = []
@@ -60,7 +65,11 @@ class Rig:
             request_grace_s=0.2,
             observe=lambda *a: self.observed.append(tuple(str(x) for x in a[:3])),
             observe_bulk=lambda m, v, counts, h, s: self.bulk.append(counts),
+            lane=self.lane_path if lanes else "",
         )
+        self.lanes_on = lanes
+        self.lanes: dict[bytes, Lane] = {}
+        self.by_lane: set[bytes] = set()  # keys of requests that came down a lane
         self.workers: dict[bytes, zmq.Socket[Any]] = {}
         self.clients: list[zmq.Socket[Any]] = []
 
@@ -81,7 +90,24 @@ class Rig:
         slot = WorkerSlot(wid, model, 1, "v1", credit)
         self.router.add_worker(slot)
         self.pump_until(lambda: any(w == wid for w, _ in self.events.events))
+        if self.lanes_on:
+            lane = Lane.connect(self.lane_path, wid.decode())
+            assert lane is not None
+            self.lanes[wid] = lane
+            self.pump_until(lambda: self.router.core.worker_has_lane(slot.index))
         return slot
+
+    def poll_worker(self, wid: bytes) -> list[bytes] | None:
+        """What worker ``wid`` has waiting, from its lane first, without pumping."""
+        lane = self.lanes.get(wid)
+        if lane is not None:
+            frames = lane.recv()
+            if frames is not None:
+                req = [f.bytes for f in frames]
+                self.by_lane.add(req[1])
+                return req
+        sock = self.workers[wid]
+        return sock.recv_multipart() if sock.poll(0) else None
 
     def client(self) -> zmq.Socket[Any]:
         sock = self.ctx.socket(zmq.DEALER)
@@ -101,17 +127,25 @@ class Rig:
 
     def take(self, wid: bytes, timeout: float = 5.0) -> list[bytes]:
         """Pump until worker ``wid`` receives a request; return [b"R", key, header, ...]."""
-        sock = self.workers[wid]
         end = time.monotonic() + timeout
-        while not sock.poll(0):
+        while (req := self.poll_worker(wid)) is None:
             assert time.monotonic() < end, f"{wid!r} got nothing"
             self.pump(5)
-        return sock.recv_multipart()
+        return req
 
-    def reply(self, wid: bytes, req: list[bytes], status: bytes = b"OK") -> None:
+    def reply(
+        self, wid: bytes, req: list[bytes], status: bytes = b"OK", backend: bool = False
+    ) -> None:
+        """Answer the way the request came, or on the backend socket (``backend``)."""
         rid = msgpack.unpackb(req[2]).get("id")
         header = msgpack.packb({"ok": status == b"OK", "model": "m", "version": "v1", "id": rid})
-        self.workers[wid].send_multipart([p.KIND_REQUEST, req[1], status, header, req[3]])
+        frames = [p.KIND_REQUEST, req[1], status, header, req[3]]
+        lane = self.lanes.get(wid)
+        if req[1] in self.by_lane and not backend and lane is not None:
+            self.by_lane.discard(req[1])
+            assert lane.send(frames)
+            return
+        self.workers[wid].send_multipart(frames)
 
     def answer(
         self, client: zmq.Socket[Any], timeout: float = 5.0
@@ -128,6 +162,8 @@ class Rig:
         self.router.close()
         for s in [*self.workers.values(), *self.clients]:
             s.close(0)
+        for lane in self.lanes.values():
+            lane.close()
 
 
 def send(client: zmq.Socket[Any], model: str, payload: bytes = b"x" * 16, **extra: Any) -> None:
@@ -136,9 +172,9 @@ def send(client: zmq.Socket[Any], model: str, payload: bytes = b"x" * 16, **extr
 
 
 @pytest.fixture
-def rig(tmp_path: Any) -> Iterator[Rig]:
+def rig(tmp_path: Any, request: Any) -> Iterator[Rig]:
     ctx: zmq.Context[Any] = zmq.Context()
-    r = Rig(str(tmp_path), ctx)
+    r = Rig(str(tmp_path), ctx, getattr(request, "param", False))
     try:
         yield r
     finally:
@@ -301,8 +337,10 @@ def test_a_failed_model_answers_unavailable_and_fails_its_queue(rig: Rig) -> Non
     assert set(codes) == {1, 2} and rig.router.queued_count() == 0
 
 
+@pytest.mark.parametrize("rig", [False, True], ids=["backend", "lanes"], indirect=True)
 def test_soak_every_request_gets_exactly_one_answer(rig: Rig) -> None:
-    """Random traffic, worker churn and deadlines; counts answers per request id."""
+    """Random traffic, worker churn and deadlines; counts answers per request id. With
+    lanes, replies go back either way at random."""
     rng = random.Random(7)
     rig.route("m", max_queue=40, retry=True)
     live: dict[bytes, WorkerSlot] = {}
@@ -331,19 +369,21 @@ def test_soak_every_request_gets_exactly_one_answer(rig: Rig) -> None:
                 next_id += 1
         rig.pump(1)
         for wid in list(live):
-            sock = rig.workers[wid]
-            while sock.poll(0):
-                req = sock.recv_multipart()
+            while (req := rig.poll_worker(wid)) is not None:
                 if req[0] != p.KIND_REQUEST:
                     continue
                 if rng.random() < 0.05:
                     continue  # never answered: a deadline or the worker's loss settles it
-                rig.reply(wid, req, b"OK" if rng.random() < 0.9 else b"MODEL_ERROR")
+                status = b"OK" if rng.random() < 0.9 else b"MODEL_ERROR"
+                rig.reply(wid, req, status, backend=rng.random() < 0.3)
         if rng.random() < 0.05 and len(live) > 1:
             wid = rng.choice(list(live))
             del live[wid]
             rig.router.remove_worker(wid, lost=True)
             rig.workers.pop(wid).close(0)
+            lane = rig.lanes.pop(wid, None)
+            if lane is not None:
+                lane.close()
             spawn()
         rig.router.sweep(time.monotonic())
         for cl in clients:
@@ -356,9 +396,7 @@ def test_soak_every_request_gets_exactly_one_answer(rig: Rig) -> None:
     while (len(answered) < len(sent) or rig.router.inflight_count()) and time.monotonic() < settle:
         rig.pump(5)
         for wid in live:
-            sock = rig.workers[wid]
-            while sock.poll(0):
-                req = sock.recv_multipart()
+            while (req := rig.poll_worker(wid)) is not None:
                 if req[0] == p.KIND_REQUEST:
                     rig.reply(wid, req)
         rig.router.sweep(time.monotonic())
@@ -369,3 +407,8 @@ def test_soak_every_request_gets_exactly_one_answer(rig: Rig) -> None:
     assert set(answered) == set(sent), f"{len(sent) - len(answered)} requests unanswered"
     assert all(n == 1 for n in answered.values())
     assert rig.router.inflight_count() == 0 and rig.router.queued_count() == 0
+    sent_down, received = rig.router.core.lane_counts()
+    if not rig.lanes_on:
+        assert (sent_down, received) == (0, 0)
+    else:
+        assert sent_down > 100 and received > 50, (sent_down, received)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -144,6 +145,17 @@ def test_status_shows_every_worker(pool: Pool) -> None:
         assert len(m["workers"]) == 2
         for w in m["workers"]:
             assert w["state"] == "ready" and w["pid"] > 0 and w["device"] == "cpu"
-            assert {"inflight", "served", "gpu_bytes", "rss_bytes"} <= w.keys()
+            assert {"inflight", "served", "gpu_bytes", "rss_bytes", "lane"} <= w.keys()
     human = pool.pool_ctl("status")
     assert human.returncode == 0 and "mlp" in human.stdout and "ready" in human.stdout
+
+
+def test_every_worker_has_its_lane(pool: Pool) -> None:
+    """Lanes are on by default: each worker connected one and the router took it."""
+    deadline = time.monotonic() + 10
+    while True:
+        lanes = [w["lane"] for m in pool.status()["models"] for w in m["workers"]]
+        if all(lanes) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert lanes == [True] * 4

@@ -49,6 +49,7 @@ class WorkerSpec:
     lifeline_fd: int = -1
     observed_shapes: list[Any] = field(default_factory=list)
     cuda_graphs: bool = False  # capture the forward per batch size (workers.graphs)
+    lane: str = ""  # the router's lane socket (workers.lane); "" without one
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> WorkerSpec:

@@ -1,7 +1,8 @@
 """Answers on the way out: each request's share of its batch's outputs, or an error.
 
 The worker's loop hands a completed launch here; every request gets exactly one reply
-frame set ``[kind, key, status, header, *tensor frames]`` on the backend socket. The
+frame set ``[kind, key, status, header, *tensor frames]``: down the lane if the request
+came that way and the reply fits (``workers.lane``), otherwise on the backend socket. The
 replier also counts what it answered and which input shapes it served (the heartbeat
 reports both; the next version of the model warms up with those shapes).
 """
@@ -16,6 +17,7 @@ import zmq
 from router import protocol as p
 from router.frames import send_frames
 from workers.codec import HostOutputs, ReplyEncoder
+from workers.lane import Lane
 from workers.pipeline import Launched, Pending
 
 
@@ -27,11 +29,21 @@ class Replier:
         self.encoder = ReplyEncoder(model, version)
         self.served = 0  # requests answered, errors included
         self.shapes: dict[tuple[Any, ...], int] = {}  # input signature -> times served
+        self.lane: Lane | None = None
+        self.lane_keys: set[bytes] = set()  # requests that came down the lane, unanswered
+
+    def send(self, key: bytes, frames: list[Any]) -> None:
+        """One reply: the way its request came when that can carry it."""
+        if self.lane_keys and key in self.lane_keys:
+            self.lane_keys.discard(key)
+            if self.lane is not None and self.lane.send(frames):
+                return
+        send_frames(self.sock, frames)
 
     def finish(self, launched: Launched) -> None:
         """Answer every request of a completed launch."""
         encoder = self.encoder
-        sock = self.sock
+        send = self.send
         for members, result in launched.groups:
             if result.outputs is not None:
                 try:
@@ -45,7 +57,7 @@ class Replier:
                     stop = start + req.layout.size
                     header, frames = encoder.encode(host, start, stop, req.layout.rid)
                     start = stop
-                    send_frames(sock, [p.KIND_REQUEST, req.key, b"OK", header, *frames])
+                    send(req.key, [p.KIND_REQUEST, req.key, b"OK", header, *frames])
                 self.served += len(members)
             else:
                 assert result.alone is not None
@@ -76,9 +88,9 @@ class Replier:
             self.error(req.key, req.layout.rid, p.MODEL_ERROR, str(exc))
             return
         self.served += 1
-        send_frames(self.sock, [p.KIND_REQUEST, req.key, b"OK", header, *frames])
+        self.send(req.key, [p.KIND_REQUEST, req.key, b"OK", header, *frames])
 
     def error(self, key: bytes, rid: Any, code: str, message: str) -> None:
         self.served += 1
         body = p.error_header(code, message, model=self.model, version=self.version, rid=rid)
-        send_frames(self.sock, [p.KIND_REQUEST, key, code.encode(), body])
+        self.send(key, [p.KIND_REQUEST, key, code.encode(), body])

@@ -18,6 +18,7 @@ from router.frames import recv_frames
 from workers.copier import Copier, new_copier
 from workers.graphs import capture_graphs
 from workers.intake import Intake
+from workers.lane import Lane, LaneError
 from workers.launcher import Launcher
 from workers.loader import LoadedModel, ModelLoadError, load_model
 from workers.main import (
@@ -80,6 +81,7 @@ class Worker:
         self.last_beat = 0.0
         self.copier: Copier | None = None
         self.graph_info: dict[str, Any] = {}
+        self.lane: Lane | None = None  # small requests from the router (workers.lane)
 
     @property
     def model(self) -> LoadedModel | None:
@@ -146,6 +148,9 @@ class Worker:
             self.capture(sets)
             timings["graphs_s"] = time.monotonic() - t4
         self.prepare_staging(sets)
+        if spec.lane:
+            # Before "ready": the router has read the hello by the time it routes to us.
+            self.lane = self.replies.lane = Lane.connect(spec.lane, spec.wid)
         gpu = torch.cuda.memory_reserved(self.device) if self.device.type == "cuda" else 0
         self.event(
             "ready",
@@ -252,6 +257,9 @@ class Worker:
         if completions is not None:
             take_or_wake.register(completions.fd, zmq.POLLIN)
             wake_only.register(completions.fd, zmq.POLLIN)
+        lane_fd = self.lane.fileno() if self.lane is not None else -1
+        if lane_fd >= 0:
+            take_or_wake.register(lane_fd, zmq.POLLIN)
         self.beat()
         try:
             while not self.stopping:
@@ -308,17 +316,23 @@ class Worker:
                 full = gather.rows >= max_batch
                 ready = (wake_only if full else take_or_wake).poll(max(0, wait_ms))
                 for what, _ in ready:
-                    if what is sock:
+                    if what is sock or what == lane_fd:
                         self.take(gather, max_batch, launched[0] if launched else None)
                     elif completions is not None:
                         completions.clear()
+                if lane_fd >= 0 and not (self.lane and self.lane.open):
+                    take_or_wake.unregister(lane_fd)  # closed: the backend socket only
+                    lane_fd = -1
                 if time.monotonic() - self.last_beat >= interval:
                     self.beat()
-            # Told to stop: answer everything already taken.
+            # Told to stop: answer everything already taken, and what came down the
+            # lane before the stop (the two ways are not ordered with each other).
             while launched:
                 self.complete(launched.popleft())
-            if gather.requests:
+            while gather.requests:
                 self.complete(launcher.launch(gather))
+                gather.reset()
+                self.take(gather, max_batch)
         finally:
             if completions is not None:
                 completions.close()
@@ -392,13 +406,22 @@ class Worker:
         stager = gather.stager if self.stage_on_arrival else None
         requests = gather.requests
         event = running.event if running is not None else None
+        lane = self.lane if self.lane is not None and self.lane.open else None
         while gather.rows < max_batch:
             if event is not None and event.query():
                 return
-            try:
-                frames = recv_frames(sock)
-            except zmq.Again:
-                return
+            frames: list[Any] | None = None
+            if lane is not None:
+                frames = self.from_lane(lane)
+                if frames is None:
+                    lane = None  # nothing more there for now
+                elif len(frames) >= 3 and frames[0].bytes == p.KIND_REQUEST:
+                    self.replies.lane_keys.add(frames[1].bytes)  # answered the same way
+            if frames is None:
+                try:
+                    frames = recv_frames(sock)
+                except zmq.Again:
+                    return
             kind = frames[0].bytes
             if kind == p.KIND_REQUEST and len(frames) >= 3:
                 pending = self.intake.decode(frames, stager)
@@ -409,6 +432,14 @@ class Worker:
                     gather.rows += pending.layout.size
             elif kind == p.KIND_CONTROL:
                 self.control(frames)
+
+    def from_lane(self, lane: Lane) -> list[Any] | None:
+        try:
+            return lane.recv()
+        except LaneError as exc:  # only a router bug sends that: the backend socket only
+            log.error("worker %s: closing the lane: %s", self.spec.wid, exc)
+            lane.close()
+            return None
 
     def control(self, frames: list[Any]) -> None:
         try:
