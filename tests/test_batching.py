@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -40,6 +41,9 @@ from workers.codec import (
 )
 from workers.copier import NativeCopier, ThreadCopier
 from workers.graphs import CapturedForward, GraphTable
+from workers.lane import Lane
+from workers.lane import pack as lane_pack
+from workers.lane import unpack as lane_unpack
 from workers.launcher import Launcher
 from workers.loader import LoadedModel, ModelOutputError, load_model
 from workers.main import WorkerSpec
@@ -548,7 +552,17 @@ class _PipelinedWorker(Worker):
 
 
 class _Harness:
-    def __init__(self, on_arrival: bool, max_batch: int = 16, max_delay_ms: float = 1.0) -> None:
+    """A worker serving on a thread behind an inproc ROUTER socket; with ``lane``, also a
+    lane (a socketpair: ``lane_end`` plays the router's end)."""
+
+    def __init__(
+        self,
+        on_arrival: bool,
+        max_batch: int = 16,
+        max_delay_ms: float = 1.0,
+        lane: bool = False,
+        start: bool = True,
+    ) -> None:
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.bind("inproc://backend")
@@ -571,10 +585,16 @@ class _Harness:
         self.worker.model = LoadedModel(_Affine(), CPU, "safetensors", 1)
         # Small arenas: some requests overflow. On arrival, copies run on the copier's threads.
         self.worker.prepare_staging([[torch.zeros(1, 64)]], on_arrival=on_arrival)
+        self.lane_end: socket.socket | None = None
+        if lane:
+            ours, self.lane_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            ours.setblocking(False)
+            self.worker.lane = self.worker.replies.lane = Lane(ours)
         self.batches: dict[int, int] = {}
         self.failure: list[BaseException] = []
         self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        if start:
+            self.thread.start()
 
     def _serve(self) -> None:
         try:
@@ -582,14 +602,26 @@ class _Harness:
         except BaseException as exc:
             self.failure.append(exc)
 
-    def send(self, key: int, x: torch.Tensor) -> None:
+    def send(self, key: int, x: torch.Tensor, lane: bool = False) -> None:
         header = {
             "model": "affine",
             "id": f"id-{key}",
             "inputs": [{"dtype": WIRE_DTYPES[x.dtype], "shape": list(x.shape)}],
         }
         raw = x.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        self.router.send_multipart([b"w", b"R", struct.pack("<Q", key), msgpack.packb(header), raw])
+        frames = [b"R", struct.pack("<Q", key), msgpack.packb(header), raw]
+        if lane:
+            assert self.lane_end is not None
+            self.lane_end.sendmsg(lane_pack(frames))
+        else:
+            self.router.send_multipart([b"w", *frames])
+
+    def receive_lane(self) -> tuple[int, bytes, dict[str, Any], list[torch.Tensor]]:
+        """The next reply down the lane: (key, status, header, outputs)."""
+        assert self.lane_end is not None
+        self.lane_end.settimeout(10)
+        frames = [f.bytes for f in lane_unpack(self.lane_end.recv(1 << 17))]
+        return self._parse([b"w", *frames])
 
     def receive(self) -> tuple[int, bytes, dict[str, Any], list[torch.Tensor]]:
         """The next reply: (key, status, header, outputs); heartbeats are tallied."""
@@ -602,16 +634,20 @@ class _Harness:
                 for size, n in event.get("batches", []):
                     self.batches[size] = self.batches.get(size, 0) + n
                 continue
-            (key,) = struct.unpack("<Q", frames[2])
-            header = msgpack.unpackb(frames[4], raw=False)
-            outputs, more = [], iter(frames[5:])
-            for entry in header.get("outputs", []):
-                data = entry.get("data")
-                raw = bytearray(next(more) if data is None else data)
-                dtype = TORCH_DTYPES[entry["dtype"]]
-                t = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
-                outputs.append(t.reshape(entry["shape"]))
-            return key, frames[3], header, outputs
+            return self._parse(frames)
+
+    @staticmethod
+    def _parse(frames: list[bytes]) -> tuple[int, bytes, dict[str, Any], list[torch.Tensor]]:
+        (key,) = struct.unpack("<Q", frames[2])
+        header = msgpack.unpackb(frames[4], raw=False)
+        outputs, more = [], iter(frames[5:])
+        for entry in header.get("outputs", []):
+            data = entry.get("data")
+            raw = bytearray(next(more) if data is None else data)
+            dtype = TORCH_DTYPES[entry["dtype"]]
+            t = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+            outputs.append(t.reshape(entry["shape"]))
+        return key, frames[3], header, outputs
 
     def stop(self) -> None:
         self.router.send_multipart([b"w", b"C", msgpack.packb({"t": "stop"})])
@@ -623,6 +659,8 @@ class _Harness:
         self.worker.sock.close(linger=0)
         self.router.close(linger=0)
         self.ctx.term()
+        if self.lane_end is not None:
+            self.lane_end.close()
 
 
 def _mixed(i: int, gen: torch.Generator) -> torch.Tensor:
@@ -718,6 +756,41 @@ def test_stop_answers_every_request_taken(harness: _Harness) -> None:
         keys.add(key)
     assert keys == set(range(48))
     harness.stop()
+
+
+@pytest.mark.parametrize("on_arrival", [True, False], ids=["staged-on-arrival", "staged-at-launch"])
+def test_lane_requests_are_answered_down_the_lane(on_arrival: bool) -> None:
+    h = _Harness(on_arrival=on_arrival, lane=True)
+    try:
+        for key in range(60):  # both ways at once, batched together
+            h.send(key, torch.full((1 + key % 3, 4), float(key)), lane=key % 2 == 0)
+        for _ in range(30):
+            key, status, _, outputs = h.receive_lane()
+            assert key % 2 == 0 and status == b"OK"
+            assert torch.equal(outputs[0], torch.full((1 + key % 3, 4), 2.0 * key + 1))
+        odd = {h.receive()[0] for _ in range(30)}
+        assert odd == set(range(1, 60, 2))
+        assert not h.worker.replies.lane_keys  # every lane request was answered
+        h.stop()
+    finally:
+        h.close()
+
+
+def test_stop_answers_what_is_still_in_the_lane() -> None:
+    """The stop comes on the backend socket, requests on the lane: the two ways are not
+    ordered, so a stop may be read while requests sent before it wait in the lane."""
+    h = _Harness(on_arrival=False, lane=True, start=False)
+    try:
+        for key in range(40):
+            h.send(key, torch.full((1, 4), float(key)), lane=True)
+        h.worker.stopping = True  # as if the stop had been read first
+        h.thread.start()
+        got = {h.receive_lane()[0] for _ in range(40)}
+        assert got == set(range(40))
+        h.thread.join(10)
+        assert not h.thread.is_alive() and not h.failure, h.failure
+    finally:
+        h.close()
 
 
 # ---------------------------------------------------------------- through a real pool

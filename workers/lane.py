@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 # Must match LANE_MAX_BYTES and LANE_MAX_FRAMES in router/fastlane.c.
 MAX_BYTES = 64 << 10
 MAX_FRAMES = 64
+CONNECT_TIMEOUT_S = 5.0
 
 
 class LaneFrame:
@@ -87,6 +88,7 @@ class Lane:
         there: this worker then gets every request on the backend socket."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
+            sock.settimeout(CONNECT_TIMEOUT_S)  # a full listen backlog would block
             sock.connect(path)
             sock.send(wid.encode())
             sock.setblocking(False)

@@ -329,16 +329,21 @@ class Worker:
             # lane before the stop (the two ways are not ordered with each other).
             while launched:
                 self.complete(launched.popleft())
-            while gather.requests:
-                self.complete(launcher.launch(gather))
-                gather.reset()
+            while True:
+                if gather.requests:
+                    self.complete(launcher.launch(gather))
+                    gather.reset()
                 self.take(gather, max_batch)
+                if not gather.requests:
+                    break
         finally:
             if completions is not None:
                 completions.close()
             if self.copier is not None:
                 self.copier.close()
                 self.copier = None
+            if self.lane is not None:
+                self.lane.close()
 
     def launch_time(
         self,
