@@ -206,8 +206,7 @@ def section_router(b: Bench) -> None:
         targets.append(("pool", f"pool ({workers} workers)", pool.frontend, clients,
                         [pool.proc.pid], pool_worker_pids(pool)))
         for variant in filter(None, a.router_variants.split(";")):
-            opts = {k: int(v) if v.lstrip("-").isdigit() else v
-                    for k, v in (kv.split("=", 1) for kv in variant.split(","))}
+            opts = {k: option_value(v) for k, v in (kv.split("=", 1) for kv in variant.split(","))}
             name = "router-pool-" + variant.replace(",", "-").replace("=", "")
             vpool = stack.enter_context(b.pool(name, [cfg], **opts))
             targets.append((f"variant {variant}", f"pool {variant}", vpool.frontend, clients,
@@ -239,6 +238,13 @@ def section_router(b: Bench) -> None:
         b.compare(Compare("router", "p50, 1 client", "zmq.proxy", med("proxy", 1, "p50_us"),
                           "direct (model)", direct, "us", kind="diff",
                           note=f"what one C hop costs ({workers} REP workers in turn)"))
+
+
+def option_value(text: str) -> Any:
+    """A pool option's value as written in --router-variants: an int, true/false, or text."""
+    if text.lstrip("-").isdigit():
+        return int(text)
+    return {"true": True, "false": False}.get(text, text)
 
 
 def pool_worker_pids(pool: Pool) -> list[int]:
@@ -522,7 +528,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-delay-ms", type=float, default=0.0, help="pool max_delay_ms (router)")
     ap.add_argument("--router-variants", default="",
                     help="extra pool rows (router) with other settings, e.g. "
-                         "'router_lane=off;router_spin_us=200,io_threads=1' (info only: the "
+                         "'router_lane=false;router_spin_us=200,io_threads=1' (info only: the "
                          "compared row always uses the defaults)")
     ap.add_argument("--big-mib", type=int, default=64, help="request size in MiB (big)")
     ap.add_argument("--batch-clients", type=int, default=64, help="clients (batching)")

@@ -40,6 +40,7 @@ def test_bench_router_and_big_quick(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(BENCH), "--router", "--big", "--quick", "--workers", "2",
            "--clients", "1,2", "--seconds", "0.3", "--big-mib", "2", "--json", str(out),
+           "--rounds", "2", "--router-variants", "router_lane=false",
            "--tmp", str(tmp_path / "work")]
     env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT, env=env)
@@ -60,8 +61,11 @@ def test_bench_router_and_big_quick(tmp_path: Path) -> None:
     assert ("router", "direct REQ->REP (model)") in names
     assert ("router", "zmq.proxy + 2 REP (model)") in names
     assert ("router", "pool (2 workers)") in names
+    assert ("router", "pool router_lane=false") in names  # a bool option, parsed as one
     assert ("big", "pool (1 worker)") in names and ("big", "raw REQ->REP echo") in names
-    assert len(rows) == 2 + 2 + 2 + 2  # direct x2, proxy x2 client counts, pool x2, big x2
+    # per round: direct x2, then proxy, pool and the variant at both client counts; big x2
+    assert len(rows) == 2 * (2 + 2 + 2 + 2) + 2
+    assert sorted({r.get("round") for r in rows if r["section"] == "router"}) == [1, 2]
     for r in rows:
         assert math.isfinite(r["rps"]) and r["rps"] > 0, r
         assert r["errors"] == 0, r
