@@ -116,6 +116,14 @@ def lane_rig(tmp_path: Any) -> Iterator[Rig]:
         ctx.term()
 
 
+def one_worker(rig: Rig, credit: int = 2) -> tuple[Any, zmq.Socket[Any]]:
+    """Model "m" served by worker w1 (with its lane), and a client."""
+    rig.route("m")
+    slot = rig.worker(b"w1", "m", credit=credit)
+    rig.router.activate("m", 1, [slot])
+    return slot, rig.client()
+
+
 def serve_one(rig: Rig, client: zmq.Socket[Any], **extra: Any) -> tuple[list[bytes], bool]:
     """Send one request; return it as the worker got it, and whether by the lane."""
     send(client, "m", **extra)
@@ -126,10 +134,7 @@ def serve_one(rig: Rig, client: zmq.Socket[Any], **extra: Any) -> tuple[list[byt
 @needs_core
 def test_small_requests_and_replies_go_down_the_lane(lane_rig: Rig) -> None:
     rig = lane_rig
-    rig.route("m")
-    slot = rig.worker(b"w1", "m", credit=4)
-    rig.router.activate("m", 1, [slot])
-    c = rig.client()
+    slot, c = one_worker(rig, credit=4)
     reqs = [serve_one(rig, c, id=i) for i in range(3)]
     assert all(by_lane for _, by_lane in reqs) and slot.load == 3
     first = reqs[0][0]
@@ -159,10 +164,7 @@ def test_without_lanes_nothing_listens(tmp_path: Any) -> None:
 @needs_core
 def test_large_requests_and_either_way_of_replying(lane_rig: Rig) -> None:
     rig = lane_rig
-    rig.route("m")
-    slot = rig.worker(b"w1", "m")
-    rig.router.activate("m", 1, [slot])
-    c = rig.client()
+    slot, c = one_worker(rig)
     send(c, "m", b"y" * (lanemod.MAX_BYTES + 1), id="big")
     big = rig.take(b"w1")
     assert big[1] not in rig.by_lane and len(big[3]) == lanemod.MAX_BYTES + 1
@@ -178,12 +180,9 @@ def test_large_requests_and_either_way_of_replying(lane_rig: Rig) -> None:
 @needs_core
 def test_a_closed_lane_leaves_the_backend_socket(lane_rig: Rig) -> None:
     rig = lane_rig
-    rig.route("m")
-    slot = rig.worker(b"w1", "m")
-    rig.router.activate("m", 1, [slot])
+    slot, c = one_worker(rig)
     rig.lanes.pop(b"w1").close()
     rig.pump_until(lambda: not rig.router.core.worker_has_lane(slot.index))
-    c = rig.client()
     req, by_lane = serve_one(rig, c, id=7)
     assert not by_lane
     rig.reply(b"w1", req)

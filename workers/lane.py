@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -103,15 +103,8 @@ class Lane:
 
     def recv(self) -> list[LaneFrame] | None:
         """The next datagram's frames; None when none waits or the lane is closed."""
-        if not self.open:
-            return None
-        try:
-            data = self.sock.recv(MAX_BYTES)
-        except (BlockingIOError, InterruptedError):
-            return None
-        except OSError as exc:
-            log.warning("lane closed: %s", exc)
-            self.close()
+        data = self._io(self.sock.recv, MAX_BYTES)
+        if data is None:
             return None
         if not data:  # the router closed it: the backend socket carries everything now
             self.close()
@@ -126,15 +119,20 @@ class Lane:
         buffers = pack(frames)
         if sum(memoryview(b).nbytes for b in buffers) > MAX_BYTES:
             return False
+        return self._io(self.sock.sendmsg, buffers) is not None
+
+    def _io(self, op: Callable[[Any], Any], arg: Any) -> Any:
+        """``op(arg)``, or None if it would block; a lane that fails is closed."""
+        if not self.open:
+            return None
         try:
-            self.sock.sendmsg(buffers)
+            return op(arg)
         except (BlockingIOError, InterruptedError):
-            return False
+            return None
         except OSError as exc:
             log.warning("lane closed: %s", exc)
             self.close()
-            return False
-        return True
+            return None
 
     def close(self) -> None:
         if self.open:
