@@ -149,7 +149,8 @@ class Worker:
             timings["graphs_s"] = time.monotonic() - t4
         self.prepare_staging(sets)
         if spec.lane:
-            # Before "ready": the router has read the hello by the time it routes to us.
+            # Before "ready", so the router mostly has the lane before it routes to us
+            # (until it does, everything comes on the backend socket).
             self.lane = self.replies.lane = Lane.connect(spec.lane, spec.wid)
         gpu = torch.cuda.memory_reserved(self.device) if self.device.type == "cuda" else 0
         self.event(
