@@ -88,6 +88,7 @@ int fl_bind(const char *libzmq_path) {
 #define LANE_MAX_BYTES (64 << 10) /* whole datagram: a socket buffer holds several */
 #define LANE_MAX_FRAMES 64
 #define LANE_PENDING_MAX 64 /* accepted connections that have not said who they are */
+enum { ITEM_LISTENER = -1, ITEM_PENDING = -2 };
 
 static const char PROTOCOL[] = "gpu-pool/1";
 #define PROTOCOL_LEN (sizeof(PROTOCOL) - 1)
@@ -169,7 +170,7 @@ typedef struct {
     int pending[LANE_PENDING_MAX];
     unsigned char *lane_buf;
     zpoll_t *items;
-    int *item_worker; /* per poll item: worker index (lane), -2 listener, -3-i pending i */
+    int *item_worker; /* per lane poll item: worker index, or ITEM_LISTENER / ITEM_PENDING */
     int nitems, items_cap;
     uint64_t lane_sent, lane_received;
 } core_t;
@@ -982,14 +983,18 @@ static void complete(core_t *c, msgvec *v, double now) {
     if (c->models[mi].queued) dispatch_queue(c, mi, now);
 }
 
+/* A worker's message [identity, kind, ...], from the backend socket or a lane. */
+static void backend_message(core_t *c, msgvec *v, double now) {
+    if (v->n >= 5 && msize(&v->m[1]) == 1 && mdata(&v->m[1])[0] == 'R') complete(c, v, now);
+    else punt(c, FL_PUNT_BACKEND, -1, v); /* events, and anything Python should judge */
+}
+
 static int drain_backend(core_t *c, double now) {
     int handled = 0;
     for (; handled < DRAIN_BATCH; handled++) {
         int got = recv_message(c->backend, &c->scratch);
         if (got <= 0) break;
-        msgvec *v = &c->scratch;
-        if (v->n >= 5 && msize(&v->m[1]) == 1 && mdata(&v->m[1])[0] == 'R') complete(c, v, now);
-        else punt(c, FL_PUNT_BACKEND, -1, v); /* events, and anything Python should judge */
+        backend_message(c, &c->scratch, now);
     }
     return handled;
 }
@@ -1081,8 +1086,6 @@ static int lane_unpack(worker_t *w, const unsigned char *p, size_t n, msgvec *v)
     return off == n ? 0 : -1;
 }
 
-static void complete(core_t *c, msgvec *v, double now);
-
 /* Every datagram waiting on worker wi's lane; a reply is completed as one from the
  * backend socket would be, anything else punted the same way. */
 static int lane_read(core_t *c, int wi, double now) {
@@ -1100,9 +1103,7 @@ static int lane_read(core_t *c, int wi, double now) {
             break;
         }
         c->lane_received++;
-        msgvec *v = &c->scratch;
-        if (v->n >= 5 && msize(&v->m[1]) == 1 && mdata(&v->m[1])[0] == 'R') complete(c, v, now);
-        else punt(c, FL_PUNT_BACKEND, -1, v);
+        backend_message(c, &c->scratch, now);
     }
     return handled;
 }
@@ -1122,8 +1123,6 @@ static void lane_accept(core_t *c) {
         c->items_dirty = 1;
     }
 }
-
-static void lane_hello(core_t *c, int i);
 
 /* Pending connection i: its hello names a worker we know without a lane, or it goes. */
 static void lane_hello(core_t *c, int i) {
@@ -1174,11 +1173,11 @@ static int build_items(core_t *c, zpoll_t *extra, int nextra) {
     c->items[n++] = (zpoll_t){c->backend, 0, Z_POLLIN, 0};
     for (int i = 0; i < nextra; i++) c->items[n++] = extra[i];
     if (c->lane_listen >= 0) {
-        c->item_worker[n] = -2;
+        c->item_worker[n] = ITEM_LISTENER;
         c->items[n++] = (zpoll_t){NULL, c->lane_listen, Z_POLLIN, 0};
     }
     for (int i = 0; i < c->npending; i++) {
-        c->item_worker[n] = -3 - i;
+        c->item_worker[n] = ITEM_PENDING;
         c->items[n++] = (zpoll_t){NULL, c->pending[i], Z_POLLIN, 0};
     }
     for (int i = 0; i < c->nworkers; i++) {
@@ -1199,7 +1198,7 @@ static int serve_lanes(core_t *c, int lane_from, double now) {
         int who = c->item_worker[i];
         if (who >= 0) handled += lane_read(c, who, now);
         else hellos = 1; /* a hello, or a new connection whose hello is likely there */
-        if (who == -2) lane_accept(c);
+        if (who == ITEM_LISTENER) lane_accept(c);
     }
     /* hellos after the loop: answering one reorders the pending list */
     for (int i = c->npending - 1; hellos && i >= 0; i--) lane_hello(c, i);

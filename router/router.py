@@ -124,8 +124,6 @@ class Router:
         """Listen on ``path`` for the workers' lanes; the C core accepts and owns them."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            if os.path.exists(path):
-                os.unlink(path)  # a stale file from a daemon that was killed
             sock.bind(path)
             os.chmod(path, 0o600)
             sock.listen(64)

@@ -589,7 +589,7 @@ class _Harness:
         if lane:
             ours, self.lane_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             ours.setblocking(False)
-            self.worker.lane = self.worker.replies.lane = Lane(ours)
+            self.worker.lane = Lane(ours)
         self.batches: dict[int, int] = {}
         self.failure: list[BaseException] = []
         self.thread = threading.Thread(target=self._serve, daemon=True)
@@ -612,7 +612,7 @@ class _Harness:
         frames = [b"R", struct.pack("<Q", key), msgpack.packb(header), raw]
         if lane:
             assert self.lane_end is not None
-            self.lane_end.sendmsg(lane_pack(frames))
+            self.lane_end.sendmsg(lane_pack(frames)[0])
         else:
             self.router.send_multipart([b"w", *frames])
 

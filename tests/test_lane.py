@@ -24,7 +24,10 @@ needs_core = pytest.mark.skipif(not fastlane.available(), reason="router/_fastla
 
 # ----------------------------------------------------------------- the format
 def datagram(frames: list[Any]) -> bytes:
-    return b"".join(bytes(b) for b in pack(frames))
+    buffers, size = pack(frames)
+    data = b"".join(bytes(b) for b in buffers)
+    assert len(data) == size
+    return data
 
 
 def test_pack_and_unpack_round_trip_any_buffers() -> None:

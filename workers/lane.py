@@ -47,11 +47,12 @@ class LaneError(Exception):
     """A datagram that breaks the lane's format."""
 
 
-def pack(frames: Sequence[Any]) -> list[Any]:
-    """The buffers of one datagram carrying ``frames`` (for ``socket.sendmsg``)."""
+def pack(frames: Sequence[Any]) -> tuple[list[Any], int]:
+    """The buffers of one datagram carrying ``frames`` (for ``socket.sendmsg``), and its
+    size in bytes."""
     sizes = [memoryview(f).nbytes for f in frames]
     head = struct.pack(f"<{len(sizes) + 1}I", len(sizes), *sizes)
-    return [head, *frames]
+    return [head, *frames], len(head) + sum(sizes)
 
 
 def unpack(data: bytes) -> list[LaneFrame]:
@@ -116,8 +117,8 @@ class Lane:
         full, or the lane is closed): the caller sends it on the backend socket."""
         if not self.open or len(frames) > MAX_FRAMES:
             return False
-        buffers = pack(frames)
-        if sum(memoryview(b).nbytes for b in buffers) > MAX_BYTES:
+        buffers, size = pack(frames)
+        if size > MAX_BYTES:
             return False
         return self._io(self.sock.sendmsg, buffers) is not None
 

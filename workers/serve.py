@@ -81,7 +81,6 @@ class Worker:
         self.last_beat = 0.0
         self.copier: Copier | None = None
         self.graph_info: dict[str, Any] = {}
-        self.lane: Lane | None = None  # small requests from the router (workers.lane)
 
     @property
     def model(self) -> LoadedModel | None:
@@ -90,6 +89,15 @@ class Worker:
     @model.setter
     def model(self, model: LoadedModel | None) -> None:
         self.launcher.model = model
+
+    @property
+    def lane(self) -> Lane | None:
+        """Small requests from the router (``workers.lane``); the replier answers on it."""
+        return self.replies.lane
+
+    @lane.setter
+    def lane(self, lane: Lane | None) -> None:
+        self.replies.lane = lane
 
     @property
     def device(self) -> torch.device:
@@ -151,7 +159,7 @@ class Worker:
         if spec.lane:
             # Before "ready", so the router mostly has the lane before it routes to us
             # (until it does, everything comes on the backend socket).
-            self.lane = self.replies.lane = Lane.connect(spec.lane, spec.wid)
+            self.lane = Lane.connect(spec.lane, spec.wid)
         gpu = torch.cuda.memory_reserved(self.device) if self.device.type == "cuda" else 0
         self.event(
             "ready",
@@ -421,8 +429,7 @@ class Worker:
                 frames = self.from_lane(lane)
                 if frames is None:
                     lane = None  # nothing more there for now
-                elif len(frames) >= 3 and frames[0].bytes == p.KIND_REQUEST:
-                    self.replies.lane_keys.add(frames[1].bytes)  # answered the same way
+            via_lane = frames is not None
             if frames is None:
                 try:
                     frames = recv_frames(sock)
@@ -436,6 +443,8 @@ class Worker:
                         gather.since = time.monotonic()
                     requests.append(pending)
                     gather.rows += pending.layout.size
+                    if via_lane:
+                        self.replies.lane_keys.add(pending.key)  # answered the same way
             elif kind == p.KIND_CONTROL:
                 self.control(frames)
 
