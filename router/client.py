@@ -4,108 +4,85 @@ Any language can do the same with a REQ socket and msgpack (see docs/PROTOCOL.md
 one adds the ZeroMQ guide's lazy-pirate retry: when no reply comes in time it closes the
 socket (a REQ socket is stuck after an unanswered send), opens a new one and resends, a
 bounded number of times. Inference is idempotent, so a resend is safe.
+
+``Client([ep1, ep2, ...])`` (a list, even of one) spreads calls over many hosts, and a
+``tcp://NAME:PORT`` entry stands for every address NAME resolves to (a Kubernetes
+headless Service): see router/spread.py for how hosts are taken out and requests retried
+elsewhere. ``Client(endpoint)`` with one string is the one-host client, unchanged.
 """
 
 from __future__ import annotations
 
-import sys
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
-import msgpack
-import numpy as np
 import zmq
 
-from router import protocol as p
-from router.errors import PoolError, RequestTimeout, from_wire
-
-
-@dataclass
-class Result:
-    outputs: list[np.ndarray]
-    version: str
-    model: str
-    id: Any = None
-    header: dict[str, Any] = field(default_factory=dict, repr=False)
-
-
-def _as_array(x: Any) -> tuple[str, list[int], Any]:
-    """(wire dtype, shape, buffer) of a numpy array or torch tensor, without importing torch."""
-    if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch tensor
-        torch = sys.modules["torch"]
-        t = x.detach().cpu().contiguous()
-        name = str(t.dtype).removeprefix("torch.")
-        if name not in p.DTYPES:
-            raise TypeError(f"tensor dtype {t.dtype} is not supported on the wire")
-        raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
-        return name, list(t.shape), raw
-    a = np.ascontiguousarray(x)
-    if a.dtype.byteorder == ">":
-        a = a.astype(a.dtype.newbyteorder("<"))
-    name = a.dtype.name
-    if name not in p.DTYPES:
-        raise TypeError(f"array dtype {a.dtype} is not supported on the wire")
-    return name, list(a.shape), a
-
-
-def encode_request(
-    model: str, inputs: tuple[Any, ...], timeout_ms: int | None = None, rid: Any = None
-) -> list[Any]:
-    specs, frames = [], []
-    for x in inputs:
-        dtype, shape, buf = _as_array(x)
-        specs.append({"dtype": dtype, "shape": shape})
-        frames.append(buf)
-    header: dict[str, Any] = {"model": model, "inputs": specs}
-    if timeout_ms:
-        header["timeout_ms"] = timeout_ms
-    if rid is not None:
-        header["id"] = rid
-    return [p.PROTOCOL, msgpack.packb(header), *frames]
-
-
-def decode_reply(frames: list[Any]) -> Result:
-    if len(frames) < 2 or bytes(frames[0]) != p.PROTOCOL:
-        raise PoolError("reply is not gpu-pool/1", code=p.INTERNAL)
-    header = p.unpack_map(frames[1], limit=1 << 30)
-    model, version = str(header.get("model", "")), str(header.get("version", ""))
-    if not header.get("ok"):
-        raise from_wire(header.get("error"), model, version)
-    outputs, nxt = [], 2
-    for spec in header.get("outputs", []):
-        data = spec.get("data")
-        if data is None:
-            data = frames[nxt]
-            nxt += 1
-        outputs.append(_to_numpy(spec["dtype"], spec["shape"], data))
-    return Result(outputs, version, model, header.get("id"), header)
-
-
-def _to_numpy(dtype: str, shape: list[int], data: Any) -> np.ndarray:
-    if dtype == "bfloat16":  # numpy has no bfloat16: widen exactly to float32
-        u16 = np.frombuffer(data, dtype="<u2").astype(np.uint32) << 16
-        return u16.view(np.float32).reshape(shape)
-    return np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
+from router.client_codec import (  # noqa: F401  (re-exported: callers import them from here)
+    Result,
+    _as_array,
+    _to_numpy,
+    decode_reply,
+    encode_request,
+    reply_wait_s,
+)
+from router.errors import RequestTimeout
+from router.hosts import DEFAULT_BACKOFF, Backoff, Resolver, SocketOptions, getaddrinfo_resolver
+from router.spread import SpreadClient
 
 
 class Client:
     def __init__(
         self,
-        endpoint: str,
+        endpoint: str | Sequence[str],
         *,
         retries: int = 3,
         timeout: float = 30.0,
         context: zmq.Context[Any] | None = None,
         curve_server_key: bytes | None = None,
         curve_keys: tuple[bytes, bytes] | None = None,
+        try_timeout: float | None = None,
+        backoff: Backoff = DEFAULT_BACKOFF,
+        resolve: Resolver = getaddrinfo_resolver,
+        refresh_s: float = 10.0,
     ) -> None:
-        self.endpoint = endpoint
+        """``endpoint``: one ZeroMQ endpoint, or a list of them (many hosts).
+
+        Many-host options: ``try_timeout`` bounds the wait for one host's reply before the
+        request is asked elsewhere (default: the whole deadline; a dead host is noticed
+        sooner anyway, see router/spread.py); ``backoff`` how long a failed host stays
+        out; ``resolve`` turns a name into addresses; ``refresh_s`` how often names are
+        resolved again.
+        """
         self.retries = retries
         self.timeout = timeout
         self.ctx = context or zmq.Context.instance()
         self.curve_server_key = curve_server_key
         self.curve_keys = curve_keys
         self.sock: zmq.Socket[Any] | None = None
+        self.spread: SpreadClient | None = None
+        if isinstance(endpoint, str):
+            self.endpoint = endpoint
+        else:
+            self.endpoint = ",".join(endpoint)
+            opts = SocketOptions(curve_server_key, curve_keys)
+            self.spread = SpreadClient(
+                list(endpoint),
+                retries=retries,
+                timeout=timeout,
+                ctx=self.ctx,
+                opts=opts,
+                resolve=resolve,
+                refresh_s=refresh_s,
+                backoff=backoff,
+                try_timeout=try_timeout,
+            )
+
+    def hosts(self) -> list[dict[str, Any]]:
+        """Each host's endpoint and state (many-host client only; else one entry)."""
+        if self.spread is None:
+            return [{"endpoint": self.endpoint, "state": "single"}]
+        return self.spread.describe()
 
     def _socket(self) -> zmq.Socket[Any]:
         if self.sock is None:
@@ -127,11 +104,13 @@ class Client:
         self, model: str, *inputs: Any, timeout: float | None = None, id: Any = None
     ) -> Result:
         """Run ``model.forward(*inputs)`` in the pool; raises a PoolError subclass on error."""
+        if self.spread is not None:
+            return self.spread.infer(model, inputs, timeout, id)
         timeout = self.timeout if timeout is None else timeout
         frames = encode_request(model, inputs, int(timeout * 1000), id)
         # Wait a little past the deadline the pool enforces, so that its
         # DEADLINE_EXCEEDED answer arrives instead of a client-side timeout.
-        wait_ms = int((timeout + min(1.0, 0.1 + 0.1 * timeout)) * 1000)
+        wait_ms = int(reply_wait_s(timeout) * 1000)
         for _attempt in range(max(1, self.retries)):
             sock = self._socket()
             # A send blocks while no peer can take it (say, a CURVE handshake that the
@@ -143,7 +122,9 @@ class Client:
                 self._reset()
                 continue
             if sock.poll(wait_ms):
-                return decode_reply(sock.recv_multipart(copy=False))
+                result = decode_reply(sock.recv_multipart(copy=False))
+                result.endpoint = self.endpoint
+                return result
             self._reset()  # lazy pirate: a REQ socket without its reply is unusable
         raise RequestTimeout(
             f"no reply from {self.endpoint} after {self.retries} tries of {timeout}s", model=model
@@ -151,6 +132,8 @@ class Client:
 
     def close(self) -> None:
         self._reset()
+        if self.spread is not None:
+            self.spread.close()
 
     def __enter__(self) -> Client:
         return self
