@@ -14,6 +14,7 @@ from pool.config import Config, ConfigError, ModelConfig, check_config, load_con
 from pool.daemon import Daemon, owner_only_dir
 from pool.gpu import Gpu
 from pool.logs import setup_logging
+from pool.version import version_line
 from router.fastlane import FastlaneUnavailable
 
 log = logging.getLogger("poold")
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    ap.add_argument("--version", action="version", version=version_line("poold"))
     ap.add_argument("--config", metavar="FILE", help="TOML config (default: the demo)")
     ap.add_argument("--demo", action="store_true", help="serve the built-in demo model")
     ap.add_argument("--check-config", metavar="FILE", help="validate FILE and exit (0 ok, 2 bad)")

@@ -12,9 +12,17 @@ import os
 import sys
 from typing import Any
 
-from pool.config import default_control_endpoint
 from pool.ctl.client import ControlClient, Unreachable
-from pool.ctl.render import print_history, print_status, print_upgrade, progress_line
+from pool.ctl.endpoint import choose_endpoint
+from pool.ctl.render import (
+    print_history,
+    print_reload,
+    print_status,
+    print_upgrade,
+    progress_line,
+    say,
+)
+from pool.version import version_line
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -30,8 +38,10 @@ examples:
   pool-ctl health && echo serving          exit 0 only when every model serves
 
 exit codes: 0 ok, 1 failed (rolled back, refused, unhealthy), 2 usage, 3 poold unreachable
-The control endpoint defaults to $GPU_POOL_CONTROL, then $XDG_RUNTIME_DIR/gpu-pool/control.sock,
-then the state dir's control.sock.
+Without --control: $GPU_POOL_CONTROL, else the first that exists of
+$XDG_RUNTIME_DIR/gpu-pool/control.sock (or the state dir's control.sock) and the system
+unit's /run/gpu-pool/control.sock (run as root or as the gpu-pool user).
+Output is a table on a terminal and plain columns (one row a line) in a pipe.
 """
 
 
@@ -42,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--control", metavar="ENDPOINT", help="poold's control endpoint")
+    ap.add_argument("--version", action="version", version=version_line("pool-ctl"))
+    ap.add_argument(
+        "--control", metavar="ENDPOINT", help="poold's control endpoint (ipc://PATH or tcp://H:P)"
+    )
     ap.add_argument(
         "--connect-timeout",
         type=float,
@@ -114,13 +127,18 @@ def curve_keys(
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    endpoint = args.control or default_control_endpoint()
+    parser = build_parser()
+    args = parser.parse_args(argv)  # argparse itself exits 2 with a message on bad usage
     try:
+        choice = choose_endpoint(args.control)
+        endpoint = choice.endpoint
         server_key, client_keys = curve_keys(args.curve_server_key, args.curve_client_key)
-    except (OSError, ValueError) as exc:
-        print(f"pool-ctl: {exc}", file=sys.stderr)
+    except (OSError, ValueError) as exc:  # BadEndpoint is a ValueError
+        parser.print_usage(sys.stderr)
+        print(f"pool-ctl: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if args.connect_timeout <= 0:
+        parser.error("--connect-timeout must be positive")
     client = ControlClient(
         endpoint,
         connect_timeout_s=args.connect_timeout,
@@ -143,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.timeout:
             payload["timeout_s"] = args.timeout
         timeout = (args.timeout or 3600.0) + 120.0
+    if cmd == "reload":
+        timeout = 3600.0 + 120.0  # it waits for the upgrades it starts
     tty = sys.stderr.isatty()
     try:
         result = client.call(
@@ -157,34 +177,38 @@ def main(argv: list[str] | None = None) -> int:
         )
     except Unreachable as exc:
         print(f"pool-ctl: {exc}", file=sys.stderr)
+        if len(choice.tried) > 1:
+            print(f"pool-ctl: looked at {', '.join(choice.tried)}; pass --control", file=sys.stderr)
         return EXIT_UNREACHABLE
     except TimeoutError as exc:
         print(f"pool-ctl: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    return report(cmd, args.json, result)
+
+
+def report(cmd: str, as_json: bool, result: dict[str, Any]) -> int:
+    """Print a command's result and return the exit code."""
     ok = bool(result.get("ok"))
     data = result.get("data") or {}
-    if args.json:
-        print(
-            json.dumps(
-                {"ok": ok, "error": result.get("error") or None, **data}, indent=2, default=str
-            )
-        )
-    elif cmd == "status":
-        print_status(data)
-    elif cmd == "history":
-        print_history(data)
-    elif cmd in ("upgrade", "rollback"):
-        print_upgrade(data, result.get("error") or "")
+    error = str(result.get("error") or "")
+    if as_json:
+        print(json.dumps({"ok": ok, "error": error or None, **data}, indent=2, default=str))
+        return EXIT_OK if ok else EXIT_FAILED
+    if cmd in ("upgrade", "rollback"):
+        print_upgrade(data, error)
+    elif cmd == "reload":
+        print_reload(data)
     elif cmd == "health":
         for name, state in (data.get("models") or {}).items():
-            print(f"{name}: {state}")
-    elif cmd == "reload":
-        for change in data.get("changes") or data.get("problems") or ["no changes"]:
-            print(change)
-    if not ok and not args.json and cmd not in ("upgrade", "rollback"):
-        print(f"pool-ctl: {result.get('error') or 'failed'}", file=sys.stderr)
+            say(f"{name}: {state}")
+    elif ok and cmd == "status":
+        print_status(data)
+    elif ok and cmd == "history":
+        print_history(data)
+    # A refused command has no result to show (no "history of None"), only the reason.
+    if not ok and cmd not in ("upgrade", "rollback"):
+        print(f"pool-ctl: {error or 'failed'}", file=sys.stderr)
     return EXIT_OK if ok else EXIT_FAILED
-
 
 if __name__ == "__main__":
     sys.exit(main())

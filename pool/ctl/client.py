@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -10,7 +9,7 @@ from typing import Any
 import msgpack
 import zmq
 
-from pool.config import ipc_path
+from pool.ctl.endpoint import NotListening, probe
 
 CTL_PROTOCOL = b"gpu-pool-ctl/1"
 Progress = Callable[[dict[str, Any]], None]
@@ -43,9 +42,10 @@ class ControlClient:
         progress: Progress | None = None,
     ) -> dict[str, Any]:
         """Send one command; return its result map. ``progress`` sees progress maps."""
-        path = ipc_path(self.endpoint)
-        if path is not None and not os.path.exists(path):
-            raise Unreachable(f"no poold listening at {self.endpoint} (socket file missing)")
+        try:
+            probe(self.endpoint)  # a stale or forbidden socket fails now, not after a timeout
+        except NotListening as exc:
+            raise Unreachable(str(exc)) from None
         ctx: zmq.Context[Any] = zmq.Context.instance()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)

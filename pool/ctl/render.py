@@ -1,7 +1,14 @@
-"""Human-readable output for pool-ctl (rich tables); --json bypasses all of this."""
+"""Human-readable output for pool-ctl; --json bypasses all of this.
+
+On a terminal: rich tables. Anywhere else (a pipe, a file, a CI log): plain columns
+separated by two spaces, one row per line, never wrapped or truncated, so ``grep`` and
+``awk`` see whole rows whatever the width.
+"""
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
@@ -18,6 +25,40 @@ def _bytes(n: Any) -> str:
     return str(n)
 
 
+def _cell(v: Any) -> str:
+    return "-" if v is None or v == "" else str(v)
+
+
+def terminal() -> bool:
+    return sys.stdout.isatty()
+
+
+def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """One table: rich on a terminal, plain aligned columns elsewhere."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    if terminal():
+        t = Table(title=title, title_justify="left")
+        for col in columns:
+            t.add_column(col, overflow="fold")
+        for row in cells:
+            t.add_row(*row)
+        Console().print(t)
+        return
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    if title:
+        print(title)
+    for row in [list(columns), *cells]:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+def say(text: str, style: str = "") -> None:
+    """A line of prose; colour only on a terminal."""
+    if terminal() and style:
+        Console().print(f"[{style}]{text}[/]", highlight=False)
+    else:
+        print(text)
+
+
 def progress_line(msg: dict[str, Any]) -> str:
     phase = msg.get("phase", "?")
     extra = " ".join(
@@ -28,10 +69,13 @@ def progress_line(msg: dict[str, Any]) -> str:
     return f"[{msg.get('elapsed_s', 0):7.2f}s] {phase:<12} {extra}"
 
 
+WORKER_COLUMNS = ("pid", "device", "state", "version", "gen", "in-flight", "served", "GPU", "RSS")
+
+
 def print_status(data: dict[str, Any]) -> None:
-    console = Console()
-    console.print(
-        f"poold pid {data.get('pid')}  up {data.get('uptime_s')}s  in flight {data.get('inflight')}"
+    say(
+        f"poold pid {data.get('pid')}  up {data.get('uptime_s')}s  "
+        f"in flight {data.get('inflight')}"
     )
     for m in data.get("models", []):
         title = (
@@ -39,95 +83,104 @@ def print_status(data: dict[str, Any]) -> None:
             f"({m.get('status')})  queue {m.get('queue')}"
         )
         if m.get("failed"):
-            title += f"\nfailed: {m['failed']}"
-        table = Table(title=title, title_justify="left")
-        for col in (
-            "pid",
-            "device",
-            "state",
-            "version",
-            "gen",
-            "in-flight",
-            "served",
-            "GPU",
-            "RSS",
-        ):
-            table.add_column(col, justify="right" if col in ("in-flight", "served") else "left")
-        for w in m.get("workers", []):
-            table.add_row(
-                str(w.get("pid")),
-                w.get("device", ""),
-                w.get("state", ""),
-                str(w.get("version")),
-                str(w.get("generation")),
-                str(w.get("inflight")),
-                str(w.get("served")),
+            title += f"  failed: {m['failed']}"
+        rows = [
+            (
+                w.get("pid") if w.get("pid") is not None else "(spawning)",
+                w.get("device"),
+                w.get("state"),
+                w.get("version"),
+                w.get("generation"),
+                w.get("inflight"),
+                w.get("served"),
                 _bytes(w.get("gpu_bytes")),
                 _bytes(w.get("rss_bytes")),
             )
-        console.print(table)
+            for w in m.get("workers", [])
+        ]
+        table(title, WORKER_COLUMNS, rows)
+
+
+def print_list(data: dict[str, Any]) -> None:
+    rows = [
+        (
+            m.get("name"),
+            m.get("version"),
+            m.get("status"),
+            ",".join(m.get("devices") or []),
+            f"{m.get('ready', 0)}/{len(m.get('devices') or [])}",
+            m.get("path"),
+        )
+        for m in data.get("models", [])
+    ]
+    table("", ("model", "version", "status", "devices", "ready", "path"), rows)
 
 
 def print_history(data: dict[str, Any]) -> None:
-    table = Table(title=f"history of {data.get('model')}", title_justify="left")
-    for col in (
-        "#",
-        "at (UTC)",
-        "action",
-        "version",
-        "outcome",
-        "strategy",
-        "time",
-        "sha256 / reason",
-    ):
-        table.add_column(col, overflow="fold")
+    rows = []
     for h in data.get("history", []):
         note = h.get("reason") or (h.get("digest") or "").removeprefix("sha256:")[:12]
         elapsed = h.get("elapsed_s")
-        table.add_row(
-            str(h.get("seq")),
-            str(h.get("at", ""))[5:19].replace("T", " "),  # MM-DD HH:MM:SS, UTC
-            h.get("action", ""),
-            str(h.get("version")),
-            h.get("outcome", ""),
-            h.get("strategy") or "-",
-            f"{elapsed:.2f}s" if isinstance(elapsed, int | float) else "-",
-            note,
+        rows.append(
+            (
+                h.get("seq"),
+                str(h.get("at", ""))[5:19].replace("T", " "),  # MM-DD HH:MM:SS, UTC
+                h.get("action", ""),
+                h.get("version"),
+                h.get("outcome", ""),
+                h.get("strategy") or "-",
+                f"{elapsed:.2f}s" if isinstance(elapsed, int | float) else "-",
+                note,
+            )
         )
-    Console().print(table)
+    columns = ("#", "at (UTC)", "action", "version", "outcome", "strategy", "time", "sha256/reason")
+    table(f"history of {data.get('model')}", columns, rows)
+
+
+def print_reload(data: dict[str, Any]) -> None:
+    outcomes = data.get("outcomes") or []
+    if outcomes:
+        table(
+            "",
+            ("model", "outcome", "detail"),
+            [(o.get("model"), o.get("outcome"), o.get("detail")) for o in outcomes],
+        )
+    for line in [*(data.get("changes") or []), *(data.get("problems") or [])]:
+        print(line)
+    for line in data.get("notes") or []:
+        print(line)
+    if not outcomes and not data.get("problems") and not data.get("changes"):
+        print("no changes")
 
 
 def print_upgrade(data: dict[str, Any], error: str) -> None:
-    console = Console()
     if not data:  # refused before it started: nothing but the reason
-        console.print(f"[bold red]not applied[/]: {error}")
+        say(f"not applied: {error}", "bold red")
         return
     if not data.get("ok"):
-        console.print(
-            f"[bold red]{data.get('action', 'operation')} of {data.get('model', '?')} "
-            f"to {data.get('target_version', '?')} not applied[/]: {error}"
+        say(
+            f"{data.get('action', 'operation')} of {data.get('model', '?')} "
+            f"to {data.get('target_version', '?')} not applied: {error}",
+            "bold red",
         )
-        if data.get("outcome") == "rolled_back":
-            console.print(f"still serving version {data.get('from_version')}")
+        if data.get("outcome") in ("rolled_back", "cancelled"):
+            say(f"still serving version {data.get('from_version')}")
         return
-    console.print(
-        f"[bold green]{data['action']} committed[/]: {data['model']} "
+    say(
+        f"{data['action']} committed: {data['model']} "
         f"{data.get('from_version')} -> {data.get('to_version')} "
-        f"({data.get('strategy')}, {data.get('elapsed_s')}s)"
+        f"({data.get('strategy')}, {data.get('elapsed_s')}s)",
+        "bold green",
     )
-    console.print(
-        f"  started pids {data.get('pids_started')}, stopped pids {data.get('pids_stopped')}"
-    )
+    say(f"  started pids {data.get('pids_started')}, stopped pids {data.get('pids_stopped')}")
     phases = {**data.get("worker_timings", {}), **data.get("phases", {})}
-    console.print("  " + "  ".join(f"{k}={v:.3f}" for k, v in phases.items()))
+    if phases:
+        say("  " + "  ".join(f"{k}={v:.3f}" for k, v in phases.items()))
     freed = data.get("bytes_freed") or {}
     if freed:
-        console.print(
+        back = data.get("memory_back") in (None, True)
+        say(
             "  freed "
             + ", ".join(f"{d}: {_bytes(b)}" for d, b in freed.items())
-            + (
-                ""
-                if data.get("memory_back") in (None, True)
-                else "  [yellow](memory not back within 16 MiB)[/]"
-            )
+            + ("" if back else "  (memory not back within 16 MiB)")
         )
