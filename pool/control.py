@@ -25,6 +25,7 @@ import zmq
 
 from pool.config import PathNotAllowed, check_model_path
 from pool.lifecycle import WorkerState
+from pool.metrics import LATENCY_BUCKETS
 from pool.operations import digest_then, start_operation
 from pool.runtime import ModelRuntime
 from pool.state import Deployed
@@ -64,6 +65,7 @@ class ControlServer:
             "history": self.cmd_history,
             "health": self.cmd_health,
             "reload": self.cmd_reload,
+            "stats": self.cmd_stats,
         }
 
     def handle(self) -> None:
@@ -182,6 +184,23 @@ class ControlServer:
                 "error": "" if ok else "not every model is serving",
             }
         )
+
+    def cmd_stats(self, args: dict[str, Any], reply: Reply) -> None:
+        """``stats``: per model, answers since poold started as ``[version, code, count]``
+        rows and the end-to-end latency histogram (``bounds`` in seconds, ``counts`` one
+        per bound then +Inf). ``pool-ctl fleet`` diffs two readings for its bake window."""
+        models = {}
+        for name in self.sup.models:
+            t = self.sup.metrics.request_totals(name)
+            models[name] = {
+                "requests": [[v, c, n] for (v, c), n in t.by_version_code.items()],
+                "latency": {
+                    "bounds": list(LATENCY_BUCKETS),
+                    "counts": t.latency_counts,
+                    "sum_s": t.latency_sum_s,
+                },
+            }
+        reply({"type": "result", "ok": True, "data": {"models": models}})
 
     def cmd_history(self, args: dict[str, Any], reply: Reply) -> None:
         """``pool-ctl history MODEL [--json]``: versions run, with outcome and timings."""

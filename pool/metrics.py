@@ -55,6 +55,7 @@ __all__ = [
     "PHASE_BUCKETS",
     "PoolMetrics",
     "PoolSnapshot",
+    "RequestTotals",
     "WorkerSample",
 ]
 
@@ -150,6 +151,15 @@ class _Histogram:
     def read(self) -> tuple[list[int], float]:
         # Copy the counts before the sum: a racing write can only make the sum newer.
         return list(self.counts), self.sum
+
+
+@dataclass(frozen=True)
+class RequestTotals:
+    """Counters since poold started: they only grow, so two readings give a window."""
+
+    by_version_code: dict[tuple[str, str], int]
+    latency_counts: list[int]  # one per LATENCY_BUCKETS bound, then +Inf
+    latency_sum_s: float
 
 
 class _ModelStats:
@@ -281,6 +291,15 @@ class PoolMetrics:
         self._published = (snapshot, time.monotonic())
 
     # -- scrape side -----------------------------------------------------------------------
+
+    def request_totals(self, model: str) -> RequestTotals:
+        """What ``pool-ctl fleet``'s bake window compares between hosts (via the control
+        command ``stats``): answers by (version, code) and the end-to-end latency buckets."""
+        stats = self._models.get(model)
+        if stats is None:
+            return RequestTotals({}, [0] * (len(LATENCY_BUCKETS) + 1), 0.0)
+        counts, total = stats.total.read()
+        return RequestTotals(stats.requests.copy(), counts, total)
 
     def render(self) -> bytes:
         """The registry in the Prometheus text format (version 0.0.4)."""

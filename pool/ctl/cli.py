@@ -14,6 +14,7 @@ from typing import Any
 
 from pool.ctl.client import ControlClient, Unreachable
 from pool.ctl.endpoint import choose_endpoint
+from pool.ctl.fleet_cli import add_fleet_parser, control_call, run_fleet
 from pool.ctl.render import (
     print_history,
     print_reload,
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
     hist = add("history", "the versions a model has run, with outcome and timings")
     hist.add_argument("model")
+    add_fleet_parser(sub)
     return ap
 
 
@@ -126,9 +128,22 @@ def curve_keys(
     return server_public, (public, secret)
 
 
+def fleet_main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    try:
+        server_key, client_keys = curve_keys(args.curve_server_key, args.curve_client_key)
+    except (OSError, ValueError) as exc:
+        parser.print_usage(sys.stderr)
+        print(f"pool-ctl: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    call = control_call(args.connect_timeout, server_key, client_keys)
+    return run_fleet(args, call, lambda line: print(line, file=sys.stderr, flush=True))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse itself exits 2 with a message on bad usage
+    if args.command == "fleet":  # many hosts: no local endpoint to choose
+        return fleet_main(parser, args)
     try:
         choice = choose_endpoint(args.control)
         endpoint = choice.endpoint
