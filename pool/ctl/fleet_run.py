@@ -274,7 +274,8 @@ class Rollout:
                 before = self.result.before.get(host)
                 cur = now[host]
                 if not isinstance(cur, Exception):
-                    m = next((m for m in cur.get("models", []) if m["name"] == self.model), {})
+                    models: list[dict[str, Any]] = cur.get("models", [])
+                    m = next((m for m in models if m["name"] == self.model), {})
                     if m.get("version") == before:
                         self.result.rolled_back.append(host)  # never changed after all
                         continue
