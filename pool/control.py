@@ -27,6 +27,7 @@ from pool.config import PathNotAllowed, check_model_path
 from pool.lifecycle import WorkerState
 from pool.metrics import LATENCY_BUCKETS
 from pool.operations import digest_then, start_operation
+from pool.reload import reload_summary
 from pool.runtime import ModelRuntime
 from pool.state import Deployed
 from pool.supervisor import Supervisor
@@ -51,7 +52,7 @@ class ControlServer:
         sock: zmq.Socket[Any],
         sup: Supervisor,
         roots: list[str],
-        on_reload: Callable[[], dict[str, Any]],
+        on_reload: Callable[[Callable[[dict[str, Any]], None]], None],
     ) -> None:
         self.sock = sock
         self.sup = sup
@@ -218,8 +219,21 @@ class ControlServer:
         )
 
     def cmd_reload(self, args: dict[str, Any], reply: Reply) -> None:
-        """``pool-ctl reload`` (or SIGHUP): re-read the config and apply it."""
-        reply({"type": "result", "ok": True, "data": self.on_reload()})
+        """``pool-ctl reload`` (or SIGHUP): re-read the config and apply it.
+
+        The result comes once every operation the reload started has finished: ok only
+        when the config was valid and every change applied (see ``pool.reload``).
+        """
+        self.on_reload(
+            lambda data: reply(
+                {
+                    "type": "result",
+                    "ok": bool(data.get("ok")),
+                    "data": data,
+                    "error": "" if data.get("ok") else "reload failed: " + reload_summary(data),
+                }
+            )
+        )
 
     def cmd_upgrade(self, args: dict[str, Any], reply: Reply) -> None:
         """``pool-ctl upgrade MODEL PATH [--version V] [--strategy S] [--timeout S]``.

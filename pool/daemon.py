@@ -13,6 +13,7 @@ import os
 import signal
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -21,12 +22,15 @@ from pool.config import Config, ModelConfig, ipc_path
 from pool.control import ControlServer
 from pool.gpu import Gpu
 from pool.http import serve_http
+from pool.manage import Manager
+from pool.manage_commands import manage_commands
 from pool.metrics import LATENCY_BUCKETS, PoolMetrics, PoolSnapshot, WorkerSample
-from pool.reload import apply_reload
+from pool.reload import apply_reload, reload_summary
 from pool.sdnotify import Notifier, watchdog_interval
 from pool.spawn import SpawnerClient
 from pool.state import Deployed, StateStore, file_digest
 from pool.supervisor import Supervisor
+from pool.topology import Topology
 from router.router import Router
 from workers.heap import freeze_heap
 from workers.spawner import reaped
@@ -126,7 +130,11 @@ class Daemon:
 
         self.roots = list(effective_model_roots(self.config))
         self.control = ControlServer(self.control_sock, self.sup, self.roots, self.reload)
-        for model in self.config.models:
+        self.manager = Manager(self)
+        self.control.commands.update(manage_commands(self.manager, self.control))
+        # The config names the models; what pool-ctl load/unload/scale did since wins.
+        self.topology = Topology(self.pool.state_dir)
+        for model in self.topology.apply(self.config.models):
             self.add_model(model)
         self.http = None
         if self.pool.metrics:
@@ -211,8 +219,12 @@ class Daemon:
         bad = [f"{n} {s}" for n, s in states.items() if s not in ("serving", "upgrading")]
         return live, live and not bad and bool(states), ", ".join(bad) or "ok"
 
-    def reload(self) -> dict[str, Any]:
-        return apply_reload(self)
+    def reload(self, done: Callable[[dict[str, Any]], None]) -> None:
+        apply_reload(self, done)
+
+    def _reloaded(self, result: dict[str, Any]) -> None:
+        ok = result.get("ok")
+        self.notifier.ready("reloaded" if ok else "reload failed: " + reload_summary(result))
 
     # -------------------------------------------------------------- signals
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -237,9 +249,9 @@ class Daemon:
             elif sig == signal.SIGHUP:
                 log.info("SIGHUP: reloading %s", self.config.source)
                 self.notifier.reloading("reloading configuration")
-                result = self.reload()
-                # systemd waits for READY=1 after RELOADING=1, whatever the outcome.
-                self.notifier.ready("reloaded" if result.get("ok") else "reload refused")
+                # systemd waits for READY=1 after RELOADING=1, whatever the outcome; it
+                # comes once everything the reload started has finished.
+                self.reload(self._reloaded)
             elif sig == signal.SIGCHLD:
                 self.reap()
 

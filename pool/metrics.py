@@ -37,6 +37,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -285,6 +286,16 @@ class PoolMetrics:
         """Record a worker that went away (retired, crashed, hung, boot_failed, recycled)."""
         key = (model, reason)
         self._exits[key] = self._exits.get(key, 0) + 1
+
+    def forget_model(self, model: str) -> None:
+        """Drop every series of a model that is gone (unloaded, removed by a reload), so
+        dashboards do not show a model that no longer exists as down."""
+        self._models.pop(model, None)
+        tables: tuple[dict[Any, Any], ...] = (self._upgrades, self._phases, self._exits)
+        for table in tables:
+            for key in [k for k in table if k[0] == model]:
+                table.pop(key, None)
+        self._bytes_freed.pop(model, None)
 
     def publish(self, snapshot: PoolSnapshot) -> None:
         """Make ``snapshot`` the source of every gauge; one reference assignment."""

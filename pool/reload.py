@@ -1,19 +1,33 @@
 """Apply a re-read config (SIGHUP / ``pool-ctl reload``) through the zero-loss paths.
 
-New model: start it. Removed model: answer its queue, drain its workers. Changed path,
-version, devices or worker settings: an upgrade (surge when devices change, since slots
-no longer line up one to one; auto otherwise). [pool] settings need a restart.
+The live state is the truth for versions, the config for topology. Comparing the new
+file with the one last applied, per model:
+
+- new in the file: loaded (``started``); removed from it: drained and unloaded
+  (``stopped``); unchanged: ``kept``, whatever version pool-ctl put it on since.
+- its path or version changed: an upgrade to the file's model (``upgraded``).
+- only its devices changed: rescaled on the *live* version (``rescaled``); only worker
+  settings (max_batch, threads, ...): fresh workers of the live version
+  (``reconfigured``); only router settings (queue, timeouts): applied at once (``kept``).
+
+A reload never reverts a committed version: a model upgraded by pool-ctl keeps that
+version when the file changes only its worker count. The result comes when every
+operation it started has finished: ``ok`` only if all of them succeeded, with one
+outcome per model. A file with problems changes nothing and fails. [pool] settings
+need a restart.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from pool.config import ConfigError, load_config
-from pool.operations import start_operation
-from pool.state import Deployed, file_digest
+from pool.config import ConfigError, ModelConfig, load_config
+from pool.operations import digest_then, start_operation
+from pool.state import Deployed
+from pool.tasks import Operation
 from pool.upgrade import Refused, Upgrade
 
 if TYPE_CHECKING:
@@ -21,59 +35,179 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+Done = Callable[[dict[str, Any]], None]
+ROUTER_KEYS = ("max_queue", "request_timeout_s", "retry_on_worker_loss")
+WORKER_KEYS = (
+    "max_batch",
+    "max_delay_ms",
+    "threads",
+    "cuda_graphs",
+    "max_requests",
+    "max_requests_jitter",
+    "max_rss_mb",
+    "max_gpu_growth_mb",
+)
 
-def apply_reload(d: Daemon) -> dict[str, Any]:
+
+def reload_summary(data: dict[str, Any]) -> str:
+    """One line naming what failed, for pool-ctl's error and systemd's STATUS."""
+    if data.get("problems"):
+        return "config has problems: " + "; ".join(data["problems"])
+    failed = [o for o in data.get("outcomes") or [] if o.get("outcome") == "failed"]
+    return "; ".join(f"{o['model']}: {o.get('detail')}" for o in failed) or "ok"
+
+
+class _Batch:
+    """Outcomes of one reload; calls ``done`` once the last started operation ends."""
+
+    def __init__(self, done: Done, notes: list[str]) -> None:
+        self.done = done
+        self.notes = notes
+        self.outcomes: list[dict[str, Any]] = []
+        self.pending = 1  # held until every operation is started (close)
+
+    def record(self, model: str, outcome: str, detail: str = "") -> None:
+        self.outcomes.append({"model": model, "outcome": outcome, "detail": detail})
+
+    def start(self, model: str, success: str, begin: Callable[[Done], None]) -> None:
+        self.pending += 1
+
+        def finished(result: dict[str, Any]) -> None:
+            if result.get("ok"):
+                self.record(model, success, _detail(result))
+            else:
+                self.record(model, "failed", str(result.get("reason") or result.get("error")))
+            self._release()
+
+        try:
+            begin(finished)
+        except (Refused, ConfigError, OSError) as exc:
+            self.pending -= 1
+            self.record(model, "failed", str(exc))
+
+    def close(self) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        self.pending -= 1
+        if self.pending == 0:
+            ok = not any(o["outcome"] == "failed" for o in self.outcomes)
+            self.outcomes.sort(key=lambda o: o["model"])
+            result = {"ok": ok, "outcomes": self.outcomes, "notes": self.notes}
+            log.log(
+                logging.INFO if ok else logging.ERROR,
+                "reload %s: %s",
+                "done" if ok else "failed",
+                "; ".join(f"{o['model']} {o['outcome']}" for o in self.outcomes) or "no changes",
+            )
+            self.done(result)
+
+
+def _detail(result: dict[str, Any]) -> str:
+    if result.get("to_version"):
+        return f"version {result.get('to_version')} on {', '.join(result.get('devices') or [])}"
+    if result.get("version"):
+        return f"version {result['version']} on {', '.join(result.get('devices') or [])}"
+    return ""
+
+
+def apply_reload(d: Daemon, done: Done) -> None:
     if d.config.source is None:
-        return {"ok": True, "changes": [], "note": "no config file (demo): nothing to reload"}
+        done({"ok": True, "outcomes": [], "notes": ["no config file (demo): nothing to reload"]})
+        return
     try:
         new = load_config(d.config.source)
     except ConfigError as exc:
         log.error("reload refused, config has problems: %s", "; ".join(exc.problems))
-        return {"ok": False, "problems": exc.problems}
-    changes: list[str] = []
+        done({"ok": False, "problems": list(exc.problems), "outcomes": []})
+        return
+    notes = []
+    if new.pool != d.config.pool:
+        notes.append("[pool] settings changed: restart poold to apply them")
+    batch = _Batch(done, notes)
     old = {m.name: m for m in d.config.models}
     fresh = {m.name: m for m in new.models}
-    for name, m in fresh.items():
-        if name not in old:
-            d.add_model(m)
-            changes.append(f"added {name}")
-        elif m != old[name]:
-            changes.append(_change(d, old[name], m))
-    for name in old.keys() - fresh.keys():
-        rt = d.sup.models.pop(name, None)
-        if rt is None:
-            continue
-        d.router.fail_queued(name, "MODEL_UNAVAILABLE", f"model {name!r} was removed")
-        d.router.remove_route(name)
-        for rec in rt.alive():
-            d.sup.retire(rec)
-            d.sup.models.setdefault(f"~removed~{name}", rt)  # keep ticking until it exits
-        changes.append(f"removed {name}")
-    if new.pool != d.config.pool:
-        changes.append("[pool] settings changed: restart poold to apply them")
     d.config = new
-    log.info("reload: %s", "; ".join(changes) or "no changes")
-    return {"ok": True, "changes": changes}
+    m = d.manager
+    for name, cfg in fresh.items():
+        rt = d.sup.models.get(name)
+        if name in old and cfg == old[name]:
+            batch.record(name, "kept")
+            continue
+        d.topology.forget(name)  # a newer intent than whatever pool-ctl recorded for it
+        if rt is None:
+            batch.start(name, "started", _bind(m.load, cfg))
+        elif rt.busy:
+            batch.record(name, "failed", f"{rt.busy} running; reload again when it ends")
+        else:
+            _change(d, batch, old.get(name) or rt.cfg, cfg)
+    for name in old.keys() - fresh.keys():
+        rt = d.sup.models.get(name)
+        d.topology.forget(name)
+        if rt is not None:
+            batch.start(name, "stopped", _bind(m.unload, rt, persist=False))
+    batch.close()
 
 
-def _change(d: Daemon, before: Any, after: Any) -> str:
+def _change(d: Daemon, batch: _Batch, before: ModelConfig, after: ModelConfig) -> None:
     rt = d.sup.models[after.name]
-    devices = after.devices or rt.devices
-    strategy = "surge" if tuple(devices) != tuple(rt.devices) else "auto"
+    m = d.manager
     rt.cfg = after
-    rt.devices = tuple(devices)
     rt.route.max_queue = after.max_queue
     rt.route.timeout_s = after.request_timeout_s
     rt.route.retry = after.retry_on_worker_loss
+    d.sup.activate(rt)  # pushes the router settings now
+    devices = tuple(after.devices or rt.devices)
+    if (before.path, before.version) != (after.path, after.version):
+        strategy = "surge" if devices != tuple(rt.devices) else "auto"
+        batch.start(after.name, "upgraded", lambda f: _upgrade(d, rt, after, devices, strategy, f))
+        return
+    if devices != tuple(rt.devices):
+        batch.start(after.name, "rescaled", lambda f: m.scale(rt, devices, f, persist=False))
+        return
+    if any(getattr(before, k) != getattr(after, k) for k in WORKER_KEYS):
+        batch.start(
+            after.name,
+            "reconfigured",
+            lambda f: m.scale(rt, devices, f, persist=False, action="reconfigure"),
+        )
+        return
+    changed = [k for k in ROUTER_KEYS if getattr(before, k) != getattr(after, k)]
+    batch.record(after.name, "kept", "applied " + ", ".join(changed) if changed else "")
+
+
+def _upgrade(
+    d: Daemon, rt: Any, after: ModelConfig, devices: tuple[str, ...], strategy: str, done: Done
+) -> None:
+    sup = d.sup
     path = os.path.realpath(after.path)
-    digest = file_digest(path)
-    target = Deployed(after.version or digest.split(":")[1][:12], path, digest)
-    up = Upgrade(
-        d.sup, rt, target, strategy, d.pool.upgrade_timeout_s, "upgrade", lambda *a, **k: None
-    )
-    try:
-        start_operation(d.sup, rt, "upgrade", up.run(), lambda result: None)
-    except Refused as exc:
-        return f"{after.name}: not applied ({exc})"
-    rt.state.config_path = after.path
-    return f"upgrading {after.name} to {target.version} ({strategy})"
+
+    def op() -> Operation:
+        digest = yield from digest_then(sup, path)
+        target = Deployed(after.version or digest.split(":")[1][:12], path, digest)
+        before = rt.devices
+        rt.devices = devices
+        up = Upgrade(sup, rt, target, strategy, sup.pool.upgrade_timeout_s, "upgrade", _quiet)
+        result = yield from up.run()
+        if result.get("ok"):
+            rt.state.config_path = after.path
+            sup.store.save(rt.state)
+        else:
+            rt.devices = before
+        result["devices"] = list(rt.devices)
+        return result
+
+    start_operation(sup, rt, "upgrade", op(), done)
+
+
+def _quiet(*_: Any, **__: Any) -> None:
+    pass
+
+
+def _bind(fn: Callable[..., None], what: Any, **kw: Any) -> Callable[[Done], None]:
+    """``fn(what, done, **kw)`` once the batch hands over its ``done``."""
+
+    def begin(done: Done) -> None:
+        fn(what, done, **kw)
+
+    return begin

@@ -24,6 +24,7 @@ class ModelRuntime:
     workers: list[WorkerRecord] = field(default_factory=list)
     busy: str | None = None  # the running operation, if any
     failed: str | None = None
+    removing: bool = False  # being unloaded: drained, then forgotten (pool.manage)
     flap: FlapGuard = field(default_factory=FlapGuard)
     restarts: list[tuple[float, int]] = field(default_factory=list)  # (when, slot)
     shapes: list[Any] = field(default_factory=list)  # input signatures seen, for warm-up
@@ -45,6 +46,8 @@ class ModelRuntime:
         ]
 
     def status(self) -> str:
+        if self.removing:
+            return "unloading"
         if self.failed:
             return "failed"
         if self.busy:

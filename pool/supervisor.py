@@ -208,9 +208,10 @@ class Supervisor(WorkerExits, WorkerStopping):
                     if isinstance(size, int) and isinstance(n, int) and size > 0 and n > 0:
                         self.metrics.observe_batch(rec.model, size, n)
             shapes = event.get("shapes")
-            if isinstance(shapes, list) and shapes:
+            model = self.models.get(rec.model)
+            if isinstance(shapes, list) and shapes and model is not None:
                 rec.shapes = shapes
-                self.models[rec.model].shapes = shapes
+                model.shapes = shapes
             self._check_recycle(rec)
         elif kind == "failed":
             rec.failure = f"{event.get('stage')}: {event.get('reason')}"
@@ -230,7 +231,9 @@ class Supervisor(WorkerExits, WorkerStopping):
         frozen = event.get("heap_frozen")
         rec.heap_frozen = frozen if isinstance(frozen, int) else 0
         self.sample_memory()  # its footprint now, for auto's next decision
-        rt = self.models[rec.model]
+        rt = self.models.get(rec.model)
+        if rt is None:
+            return
         extra = {"model": rec.model, "version": rec.version, "worker_pid": rec.pid}
         graphs = event.get("graphs")
         log.info(
@@ -254,7 +257,7 @@ class Supervisor(WorkerExits, WorkerStopping):
 
     def refill(self, rt: ModelRuntime) -> None:
         """Schedule a worker for every slot the serving generation has none on."""
-        if rt.failed or rt.serving_gen not in rt.gens:
+        if rt.failed or rt.removing or rt.serving_gen not in rt.gens:
             return
         alive = {w.slot for w in rt.alive(rt.serving_gen)}
         pending = {slot for _, slot in rt.restarts}
@@ -313,8 +316,10 @@ class Supervisor(WorkerExits, WorkerStopping):
         self.scheduler.poll()
 
     def _check_recycle(self, rec: WorkerRecord) -> None:
-        rt = self.models[rec.model]
-        if rec.state is not WorkerState.READY or rt.busy is not None or rt.failed:
+        # A worker can outlive its model's entry (unloaded, removed by a reload): the
+        # heartbeat of such a draining worker is no reason to recycle, or to raise.
+        rt = self.models.get(rec.model)
+        if rt is None or rec.state is not WorkerState.READY or rt.busy is not None or rt.failed:
             return
         cfg = rt.cfg
         why = None

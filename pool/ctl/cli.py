@@ -16,7 +16,9 @@ from pool.ctl.client import ControlClient, Unreachable
 from pool.ctl.endpoint import choose_endpoint
 from pool.ctl.fleet_cli import add_fleet_parser, control_call, run_fleet
 from pool.ctl.render import (
+    describe_done,
     print_history,
+    print_list,
     print_reload,
     print_status,
     print_upgrade,
@@ -37,6 +39,10 @@ examples:
   pool-ctl rollback demo --to 1
   pool-ctl history demo
   pool-ctl health && echo serving          exit 0 only when every model serves
+  pool-ctl load bert /srv/models/bert/1/model.pt --devices cuda:0 cuda:1 --max-batch 16
+  pool-ctl scale bert --devices cuda:0     same version, one worker (zero-loss)
+  pool-ctl unload bert                     drain, then stop serving it
+  pool-ctl reload                          apply edits of the config file; exit 1 if any failed
 
 exit codes: 0 ok, 1 failed (rolled back, refused, unhealthy), 2 usage, 3 poold unreachable
 Without --control: $GPU_POOL_CONTROL, else the first that exists of
@@ -107,6 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
         )
     hist = add("history", "the versions a model has run, with outcome and timings")
     hist.add_argument("model")
+    add("list", "the models served, one line each")
+    load = add("load", "start serving a new model (persisted: a restart keeps it)")
+    load.add_argument("model")
+    load.add_argument("path", help="model file under one of poold's model_roots")
+    load.add_argument("--devices", nargs="+", metavar="D", help="cpu or cuda:N, one worker each")
+    load.add_argument("--max-batch", type=int, metavar="N", help="largest batch (default 8)")
+    load.add_argument("--version", help="version label (default: a content digest)")
+    unload = add("unload", "drain a model (nothing lost) and stop serving it (persisted)")
+    unload.add_argument("model")
+    scale = add("scale", "run the live version on other devices, zero-loss (persisted)")
+    scale.add_argument("model")
+    scale.add_argument("--devices", nargs="+", metavar="D", required=True)
     add_fleet_parser(sub)
     return ap
 
@@ -162,8 +180,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     cmd: str = args.command
     payload: dict[str, Any] = {}
-    if cmd in ("upgrade", "rollback", "history"):
+    if cmd in ("upgrade", "rollback", "history", "load", "unload", "scale"):
         payload["model"] = args.model
+    if cmd == "load":
+        payload["path"] = os.path.abspath(args.path)
+        for key in ("devices", "max_batch", "version"):
+            if getattr(args, key) is not None:
+                payload[key] = getattr(args, key)
+    if cmd == "scale":
+        payload["devices"] = args.devices
     if cmd == "upgrade":
         payload["path"] = os.path.abspath(args.path)
         if args.version:
@@ -176,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.timeout:
             payload["timeout_s"] = args.timeout
         timeout = (args.timeout or 3600.0) + 120.0
-    if cmd == "reload":
-        timeout = 3600.0 + 120.0  # it waits for the upgrades it starts
+    if cmd in ("reload", "load", "unload", "scale"):
+        timeout = 3600.0 + 120.0  # they wait for the workers they start and stop
     tty = sys.stderr.isatty()
     try:
         result = client.call(
@@ -220,10 +245,15 @@ def report(cmd: str, as_json: bool, result: dict[str, Any]) -> int:
         print_status(data)
     elif ok and cmd == "history":
         print_history(data)
+    elif ok and cmd == "list":
+        print_list(data)
+    elif ok and cmd in ("load", "unload", "scale"):
+        say(f"{data.get('model')}: {data.get('outcome') or 'done'} ({describe_done(data)})")
     # A refused command has no result to show (no "history of None"), only the reason.
     if not ok and cmd not in ("upgrade", "rollback"):
         print(f"pool-ctl: {error or 'failed'}", file=sys.stderr)
     return EXIT_OK if ok else EXIT_FAILED
+
 
 if __name__ == "__main__":
     sys.exit(main())

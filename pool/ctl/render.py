@@ -74,8 +74,7 @@ WORKER_COLUMNS = ("pid", "device", "state", "version", "gen", "in-flight", "serv
 
 def print_status(data: dict[str, Any]) -> None:
     say(
-        f"poold pid {data.get('pid')}  up {data.get('uptime_s')}s  "
-        f"in flight {data.get('inflight')}"
+        f"poold pid {data.get('pid')}  up {data.get('uptime_s')}s  in flight {data.get('inflight')}"
     )
     for m in data.get("models", []):
         title = (
@@ -114,6 +113,21 @@ def print_list(data: dict[str, Any]) -> None:
         for m in data.get("models", [])
     ]
     table("", ("model", "version", "status", "devices", "ready", "path"), rows)
+
+
+def describe_done(data: dict[str, Any]) -> str:
+    """``version 3 on cpu, cpu in 1.20s`` for a load/unload/scale result."""
+    parts = []
+    version = data.get("version") or data.get("to_version")
+    if version:
+        parts.append(f"version {version}")
+    if data.get("devices"):
+        parts.append("on " + ", ".join(data["devices"]))
+    if data.get("pids_stopped"):
+        parts.append(f"stopped pids {data['pids_stopped']}")
+    if data.get("elapsed_s") is not None:
+        parts.append(f"in {data['elapsed_s']}s")
+    return " ".join(parts)
 
 
 def print_history(data: dict[str, Any]) -> None:

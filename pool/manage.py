@@ -1,0 +1,225 @@
+"""Runtime model management: load, unload and rescale models, each a zero-loss operation.
+
+load    start a model's workers; it joins routing when the first is ready. If a worker
+        cannot boot the model is taken out again and the command fails (exit 1).
+unload  new requests get MODEL_UNAVAILABLE at once; what is queued is served; workers
+        drain, stop and are reaped; then the model is gone from status, metrics, health.
+scale   a new generation of the live version (never the config's) on the new devices,
+        switched in one step when ready, the old workers drained: a surge, so a GPU that
+        cannot hold both sets must be scaled in smaller steps.
+
+Every outcome is written to ``topology.json`` (:mod:`pool.topology`), so a restart comes
+back to the same pool. ``pool.reload`` uses the same operations for config edits.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from pool.config import ConfigError, ModelConfig
+from pool.lifecycle import WorkerState
+from pool.operations import digest_then, start_operation
+from pool.runtime import ModelRuntime
+from pool.stopping import KILL_GRACE_S
+from pool.supervisor import Supervisor
+from pool.tasks import Operation, Wait
+from pool.upgrade import Refused, Upgrade
+
+if TYPE_CHECKING:
+    from pool.daemon import Daemon
+
+log = logging.getLogger(__name__)
+
+Done = Callable[[dict[str, Any]], None]
+Progress = Callable[..., None]
+
+
+def _quiet(*_: Any, **__: Any) -> None:
+    pass
+
+
+class Manager:
+    """The operations above, bound to one daemon."""
+
+    def __init__(self, d: Daemon) -> None:
+        self.d = d
+
+    @property
+    def sup(self) -> Supervisor:
+        return self.d.sup
+
+    def model_config(self, entry: dict[str, Any]) -> ModelConfig:
+        """Check a request with the config file's own checks (ConfigError lists them all)."""
+        from pool.config import _load_models  # the config's validation, one entry at a time
+
+        problems: list[str] = []
+        models = _load_models([entry], "/", tuple(self.d.roots), problems)
+        if problems or not models:
+            raise ConfigError([p.replace("models[0].", "") for p in problems] or ["invalid"])
+        return models[0]
+
+    # ------------------------------------------------------------------ load
+    def load(self, cfg: ModelConfig, done: Done, progress: Progress = _quiet) -> None:
+        if cfg.name in self.sup.models:
+            raise Refused(f"model {cfg.name!r} is already loaded (unload it, or upgrade it)")
+        sup = self.sup
+        t0 = time.monotonic()
+        made: list[ModelRuntime] = []  # the runtime this load created, once it exists
+
+        def op() -> Operation:
+            progress("digest", path=cfg.path)
+            yield from digest_then(sup, cfg.path)  # hashed off the loop; add_model reuses it
+            if cfg.name in sup.models:
+                return {"ok": False, "model": cfg.name, "reason": "loaded meanwhile"}
+            self.d.add_model(cfg)
+            rt: ModelRuntime = sup.models[cfg.name]
+            rt.busy = "load"  # like any operation: no restarts, no recycling meanwhile
+            made.append(rt)
+            workers = list(rt.workers)
+            progress("starting", devices=list(rt.devices), pids=[w.pid for w in workers])
+            limit = sup.pool.boot_timeout_s + 5
+
+            def settled() -> bool:
+                return all(w.state is WorkerState.READY or not w.booting for w in workers)
+
+            yield Wait(settled, limit, "boot")
+            bad = [w for w in workers if w.state is not WorkerState.READY]
+            if bad:
+                reason = f"{bad[0].wid}: {bad[0].failure or bad[0].state.value}"
+                yield from self._drain_out(rt, fail_queue=True)
+                return {"ok": False, "model": cfg.name, "outcome": "failed", "reason": reason}
+            dep = rt.deployed
+            return {
+                "ok": True,
+                "model": cfg.name,
+                "outcome": "loaded",
+                "version": dep.version if dep else None,
+                "devices": list(rt.devices),
+                "pids_started": [w.pid for w in workers],
+                "elapsed_s": round(time.monotonic() - t0, 3),
+            }
+
+        def finished(result: Any) -> None:
+            result = result if isinstance(result, dict) else {"ok": False, "reason": str(result)}
+            for rt in made:
+                rt.busy = None
+                if result.get("ok"):
+                    sup.refill(rt)
+                else:
+                    self._forget(cfg.name)
+            if result.get("ok"):
+                self.d.topology.loaded(cfg)
+                log.info(
+                    "loaded %s version %s on %s",
+                    cfg.name,
+                    result.get("version"),
+                    ", ".join(result.get("devices") or []),
+                    extra={"model": cfg.name},
+                )
+            else:
+                log.error(
+                    "load of %s failed: %s",
+                    cfg.name,
+                    result.get("reason"),
+                    extra={"model": cfg.name},
+                )
+            done(result)
+
+        sup.scheduler.start(f"load:{cfg.name}", op(), finished)
+
+    # ---------------------------------------------------------------- unload
+    def unload(
+        self, rt: ModelRuntime, done: Done, progress: Progress = _quiet, persist: bool = True
+    ) -> None:
+        t0 = time.monotonic()
+
+        def op() -> Operation:
+            pids = [w.pid for w in rt.alive()]
+            progress("draining", queued=self.sup.router.queue_len(rt.name), pids=pids)
+            lost = yield from self._drain_out(rt, fail_queue=False)
+            return {
+                "ok": True,
+                "model": rt.name,
+                "outcome": "unloaded",
+                "pids_stopped": pids,
+                "unanswered": lost,
+                "elapsed_s": round(time.monotonic() - t0, 3),
+            }
+
+        def finished(result: dict[str, Any]) -> None:
+            if result.get("ok"):
+                self._forget(rt.name)
+                if persist:
+                    self.d.topology.unloaded(rt.name)
+                log.info(
+                    "unloaded %s: %d worker(s) drained and stopped",
+                    rt.name,
+                    len(result.get("pids_stopped") or []),
+                    extra={"model": rt.name},
+                )
+            done(result)
+
+        start_operation(self.sup, rt, "unload", op(), finished)
+
+    def _drain_out(self, rt: ModelRuntime, fail_queue: bool) -> Operation:
+        """Refuse new requests, serve the queue, drain and reap every worker."""
+        sup = self.sup
+        rt.removing = True
+        rt.restarts.clear()
+        rt.route.unavailable = f"model {rt.name!r} is being unloaded"
+        sup.activate(rt)  # pushes the route: new requests are answered at once
+        if not fail_queue:
+            yield Wait(lambda: sup.router.queue_len(rt.name) == 0, sup.pool.drain_timeout_s)
+        lost = sup.router.fail_queued(rt.name, "MODEL_UNAVAILABLE", rt.route.unavailable)
+        recs = rt.alive()
+        for rec in recs:
+            sup.retire(rec)
+        pool = sup.pool
+        limit = pool.drain_timeout_s + pool.stop_timeout_s + 3 * KILL_GRACE_S + 5
+        yield Wait(lambda: not any(r.alive for r in recs), limit, "exit")
+        return lost
+
+    def _forget(self, name: str) -> None:
+        """The model's last trace: routing table, supervisor, metrics series."""
+        rt = self.sup.models.pop(name, None)
+        if rt is None:
+            return
+        self.sup.router.remove_route(name)
+        self.d.metrics.forget_model(name)
+
+    # ----------------------------------------------------------------- scale
+    def scale(
+        self,
+        rt: ModelRuntime,
+        devices: tuple[str, ...],
+        done: Done,
+        progress: Progress = _quiet,
+        persist: bool = True,
+        action: str = "scale",
+    ) -> None:
+        """New workers of the live version on ``devices``; also used to apply worker
+        settings a config edit changed (``action="reconfigure"``)."""
+        dep = rt.deployed
+        if dep is None:
+            raise Refused(f"model {rt.name!r} has no serving version to scale")
+        before = rt.devices
+        sup = self.sup
+
+        def op() -> Operation:
+            rt.devices = devices
+            up = Upgrade(sup, rt, dep, "surge", sup.pool.upgrade_timeout_s, action, progress)
+            result = yield from up.run()
+            if not result.get("ok"):
+                rt.devices = before  # refill() below must fill the old slots again
+            result["devices"] = list(rt.devices)
+            return result
+
+        def finished(result: dict[str, Any]) -> None:
+            if result.get("ok") and persist:
+                self.d.topology.scaled(rt.name, devices)
+            done(result)
+
+        start_operation(sup, rt, action, op(), finished)

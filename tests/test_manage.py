@@ -1,0 +1,191 @@
+"""Runtime model management and reload against one real poold: load, unload, scale,
+list; reload that removes, rescales or breaks; and a restart that keeps all of it."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tomllib
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from modelkit import make_corrupt, make_mlp, mlp_input, mlp_reference
+from poolkit import Load, Pool, running_pool, start_pool, wait_for, write_config
+
+ALLOWED = frozenset({"MODEL_UNAVAILABLE", "NO_SUCH_MODEL"})  # after unload began: refused
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Rig:
+    """One poold, its model files, and the config file it reloads."""
+
+    def __init__(self, pool: Pool, models: str, port: int) -> None:
+        self.pool = pool
+        self.models = models
+        self.port = port
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.models, name)
+
+    def write(self, models: list[dict[str, Any]]) -> None:
+        with open(self.pool.config, "rb") as f:
+            section = dict(tomllib.load(f)["pool"])
+        write_config(self.pool.config, section, models)
+
+    def json(self, *args: str) -> tuple[int, dict[str, Any]]:
+        out = self.pool.pool_ctl(*args, "--json")
+        assert out.stdout, out.stderr
+        return out.returncode, json.loads(out.stdout)
+
+    def names(self) -> list[str]:
+        return sorted(m["name"] for m in self.pool.status()["models"])
+
+    def metrics(self) -> str:
+        url = f"http://127.0.0.1:{self.port}/metrics"
+        return str(urllib.request.urlopen(url, timeout=5).read().decode())
+
+    def readyz(self) -> tuple[int, str]:
+        try:
+            r = urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=5)
+            return r.status, r.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    d = str(tmp_path_factory.mktemp("manage"))
+    models = os.path.join(d, "models")
+    for i in range(1, 4):
+        make_mlp(os.path.join(models, f"v{i}.pt"), seed=i)
+    make_corrupt(os.path.join(models, "broken.pt"))
+    port = free_port()
+    a = {"name": "a", "path": os.path.join(models, "v1.pt"), "version": "1", "devices": ["cpu"]}
+    with running_pool(d, [a], metrics=f"127.0.0.1:{port}") as p:
+        yield Rig(p, models, port)
+
+
+def entry(rig: Rig, name: str, file: str, version: str, n: int = 1) -> dict[str, Any]:
+    return {"name": name, "path": rig.path(file), "version": version, "devices": ["cpu"] * n}
+
+
+def test_reload_removing_a_model_under_load_drains_it_and_forgets_it(rig: Rig) -> None:
+    rig.write([entry(rig, "a", "v1.pt", "1"), entry(rig, "b", "v2.pt", "2")])
+    code, out = rig.json("reload")
+    assert code == 0, out
+    assert {o["model"]: o["outcome"] for o in out["outcomes"]} == {"a": "kept", "b": "started"}
+    rig.pool.wait_serving()
+    # Heartbeats keep coming from b's draining workers while the reload removes it: that
+    # used to raise KeyError out of the supervisor and kill poold.
+    with Load(rig.pool.frontend, "b", clients=4, allowed=ALLOWED) as load:
+        load.wait_ok(50)
+        rig.write([entry(rig, "a", "v1.pt", "1")])
+        code, out = rig.json("reload")
+        assert code == 0, out
+        assert {o["model"]: o["outcome"] for o in out["outcomes"]} == {"a": "kept", "b": "stopped"}
+    assert load.errors == [], load.errors[:5]
+    assert rig.pool.proc.poll() is None
+    assert rig.names() == ["a"]  # nothing parked under another name, nothing "starting"
+    assert rig.pool.pool_ctl("health").returncode == 0
+    assert rig.readyz()[0] == 200
+    wait_for(lambda: 'model="b"' not in rig.metrics(), 10, "b's series gone")
+
+
+def test_reload_keeps_a_version_pool_ctl_committed(rig: Rig) -> None:
+    out = rig.pool.pool_ctl("upgrade", "a", rig.path("v2.pt"), "--version", "2")
+    assert out.returncode == 0, out.stderr
+    # The file still says v1 for a; only its worker count changes.
+    rig.write([entry(rig, "a", "v1.pt", "1", n=2)])
+    code, res = rig.json("reload")
+    assert code == 0, res
+    assert [(o["model"], o["outcome"]) for o in res["outcomes"]] == [("a", "rescaled")]
+    a = rig.pool.model("a")
+    assert a["version"] == "2" and len(a["workers"]) == 2, a
+    with rig.pool.client() as c:
+        x = mlp_input(3)
+        r = c.infer("a", x)
+        assert r.version == "2"
+        np.testing.assert_allclose(r.outputs[0], mlp_reference(2, x), rtol=1e-5, atol=1e-6)
+
+
+def test_reload_with_a_broken_config_fails_and_changes_nothing(rig: Rig) -> None:
+    with open(rig.pool.config, "a") as f:
+        f.write("\n[[models]]\nname = 'bad'\n")  # no path
+    out = rig.pool.pool_ctl("reload")
+    assert out.returncode == 1, out
+    assert "path: required" in out.stdout + out.stderr
+    assert rig.names() == ["a"]
+
+
+def test_reload_that_starts_a_broken_model_waits_and_fails(rig: Rig) -> None:
+    rig.write([entry(rig, "a", "v1.pt", "1", n=2), entry(rig, "z", "broken.pt", "1")])
+    code, res = rig.json("reload")
+    assert code == 1, res
+    outcomes = {o["model"]: o for o in res["outcomes"]}
+    assert outcomes["a"]["outcome"] == "kept" and outcomes["z"]["outcome"] == "failed"
+    assert "load" in outcomes["z"]["detail"], outcomes
+    assert rig.names() == ["a"]
+    rig.write([entry(rig, "a", "v1.pt", "1", n=2)])
+    assert rig.json("reload")[0] == 0
+
+
+def test_load_scale_list_unload_zero_loss(rig: Rig) -> None:
+    out = rig.pool.pool_ctl("load", "c", rig.path("v3.pt"), "--version", "3", "--devices", "cpu")
+    assert out.returncode == 0, out.stderr
+    assert "c: loaded" in out.stdout
+    again = rig.pool.pool_ctl("load", "c", rig.path("v3.pt"))
+    assert again.returncode == 1 and "already loaded" in again.stderr
+    outside = rig.pool.pool_ctl("load", "d", "/etc/passwd")
+    assert outside.returncode == 1 and "allowed model roots" in outside.stderr
+    bad = rig.pool.pool_ctl("load", "d", rig.path("v3.pt"), "--devices", "gpu7")
+    assert bad.returncode == 1 and "devices" in bad.stderr
+    with Load(rig.pool.frontend, "c", clients=3) as load:
+        load.wait_ok(30)
+        code, res = rig.json("scale", "c", "--devices", "cpu", "cpu")
+        assert code == 0, res
+        load.wait_ok(30)
+    assert load.errors == [], load.errors[:5]
+    c = rig.pool.model("c")
+    assert c["version"] == "3" and [w["device"] for w in c["workers"]] == ["cpu", "cpu"]
+    listed = rig.pool.pool_ctl("list")
+    assert listed.returncode == 0
+    assert any(line.split()[:3] == ["c", "3", "serving"] for line in listed.stdout.splitlines())
+    with Load(rig.pool.frontend, "c", clients=3, allowed=ALLOWED) as load:
+        load.wait_ok(30)
+        code, res = rig.json("unload", "c")
+        assert code == 0 and res["unanswered"] == 0, res
+    assert load.errors == [], load.errors[:5]
+    assert "c" not in rig.names()
+    assert rig.pool.pool_ctl("unload", "c").returncode == 1
+    wait_for(lambda: 'model="c"' not in rig.metrics(), 10, "c's series gone")
+
+
+@pytest.mark.slow
+def test_a_restart_comes_back_to_the_pool_the_operator_left(tmp_path: Any) -> None:
+    d = str(tmp_path)
+    models = os.path.join(d, "models")
+    a, b = make_mlp(f"{models}/a.pt", seed=1), make_mlp(f"{models}/b.pt", seed=2)
+    cfg = [
+        {"name": "a", "path": a, "version": "1", "devices": ["cpu"]},
+        {"name": "b", "path": b, "version": "2", "devices": ["cpu"]},
+    ]
+    with running_pool(d, cfg) as p:
+        assert p.pool_ctl("load", "c", b, "--version", "7").returncode == 0
+        assert p.pool_ctl("scale", "a", "--devices", "cpu", "cpu").returncode == 0
+        assert p.pool_ctl("unload", "b").returncode == 0
+    again = start_pool(d, cfg)
+    try:
+        st = {m["name"]: m for m in again.status()["models"]}
+        assert sorted(st) == ["a", "c"]
+        assert len(st["a"]["workers"]) == 2 and st["c"]["version"] == "7"
+    finally:
+        again.stop()
