@@ -21,6 +21,7 @@ import zmq
 from pool.config import Config, ModelConfig, ipc_path
 from pool.control import ControlServer
 from pool.gpu import Gpu
+from pool.health import PoolHealth, assess
 from pool.http import serve_http
 from pool.manage import Manager
 from pool.manage_commands import manage_commands
@@ -68,6 +69,7 @@ class Daemon:
         self.metrics = PoolMetrics()
         self.notifier = Notifier.from_env()
         self.ready_sent = False
+        self.health_now = PoolHealth((), False)  # replaced by the loop, read by HTTP probes
         self.last_tick = time.monotonic()
 
     # ------------------------------------------------------------------ set-up
@@ -214,10 +216,16 @@ class Daemon:
         self.sup.on_spawn_failed(token, reason)
 
     def health(self) -> tuple[bool, bool, str]:
+        """For /healthz and /readyz (HTTP thread): reads only the published record.
+
+        Ready while any model serves (degraded, not dead); the body names each model
+        and what failed, so a probe log says which model is down and why.
+        """
         live = time.monotonic() - self.last_tick < 10.0
-        states = {rt.name: rt.status() for rt in self.sup.models.values()}
-        bad = [f"{n} {s}" for n, s in states.items() if s not in ("serving", "upgrading")]
-        return live, live and not bad and bool(states), ", ".join(bad) or "ok"
+        h = self.health_now
+        if not live:
+            return False, False, "event loop stalled"
+        return True, h.any_serving, h.body() if h.models else "no models"
 
     def reload(self, done: Callable[[dict[str, Any]], None]) -> None:
         apply_reload(self, done)
@@ -335,13 +343,18 @@ class Daemon:
         if self.watchdog_s and now - self.last_watchdog >= self.watchdog_s:
             self.last_watchdog = now
             self.notifier.watchdog()  # from the loop itself: a stuck loop stops the pings
-        if not self.ready_sent and self.running:
-            states = [rt.status() for rt in self.sup.models.values()]
-            if all(s == "serving" for s in states):
-                self.ready_sent = True
-                self.notifier.ready(f"serving {len(states)} model(s)")
-        busy = [f"upgrading {rt.name} to {rt.busy}" for rt in self.sup.models.values() if rt.busy]
-        status = "; ".join(busy) if busy else ("serving" if self.running else "draining")
+        h = self.health_now = assess(self.sup.models.values())
+        if not self.ready_sent and self.running and h.settled:
+            # READY once the pool serves what it can: a broken model is named in STATUS
+            # instead of holding the healthy ones (and the unit) in "activating".
+            self.ready_sent = True
+            self.notifier.ready(h.summary())
+            for m in h.broken:
+                log.error("ready without %s: %s", m.name, m.reason or m.state)
+        busy = [f"{rt.busy} of {rt.name} running" for rt in self.sup.models.values() if rt.busy]
+        status = h.summary() if self.running else "draining"
+        if busy:
+            status = "; ".join(busy) + "; " + status
         if status != getattr(self, "_last_status", None):
             self._last_status = status
             self.notifier.status(status)

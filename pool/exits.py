@@ -93,6 +93,7 @@ class WorkerExits:
         # (a SIGKILLed worker is often seen as unreachable before its exit is reaped).
         said = how if rec.failure in (None, how) else f"{how} (first seen: {rec.failure})"
         rec.failure = rec.failure or how
+        rt.last_failure = rec.failure
         log.error(
             "worker %s [pid %s] of %s v%s %s: %s (%s in flight re-routed)",
             rec.wid,

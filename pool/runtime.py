@@ -24,6 +24,7 @@ class ModelRuntime:
     workers: list[WorkerRecord] = field(default_factory=list)
     busy: str | None = None  # the running operation, if any
     failed: str | None = None
+    last_failure: str | None = None  # the last worker exit that was not asked for
     removing: bool = False  # being unloaded: drained, then forgotten (pool.manage)
     flap: FlapGuard = field(default_factory=FlapGuard)
     restarts: list[tuple[float, int]] = field(default_factory=list)  # (when, slot)

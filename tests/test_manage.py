@@ -189,3 +189,38 @@ def test_a_restart_comes_back_to_the_pool_the_operator_left(tmp_path: Any) -> No
         assert len(st["a"]["workers"]) == 2 and st["c"]["version"] == "7"
     finally:
         again.stop()
+
+
+def test_one_broken_model_does_not_hold_the_pool_hostage(tmp_path: Any, monkeypatch: Any) -> None:
+    d = str(tmp_path)
+    good = make_mlp(f"{d}/models/good.pt", seed=1)
+    bad = make_corrupt(f"{d}/models/bad.pt")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(f"{d}/notify.sock")
+    sock.settimeout(60)
+    monkeypatch.setenv("NOTIFY_SOCKET", f"{d}/notify.sock")
+    port = free_port()
+    cfg = [
+        {"name": "good", "path": good, "version": "1", "devices": ["cpu"]},
+        {"name": "bad", "path": bad, "version": "1", "devices": ["cpu"]},
+    ]
+    pool = start_pool(d, cfg, wait=False, keep_notify=True, metrics=f"127.0.0.1:{port}")
+    try:
+        seen: list[str] = []
+        while not any(x.startswith("READY=1") for x in seen):
+            seen.append(sock.recv(4096).decode())
+        ready = next(x for x in seen if x.startswith("READY=1"))
+        assert "degraded: serving 1 of 2" in ready and "bad" in ready, ready
+        assert pool.model("good")["status"] == "serving"  # READY came once good served
+        with pool.client() as c:
+            assert c.infer("good", mlp_input(1)).version == "1"
+        rig = Rig(pool, f"{d}/models", port)
+        code, body = rig.readyz()
+        assert code == 200, body
+        line = next(x for x in body.splitlines() if x.startswith("bad:"))
+        assert "load" in line, body  # names what failed, not just "not ready"
+        assert any(x.startswith("good: serving") for x in body.splitlines()), body
+        assert pool.pool_ctl("health").returncode == 1  # strict: not every model serves
+    finally:
+        pool.stop()
+        sock.close()
