@@ -68,6 +68,7 @@ class SpreadClient:
         self.unresolved: list[str] = []
         self.next_refresh = 0.0
         self.turn = random.randrange(1 << 16)
+        self.retried = 0  # requests asked again elsewhere (after a failure on one host)
         self.refresh()
 
     # -------------------------------------------------------------- host set
@@ -131,7 +132,9 @@ class SpreadClient:
         deadline = self.clock() + reply_wait_s(timeout)
         tried: set[str] = set()
         last: PoolError | None = None
-        for _attempt in range(self.retries):
+        for attempt in range(self.retries):
+            if attempt:
+                self.retried += 1
             host = self.pick(deadline, tried)
             tried.add(host.endpoint)
             left = deadline - self.clock()
