@@ -39,7 +39,7 @@ __all__ = [
     "ENV_PREFIX", "MODEL_NAME_RE", "VERSION_RE", "Config", "ConfigError", "ModelConfig",
     "PathNotAllowed", "PoolConfig", "check_config", "check_model_path",
     "default_control_endpoint", "default_state_dir", "effective_model_roots", "ipc_path",
-    "load_config",
+    "load_config", "standby_wanted",
 ]  # fmt: skip
 
 ENV_PREFIX = "GPU_POOL_"
@@ -107,6 +107,8 @@ class ModelConfig:
     # Replay the forward as CUDA graphs, one per batch size (workers/graphs.py): cuts the
     # CPU cost of launching a forward to microseconds, at warm-up time and some memory.
     cuda_graphs: bool = False
+    # A hot standby on this model's devices: "auto" | True | False; None: [pool] standby.
+    standby: str | bool | None = None
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,8 @@ class PoolConfig:
     router_lane: bool = True
     # libzmq I/O threads (they do the socket copies); 0: auto, one per 4 CPUs, 1 to 4.
     io_threads: int = 0
+    # One hot standby per device (workers.standby): "auto" = on for CUDA devices.
+    standby: str | bool = "auto"
     curve_secret_key: str | None = None
     curve_authorized_keys: str | None = None
     log_format: str = "text"
@@ -160,6 +164,12 @@ class Config:
     pool: PoolConfig
     models: tuple[ModelConfig, ...]
     source: str | None  # absolute path of the file; None for defaults
+
+
+def standby_wanted(pool: PoolConfig, model: ModelConfig, device: str) -> bool:
+    """Whether ``model``'s workers on ``device`` take (and keep) a hot standby there."""
+    value = pool.standby if model.standby is None else model.standby
+    return device.startswith("cuda") if value == "auto" else bool(value)
 
 
 def effective_model_roots(config: Config) -> tuple[str, ...]:

@@ -167,6 +167,7 @@ class ControlServer:
             "spawner_pid": self.sup.spawner.pid,
             "inflight": self.sup.router.inflight_count(),
             "models": models,
+            "standby": self.sup.standbys.summary(),
         }
 
     def cmd_health(self, args: dict[str, Any], reply: Reply) -> None:

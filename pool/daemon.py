@@ -25,7 +25,13 @@ from pool.health import PoolHealth, assess
 from pool.http import serve_http
 from pool.manage import Manager
 from pool.manage_commands import manage_commands
-from pool.metrics import LATENCY_BUCKETS, PoolMetrics, PoolSnapshot, WorkerSample
+from pool.metrics import (
+    LATENCY_BUCKETS,
+    PoolMetrics,
+    PoolSnapshot,
+    StandbySample,
+    WorkerSample,
+)
 from pool.reload import apply_reload, reload_summary
 from pool.sdnotify import Notifier, watchdog_interval
 from pool.spawn import SpawnerClient
@@ -114,7 +120,11 @@ class Daemon:
         if path:
             os.chmod(path, 0o600)
         self.spawner = SpawnerClient(
-            self.lifeline_r, self._on_spawned, self._on_exited, self._on_spawn_failed
+            self.lifeline_r,
+            self._on_spawned,
+            self._on_exited,
+            self._on_spawn_failed,
+            lambda msg: self.sup.on_spawner_message(msg),
         )
         self.spawner.start()
         self.store = StateStore(self.pool.state_dir)
@@ -333,6 +343,7 @@ class Daemon:
             if not getattr(self, "_workers_told", False):
                 self._workers_told = True
                 self.sup.stop_all()
+                self.sup.standbys.stop_all()
             limit = self.pool.drain_timeout_s + self.pool.stop_timeout_s + 10
             if self.sup.all_exited() or now - since > limit:
                 self.sup.kill_all()
@@ -386,6 +397,13 @@ class Daemon:
                     rt.name: self.router.queue_len(rt.name) for rt in self.sup.models.values()
                 },
                 model_state={rt.name: rt.status() for rt in self.sup.models.values()},
+                standbys=tuple(
+                    StandbySample(r.device, r.state.value, r.pid, r.gpu_bytes)
+                    for r in self.sup.standbys.current.values()
+                    if r.alive and r.pid is not None
+                ),
+                standbys_taken=dict(self.sup.standbys.taken),
+                standbys_died=dict(self.sup.standbys.died),
             )
         )
 

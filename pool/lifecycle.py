@@ -87,6 +87,9 @@ class WorkerRecord:
     stop_deadline: float = 0.0
     recycle_after: int = 0
     shapes: list[Any] = field(default_factory=list)
+    from_standby: bool = False  # started in a hot standby (pool.standby), not a fresh fork
+    holding: bool = False  # staging its weights on the host until released (drain-first)
+    staged: bool = False  # said its weights are staged
 
     def to(self, new: WorkerState) -> None:
         if new is self.state:
@@ -119,6 +122,7 @@ class WorkerRecord:
             "heap_frozen": self.heap_frozen,
             "uptime_s": round(time.monotonic() - self.ready_at, 1) if self.ready_at else 0.0,
             "failure": self.failure,
+            "from_standby": self.from_standby,
         }
 
 

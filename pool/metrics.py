@@ -36,7 +36,7 @@ import threading
 import time
 from bisect import bisect_left
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -127,12 +127,25 @@ class WorkerSample:
 
 
 @dataclass(frozen=True)
+class StandbySample:
+    """One hot standby (pool.standby): a process with its device up and no model."""
+
+    device: str
+    state: str  # preparing | waiting
+    pid: int
+    gpu_bytes: int | None  # its CUDA context (NVML)
+
+
+@dataclass(frozen=True)
 class PoolSnapshot:
     """Gauge values, published by the loop about once a second."""
 
     workers: tuple[WorkerSample, ...]
     queue_depth: dict[str, int]
     model_state: dict[str, str]  # model -> "serving" | "upgrading" | "failed" | "starting"
+    standbys: tuple[StandbySample, ...] = ()
+    standbys_taken: dict[str, int] = field(default_factory=dict)  # device -> count
+    standbys_died: dict[str, int] = field(default_factory=dict)
 
 
 class _Histogram:
@@ -514,3 +527,35 @@ class _PoolCollector:
         yield rss
         yield inflight
         yield served
+        yield from _standby_metrics(snap)
+
+
+def _standby_metrics(snap: PoolSnapshot) -> Iterator[Metric]:
+    up = GaugeMetricFamily(
+        "gpupool_standby", "Hot standby processes by device and state.", labels=["device", "state"]
+    )
+    gpu = GaugeMetricFamily(
+        "gpupool_standby_gpu_bytes",
+        "Device memory of a hot standby: its CUDA context, no model (NVML).",
+        labels=["device", "pid"],
+    )
+    for sb in snap.standbys:
+        up.add_metric([sb.device, sb.state], 1)
+        if sb.gpu_bytes is not None:
+            gpu.add_metric([sb.device, str(sb.pid)], sb.gpu_bytes)
+    taken = CounterMetricFamily(
+        "gpupool_standby_taken",
+        "Workers started in a hot standby instead of a fresh process.",
+        labels=["device"],
+    )
+    died = CounterMetricFamily(
+        "gpupool_standby_died", "Hot standbys that died before being taken.", labels=["device"]
+    )
+    for device, n in snap.standbys_taken.items():
+        taken.add_metric([device], n)
+    for device, n in snap.standbys_died.items():
+        died.add_metric([device], n)
+    yield up
+    yield gpu
+    yield taken
+    yield died

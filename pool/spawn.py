@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 SpawnedCallback = Callable[[int, int], None]  # token, pid
 ExitedCallback = Callable[[int, int], None]  # pid, raw wait status
 FailedCallback = Callable[[int, str], None]  # token, reason
+MessageCallback = Callable[[dict[str, Any]], None]  # "took" and "standby_ready" messages
 
 
 class SpawnerClient:
@@ -33,11 +34,13 @@ class SpawnerClient:
         on_spawned: SpawnedCallback,
         on_exited: ExitedCallback,
         on_failed: FailedCallback,
+        on_message: MessageCallback | None = None,
     ) -> None:
         self.lifeline_fd = lifeline_fd
         self.on_spawned = on_spawned
         self.on_exited = on_exited
         self.on_failed = on_failed
+        self.on_message = on_message
         self.proc: subprocess.Popen[bytes] | None = None
         self.ready = False
         self.reader = MessageReader()
@@ -77,8 +80,20 @@ class SpawnerClient:
         return self.proc.stdout.fileno()
 
     def spawn(self, spec: dict[str, Any]) -> int:
+        """Fork a worker; returns the token its "spawned" answer will carry."""
+        return self._ask({"t": "spawn", "spec": spec})
+
+    def standby(self, spec: dict[str, Any]) -> int:
+        """Fork a standby for ``spec["device"]`` (``workers.standby``)."""
+        return self._ask({"t": "standby", "spec": spec})
+
+    def take(self, pid: int, spec: dict[str, Any]) -> int:
+        """Make standby ``pid`` the worker ``spec``; a fresh fork if that standby is gone."""
+        return self._ask({"t": "take", "pid": pid, "spec": spec})
+
+    def _ask(self, msg: dict[str, Any]) -> int:
         token = next(self.tokens)
-        msg = {"t": "spawn", "token": token, "spec": spec}
+        msg["token"] = token
         if self.ready:
             self._send(msg)
         else:
@@ -123,6 +138,8 @@ class SpawnerClient:
                 self.on_spawned(token, int(msg["pid"]))
             elif kind == "exited":
                 self.on_exited(int(msg["pid"]), int(msg["status"]))
+            elif kind in ("took", "standby_ready") and self.on_message is not None:
+                self.on_message(msg)
         return True
 
     def _lost(self) -> None:

@@ -22,6 +22,8 @@ from pool.lifecycle import WorkerRecord, WorkerState
 from pool.metrics import PoolMetrics
 from pool.runtime import ModelRuntime
 from pool.spawn import SpawnerClient
+from pool.standby import Standbys
+from pool.standby_use import StandbyUse
 from pool.state import Deployed, StateStore
 from pool.stopping import WorkerStopping
 from pool.tasks import Scheduler
@@ -41,7 +43,7 @@ def graphs_note(graphs: Any) -> str:
     return f" (CUDA graphs at batch sizes {min(sizes)}-{max(sizes)}, {len(sizes)} of them)"
 
 
-class Supervisor(WorkerExits, WorkerStopping):
+class Supervisor(StandbyUse, WorkerExits, WorkerStopping):
     def __init__(
         self,
         config: Config,
@@ -72,6 +74,7 @@ class Supervisor(WorkerExits, WorkerStopping):
         self.scheduler = Scheduler()
         self.wids = count(1)
         self.last_sample = 0.0
+        self.standbys = Standbys(spawner.standby, gpu, lifeline_fd)
 
     # ------------------------------------------------------------------ models
     def add_model(
@@ -87,6 +90,9 @@ class Supervisor(WorkerExits, WorkerStopping):
         rt.serving_gen = gen  # requests queue until its workers are ready
         for slot in range(len(devices)):
             self.spawn(rt, gen, slot)
+        self.standbys.want(
+            d for m in self.models.values() for d in m.devices if self.takes_standby(m, d)
+        )
         return rt
 
     def new_generation(self, rt: ModelRuntime, deployed: Deployed) -> int:
@@ -95,7 +101,11 @@ class Supervisor(WorkerExits, WorkerStopping):
         return gen
 
     # ---------------------------------------------------------------- spawning
-    def spawn(self, rt: ModelRuntime, generation: int, slot: int) -> WorkerRecord:
+    def spawn(
+        self, rt: ModelRuntime, generation: int, slot: int, hold: bool = False
+    ) -> WorkerRecord:
+        """A worker of ``generation`` on ``slot``: the device's standby when there is one.
+        ``hold``: it stages its weights on the host and waits for ``release``."""
         dep = rt.gens[generation]
         device = rt.devices[slot]
         wid = f"{rt.name}.g{generation}.s{slot}.w{next(self.wids)}"
@@ -116,10 +126,11 @@ class Supervisor(WorkerExits, WorkerStopping):
         if cfg.max_requests > 0:
             jitter = int(cfg.max_requests * cfg.max_requests_jitter)
             rec.recycle_after = cfg.max_requests + random.randint(0, max(0, jitter))
-        idx = device_index(device)
-        if idx is not None:
-            mem = self.gpu.memory(idx)
-            rec.device_used_at_spawn = mem[0] if mem else None
+        # Read before the standby is taken, while it still counts as a bare context.
+        rec.device_used_at_spawn = self.device_level(device)
+        taken = self.standbys.take(device) if self.takes_standby(rt, device) else None
+        rec.holding = hold
+        rec.from_standby = taken is not None  # the spawner's "took" confirms it
         rt.workers.append(rec)
         self.by_wid[view.wid] = rec
         self.router.add_worker(view)
@@ -139,19 +150,26 @@ class Supervisor(WorkerExits, WorkerStopping):
             "lifeline_fd": self.lifeline_fd,
             "observed_shapes": rt.shapes[:1],
             "cuda_graphs": cfg.cuda_graphs,
+            "hold_device": hold,
         }
-        token = self.spawner.spawn(spec)
+        if taken is not None:
+            token = self.spawner.take(taken.pid, spec)
+        else:
+            token = self.spawner.spawn(spec)
         self.by_token[token] = rec
         log.info(
-            "spawning %s version %s on %s",
+            "spawning %s version %s on %s%s",
             wid,
             dep.version,
             device,
+            f" in standby [pid {taken.pid}]" if taken else "",
             extra={"model": rt.name, "version": dep.version, "generation": generation},
         )
         return rec
 
     def on_spawned(self, token: int, pid: int) -> None:
+        if self.standbys.on_spawned(token, pid):
+            return
         rec = self.by_token.pop(token, None)
         if rec is None:
             return
@@ -168,6 +186,8 @@ class Supervisor(WorkerExits, WorkerStopping):
             self.by_pid[pid] = rec
 
     def on_spawn_failed(self, token: int, reason: str) -> None:
+        if self.standbys.on_spawn_failed(token, reason):
+            return
         rec = self.by_token.pop(token, None)
         if rec is not None:
             rec.failure = reason
@@ -197,6 +217,8 @@ class Supervisor(WorkerExits, WorkerStopping):
                 rec.to(WorkerState.WARMING)
             elif phase == "validating" and rec.state is WorkerState.WARMING:
                 rec.to(WorkerState.VALIDATING)
+            elif phase == "staged" and rec.state is WorkerState.LOADING:
+                rec.staged = True
         elif kind == "ready":
             self._ready(rec, event, now)
         elif kind == "hb":
@@ -313,6 +335,7 @@ class Supervisor(WorkerExits, WorkerStopping):
         if now - self.last_sample >= SAMPLE_EVERY_S:
             self.last_sample = now
             self.sample_memory()
+        self.standbys.tick(now, self.busy_devices())
         self.scheduler.poll()
 
     def _check_recycle(self, rec: WorkerRecord) -> None:
@@ -353,3 +376,4 @@ class Supervisor(WorkerExits, WorkerStopping):
                 rec.gpu_bytes = procs.get(rec.pid)
                 if rec.state is WorkerState.READY and rec.ready_gpu_bytes is None:
                     rec.ready_gpu_bytes = rec.gpu_bytes
+        self.standbys.sample()

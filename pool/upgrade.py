@@ -9,6 +9,10 @@ drain-first  one slot (device entry) at a time: stop routing to N's worker there
              to N+1 when the first new worker is ready, so no client sees an older version
              after a newer one. A failure puts the old version back.
 auto         surge when NVML shows room for another copy plus a margin, else drain-first.
+
+With a hot standby on the device (``pool.standby``) every new worker starts in it; in
+drain-first it first stages the new weights on the host while the old worker still
+serves, and puts them on the device once the old one's memory is back.
 """
 
 from __future__ import annotations
@@ -69,6 +73,12 @@ def choose_strategy(sup: Supervisor, rt: ModelRuntime) -> tuple[str, str]:
         if idx is not None:
             procs = sup.gpu.process_bytes(idx) or {}  # read now: a cached sample can lag
             foot = procs.get(rec.pid or -1) or max(rec.gpu_bytes or 0, rec.ready_gpu_bytes or 0)
+            wants = sup.takes_standby(rt, rec.device)
+            standby = sup.standbys.waiting(rec.device) if wants else None
+            if standby is not None and standby.pid is not None:
+                # The new worker starts in the standby, whose context is there already:
+                # it needs room for the model only.
+                foot = max(0, foot - procs.get(standby.pid, 0))
             need[idx] = need.get(idx, 0) + foot
     margin = sup.pool.surge_margin_mb << 20
     for idx, foot in need.items():
@@ -84,11 +94,8 @@ def choose_strategy(sup: Supervisor, rt: ModelRuntime) -> tuple[str, str]:
 
 
 def _device_used(sup: Supervisor, device: str) -> int | None:
-    idx = device_index(device)
-    if idx is None:
-        return None
-    mem = sup.gpu.memory(idx)
-    return mem[0] if mem else None
+    """Used memory without bare contexts (standbys): ``Supervisor.device_level``."""
+    return sup.device_level(device)
 
 
 class Upgrade:
@@ -120,14 +127,19 @@ class Upgrade:
         self.freed: dict[str, int] = {}
         self.memory_back: bool | None = None
         self.worker_timings: dict[str, float] = {}
+        self.standbys_taken = 0
+        self.staged = False  # drain-first staged the new weights while the old served
 
     # ------------------------------------------------------------------ helpers
     def say(self, phase: str, **info: Any) -> None:
         self.progress(phase, elapsed_s=round(time.monotonic() - self.t0, 3), **info)
 
-    def spawn(self, gen: int, slot: int) -> WorkerRecord:
-        rec = self.sup.spawn(self.rt, gen, slot)
+    def spawn(self, gen: int, slot: int, hold: bool = False) -> WorkerRecord:
+        rec = self.sup.spawn(self.rt, gen, slot, hold)
         self.started.append(rec)
+        if rec.from_standby:
+            self.standbys_taken += 1
+            self.say("standby_taken", worker=rec.wid, device=rec.device)
         return rec
 
     def wait_boot(self, recs: list[WorkerRecord]) -> BootResult:
@@ -258,10 +270,14 @@ class Upgrade:
         for slot in range(len(rt.devices)):
             old = [r for r in rt.alive(self.old_gen) if r.slot == slot]
             reference = {r.device: r.device_used_at_spawn for r in old}
-            yield from self.retire(old)
-            self.check_memory(reference)
-            self.say("starting", generation=gen, slot=slot, device=rt.devices[slot])
-            new = self.spawn(gen, slot)
+            device = rt.devices[slot]
+            if self.sup.takes_standby(rt, device) and self.sup.standbys.waiting(device):
+                new = yield from self.staged_start(gen, slot, old, reference)
+            else:
+                yield from self.retire(old)
+                self.check_memory(reference)
+                self.say("starting", generation=gen, slot=slot, device=device)
+                new = self.spawn(gen, slot)
             ok, reason = yield from self.wait_boot([new])
             if not ok:
                 yield from self.abandon([new])
@@ -274,6 +290,28 @@ class Upgrade:
                 self.sup.activate(rt)
         return True, ""
 
+    def staged_start(
+        self, gen: int, slot: int, old: list[WorkerRecord], reference: dict[str, int | None]
+    ) -> Generator[Wait, bool, WorkerRecord]:
+        """Drain-first through the standby: stage the new weights on the host while the
+        old worker serves, retire it, prove its memory back, then let the new one load."""
+        device = self.rt.devices[slot]
+        self.say("starting", generation=gen, slot=slot, device=device, staged=True)
+        new = self.spawn(gen, slot, hold=True)
+        t = time.monotonic()
+        left = max(0.0, self.deadline - t)
+        yield Wait(lambda: new.staged or not new.booting, left, "stage")
+        if not new.staged:
+            return new  # failed, or timed out: wait_boot says which; the old still serves
+        self.phases["staged_s"] = time.monotonic() - t
+        self.staged = True
+        self.say("staged", worker=new.wid, staged_s=round(self.phases["staged_s"], 3))
+        yield from self.retire(old)
+        self.check_memory(reference)
+        if new.alive:
+            self.sup.release(new)
+        return new
+
     def abandon(self, recs: list[WorkerRecord]) -> Generator[Wait, bool, None]:
         for r in recs:
             if r.alive:
@@ -284,8 +322,10 @@ class Upgrade:
         """Put the old version back on the failed slot, then on the slots already switched."""
         rt = self.rt
         self.say("rolling_back", slot=failed_slot)
-        back = self.spawn(self.old_gen, failed_slot)
-        yield from self.wait_boot([back])
+        # A staged start fails before the old worker is retired: it still serves there.
+        if not any(r.slot == failed_slot for r in rt.alive(self.old_gen)):
+            back = self.spawn(self.old_gen, failed_slot)
+            yield from self.wait_boot([back])
         if rt.serving_gen != self.old_gen:
             rt.serving_gen = self.old_gen
             self.sup.activate(rt)
@@ -318,6 +358,7 @@ class Upgrade:
             "worker_timings": {k: round(v, 4) for k, v in self.worker_timings.items()},
             "bytes_freed": self.freed,
             "memory_back": self.memory_back,
+            "standby": {"taken": self.standbys_taken, "staged": self.staged},
             "elapsed_s": round(elapsed, 3),
         }
         if not ok:
@@ -354,6 +395,7 @@ class Upgrade:
                 bytes_freed=self.freed,
                 pids_started=result["pids_started"],
                 pids_stopped=result["pids_stopped"],
+                standby=result["standby"],
                 elapsed_s=result["elapsed_s"],
             )
         self.sup.metrics.observe_upgrade(

@@ -202,7 +202,8 @@ def run_pool(args: argparse.Namespace, work: str, emit: Callable[[Sample], None]
                                  "max_batch": 8, "max_delay_ms": 1.0}
         if idx is None:  # OpenMP threads spinning on a small CPU box starve the clients
             model["threads"] = 1
-        pool = PoolProcess(os.path.join(work, "pool"), model)
+        opts = {"standby": True} if args.standby else {"standby": False}
+        pool = PoolProcess(os.path.join(work, "pool"), model, **opts)
         ctl = ControlClient(pool.control)
         try:
             pool.wait_serving(ctl)
@@ -302,12 +303,19 @@ def pool_cycle(args: argparse.Namespace, cycle: int, ctl: ControlClient, name: s
     if committed and data.get("to_version"):
         version_of[target] = str(data["to_version"])
     try:
-        status = ctl.call("status")["data"]
+        status = standby_status(ctl, args) if args.standby else ctl.call("status")["data"]
     except (Unreachable, TimeoutError) as exc:
         status, error = {}, error or str(exc)
     m = model_status(status, name) or {}
     workers = m.get("workers", [])
     live = {int(w["pid"]) for w in workers if w.get("pid")}
+    # A hot standby is a spawner child with a CUDA context and no model: expected, and
+    # left out of the device level the drift check compares (pool.standby).
+    standbys = {int(sb["pid"]) for sb in (status.get("standby") or {}).get("standbys", [])
+                if sb.get("pid")}
+    if args.standby and committed and data.get("standby", {}).get("taken") != 1:
+        error = error or f"the update did not start in the standby: {data.get('standby')}"
+    live |= standbys
     leftovers.remember([*live, *data.get("pids_started", []), *data.get("pids_stopped", [])])
     # NVML now, by the pids status names: status's own gpu_bytes is refreshed every few
     # seconds and can be one taken while the new worker was still loading.
@@ -318,6 +326,8 @@ def pool_cycle(args: argparse.Namespace, cycle: int, ctl: ControlClient, name: s
     rss, fds, threads = proc_stats(poold)
     kids, z1 = child_stats(poold)
     skids, z2 = child_stats(spawner)
+    if skids is not None:
+        skids -= len(standbys)
     zombies, orphans = leftovers.check(live, [p for p in (poold, spawner) if p])
     lat = load.take()
     used_r = retired.get("used")
@@ -332,13 +342,35 @@ def pool_cycle(args: argparse.Namespace, cycle: int, ctl: ControlClient, name: s
         elapsed_s=data.get("elapsed_s"), call_s=round(t_sample - t_call, 3),
         sample_s=round(time.monotonic() - t_sample, 3),
         bytes_freed=sum(freed.values()) if freed else None,
-        device_used=device_used(gpu, idx), device_retired=used_r, residue=residue,
+        device_used=level(gpu, idx, standbys, procs), device_retired=used_r, residue=residue,
         workers_gpu_bytes=gpu_sum,
         workers=len(workers), rss=rss, fds=fds, threads=threads, children=kids,
         spawner_children=skids, zombies=len(z1 | z2 | zombies), orphans=len(orphans),
         requests=len(lat), failed_total=load.failed, p50_ms=rounded(percentile(lat, 50)),
         p99_ms=rounded(percentile(lat, 99)), max_ms=rounded(max(lat, default=None)),
         error=error[:300])
+
+
+def standby_status(ctl: ControlClient, args: argparse.Namespace) -> dict[str, Any]:
+    """Status once the standby behind the last update waits (30 s at most), so that
+    every sample sees the same set of processes."""
+    end = time.monotonic() + 30.0
+    while True:
+        status: dict[str, Any] = ctl.call("status")["data"]
+        waiting = [sb for sb in status.get("standby", {}).get("standbys", [])
+                   if sb.get("state") == "waiting" and sb.get("device") == args.device]
+        if waiting or time.monotonic() > end:
+            return status
+        time.sleep(0.05)
+
+
+def level(gpu: Gpu, idx: int | None, standbys: set[int], procs: dict[int, int]) -> int | None:
+    """Device used minus the standbys' own bytes (read now, with ``procs`` for the rest)."""
+    used = device_used(gpu, idx)
+    if used is None or not standbys:
+        return used
+    now = (gpu.process_bytes(idx) if idx is not None else None) or procs
+    return used - sum(now.get(p, 0) for p in standbys)
 
 
 def rounded(v: float | None, places: int = 3) -> float | None:
@@ -488,6 +520,7 @@ def summarize(args: argparse.Namespace, samples: list[Sample], checks: list[Chec
         "pass": ok,
         "mode": args.mode,
         "strategy": args.strategy if args.mode == "pool" else "in-process",
+        "standby": bool(args.standby),
         "device": args.device,
         "model_size": args.model_size,
         "cycles": len(samples),
@@ -575,6 +608,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--rollback-every", type=int, default=0, metavar="K",
                     help="every K-th cycle is a rollback instead of an upgrade (0: never)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda:N (default cpu)")
+    ap.add_argument("--standby", action="store_true",
+                    help="run poold with a hot standby (standby = true; default: false) and "
+                         "check that every update starts in it")
     ap.add_argument("--model-size", choices=("small", "1gib"), default="small")
     ap.add_argument("--models-dir", help="where the two model versions are written (and "
                     "reused by later runs); default: a temporary directory")
@@ -636,6 +672,11 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     checks = judge(samples, gpu=True, rss_slope_max=args.rss_slope_max,
                    cycles=args.cycles) + extra
+    if args.standby and args.mode == "pool" and args.control is None:
+        cold = [s.cycle for s in samples if "standby" in s.error]
+        checks.append(_check("started in the standby", not cold, len(cold), 0,
+                             f"{len(samples) - len(cold)} of {len(samples)} updates"
+                             + (f"; not in cycles {cold[:10]}" if cold else "")))
     summary = summarize(args, samples, checks, errors, lat, time.monotonic() - t0)
     write_csv(os.path.join(args.out, "samples.csv"), samples)
     with open(os.path.join(args.out, "summary.json"), "w") as f:

@@ -303,7 +303,7 @@ def output_problem(refs: dict[str, np.ndarray], version: str, out: np.ndarray) -
 class PoolProcess:
     """A private poold in ``directory``: its own session, ipc sockets and state."""
 
-    def __init__(self, directory: str, model: dict[str, Any]) -> None:
+    def __init__(self, directory: str, model: dict[str, Any], **pool_opts: Any) -> None:
         os.makedirs(directory, exist_ok=True)
         self.dir = directory
         self.frontend = f"ipc://{directory}/front.sock"
@@ -311,7 +311,7 @@ class PoolProcess:
         pool = {"frontend": self.frontend, "control": self.control,
                 "state_dir": f"{directory}/state", "metrics": "",
                 "heartbeat_interval_s": 0.5, "heartbeat_timeout_s": 30.0,
-                "drain_timeout_s": 10.0, "stop_timeout_s": 5.0}
+                "drain_timeout_s": 10.0, "stop_timeout_s": 5.0, **pool_opts}
         from pool.tomlwrite import write_config
 
         self.config = write_config(os.path.join(directory, "pool.toml"), pool, [model])

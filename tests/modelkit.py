@@ -256,3 +256,36 @@ def make_big_mlp(path: str, hidden: int, layers: int, seed: int) -> str:
     _save_script(torch.nn.Sequential(*blocks).eval(), path)
     write_manifest(_manifest_path(path), inputs=[InputSpec("float32", (1, hidden))])
     return path
+
+
+_BIG_NET = """import torch
+
+
+def build() -> torch.nn.Sequential:
+    blocks = []
+    for _ in range({layers}):
+        blocks += [torch.nn.Linear({hidden}, {hidden}), torch.nn.ReLU()]
+    return torch.nn.Sequential(*blocks)
+"""
+
+
+def make_big_factory(dirpath: str, hidden: int, layers: int, seed: int) -> str:
+    """The factory format (``net.py`` + ``model.safetensors`` + ``model.toml``) of the
+    same network as ``make_big_mlp``: ``layers * hidden**2 * 4`` bytes of weights."""
+    os.makedirs(dirpath, exist_ok=True)
+    with open(os.path.join(dirpath, "net.py"), "w", encoding="utf-8") as f:
+        f.write(_BIG_NET.format(hidden=hidden, layers=layers))
+    gen = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+    for i in range(layers):
+        w = torch.empty(hidden, hidden)
+        w.normal_(0.0, hidden**-0.5, generator=gen)
+        state[f"{2 * i}.weight"], state[f"{2 * i}.bias"] = w, torch.zeros(hidden)
+    path = os.path.join(dirpath, "model.safetensors")
+    safetensors.torch.save_file(state, path)
+    write_manifest(
+        os.path.join(dirpath, "model.toml"),
+        factory="net.py:build",
+        inputs=[InputSpec("float32", (1, hidden))],
+    )
+    return path

@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from modelkit import make_big_mlp, make_mlp, mlp_input, mlp_reference
+from modelkit import make_big_factory, make_big_mlp, make_mlp, mlp_input, mlp_reference
 from poolkit import Load, running_pool, start_pool, wait_for
 
 from pool.gpu import Gpu
@@ -59,8 +59,9 @@ def test_upgrades_of_a_1gib_model_return_every_byte(
     tmp = os.path.join(d, strategy)
     baseline = used()
     models = [{"name": "big", "path": a, "version": "a", "devices": ["cuda:0"], "max_batch": 8}]
+    # As before hot standbys: each level is the whole device (see test_standby_* below).
     with (
-        running_pool(tmp, models, boot_timeout_s=120) as pool,
+        running_pool(tmp, models, boot_timeout_s=120, standby=False) as pool,
         Load(pool.frontend, "big", 8, make_input=big_input) as load,
     ):
         load.wait_ok(50)
@@ -227,3 +228,63 @@ def test_safetensors_fast_path_is_bit_identical_on_cuda(tmp_path: object) -> Non
         timeout=300,
     )
     assert res.returncode == 0 and "bit-identical" in res.stdout, res.stderr[-3000:]
+
+
+def level_without_standby(pool: object) -> tuple[int, int | None]:
+    """(device used - the waiting standby's own NVML bytes, its pid), read together, once
+    a standby waits: the level the retire proof compares (pool.standby)."""
+    sb = wait_for(
+        lambda: [
+            s
+            for s in pool.status()["standby"]["standbys"]  # type: ignore[attr-defined]
+            if s["device"] == "cuda:0" and s["state"] == "waiting"
+        ],
+        60,
+        "a waiting standby",
+    )[0]
+    procs = GPU.process_bytes(0) or {}
+    return used() - procs.get(sb["pid"], 0), sb["pid"]
+
+
+@pytest.mark.parametrize(
+    "strategy,fmt", [("surge", "pt"), ("drain-first", "pt"), ("drain-first", "safetensors")]
+)
+def test_standby_retire_proof_returns_every_byte(
+    big_models: tuple[str, str, str], strategy: str, fmt: str
+) -> None:
+    """With a hot standby on the device: every upgrade starts in it (drain-first stages
+    the weights on the host first), the retire proof holds, model memory stays flat,
+    and stopping poold gives the device back to its baseline (standbys included)."""
+    d, a, b = big_models
+    if fmt == "safetensors":
+        a = make_big_factory(os.path.join(d, "models", "fa"), HIDDEN, LAYERS, seed=1)
+        b = make_big_factory(os.path.join(d, "models", "fb"), HIDDEN, LAYERS, seed=2)
+    tmp = os.path.join(d, f"standby-{strategy}-{fmt}")
+    baseline = used()
+    models = [{"name": "big", "path": a, "version": "a", "devices": ["cuda:0"], "max_batch": 8}]
+    with (
+        running_pool(tmp, models, boot_timeout_s=120, standby=True) as pool,
+        Load(pool.frontend, "big", 8, make_input=big_input) as load,
+    ):
+        load.wait_ok(50)
+        levels = [level_without_standby(pool)[0]]
+        for i in range(4):
+            path, version = (b, "b") if i % 2 == 0 else (a, "a")
+            _, standby_pid = level_without_standby(pool)
+            res = pool.ctl(
+                "upgrade",
+                {"model": "big", "path": path, "version": version, "strategy": strategy},
+                timeout_s=300,
+            )
+            assert res["ok"], res
+            data = res["data"]
+            assert data["pids_started"] == [standby_pid], data
+            assert data["standby"] == {"taken": 1, "staged": strategy == "drain-first"}, data
+            assert data["memory_back"] is True, data
+            assert data["bytes_freed"]["cuda:0"] > 1024 * MIB, data
+            levels.append(level_without_standby(pool)[0])
+            load.wait_ok(10)
+        load.stop()
+        assert not load.errors, load.errors[:3]
+        assert max(levels) - min(levels) <= 16 * MIB, [x // MIB for x in levels]
+    wait_for(lambda: abs(used() - baseline) <= 16 * MIB, 20, "device back to its baseline")

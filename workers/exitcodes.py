@@ -4,6 +4,7 @@ EXIT_OK = 0
 EXIT_LOAD_FAILED = 64
 EXIT_WARMUP_FAILED = 65
 EXIT_VALIDATION_FAILED = 66
+EXIT_STANDBY_FAILED = 67
 EXIT_ORPHANED = 70
 EXIT_INTERNAL = 71
 
@@ -12,6 +13,7 @@ EXIT_MEANING = {
     EXIT_LOAD_FAILED: "model failed to load",
     EXIT_WARMUP_FAILED: "warm-up failed",
     EXIT_VALIDATION_FAILED: "golden validation failed",
+    EXIT_STANDBY_FAILED: "standby could not prepare its device",
     EXIT_ORPHANED: "poold went away",
     EXIT_INTERNAL: "internal worker error",
 }

@@ -239,6 +239,12 @@ def _check_payload_config(path: str, rel: str, raw: bytes) -> None:
 def _load_safetensors(
     path: str, device: torch.device, manifest: Manifest | None
 ) -> torch.nn.Module:
+    module = build_factory_module(path, manifest)
+    return assign_weights(path, module, _read_safetensors(path, device))
+
+
+def build_factory_module(path: str, manifest: Manifest | None) -> torch.nn.Module:
+    """The module a safetensors model's factory builds, on the meta device."""
     if manifest is None:
         try:
             manifest = load_manifest(path)
@@ -263,13 +269,18 @@ def _load_safetensors(
             f"{path}: factory {manifest.factory} returned {type(module).__name__}, "
             "not a torch.nn.Module"
         )
-    state = _read_safetensors(path, device)
+    return module
+
+
+def assign_weights(
+    path: str, module: torch.nn.Module, state: dict[str, torch.Tensor]
+) -> torch.nn.Module:
+    """Put ``state`` into the meta-device ``module`` built by its factory."""
     try:
         module.load_state_dict(state, strict=True, assign=True)
     except Exception as e:
         raise ModelLoadError(
-            f"{path}: weights do not fit the module built by {manifest.factory}: "
-            f"{describe_error(e)}"
+            f"{path}: weights do not fit the module built by its factory: {describe_error(e)}"
         ) from e
     # A non-persistent buffer is not in any state dict, so it would stay on meta.
     left = [

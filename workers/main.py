@@ -50,6 +50,10 @@ class WorkerSpec:
     observed_shapes: list[Any] = field(default_factory=list)
     cuda_graphs: bool = False  # capture the forward per batch size (workers.graphs)
     lane: str = ""  # the router's lane socket (workers.lane); "" without one
+    # Drain-first with a standby: read the weights into host memory, report "staged",
+    # and touch the device only after poold says "go" (the old worker's memory is back).
+    hold_device: bool = False
+    from_standby: bool = False  # set inside a standby that was taken; never on the wire
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> WorkerSpec:
@@ -79,16 +83,20 @@ def watch_lifeline(fd: int) -> None:
     threading.Thread(target=wait, name="lifeline", daemon=True).start()
 
 
-def run(spec: WorkerSpec) -> int:
-    """Worker entry point; returns the process exit code."""
-    if spec.lifeline_fd >= 0:
-        watch_lifeline(spec.lifeline_fd)
-    if spec.device.startswith("cuda"):
-        # Pin the device before CUDA initialises: this process then only ever creates a
-        # context on its own GPU, and it appears there as cuda:0.
-        index = spec.device.partition(":")[2] or "0"
+def pin_device(device: str) -> None:
+    """Pin the device before CUDA initialises: this process then only ever creates a
+    context on its own GPU, and it appears there as cuda:0."""
+    if device.startswith("cuda"):
+        index = device.partition(":")[2] or "0"
         os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         os.environ["CUDA_VISIBLE_DEVICES"] = index
+
+
+def run(spec: WorkerSpec) -> int:
+    """Worker entry point; returns the process exit code."""
+    if spec.lifeline_fd >= 0 and not spec.from_standby:  # a standby watches it already
+        watch_lifeline(spec.lifeline_fd)
+    pin_device(spec.device)
     from workers.serve import Worker  # imports torch: already loaded by the spawner
 
     ctx = zmq.Context()

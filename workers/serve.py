@@ -34,6 +34,7 @@ from workers.manifest import ManifestError, load_manifest
 from workers.pacing import LaunchClock
 from workers.pipeline import Completions, Gather, Launched
 from workers.replies import Replier
+from workers.staged import stage_model
 from workers.staging import ALIGN
 from workers.warmup import ValidationError, WarmupError, example_inputs, validate, warm_up
 
@@ -130,7 +131,16 @@ class Worker:
         t1 = time.monotonic()
         try:
             manifest = load_manifest(spec.path)
-            self.model = load_model(spec.path, self.device, manifest)
+            if spec.hold_device:
+                staged = stage_model(spec.path, manifest, pin=self.device.type == "cuda")
+                timings["staged_s"] = time.monotonic() - t1
+                self.event("phase", phase="staged", staged_s=timings["staged_s"])
+                if not self.wait_for_go():
+                    return EXIT_OK
+                t1 = time.monotonic()
+                self.model = staged.to_device(self.device)
+            else:
+                self.model = load_model(spec.path, self.device, manifest)
             self.sync()
         except (ModelLoadError, ManifestError, OSError) as exc:
             return self.fail("load", exc, EXIT_LOAD_FAILED)
@@ -171,10 +181,25 @@ class Worker:
             torch_reserved=gpu,
             num_inputs=self.model.num_inputs,
             graphs=self.graph_info,
+            standby=spec.from_standby,
         )
         self.serve()
         self.event("bye", served=self.replies.served)
         return EXIT_OK
+
+    def wait_for_go(self) -> bool:
+        """Block until poold says "go" (True: the device is ours) or "stop" (False).
+
+        Nothing else can arrive: a worker that has not said "ready" is in no route."""
+        while True:
+            frames = recv_frames(self.sock, 0)  # blocking
+            if frames and frames[0].bytes == p.KIND_CONTROL and len(frames) > 1:
+                try:
+                    kind = p.unpack_map(frames[1].buffer).get("t")
+                except p.ProtocolError:
+                    continue
+                if kind in ("go", "stop"):
+                    return kind == "go"
 
     def capture(self, sets: list[list[torch.Tensor]]) -> None:
         """CUDA graphs of the forward for the warm-up signatures (``workers.graphs``);

@@ -8,9 +8,18 @@ use a CUDA context inherited from its parent.
 Talks to poold over stdin/stdout with length-prefixed msgpack maps::
 
     poold -> spawner   {"t": "spawn", "token": int, "spec": {...WorkerSpec...}}
+                       {"t": "standby", "token": int, "spec": {"device", "lifeline_fd"}}
+                       {"t": "take", "token": int, "pid": int, "spec": {...WorkerSpec...}}
     spawner -> poold   {"t": "hello", "pid": int, "import_s": float}
                        {"t": "spawned", "token": int, "pid": int}
+                       {"t": "took", "token": int, "pid": int, "standby": bool}
+                       {"t": "standby_ready", "pid": int, "prep_s": float, "reserved": int}
                        {"t": "exited", "pid": int, "status": int}  (raw waitpid status)
+
+A standby (``workers.standby``) is a child that prepared its device and waits on a
+socketpair to this process. "take" hands it a worker's spec; when that standby is gone
+(it died, or was never there) the spawner forks a fresh worker instead, so a take
+always yields a worker. "took" says which it was, before the usual "spawned".
 
 It is the parent of every worker and reaps them (one waitpid loop), reporting each exit.
 It exits when poold closes its stdin, or when poold dies (the lifeline pipe).
@@ -22,6 +31,7 @@ import faulthandler
 import os
 import select
 import signal
+import socket
 import struct
 import sys
 import time
@@ -66,8 +76,9 @@ class MessageReader:
         return out
 
 
-def child_main(spec: dict[str, Any], keep_fds: set[int]) -> None:
-    """In the forked child: become an independent worker, run, and never return."""
+def child_main(spec: dict[str, Any], keep_fds: set[int], conn_fd: int = -1) -> None:
+    """In the forked child: become an independent worker (or, with ``conn_fd``, a
+    standby talking on that socket), run, and never return."""
     code = 71
     try:
         os.setsid()  # own process group: the supervisor can kill the worker and its children
@@ -78,9 +89,14 @@ def child_main(spec: dict[str, Any], keep_fds: set[int]) -> None:
         faulthandler.enable()  # SIGABRT from the supervisor (a hung worker) dumps stacks
         for fd in keep_fds:
             os.close(fd)
-        from workers.main import WorkerSpec, run
+        if conn_fd >= 0:
+            from workers.standby import standby_main
 
-        code = run(WorkerSpec.from_dict(spec))
+            code = standby_main(spec, conn_fd)
+        else:
+            from workers.main import WorkerSpec, run
+
+            code = run(WorkerSpec.from_dict(spec))
     except BaseException as exc:  # nothing may unwind into the spawner's loop
         try:
             sys.stderr.write(f"worker {spec.get('wid')}: {type(exc).__name__}: {exc}\n")
@@ -108,6 +124,70 @@ def reaped() -> Iterator[tuple[int, int]]:
 def reap(out_fd: int) -> None:
     for pid, status in reaped():
         write_message(out_fd, {"t": "exited", "pid": pid, "status": status})
+
+
+def fork_worker(spec: dict[str, Any], close_fds: set[int]) -> int:
+    pid = os.fork()
+    if pid == 0:
+        child_main(spec, close_fds)
+    return pid
+
+
+class Standbys:
+    """The standbys this spawner forked: pid -> its end of their socketpair."""
+
+    def __init__(self, out_fd: int) -> None:
+        self.out_fd = out_fd
+        self.conns: dict[int, socket.socket] = {}
+        self.readers: dict[int, MessageReader] = {}
+
+    def fds(self) -> list[int]:
+        return [c.fileno() for c in self.conns.values()]
+
+    def all_fds(self) -> set[int]:
+        return set(self.fds())
+
+    def fork(self, spec: dict[str, Any], close_fds: set[int]) -> int:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pid = os.fork()
+        if pid == 0:
+            ours.close()
+            child_main(spec, close_fds | self.all_fds(), theirs.detach())
+        theirs.close()
+        self.conns[pid] = ours
+        self.readers[pid] = MessageReader()
+        return pid
+
+    def take(self, pid: Any, spec: dict[str, Any]) -> int | None:
+        """Hand ``spec`` to standby ``pid``; its pid, or None when it cannot take it."""
+        conn = self.conns.pop(pid, None) if isinstance(pid, int) else None
+        self.readers.pop(pid, None)
+        if conn is None:
+            return None
+        try:
+            body = msgpack.packb({"t": "take", "spec": spec})
+            conn.sendall(_LEN.pack(len(body)) + body)
+            return int(pid)
+        except OSError:
+            return None  # it died: its exit is on its way through the reaper
+        finally:
+            conn.close()
+
+    def read(self, ready: list[int]) -> None:
+        for pid, conn in list(self.conns.items()):
+            if conn.fileno() not in ready:
+                continue
+            try:
+                data = conn.recv(1 << 16)
+            except OSError:
+                data = b""
+            if not data:  # it exited; the reaper reports how
+                self.conns.pop(pid).close()
+                self.readers.pop(pid, None)
+                continue
+            for msg in self.readers[pid].feed(data):
+                if msg.get("t") == "standby_ready":
+                    write_message(self.out_fd, {**msg, "pid": pid})
 
 
 # Thread pools that native libraries start at import (OpenBLAS, OpenMP, MKL). A fork
@@ -149,8 +229,10 @@ def main() -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     write_message(out_fd, {"t": "hello", "pid": os.getpid(), "import_s": time.monotonic() - t0})
     reader = MessageReader()
-    watched = [in_fd, wake_r] + ([lifeline] if lifeline >= 0 else [])
+    standbys = Standbys(out_fd)
+    own = {in_fd, wake_r, wake_w}
     while True:
+        watched = [in_fd, wake_r] + ([lifeline] if lifeline >= 0 else []) + standbys.fds()
         try:
             ready, _, _ = select.select(watched, [], [], 1.0)
         except InterruptedError:
@@ -160,17 +242,28 @@ def main() -> int:
         reap(out_fd)
         if lifeline in ready:
             return 0  # poold is gone: the workers see the same lifeline and exit too
+        standbys.read(ready)
         if in_fd in ready:
             data = os.read(in_fd, 65536)
             if not data:
                 return 0
             for msg in reader.feed(data):
-                if msg.get("t") == "spawn":
-                    spec = msg.get("spec") or {}
-                    pid = os.fork()
-                    if pid == 0:
-                        child_main(spec, {in_fd, wake_r, wake_w})
-                    write_message(out_fd, {"t": "spawned", "token": msg.get("token"), "pid": pid})
+                kind, token = msg.get("t"), msg.get("token")
+                raw = msg.get("spec")
+                spec: dict[str, Any] = raw if isinstance(raw, dict) else {}
+                if kind == "spawn":
+                    pid = fork_worker(spec, own | standbys.all_fds())
+                elif kind == "standby":
+                    pid = standbys.fork(spec, own)
+                elif kind == "take":
+                    taken = standbys.take(msg.get("pid"), spec)
+                    pid = taken or fork_worker(spec, own | standbys.all_fds())
+                    write_message(
+                        out_fd, {"t": "took", "token": token, "pid": pid, "standby": bool(taken)}
+                    )
+                else:
+                    continue
+                write_message(out_fd, {"t": "spawned", "token": token, "pid": pid})
 
 
 if __name__ == "__main__":

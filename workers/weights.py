@@ -36,9 +36,12 @@ __all__ = [
     "Header",
     "SafetensorsError",
     "TensorSpec",
+    "StagedWeights",
     "load_file",
     "parse_header",
     "read_header",
+    "reserve_ring",
+    "stage_file",
 ]
 
 # The ring of pinned buffers is RING_SLOTS x CHUNK_BYTES = 48 MiB. Pinning
@@ -47,10 +50,11 @@ __all__ = [
 # copy launch, an event: tens of us) a few percent of the millisecond or so that one
 # thread takes to read a chunk. scripts/bench_weights_paths.py times other choices.
 CHUNK_BYTES = 8 << 20
-# One thread copies page cache -> user memory at a few GB/s (one core's memcpy); four
-# together outrun the host-to-device copy without taking a busy host's every core (a
-# pool may start a worker per GPU at once).
-READ_THREADS = 4
+# One thread copies page cache -> user memory at a few GB/s (one core's memcpy); the
+# host-to-device copy runs at ~50 GB/s on an H200, so four threads (15 GB/s measured)
+# left the bus two thirds idle. Up to eight, half the cores, so that a busy host keeps
+# some (a pool may start a worker per GPU at once).
+READ_THREADS = max(4, min(8, (os.cpu_count() or 4) // 2))
 # Two slots beyond the readers: one being copied to the device while every reader fills
 # another, and one to spare so a reader never waits on a copy that has just been issued.
 RING_SLOTS = READ_THREADS + 2
@@ -148,6 +152,71 @@ def load_file(
     try:
         header = _read_header(fd)
         return _stream(fd, header, device, chunk_bytes, threads, ring_slots)
+    finally:
+        os.close(fd)
+
+
+# A ring pinned ahead of time by a standby (workers.standby): the load that takes it
+# pays no cudaHostAlloc. One load only; the ring is freed with it.
+_reserved: list[torch.Tensor] = []
+
+
+def reserve_ring(chunk_bytes: int = CHUNK_BYTES, slots: int = RING_SLOTS) -> None:
+    """Pin the ring of the next CUDA ``load_file`` now (needs CUDA initialised)."""
+    _reserved[:] = [torch.empty(chunk_bytes, dtype=torch.uint8, pin_memory=True)]
+    _reserved.extend(
+        torch.empty(chunk_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(slots - 1)
+    )
+
+
+@dataclass
+class StagedWeights:
+    """A file's data region in host memory (pinned when a GPU is there), read ahead of
+    the device being free; ``to_device`` is then one copy at bus speed per tensor."""
+
+    header: Header
+    data: torch.Tensor  # uint8, data_size bytes
+
+    def to_device(self, device: torch.device | str) -> dict[str, torch.Tensor]:
+        device = torch.device(device)
+        cuda = device.type == "cuda"
+        out: dict[str, torch.Tensor] = {}
+        for s in self.header.tensors:
+            t = torch.empty(s.shape, dtype=s.dtype, device=device)
+            if s.nbytes:
+                src = self.data[s.begin : s.end]
+                t.reshape(-1).view(torch.uint8).copy_(src, non_blocking=cuda)
+            out[s.name] = t
+        if cuda:
+            torch.cuda.current_stream(device).synchronize()
+        return out
+
+    def release(self) -> None:
+        """Give the host buffer back (pinned memory is locked RAM)."""
+        pinned = self.data.is_pinned()
+        self.data = torch.empty(0, dtype=torch.uint8)
+        if pinned:
+            _empty_host_cache()
+
+
+def stage_file(path: str, *, pin: bool, threads: int = READ_THREADS) -> StagedWeights:
+    """Read the checked data region of ``path`` into one host buffer, ``threads`` readers
+    at a time (``pin``: page-locked, needs CUDA initialised)."""
+    fd = _open(path)
+    try:
+        header = _read_header(fd)
+        data = torch.empty(header.data_size, dtype=torch.uint8, pin_memory=pin)
+        view = data.numpy().data if header.data_size else memoryview(b"")
+        step = CHUNK_BYTES
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="stage") as pool:
+            futures = [
+                pool.submit(_read_into, fd, view[lo : lo + step], header.data_start + lo, None)
+                for lo in range(0, header.data_size, step)
+            ]
+            for f in futures:
+                f.result()
+        del view
+        return StagedWeights(header, data)
     finally:
         os.close(fd)
 
@@ -321,14 +390,22 @@ def _stream(
     # buffer is refilled only once the device has taken its bytes.
     copied: list[torch.cuda.Event | None] = [None] * slots
     reads: dict[int, Future[None]] = {}
+    # Pinned ahead by a standby: used when its buffers are as large as a chunk.
+    reserved = [b for b in _reserved if cuda and b.numel() >= chunk]
+    _reserved.clear()
     pool = ThreadPoolExecutor(max_workers=min(threads, slots), thread_name_prefix="weights")
 
     def start_read(k: int) -> None:
         s = k % slots
         if s == len(ring):
             # The ring grows as the first reads start, so pinning a slot overlaps the
-            # reads into the slots before it.
-            buf = torch.empty(chunk, dtype=torch.uint8, pin_memory=cuda)
+            # reads into the slots before it; a standby pinned it ahead of time.
+            spare = reserved.pop() if reserved else None
+            buf = (
+                spare[:chunk]
+                if spare is not None
+                else torch.empty(chunk, dtype=torch.uint8, pin_memory=cuda)
+            )
             ring.append(buf)
             views.append(buf.numpy().data)
         lo = k * chunk
@@ -366,6 +443,7 @@ def _stream(
             pool.shutdown(wait=True, cancel_futures=True)
             views.clear()
             ring.clear()
+            reserved.clear()
             if cuda:
                 # Freed pinned blocks stay cached (and locked in RAM) in torch's host
                 # allocator; a worker loads once, so give them back to the system.

@@ -98,6 +98,14 @@ def print_status(data: dict[str, Any]) -> None:
             for w in m.get("workers", [])
         ]
         table(title, WORKER_COLUMNS, rows)
+    sb = data.get("standby") or {}
+    for x in sb.get("standbys", []):
+        say(
+            f"standby pid {x.get('pid')} on {x.get('device')}: {x.get('state')}, "
+            f"GPU {_bytes(x.get('gpu_bytes'))}, no model"
+        )
+    for device, why in (sb.get("given_up") or {}).items():
+        say(f"no standby on {device}: {why}", "yellow")
 
 
 def print_list(data: dict[str, Any]) -> None:
@@ -187,6 +195,10 @@ def print_upgrade(data: dict[str, Any], error: str) -> None:
         "bold green",
     )
     say(f"  started pids {data.get('pids_started')}, stopped pids {data.get('pids_stopped')}")
+    standby = data.get("standby") or {}
+    if standby.get("taken"):
+        staged = ", weights staged on the host first" if standby.get("staged") else ""
+        say(f"  started in {standby['taken']} hot standby(s){staged}")
     phases = {**data.get("worker_timings", {}), **data.get("phases", {})}
     if phases:
         say("  " + "  ".join(f"{k}={v:.3f}" for k, v in phases.items()))

@@ -1,0 +1,290 @@
+"""poold's side of the hot standbys: one per device that wants one (``workers.standby``).
+
+A standby is forked through the spawner ahead of need. When a worker is spawned on its
+device (upgrade, crash replacement, recycle, rollback) the supervisor takes the standby
+instead of forking a fresh process, and this module forks the next one behind it, but
+only once nothing is booting on that device and no operation of a model there runs:
+the new standby's CUDA init would compete with the load it is meant to speed up, and a
+context appearing mid-operation would move the memory levels an upgrade compares. A
+standby that dies is replaced, with the same back-off as a crashing worker.
+
+Memory accounting: a standby (or a taken standby still staging weights on the host)
+holds a CUDA context and nothing else. ``device_level`` is NVML's used memory minus
+what NVML shows for those context-only processes, so the retire proof compares model
+memory, whatever standbys came and went between its two readings.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from itertools import count
+from typing import Any
+
+from pool.flapping import FlapGuard
+from pool.gpu import Gpu, device_index
+from pool.lifecycle import IllegalTransition, describe_exit
+
+log = logging.getLogger(__name__)
+
+
+class StandbyState(StrEnum):
+    FORKING = "forking"  # asked the spawner
+    PREPARING = "preparing"  # has a pid; bringing its device up
+    WAITING = "waiting"  # device up, no model: ready to be taken
+    TAKEN = "taken"  # became a worker (the worker's record owns the pid now)
+    EXITED = "exited"  # died or was let go before it was taken
+
+
+TRANSITIONS: dict[StandbyState, frozenset[StandbyState]] = {
+    StandbyState.FORKING: frozenset({StandbyState.PREPARING, StandbyState.EXITED}),
+    StandbyState.PREPARING: frozenset(
+        {StandbyState.WAITING, StandbyState.TAKEN, StandbyState.EXITED}
+    ),
+    StandbyState.WAITING: frozenset({StandbyState.TAKEN, StandbyState.EXITED}),
+    StandbyState.TAKEN: frozenset(),
+    StandbyState.EXITED: frozenset(),
+}
+
+
+@dataclass
+class StandbyRecord:
+    sid: str
+    device: str
+    state: StandbyState = StandbyState.FORKING
+    pid: int | None = None
+    forked_at: float = field(default_factory=time.monotonic)
+    ready_at: float | None = None
+    prep_s: float | None = None
+    gpu_bytes: int | None = None  # NVML, per process: its context
+
+    def to(self, new: StandbyState) -> None:
+        if new is self.state:
+            return
+        if new not in TRANSITIONS[self.state]:
+            raise IllegalTransition(f"standby {self.sid}: {self.state.value} -> {new.value}")
+        self.state = new
+
+    @property
+    def alive(self) -> bool:
+        return self.state not in (StandbyState.TAKEN, StandbyState.EXITED)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "sid": self.sid,
+            "device": self.device,
+            "state": self.state.value,
+            "pid": self.pid,
+            "gpu_bytes": self.gpu_bytes,
+            "prep_s": None if self.prep_s is None else round(self.prep_s, 3),
+            "age_s": round(time.monotonic() - self.forked_at, 1),
+        }
+
+
+@dataclass
+class Taken:
+    """What ``Standbys.take`` hands the supervisor: the standby's pid, for the spawner."""
+
+    pid: int
+    sid: str
+    waited: bool  # True: it had finished preparing (WAITING), else still PREPARING
+
+
+AskStandby = Callable[[dict[str, Any]], int]  # spec -> spawner token
+
+
+class Standbys:
+    """The standby records of every device, and when to fork the next one."""
+
+    def __init__(self, ask: AskStandby, gpu: Gpu, lifeline_fd: int) -> None:
+        self.ask = ask
+        self.gpu = gpu
+        self.lifeline_fd = lifeline_fd
+        self.wanted: set[str] = set()
+        self.current: dict[str, StandbyRecord] = {}  # device -> its live standby
+        self.by_token: dict[int, StandbyRecord] = {}
+        self.by_pid: dict[int, StandbyRecord] = {}
+        self.flap: dict[str, FlapGuard] = {}
+        self.next_try: dict[str, float] = {}
+        self.given_up: dict[str, str] = {}  # device -> why no standby is forked there
+        self.taken: dict[str, int] = {}  # device -> standbys taken (counter)
+        self.died: dict[str, int] = {}  # device -> standbys lost before being taken
+        self.sids = count(1)
+
+    # ----------------------------------------------------------------- forking
+    def want(self, devices: Iterable[str]) -> None:
+        self.wanted = set(devices)
+
+    def tick(self, now: float, busy_devices: set[str]) -> None:
+        """Fork a standby on every wanted device that has none and is not busy."""
+        for device in sorted(self.wanted):
+            rec = self.current.get(device)
+            if rec is not None and rec.alive:
+                continue
+            if device in busy_devices or device in self.given_up:
+                continue
+            if now < self.next_try.get(device, 0.0):
+                continue
+            self._fork(device)
+
+    def _fork(self, device: str) -> None:
+        rec = StandbyRecord(sid=f"standby.{device}.{next(self.sids)}", device=device)
+        self.current[device] = rec
+        token = self.ask({"sid": rec.sid, "device": device, "lifeline_fd": self.lifeline_fd})
+        self.by_token[token] = rec
+        log.info("forking standby %s on %s", rec.sid, device)
+
+    # ----------------------------------------------------------------- taking
+    def take(self, device: str) -> Taken | None:
+        """The device's standby for a worker, if one has a pid; it is no longer ours."""
+        rec = self.current.get(device)
+        if rec is None or rec.pid is None or not rec.alive:
+            return None
+        waited = rec.state is StandbyState.WAITING
+        rec.to(StandbyState.TAKEN)
+        del self.current[device]
+        self.taken[device] = self.taken.get(device, 0) + 1
+        # by_pid keeps it until the spawner says whether the take happened ("took"):
+        # a standby that died just before is reaped as a standby, not as the worker.
+        return Taken(rec.pid, rec.sid, waited)
+
+    def took(self, pid: int, used: bool) -> None:
+        """The spawner's answer to a take: ``used`` False means it forked afresh."""
+        rec = self.by_pid.get(pid)
+        if rec is not None and rec.state is StandbyState.TAKEN and used:
+            del self.by_pid[pid]
+
+    def waiting(self, device: str) -> StandbyRecord | None:
+        rec = self.current.get(device)
+        return rec if rec is not None and rec.alive and rec.pid is not None else None
+
+    # ----------------------------------------------------------------- spawner news
+    def on_spawned(self, token: int, pid: int) -> bool:
+        rec = self.by_token.pop(token, None)
+        if rec is None:
+            return False
+        rec.pid = pid
+        self.by_pid[pid] = rec
+        if rec.state is StandbyState.FORKING:
+            rec.to(StandbyState.PREPARING)
+        return True
+
+    def on_spawn_failed(self, token: int, reason: str) -> bool:
+        rec = self.by_token.pop(token, None)
+        if rec is None:
+            return False
+        self._lost(rec, reason)
+        return True
+
+    def on_ready(self, msg: dict[str, Any]) -> None:
+        rec = self.by_pid.get(int(msg.get("pid") or 0))
+        if rec is None or rec.state is not StandbyState.PREPARING:
+            return
+        rec.to(StandbyState.WAITING)
+        rec.ready_at = time.monotonic()
+        prep = msg.get("prep_s")
+        rec.prep_s = float(prep) if isinstance(prep, int | float) else None
+        self.flap.setdefault(rec.device, FlapGuard()).reset()
+        log.info(
+            "standby %s [pid %s] on %s waiting (device up in %.2fs)",
+            rec.sid,
+            rec.pid,
+            rec.device,
+            rec.prep_s or 0.0,
+        )
+
+    def on_exited(self, pid: int, status: int) -> bool:
+        """A standby's exit; False when ``pid`` is not a standby's."""
+        rec = self.by_pid.pop(pid, None)
+        if rec is None:
+            return False
+        if rec.state is StandbyState.TAKEN:
+            return True  # taken just as it died: the spawner forked a worker instead
+        self._lost(rec, describe_exit(status))
+        return True
+
+    def _lost(self, rec: StandbyRecord, how: str) -> None:
+        was = rec.state
+        if rec.alive:
+            rec.to(StandbyState.EXITED)
+        if self.current.get(rec.device) is rec:
+            del self.current[rec.device]
+        self.died[rec.device] = self.died.get(rec.device, 0) + 1
+        if rec.device not in self.wanted:
+            log.info("standby %s [pid %s] gone: %s", rec.sid, rec.pid, how)
+            return
+        delay = self.flap.setdefault(rec.device, FlapGuard()).failure()
+        if delay is None:
+            why = f"standbys on {rec.device} keep dying; last: {how}"
+            self.given_up[rec.device] = why
+            log.error("%s; no more standbys there (workers start cold)", why)
+            return
+        self.next_try[rec.device] = time.monotonic() + delay
+        log.warning(
+            "standby %s [pid %s] on %s died while %s: %s; another in %.1fs",
+            rec.sid,
+            rec.pid,
+            rec.device,
+            was.value,
+            how,
+            delay,
+        )
+
+    # ----------------------------------------------------------------- memory, status
+    def sample(self) -> None:
+        per_dev: dict[int, dict[int, int] | None] = {}
+        for rec in self.current.values():
+            idx = device_index(rec.device)
+            if idx is None or rec.pid is None:
+                continue
+            if idx not in per_dev:
+                per_dev[idx] = self.gpu.process_bytes(idx)
+            procs = per_dev[idx]
+            if procs is not None:
+                rec.gpu_bytes = procs.get(rec.pid)
+
+    def pids(self, device: str) -> set[int]:
+        rec = self.current.get(device)
+        return {rec.pid} if rec is not None and rec.alive and rec.pid is not None else set()
+
+    def stop_all(self) -> None:
+        """Let every standby go (poold is stopping; the spawner's exit would do it too)."""
+        self.wanted = set()
+        for rec in list(self.current.values()):
+            if rec.pid is not None:
+                try:
+                    os.killpg(rec.pid, signal.SIGTERM)  # it leads its own group
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [r.describe() for r in self.current.values() if r.alive]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "wanted": sorted(self.wanted),
+            "standbys": self.describe(),
+            "taken": dict(self.taken),
+            "died": dict(self.died),
+            "given_up": dict(self.given_up),
+        }
+
+
+def device_level(gpu: Gpu, device: str, context_pids: set[int]) -> int | None:
+    """NVML's used bytes on ``device`` minus those of ``context_pids`` (processes that
+    hold a CUDA context and no model: standbys, and a taken one staging weights)."""
+    idx = device_index(device)
+    if idx is None:
+        return None
+    mem = gpu.memory(idx)
+    if mem is None:
+        return None
+    if not context_pids:
+        return mem[0]
+    procs = gpu.process_bytes(idx) or {}
+    return mem[0] - sum(procs.get(pid, 0) for pid in context_pids)

@@ -1,0 +1,79 @@
+"""The supervisor's half of the hot standbys (mixed into ``pool.supervisor.Supervisor``).
+
+Which model takes the device's standby (``standby`` in the config), the news the
+spawner sends about standbys and takes, which devices must not get a new standby yet,
+and the device memory level without bare CUDA contexts that the retire proof compares
+(``pool.standby`` explains why).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+
+from pool.config import standby_wanted
+from pool.lifecycle import WorkerRecord, WorkerState
+from pool.runtime import ModelRuntime
+from pool.standby import Standbys, device_level
+
+if TYPE_CHECKING:
+    from pool.config import PoolConfig
+    from pool.gpu import Gpu
+    from router.router import Router
+
+
+class StandbyUse:
+    pool: PoolConfig
+    gpu: Gpu
+    router: Router
+    models: dict[str, ModelRuntime]
+    by_token: dict[int, WorkerRecord]
+    standbys: Standbys
+
+    def takes_standby(self, rt: ModelRuntime, device: str) -> bool:
+        return standby_wanted(self.pool, rt.cfg, device)
+
+    def release(self, rec: WorkerRecord) -> None:
+        """A held worker may now put its staged weights on the device."""
+        rec.holding = False
+        self.router.send_control(rec.slot_view.wid, msgpack.packb({"t": "go"}))
+
+    def context_pids(self, device: str) -> set[int]:
+        """Processes on ``device`` holding a CUDA context and no model (pool.standby)."""
+        held = {
+            w.pid
+            for rt in self.models.values()
+            for w in rt.workers
+            if w.holding and w.alive and w.device == device and w.pid is not None
+        }
+        return self.standbys.pids(device) | held
+
+    def device_level(self, device: str) -> int | None:
+        """Used device memory, bare contexts left out (see pool.standby)."""
+        return device_level(self.gpu, device, self.context_pids(device))
+
+    def on_spawner_message(self, msg: dict[str, Any]) -> None:
+        if msg.get("t") == "standby_ready":
+            self.standbys.on_ready(msg)
+        elif msg.get("t") == "took":
+            pid, used = int(msg.get("pid") or 0), bool(msg.get("standby"))
+            self.standbys.took(pid, used)
+            rec = self.by_token.get(int(msg.get("token") or 0))
+            if rec is not None:
+                rec.from_standby = used
+
+    def busy_devices(self) -> set[str]:
+        """Devices where a standby must not be forked now: something boots there, or an
+        operation of a model there runs (see pool.standby)."""
+        busy: set[str] = set()
+        for rt in self.models.values():
+            if rt.busy is not None:
+                busy.update(rt.devices)
+            busy.update(w.device for w in rt.workers if w.booting or w.state is WorkerState.FAILED)
+        return busy
+
+    def on_exited(self, pid: int, status: int) -> None:
+        """A standby's exit is the standbys' business; any other goes on to WorkerExits."""
+        if not self.standbys.on_exited(pid, status):
+            super().on_exited(pid, status)  # type: ignore[misc]

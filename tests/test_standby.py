@@ -1,0 +1,235 @@
+"""Hot standbys on the CPU (``standby = true``): forked ahead, never serving, taken on
+crash, upgrade (surge and staged drain-first) and recycle, replenished, replaced when
+they die. One poold serves every case in order; the standby is the device's, shared by
+the models on it (``cold`` has ``standby = false`` and must never take it)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from typing import Any
+
+import psutil
+import pytest
+from modelkit import make_mlp, mlp_input, mlp_reference
+from poolkit import Load, Pool, running_pool, wait_for
+
+from pool.lifecycle import IllegalTransition
+from pool.standby import Standbys, StandbyState
+
+SEEDS = {"1": 1, "2": 2, "3": 3}
+
+
+def check(x: Any, r: Any) -> str | None:
+    if r.version not in SEEDS:
+        return f"unexpected version {r.version!r}"
+    import numpy as np
+
+    if not np.allclose(r.outputs[0], mlp_reference(SEEDS[r.version], x), rtol=1e-5, atol=1e-6):
+        return f"answer does not match version {r.version}"
+    return None
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
+    d = str(tmp_path_factory.mktemp("standby"))
+    models = os.path.join(d, "models")
+    for v, seed in SEEDS.items():
+        make_mlp(os.path.join(models, f"v{v}.pt"), seed=seed)
+    make_mlp(os.path.join(models, "cold.pt"), seed=1)
+    make_mlp(os.path.join(models, "recycled.pt"), seed=1)
+    cfg = [
+        {"name": "m", "path": os.path.join(models, "v1.pt"), "version": "1", "devices": ["cpu"]},
+        {"name": "cold", "path": os.path.join(models, "cold.pt"), "version": "1",
+         "devices": ["cpu"], "standby": False},
+        {"name": "recycled", "path": os.path.join(models, "recycled.pt"), "version": "1",
+         "devices": ["cpu"], "max_requests": 40, "max_requests_jitter": 0.0},
+    ]  # fmt: skip
+    with running_pool(d, cfg, standby=True) as p:
+        yield p
+
+
+def standby(pool: Pool, other_than: int | None = None) -> dict[str, Any]:
+    """The cpu standby once it waits (and is not ``other_than``)."""
+
+    def ready() -> dict[str, Any] | None:
+        for sb in pool.status()["standby"]["standbys"]:
+            if sb["device"] == "cpu" and sb["state"] == "waiting" and sb["pid"] != other_than:
+                return sb
+        return None
+
+    found: dict[str, Any] = wait_for(ready, 60, "a waiting standby on cpu")
+    return found
+
+
+def workers(pool: Pool, model: str) -> list[dict[str, Any]]:
+    return [w for w in pool.model(model)["workers"] if w["state"] == "ready"]
+
+
+def unix_sockets(pid: int) -> int:
+    return sum(1 for c in psutil.Process(pid).net_connections(kind="unix"))
+
+
+@pytest.mark.slow
+def test_forked_ahead_holds_nothing_and_cannot_serve(pool: Pool) -> None:
+    sb = standby(pool)
+    serving = {w["pid"] for m in ("m", "cold", "recycled") for w in workers(pool, m)}
+    assert sb["pid"] not in serving
+    # Its one socket is the socketpair to the spawner: no way to receive a request.
+    assert unix_sockets(sb["pid"]) == 1
+    assert any(unix_sockets(pid) > 1 for pid in serving)
+    with pool.client() as c:
+        for i in range(20):
+            assert check(mlp_input(1, seed=i), c.infer("m", mlp_input(1, seed=i))) is None
+    assert pool.status()["standby"]["standbys"][0]["pid"] == sb["pid"]  # still idle
+
+
+@pytest.mark.slow
+def test_crash_replacement_takes_it_and_a_new_one_follows(pool: Pool) -> None:
+    sb = standby(pool)
+    (old,) = workers(pool, "m")
+    with Load(pool.frontend, "m", 2, check=check) as load:
+        load.wait_ok(10)
+        os.kill(old["pid"], signal.SIGKILL)
+        new = wait_for(lambda: [w for w in workers(pool, "m") if w["pid"] != old["pid"]],
+                       60, "a replacement worker")[0]  # fmt: skip
+        load.wait_ok(10)
+    assert not load.errors, load.errors[:3]
+    assert new["pid"] == sb["pid"] and new["from_standby"]
+    assert standby(pool, other_than=sb["pid"])["pid"] != sb["pid"]  # replenished
+
+
+@pytest.mark.slow
+def test_model_with_standby_false_never_takes_it(pool: Pool) -> None:
+    sb = standby(pool)
+    (old,) = workers(pool, "cold")
+    os.kill(old["pid"], signal.SIGKILL)
+    new = wait_for(lambda: [w for w in workers(pool, "cold") if w["pid"] != old["pid"]],
+                   60, "a cold replacement")[0]  # fmt: skip
+    assert new["pid"] != sb["pid"] and not new["from_standby"]
+    assert standby(pool)["pid"] == sb["pid"]
+
+
+@pytest.mark.slow
+def upgrade(pool: Pool, version: str, strategy: str) -> dict[str, Any]:
+    path = os.path.join(pool.dir, "models", f"v{version}.pt")
+    args = {"model": "m", "path": path, "version": version, "strategy": strategy}
+    return pool.ctl("upgrade", args, timeout_s=120)
+
+
+def test_upgrade_surge_then_drain_first_staged(pool: Pool) -> None:
+    with Load(pool.frontend, "m", 3, check=check) as load:
+        load.wait_ok(10)
+        sb = standby(pool)
+        res = upgrade(pool, "2", "surge")
+        assert res["ok"], res
+        data = res["data"]
+        assert data["standby"] == {"taken": 1, "staged": False}
+        assert data["pids_started"] == [sb["pid"]]
+        sb = standby(pool, other_than=sb["pid"])
+        res = upgrade(pool, "3", "drain-first")
+        assert res["ok"], res
+        data = res["data"]
+        assert data["standby"] == {"taken": 1, "staged": True}
+        assert data["pids_started"] == [sb["pid"]]
+        assert "staged_s" in data["phases"] and "staged_s" in data["worker_timings"]
+        load.wait_ok(10)
+    assert not load.errors, load.errors[:3]
+    for versions in load.versions:  # never back to an older version
+        assert versions == sorted(versions), versions[:50]
+    history = pool.ctl("history", {"model": "m"})["data"]["history"]
+    assert history[-1]["standby"] == {"taken": 1, "staged": True}
+    assert history[-2]["standby"] == {"taken": 1, "staged": False}
+
+
+@pytest.mark.slow
+def test_recycle_takes_it(pool: Pool) -> None:
+    sb = standby(pool)
+    (old,) = workers(pool, "recycled")
+    with pool.client() as c:
+        for i in range(60):
+            c.infer("recycled", mlp_input(1, seed=i))
+    new = wait_for(lambda: [w for w in workers(pool, "recycled") if w["pid"] != old["pid"]],
+                   60, "the recycled worker's replacement")[0]  # fmt: skip
+    assert new["pid"] == sb["pid"] and new["from_standby"]
+
+
+@pytest.mark.slow
+def test_dead_standby_is_replaced(pool: Pool) -> None:
+    sb = standby(pool)
+    died = pool.status()["standby"]["died"].get("cpu", 0)
+    os.kill(sb["pid"], signal.SIGKILL)
+    again = standby(pool, other_than=sb["pid"])
+    assert again["pid"] != sb["pid"]
+    assert pool.status()["standby"]["died"]["cpu"] == died + 1
+    text = pool.pool_ctl("status")
+    assert f"standby pid {again['pid']} on cpu" in text.stdout, text.stdout
+
+
+# ---------------------------------------------------------------- decisions, no processes
+
+
+def test_standby_decisions() -> None:
+    asked: list[dict[str, Any]] = []
+
+    class NoGpu:
+        def memory(self, idx: int) -> None:
+            return None
+
+        def process_bytes(self, idx: int) -> None:
+            return None
+
+    def ask(spec: dict[str, Any]) -> int:
+        asked.append(spec)
+        return len(asked)
+
+    sb = Standbys(ask, NoGpu(), -1)  # type: ignore[arg-type]
+    sb.want(["cuda:0"])
+    sb.tick(0.0, busy_devices={"cuda:0"})
+    assert not asked  # nothing forks where something boots
+    sb.tick(0.0, busy_devices=set())
+    assert [a["device"] for a in asked] == ["cuda:0"]
+    assert sb.take("cuda:0") is None  # no pid yet: the worker forks afresh
+    sb.on_spawned(1, 4242)
+    sb.on_ready({"pid": 4242, "prep_s": 0.2})
+    assert sb.current["cuda:0"].state is StandbyState.WAITING
+    taken = sb.take("cuda:0")
+    assert taken is not None and taken.pid == 4242 and taken.waited
+    with pytest.raises(IllegalTransition):
+        taken_rec = sb.by_pid[4242]
+        taken_rec.to(StandbyState.WAITING)
+    sb.took(4242, used=True)
+    assert sb.on_exited(4242, 0) is False  # the worker's exit now, not a standby's
+    # Deaths back off, then give up.
+    for n in range(5):
+        sb.tick(1e9 + n * 100, busy_devices=set())
+        token = len(asked)
+        sb.on_spawned(token, 5000 + n)
+        assert sb.on_exited(5000 + n, 9)
+    assert "cuda:0" in sb.given_up
+    before = len(asked)
+    sb.tick(2e9, busy_devices=set())
+    assert len(asked) == before
+
+
+def test_standby_config(tmp_path: Any) -> None:
+    from pool.config import check_config, load_config, standby_wanted
+    from pool.tomlwrite import write_config
+
+    model = make_mlp(str(tmp_path / "m.pt"), seed=1)
+    path = str(tmp_path / "pool.toml")
+    write_config(path, {}, [{"name": "a", "path": model}, {"name": "b", "path": model,
+                 "standby": False}, {"name": "c", "path": model, "standby": True}])  # fmt: skip
+    cfg = load_config(path, env={})
+    a, b, c = cfg.models
+    assert cfg.pool.standby == "auto" and a.standby is None
+    assert standby_wanted(cfg.pool, a, "cuda:0") and not standby_wanted(cfg.pool, a, "cpu")
+    assert not standby_wanted(cfg.pool, b, "cuda:1") and standby_wanted(cfg.pool, c, "cpu")
+    off = load_config(path, env={"GPU_POOL_STANDBY": "false"})
+    assert not standby_wanted(off.pool, a, "cuda:0") and standby_wanted(off.pool, c, "cpu")
+    write_config(path, {"standby": "yes"}, [{"name": "a", "path": model, "standby": 1}])
+    problems = check_config(path, env={"GPU_POOL_STANDBY": "maybe"})
+    assert any(p.startswith('models[0].standby: must be "auto", true or false') for p in problems)
+    assert any(p.startswith("pool.standby: must be") for p in problems), problems
+    assert any(p.startswith("env GPU_POOL_STANDBY: must be") for p in problems), problems

@@ -1,0 +1,92 @@
+"""A model read into host memory first, put on the device later (drain-first upgrades).
+
+A drain-first upgrade exists because the device has no room for two versions. With a
+standby the new version's worker already runs; it reads the new weights into host memory
+while the old worker still serves (``stage_model``), says "staged", and waits. Once the
+old worker has exited and its device memory is back, poold says "go" and
+``StagedModel.to_device`` copies the weights over at bus speed: clients wait for the
+old worker's drain and exit plus one host-to-device copy and a warm-up, not for a read
+of the file.
+
+- safetensors: the checked data region in one pinned buffer (``workers.weights``), the
+  module built on meta; on the device, one copy per tensor.
+- TorchScript and torch.export: loaded onto the CPU, moved with ``Module.to``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from workers import weights
+from workers.loader import (
+    FORMATS,
+    LoadedModel,
+    ModelLoadError,
+    _load_export,
+    _load_torchscript,
+    _script_num_inputs,
+    _signature_num_inputs,
+    assign_weights,
+    build_factory_module,
+    describe_error,
+    load_model,
+)
+from workers.manifest import Manifest
+
+
+@dataclass
+class StagedModel:
+    path: str
+    format: str
+    module: torch.nn.Module  # on the host (TorchScript, export) or on meta (safetensors)
+    staged: weights.StagedWeights | None = None  # safetensors only
+
+    def to_device(self, device: torch.device) -> LoadedModel:
+        """The model on ``device``; the host copy is released."""
+        path = self.path
+        try:
+            if self.staged is not None:
+                state = self.staged.to_device(device)
+                self.staged.release()
+                module = assign_weights(path, self.module, state)
+                num_inputs = _signature_num_inputs(module)
+            else:
+                module = self.module.to(device)
+                num_inputs = (
+                    _script_num_inputs(module, path)
+                    if self.format == "torchscript"
+                    else _signature_num_inputs(module)
+                )
+        except ModelLoadError:
+            raise
+        except Exception as e:
+            raise ModelLoadError(f"{path}: cannot move to {device}: {describe_error(e)}") from e
+        return LoadedModel(
+            module=module, device=device, format=self.format, num_inputs=num_inputs, path=path
+        )
+
+
+def stage_model(path: str, manifest: Manifest | None, pin: bool) -> StagedModel:
+    """Read ``path`` into host memory (``pin``: page-locked, for a CUDA device)."""
+    fmt = FORMATS.get(os.path.splitext(path)[1].lower())
+    cpu = torch.device("cpu")
+    if fmt == "torchscript":
+        return StagedModel(path, fmt, _load_torchscript(path, cpu))
+    if fmt == "export":
+        return StagedModel(path, fmt, _load_export(path, cpu))
+    if fmt == "safetensors":
+        module = build_factory_module(path, manifest)
+        try:
+            staged = weights.stage_file(path, pin=pin)
+        except weights.SafetensorsError as e:
+            raise ModelLoadError(f"{path}: cannot read safetensors weights: {e}") from e
+        except Exception as e:
+            raise ModelLoadError(
+                f"{path}: cannot read safetensors weights: {describe_error(e)}"
+            ) from e
+        return StagedModel(path, fmt, module, staged)
+    load_model(path, cpu, manifest)  # raises the loader's own error for the format
+    raise ModelLoadError(f"{path}: cannot be staged")

@@ -1,0 +1,96 @@
+"""The hot standby: a process whose device is already up, waiting to become a worker.
+
+Forked by the spawner ahead of need (``{"t": "standby"}``), it pins its device,
+initialises CUDA, creates the cuBLAS handle with one small GEMM, pins the host ring
+that ``workers.weights`` streams a safetensors file through, and then waits, holding no
+model and no socket to the router: it cannot answer a request because it has no way to
+receive one. Its one channel is a socketpair to the spawner, length-prefixed msgpack::
+
+    standby -> spawner   {"t": "standby_ready", "prep_s": float, "reserved": int}
+    spawner -> standby   {"t": "take", "spec": {...WorkerSpec...}}
+
+On "take" it becomes an ordinary worker (``workers.main.run``) with everything above
+already paid: the take costs the model's load and warm-up only. EOF on the socketpair
+(the spawner is gone or let it go) and poold's lifeline both end it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from workers.exitcodes import EXIT_OK, EXIT_STANDBY_FAILED
+from workers.main import WorkerSpec, pin_device, run, watch_lifeline
+from workers.spawner import MessageReader, write_message
+
+log = logging.getLogger(__name__)
+
+GEMM_SIZE = 256  # big enough that cuBLAS picks a real kernel and allocates its workspace
+
+
+def prepare(device: str) -> dict[str, Any]:
+    """Everything a worker on ``device`` pays before its load, paid now."""
+    import torch
+
+    from workers import weights
+
+    t0 = time.monotonic()
+    reserved = 0
+    if device.startswith("cuda"):
+        dev = torch.device("cuda", 0)  # the only device this process can see
+        torch.cuda.init()
+        a = torch.rand(8, GEMM_SIZE, device=dev)
+        b = torch.rand(GEMM_SIZE, GEMM_SIZE, device=dev)
+        torch.nn.functional.linear(a, b)
+        torch.cuda.synchronize()
+        del a, b
+        # Pinning costs far more per byte than copying: the ring a load streams through
+        # is pinned here, off the critical path.
+        weights.reserve_ring()
+        reserved = int(torch.cuda.memory_reserved(dev))
+    else:
+        torch.nn.functional.linear(torch.rand(8, GEMM_SIZE), torch.rand(GEMM_SIZE, GEMM_SIZE))
+    return {"prep_s": time.monotonic() - t0, "reserved": reserved}
+
+
+def read_one(fd: int) -> dict[str, Any] | None:
+    """The next message on ``fd`` (blocking); None at EOF."""
+    reader = MessageReader()
+    while True:
+        try:
+            data = os.read(fd, 1 << 16)
+        except InterruptedError:
+            continue
+        if not data:
+            return None
+        msgs = reader.feed(data)
+        if msgs:
+            return msgs[0]
+
+
+def standby_main(spec: dict[str, Any], conn_fd: int) -> int:
+    """In the forked child: prepare the device, wait for a take, then run as a worker."""
+    device = str(spec.get("device") or "cpu")
+    lifeline = spec.get("lifeline_fd", -1)
+    if isinstance(lifeline, int) and lifeline >= 0:
+        watch_lifeline(lifeline)
+    pin_device(device)
+    try:
+        info = prepare(device)
+    except Exception as exc:  # a device that cannot come up: poold sees the exit code
+        log.error("standby on %s: %s: %s", device, type(exc).__name__, exc)
+        return EXIT_STANDBY_FAILED
+    try:
+        write_message(conn_fd, {"t": "standby_ready", "pid": os.getpid(), **info})
+    except OSError:
+        pass  # taken while preparing (the spawner closed its end), or the spawner is gone
+    msg = read_one(conn_fd)  # a take sent meanwhile is still in the socket's buffer
+    os.close(conn_fd)
+    if msg is None or msg.get("t") != "take" or not isinstance(msg.get("spec"), dict):
+        return EXIT_OK
+    wspec = WorkerSpec.from_dict(msg["spec"])
+    wspec.from_standby = True
+    wspec.lifeline_fd = lifeline if isinstance(lifeline, int) else -1
+    return run(wspec)
