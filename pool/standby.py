@@ -115,10 +115,25 @@ class Standbys:
         self.taken: dict[str, int] = {}  # device -> standbys taken (counter)
         self.died: dict[str, int] = {}  # device -> standbys lost before being taken
         self.sids = count(1)
+        self.closed = False  # poold is stopping: no standby is wanted any more
 
     # ----------------------------------------------------------------- forking
     def want(self, devices: Iterable[str]) -> None:
-        self.wanted = set(devices)
+        """The devices that should have a standby; one on any other device is let go."""
+        self.wanted = set() if self.closed else set(devices)
+        for device in [d for d in self.current if d not in self.wanted]:
+            rec = self.current.pop(device)
+            log.info("standby %s [pid %s] no longer wanted on %s", rec.sid, rec.pid, device)
+            self._signal(rec)
+
+    def _signal(self, rec: StandbyRecord) -> None:
+        """SIGTERM a standby's group (it leads its own); its exit is reaped as usual.
+        One still forking has no pid yet: the spawner's answer finds it gone."""
+        if rec.pid is not None:
+            try:
+                os.killpg(rec.pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def tick(self, now: float, busy_devices: set[str]) -> None:
         """Fork a standby on every wanted device that has none and is not busy."""
@@ -172,6 +187,8 @@ class Standbys:
         self.by_pid[pid] = rec
         if rec.state is StandbyState.FORKING:
             rec.to(StandbyState.PREPARING)
+        if self.current.get(rec.device) is not rec:
+            self._signal(rec)  # let go while it was forking
         return True
 
     def on_spawn_failed(self, token: int, reason: str) -> bool:
@@ -212,12 +229,11 @@ class Standbys:
         was = rec.state
         if rec.alive:
             rec.to(StandbyState.EXITED)
-        if self.current.get(rec.device) is rec:
-            del self.current[rec.device]
-        self.died[rec.device] = self.died.get(rec.device, 0) + 1
-        if rec.device not in self.wanted:
-            log.info("standby %s [pid %s] gone: %s", rec.sid, rec.pid, how)
+        if self.current.get(rec.device) is not rec:
+            log.info("standby %s [pid %s] gone: %s", rec.sid, rec.pid, how)  # let go
             return
+        del self.current[rec.device]
+        self.died[rec.device] = self.died.get(rec.device, 0) + 1
         delay = self.flap.setdefault(rec.device, FlapGuard()).failure()
         if delay is None:
             why = f"standbys on {rec.device} keep dying; last: {how}"
@@ -254,13 +270,8 @@ class Standbys:
 
     def stop_all(self) -> None:
         """Let every standby go (poold is stopping; the spawner's exit would do it too)."""
-        self.wanted = set()
-        for rec in list(self.current.values()):
-            if rec.pid is not None:
-                try:
-                    os.killpg(rec.pid, signal.SIGTERM)  # it leads its own group
-                except (ProcessLookupError, PermissionError):
-                    pass
+        self.closed = True
+        self.want(())
 
     def describe(self) -> list[dict[str, Any]]:
         return [r.describe() for r in self.current.values() if r.alive]

@@ -90,9 +90,6 @@ class Supervisor(StandbyUse, WorkerExits, WorkerStopping):
         rt.serving_gen = gen  # requests queue until its workers are ready
         for slot in range(len(devices)):
             self.spawn(rt, gen, slot)
-        self.standbys.want(
-            d for m in self.models.values() for d in m.devices if self.takes_standby(m, d)
-        )
         return rt
 
     def new_generation(self, rt: ModelRuntime, deployed: Deployed) -> int:
@@ -335,6 +332,10 @@ class Supervisor(StandbyUse, WorkerExits, WorkerStopping):
         if now - self.last_sample >= SAMPLE_EVERY_S:
             self.last_sample = now
             self.sample_memory()
+        # Recomputed every tick: load, unload, scale and reload change the devices.
+        self.standbys.want(
+            d for m in self.models.values() for d in m.devices if self.takes_standby(m, d)
+        )
         self.standbys.tick(now, self.busy_devices())
         self.scheduler.poll()
 

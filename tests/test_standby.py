@@ -233,3 +233,20 @@ def test_standby_config(tmp_path: Any) -> None:
     assert any(p.startswith('models[0].standby: must be "auto", true or false') for p in problems)
     assert any(p.startswith("pool.standby: must be") for p in problems), problems
     assert any(p.startswith("env GPU_POOL_STANDBY: must be") for p in problems), problems
+
+
+def test_unwanted_standby_is_let_go_not_counted_dead(monkeypatch: pytest.MonkeyPatch) -> None:
+    killed: list[int] = []
+    monkeypatch.setattr(os, "killpg", lambda pid, sig: killed.append(pid))
+    tokens = iter(range(1, 100))
+    sb = Standbys(lambda spec: next(tokens), None, -1)  # type: ignore[arg-type]
+    sb.want(["cpu"])
+    sb.tick(0.0, set())
+    sb.on_spawned(1, 7001)
+    sb.want([])  # its model was unloaded, or poold stops
+    assert killed == [7001] and not sb.current
+    assert sb.on_exited(7001, 15) and sb.died == {} and not sb.next_try
+    sb.stop_all()
+    sb.want(["cpu"])  # a stopping poold wants none, whatever its models say
+    sb.tick(10.0, set())
+    assert sb.wanted == set() and not sb.current
