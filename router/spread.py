@@ -88,6 +88,8 @@ class SpreadClient:
         self.next_refresh = self.clock() + (self.refresh_s if self.hosts else 0.5)
 
     def describe(self) -> list[dict[str, Any]]:
+        for h in self.hosts.values():
+            h.tick()  # report what the monitors have seen by now
         return [h.describe() for h in self.hosts.values()]
 
     def pick(self, deadline: float, tried: set[str]) -> Host:
