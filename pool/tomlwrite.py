@@ -1,30 +1,28 @@
 """Writing the small TOML configs that tests, the benchmark and the stress script start
-poold with (tomllib reads TOML but does not write it)."""
+poold with. tomllib reads TOML but does not write it; tomli-w writes what tomllib reads
+(a hand-rolled writer once produced strings tomllib rejected, e.g. with an emoji)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import tomli_w
 
-def toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return json.dumps(v)  # a JSON string is a valid TOML basic string
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    if isinstance(v, int | float):
-        return repr(v)
-    raise TypeError(f"cannot write {type(v).__name__} as TOML")
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, tuple | list):
+        return [_plain(x) for x in v]
+    if isinstance(v, Mapping):
+        return {str(k): _plain(x) for k, x in v.items()}
+    return v
 
 
 def write_config(path: str, pool: Mapping[str, Any], models: Sequence[Mapping[str, Any]]) -> str:
     """A config file with a [pool] table and one [[models]] entry per mapping."""
-    lines = ["[pool]"] + [f"{k} = {toml_value(v)}" for k, v in pool.items()]
-    for m in models:
-        lines += ["", "[[models]]"] + [f"{k} = {toml_value(v)}" for k, v in m.items()]
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    doc: dict[str, Any] = {"pool": _plain(pool)}
+    if models:
+        doc["models"] = [_plain(m) for m in models]
+    with open(path, "wb") as f:
+        tomli_w.dump(doc, f)
     return path

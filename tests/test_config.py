@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -732,3 +733,14 @@ def test_check_config_is_empty_for_a_good_file(tmp_path: Path) -> None:
     path = write(tmp_path, f'[[models]]\nname = "m"\npath = "{model}"\ndevices = ["cpu"]\n')
     assert check_config(str(path), ENV) == []
     assert check_config(str(write(tmp_path, "", "empty.toml")), ENV) == []
+
+
+def test_written_configs_read_back_whatever_the_text(tmp_path: Path) -> None:
+    from pool.tomlwrite import write_config
+
+    odd = ['emoji 😀', 'quote " back \\ slash', "tab\tnew\nline", "\x7f del", "é ü 中"]
+    path = write_config(str(tmp_path / "p.toml"), {"frontend": odd[0]}, [{"name": s} for s in odd])
+    with open(path, "rb") as f:
+        doc = tomllib.load(f)
+    assert doc["pool"]["frontend"] == odd[0]
+    assert [m["name"] for m in doc["models"]] == odd

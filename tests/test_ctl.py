@@ -154,3 +154,14 @@ def test_tables_in_a_pipe_are_plain_one_row_a_line(pool: Pool) -> None:
     assert not any(ch in out.stdout for ch in "┃│━─")
     hist = pool.pool_ctl("history", "a-model-with-a-rather-long-name-for-wrapping")
     assert hist.returncode == 0 and "committed" in hist.stdout
+
+
+def test_each_worker_says_in_ps_which_model_version_and_device_it_serves(pool: Pool) -> None:
+    m = pool.status()["models"][0]
+    for w in m["workers"]:
+        with open(f"/proc/{w['pid']}/cmdline", "rb") as f:
+            title = f.read().replace(b"\0", b" ").decode().strip()
+        assert title.startswith(f"gpu-pool worker {m['name']} v1 cpu [{w['wid']}]"), title
+    spawner = pool.status()["spawner_pid"]
+    with open(f"/proc/{spawner}/cmdline", "rb") as f:
+        assert f.read().startswith(b"gpu-pool spawner")

@@ -27,6 +27,7 @@ from workers.exitcodes import (  # noqa: F401  re-exported for the worker code
     EXIT_VALIDATION_FAILED,
     EXIT_WARMUP_FAILED,
 )
+from workers.title import set_title, worker_title
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,7 @@ def run(spec: WorkerSpec) -> int:
     """Worker entry point; returns the process exit code."""
     if spec.lifeline_fd >= 0 and not spec.from_standby:  # a standby watches it already
         watch_lifeline(spec.lifeline_fd)
+    set_title(*worker_title(spec.model, spec.version, spec.device, spec.wid))
     pin_device(spec.device)
     from workers.serve import Worker  # imports torch: already loaded by the spawner
 

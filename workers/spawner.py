@@ -200,6 +200,9 @@ THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 def main() -> int:
     t0 = time.monotonic()
     lifeline = int(sys.argv[1]) if len(sys.argv) > 1 else -1
+    from workers.title import set_title
+
+    set_title("gpu-pool spawner (imports torch, forks workers)", "gp:spawner")
     saved = {k: os.environ.get(k) for k in THREAD_VARS}
     for k in THREAD_VARS:
         os.environ[k] = "1"
