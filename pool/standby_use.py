@@ -8,6 +8,7 @@ and the device memory level without bare CUDA contexts that the retire proof com
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -72,6 +73,21 @@ class StandbyUse:
                 busy.update(rt.devices)
             busy.update(w.device for w in rt.workers if w.booting or w.state is WorkerState.FAILED)
         return busy
+
+    def _schedule_restart(self, rt: ModelRuntime, slot: int, why: str) -> None:
+        """As WorkerExits does it, but the first failure in the flapping window restarts
+        at the next tick when a standby waits there: its back-off (0.5 s) would be most
+        of a standby replacement's time. Later failures keep the growing back-off."""
+        super()._schedule_restart(rt, slot, why)  # type: ignore[misc]
+        device = rt.devices[slot]
+        if (
+            len(rt.flap.failures) == 1
+            and rt.restarts
+            and rt.restarts[-1][1] == slot
+            and self.takes_standby(rt, device)
+            and self.standbys.waiting(device) is not None
+        ):
+            rt.restarts[-1] = (time.monotonic(), slot)
 
     def on_exited(self, pid: int, status: int) -> None:
         """A standby's exit is the standbys' business; any other goes on to WorkerExits."""

@@ -12,6 +12,9 @@ Sections (issue 2 item 8, issue 5):
   --batching  (CUDA + torchvision) resnet50 fp16, 64 clients sending batch-1 requests,
               against the same scripted model called in-process at batch 64
   --weights   the 768 MiB MLP: torch.jit.load against the safetensors factory format
+  --standby   (CUDA) hot standby on and off: spawn->ready, drain-first worst latency under
+              8 clients, kill -9 -> first answer, safetensors load / pinned H2D copy
+              (scripts/bench_standby.py)
   --all       every section this machine supports (GPU sections say why they skip)
 
 Clients are separate processes doing closed-loop REQ round trips in the gpu-pool/1
@@ -26,6 +29,7 @@ never initialises CUDA. Examples::
   python scripts/bench.py --router --big --quick
   python scripts/bench.py --all --json bench.json
   python scripts/bench.py --spawn --batching --quick --cpu-dry-run   # code path, no GPU
+  python scripts/bench.py --standby --quick --cpu-dry-run
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from bench_standby import section_standby  # noqa: E402
 from bench_worker_host import cpu_ticks, us_per_request  # noqa: E402
 from benchkit import (  # noqa: E402
     BenchError,
@@ -69,7 +74,7 @@ from benchkit import (  # noqa: E402
 )
 from benchroles import COLD_CODE  # noqa: E402
 
-SECTIONS = ("router", "big", "spawn", "batching", "weights")
+SECTIONS = ("router", "big", "spawn", "batching", "weights", "standby")
 WORKER_MEM = 512 << 20  # what one CPU worker may cost, to decide how many fit
 
 
@@ -502,7 +507,7 @@ def section_weights(b: Bench) -> None:
 
 RUNNERS: dict[str, Callable[[Bench], None]] = {
     "router": section_router, "big": section_big, "spawn": section_spawn,
-    "batching": section_batching, "weights": section_weights,
+    "batching": section_batching, "weights": section_weights, "standby": section_standby,
 }
 
 
@@ -546,7 +551,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error("--clients needs positive integers")
     args.sections = [s for s in SECTIONS if args.all or getattr(args, s)]
     if not args.sections:
-        ap.error("choose sections (--router --big --spawn --batching --weights) or --all")
+        ap.error("choose sections (--router --big --spawn --batching --weights --standby) "
+                 "or --all")
     if args.quick:
         args.upgrades = min(args.upgrades, 3)
         args.cold_runs = min(args.cold_runs, 1)

@@ -340,7 +340,8 @@ class Compare:
     ref_name: str
     ref: float
     unit: str
-    kind: str = "ratio"  # "ratio": value/ref >= target; "diff": value-ref <= target
+    kind: str = "ratio"  # "ratio": value/ref >= target; "diff": value-ref <= target;
+    # "max": value <= target (an absolute target; ref is shown beside it)
     target: float | None = None
     note: str = ""
 
@@ -348,6 +349,8 @@ class Compare:
     def result(self) -> float:
         if self.kind == "diff":
             return self.value - self.ref
+        if self.kind == "max":
+            return self.value
         return self.value / self.ref if self.ref else math.nan
 
     @property
@@ -364,12 +367,16 @@ class Compare:
         if self.met is False and self.target is not None:
             while prec < 6 and round(r, prec) == round(self.target, prec):
                 prec += 1
+        if self.kind == "max":
+            return f"{r:.{prec}f} {self.unit}"
         return f"{r:.{prec}f}x" if self.kind == "ratio" else f"{r:+.{prec}f} {self.unit}"
 
     def row(self) -> list[str]:
         res = self.shown()
         tgt = "" if self.target is None else (
-            f">= {self.target:g}x" if self.kind == "ratio" else f"<= {self.target:+g} {self.unit}")
+            f">= {self.target:g}x" if self.kind == "ratio" else
+            f"<= {self.target:g} {self.unit}" if self.kind == "max" else
+            f"<= {self.target:+g} {self.unit}")
         met = {None: "", True: "yes", False: "NO"}[self.met]
         return [self.section, self.figure, f"{self.name} {num(self.value)} {self.unit}",
                 f"{self.ref_name} {num(self.ref)} {self.unit}", res, tgt, met, self.note]

@@ -33,6 +33,10 @@ def test_a_missed_target_is_never_printed_as_the_target() -> None:
     late = Compare("s", "p50", "pool", 300.4, "direct", 200.0, "us", kind="diff", target=100.0)
     assert late.shown() == "+100.4 us" and late.met is False
     assert Compare("s", "f", "a", 1.0, "b", 3.0, "x").shown() == "0.33x"  # no target
+    # An absolute target ("max"): the value alone decides; the reference is shown beside.
+    worst = Compare("s", "worst", "standby", 0.3004, "none", 1.4, "s", kind="max", target=0.3)
+    assert worst.shown() == "0.3004 s" and worst.met is False and worst.row()[5] == "<= 0.3 s"
+    assert Compare("s", "w", "a", 0.25, "b", 1.4, "s", kind="max", target=0.3).met
 
 
 @pytest.mark.slow
