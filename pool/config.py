@@ -30,6 +30,7 @@ from pool.config_checks import (
     ipc_path,
     is_loopback_host,
     show,
+    split_host_port,
     suggest,
     tcp_host,
     validate,
@@ -140,6 +141,14 @@ class PoolConfig:
     standby: str | bool = "auto"
     curve_secret_key: str | None = None
     curve_authorized_keys: str | None = None
+    # Open Inference Protocol endpoints (HOST:PORT; "" = off), served by gateway
+    # processes that poold supervises (pool/gateways.py).
+    http: str = ""
+    grpc: str = ""
+    oip_tls_cert: str | None = None
+    oip_tls_key: str | None = None
+    oip_insecure: bool = False  # allow a non-loopback OIP bind without TLS
+    oip_token_file: str | None = None  # a file holding the bearer token clients must send
     log_format: str = "text"
     log_level: str = "INFO"
 
@@ -239,6 +248,7 @@ def _cross_check_pool(
                 "set pool.curve_secret_key and pool.curve_authorized_keys "
                 f"(got {show(merged[key])})"
             )
+    _cross_check_oip(merged, given, labels, problems)
     if merged["frontend"] == merged["control"]:
         problems.append(f"{labels['control']}: must differ from pool.frontend")
     interval, timeout = merged["heartbeat_interval_s"], merged["heartbeat_timeout_s"]
@@ -247,6 +257,34 @@ def _cross_check_pool(
             f"{labels['heartbeat_timeout_s']}: must be greater than pool.heartbeat_interval_s "
             f"(got {timeout} <= {interval})"
         )
+
+
+def _cross_check_oip(
+    merged: dict[str, Any], given: dict[str, Any], labels: dict[str, str], problems: list[str]
+) -> None:
+    """TLS cert and key go together; a non-loopback OIP bind needs TLS or oip_insecure,
+    the same rule as the frontend's CURVE; two endpoints cannot share one address."""
+    keys = ("oip_tls_cert", "oip_tls_key")
+    tls_set = [given.get(k) is not None for k in keys]
+    if tls_set.count(True) == 1:
+        present, absent = keys if tls_set[0] else keys[::-1]
+        problems.append(f"{labels[present]}: must be set together with pool.{absent}")
+    for key in ("http", "grpc"):
+        parts = split_host_port(merged[key]) if merged[key] else None
+        if parts is None:
+            continue
+        if not is_loopback_host(parts[0]) and not all(tls_set) and not merged["oip_insecure"]:
+            problems.append(
+                f"{labels[key]}: refusing to serve the Open Inference Protocol on a "
+                "non-loopback address without TLS: set pool.oip_tls_cert and "
+                "pool.oip_tls_key, or pool.oip_insecure = true behind a trusted proxy "
+                f"(got {show(merged[key])})"
+            )
+    if merged["http"] and merged["http"] == merged["grpc"]:
+        problems.append(f"{labels['grpc']}: must differ from pool.http")
+    for key in ("http", "grpc"):
+        if merged[key] and merged[key] == merged["metrics"]:
+            problems.append(f"{labels[key]}: must differ from pool.metrics")
 
 
 def _load_models(

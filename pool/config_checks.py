@@ -131,6 +131,16 @@ def metrics_problem(value: str) -> str | None:
     return None
 
 
+def listen_problem(value: str) -> str | None:
+    """'' (off) or HOST:PORT with a port 1..65535, for the OIP endpoints."""
+    if value == "":
+        return None
+    parts = split_host_port(value)
+    if parts is None or not _PORT_RE.fullmatch(parts[1]) or not 1 <= int(parts[1]) <= 65535:
+        return f'must be "" (off) or HOST:PORT with a port 1..65535 (got {show(value)})'
+    return None
+
+
 def device_problem(value: str) -> str | None:
     if _DEVICE_RE.fullmatch(value):
         return None
@@ -268,6 +278,12 @@ POOL_SPECS: dict[str, FieldSpec] = {
     "curve_authorized_keys": FieldSpec(
         "path", "a directory path", check=directory_problem, optional=True
     ),
+    "http": FieldSpec("str", '"" or HOST:PORT', check=listen_problem),
+    "grpc": FieldSpec("str", '"" or HOST:PORT', check=listen_problem),
+    "oip_tls_cert": FieldSpec("path", "a PEM file path", check=file_problem, optional=True),
+    "oip_tls_key": FieldSpec("path", "a PEM file path", check=file_problem, optional=True),
+    "oip_insecure": FieldSpec("bool", "true or false"),
+    "oip_token_file": FieldSpec("path", "a file path", check=file_problem, optional=True),
     "log_format": FieldSpec("str", '"text" or "json"', lambda v: v in ("text", "json")),
     "log_level": FieldSpec(
         "str", f"a logging level ({', '.join(_LEVELS)})", lambda v: v in _LEVELS

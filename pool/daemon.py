@@ -18,8 +18,10 @@ from typing import Any
 
 import zmq
 
+from gateway.collector import OipCollector
 from pool.config import Config, ModelConfig, ipc_path
 from pool.control import ControlServer
+from pool.gateways import Gateways, admit_gateways, gateway_specs
 from pool.gpu import Gpu
 from pool.health import PoolHealth, assess
 from pool.http import serve_http
@@ -77,6 +79,7 @@ class Daemon:
         self.ready_sent = False
         self.health_now = PoolHealth((), False)  # replaced by the loop, read by HTTP probes
         self.last_tick = time.monotonic()
+        self.gateways = Gateways([], -1)  # the OIP gateways, set up in setup()
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -148,6 +151,17 @@ class Daemon:
         self.topology = Topology(self.pool.state_dir)
         for model in self.topology.apply(self.config.models):
             self.add_model(model)
+        keys = getattr(self, "gateway_keys", None)
+        self.gateways = Gateways(
+            gateway_specs(self.pool, self.rundir, (curve[0], *keys) if curve and keys else None),
+            self.lifeline_r,
+        )
+        if self.gateways.gateways:
+            # The gateways' own way in: an ipc endpoint on the frontend socket, in our
+            # private run directory, so an OIP request is an ordinary client request.
+            self.router.frontend.bind(f"ipc://{self.rundir}/oip.sock")
+            self.gateways.start()
+            self.metrics.registry.register(OipCollector(self.rundir, self.gateways.supervision))
         self.http = None
         if self.pool.metrics:
             self.http = serve_http(self.pool.metrics, self.metrics, self.health)
@@ -173,6 +187,8 @@ class Daemon:
         self.auth = ThreadAuthenticator(self.ctx)
         self.auth.start()
         self.auth.configure_curve(domain="*", location=self.pool.curve_authorized_keys)
+        if self.pool.http or self.pool.grpc:
+            self.gateway_keys = admit_gateways(self.auth, self.pool.curve_authorized_keys)
         return public, secret
 
     def _events_proxy(self) -> Any:
@@ -276,7 +292,9 @@ class Daemon:
     def reap(self) -> None:
         """The one reaper for our direct children: the spawner and adopted orphans."""
         for pid, status in reaped():
-            if pid != self.spawner.pid:
+            if self.gateways.owns(pid):
+                self.gateways.on_exited(pid, status)
+            elif pid != self.spawner.pid:
                 self.sup.on_exited(pid, status)
 
     # -------------------------------------------------------------- the loop
@@ -318,6 +336,8 @@ class Daemon:
                 self.last_tick = now
                 self.router.sweep(now)
                 self.sup.tick(now)
+                if self.running:
+                    self.gateways.tick(now)
                 if self.running and self.spawner.maybe_restart(now):
                     spawner_fd = self.spawner.fileno()
                     wakeups()
@@ -337,6 +357,7 @@ class Daemon:
         if since is None:
             self.notifier.stopping("draining")
             self.router.accepting = False
+            self.gateways.stop()  # they finish what is in flight; the router answers it
             return now
         drained = not self.router.inflight_count() and not self.router.queued_count()
         if drained or now - since > self.pool.drain_timeout_s:
@@ -408,6 +429,7 @@ class Daemon:
         )
 
     def close(self) -> None:
+        self.gateways.kill()
         self.spawner.stop()
         if self.http is not None:
             self.http.close()
@@ -418,7 +440,7 @@ class Daemon:
         self.ctx.term()
         os.close(self.lifeline_w)
         path = ipc_path(self.pool.control)
-        for p in (path, os.path.join(self.rundir, "backend.sock")):
+        for p in (path, *self.gateways.files(), os.path.join(self.rundir, "backend.sock")):
             try:
                 if p:
                     os.unlink(p)

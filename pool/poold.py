@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import subprocess
@@ -34,7 +35,26 @@ def demo_config(base: Config, gpu: Gpu) -> Config:
         max_batch=8,
         max_delay_ms=1.0,
     )
-    return Config(pool=base.pool, models=(model,), source=base.source)
+    # The demo speaks the Open Inference Protocol too, unless the config chose otherwise.
+    pool = dataclasses.replace(
+        base.pool, http=base.pool.http or DEMO_HTTP, grpc=base.pool.grpc or DEMO_GRPC
+    )
+    return Config(pool=pool, models=(model,), source=base.source)
+
+
+DEMO_HTTP = "127.0.0.1:8000"
+DEMO_GRPC = "127.0.0.1:8001"
+
+
+def oip_banner(config: Config) -> str:
+    """Where the OIP endpoints are, for people starting poold by hand."""
+    lines = []
+    if config.pool.http:
+        scheme = "https" if config.pool.oip_tls_cert else "http"
+        lines.append(f"Open Inference Protocol over HTTP: {scheme}://{config.pool.http}/v2")
+    if config.pool.grpc:
+        lines.append(f"Open Inference Protocol over gRPC: {config.pool.grpc}")
+    return "\n".join(lines)
 
 
 EPILOG = """\
@@ -81,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.demo or not config.models:
         config = demo_config(config, gpu)
     daemon = Daemon(config)
+    banner = oip_banner(config)
+    if banner:
+        print(banner, flush=True)
     try:
         daemon.setup()
     except zmq.ZMQError as exc:

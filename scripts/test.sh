@@ -9,7 +9,7 @@ VENV=${VENV:-.venv}
 # multi-GB CUDA build, which tests without a GPU do not need.
 "$VENV/bin/pip" install -q --disable-pip-version-check torch==2.13.0
 "$VENV/bin/pip" install -q --disable-pip-version-check -e '.[test]'
-"$VENV/bin/ruff" check pool router workers scripts tests
+"$VENV/bin/ruff" check pool router workers gateway scripts tests
 "$VENV/bin/mypy"
 set +e
 "$VENV/bin/python" -m pytest "$@"

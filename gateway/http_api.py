@@ -1,0 +1,347 @@
+"""The OIP REST API (KServe v2), independent of the HTTP server that carries it.
+
+``HttpApi.handle(method, path, headers, body)`` returns a ``Response``; ``asgi_app``
+adapts it to ASGI for uvicorn (the server chosen by measurement, docs/PERFORMANCE.md).
+
+Routes::
+
+    GET  /v2/health/live | /v2/health/ready            200, or 503 when not ready
+    GET  /v2                                           server metadata
+    GET  /v2/models/{name}[/versions/{v}]              model metadata
+    GET  /v2/models/{name}[/versions/{v}]/ready        200, or 503 when not ready
+    POST /v2/models/{name}[/versions/{v}]/infer        inference (JSON or binary tensors)
+
+The binary tensor data extension: with ``Inference-Header-Content-Length: N`` the body's
+first N bytes are the JSON request and the rest is raw tensor bytes, one input after the
+other for each input whose parameters carry ``binary_data_size``. Outputs come back the
+same way when the output (``binary_data``) or the request (``binary_data_output``) asks.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+import zlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway import inference, tensors
+from gateway.catalog import PLATFORM, Catalog
+from gateway.errors import UNAUTHENTICATED, GatewayError, bad_request
+from gateway.stats import Stats
+from gateway.upstream import Upstream
+from router import protocol as p
+
+HEADER_LENGTH = "inference-header-content-length"
+EXTENSIONS = ("binary_tensor_data", "model_version")
+MAX_BODY = 1 << 30
+
+_MODEL_PATH = re.compile(
+    r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<tail>/ready|/infer)?"
+)
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes = b""
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+
+def _json(status: int, obj: Any) -> Response:
+    return Response(
+        status,
+        json.dumps(obj, separators=(",", ":")).encode(),
+        [(b"content-type", b"application/json")],
+    )
+
+
+def _error(exc: GatewayError) -> Response:
+    return _json(exc.http_status, {"error": exc.text()})
+
+
+class HttpApi:
+    def __init__(
+        self,
+        upstream: Upstream,
+        catalog: Catalog,
+        stats: Stats,
+        *,
+        token: str = "",
+        server_version: str = "",
+    ) -> None:
+        self.upstream = upstream
+        self.catalog = catalog
+        self.stats = stats
+        self.token = token.encode()
+        self.server_version = server_version
+
+    async def handle(
+        self, method: str, path: str, headers: dict[str, str], body: bytes
+    ) -> Response:
+        try:
+            if path.startswith("/v2/health/"):
+                return await self._health(method, path)
+            self._authorize(headers)
+            if path in ("/v2", "/v2/"):
+                self._method(method, "GET")
+                return _json(
+                    200,
+                    {
+                        "name": "gpu-pool",
+                        "version": self.server_version,
+                        "extensions": list(EXTENSIONS),
+                    },
+                )
+            m = _MODEL_PATH.fullmatch(path)
+            if m is None:
+                return _json(404, {"error": f"NOT_FOUND: no route {path[:100]}"})
+            name, version, tail = m["name"], m["version"] or "", m["tail"] or ""
+            if tail == "/infer":
+                self._method(method, "POST")
+                return await self._infer(name, version, headers, body)
+            self._method(method, "GET")
+            info = await self.catalog.model(name)
+            if tail == "/ready":
+                ready = info.ready and (not version or version == info.version)
+                return Response(200 if ready else 503)
+            meta = info.at(version)
+            return _json(
+                200,
+                {
+                    "name": info.name,
+                    "versions": [v.version for v in info.versions],
+                    "platform": PLATFORM,
+                    "inputs": [s.to_json() for s in meta.inputs],
+                    "outputs": [s.to_json() for s in meta.outputs],
+                },
+            )
+        except GatewayError as exc:
+            return _error(exc)
+
+    async def _health(self, method: str, path: str) -> Response:
+        self._method(method, "GET")
+        if path == "/v2/health/live":
+            return Response(200)
+        if path == "/v2/health/ready":
+            return Response(200 if await self.catalog.ready() else 503)
+        return _json(404, {"error": f"NOT_FOUND: no route {path[:100]}"})
+
+    @staticmethod
+    def _method(got: str, want: str) -> None:
+        if got != want and not (want == "GET" and got == "HEAD"):
+            raise GatewayError(p.BAD_REQUEST, f"use {want} here (got {got[:10]})")
+
+    def _authorize(self, headers: dict[str, str]) -> None:
+        if not self.token:
+            return
+        given = headers.get("authorization", "")
+        if not (
+            given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), self.token)
+        ):
+            raise GatewayError(UNAUTHENTICATED, "missing or wrong bearer token")
+
+    async def _infer(
+        self, model: str, version: str, headers: dict[str, str], body: bytes
+    ) -> Response:
+        code = "OK"
+        self.stats.begin("http")
+        t0 = self.stats.now()
+        try:
+            body = _decode_body(headers.get("content-encoding", ""), body)
+            request, binary = _split(headers.get(HEADER_LENGTH), body)
+            given = _inputs(request, binary)
+            params = request.get("parameters") or {}
+            timeout_us = params.get("timeout") if isinstance(params, dict) else None
+            timeout_s = timeout_us / 1e6 if isinstance(timeout_us, int) and timeout_us > 0 else None
+            answer = await inference.infer(
+                self.upstream, self.catalog, model, version, given, timeout_s
+            )
+            return _render(request, answer)
+        except GatewayError as exc:
+            code = exc.code
+            return _error(exc)
+        finally:
+            self.stats.end("http", model, code, t0)
+
+
+def _decode_body(encoding: str, body: bytes) -> bytes:
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    try:
+        if encoding == "gzip":
+            return zlib.decompress(body, 16 + zlib.MAX_WBITS)
+        if encoding == "deflate":
+            return zlib.decompress(body)
+    except zlib.error as exc:
+        raise bad_request(f"body is not valid {encoding}: {exc}") from None
+    raise bad_request(f"Content-Encoding {encoding[:20]!r} is not supported (gzip, deflate)")
+
+
+def _split(header_length: str | None, body: bytes) -> tuple[dict[str, Any], memoryview]:
+    """(JSON request, binary section) of a body, per Inference-Header-Content-Length."""
+    if header_length is None:
+        n = len(body)
+    else:
+        try:
+            n = int(header_length)
+        except ValueError:
+            raise bad_request("Inference-Header-Content-Length must be an integer") from None
+        if not 0 <= n <= len(body):
+            raise bad_request(f"Inference-Header-Content-Length {n} exceeds the body ({len(body)})")
+    view = memoryview(body)
+    try:
+        request = json.loads(view[:n].tobytes() if header_length is not None else body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad_request(f"request is not valid JSON: {exc}") from None
+    if not isinstance(request, dict):
+        raise bad_request("request must be a JSON object")
+    return request, view[n:]
+
+
+def _inputs(request: dict[str, Any], binary: memoryview) -> list[inference.NamedTensor]:
+    items = request.get("inputs")
+    if not isinstance(items, list) or not items:
+        raise bad_request("inputs must be a non-empty list")
+    if len(items) > p.MAX_INPUTS:
+        raise bad_request(f"at most {p.MAX_INPUTS} inputs")
+    out, offset = [], 0
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise bad_request(f"inputs[{i}] must be an object")
+        name = item.get("name")
+        if not isinstance(name, str) or not name:
+            raise bad_request(f"inputs[{i}].name must be a non-empty string")
+        try:
+            dtype = tensors.wire_dtype(item.get("datatype"))
+            shape = tensors.check_shape(item.get("shape"))
+            params = item.get("parameters") or {}
+            size = params.get("binary_data_size") if isinstance(params, dict) else None
+            if size is not None:
+                if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                    raise tensors.TensorError("binary_data_size must be a non-negative integer")
+                if offset + size > len(binary):
+                    raise tensors.TensorError(
+                        f"binary_data_size {size} runs past the body's binary data"
+                    )
+                t = tensors.from_bytes(dtype, shape, binary[offset : offset + size])
+                offset += size
+            elif "data" in item:
+                t = tensors.from_values(dtype, shape, item["data"])
+            else:
+                raise tensors.TensorError("needs data or parameters.binary_data_size")
+        except tensors.TensorError as exc:
+            raise bad_request(f"input {name!r}: {exc}") from None
+        out.append(inference.NamedTensor(name, t))
+    if offset != len(binary):
+        raise bad_request(f"{len(binary) - offset} bytes of binary data belong to no input")
+    return out
+
+
+def _wants_binary(request: dict[str, Any]) -> tuple[bool, dict[str, bool] | None]:
+    """(default for every output, {name: binary} for the outputs asked for, or None = all)."""
+    params = request.get("parameters") or {}
+    default = bool(params.get("binary_data_output", False)) if isinstance(params, dict) else False
+    asked = request.get("outputs")
+    if asked is None:
+        return default, None
+    if not isinstance(asked, list):
+        raise bad_request("outputs must be a list")
+    chosen: dict[str, bool] = {}
+    for i, item in enumerate(asked):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise bad_request(f"outputs[{i}] must be an object with a name")
+        oparams = item.get("parameters") or {}
+        binary = oparams.get("binary_data", default) if isinstance(oparams, dict) else default
+        chosen[item["name"]] = bool(binary)
+    return default, chosen
+
+
+def _render(request: dict[str, Any], answer: inference.Answer) -> Response:
+    default, chosen = _wants_binary(request)
+    outputs = answer.outputs
+    if chosen is not None:
+        known = {o.name: o for o in outputs}
+        missing = [n for n in chosen if n not in known]
+        if missing:
+            raise bad_request(f"unknown output {', '.join(missing)}; outputs: {', '.join(known)}")
+        outputs = tuple(known[n] for n in chosen)
+    body: dict[str, Any] = {"model_name": answer.model, "model_version": answer.version}
+    if isinstance(request.get("id"), str):
+        body["id"] = request["id"]
+    rendered, chunks = [], []
+    for o in outputs:
+        t = o.tensor
+        entry: dict[str, Any] = {
+            "name": o.name,
+            "datatype": tensors.oip_datatype(t.dtype),
+            "shape": list(t.shape),
+        }
+        if (chosen or {}).get(o.name, default):
+            entry["parameters"] = {"binary_data_size": len(t.data)}
+            chunks.append(t.data)
+        else:
+            entry["data"] = tensors.to_list(t)
+        rendered.append(entry)
+    body["outputs"] = rendered
+    head = json.dumps(body, separators=(",", ":")).encode()
+    if not chunks:
+        return Response(200, head, [(b"content-type", b"application/json")])
+    return Response(
+        200,
+        b"".join([head, *chunks]),
+        [
+            (b"content-type", b"application/octet-stream"),
+            (HEADER_LENGTH.encode(), str(len(head)).encode()),
+        ],
+    )
+
+
+# ---------------------------------------------------------------------- ASGI adapter
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+def asgi_app(api: HttpApi) -> Callable[[dict[str, Any], Receive, Send], Awaitable[None]]:
+    """A bare ASGI app around ``api``: uvicorn parses HTTP (httptools), we route."""
+
+    async def app(scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                msg = await receive()
+                if msg["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif msg["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        parts, size = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > MAX_BODY:
+                resp = _json(413, {"error": f"BAD_REQUEST: body over {MAX_BODY} bytes"})
+                break
+            parts.append(chunk)
+            if not msg.get("more_body"):
+                body = parts[0] if len(parts) == 1 else b"".join(parts)
+                resp = await api.handle(scope["method"], scope["path"], headers, body)
+                break
+        await send(
+            {
+                "type": "http.response.start",
+                "status": resp.status,
+                "headers": [*resp.headers, (b"content-length", str(len(resp.body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": resp.body})
+
+    return app

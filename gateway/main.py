@@ -1,0 +1,234 @@
+"""``python -m gateway``: one Open Inference Protocol endpoint (HTTP or gRPC) for poold.
+
+poold starts one such process per configured protocol (``[pool] http`` / ``grpc``),
+restarts it with back-off if it dies and stops it at shutdown (pool/gateways.py). It can
+also be run by hand against a running pool::
+
+    python -m gateway --protocol http --listen 127.0.0.1:8000 \\
+        --frontend tcp://127.0.0.1:5555 --control ipc://$XDG_RUNTIME_DIR/gpu-pool/control.sock
+
+It exits when poold does: poold passes the read end of a pipe (``--lifeline-fd``) whose
+write end only poold holds, and the kernel closes it when poold dies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from gateway.catalog import Catalog, ControlLink
+from gateway.stats import Stats
+from gateway.upstream import Upstream
+
+log = logging.getLogger("gateway")
+STATS_EVERY_S = 1.0
+
+
+def server_version() -> str:
+    try:
+        return version("gpu-pool")
+    except PackageNotFoundError:
+        return "0"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="python -m gateway",
+        description="Serve gpu-pool's models over the Open Inference Protocol (KServe v2).",
+    )
+    ap.add_argument("--protocol", choices=("http", "grpc"), required=True)
+    ap.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to bind")
+    ap.add_argument("--frontend", required=True, help="poold's frontend endpoint (ZeroMQ)")
+    ap.add_argument("--control", required=True, help="poold's control endpoint (ZeroMQ)")
+    ap.add_argument("--tls-cert", default="", help="PEM certificate: serve TLS")
+    ap.add_argument("--tls-key", default="", help="PEM private key for --tls-cert")
+    ap.add_argument("--token-file", default="", help="file holding the bearer token to require")
+    ap.add_argument("--curve-keys", default="", help="file: server, public, secret key (z85)")
+    ap.add_argument("--stats", default="", help="where to write the metrics snapshot (JSON)")
+    ap.add_argument("--lifeline-fd", type=int, default=-1, help="exit when this fd hits EOF")
+    ap.add_argument("--log-level", default="INFO")
+    return ap.parse_args(argv)
+
+
+def split_listen(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def read_secret(path: str) -> str:
+    if not path:
+        return ""
+    with open(path, encoding="utf-8") as fh:
+        return fh.read().strip()
+
+
+def read_curve(path: str) -> tuple[bytes, bytes, bytes] | None:
+    if not path:
+        return None
+    with open(path, "rb") as fh:
+        server, public, secret = fh.read().split()[:3]
+    return server, public, secret
+
+
+def watch_lifeline(fd: int) -> None:
+    """Exit when poold dies: the read returns EOF once the kernel closes poold's end.
+
+    A blocking read on a thread, as the workers do. Never the event loop's add_reader:
+    uvloop would set O_NONBLOCK on the pipe, a flag every process sharing it sees, and
+    the workers' blocking reads of the same pipe would then fail at once.
+    """
+
+    def wait() -> None:
+        while True:
+            try:
+                if os.read(fd, 1) == b"":
+                    break
+            except InterruptedError:
+                continue
+            except OSError:
+                break
+        log.info("poold is gone: gateway [pid %d] exits", os.getpid())
+        os._exit(0)  # nothing left to answer for: there is no router any more
+
+    threading.Thread(target=wait, name="lifeline", daemon=True).start()
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    stop = asyncio.Event()
+    curve = read_curve(args.curve_keys)
+    upstream = Upstream(args.frontend, curve=curve)
+    upstream.start()
+    catalog = Catalog(ControlLink(args.control, curve=curve))
+    stats = Stats(args.stats)
+    token = read_secret(args.token_file)
+    host, port = split_listen(args.listen)
+
+    if args.lifeline_fd >= 0:
+        watch_lifeline(args.lifeline_fd)
+
+    async def write_stats() -> None:
+        while True:
+            try:
+                stats.write()
+            except OSError as exc:
+                log.debug("stats snapshot: %s", exc)
+            await asyncio.sleep(STATS_EVERY_S)
+
+    stats_task = asyncio.create_task(write_stats())
+    try:
+        if args.protocol == "http":
+            await _serve_http(args, upstream, catalog, stats, token, host, port)
+        else:
+            await _serve_grpc(args, upstream, catalog, stats, token, host, port, stop)
+    finally:
+        stats_task.cancel()
+        try:
+            stats.write()
+        except OSError:
+            pass
+        upstream.close()
+    return 0
+
+
+async def _serve_http(
+    args: argparse.Namespace,
+    upstream: Upstream,
+    catalog: Catalog,
+    stats: Stats,
+    token: str,
+    host: str,
+    port: int,
+) -> None:
+    import uvicorn
+
+    from gateway.http_api import HttpApi, asgi_app
+
+    api = HttpApi(upstream, catalog, stats, token=token, server_version=server_version())
+    config = uvicorn.Config(
+        asgi_app(api),
+        host=host,
+        port=port,
+        http="httptools",
+        lifespan="off",
+        access_log=False,
+        log_level="warning",
+        ssl_certfile=args.tls_cert or None,
+        ssl_keyfile=args.tls_key or None,
+        timeout_graceful_shutdown=10,
+    )
+    server = uvicorn.Server(config)
+    log.info("gateway [pid %d] serving OIP/HTTP on %s", os.getpid(), args.listen)
+    await server.serve()  # handles SIGTERM/SIGINT itself: stop accepting, finish, return
+
+
+async def _serve_grpc(
+    args: argparse.Namespace,
+    upstream: Upstream,
+    catalog: Catalog,
+    stats: Stats,
+    token: str,
+    host: str,
+    port: int,
+    stop: asyncio.Event,
+) -> None:
+    import grpc
+
+    from gateway.grpc_api import InferenceService, add_to_server
+
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", 1 << 30),
+            ("grpc.max_send_message_length", 1 << 30),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    add_to_server(
+        server,
+        InferenceService(upstream, catalog, stats, token=token, server_version=server_version()),
+    )
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if args.tls_cert:
+        with open(args.tls_cert, "rb") as c, open(args.tls_key, "rb") as k:
+            creds = grpc.ssl_server_credentials([(k.read(), c.read())])
+        bound = server.add_secure_port(address, creds)
+    else:
+        bound = server.add_insecure_port(address)
+    if not bound:
+        raise SystemExit(f"cannot bind {address}")
+    await server.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("gateway [pid %d] serving OIP/gRPC on %s", os.getpid(), args.listen)
+    await stop.wait()
+    await server.stop(grace=10)  # finish what is in flight; refuse new calls
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    runner: Callable[..., Any] = asyncio.run
+    if args.protocol == "http":
+        try:
+            import uvloop
+
+            runner = uvloop.run
+        except ImportError:
+            pass
+    try:
+        return int(runner(_serve(args)))
+    except OSError as exc:
+        log.error("gateway cannot serve %s: %s", args.listen, exc)
+        return 1

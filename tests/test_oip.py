@@ -1,0 +1,424 @@
+"""The Open Inference Protocol endpoints, driven by the real tritonclient and curl.
+
+One poold (http + grpc on, metrics on) serves every case in this module: an MLP (for
+the upgrade), a float32 two-input two-output model, and a float16 + int64 model.
+Input names come from the model metadata, as an OIP client would get them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import tritonclient.grpc as tgrpc
+import tritonclient.http as thttp
+from tritonclient.utils import InferenceServerException
+
+from tests.modelkit import make_mlp, make_two_input, mlp_input, mlp_reference
+from tests.oipkit import free_ports, gateway_pid, make_half_long
+from tests.poolkit import Pool, running_pool, wait_for
+
+CURL = shutil.which("curl")
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
+    tmp = str(tmp_path_factory.mktemp("oip"))
+    http, grpc, metrics = free_ports(3)
+    models = [
+        {"name": "mlp", "path": make_mlp(f"{tmp}/m/mlp-1.pt", 1), "version": "1"},
+        {"name": "two", "path": make_two_input(f"{tmp}/m/two.pt"), "version": "7"},
+        {"name": "mixed", "path": make_half_long(f"{tmp}/m/mixed.pt"), "version": "1"},
+    ]
+    make_mlp(f"{tmp}/m/mlp-2.pt", 2)
+    with running_pool(
+        tmp,
+        models,
+        http=f"127.0.0.1:{http}",
+        grpc=f"127.0.0.1:{grpc}",
+        metrics=f"127.0.0.1:{metrics}",
+    ) as p:
+        p.env["OIP_HTTP"] = f"127.0.0.1:{http}"
+        p.env["OIP_GRPC"] = f"127.0.0.1:{grpc}"
+        p.env["METRICS"] = f"127.0.0.1:{metrics}"
+        wait_for(lambda: _http_ready(p), 30, "the HTTP gateway ready")
+        wait_for(lambda: _grpc_ready(p), 30, "the gRPC gateway ready")
+        try:
+            yield p
+        finally:
+            _close_clients()
+
+
+def _http_ready(p: Pool) -> bool:
+    with thttp.InferenceServerClient(p.env["OIP_HTTP"]) as c:
+        try:
+            return bool(c.is_server_ready())
+        except Exception:
+            return False
+
+
+def _grpc_ready(p: Pool) -> bool:
+    with tgrpc.InferenceServerClient(p.env["OIP_GRPC"]) as c:
+        try:
+            return bool(c.is_server_ready())
+        except Exception:
+            return False
+
+
+# One client per protocol and thread (neither client is meant for sharing across threads),
+# closed when the module's pool stops: unclosed clients leave sockets to the collector.
+CLIENTS: dict[tuple[str, int], Any] = {}
+
+
+def _http(p: Pool) -> thttp.InferenceServerClient:
+    key = ("http", threading.get_ident())
+    if key not in CLIENTS:
+        CLIENTS[key] = thttp.InferenceServerClient(p.env["OIP_HTTP"])
+    return CLIENTS[key]
+
+
+def _grpc(p: Pool) -> tgrpc.InferenceServerClient:
+    key = ("grpc", threading.get_ident())
+    if key not in CLIENTS:
+        CLIENTS[key] = tgrpc.InferenceServerClient(p.env["OIP_GRPC"])
+    return CLIENTS[key]
+
+
+def _close_clients_of_this_thread() -> None:
+    for proto in ("http", "grpc"):
+        client = CLIENTS.pop((proto, threading.get_ident()), None)
+        if client is not None:
+            client.close()
+
+
+def _close_clients() -> None:
+    while CLIENTS:
+        CLIENTS.popitem()[1].close()
+
+
+def _input_names(p: Pool, model: str, count: int) -> list[str]:
+    """The names the metadata gives, or the positional defaults before a contract exists."""
+    meta = _http(p).get_model_metadata(model)
+    names = [i["name"] for i in meta["inputs"]]
+    return names if len(names) == count else [f"input{i}" for i in range(count)]
+
+
+# ------------------------------------------------------------------ health, metadata
+
+
+def test_health_and_server_metadata(pool: Pool) -> None:
+    h, g = _http(pool), _grpc(pool)
+    assert h.is_server_live() and h.is_server_ready()
+    assert g.is_server_live() and g.is_server_ready()
+    assert h.is_model_ready("mlp") and g.is_model_ready("mlp")
+    assert h.is_model_ready("mlp", "1") and g.is_model_ready("mlp", "1")
+    assert not h.is_model_ready("mlp", "99") and not g.is_model_ready("mlp", "99")
+    meta = h.get_server_metadata()
+    assert meta["name"] == "gpu-pool" and "binary_tensor_data" in meta["extensions"]
+    assert g.get_server_metadata().name == "gpu-pool"
+
+
+def test_model_metadata_over_both(pool: Pool) -> None:
+    _infer_http(pool, "two", [np.ones((1, 4), np.float32)] * 2)  # a contract after one request
+    meta = _http(pool).get_model_metadata("two")
+    assert meta["name"] == "two" and meta["versions"][0] == "7"
+    gmeta = _grpc(pool).get_model_metadata("two", as_json=True)
+    assert gmeta["name"] == "two" and gmeta["versions"][0] == "7"
+    assert [i["name"] for i in gmeta.get("inputs", [])] == [i["name"] for i in meta["inputs"]]
+    if meta["inputs"]:  # the pool's contract knows the model's tensors
+        assert [i["datatype"] for i in meta["inputs"]] == ["FP32", "FP32"]
+        assert [o["datatype"] for o in meta["outputs"]] == ["FP32", "FP32"]
+        assert all(len(i["shape"]) == 2 for i in meta["inputs"])
+    with pytest.raises(InferenceServerException, match="NO_SUCH_MODEL"):
+        _http(pool).get_model_metadata("nope")
+    with pytest.raises(InferenceServerException, match="NOT_FOUND"):
+        _http(pool).get_model_metadata("two", "6")
+    with pytest.raises(InferenceServerException, match="NO_SUCH_MODEL"):
+        _grpc(pool).get_model_metadata("nope")
+
+
+# ------------------------------------------------------------------ inference
+
+
+def _infer_http(
+    p: Pool, model: str, arrays: list[np.ndarray], *, binary: bool = True, version: str = ""
+) -> Any:
+    names = _input_names(p, model, len(arrays))
+    inputs = []
+    for name, a in zip(names, arrays, strict=True):
+        i = thttp.InferInput(name, list(a.shape), _datatype(a))
+        i.set_data_from_numpy(a, binary_data=binary)
+        inputs.append(i)
+    outputs = None
+    if not binary:
+        outputs = [thttp.InferRequestedOutput(f"output{k}", binary_data=False) for k in range(2)]
+        outputs = outputs[: 1 if model == "mlp" else 2]
+    return _http(p).infer(model, inputs, model_version=version, outputs=outputs)
+
+
+def _infer_grpc(p: Pool, model: str, arrays: list[np.ndarray], version: str = "") -> Any:
+    names = _input_names(p, model, len(arrays))
+    inputs = []
+    for name, a in zip(names, arrays, strict=True):
+        i = tgrpc.InferInput(name, list(a.shape), _datatype(a))
+        i.set_data_from_numpy(a)
+        inputs.append(i)
+    return _grpc(p).infer(model, inputs, model_version=version)
+
+
+def _datatype(a: np.ndarray) -> str:
+    return {"float32": "FP32", "float16": "FP16", "int64": "INT64"}[a.dtype.name]
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_http_infer_matches_the_model(pool: Pool, binary: bool) -> None:
+    x = mlp_input(3)
+    r = _infer_http(pool, "mlp", [x], binary=binary)
+    np.testing.assert_allclose(r.as_numpy("output0"), mlp_reference(1, x), rtol=1e-5, atol=1e-6)
+    assert r.get_response()["model_version"] == "1"
+
+
+def test_grpc_infer_matches_the_model(pool: Pool) -> None:
+    x = mlp_input(2)
+    r = _infer_grpc(pool, "mlp", [x])
+    np.testing.assert_allclose(r.as_numpy("output0"), mlp_reference(1, x), rtol=1e-5, atol=1e-6)
+    assert r.get_response().model_version == "1"
+
+
+@pytest.mark.parametrize("proto", ["http", "http-json", "grpc"])
+def test_two_inputs_two_outputs(pool: Pool, proto: str) -> None:
+    a = np.arange(8, dtype=np.float32).reshape(2, 4)
+    b = np.full((2, 4), 3.0, np.float32)
+    if proto == "grpc":
+        r = _infer_grpc(pool, "two", [a, b])
+    else:
+        r = _infer_http(pool, "two", [a, b], binary=proto == "http")
+    out = [r.as_numpy(n) for n in _output_names(pool, "two")]
+    np.testing.assert_array_equal(out[0], a + b)
+    np.testing.assert_array_equal(out[1], a * b)
+
+
+def _output_names(p: Pool, model: str) -> list[str]:
+    names = [o["name"] for o in _http(p).get_model_metadata(model)["outputs"]]
+    return names or ["output0", "output1"]
+
+
+@pytest.mark.parametrize("proto", ["http", "http-json", "grpc"])
+def test_float16_and_int64(pool: Pool, proto: str) -> None:
+    a = np.array([[0.5, -1.25, 3.0, 65504 / 4]], np.float16)
+    b = np.array([[-(2**40), -1, 0, 2**62]], np.int64)
+    if proto == "grpc":
+        r = _infer_grpc(pool, "mixed", [a, b])
+    else:
+        r = _infer_http(pool, "mixed", [a, b], binary=proto == "http")
+    half, long = (r.as_numpy(n) for n in _output_names(pool, "mixed"))
+    assert half.dtype == np.float16 and long.dtype == np.int64
+    np.testing.assert_array_equal(half, a * 2)
+    np.testing.assert_array_equal(long, b + 1)
+
+
+# ------------------------------------------------------------------ errors
+
+
+def test_errors_have_the_mapped_status(pool: Pool) -> None:
+    x = mlp_input(1)
+    some = thttp.InferInput("x", [1, 16], "FP32")
+    some.set_data_from_numpy(x)
+    with pytest.raises(InferenceServerException, match="NO_SUCH_MODEL") as exc:
+        _http(pool).infer("nope", [some])
+    assert exc.value.status() == "404"
+    with pytest.raises(InferenceServerException, match="not serving") as exc:
+        _infer_http(pool, "mlp", [x], version="2")
+    assert exc.value.status() == "404"
+    with pytest.raises(InferenceServerException, match="not serving") as exc:
+        _infer_grpc(pool, "mlp", [x], version="2")
+    assert exc.value.status() == "StatusCode.NOT_FOUND"
+    wrong = mlp_input(1, in_features=5)  # the model wants 16 features
+    with pytest.raises(InferenceServerException, match="MODEL_ERROR") as exc:
+        _infer_grpc(pool, "mlp", [wrong])
+    assert exc.value.status() == "StatusCode.INTERNAL"
+    bad = thttp.InferInput(_input_names(pool, "mlp", 1)[0], [1, 16], "UINT32")
+    bad.set_data_from_numpy(np.zeros((1, 16), np.uint32))
+    with pytest.raises(InferenceServerException, match="BAD_REQUEST.*UINT32") as exc:
+        _http(pool).infer("mlp", [bad])
+    assert exc.value.status() == "400"
+
+
+def _curl(*args: str) -> tuple[int, str]:
+    assert CURL is not None
+    out = subprocess.run(
+        [CURL, "-s", "-o", "-", "-w", "\n%{http_code}", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    body, _, code = out.rpartition("\n")
+    return int(code), body
+
+
+@pytest.mark.skipif(CURL is None, reason="curl is not installed (apt-get install curl)")
+def test_curl(pool: Pool, tmp_path: Any) -> None:
+    base = f"http://{pool.env['OIP_HTTP']}"
+    assert _curl(f"{base}/v2/health/live")[0] == 200
+    assert _curl(f"{base}/v2/health/ready")[0] == 200
+    code, body = _curl(f"{base}/v2/models/mlp")
+    assert code == 200 and json.loads(body)["name"] == "mlp"
+    name = _input_names(pool, "mlp", 1)[0]
+    x = mlp_input(1)
+    request = {"inputs": [{"name": name, "shape": [1, 16], "datatype": "FP32",
+                           "data": x.ravel().tolist()}]}  # fmt: skip
+    code, body = _curl("-X", "POST", "-d", json.dumps(request), f"{base}/v2/models/mlp/infer")
+    assert code == 200, body
+    reply = json.loads(body)
+    assert reply["model_version"] == "1" and reply["outputs"][0]["name"] == "output0"
+    got = np.array(reply["outputs"][0]["data"], np.float32).reshape(reply["outputs"][0]["shape"])
+    np.testing.assert_allclose(got, mlp_reference(1, x), rtol=1e-5, atol=1e-6)
+    # The binary extension by hand: a JSON header, then the raw bytes.
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": name,
+                    "shape": [1, 16],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": 64},
+                }
+            ],
+            "outputs": [{"name": "output0", "parameters": {"binary_data": True}}],
+        }
+    )
+    body_path = tmp_path / "body.bin"  # fmt: skip
+    body_path.write_bytes(head.encode() + x.tobytes())
+    out = subprocess.run(
+        [CURL, "-s", "-D", "-", "-X", "POST", "--data-binary", f"@{body_path}",
+         "-H", f"Inference-Header-Content-Length: {len(head)}", f"{base}/v2/models/mlp/infer"],
+        capture_output=True, timeout=30, check=True,
+    ).stdout  # fmt: skip
+    headers, _, payload = out.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in headers.split(b"\r\n")
+                      if line.lower().startswith(b"inference-header-content-length")))  # fmt: skip
+    meta = json.loads(payload[:length])
+    assert meta["outputs"][0]["parameters"]["binary_data_size"] == 16
+    got = np.frombuffer(payload[length:], np.float32).reshape(1, 4)
+    np.testing.assert_allclose(got, mlp_reference(1, x), rtol=1e-5, atol=1e-6)
+    code, body = _curl("-X", "POST", "-d", "{not json", f"{base}/v2/models/mlp/infer")
+    assert code == 400 and "BAD_REQUEST" in body
+    code, body = _curl("-X", "POST", "-d", json.dumps(request), f"{base}/v2/models/nope/infer")
+    assert code == 404 and "NO_SUCH_MODEL" in body
+
+
+def test_metrics_per_protocol(pool: Pool) -> None:
+    _infer_http(pool, "mlp", [mlp_input(1)])
+    _infer_grpc(pool, "mlp", [mlp_input(1)])
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://{pool.env['METRICS']}/metrics", timeout=5) as r:
+            text: str = r.read().decode()
+        return text
+
+    def counted() -> bool:
+        text = scrape()
+        return all(
+            f'gpupool_oip_requests_total{{code="OK",model="mlp",protocol="{proto}"}}' in text
+            for proto in ("http", "grpc")
+        )
+
+    wait_for(counted, 10, "OIP request counters for both protocols")
+    text = scrape()
+    assert 'gpupool_oip_gateway_up{protocol="http"} 1.0' in text
+    assert 'gpupool_oip_request_seconds_count{protocol="grpc"}' in text
+
+
+# ------------------------------------------------------------------ supervision
+
+
+def test_a_killed_gateway_comes_back(pool: Pool) -> None:
+    pid = gateway_pid(pool.proc.pid, "http")
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: gateway_pid(pool.proc.pid, "http") not in (None, pid), 20, "a new gateway")
+    wait_for(lambda: _http_ready(pool), 20, "the new gateway ready")
+    assert _infer_http(pool, "mlp", [mlp_input(1)]).get_response()["model_version"] == "1"
+    # The gRPC gateway and the ZeroMQ path never noticed.
+    assert _infer_grpc(pool, "mlp", [mlp_input(1)]).get_response().model_version == "1"
+    with pool.client() as zmq_client:
+        assert zmq_client.infer("mlp", mlp_input(1)).version == "1"
+
+
+# ------------------------------------------------------------------ zero-loss upgrades
+
+
+class OipLoad:
+    """Clients on threads calling one model over HTTP or gRPC without pause."""
+
+    def __init__(self, p: Pool, clients: int) -> None:
+        self.pool = p
+        self.stop_flag = threading.Event()
+        self.errors: list[str] = []
+        self.versions: list[list[str]] = [[] for _ in range(clients)]
+        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
+
+    def __enter__(self) -> OipLoad:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_flag.set()
+        for t in self.threads:
+            t.join(60)
+
+    def _run(self, idx: int) -> None:
+        grpc = idx % 2 == 1
+        x = mlp_input(1, seed=idx)
+        refs = {v: mlp_reference(int(v), x) for v in ("1", "2")}
+        while not self.stop_flag.is_set():
+            try:
+                if grpc:
+                    r = _infer_grpc(self.pool, "mlp", [x])
+                    version = r.get_response().model_version
+                else:
+                    r = _infer_http(self.pool, "mlp", [x])
+                    version = r.get_response()["model_version"]
+                np.testing.assert_allclose(
+                    r.as_numpy("output0"), refs[version], rtol=1e-5, atol=1e-6
+                )
+            except Exception as exc:  # every failure counts, whatever raised it
+                self.errors.append(f"client {idx} ({'grpc' if grpc else 'http'}): {exc!r}")
+                continue
+            self.versions[idx].append(version)
+        _close_clients_of_this_thread()
+
+    def answered(self) -> int:
+        return sum(len(v) for v in self.versions)
+
+
+@pytest.mark.slow
+def test_upgrade_and_rollback_under_http_and_grpc_load(pool: Pool) -> None:
+    new = os.path.join(pool.dir, "m", "mlp-2.pt")
+    with OipLoad(pool, 4) as load:
+        wait_for(lambda: load.answered() >= 20, 30, "load running")
+        up = pool.pool_ctl("upgrade", "mlp", new, "--version", "2", "--strategy", "surge")
+        assert up.returncode == 0, up.stdout + up.stderr
+        before = load.answered()
+        wait_for(lambda: load.answered() >= before + 20, 30, "answers after the upgrade")
+        back = pool.pool_ctl("rollback", "mlp")
+        assert back.returncode == 0, back.stdout + back.stderr
+        before = load.answered()
+        wait_for(lambda: load.answered() >= before + 20, 30, "answers after the rollback")
+    assert load.errors == []
+    for seen in load.versions:
+        # Per client: 1s, then 2s, then 1s again; never a step back inside the sequence.
+        runs = [v for i, v in enumerate(seen) if i == 0 or seen[i - 1] != v]
+        assert runs in (["1", "2", "1"], ["1", "2"], ["2", "1"], ["1"]), runs
+    assert any("2" in seen for seen in load.versions)

@@ -1,0 +1,275 @@
+"""The OIP gateway's parts without a pool: the .proto against tritonclient's, the error
+table, the config rules, the REST API over a fake router, and the gateway supervisor."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import os
+import re
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from gateway.catalog import Catalog, model_info
+from gateway.errors import STATUS
+from gateway.http_api import HttpApi
+from gateway.stats import Stats
+from gateway.tensors import WireTensor
+from gateway.upstream import Reply
+from pool import gateways as gw
+from pool.config import ConfigError, load_config
+from router import protocol as p
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# ------------------------------------------------------------------ the .proto
+
+
+def _fields(desc: Any, prefix: str = "") -> dict[str, tuple[int, int, bool]]:
+    out = {}
+    for f in desc.fields:
+        out[f"{prefix}{desc.name}.{f.name}"] = (f.number, f.type, f.is_repeated)
+    for nested in desc.nested_types:
+        out.update(_fields(nested, f"{prefix}{desc.name}."))
+    return out
+
+
+def test_our_proto_matches_tritonclient_field_for_field() -> None:
+    """Same names, numbers and types for every field we declare, and the same service
+    methods, so tritonclient.grpc and any spec-built client speak to us unchanged."""
+    from google.protobuf import descriptor_pb2, descriptor_pool
+    from tritonclient.grpc import service_pb2 as triton
+
+    # Parse our generated module's serialized descriptor into a private pool: importing
+    # both modules would register two files defining inference.* in the default pool.
+    text = (ROOT / "gateway/proto/grpc_predict_v2_pb2.py").read_text()
+    match = re.search(r"AddSerializedFile\((b'.*?')\)\n", text, re.S)
+    assert match
+    proto = descriptor_pb2.FileDescriptorProto.FromString(eval(match.group(1)))
+    ours = descriptor_pool.DescriptorPool()
+    ours.Add(proto)
+    assert proto.package == "inference"
+    for message in proto.message_type:
+        mine = _fields(ours.FindMessageTypeByName(f"inference.{message.name}"))
+        theirs = _fields(triton.DESCRIPTOR.message_types_by_name[message.name])
+        assert {k: v for k, v in theirs.items() if k in mine} == mine, message.name
+    service = ours.FindServiceByName("inference.GRPCInferenceService")
+    theirs_methods = triton.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name
+    for method in service.methods:
+        other = theirs_methods[method.name]
+        assert method.input_type.full_name == other.input_type.full_name
+        assert method.output_type.full_name == other.output_type.full_name
+    assert {m.name for m in service.methods} == {
+        "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer"
+    }  # fmt: skip
+
+
+def test_every_router_error_code_has_an_http_and_grpc_status() -> None:
+    assert p.ERROR_CODES <= STATUS.keys()
+    doc = (ROOT / "docs/PROTOCOL.md").read_text()
+    for code, mapping in STATUS.items():
+        assert re.search(rf"`{code}` \| {mapping.http} \| `{mapping.grpc.name}`", doc), code
+
+
+# ------------------------------------------------------------------ config
+
+
+def _config(tmp_path: Path, **pool: Any) -> Any:
+    lines = ["[pool]", f'state_dir = "{tmp_path}/state"']
+    lines += [f"{k} = {json.dumps(v)}" for k, v in pool.items()]
+    path = tmp_path / "pool.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return load_config(str(path), env={})
+
+
+def _problems(tmp_path: Path, **pool: Any) -> list[str]:
+    with pytest.raises(ConfigError) as exc:
+        _config(tmp_path, **pool)
+    return exc.value.problems
+
+
+def test_oip_config_defaults_off_and_loopback_is_fine(tmp_path: Path) -> None:
+    assert _config(tmp_path).pool.http == "" and _config(tmp_path).pool.grpc == ""
+    cfg = _config(tmp_path, http="127.0.0.1:8000", grpc="[::1]:8001")
+    assert (cfg.pool.http, cfg.pool.grpc) == ("127.0.0.1:8000", "[::1]:8001")
+
+
+@pytest.mark.parametrize("key", ["http", "grpc"])
+def test_non_loopback_oip_needs_tls_or_an_explicit_insecure(tmp_path: Path, key: str) -> None:
+    (problem,) = _problems(tmp_path, **{key: "0.0.0.0:8000"})
+    assert problem.startswith(f"pool.{key}: refusing to serve the Open Inference Protocol")
+    assert _config(tmp_path, **{key: "0.0.0.0:8000", "oip_insecure": True}).pool.oip_insecure
+    cert, key_file = tmp_path / "c.pem", tmp_path / "k.pem"
+    cert.write_text("x")
+    key_file.write_text("x")
+    tls = _config(
+        tmp_path, **{key: "0.0.0.0:8000"}, oip_tls_cert=str(cert), oip_tls_key=str(key_file)
+    )
+    assert tls.pool.oip_tls_cert == str(cert)
+
+
+def test_oip_config_mistakes_are_named(tmp_path: Path) -> None:
+    cert = tmp_path / "c.pem"
+    cert.write_text("x")
+    assert _problems(tmp_path, oip_tls_cert=str(cert)) == [
+        "pool.oip_tls_cert: must be set together with pool.oip_tls_key"
+    ]
+    assert _problems(tmp_path, http="127.0.0.1:0")[0].startswith(
+        'pool.http: must be "" (off) or HOST:PORT with a port 1..65535'
+    )
+    assert _problems(tmp_path, http="127.0.0.1:9", grpc="127.0.0.1:9") == [
+        "pool.grpc: must differ from pool.http"
+    ]
+    assert "no such file" in _problems(tmp_path, oip_token_file=str(tmp_path / "none"))[0]
+
+
+# ------------------------------------------------------------------ REST over a fake router
+
+
+class FakeUpstream:
+    """Answers like the router: adds 1 to a float32 input; remembers what it was sent."""
+
+    def __init__(self, version: str = "3") -> None:
+        self.version = version
+        self.sent: list[list[WireTensor]] = []
+
+    async def infer(self, model: str, inputs: list[WireTensor], timeout_s: float | None) -> Reply:
+        self.sent.append(inputs)
+        out = [
+            WireTensor(t.dtype, t.shape, (np.frombuffer(t.data, np.float32) + 1).tobytes())
+            for t in inputs
+        ]
+        return Reply(True, self.version, tuple(out))
+
+
+CONTRACT = {
+    "name": "m",
+    "version": "3",
+    "versions": [{"version": "3", "digest": "d", "inputs": [], "outputs": []}],
+    "inputs": [
+        {"name": "a", "dtype": "float32", "shape": [-1, 2], "batch_dim": 0},
+        {"name": "b", "dtype": "float32", "shape": [-1, 2], "batch_dim": 0},
+    ],
+    "outputs": [
+        {"name": "sum", "dtype": "float32", "shape": [-1, 2], "batch_dim": 0},
+        {"name": "", "dtype": "float32", "shape": [-1, 2], "batch_dim": 0},
+    ],
+    "batching": {"batchable": True, "max_batch": 8, "max_delay_ms": 2.0},
+    "devices": ["cpu"],
+}
+
+
+async def _control(cmd: str, args: dict[str, Any]) -> dict[str, Any]:
+    if cmd == "status":
+        return {
+            "ok": True,
+            "data": {"models": [{"name": "m", "status": "serving", "version": "3"}]},
+        }
+    if cmd == "describe":
+        return {"ok": True, "data": CONTRACT}
+    return {"ok": True, "data": {}}
+
+
+def _api(token: str = "") -> tuple[HttpApi, FakeUpstream]:
+    up = FakeUpstream()
+    return HttpApi(up, Catalog(_control), Stats(), token=token), up  # type: ignore[arg-type]
+
+
+def _call(api: HttpApi, method: str, path: str, body: bytes = b"", **headers: str) -> Any:
+    return asyncio.run(
+        api.handle(method, path, {k.replace("_", "-"): v for k, v in headers.items()}, body)
+    )
+
+
+def test_metadata_comes_from_the_contract() -> None:
+    info = model_info({"name": "m", "status": "serving", "version": "3"}, CONTRACT)
+    assert [s.name for s in info.at("").inputs] == ["a", "b"]
+    assert [s.name for s in info.at("").outputs] == ["sum", "output1"]  # unnamed: outputN
+    api, _ = _api()
+    meta = json.loads(_call(api, "GET", "/v2/models/m").body)
+    assert meta["inputs"][0] == {"name": "a", "datatype": "FP32", "shape": [-1, 2]}
+    assert _call(api, "GET", "/v2/models/m/versions/4").status == 404
+
+
+def test_inputs_are_matched_by_name_and_binary_sizes_are_checked() -> None:
+    api, up = _api()
+    a, b = np.ones((1, 2), np.float32), np.full((1, 2), 5, np.float32)
+    head = json.dumps({"inputs": [
+        {"name": "b", "datatype": "FP32", "shape": [1, 2], "parameters": {"binary_data_size": 8}},
+        {"name": "a", "datatype": "FP32", "shape": [1, 2], "data": [1, 1]},
+    ], "parameters": {"binary_data_output": True}}).encode()  # fmt: skip
+    r = _call(api, "POST", "/v2/models/m/infer", head + b.tobytes(),
+              inference_header_content_length=str(len(head)))  # fmt: skip
+    assert r.status == 200, r.body
+    sent = up.sent[-1]
+    assert bytes(sent[0].data) == a.tobytes() and bytes(sent[1].data) == b.tobytes()  # a, b order
+    n = int(dict(r.headers)[b"inference-header-content-length"])
+    reply = json.loads(r.body[:n])
+    assert [o["name"] for o in reply["outputs"]] == ["sum", "output1"]
+    assert np.frombuffer(r.body[n:], np.float32).tolist() == [2, 2, 6, 6]
+    # One byte too many, one too few, and a name the model does not have.
+    for extra, size in ((b"x", 8), (b"", 12)):
+        bad = head.replace(b'"binary_data_size": 8', f'"binary_data_size": {size}'.encode())
+        r = _call(api, "POST", "/v2/models/m/infer", bad + b.tobytes() + extra,
+                  inference_header_content_length=str(len(bad)))  # fmt: skip
+        assert r.status == 400 and b"BAD_REQUEST" in r.body
+    r = _call(api, "POST", "/v2/models/m/infer", json.dumps({"inputs": [
+        {"name": "c", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}]}).encode())  # fmt: skip
+    assert r.status == 400 and b"missing a, b; unknown c" in r.body
+
+
+def test_gzip_bodies_and_bearer_tokens() -> None:
+    api, _ = _api(token="s3cret")
+    body = json.dumps({"inputs": [
+        {"name": "a", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]},
+        {"name": "b", "datatype": "FP32", "shape": [1, 2], "data": [3, 4]}]}).encode()  # fmt: skip
+    assert _call(api, "POST", "/v2/models/m/infer", body).status == 401
+    assert _call(api, "GET", "/v2/models/m", authorization="Bearer wrong").status == 401
+    assert _call(api, "GET", "/v2/health/live").status == 200  # probes need no token
+    r = _call(api, "POST", "/v2/models/m/infer", gzip.compress(body),
+              authorization="Bearer s3cret", content_encoding="gzip")  # fmt: skip
+    assert r.status == 200
+    assert json.loads(r.body)["outputs"][0]["data"] == [2.0, 3.0]
+
+
+# ------------------------------------------------------------------ the supervisor
+
+
+def test_a_dying_gateway_is_restarted_with_growing_back_off(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    pids = iter(range(1000, 2000))
+    spawned: list[list[str]] = []
+
+    def fake_spawn(path: str, argv: list[str], env: Any, **kw: Any) -> int:
+        spawned.append(argv)
+        assert kw["setsid"] and kw["file_actions"][0][2] == gw.LIFELINE_FD
+        return next(pids)
+
+    monkeypatch.setattr(os, "posix_spawn", fake_spawn)
+    monkeypatch.setattr(gw, "_signal", lambda pid, sig: spawned.append([f"kill {pid} {sig.name}"]))
+    cfg = _config(tmp_path, http="127.0.0.1:8000")
+    sup = gw.Gateways(gw.gateway_specs(cfg.pool, str(tmp_path)), lifeline_r=9)
+    sup.start()
+    (g,) = sup.gateways
+    assert g.state is gw.GatewayState.STARTING and "--protocol" in spawned[0]
+    sup.on_exited(1000, signal.SIGSEGV, now=10.0)
+    assert g.state is gw.GatewayState.WAITING and g.restart_at == 10.0 + gw.RESTART_MIN_S
+    sup.tick(10.1)
+    assert len(spawned) == 1  # not yet
+    sup.tick(10.0 + gw.RESTART_MIN_S)
+    assert g.pid == 1001 and g.restarts == 1
+    sup.on_exited(1001, 1 << 8, now=11.0)
+    assert g.restart_at == 11.0 + 2 * gw.RESTART_MIN_S  # doubled
+    sup.tick(100.0)
+    sup.stop()
+    assert g.state is gw.GatewayState.STOPPING and spawned[-1] == ["kill 1002 SIGTERM"]
+    sup.on_exited(1002, 0)
+    assert sup.stopped() and sup.supervision() == {"http": (False, 2)}
+    with pytest.raises(RuntimeError):
+        g.to(gw.GatewayState.STARTING)  # stopped is final
