@@ -25,6 +25,7 @@ from pool.gateways import Gateways, admit_gateways, gateway_specs
 from pool.gpu import Gpu
 from pool.health import PoolHealth, assess
 from pool.http import serve_http
+from pool.logs import StderrRelay, relay_wanted
 from pool.manage import Manager
 from pool.manage_commands import manage_commands
 from pool.metrics import (
@@ -129,6 +130,11 @@ class Daemon:
             self._on_spawn_failed,
             lambda msg: self.sup.on_spawner_message(msg),
         )
+        # JSON logs must be only JSON, and the journal wants a priority on every line:
+        # children's stderr then comes through us as records (see pool.logs).
+        self.relay = StderrRelay() if relay_wanted() else None
+        if self.relay is not None:
+            self.spawner.child_stderr = self.relay.write_fd
         self.spawner.start()
         self.store = StateStore(self.pool.state_dir)
         self.sup = Supervisor(

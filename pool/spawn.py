@@ -42,6 +42,9 @@ class SpawnerClient:
         self.on_failed = on_failed
         self.on_message = on_message
         self.proc: subprocess.Popen[bytes] | None = None
+        # Where the spawner and its workers write stderr: None inherits poold's; a
+        # pool.logs.StderrRelay pipe turns their lines into log records (JSON, journal).
+        self.child_stderr: int | None = None
         self.ready = False
         self.reader = MessageReader()
         self.backlog: list[dict[str, Any]] = []  # spawns asked before the spawner said hello
@@ -65,6 +68,7 @@ class SpawnerClient:
             [sys.executable, "-m", "workers.spawner", str(self.lifeline_fd)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
+            stderr=self.child_stderr,
             pass_fds=(self.lifeline_fd,),
             env=env,
         )

@@ -111,3 +111,46 @@ def test_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError, match="level"):
         setup_logging("text", "LOUD")
     assert ours() == []
+
+
+def test_journal_priorities_and_only_json_from_a_real_pool(tmp_path: object) -> None:
+    """poold with log_format=json and stderr as "the journal": every line is <N>{json};
+    a worker's faulthandler dump (raw stderr of a child) arrives as records too."""
+    import signal
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from modelkit import make_mlp
+    from poolkit import start_pool, wait_for
+
+    d = str(tmp_path)
+    m = make_mlp(os.path.join(d, "m", "m.pt"), seed=1)
+    log_path = os.path.join(d, "poold.log")
+    open(log_path, "wb").close()
+    st = os.stat(log_path)  # start_pool appends to this file: poold's stderr is it
+    env = {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+    pool = start_pool(
+        d, [{"name": "m", "path": m, "devices": ["cpu"]}], log_format="json", env_extra=env
+    )
+    try:
+        pid = pool.model("m")["workers"][0]["pid"]
+        os.kill(pid, signal.SIGABRT)  # faulthandler writes a stack dump to raw stderr
+        wait_for(lambda: "child.stderr" in pool.log(), 30, "the dump relayed")
+        wait_for(lambda: "died" in pool.log(), 30, "the death logged")
+        wait_for(lambda: pool.model("m")["status"] == "serving", 60, "a replacement")
+    finally:
+        pool.stop()
+    records = []
+    for line in pool.log().splitlines():
+        if not line.strip():
+            continue
+        match = re.match(r"<([0-7])>(\{.*\})$", line)
+        assert match, f"not <N>{{json}}: {line!r}"
+        rec = json.loads(match.group(2))
+        rec["prio"] = int(match.group(1))
+        records.append(rec)
+    by_level = {r["level"]: r["prio"] for r in records}
+    assert by_level["INFO"] == 6 and by_level["ERROR"] == 3, by_level
+    dump = [r for r in records if r["logger"] == "child.stderr"]
+    assert dump and all(r["prio"] == 4 for r in dump)
+    assert any("Fatal Python error" in r["msg"] or "most recent call" in r["msg"] for r in dump)
