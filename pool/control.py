@@ -24,6 +24,8 @@ import msgpack
 import zmq
 
 from pool.config import PathNotAllowed, check_model_path
+from pool.describe import describe_model
+from pool.labels import label_conflict, label_problem
 from pool.lifecycle import WorkerState
 from pool.metrics import LATENCY_BUCKETS
 from pool.operations import digest_then, start_operation
@@ -64,6 +66,7 @@ class ControlServer:
             "upgrade": self.cmd_upgrade,
             "rollback": self.cmd_rollback,
             "history": self.cmd_history,
+            "describe": self.cmd_describe,
             "health": self.cmd_health,
             "reload": self.cmd_reload,
             "stats": self.cmd_stats,
@@ -219,6 +222,13 @@ class ControlServer:
             }
         )
 
+    def cmd_describe(self, args: dict[str, Any], reply: Reply) -> None:
+        """``pool-ctl describe MODEL [--json]``: the model's contract (``pool.describe``).
+
+        Request args: model. Result data: see ``pool.describe`` (the same JSON as
+        ``--json`` prints)."""
+        reply({"type": "result", "ok": True, "data": describe_model(self.model(args))})
+
     def cmd_reload(self, args: dict[str, Any], reply: Reply) -> None:
         """``pool-ctl reload`` (or SIGHUP): re-read the config and apply it.
 
@@ -250,6 +260,8 @@ class ControlServer:
             raise CommandError("path must not contain a NUL character")
         real = check_model_path(path, self.roots)
         version = self.opt(args, "version", str, None)
+        if version is not None and label_problem(version):
+            raise CommandError(label_problem(version))
         self._run(rt, "upgrade", real, version, args, reply)
 
     def cmd_rollback(self, args: dict[str, Any], reply: Reply) -> None:
@@ -290,6 +302,7 @@ class ControlServer:
         timeout = self.opt(args, "timeout_s", float, self.sup.pool.upgrade_timeout_s)
         if timeout <= 0:
             raise CommandError("timeout must be positive")
+        allow_change = self.opt(args, "allow_contract_change", bool, False)
         sup = self.sup
 
         def progress(phase: str, **info: Any) -> None:
@@ -307,10 +320,15 @@ class ControlServer:
                     "reason": f"{path} changed on disk since version {version} was "
                     f"deployed ({digest[:19]} != {expect_digest[:19]})",
                 }
-            target = Deployed(version or digest.split(":")[1][:12], path, digest)
+            label = version or digest.split(":")[1][:12]
+            conflict = label_conflict(rt.state, label, digest)
+            if conflict:
+                return {"ok": False, "model": rt.name, "outcome": "refused", "reason": conflict}
+            target = Deployed(label, path, digest)
             if sup.models[rt.name].failed:
                 sup.clear_failed(rt)  # an upgrade is how an operator recovers a failed model
             up = Upgrade(sup, rt, target, strategy, timeout, action, progress)
+            up.allow_contract_change = allow_change
             up.t0 = t_start  # the caller's wait includes hashing the file
             return (yield from up.run())
 

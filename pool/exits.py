@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from pool.lifecycle import WorkerRecord, WorkerState, describe_exit, exit_code
 from pool.runtime import ModelRuntime
-from workers.exitcodes import BOOT_FAILURES
+from workers.exitcodes import BOOT_FAILURES, REASONED_EXITS
 
 if TYPE_CHECKING:
     from pool.metrics import PoolMetrics
@@ -42,7 +42,7 @@ class WorkerExits:
         rec = self.by_pid.pop(pid, None)
         if rec is None:
             return
-        if rec.booting and rec.failure is None and exit_code(status) in BOOT_FAILURES:
+        if rec.failure is None and exit_code(status) in REASONED_EXITS:
             # The worker sent its reason ("load: ...") as an event before it exited, but
             # the event comes over the backend socket and the exit through the spawner's
             # pipe, and the exit can arrive first. Wait a moment for the reason.

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import count
-from typing import Any
 
 from pool.config import ModelConfig
+from pool.contract import MAX_EXAMPLES, Contract, InputSignature
 from pool.flapping import FlapGuard
 from pool.lifecycle import WorkerRecord, WorkerState
 from pool.state import Deployed, ModelState
@@ -28,7 +28,9 @@ class ModelRuntime:
     removing: bool = False  # being unloaded: drained, then forgotten (pool.manage)
     flap: FlapGuard = field(default_factory=FlapGuard)
     restarts: list[tuple[float, int]] = field(default_factory=list)  # (when, slot)
-    shapes: list[Any] = field(default_factory=list)  # input signatures seen, for warm-up
+    # What the serving generation was sent, most served first (for the next warm-up).
+    signatures: list[InputSignature] = field(default_factory=list)
+    contracts: dict[int, Contract] = field(default_factory=dict)  # generation -> contract
     gen_counter: count[int] = field(default_factory=lambda: count(1))
 
     @property
@@ -38,6 +40,21 @@ class ModelRuntime:
     @property
     def deployed(self) -> Deployed | None:
         return self.gens.get(self.serving_gen)
+
+    @property
+    def contract(self) -> Contract | None:
+        """The serving version's contract, once a worker of it has reported one."""
+        return self.contracts.get(self.serving_gen)
+
+    def warmup_signatures(self) -> list[InputSignature]:
+        """Inputs a new worker warms up on: what the serving version was sent, then the
+        examples of its contract (known also after a restart, before any traffic)."""
+        out: list[InputSignature] = []
+        contract = self.contract
+        for sig in [*self.signatures, *(contract.examples if contract else ())]:
+            if sig not in out and len(out) < MAX_EXAMPLES:
+                out.append(sig)
+        return out
 
     def alive(self, generation: int | None = None) -> list[WorkerRecord]:
         return [

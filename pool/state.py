@@ -20,6 +20,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 HISTORY_KEPT = 500
+CONTRACTS_KEPT = 64
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class ModelState:
     config_path: str = ""  # the path the config named when this state began
     current: Deployed | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    # content digest -> that version's contract (pool.contract, as JSON), once learned
+    contracts: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -49,6 +52,7 @@ class ModelState:
             config_path=str(d.get("config_path", "")),
             current=Deployed(**cur) if isinstance(cur, dict) else None,
             history=list(d.get("history", [])),
+            contracts=dict(d.get("contracts") or {}),
         )
 
     def versions(self) -> list[Deployed]:
@@ -130,6 +134,8 @@ class StateStore:
 
     def save(self, state: ModelState) -> None:
         state.history = state.history[-HISTORY_KEPT:]
+        for digest in list(state.contracts)[:-CONTRACTS_KEPT]:  # oldest first
+            del state.contracts[digest]
         write_atomic(self._path(state.model), json.dumps(state.to_json(), indent=1).encode())
 
     def record(

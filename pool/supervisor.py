@@ -16,6 +16,7 @@ from itertools import count
 from typing import Any
 
 from pool.config import Config, ModelConfig
+from pool.contract import MAX_EXAMPLES, Contract, ContractError, InputSignature
 from pool.exits import WorkerExits
 from pool.gpu import Gpu, device_index
 from pool.lifecycle import WorkerRecord, WorkerState
@@ -95,6 +96,12 @@ class Supervisor(StandbyUse, WorkerExits, WorkerStopping):
     def new_generation(self, rt: ModelRuntime, deployed: Deployed) -> int:
         gen = next(rt.gen_counter)
         rt.gens[gen] = deployed
+        known = rt.state.contracts.get(deployed.digest)
+        if known is not None:
+            try:  # learned by an earlier run: warm-up and checks have it at once
+                rt.contracts[gen] = Contract.from_json(known)
+            except ContractError as exc:
+                log.warning("%s: recorded contract unreadable: %s", rt.name, exc)
         return gen
 
     # ---------------------------------------------------------------- spawning
@@ -145,7 +152,7 @@ class Supervisor(StandbyUse, WorkerExits, WorkerStopping):
             "heartbeat_interval_s": self.pool.heartbeat_interval_s,
             "threads": cfg.threads,
             "lifeline_fd": self.lifeline_fd,
-            "observed_shapes": rt.shapes[:1],
+            "warmup_signatures": [sig.to_wire() for sig in rt.warmup_signatures()],
             "cuda_graphs": cfg.cuda_graphs,
             "hold_device": hold,
         }
@@ -226,17 +233,56 @@ class Supervisor(StandbyUse, WorkerExits, WorkerStopping):
                     size, n = pair
                     if isinstance(size, int) and isinstance(n, int) and size > 0 and n > 0:
                         self.metrics.observe_batch(rec.model, size, n)
-            shapes = event.get("shapes")
-            model = self.models.get(rec.model)
-            if isinstance(shapes, list) and shapes and model is not None:
-                rec.shapes = shapes
-                model.shapes = shapes
+            self._observed(rec, event.get("signatures"))
             self._check_recycle(rec)
+        elif kind == "contract":
+            self._contract(rec, event.get("contract"))
         elif kind == "failed":
-            rec.failure = f"{event.get('stage')}: {event.get('reason')}"
+            rec.failure = f"{event.get('stage')}: {str(event.get('reason'))[:2000]}"
+            trace = event.get("traceback")
+            if isinstance(trace, str) and trace:
+                log.error(
+                    "worker %s [pid %s] internal error: %s\n%s",
+                    rec.wid,
+                    rec.pid,
+                    event.get("reason"),
+                    trace.rstrip()[-8000:],
+                    extra={"model": rec.model, "version": rec.version, "worker_pid": rec.pid},
+                )
             if rec.booting:
                 rec.to(WorkerState.FAILED)
             self._reason_arrived(wid)
+
+    def _observed(self, rec: WorkerRecord, value: Any) -> None:
+        """Input signatures a worker served (heartbeat), typed: see ``pool.contract``."""
+        rt = self.models.get(rec.model)
+        if not isinstance(value, list) or not value or rt is None:
+            return
+        if rec.generation != rt.serving_gen:
+            return  # a draining or new generation's traffic is not the serving contract
+        try:
+            rt.signatures = [InputSignature.from_wire(v) for v in value[:MAX_EXAMPLES]]
+        except ContractError as exc:
+            log.warning("worker %s sent a bad signature: %s", rec.wid, exc)
+
+    def _contract(self, rec: WorkerRecord, value: Any) -> None:
+        """A worker's contract (ready or learned from traffic): its generation's, and in
+        the state per digest, so a restart warms up from it before anything is served."""
+        rt = self.models.get(rec.model)
+        if value is None or rt is None:
+            return
+        try:
+            contract = Contract.from_json(value)
+        except ContractError as exc:
+            log.warning("worker %s sent a bad contract: %s", rec.wid, exc)
+            return
+        if rec.generation not in rt.gens:
+            return
+        rt.contracts[rec.generation] = contract  # what it probed beats what was recorded
+        digest = rt.gens[rec.generation].digest
+        if rt.state.contracts.get(digest) != value:
+            rt.state.contracts[digest] = contract.to_json()
+            self.store.save(rt.state)
 
     def _ready(self, rec: WorkerRecord, event: dict[str, Any], now: float) -> None:
         if rec.state not in (WorkerState.LOADING, WorkerState.WARMING, WorkerState.VALIDATING):
@@ -253,6 +299,7 @@ class Supervisor(StandbyUse, WorkerExits, WorkerStopping):
         rt = self.models.get(rec.model)
         if rt is None:
             return
+        self._contract(rec, event.get("contract"))
         extra = {"model": rec.model, "version": rec.version, "worker_pid": rec.pid}
         graphs = event.get("graphs")
         log.info(
@@ -289,6 +336,7 @@ class Supervisor(StandbyUse, WorkerExits, WorkerStopping):
         live = {w.generation for w in rt.workers if w.alive} | {rt.serving_gen}
         for gen in [g for g in rt.gens if g not in live]:
             del rt.gens[gen]
+            rt.contracts.pop(gen, None)
 
     def activate(self, rt: ModelRuntime) -> None:
         """Route to every ready worker of the serving generation: one table assignment."""

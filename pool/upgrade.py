@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Generator
 from typing import Any
 
+from pool.contract import differences
 from pool.gpu import device_index
 from pool.lifecycle import WorkerRecord, WorkerState
 from pool.runtime import ModelRuntime
@@ -129,6 +130,10 @@ class Upgrade:
         self.worker_timings: dict[str, float] = {}
         self.standbys_taken = 0
         self.staged = False  # drain-first staged the new weights while the old served
+        # A new version whose contract breaks the serving one's is refused before the
+        # switch unless the operator says the change is meant (--allow-contract-change).
+        self.allow_contract_change = False
+        self.contract_note = ""  # what the check found, for the result
 
     # ------------------------------------------------------------------ helpers
     def say(self, phase: str, **info: Any) -> None:
@@ -229,6 +234,32 @@ class Upgrade:
         if reference and any(v is not None for v in reference.values()):
             self.memory_back = ok
 
+    def contract_refusal(self, gen: int) -> str | None:
+        """Why generation ``gen`` may not replace the serving one (``pool.contract``);
+        None when its contract keeps the serving one's, or either is not known."""
+        old = self.rt.contracts.get(self.old_gen)
+        new = self.rt.contracts.get(gen)
+        if old is None or new is None:
+            self.contract_note = "not checked: " + (
+                "the serving version's contract is not known yet"
+                if old is None
+                else "the new version's contract is not known (no warm-up inputs)"
+            )
+            return None
+        diffs = differences(old, new)
+        if not diffs:
+            self.contract_note = "kept"
+            return None
+        if self.allow_contract_change:
+            self.contract_note = "changed (allowed): " + "; ".join(diffs)
+            self.say("contract_changed", differences=diffs)
+            return None
+        return (
+            "contract: the new version breaks the serving one's: "
+            + "; ".join(diffs)
+            + " (pool-ctl upgrade --allow-contract-change to switch anyway)"
+        )
+
     def switch(self, gen: int) -> None:
         self.rt.serving_gen = gen
         self.sup.activate(self.rt)
@@ -255,9 +286,10 @@ class Upgrade:
         self.say("starting", generation=gen, version=self.target.version)
         new = [self.spawn(gen, slot) for slot in range(len(rt.devices))]
         ok, reason = yield from self.wait_boot(new)
-        if not ok:
+        refusal = self.contract_refusal(gen) if ok else None
+        if not ok or refusal:
             yield from self.abandon(new)
-            return False, reason
+            return False, refusal or reason
         self.switch(gen)
         yield from self.retire(old)
         self.check_memory(reference)
@@ -279,10 +311,11 @@ class Upgrade:
                 self.say("starting", generation=gen, slot=slot, device=device)
                 new = self.spawn(gen, slot)
             ok, reason = yield from self.wait_boot([new])
-            if not ok:
+            refusal = self.contract_refusal(gen) if ok and not done else None
+            if not ok or refusal:
                 yield from self.abandon([new])
                 yield from self.restore(slot, done)
-                return False, reason
+                return False, refusal or reason
             done.append(slot)
             if rt.serving_gen != gen:
                 self.switch(gen)
@@ -337,6 +370,18 @@ class Upgrade:
             self.sup.activate(rt)
 
     # ------------------------------------------------------------------ the end
+    def contract_record(self) -> dict[str, Any]:
+        """The target's inputs and outputs for its history entry, when known."""
+        gens = [g for g, d in self.rt.gens.items() if d == self.target]
+        contract = self.rt.contracts.get(max(gens)) if gens else None
+        if contract is None:
+            return {}
+        return {
+            "inputs": [t.to_json() for t in contract.inputs],
+            "outputs": [t.to_json() for t in contract.outputs],
+            "batchable": contract.batchable,
+        }
+
     def finish(self, ok: bool, reason: str) -> dict[str, Any]:
         rt = self.rt
         elapsed = time.monotonic() - self.t0
@@ -360,6 +405,7 @@ class Upgrade:
             "memory_back": self.memory_back,
             "standby": {"taken": self.standbys_taken, "staged": self.staged},
             "elapsed_s": round(elapsed, 3),
+            "contract": self.contract_note,
         }
         if not ok:
             result["reason"] = reason
@@ -397,6 +443,8 @@ class Upgrade:
                 pids_stopped=result["pids_stopped"],
                 standby=result["standby"],
                 elapsed_s=result["elapsed_s"],
+                contract=self.contract_note,
+                **self.contract_record(),
             )
         self.sup.metrics.observe_upgrade(
             rt.name, self.action, outcome, self.phases, sum(self.freed.values())

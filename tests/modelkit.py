@@ -25,6 +25,77 @@ class _TwoInput(torch.nn.Module):
         return a + b, a * b
 
 
+class _Pair(torch.nn.Module):
+    """forward(x1, x2) -> (y1, y2): the shape of the model gpu-pool was born for."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.w = torch.nn.Parameter(torch.rand(3, 1, 1, generator=gen), requires_grad=False)
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x1 * self.w + x2, x1 - x2 * self.w
+
+
+def pair_reference(seed: int, x1: np.ndarray, x2: np.ndarray) -> list[np.ndarray]:
+    """What ``make_pair(path, seed)`` answers."""
+    with torch.inference_mode():
+        out = _Pair(seed)(torch.as_tensor(x1), torch.as_tensor(x2))
+    return [o.numpy() for o in out]
+
+
+def make_pair(path: str, seed: int, *, manifest: bool = False) -> str:
+    """TorchScript ``forward(x1, x2) -> (y1, y2)`` on float32 ``[N, 3, 16, 16]`` inputs,
+    without a manifest unless asked (as a new user would bring it)."""
+    _save_script(_Pair(seed), path)
+    if manifest:
+        write_manifest(
+            _manifest_path(path),
+            inputs=[InputSpec("float32", (1, 3, 16, 16)), InputSpec("float32", (1, 3, 16, 16))],
+        )
+    return path
+
+
+class _Embedding(torch.nn.Module):
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.table = torch.nn.Parameter(torch.randn(10, 4, generator=gen), requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.embedding(ids, self.table)
+
+
+def make_embedding(path: str, seed: int, *, manifest: bool = True) -> str:
+    """TorchScript embedding: int64 ids ``[N, 5]`` (values 0..9) -> float32 ``[N, 5, 4]``."""
+    _save_script(_Embedding(seed), path)
+    if manifest:
+        write_manifest(_manifest_path(path), inputs=[InputSpec("int64", (1, 5), name="ids")])
+    return path
+
+
+class _OneRow(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sum(0, keepdim=True)[:, :4]
+
+
+def make_one_row(path: str) -> str:
+    """TorchScript that answers one row ``[1, 4]`` whatever the batch (no manifest)."""
+    return _save_script(_OneRow(), path)
+
+
+class _RaisingAny(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() >= 0:
+            raise RuntimeError("modelkit: this model fails on every call")
+        return x
+
+
+def make_raising_bare(path: str) -> str:
+    """TorchScript whose forward always raises, without a manifest."""
+    return _save_script(_RaisingAny(), path)
+
+
 class _Raising(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() >= 0:  # always true; TorchScript needs a reachable return below

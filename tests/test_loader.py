@@ -32,6 +32,7 @@ from modelkit import (
     mlp_reference,
 )
 
+from pool.contract import ContractError, InputSignature
 from workers import weights
 from workers.loader import (
     LoadedModel,
@@ -822,7 +823,7 @@ def test_example_inputs_from_manifest() -> None:
         inputs=(InputSpec("float16", (1, 3)), InputSpec("int64", (1, 2, 2)), InputSpec("bool", ())),
         warmup_batch_sizes=(1, 8),
     )
-    sets = example_inputs(manifest, [("float32", (5, 5))], CPU)
+    sets = example_inputs(manifest, [InputSignature.of([("float32", (5, 5))])], CPU)
     assert [[(t.dtype, tuple(t.shape)) for t in s] for s in sets] == [
         [(torch.float16, (1, 3)), (torch.int64, (1, 2, 2)), (torch.bool, ())],
         [(torch.float16, (8, 3)), (torch.int64, (8, 2, 2)), (torch.bool, ())],
@@ -839,17 +840,29 @@ def test_example_inputs_from_manifest() -> None:
 
 
 def test_example_inputs_from_observed() -> None:
-    one = example_inputs(None, [("float32", (2, 16)), ("int32", [2])], CPU)
+    two = InputSignature.of([("float32", (2, 16)), ("int32", [2])])
+    one = example_inputs(None, [two], CPU)
     assert [[(t.dtype, tuple(t.shape)) for t in s] for s in one] == [
         [(torch.float32, (2, 16)), (torch.int32, (2,))]
     ]
-    # several signatures, as lists (msgpack gives lists), malformed ones skipped
     many = example_inputs(
         Manifest(path="m.toml"),
-        [[["float32", [1, 16]]], [["float8", [1]]], [["float32", [4, 16]]], "junk", []],
+        [InputSignature.of([("float32", (1, 16))]), InputSignature.of([("float32", (4, 16))])],
         CPU,
     )
     assert [tuple(s[0].shape) for s in many] == [(1, 16), (4, 16)]
+
+
+def test_signature_wire_form_cannot_be_misread() -> None:
+    """One signature of a two-input model and a list of two one-input signatures were
+    once the same bytes; the typed wire form keeps them apart and refuses junk."""
+    pair = InputSignature.of([("float32", (1, 3)), ("float32", (1, 3))])
+    assert InputSignature.from_wire(pair.to_wire()) == pair
+    assert len(InputSignature.from_wire(pair.to_wire()).inputs) == 2
+    for junk in ([["float32", [1, 16]]], {"inputs": [{"dtype": "float8", "shape": [1]}]},
+                 {"inputs": [{"dtype": "float32", "shape": [-1]}]}, "junk", None):
+        with pytest.raises(ContractError):
+            InputSignature.from_wire(junk)
 
 
 def test_example_inputs_empty_without_sources() -> None:
@@ -1029,7 +1042,12 @@ def test_load_onto_cuda(tmp_path: Path, kind: str) -> None:
     assert all(p.device == device for p in model.module.parameters())
     manifest = load_manifest(path)
     assert (
-        warm_up(model, example_inputs(manifest, [("float32", (2, 6)), ("float32", (2,))], device))
+        warm_up(
+            model,
+            example_inputs(
+                manifest, [InputSignature.of([("float32", (2, 6)), ("float32", (2,))])], device
+            ),
+        )
         > 0
     )
     if kind != "export":

@@ -206,7 +206,9 @@ BAD_MANIFESTS = [
     ("[[inputs]]\ndtype='int64'\nshape=[1, 0]", r"inputs\[0\].shape: must be a list of integers"),
     ("[[inputs]]\ndtype='int64'\nshape='1,2'", r"inputs\[0\].shape: must be a list of integers"),
     ("[[inputs]]\ndtype='int64'", r"inputs\[0\].shape: must be a list of integers"),
-    ("[[inputs]]\ndtype='int64'\nshape=[1]\nname='x'", r"inputs\[0\].name: unknown key"),
+    ("[[inputs]]\ndtype='int64'\nshape=[1]\nlayout='x'", r"inputs\[0\].layout: unknown key"),
+    ("[[inputs]]\ndtype='int64'\nshape=[1]\nname='a b'", r"inputs\[0\].name: must match"),
+    ("[[outputs]]\nname=3", r"outputs\[0\].name: must match"),
     ("[golden]\nfile = 3", "golden.file: must be a file name"),
 ]
 

@@ -19,3 +19,5 @@ EXIT_MEANING = {
 }
 # Exits that mean "this model cannot start": restarting it would only fail again.
 BOOT_FAILURES = frozenset({EXIT_LOAD_FAILED, EXIT_WARMUP_FAILED, EXIT_VALIDATION_FAILED})
+# Exits whose worker sends its reason as an event first (the supervisor waits for it).
+REASONED_EXITS = BOOT_FAILURES | {EXIT_INTERNAL}

@@ -34,6 +34,9 @@ class Launcher:
         self.graphs: GraphTable | None = None
         self.copy_stream: Any = None  # host-to-device copies for graph replays
         self.batch_sizes: dict[int, int] = {}
+        # False once the contract shows outputs that do not follow the batch: every
+        # request then gets a forward of its own (its rows could not be told apart).
+        self.batchable = True
 
     def use_graphs(self, table: GraphTable) -> None:
         """Replay ``table``'s graphs from now on, their inputs copied on a stream of their
@@ -57,7 +60,9 @@ class Launcher:
         max_batch = self.max_batch
         first = requests[0].layout.bkey
         same = first is not None and all(r.layout.bkey == first for r in requests)
-        if same and gather.rows <= max_batch:
+        if not self.batchable:
+            plan = [[r] for r in requests]
+        elif same and gather.rows <= max_batch:
             plan = [requests]  # the usual case: one shape, one batch
         else:
             plan = [

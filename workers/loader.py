@@ -73,6 +73,8 @@ class LoadedModel:
     format: str
     num_inputs: int | None
     path: str = ""
+    # forward()'s positional argument names (the contract's input names); () if unknown.
+    input_names: tuple[str, ...] = ()
 
     def forward(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Run ``module(*inputs)`` and return the outputs as a list of tensors."""
@@ -117,13 +119,23 @@ def load_model(
     if fmt == "torchscript":
         module: torch.nn.Module = _load_torchscript(path, device)
         num_inputs = _script_num_inputs(module, path)
+        names = _script_input_names(module)
     elif fmt == "export":
         module = _load_export(path, device)
         num_inputs = _signature_num_inputs(module)
+        names = _signature_input_names(module)
     else:
         module = _load_safetensors(path, device, manifest)
         num_inputs = _signature_num_inputs(module)
-    return LoadedModel(module=module, device=device, format=fmt, num_inputs=num_inputs, path=path)
+        names = _signature_input_names(module)
+    return LoadedModel(
+        module=module,
+        device=device,
+        format=fmt,
+        num_inputs=num_inputs,
+        path=path,
+        input_names=names,
+    )
 
 
 def _load_torchscript(path: str, device: torch.device) -> torch.nn.Module:
@@ -144,6 +156,29 @@ def _script_num_inputs(module: torch.nn.Module, path: str) -> int | None:
     if any(a.has_default_value() for a in args):
         return None
     return len(args)
+
+
+def input_names_of(module: torch.nn.Module, fmt: str) -> tuple[str, ...]:
+    """forward()'s positional argument names (the contract's input names)."""
+    if fmt == "torchscript":
+        return _script_input_names(module)
+    return _signature_input_names(module)
+
+
+def _script_input_names(module: torch.nn.Module) -> tuple[str, ...]:
+    schema = getattr(module.forward, "schema", None)
+    if schema is None:
+        return ()
+    return tuple(a.name for a in schema.arguments[1:] if not a.kwarg_only)
+
+
+def _signature_input_names(module: torch.nn.Module) -> tuple[str, ...]:
+    try:
+        sig = inspect.signature(module.forward)
+    except (TypeError, ValueError):
+        return ()
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return tuple(p.name for p in sig.parameters.values() if p.kind in kinds)
 
 
 def _signature_num_inputs(module: torch.nn.Module) -> int | None:
@@ -350,8 +385,10 @@ def describe_error(e: BaseException, limit: int = 600) -> str:
     original exception, which is what a reader needs.
     """
     text = str(e).strip()
-    if isinstance(e, torch.jit.Error) and text:
-        return _bounded(text.splitlines()[-1], limit)
+    scripted = isinstance(e, torch.jit.Error) or "Traceback of TorchScript" in text
+    if scripted and text:
+        last = [line.strip() for line in text.splitlines() if line.strip()][-1]
+        return _bounded(last if ":" in last else f"{type(e).__name__}: {last}", limit)
     # torch messages often span lines; one line keeps a reply or log line readable.
     text = " ".join(text.split())
     return _bounded(f"{type(e).__name__}: {text}" if text else type(e).__name__, limit)

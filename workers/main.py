@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import sys
 import threading
+import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,7 +50,9 @@ class WorkerSpec:
     heartbeat_interval_s: float = 1.0
     threads: int | None = None
     lifeline_fd: int = -1
-    observed_shapes: list[Any] = field(default_factory=list)
+    # Warm-up inputs, each an InputSignature's wire map (pool.contract): what the
+    # serving version was sent, then its contract's examples.
+    warmup_signatures: list[Any] = field(default_factory=list)
     cuda_graphs: bool = False  # capture the forward per batch size (workers.graphs)
     lane: str = ""  # the router's lane socket (workers.lane); "" without one
     # Drain-first with a standby: read the weights into host memory, report "staged",
@@ -110,9 +114,33 @@ def run(spec: WorkerSpec) -> int:
     sock.connect(spec.backend)
     try:
         return Worker(spec, sock).main()
+    except Exception as exc:  # a bug of ours or torch's: poold logs it, pool-ctl shows why
+        report_internal_error(sock, spec, exc)
+        return EXIT_INTERNAL
     finally:
         sock.close()
         ctx.term()
+
+
+def report_internal_error(sock: zmq.Socket[Any], spec: WorkerSpec, exc: BaseException) -> None:
+    """Send poold the one-line cause and the traceback of an unexpected error; poold
+    logs the traceback and puts the cause in the upgrade result and the history."""
+    cause = " ".join(f"{type(exc).__name__}: {exc}".split())[:600]
+    trace = "".join(traceback.format_exception(exc))[-8000:]
+    try:
+        send_event(
+            sock,
+            {
+                "t": "failed",
+                "pid": os.getpid(),
+                "wid": spec.wid,
+                "stage": "internal",
+                "reason": cause,
+                "traceback": trace,
+            },
+        )
+    except Exception:  # the socket itself may be what broke: stderr still has it
+        sys.stderr.write(f"worker {spec.wid}: internal error: {cause}\n{trace}")
 
 
 def send_event(sock: zmq.Socket[Any], event: dict[str, Any]) -> None:

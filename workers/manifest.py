@@ -19,6 +19,10 @@ Every key is optional::
     [[inputs]]                        # one table per positional input of forward()
     dtype = "float32"                 # float64 float32 float16 bfloat16 int64 int32
     shape = [1, 16]                   # int16 int8 uint8 bool; batch dim included
+    name = "x"                        # optional; default: forward()'s argument name
+
+    [[outputs]]                       # optional, one per output, in order: names only
+    name = "logits"                   # (dtypes and shapes are probed at load time)
 
     [golden]
     file = "golden.npz"               # relative to the manifest's directory
@@ -50,6 +54,8 @@ from typing import Any
 
 import numpy as np
 
+from pool.contract import DTYPES
+
 __all__ = [
     "DTYPE_NAMES",
     "GoldenCase",
@@ -65,25 +71,13 @@ __all__ = [
 ]
 
 # The names both the manifest and the wire use for tensor element types.
-DTYPE_NAMES: frozenset[str] = frozenset(
-    {
-        "float64",
-        "float32",
-        "float16",
-        "bfloat16",
-        "int64",
-        "int32",
-        "int16",
-        "int8",
-        "uint8",
-        "bool",
-    }
-)
+DTYPE_NAMES: frozenset[str] = DTYPES
 
 _TOP_KEYS = frozenset(
-    {"factory", "rtol", "atol", "warmup_batch_sizes", "batching", "inputs", "golden"}
+    {"factory", "rtol", "atol", "warmup_batch_sizes", "batching", "inputs", "outputs", "golden"}
 )
 _tmp_counter = itertools.count()
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
 _GOLDEN_NAME = re.compile(r"case(\d+)_(in|out)(\d+)")
 
 
@@ -95,6 +89,7 @@ class ManifestError(Exception):
 class InputSpec:
     dtype: str
     shape: tuple[int, ...]
+    name: str = ""  # the contract's name for it; "" = forward()'s argument name
 
 
 @dataclass(frozen=True)
@@ -114,6 +109,7 @@ class Manifest:
     factory: str | None = None
     max_batch: int | None = None
     max_delay_ms: float | None = None
+    output_names: tuple[str, ...] = ()  # the contract's names for the outputs, in order
 
 
 def find_manifest(model_path: str) -> str | None:
@@ -170,6 +166,7 @@ class _Parser:
             factory=self.factory(data.get("factory")),
             max_batch=self.optional_positive_int(batching.get("max_batch"), "batching.max_batch"),
             max_delay_ms=self.optional_number(batching, "max_delay_ms", "batching.max_delay_ms"),
+            output_names=self.outputs(data.get("outputs", [])),
         )
 
     def check_keys(self, table: Mapping[str, Any], allowed: frozenset[str], prefix: str) -> None:
@@ -231,7 +228,7 @@ class _Parser:
             key = f"inputs[{i}]"
             if not isinstance(item, dict):
                 raise self.fail(key, f"must be a table, got {item!r}")
-            self.check_keys(item, frozenset({"dtype", "shape"}), key + ".")
+            self.check_keys(item, frozenset({"dtype", "shape", "name"}), key + ".")
             dtype = item.get("dtype")
             if dtype not in DTYPE_NAMES:
                 known = ", ".join(sorted(DTYPE_NAMES))
@@ -241,8 +238,26 @@ class _Parser:
                 isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape
             ):
                 raise self.fail(key + ".shape", f"must be a list of integers >= 1, got {shape!r}")
-            specs.append(InputSpec(dtype=dtype, shape=tuple(shape)))
+            specs.append(InputSpec(dtype=dtype, shape=tuple(shape), name=self.name(item, key)))
         return tuple(specs)
+
+    def name(self, item: Mapping[str, Any], key: str) -> str:
+        name = item.get("name", "")
+        if not isinstance(name, str) or not _NAME.fullmatch(name or "x"):
+            raise self.fail(key + ".name", f"must match {_NAME.pattern}, got {name!r}")
+        return name
+
+    def outputs(self, value: Any) -> tuple[str, ...]:
+        if not isinstance(value, list):
+            raise self.fail("outputs", "must be an array of tables ([[outputs]])")
+        names = []
+        for i, item in enumerate(value):
+            key = f"outputs[{i}]"
+            if not isinstance(item, dict):
+                raise self.fail(key, f"must be a table, got {item!r}")
+            self.check_keys(item, frozenset({"name"}), key + ".")
+            names.append(self.name(item, key) or f"output{i}")
+        return tuple(names)
 
     def golden(self, table: Mapping[str, Any]) -> tuple[GoldenCase, ...]:
         file = table.get("file")
@@ -326,6 +341,7 @@ def write_manifest(
     factory: str | None = None,
     max_batch: int | None = None,
     max_delay_ms: float | None = None,
+    output_names: Sequence[str] = (),
 ) -> None:
     """Write a manifest TOML at ``path`` (atomically); keys left at None are omitted.
 
@@ -359,6 +375,11 @@ def write_manifest(
         lines.append("\n[[inputs]]")
         lines.append(f"dtype = {_toml_str(dtype)}")
         lines.append(f"shape = [{', '.join(str(int(d)) for d in shape)}]")
+        if isinstance(spec, InputSpec) and spec.name:
+            lines.append(f"name = {_toml_str(spec.name)}")
+    for name in output_names:
+        lines.append("\n[[outputs]]")
+        lines.append(f"name = {_toml_str(name)}")
     if golden_file is not None:
         lines.append("\n[golden]")
         lines.append(f"file = {_toml_str(golden_file)}")

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import zmq
 
+from pool.contract import Contract, ContractError, InputSignature
 from router import protocol as p
 from router.frames import recv_frames
 from workers.copier import Copier, new_copier
@@ -30,9 +31,10 @@ from workers.main import (
     rss_bytes,
     send_event,
 )
-from workers.manifest import ManifestError, load_manifest
+from workers.manifest import Manifest, ManifestError, load_manifest
 from workers.pacing import LaunchClock
 from workers.pipeline import Completions, Gather, Launched
+from workers.probe import probe_contract
 from workers.replies import Replier
 from workers.staged import stage_model
 from workers.staging import ALIGN
@@ -82,6 +84,9 @@ class Worker:
         self.last_beat = 0.0
         self.copier: Copier | None = None
         self.graph_info: dict[str, Any] = {}
+        self.manifest: Manifest | None = None
+        self.contract: Contract | None = None  # this version's, once known
+        self.contract_failed = False  # its probe on served inputs failed: not retried
 
     @property
     def model(self) -> LoadedModel | None:
@@ -130,7 +135,7 @@ class Worker:
         self.event("phase", phase="loading")
         t1 = time.monotonic()
         try:
-            manifest = load_manifest(spec.path)
+            manifest = self.manifest = load_manifest(spec.path)
             if spec.hold_device:
                 staged = stage_model(spec.path, manifest, pin=self.device.type == "cuda")
                 timings["staged_s"] = time.monotonic() - t1
@@ -149,10 +154,16 @@ class Worker:
         timings["load_s"] = time.monotonic() - t1
         self.event("phase", phase="warming")
         try:
-            sets = example_inputs(manifest, spec.observed_shapes or None, self.device)
-            timings["warm_s"] = warm_up(self.model, sets)
+            sets = example_inputs(manifest, self.warmup_signatures(), self.device)
+            seen: list[list[torch.Tensor]] = []
+            timings["warm_s"] = warm_up(self.model, sets, seen)
         except WarmupError as exc:
             return self.fail("warmup", exc, EXIT_WARMUP_FAILED)
+        t_probe = time.monotonic()
+        self.learn_contract(
+            sets, seen, "manifest" if manifest is not None and manifest.inputs else "probe"
+        )
+        timings["probe_s"] = time.monotonic() - t_probe
         if manifest is not None and manifest.golden:
             self.event("phase", phase="validating")
             t3 = time.monotonic()
@@ -182,6 +193,7 @@ class Worker:
             num_inputs=self.model.num_inputs,
             graphs=self.graph_info,
             standby=spec.from_standby,
+            contract=self.contract.to_json() if self.contract is not None else None,
         )
         self.serve()
         self.event("bye", served=self.replies.served)
@@ -200,6 +212,56 @@ class Worker:
                     continue
                 if kind in ("go", "stop"):
                     return kind == "go"
+
+    def warmup_signatures(self) -> list[InputSignature]:
+        """The supervisor's warm-up signatures (typed on the wire: ``pool.contract``)."""
+        out = []
+        for value in self.spec.warmup_signatures:
+            try:
+                out.append(InputSignature.from_wire(value))
+            except ContractError as exc:  # a supervisor bug: warm up on the rest
+                log.warning("worker %s: ignoring warm-up signature: %s", self.spec.wid, exc)
+        return out
+
+    def learn_contract(
+        self, sets: list[list[torch.Tensor]], seen: list[list[torch.Tensor]], source: str
+    ) -> None:
+        """This version's contract from its warm-up (``workers.probe``); a model whose
+        outputs do not follow the batch is served one request per forward from now on."""
+        assert self.model is not None
+        manifest_names = self.manifest.output_names if self.manifest is not None else ()
+        input_names = self.model.input_names
+        if self.manifest is not None and any(s.name for s in self.manifest.inputs):
+            input_names = tuple(s.name or f"input{i}" for i, s in enumerate(self.manifest.inputs))
+        self.contract = probe_contract(
+            self.model,
+            sets,
+            seen,
+            input_names=input_names,
+            output_names=manifest_names,
+            source=source,
+        )
+        if self.contract is not None:
+            self.launcher.batchable = self.contract.batchable
+
+    def learn_from_traffic(self) -> None:
+        """No warm-up inputs were known at start: probe the contract once, on synthetic
+        inputs of the signature served most, and report it."""
+        seen = self.replies.shapes
+        if self.contract is not None or self.model is None or not seen:
+            return
+        top = max(seen, key=seen.__getitem__)
+        sets = example_inputs(None, [InputSignature.of(top)], self.device)
+        outputs: list[list[torch.Tensor]] = []
+        try:
+            warm_up(self.model, sets, outputs)
+        except WarmupError as exc:
+            log.warning("worker %s: contract probe failed: %s", self.spec.wid, exc)
+            self.contract_failed = True
+            return
+        self.learn_contract(sets, outputs, "traffic")
+        if self.contract is not None:
+            self.event("contract", contract=self.contract.to_json())
 
     def capture(self, sets: list[list[torch.Tensor]]) -> None:
         """CUDA graphs of the forward for the warm-up signatures (``workers.graphs``);
@@ -417,6 +479,8 @@ class Worker:
 
     def beat(self) -> None:
         self.last_beat = time.monotonic()
+        if self.contract is None and not self.contract_failed:
+            self.learn_from_traffic()
         seen = self.replies.shapes
         shapes = sorted(seen, key=seen.__getitem__, reverse=True)[:MAX_SHAPES_KEPT]
         batches = self.launcher.take_batch_sizes()
@@ -424,7 +488,8 @@ class Worker:
             "hb",
             served=self.replies.served,
             rss=rss_bytes(),
-            shapes=[list(s) for s in shapes],
+            # Typed records (pool.contract), most served first.
+            signatures=[InputSignature.of(s).to_wire() for s in shapes],
             # [rows per forward, count] since the last beat, for the batch-size metric
             # (pairs, not a map: the router decodes maps with string keys only).
             batches=[[size, n] for size, n in batches.items()],

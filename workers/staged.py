@@ -32,6 +32,7 @@ from workers.loader import (
     assign_weights,
     build_factory_module,
     describe_error,
+    input_names_of,
     load_model,
 )
 from workers.manifest import Manifest
@@ -65,7 +66,12 @@ class StagedModel:
         except Exception as e:
             raise ModelLoadError(f"{path}: cannot move to {device}: {describe_error(e)}") from e
         return LoadedModel(
-            module=module, device=device, format=self.format, num_inputs=num_inputs, path=path
+            module=module,
+            device=device,
+            format=self.format,
+            num_inputs=num_inputs,
+            path=path,
+            input_names=input_names_of(module, self.format),
         )
 
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
 
+from pool.contract import InputSignature
 from workers.loader import LoadedModel, describe_error
 from workers.manifest import DTYPE_NAMES, Manifest
 
@@ -44,8 +44,6 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 }
 assert set(TORCH_DTYPES) == DTYPE_NAMES  # the two tables must not drift apart
 
-Signature = Sequence[tuple[str, Sequence[int]]]
-
 
 class WarmupError(Exception):
     """The model failed on its warm-up inputs."""
@@ -57,16 +55,15 @@ class ValidationError(Exception):
 
 def example_inputs(
     manifest: Manifest | None,
-    observed: Signature | Sequence[Signature] | None,
+    signatures: Sequence[InputSignature] | None,
     device: torch.device | str,
 ) -> list[list[torch.Tensor]]:
     """Input sets for warm-up.
 
     From the manifest's ``inputs`` when it has any: one set per warm-up batch size, each
     example's first dimension replaced by that size (0-d inputs are used as they are).
-    Otherwise from ``observed``: the ``(dtype, shape)`` of each input of a request the
-    previous version served, or a list of such signatures (one set each); malformed
-    entries are skipped, since this is a best-effort hint. ``[]`` when there is neither.
+    Otherwise one set per ``signatures`` entry: what the serving version was sent, and
+    the examples of its contract (``pool.contract``). ``[]`` when there is neither.
     """
     device = torch.device(device)
     gen = torch.Generator().manual_seed(0)
@@ -79,31 +76,9 @@ def example_inputs(
                 tensors.append(_synthetic(spec.dtype, shape, gen, device))
             sets.append(tensors)
         return sets
-    if not observed:
-        return []
-    signatures: list[Any] = [observed] if _is_signature(observed) else list(observed)
-    sets = []
-    for sig in signatures:
-        if not _is_signature(sig):
-            log.warning("ignoring malformed observed input signature %r", sig)
-            continue
-        sets.append([_synthetic(d, tuple(shape), gen, device) for d, shape in sig])
-    return sets
-
-
-def _is_signature(value: Any) -> bool:
-    """True for a sequence of (dtype name, shape) pairs (lists, as msgpack gives them, too)."""
-    if not isinstance(value, list | tuple) or not value:
-        return False
-    for pair in value:
-        if not isinstance(pair, list | tuple) or len(pair) != 2:
-            return False
-        dtype, shape = pair
-        if dtype not in TORCH_DTYPES or not isinstance(shape, list | tuple):
-            return False
-        if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in shape):
-            return False
-    return True
+    return [
+        [_synthetic(t.dtype, t.shape, gen, device) for t in sig.inputs] for sig in signatures or ()
+    ]
 
 
 def _synthetic(
@@ -116,12 +91,19 @@ def _synthetic(
     return torch.zeros(shape, dtype=dtype, device=device)
 
 
-def warm_up(model: LoadedModel, input_sets: Sequence[Sequence[torch.Tensor]]) -> float:
-    """Run every input set once; return the seconds it took (device work included)."""
+def warm_up(
+    model: LoadedModel,
+    input_sets: Sequence[Sequence[torch.Tensor]],
+    outputs: list[list[torch.Tensor]] | None = None,
+) -> float:
+    """Run every input set once; return the seconds it took (device work included).
+    Each set's outputs are appended to ``outputs`` when given (for the contract)."""
     t0 = time.monotonic()
     for i, inputs in enumerate(input_sets):
         try:
-            model.forward(inputs)
+            out = model.forward(inputs)
+            if outputs is not None:
+                outputs.append(out)
             # Kernel errors surface at synchronisation, so each set is attributed right.
             _synchronize(model.device)
         except Exception as e:

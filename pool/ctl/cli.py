@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 from pool.ctl.client import ControlClient, Unreachable
+from pool.ctl.describe import print_describe
 from pool.ctl.endpoint import choose_endpoint
 from pool.ctl.fleet_cli import add_fleet_parser, control_call, run_fleet
 from pool.ctl.render import (
@@ -25,6 +26,7 @@ from pool.ctl.render import (
     progress_line,
     say,
 )
+from pool.labels import label_problem
 from pool.version import version_line
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -38,6 +40,7 @@ examples:
   pool-ctl rollback demo                   back to the previous committed version
   pool-ctl rollback demo --to 1
   pool-ctl history demo
+  pool-ctl describe demo --json            inputs, outputs, batching, versions
   pool-ctl health && echo serving          exit 0 only when every model serves
   pool-ctl load bert /srv/models/bert/1/model.pt --devices cuda:0 cuda:1 --max-batch 16
   pool-ctl scale bert --devices cuda:0     same version, one worker (zero-loss)
@@ -106,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
             "(when the GPU cannot hold both); auto: decide from free memory",
         )
         p.add_argument(
+            "--allow-contract-change",
+            action="store_true",
+            help="switch even when the new version's inputs or outputs (dtype, shape, "
+            "rank, batching) differ from the serving version's; refused otherwise",
+        )
+        p.add_argument(
             "--timeout",
             type=float,
             metavar="S",
@@ -125,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     scale = add("scale", "run the live version on other devices, zero-loss (persisted)")
     scale.add_argument("model")
     scale.add_argument("--devices", nargs="+", metavar="D", required=True)
+    desc = add(
+        "describe",
+        "the model's contract: inputs and outputs (names, dtypes, shapes, batch dim), "
+        "versions, batching, devices",
+    )
+    desc.add_argument("model")
     add_fleet_parser(sub)
     return ap
 
@@ -180,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     cmd: str = args.command
     payload: dict[str, Any] = {}
-    if cmd in ("upgrade", "rollback", "history", "load", "unload", "scale"):
+    if cmd in ("upgrade", "rollback", "history", "describe", "load", "unload", "scale"):
         payload["model"] = args.model
     if cmd == "load":
         payload["path"] = os.path.abspath(args.path)
@@ -192,12 +207,16 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "upgrade":
         payload["path"] = os.path.abspath(args.path)
         if args.version:
+            if label_problem(args.version):
+                parser.error(str(label_problem(args.version)))
             payload["version"] = args.version
     if cmd == "rollback" and args.to:
         payload["to"] = args.to
     timeout = None
     if cmd in ("upgrade", "rollback"):
         payload["strategy"] = args.strategy
+        if args.allow_contract_change:
+            payload["allow_contract_change"] = True
         if args.timeout:
             payload["timeout_s"] = args.timeout
         timeout = (args.timeout or 3600.0) + 120.0
@@ -249,6 +268,8 @@ def report(cmd: str, as_json: bool, result: dict[str, Any]) -> int:
         print_list(data)
     elif ok and cmd in ("load", "unload", "scale"):
         say(f"{data.get('model')}: {data.get('outcome') or 'done'} ({describe_done(data)})")
+    elif ok and cmd == "describe":
+        print_describe(data)
     # A refused command has no result to show (no "history of None"), only the reason.
     if not ok and cmd not in ("upgrade", "rollback"):
         print(f"pool-ctl: {error or 'failed'}", file=sys.stderr)
