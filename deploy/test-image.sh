@@ -15,6 +15,9 @@ WHEELS=${1:-/opt/wheels}
 BASE=localhost/gpu-pool-testbase:bookworm
 IMAGE=localhost/gpu-pool:test
 WORK=${TMPDIR:-/tmp}/gpu-pool-image-test
+# RUN steps in a chroot: works inside containers and VMs whose cgroups crun cannot drive
+# ("cgroups in hybrid mode not supported"); set BUILDAH_ISOLATION=oci where it can.
+export BUILDAH_ISOLATION=${BUILDAH_ISOLATION:-chroot}
 mkdir -p "$WORK"
 if ! buildah inspect --type image "$BASE" >/dev/null 2>&1; then
   rm -rf "$WORK/rootfs"
