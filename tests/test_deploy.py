@@ -207,6 +207,8 @@ def test_the_config_is_valid_for_poold_in_the_pods_filesystem(target: str, tmp_p
         p["state_dir"],
         p["curve_secret_key"],
         p["curve_authorized_keys"],
+        p["oip_tls_cert"],
+        p["oip_tls_key"],
         *p["model_roots"],
         *(m["path"] for m in pool["models"]),
     ]
@@ -215,6 +217,7 @@ def test_the_config_is_valid_for_poold_in_the_pods_filesystem(target: str, tmp_p
     key_mount = next(m for m in mounts if p["curve_secret_key"].startswith(m + "/"))
     assert "secret" in volumes[mounts[key_mount]]
     assert "secret" in volumes[mounts[p["curve_authorized_keys"]]]
+    assert "secret" in volumes[mounts[os.path.dirname(p["oip_tls_cert"])]]
     config_arg = c["args"][c["args"].index("--config") + 1]
     assert (
         os.path.dirname(config_arg) in mounts
@@ -233,6 +236,9 @@ def test_the_config_is_valid_for_poold_in_the_pods_filesystem(target: str, tmp_p
     zmq.auth.create_certificates(str(here(p["curve_authorized_keys"])), "client1")
     for m in pool["models"]:
         make_mlp(str(here(m["path"])), seed=1)
+    here(os.path.dirname(p["oip_tls_cert"])).mkdir(parents=True)
+    for pem in (p["oip_tls_cert"], p["oip_tls_key"]):  # poold checks they exist; the
+        here(pem).write_text("PEM\n")  # gateway reads them (its own tests use real ones)
     for root in (*p["model_roots"], p["state_dir"]):
         here(root).mkdir(parents=True, exist_ok=True)
     for path in sorted(set(named), key=len, reverse=True):
