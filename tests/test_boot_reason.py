@@ -21,6 +21,11 @@ class _Router:
         return 0
 
 
+class _Standbys:
+    def on_exited(self, pid: int, status: int) -> bool:
+        return False  # no standby has this pid: the exit is a worker's
+
+
 class _Metrics:
     def __init__(self) -> None:
         self.exits: list[str] = []
@@ -51,6 +56,7 @@ def _supervisor() -> tuple[Supervisor, WorkerRecord]:
     sup.awaiting_reason = {}
     sup.router = _Router()  # type: ignore[assignment]
     sup.metrics = _Metrics()  # type: ignore[assignment]
+    sup.standbys = _Standbys()  # type: ignore[assignment]
     return sup, rec
 
 
