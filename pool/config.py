@@ -139,6 +139,9 @@ class PoolConfig:
     io_threads: int = 0
     # One hot standby per device (workers.standby): "auto" = on for CUDA devices.
     standby: str | bool = "auto"
+    # Client connections the frontend accepts at once (router/door.py); 0: the descriptor
+    # limit less a reserve for poold itself.
+    max_connections: int = 0
     curve_secret_key: str | None = None
     curve_authorized_keys: str | None = None
     # Open Inference Protocol endpoints (HOST:PORT; "" = off), served by gateway

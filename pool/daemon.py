@@ -21,6 +21,7 @@ import zmq
 from gateway.collector import OipCollector
 from pool.config import Config, ModelConfig, ipc_path
 from pool.control import ControlServer
+from pool.door_metrics import DoorCollector
 from pool.gateways import Gateways, admit_gateways, gateway_specs
 from pool.gpu import Gpu
 from pool.health import PoolHealth, assess
@@ -41,6 +42,7 @@ from pool.spawn import SpawnerClient
 from pool.state import Deployed, StateStore, file_digest
 from pool.supervisor import Supervisor
 from pool.topology import Topology
+from router.door import Door, connection_limit, raise_nofile
 from router.router import Router
 from workers.heap import freeze_heap
 from workers.spawner import reaped
@@ -84,6 +86,7 @@ class Daemon:
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
+        self.nofile = raise_nofile()
         owner_only_dir(self.pool.state_dir)
         for endpoint in (self.pool.control, self.pool.frontend):
             path = ipc_path(endpoint)
@@ -113,6 +116,11 @@ class Daemon:
             spin_us=self.pool.spin_us(),
             lane=os.path.join(self.rundir, "lane.sock") if self.pool.router_lane else "",
         )
+        self.door = Door(
+            self.router.frontend, connection_limit(self.pool.max_connections, self.nofile)
+        )
+        self.door_stats = self.door.stats()
+        self.metrics.registry.register(DoorCollector(lambda: self.door_stats))
         self.control_sock = self.ctx.socket(zmq.ROUTER)
         self.control_sock.setsockopt(zmq.LINGER, 0)
         self.control_sock.setsockopt(zmq.MAXMSGSIZE, 1 << 16)
@@ -174,10 +182,13 @@ class Daemon:
         self.watchdog_s = watchdog_interval()
         self.last_watchdog = 0.0
         log.info(
-            "poold [pid %d] serving %s on %s, control %s",
+            "poold [pid %d] serving %s on %s (up to %d connections of %d descriptors), "
+            "control %s",
             os.getpid(),
             ", ".join(m.name for m in self.config.models) or "no models",
             self.pool.frontend,
+            self.door.limit,
+            self.nofile,
             self.pool.control,
         )
 
@@ -309,10 +320,12 @@ class Daemon:
         spawner_fd = self.spawner.fileno()
 
         def wakeups() -> None:
-            # 0: control socket, 1: signal wake-up pipe, 2: the spawner's pipe (if alive)
+            # 0: control socket, 1: signal wake-up pipe, 2: the door's monitor,
+            # 3: the spawner's pipe (if alive)
             items: list[tuple[zmq.Socket[Any] | None, int]] = [
                 (self.control_sock, 0),
                 (None, wake_r),
+                (self.door.monitor, 0),
             ]
             if spawner_fd is not None:
                 items.append((None, spawner_fd))
@@ -327,7 +340,10 @@ class Daemon:
             self.router.pump(timeout)
             if self.router.woke(0):
                 self.control.handle()
-            if spawner_fd is not None and self.router.woke(2):
+            if self.router.woke(2):
+                self.door.handle()
+                self.door_stats = self.door.stats()
+            if spawner_fd is not None and self.router.woke(3):
                 if not self.spawner.handle_readable():
                     spawner_fd = None
                     wakeups()
@@ -441,6 +457,7 @@ class Daemon:
             self.http.close()
         if getattr(self, "auth", None) is not None:
             self.auth.stop()
+        self.door.close()
         self.router.close()
         self.control_sock.close(linger=0)
         self.ctx.term()

@@ -103,6 +103,8 @@ class Router:
         self.frontend.setsockopt(zmq.RCVHWM, 100_000)
         self.frontend.setsockopt(zmq.SNDHWM, 100_000)
         self.frontend.setsockopt(zmq.LINGER, 1000)
+        # A short accept queue: what can still be accepted once router/door.py shuts the door.
+        self.frontend.setsockopt(zmq.BACKLOG, 64)
         if curve_secret_key is not None:
             self.frontend.curve_server = True
             self.frontend.curve_secretkey = curve_secret_key

@@ -108,6 +108,12 @@ def in_threads(fn: Callable[[int], None], n: int, timeout: float = 120.0) -> Non
         t.join(timeout)
 
 
+def _limit_nofile(n: int) -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+
+
 def start_pool(
     tmp: str,
     models: list[dict[str, Any]],
@@ -115,8 +121,10 @@ def start_pool(
     wait: bool = True,
     keep_notify: bool = False,
     env_extra: dict[str, str] | None = None,
+    nofile: int | None = None,
     **pool_opts: Any,
 ) -> Pool:
+    """``nofile``: start poold as under ``ulimit -n NOFILE`` (soft and hard limit)."""
     os.makedirs(tmp, exist_ok=True)
     pool = {
         "frontend": f"ipc://{tmp}/front.sock",
@@ -143,6 +151,7 @@ def start_pool(
         stderr=subprocess.STDOUT,
         start_new_session=True,
         env=env,
+        preexec_fn=(lambda: _limit_nofile(nofile)) if nofile else None,  # noqa: PLW1509
     )
     log.close()
     p = Pool(tmp, config, pool["frontend"], pool["control"], proc, log_path, env)

@@ -1,0 +1,157 @@
+"""poold at its limits, driven as an attacker or an unlucky operator would: descriptors
+run out, the state disk is full or read-only, SIGTERM under load (issue 17)."""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import socket
+import time
+import urllib.request
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+from modelkit import make_mlp, mlp_input, mlp_reference
+from poolkit import running_pool, wait_for
+
+PROTO = b"gpu-pool/1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def request(model: str, x: np.ndarray, timeout_ms: int = 60_000) -> list[bytes]:
+    header = msgpack.packb(
+        {
+            "model": model,
+            "inputs": [{"dtype": "float32", "shape": list(x.shape)}],
+            "timeout_ms": timeout_ms,
+        }
+    )
+    return [b"", PROTO, header, x.tobytes()]
+
+
+def reply_code(frames: list[bytes]) -> str:
+    reply = msgpack.unpackb(frames[2])
+    return "OK" if reply["ok"] else str(reply["error"]["code"])
+
+
+def output(frames: list[bytes]) -> np.ndarray:
+    """The first output of an ok reply, inline or in the frame after the header."""
+    out = msgpack.unpackb(frames[2])["outputs"][0]
+    data = out["data"] if "data" in out else frames[3]
+    return np.frombuffer(data, np.dtype(out["dtype"])).reshape(out["shape"])
+
+
+def scrape(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("gpupool_frontend"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def own_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.mark.slow
+def test_descriptor_exhaustion_from_clients_never_aborts_poold(tmp_path: object) -> None:
+    """2,000 TCP clients against a poold started under ``ulimit -n 1024``: poold stays up,
+    refuses past its limit with a metric and a log line, keeps pool-ctl and replacement
+    workers working, and answers every client once others leave."""
+    clients = 2000
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 3 * clients + 200  # each DEALER: a connection and a mailbox
+    if hard < need:
+        pytest.skip(f"this test needs {need} descriptors in the test process (hard limit {hard})")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, need), hard))
+    d = str(tmp_path)
+    model = make_mlp(os.path.join(d, "m", "m.pt"), seed=4)
+    port, mport = free_port(), free_port()
+    with running_pool(
+        d,
+        [{"name": "m", "path": model, "devices": ["cpu"], "max_queue": 4096}],
+        nofile=1024,
+        frontend=f"tcp://127.0.0.1:{port}",
+        metrics=f"127.0.0.1:{mport}",
+    ) as pool:
+        limit = scrape(mport)["gpupool_frontend_connection_limit"]
+        assert 16 <= limit < 1024 - 200
+        ctx = zmq.Context()
+        ctx.set(zmq.MAX_SOCKETS, clients + 16)
+        x = mlp_input(1, seed=3)
+        want = mlp_reference(4, x)
+        socks = []
+        try:
+            for _ in range(clients):
+                s = ctx.socket(zmq.DEALER)
+                s.setsockopt(zmq.LINGER, 0)
+                s.setsockopt(zmq.RECONNECT_IVL, 100)
+                s.connect(f"tcp://127.0.0.1:{port}")
+                s.send_multipart(request("m", x), copy=False)
+                socks.append(s)
+            wait_for(lambda: scrape(mport)["gpupool_frontend_full"] == 1, 60, "the door to shut")
+            assert pool.proc.poll() is None
+            assert own_fds(pool.proc.pid) < 1024 - 64
+            # pool-ctl still gets in, and so does a replacement worker.
+            victim = pool.model("m")["workers"][0]["pid"]
+            os.kill(victim, signal.SIGKILL)
+            wait_for(
+                lambda: (
+                    [w["pid"] for w in pool.model("m")["workers"] if w["state"] == "ready"]
+                    not in ([], [victim])
+                ),
+                60,
+                "a replacement worker",
+            )
+            # Every client is answered: the connected ones first; as they leave, the door
+            # opens for the rest. A client whose connection was closed past the limit
+            # retries after a silence, as a REQ client with a timeout does.
+            answered: set[int] = set()
+            sent_at = dict.fromkeys(range(clients), time.monotonic())
+            retried = 0
+
+            def collect() -> bool:
+                nonlocal retried
+                now = time.monotonic()
+                for i in range(clients):
+                    if i in answered:
+                        continue
+                    s = socks[i]
+                    if s.poll(0):
+                        frames = s.recv_multipart()
+                        assert reply_code(frames) == "OK", reply_code(frames)
+                        np.testing.assert_allclose(output(frames), want, rtol=1e-5, atol=1e-6)
+                        answered.add(i)
+                        s.close()  # leaving makes room at the door
+                    elif now - sent_at[i] > 30:
+                        s.close()
+                        socks[i] = s = ctx.socket(zmq.DEALER)
+                        s.setsockopt(zmq.LINGER, 0)
+                        s.connect(f"tcp://127.0.0.1:{port}")
+                        s.send_multipart(request("m", x), copy=False)
+                        sent_at[i] = now
+                        retried += 1
+                return len(answered) == clients
+
+            wait_for(collect, 240, "an answer for every client", interval=0.2)
+            assert pool.proc.poll() is None
+            log = pool.log()
+            assert "refusing new ones" in log and "open again" in log
+            refused = scrape(mport)["gpupool_frontend_refused_total"]
+            assert retried >= refused  # nothing closed at the door went unnoticed
+        finally:
+            for s in socks:
+                s.close(linger=0)
+            ctx.term()
+        assert "Too many open files" not in pool.log()
