@@ -91,9 +91,10 @@ class SpawnerClient:
         """Fork a standby for ``spec["device"]`` (``workers.standby``)."""
         return self._ask({"t": "standby", "spec": spec})
 
-    def take(self, pid: int, spec: dict[str, Any]) -> int:
-        """Make standby ``pid`` the worker ``spec``; a fresh fork if that standby is gone."""
-        return self._ask({"t": "take", "pid": pid, "spec": spec})
+    def take(self, pid: int | None, standby_token: int, spec: dict[str, Any]) -> int:
+        """Make a standby the worker ``spec``: the one with ``pid``, or (pid not known yet)
+        the one forked for ``standby_token``. A fresh fork if that standby is gone."""
+        return self._ask({"t": "take", "pid": pid, "standby": standby_token, "spec": spec})
 
     def _ask(self, msg: dict[str, Any]) -> int:
         token = next(self.tokens)

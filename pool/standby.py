@@ -42,7 +42,9 @@ class StandbyState(StrEnum):
 
 
 TRANSITIONS: dict[StandbyState, frozenset[StandbyState]] = {
-    StandbyState.FORKING: frozenset({StandbyState.PREPARING, StandbyState.EXITED}),
+    StandbyState.FORKING: frozenset(
+        {StandbyState.PREPARING, StandbyState.TAKEN, StandbyState.EXITED}
+    ),
     StandbyState.PREPARING: frozenset(
         {StandbyState.WAITING, StandbyState.TAKEN, StandbyState.EXITED}
     ),
@@ -58,6 +60,7 @@ class StandbyRecord:
     device: str
     state: StandbyState = StandbyState.FORKING
     pid: int | None = None
+    token: int = 0  # the spawner's token for its fork
     forked_at: float = field(default_factory=time.monotonic)
     ready_at: float | None = None
     prep_s: float | None = None
@@ -88,11 +91,13 @@ class StandbyRecord:
 
 @dataclass
 class Taken:
-    """What ``Standbys.take`` hands the supervisor: the standby's pid, for the spawner."""
+    """What ``Standbys.take`` hands the supervisor for the spawner: the standby's pid, or
+    the token of its fork when the spawner has not said the pid yet."""
 
-    pid: int
+    pid: int | None
+    token: int
     sid: str
-    waited: bool  # True: it had finished preparing (WAITING), else still PREPARING
+    waited: bool  # True: it had finished preparing (WAITING): the take saves its set-up
 
 
 AskStandby = Callable[[dict[str, Any]], int]  # spec -> spawner token
@@ -151,28 +156,38 @@ class Standbys:
         rec = StandbyRecord(sid=f"standby.{device}.{next(self.sids)}", device=device)
         self.current[device] = rec
         token = self.ask({"sid": rec.sid, "device": device, "lifeline_fd": self.lifeline_fd})
+        rec.token = token
         self.by_token[token] = rec
         log.info("forking standby %s on %s", rec.sid, device)
 
     # ----------------------------------------------------------------- taking
     def take(self, device: str) -> Taken | None:
-        """The device's standby for a worker, if one has a pid; it is no longer ours."""
+        """The device's standby for a worker; it is no longer ours. With none there, one
+        is forked and taken at once, so that every worker on a standby device starts the
+        same way (and has the same footprint). None: this device gets no standbys."""
         rec = self.current.get(device)
-        if rec is None or rec.pid is None or not rec.alive:
-            return None
+        if rec is None or not rec.alive:
+            if device in self.given_up or self.closed:
+                return None
+            self._fork(device)
+            rec = self.current[device]
         waited = rec.state is StandbyState.WAITING
         rec.to(StandbyState.TAKEN)
         del self.current[device]
         self.taken[device] = self.taken.get(device, 0) + 1
         # by_pid keeps it until the spawner says whether the take happened ("took"):
         # a standby that died just before is reaped as a standby, not as the worker.
-        return Taken(rec.pid, rec.sid, waited)
+        return Taken(rec.pid, rec.token, rec.sid, waited)
 
     def took(self, pid: int, used: bool) -> None:
         """The spawner's answer to a take: ``used`` False means it forked afresh."""
         rec = self.by_pid.get(pid)
         if rec is not None and rec.state is StandbyState.TAKEN and used:
             del self.by_pid[pid]
+
+    def available(self, device: str) -> bool:
+        """Whether a spawn on ``device`` would start in a standby (one there or forked)."""
+        return device not in self.given_up and not self.closed
 
     def waiting(self, device: str) -> StandbyRecord | None:
         rec = self.current.get(device)
@@ -185,8 +200,9 @@ class Standbys:
             return False
         rec.pid = pid
         self.by_pid[pid] = rec
-        if rec.state is StandbyState.FORKING:
-            rec.to(StandbyState.PREPARING)
+        if rec.state is StandbyState.TAKEN:
+            return True  # taken as it was forked: the "took" for its take follows
+        rec.to(StandbyState.PREPARING)
         if self.current.get(rec.device) is not rec:
             self._signal(rec)  # let go while it was forking
         return True

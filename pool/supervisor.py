@@ -157,7 +157,7 @@ class Supervisor(StandbyUse, WorkerExits, WorkerStopping):
             "hold_device": hold,
         }
         if taken is not None:
-            token = self.spawner.take(taken.pid, spec)
+            token = self.spawner.take(taken.pid, taken.token, spec)
         else:
             token = self.spawner.spawn(spec)
         self.by_token[token] = rec
@@ -166,7 +166,7 @@ class Supervisor(StandbyUse, WorkerExits, WorkerStopping):
             wid,
             dep.version,
             device,
-            f" in standby [pid {taken.pid}]" if taken else "",
+            f" in standby {taken.sid}" if taken else "",
             extra={"model": rt.name, "version": dep.version, "generation": generation},
         )
         return rec

@@ -303,7 +303,7 @@ class Upgrade:
             old = [r for r in rt.alive(self.old_gen) if r.slot == slot]
             reference = {r.device: r.device_used_at_spawn for r in old}
             device = rt.devices[slot]
-            if self.sup.takes_standby(rt, device) and self.sup.standbys.waiting(device):
+            if self.sup.takes_standby(rt, device) and self.sup.standbys.available(device):
                 new = yield from self.staged_start(gen, slot, old, reference)
             else:
                 yield from self.retire(old)

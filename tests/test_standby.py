@@ -188,10 +188,15 @@ def test_standby_decisions() -> None:
     sb.want(["cuda:0"])
     sb.tick(0.0, busy_devices={"cuda:0"})
     assert not asked  # nothing forks where something boots
+    # A spawn with no standby there forks one and takes it at once, by its token.
+    first = sb.take("cuda:0")
+    assert first is not None and first.pid is None and first.token == 1 and not first.waited
+    sb.on_spawned(1, 4141)
+    sb.took(4141, used=True)
+    assert 4141 not in sb.by_pid and not sb.current
     sb.tick(0.0, busy_devices=set())
-    assert [a["device"] for a in asked] == ["cuda:0"]
-    assert sb.take("cuda:0") is None  # no pid yet: the worker forks afresh
-    sb.on_spawned(1, 4242)
+    assert [a["device"] for a in asked] == ["cuda:0", "cuda:0"]
+    sb.on_spawned(2, 4242)
     sb.on_ready({"pid": 4242, "prep_s": 0.2})
     assert sb.current["cuda:0"].state is StandbyState.WAITING
     taken = sb.take("cuda:0")

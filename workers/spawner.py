@@ -9,7 +9,8 @@ Talks to poold over stdin/stdout with length-prefixed msgpack maps::
 
     poold -> spawner   {"t": "spawn", "token": int, "spec": {...WorkerSpec...}}
                        {"t": "standby", "token": int, "spec": {"device", "lifeline_fd"}}
-                       {"t": "take", "token": int, "pid": int, "spec": {...WorkerSpec...}}
+                       {"t": "take", "token": int, "pid": int | None, "standby": int,
+                        "spec": {...WorkerSpec...}}  (pid, or the token of its fork)
     spawner -> poold   {"t": "hello", "pid": int, "import_s": float}
                        {"t": "spawned", "token": int, "pid": int}
                        {"t": "took", "token": int, "pid": int, "standby": bool}
@@ -140,6 +141,7 @@ class Standbys:
         self.out_fd = out_fd
         self.conns: dict[int, socket.socket] = {}
         self.readers: dict[int, MessageReader] = {}
+        self.forked: dict[Any, int] = {}  # poold's token of each standby fork -> pid
 
     def fds(self) -> list[int]:
         return [c.fileno() for c in self.conns.values()]
@@ -147,7 +149,7 @@ class Standbys:
     def all_fds(self) -> set[int]:
         return set(self.fds())
 
-    def fork(self, spec: dict[str, Any], close_fds: set[int]) -> int:
+    def fork(self, spec: dict[str, Any], close_fds: set[int], token: Any) -> int:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         pid = os.fork()
         if pid == 0:
@@ -156,10 +158,14 @@ class Standbys:
         theirs.close()
         self.conns[pid] = ours
         self.readers[pid] = MessageReader()
+        self.forked[token] = pid
         return pid
 
-    def take(self, pid: Any, spec: dict[str, Any]) -> int | None:
-        """Hand ``spec`` to standby ``pid``; its pid, or None when it cannot take it."""
+    def take(self, pid: Any, token: Any, spec: dict[str, Any]) -> int | None:
+        """Hand ``spec`` to standby ``pid`` (or the one forked for ``token``); its pid,
+        or None when it cannot take it."""
+        known = self.forked.pop(token, None)
+        pid = pid if isinstance(pid, int) else known
         conn = self.conns.pop(pid, None) if isinstance(pid, int) else None
         self.readers.pop(pid, None)
         if conn is None:
@@ -184,6 +190,7 @@ class Standbys:
             if not data:  # it exited; the reaper reports how
                 self.conns.pop(pid).close()
                 self.readers.pop(pid, None)
+                self.forked = {t: p for t, p in self.forked.items() if p != pid}
                 continue
             for msg in self.readers[pid].feed(data):
                 if msg.get("t") == "standby_ready":
@@ -257,9 +264,9 @@ def main() -> int:
                 if kind == "spawn":
                     pid = fork_worker(spec, own | standbys.all_fds())
                 elif kind == "standby":
-                    pid = standbys.fork(spec, own)
+                    pid = standbys.fork(spec, own, token)
                 elif kind == "take":
-                    taken = standbys.take(msg.get("pid"), spec)
+                    taken = standbys.take(msg.get("pid"), msg.get("standby"), spec)
                     pid = taken or fork_worker(spec, own | standbys.all_fds())
                     write_message(
                         out_fd, {"t": "took", "token": token, "pid": pid, "standby": bool(taken)}
