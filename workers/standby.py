@@ -24,6 +24,7 @@ from typing import Any
 from workers.exitcodes import EXIT_OK, EXIT_STANDBY_FAILED
 from workers.main import WorkerSpec, pin_device, run, watch_lifeline
 from workers.spawner import MessageReader, write_message
+from workers.title import set_title
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ def standby_main(spec: dict[str, Any], conn_fd: int) -> int:
     if isinstance(lifeline, int) and lifeline >= 0:
         watch_lifeline(lifeline)
     pin_device(device)
+    set_title(f"gpu-pool standby {device} (no model)", "gp:standby")
     try:
         info = prepare(device)
     except Exception as exc:  # a device that cannot come up: poold sees the exit code
