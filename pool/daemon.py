@@ -51,6 +51,8 @@ log = logging.getLogger("poold")
 
 TICK_S = 0.05
 PUBLISH_EVERY_S = 1.0
+CLOSE_QUIET_S = 0.2  # at shutdown: how long the frontend must be quiet before it closes
+CLOSE_WINDOW_S = 2.0  # ... and the longest it stays open for that
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -372,6 +374,7 @@ class Daemon:
             if not self.running:
                 stopping_since = self.shutdown_step(stopping_since, now)
                 if stopping_since is not None and stopping_since < 0:
+                    self.closing_window()
                     return 0
 
     def shutdown_step(self, since: float | None, now: float) -> float | None:
@@ -392,6 +395,24 @@ class Daemon:
                 self.sup.kill_all()
                 return -1.0
         return since
+
+    def closing_window(self) -> None:
+        """Answer SHUTTING_DOWN to whatever still arrives until the frontend has been quiet
+        for CLOSE_QUIET_S (at most CLOSE_WINDOW_S), then close it at once: a request read
+        is a request answered, and one sent after the close stays in the client's queue
+        (it is never half-taken)."""
+        start = quiet = time.monotonic()
+        seen = self.router.frontend_seen
+        while True:
+            self.router.pump(10)
+            now = time.monotonic()
+            if self.router.frontend_seen != seen:
+                seen, quiet = self.router.frontend_seen, now
+            if now - quiet >= CLOSE_QUIET_S or now - start >= CLOSE_WINDOW_S:
+                break
+        self.door.close()
+        self.router.close()  # flushes the last answers (LINGER)
+        log.info("frontend closed")
 
     def systemd(self, now: float) -> None:
         if self.watchdog_s and now - self.last_watchdog >= self.watchdog_s:

@@ -265,6 +265,8 @@ class Door:
             s.detach()  # libzmq owns the descriptor
 
     def close(self) -> None:
+        if self.monitor.closed:
+            return
         self.monitor.close(linger=0)
         if self.listener is not None:
             self.listener.close()

@@ -94,6 +94,8 @@ class Router:
         self.routes: dict[str, ModelRoute] = {}
         self.workers: dict[bytes, WorkerSlot] = {}
         self.accepting = True
+        self.frontend_seen = 0  # client messages Python has read (the closing window watches it)
+        self.closed = False
         self._python_dropped = 0
         self._route_at: dict[int, ModelRoute] = {}
         self._slot_at: dict[int, WorkerSlot] = {}
@@ -253,6 +255,7 @@ class Router:
 
     # ------------------------------------------------------------------- frontend
     def _accept(self, frames: list[bytes], now: float) -> None:
+        self.frontend_seen += 1
         # Envelope: identity, then the empty delimiter REQ sockets add. A DEALER client
         # that skips the delimiter is served too (its next frame is the protocol id).
         if len(frames) >= 2 and len(frames[1]) == 0:
@@ -431,6 +434,9 @@ class Router:
             return False
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         self.core.close()
         if self.lane:
             try:

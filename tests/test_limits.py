@@ -7,6 +7,7 @@ import os
 import resource
 import signal
 import socket
+import threading
 import time
 import urllib.request
 
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 import zmq
 from modelkit import make_mlp, mlp_input, mlp_reference
-from poolkit import running_pool, wait_for
+from poolkit import running_pool, start_pool, wait_for
 
 PROTO = b"gpu-pool/1"
 
@@ -155,3 +156,60 @@ def test_descriptor_exhaustion_from_clients_never_aborts_poold(tmp_path: object)
                 s.close(linger=0)
             ctx.term()
         assert "Too many open files" not in pool.log()
+
+
+@pytest.mark.slow
+def test_sigterm_answers_every_request_it_accepted(tmp_path: object) -> None:
+    """REQ clients sending without pause through SIGTERM, and new ones arriving while
+    poold drains: every request gets a reply (its answer or SHUTTING_DOWN); a client
+    stops at SHUTTING_DOWN, as PROTOCOL.md tells it to."""
+    d = str(tmp_path)
+    model = make_mlp(os.path.join(d, "m", "m.pt"), seed=4)
+    x = mlp_input(1, seed=3)
+    lost: list[str] = []
+    codes: dict[str, int] = {}
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def client(endpoint: str, once: bool) -> None:
+        ctx = zmq.Context.instance()
+        s = ctx.socket(zmq.REQ)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(endpoint)
+        try:
+            while not stop.is_set():
+                s.send_multipart(request("m", x)[1:])
+                if not s.poll(8_000):
+                    with lock:
+                        lost.append(endpoint)
+                    return
+                code = reply_code([b"", *s.recv_multipart()])
+                with lock:
+                    codes[code] = codes.get(code, 0) + 1
+                if code == "SHUTTING_DOWN" or once:
+                    return
+        finally:
+            s.close()
+
+    pool = start_pool(d, [{"name": "m", "path": model, "devices": ["cpu", "cpu"]}])
+    try:
+        steady = [threading.Thread(target=client, args=(pool.frontend, False)) for _ in range(16)]
+        for t in steady:
+            t.start()
+        wait_for(lambda: codes.get("OK", 0) > 200, 60, "steady traffic")
+        pool.proc.send_signal(signal.SIGTERM)
+        late = []
+        draining = time.monotonic() + 0.3
+        while pool.proc.poll() is None and time.monotonic() < draining:
+            t = threading.Thread(target=client, args=(pool.frontend, True))
+            t.start()
+            late.append(t)
+            time.sleep(0.002)
+        for t in steady + late:
+            t.join(30)
+        assert pool.proc.wait(30) == 0
+    finally:
+        stop.set()
+        pool.stop()
+    assert not lost, f"{len(lost)} requests got no reply; replies: {codes}"
+    assert codes.get("SHUTTING_DOWN", 0) >= 16
