@@ -62,7 +62,11 @@ class Manager:
         return models[0]
 
     # ------------------------------------------------------------------ load
-    def load(self, cfg: ModelConfig, done: Done, progress: Progress = _quiet) -> None:
+    def load(
+        self, cfg: ModelConfig, done: Done, progress: Progress = _quiet, persist: bool = True
+    ) -> None:
+        """``persist=False`` for a model the config file names (a reload): the file is
+        its record, topology.json only holds what pool-ctl changed."""
         if cfg.name in self.sup.models:
             raise Refused(f"model {cfg.name!r} is already loaded (unload it, or upgrade it)")
         sup = self.sup
@@ -111,7 +115,8 @@ class Manager:
                 else:
                     self._forget(cfg.name)
             if result.get("ok"):
-                self.d.topology.loaded(cfg)
+                if persist:
+                    self.d.topology.loaded(cfg)
                 log.info(
                     "loaded %s version %s on %s",
                     cfg.name,

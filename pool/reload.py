@@ -136,7 +136,7 @@ def apply_reload(d: Daemon, done: Done) -> None:
             continue
         d.topology.forget(name)  # a newer intent than whatever pool-ctl recorded for it
         if rt is None:
-            batch.start(name, "started", _bind(m.load, cfg))
+            batch.start(name, "started", _bind(m.load, cfg, persist=False))
         elif rt.busy:
             batch.record(name, "failed", f"{rt.busy} running; reload again when it ends")
         else:

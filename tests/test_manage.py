@@ -84,6 +84,9 @@ def test_reload_removing_a_model_under_load_drains_it_and_forgets_it(rig: Rig) -
     assert code == 0, out
     assert {o["model"]: o["outcome"] for o in out["outcomes"]} == {"a": "kept", "b": "started"}
     rig.pool.wait_serving()
+    # The file is b's record: topology.json holds only what pool-ctl changed.
+    topo = os.path.join(rig.pool.dir, "state", "topology.json")
+    assert not os.path.exists(topo) or "b" not in json.load(open(topo))["models"]
     # Heartbeats keep coming from b's draining workers while the reload removes it: that
     # used to raise KeyError out of the supervisor and kill poold.
     with Load(rig.pool.frontend, "b", clients=4, allowed=ALLOWED) as load:
