@@ -263,7 +263,9 @@ def test_standby_retire_proof_returns_every_byte(
     baseline = used()
     models = [{"name": "big", "path": a, "version": "a", "devices": ["cuda:0"], "max_batch": 8}]
     with (
-        running_pool(tmp, models, boot_timeout_s=120, standby=True) as pool,
+        running_pool(
+            tmp, models, boot_timeout_s=120, standby=True, model_roots=[os.path.join(d, "models")]
+        ) as pool,
         Load(pool.frontend, "big", 8, make_input=big_input) as load,
     ):
         load.wait_ok(50)

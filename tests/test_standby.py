@@ -111,13 +111,13 @@ def test_model_with_standby_false_never_takes_it(pool: Pool) -> None:
     assert standby(pool)["pid"] == sb["pid"]
 
 
-@pytest.mark.slow
 def upgrade(pool: Pool, version: str, strategy: str) -> dict[str, Any]:
     path = os.path.join(pool.dir, "models", f"v{version}.pt")
     args = {"model": "m", "path": path, "version": version, "strategy": strategy}
     return pool.ctl("upgrade", args, timeout_s=120)
 
 
+@pytest.mark.slow
 def test_upgrade_surge_then_drain_first_staged(pool: Pool) -> None:
     with Load(pool.frontend, "m", 3, check=check) as load:
         load.wait_ok(10)
@@ -255,3 +255,59 @@ def test_unwanted_standby_is_let_go_not_counted_dead(monkeypatch: pytest.MonkeyP
     sb.want(["cpu"])  # a stopping poold wants none, whatever its models say
     sb.tick(10.0, set())
     assert sb.wanted == set() and not sb.current
+
+
+def test_staged_weights_are_bit_identical(tmp_path: Any) -> None:
+    """workers.weights.stage_file + to_device (the drain-first path through a standby)
+    gives what safetensors gives, odd sizes, a scalar and an empty tensor included."""
+    import safetensors.torch
+    import torch
+
+    from workers import weights
+
+    g = torch.Generator().manual_seed(0)
+    state = {
+        "tag": torch.randint(0, 255, (3,), dtype=torch.uint8, generator=g),
+        "w": torch.randn(37, 1001, generator=g),
+        "h": torch.randn(5, 7, generator=g).to(torch.bfloat16),
+        "scalar": torch.tensor(2.5),
+        "none": torch.empty(0, 4),
+    }
+    path = str(tmp_path / "w.safetensors")
+    safetensors.torch.save_file(state, path)
+    staged = weights.stage_file(path, pin=False, threads=3)
+    got = staged.to_device("cpu")
+    staged.release()
+    want = safetensors.torch.load_file(path)
+    assert got.keys() == want.keys()
+    for k, w in want.items():
+        assert got[k].dtype == w.dtype and got[k].shape == w.shape, k
+        assert torch.equal(got[k].reshape(-1).view(torch.uint8), w.reshape(-1).view(torch.uint8))
+    assert staged.data.numel() == 0  # released
+
+
+def test_standby_metrics() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from pool.metrics import PoolMetrics, PoolSnapshot, StandbySample
+
+    m = PoolMetrics()
+    m.publish(
+        PoolSnapshot(
+            workers=(),
+            queue_depth={},
+            model_state={},
+            standbys=(StandbySample("cuda:0", "waiting", 4242, 520 << 20),),
+            standbys_taken={"cuda:0": 3},
+            standbys_died={"cuda:0": 1},
+        )
+    )
+    got = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(m.render().decode())
+        for s in fam.samples
+    }
+    assert got[("gpupool_standby", (("device", "cuda:0"), ("state", "waiting")))] == 1
+    assert got[("gpupool_standby_gpu_bytes", (("device", "cuda:0"), ("pid", "4242")))] == 520 << 20
+    assert got[("gpupool_standby_taken_total", (("device", "cuda:0"),))] == 3
+    assert got[("gpupool_standby_died_total", (("device", "cuda:0"),))] == 1
