@@ -158,6 +158,9 @@ async def _serve_http(
         port=port,
         http="httptools",
         lifespan="off",
+        ws="none",  # no websockets to import or to upgrade to
+        proxy_headers=False,  # X-Forwarded-* rewriting: a middleware call per request
+        server_header=False,
         access_log=False,
         log_level="warning",
         ssl_certfile=args.tls_cert or None,
@@ -229,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
             pass
     try:
         return int(runner(_serve(args)))
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled, once it is done
+        return 0
     except OSError as exc:
         log.error("gateway cannot serve %s: %s", args.listen, exc)
         return 1

@@ -11,7 +11,14 @@ import sys
 
 import zmq
 
-from pool.config import Config, ConfigError, ModelConfig, check_config, load_config
+from pool.config import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    PoolConfig,
+    check_config,
+    load_config,
+)
 from pool.daemon import Daemon, owner_only_dir
 from pool.gpu import Gpu
 from pool.logs import setup_logging
@@ -35,11 +42,12 @@ def demo_config(base: Config, gpu: Gpu) -> Config:
         max_batch=8,
         max_delay_ms=1.0,
     )
-    # The demo speaks the Open Inference Protocol too, unless the config chose otherwise.
-    pool = dataclasses.replace(
-        base.pool, http=base.pool.http or DEMO_HTTP, grpc=base.pool.grpc or DEMO_GRPC
-    )
-    return Config(pool=pool, models=(model,), source=base.source)
+    return Config(pool=demo_oip(base.pool), models=(model,), source=base.source)
+
+
+def demo_oip(pool: PoolConfig) -> PoolConfig:
+    """The demo speaks the Open Inference Protocol too, where the config left it off."""
+    return dataclasses.replace(pool, http=pool.http or DEMO_HTTP, grpc=pool.grpc or DEMO_GRPC)
 
 
 DEMO_HTTP = "127.0.0.1:8000"

@@ -15,6 +15,9 @@ Sections (issue 2 item 8, issue 5):
   --standby   (CUDA) hot standby on and off: spawn->ready, drain-first worst latency under
               8 clients, kill -9 -> first answer, safetensors load / pinned H2D copy
               (scripts/bench_standby.py)
+  --oip       the Open Inference Protocol gateway: HTTP and gRPC against a uvicorn +
+              starlette app with the model in-process, and against the ZeroMQ path
+              (scripts/bench_oip.py); resnet50 fp16 over gRPC with CUDA
   --all       every section this machine supports (GPU sections say why they skip)
 
 Clients are separate processes doing closed-loop REQ round trips in the gpu-pool/1
@@ -51,6 +54,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from bench_oip import section_oip  # noqa: E402
 from bench_standby import section_standby  # noqa: E402
 from bench_worker_host import cpu_ticks, us_per_request  # noqa: E402
 from benchkit import (  # noqa: E402
@@ -74,7 +78,7 @@ from benchkit import (  # noqa: E402
 )
 from benchroles import COLD_CODE  # noqa: E402
 
-SECTIONS = ("router", "big", "spawn", "batching", "weights", "standby")
+SECTIONS = ("router", "big", "spawn", "batching", "weights", "standby", "oip")
 WORKER_MEM = 512 << 20  # what one CPU worker may cost, to decide how many fit
 
 
@@ -508,6 +512,7 @@ def section_weights(b: Bench) -> None:
 RUNNERS: dict[str, Callable[[Bench], None]] = {
     "router": section_router, "big": section_big, "spawn": section_spawn,
     "batching": section_batching, "weights": section_weights, "standby": section_standby,
+    "oip": section_oip,
 }
 
 
@@ -536,6 +541,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "'router_lane=false;router_spin_us=200,io_threads=1' (info only: the "
                          "compared row always uses the defaults)")
     ap.add_argument("--big-mib", type=int, default=64, help="request size in MiB (big)")
+    ap.add_argument("--oip-max-batch", type=int, default=32, help="pool max_batch (oip)")
+    ap.add_argument("--oip-max-delay-ms", type=float, default=0.0,
+                    help="pool max_delay_ms (oip)")
     ap.add_argument("--batch-clients", type=int, default=64, help="clients (batching)")
     ap.add_argument("--batch-delay-ms", type=float, default=3.0, help="max_delay_ms (batching)")
     ap.add_argument("--upgrades", type=int, default=5, help="upgrades timed (spawn)")
@@ -551,7 +559,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error("--clients needs positive integers")
     args.sections = [s for s in SECTIONS if args.all or getattr(args, s)]
     if not args.sections:
-        ap.error("choose sections (--router --big --spawn --batching --weights --standby) "
+        ap.error("choose sections (--router --big --spawn --batching --weights --standby --oip) "
                  "or --all")
     if args.quick:
         args.upgrades = min(args.upgrades, 3)

@@ -18,14 +18,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import psutil
 import pytest
 import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
+from modelkit import make_mlp, make_two_input, mlp_input, mlp_reference
+from oipkit import free_ports, gateway_pid, make_half_long
+from poolkit import Pool, running_pool, wait_for
 from tritonclient.utils import InferenceServerException
-
-from tests.modelkit import make_mlp, make_two_input, mlp_input, mlp_reference
-from tests.oipkit import free_ports, gateway_pid, make_half_long
-from tests.poolkit import Pool, running_pool, wait_for
 
 CURL = shutil.which("curl")
 
@@ -56,6 +56,9 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
             yield p
         finally:
             _close_clients()
+            gateways = [gateway_pid(p.proc.pid, proto) for proto in ("http", "grpc")]
+    # poold's shutdown stops its gateways too (SIGTERM, then a reap).
+    assert all(pid and not psutil.pid_exists(pid) for pid in gateways), gateways
 
 
 def _http_ready(p: Pool) -> bool:
@@ -422,3 +425,17 @@ def test_upgrade_and_rollback_under_http_and_grpc_load(pool: Pool) -> None:
         runs = [v for i, v in enumerate(seen) if i == 0 or seen[i - 1] != v]
         assert runs in (["1", "2", "1"], ["1", "2"], ["2", "1"], ["1"]), runs
     assert any("2" in seen for seen in load.versions)
+
+
+@pytest.mark.slow
+def test_gateways_exit_when_poold_is_killed(tmp_path: Any) -> None:
+    """The lifeline: poold's SIGKILL leaves no gateway behind (and no worker either)."""
+    (http,) = free_ports(1)
+    models = [{"name": "mlp", "path": make_mlp(f"{tmp_path}/mlp.pt", 1), "version": "1"}]
+    with running_pool(str(tmp_path), models, http=f"127.0.0.1:{http}") as p:
+        pid = wait_for(lambda: gateway_pid(p.proc.pid, "http"), 20, "the HTTP gateway")
+        gone = psutil.Process(pid)
+        os.kill(p.proc.pid, signal.SIGKILL)
+        p.proc.wait(10)
+        wait_for(lambda: not gone.is_running() or gone.status() == psutil.STATUS_ZOMBIE,
+                 10, "the gateway to exit after poold")  # fmt: skip

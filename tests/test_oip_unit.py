@@ -4,6 +4,7 @@ table, the config rules, the REST API over a fake router, and the gateway superv
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gzip
 import json
 import os
@@ -126,6 +127,21 @@ def test_oip_config_mistakes_are_named(tmp_path: Path) -> None:
         "pool.grpc: must differ from pool.http"
     ]
     assert "no such file" in _problems(tmp_path, oip_token_file=str(tmp_path / "none"))[0]
+
+
+def test_the_demo_turns_both_protocols_on_and_says_where(tmp_path: Path) -> None:
+    from pool.poold import demo_oip, oip_banner
+
+    cfg = _config(tmp_path)
+    demo = dataclasses.replace(cfg, pool=demo_oip(cfg.pool))
+    assert (demo.pool.http, demo.pool.grpc) == ("127.0.0.1:8000", "127.0.0.1:8001")
+    assert oip_banner(demo).splitlines() == [
+        "Open Inference Protocol over HTTP: http://127.0.0.1:8000/v2",
+        "Open Inference Protocol over gRPC: 127.0.0.1:8001",
+    ]
+    mine = _config(tmp_path, http="127.0.0.1:9000")
+    assert demo_oip(mine.pool).http == "127.0.0.1:9000"  # the config's choice stands
+    assert oip_banner(cfg) == ""
 
 
 # ------------------------------------------------------------------ REST over a fake router

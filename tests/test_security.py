@@ -195,7 +195,7 @@ def curve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CurvePool]:
     d = tmp_path_factory.mktemp("curve")
     keys, server_secret, authorized = make_keys(d / "keys")
     path = make_mlp(str(d / "models" / "mlp.pt"), seed=SEED)
-    front_port, ctl_port = free_port(), free_port()
+    front_port, ctl_port, http_port = free_port(), free_port(), free_port()
     pool = start_pool(
         str(d),
         [{"name": "mlp", "path": path, "version": VERSION, "devices": ["cpu"]}],
@@ -204,7 +204,11 @@ def curve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CurvePool]:
         control=f"tcp://0.0.0.0:{ctl_port}",
         curve_secret_key=server_secret,
         curve_authorized_keys=authorized,
+        # An OIP gateway beside CURVE: poold admits the gateway's own key for the run,
+        # and the tests below prove that this lets no other key in.
+        http=f"127.0.0.1:{http_port}",
     )
+    pool.env["OIP_HTTP"] = f"127.0.0.1:{http_port}"
     cp = CurvePool(pool, f"tcp://127.0.0.1:{front_port}", f"tcp://127.0.0.1:{ctl_port}", keys)
     try:
 
@@ -247,6 +251,32 @@ def test_curve_others_are_not_served(curve: CurvePool, who: str) -> None:
     with curve.client(curve.keys.client) as c:  # and the door still opens for the right key
         assert_mlp_answer(c)
     assert curve.pool.proc.poll() is None
+
+
+def test_curve_pool_serves_the_open_inference_protocol(curve: CurvePool) -> None:
+    """The gateway reaches a CURVE frontend and control socket with its run key."""
+    import tritonclient.http as thttp
+
+    with thttp.InferenceServerClient(curve.pool.env["OIP_HTTP"]) as c:
+        wait_for(lambda: _ready(c), 30, "the OIP gateway of the CURVE pool")
+        x = mlp_input(2)
+        inp = thttp.InferInput("input0", [2, 16], "FP32")
+        meta = c.get_model_metadata("mlp")
+        if meta["inputs"]:
+            inp = thttp.InferInput(meta["inputs"][0]["name"], [2, 16], "FP32")
+        inp.set_data_from_numpy(x)
+        r = c.infer("mlp", [inp])
+        assert r.get_response()["model_version"] == VERSION
+        np.testing.assert_allclose(
+            r.as_numpy("output0"), mlp_reference(SEED, x), rtol=1e-5, atol=1e-6
+        )
+
+
+def _ready(c: Any) -> bool:
+    try:
+        return bool(c.is_server_ready())
+    except Exception:
+        return False
 
 
 def test_curve_control_serves_only_the_authorised_key(curve: CurvePool) -> None:

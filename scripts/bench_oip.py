@@ -1,0 +1,207 @@
+"""The Open Inference Protocol section of scripts/bench.py (``--oip``), issue 20's table.
+
+* req/s at 32 clients, 1 KiB float32 [1, 256] binary tensors over HTTP keep-alive and
+  over gRPC, against the reference: a minimal uvicorn + starlette app calling the same
+  TorchScript model in-process, one process (the way most teams serve a model);
+* p50 at 1 client over HTTP and gRPC against the ZeroMQ path of the same pool;
+* the HTTP servers the gateway could use, each answering the same parsed OIP request
+  with no model behind it (how the gateway's server was chosen);
+* with CUDA and torchvision: resnet50 fp16, 64 gRPC clients against 64 ZeroMQ clients.
+
+Clients are processes (``bench_oip_roles.py``), released together, closed-loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from benchkit import BenchError, Compare, Load, num, readline, wait_ready
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROLES = os.path.join(HERE, "bench_oip_roles.py")
+ROOT = os.path.dirname(HERE)
+SHAPE = [1, 256]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(port: int, timeout: float = 60.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise BenchError(f"nothing listening on port {port} after {timeout:.0f}s")
+
+
+def _role(b: Any, role: str, cfg: dict[str, Any], name: str, stdin: bool = False) -> Any:
+    return b.procs.start([sys.executable, ROLES, role, json.dumps(cfg)], name=name, stdin=stdin)
+
+
+@contextlib.contextmanager
+def _server(b: Any, role: str, cfg: dict[str, Any], name: str) -> Iterator[int]:
+    port = _free_port()
+    p = _role(b, role, {**cfg, "port": port}, name)
+    try:
+        wait_ready(p, 1, 120, name)
+        _wait_port(port)
+        yield port
+    finally:
+        b.procs.kill(p)
+
+
+def run_oip_clients(
+    b: Any, kind: str, address: str, clients: int, seconds: float, **cfg: Any
+) -> dict[str, Any]:
+    """``clients`` processes of ``kind`` (http-client | grpc-client); merged numbers."""
+    tmp = b.dir("oip-clients")
+    outs = [os.path.join(tmp, f"lat-{i}.bin") for i in range(clients)]
+    base = {"address": address, "model": "id", "input": "input0", "shape": SHAPE,
+            "root": ROOT, **cfg}  # fmt: skip
+    ps = [_role(b, kind, {**base, "out": o}, kind, stdin=True) for o in outs]
+    try:
+        for p in ps:
+            wait_ready(p, 1, 180, f"{kind} start-up")
+        deadline = time.time() + 0.5 + seconds
+        for p in ps:
+            p.stdin.write(f"go {deadline!r}\n".encode())
+            p.stdin.flush()
+        results = [json.loads(readline(p, seconds + 120, f"{kind} run")) for p in ps]
+    finally:
+        for p in ps:
+            b.procs.kill(p)
+    lat = np.concatenate([np.fromfile(o, dtype=np.float64) for o in outs])
+    n = int(sum(r["n"] for r in results))
+    wall = max(r["t_end"] for r in results) - min(r["t_start"] for r in results)
+    return {
+        "clients": clients, "requests": n, "wall_s": wall,
+        "errors": int(sum(r["errors"] for r in results)),
+        "first_error": next((r["first_error"] for r in results if r["first_error"]), ""),
+        "rps": n / wall if wall > 0 else math.nan,
+        "p50_us": float(np.percentile(lat, 50) * 1e6) if n else math.nan,
+        "p99_us": float(np.percentile(lat, 99) * 1e6) if n else math.nan,
+    }  # fmt: skip
+
+
+def _row(b: Any, name: str, kind: str, address: str, clients: int, **cfg: Any) -> dict[str, Any]:
+    row = run_oip_clients(b, kind, address, clients, b.seconds, **cfg)
+    row = {"section": "oip", "name": name, **row}
+    b.rows.append(row)
+    flag = f"  ERRORS {row['errors']}: {row['first_error']}" if row["errors"] else ""
+    print(f"  {name:<34} {clients:>3} client{'s' if clients > 1 else ' '} "
+          f"{num(row['rps']):>8} req/s  p50 {num(row['p50_us']):>7} us  "
+          f"p99 {num(row['p99_us']):>7} us{flag}", flush=True)  # fmt: skip
+    return row
+
+
+def section_oip(b: Any) -> None:
+    from benchmodels import make_identity
+
+    a = b.args
+    d = b.dir("oip")
+    model = make_identity(os.path.join(d, "id.pt"))
+    many = max(a.clients)
+    print(f"\n== oip: 1 KiB float32 {SHAPE} binary tensors, identity TorchScript, "
+          f"{many} and 1 clients, {b.seconds:.1f} s per row; pool: 1 CPU worker, max_batch "
+          f"{a.oip_max_batch}, max_delay_ms {a.oip_max_delay_ms:g}", flush=True)  # fmt: skip
+    rows: dict[str, dict[str, Any]] = {}
+    with _server(b, "reference", {"model_path": model}, "reference") as ref_port:
+        for c in (many, 1):
+            rows[f"ref-{c}"] = _row(b, "reference (starlette+torch)", "http-client",
+                                    f"127.0.0.1:{ref_port}", c)  # fmt: skip
+    http, grpc = _free_port(), _free_port()
+    cfg = {"name": "id", "path": model, "devices": ["cpu"], "threads": 1,
+           "max_batch": a.oip_max_batch, "max_delay_ms": a.oip_max_delay_ms}  # fmt: skip
+    with b.pool("oip-pool", [cfg], http=f"127.0.0.1:{http}", grpc=f"127.0.0.1:{grpc}") as pool:
+        _wait_port(http)
+        _wait_port(grpc)
+        for c in (many, 1):
+            rows[f"http-{c}"] = _row(b, "pool over OIP/HTTP", "http-client", f"127.0.0.1:{http}", c)
+            rows[f"grpc-{c}"] = _row(b, "pool over OIP/gRPC", "grpc-client", f"127.0.0.1:{grpc}", c)
+        load = Load("float32", SHAPE, model="id", seconds=b.seconds, warm=20, check_identity=True)
+        rows["zmq-1"] = b.measure("oip", "pool over ZeroMQ", pool.frontend, 1, load)
+        rows[f"zmq-{many}"] = b.measure("oip", "pool over ZeroMQ", pool.frontend, many, load)
+    ref = rows[f"ref-{many}"]["rps"]
+    for proto in ("http", "grpc"):
+        b.compare(Compare("oip", f"req/s, {many} clients, {proto.upper()} binary", f"pool {proto}",
+                          rows[f"{proto}-{many}"]["rps"], "starlette+torch", ref, "req/s",
+                          target=1.0))  # fmt: skip
+    b.compare(Compare("oip", f"req/s, {many} clients", "pool zmq", rows[f"zmq-{many}"]["rps"],
+                      "starlette+torch", ref, "req/s", note="the same pool's ZeroMQ path"))
+    for proto in ("http", "grpc"):
+        b.compare(Compare("oip", f"p50, 1 client, {proto.upper()}", f"pool {proto}",
+                          rows[f"{proto}-1"]["p50_us"], "pool zmq", rows["zmq-1"]["p50_us"],
+                          "us", kind="diff", target=150.0,
+                          note="target is for the GPU host"))  # fmt: skip
+    servers(b, many)
+    oip_batching(b)
+
+
+def servers(b: Any, clients: int) -> None:
+    """The HTTP server choice: each server parses the OIP request and echoes its input."""
+    if b.quick:
+        return
+    found: dict[str, float] = {}
+    for server in ("asgi", "starlette", "aiohttp"):
+        port = _free_port()
+        p = _role(b, "echo", {"server": server, "port": port}, f"echo-{server}")
+        try:
+            wait_ready(p, 1, 60, f"echo {server}")
+            _wait_port(port)
+            row = _row(b, f"echo server: {server}", "http-client", f"127.0.0.1:{port}", clients)
+            found[server] = row["rps"]
+        finally:
+            b.procs.kill(p)
+    for other in ("starlette", "aiohttp"):
+        b.compare(Compare("oip", f"HTTP server, {clients} clients, no model", "uvicorn bare ASGI",
+                          found["asgi"], other, found[other], "req/s",
+                          note="how the gateway's server was chosen"))  # fmt: skip
+
+
+def oip_batching(b: Any) -> None:
+    """resnet50 fp16 (GPU): 64 gRPC clients against 64 ZeroMQ clients of the same pool."""
+    from bench import gpu_device  # the same rules as the batching section
+
+    dev = gpu_device(b, "oip batching")
+    if dev is None or dev == "cpu":
+        return
+    if not b.info["torchvision"]:
+        b.note("oip batching: skipped, torchvision is not installed")
+        return
+    from benchmodels import make_image_model
+
+    a = b.args
+    clients = a.batch_clients
+    path = make_image_model(os.path.join(b.dir("oip-batching"), "net.pt"), resnet=True,
+                            half=True, image=224)  # fmt: skip
+    shape = [1, 3, 224, 224]
+    grpc = _free_port()
+    cfg = {"name": "id", "path": path, "devices": [dev], "max_batch": 64,
+           "max_delay_ms": a.batch_delay_ms, "request_timeout_s": 120.0, "cuda_graphs": True}
+    print(f"\n== oip batching: resnet50 fp16 on {dev}, {clients} clients x batch 1", flush=True)
+    seconds = max(b.seconds, 5.0)
+    with b.pool("oip-batching", [cfg], boot_timeout_s=600.0, grpc=f"127.0.0.1:{grpc}") as pool:
+        _wait_port(grpc)
+        g = run_oip_clients(b, "grpc-client", f"127.0.0.1:{grpc}", clients, seconds,
+                            dtype="float16", shape=shape, check_identity=False, warm=5)
+        g = {"section": "oip", "name": "resnet50 over OIP/gRPC", **g}
+        b.rows.append(g)
+        print(f"  gRPC: {num(g['rps'])} images/s, p50 {num(g['p50_us'])} us, errors {g['errors']}")
+        load = Load("float16", shape, model="id", seconds=seconds, warm=5)
+        z = b.measure("oip", "resnet50 over ZeroMQ", pool.frontend, clients, load)
+    b.compare(Compare("oip", f"images/s, {clients} clients x batch 1", "pool grpc", g["rps"],
+                      "pool zmq", z["rps"], "images/s", target=0.7))
