@@ -5,9 +5,12 @@ decisions with a fake clock."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -213,3 +216,29 @@ def test_illegal_transitions_raise() -> None:
                     host.move(dst)
     finally:
         host.close()
+
+
+def test_the_raw_pyzmq_example_steps_around_failed_hosts(three: list[FakeHost]) -> None:
+    """docs/examples/raw_spread_client.py (embedded in PROTOCOL.md) against one host that
+    dies under its first request and one that is shutting down: every call answered."""
+    example = Path(__file__).resolve().parent.parent / "docs" / "examples"
+    source = (example / "raw_spread_client.py").read_text()
+    protocol = (example.parent / "PROTOCOL.md").read_text()
+    assert source.strip() in protocol, "PROTOCOL.md must embed raw_spread_client.py"
+    three[0].mode, three[1].mode = "die", "shutting_down"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(example / "raw_spread_client.py"),
+            "m",
+            "12",
+            *(h.endpoint for h in three),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines == [f"{three[2].endpoint} c"] * 12
+    assert three[0].received == 1 and three[1].received >= 1

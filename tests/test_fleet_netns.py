@@ -298,6 +298,16 @@ class SpreadLoad:
                 assert ranks == sorted(ranks), f"client {idx} saw {host} go back: {versions}"
 
 
+def print_timings(result: dict[str, Any], load: SpreadLoad) -> None:
+    """Figures for docs/DEPLOY.md's arithmetic (seen with -s); not asserted on."""
+    steps = ", ".join(f"{s['host'].split('//')[1]} {s['seconds']:.2f}s" for s in result["steps"])
+    print(
+        f"\nfleet {result['action']}: {result['seconds']:.2f}s in all; per host: {steps}; "
+        f"bake {result['bake']['canary'] if result['bake'] else '-'}; "
+        f"{load.count()} answers, {len(load.errors)} failed, {sum(load.retried)} retried"
+    )
+
+
 def test_fleet_upgrade_then_rollback_under_load_fail_nothing(fleet: Fleet) -> None:
     with SpreadLoad(fleet) as load:
         load.wait_more(30)
@@ -314,6 +324,7 @@ def test_fleet_upgrade_then_rollback_under_load_fail_nothing(fleet: Fleet) -> No
         )
         load.wait_more(30)
     assert code == 0, up
+    print_timings(up, load)
     assert up["outcome"] == "committed" and up["canary"] == fleet.hosts[0].control
     assert [s["ok"] for s in up["steps"]] == [True, True, True]
     assert up["bake"]["ok"] and up["bake"]["canary"]["requests"] > 0
@@ -327,6 +338,7 @@ def test_fleet_upgrade_then_rollback_under_load_fail_nothing(fleet: Fleet) -> No
         code, back = fleet.fleet("rollback", "mlp")  # targets from the fleet history
         load.wait_more(30)
     assert code == 0, back
+    print_timings(back, load)
     assert back["outcome"] == "committed" and load.errors == []
     load.assert_in_order(["2", "1"])
     assert [fleet.version(h) for h in fleet.hosts] == ["1", "1", "1"]
