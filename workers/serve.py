@@ -16,6 +16,7 @@ import zmq
 from pool.contract import Contract, ContractError, InputSignature
 from router import protocol as p
 from router.frames import recv_frames
+from workers import weights
 from workers.copier import Copier, new_copier
 from workers.graphs import capture_graphs
 from workers.intake import Intake
@@ -147,6 +148,7 @@ class Worker:
             else:
                 self.model = load_model(spec.path, self.device, manifest)
             self.sync()
+            weights.release_ring()  # pinned by a standby for a load that may not use it
         except (ModelLoadError, ManifestError, OSError) as exc:
             return self.fail("load", exc, EXIT_LOAD_FAILED)
         except Exception as exc:  # a broken model file can raise anything from torch

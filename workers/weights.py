@@ -40,6 +40,7 @@ __all__ = [
     "load_file",
     "parse_header",
     "read_header",
+    "release_ring",
     "reserve_ring",
     "stage_file",
 ]
@@ -167,6 +168,13 @@ def reserve_ring(chunk_bytes: int = CHUNK_BYTES, slots: int = RING_SLOTS) -> Non
     _reserved.extend(
         torch.empty(chunk_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(slots - 1)
     )
+
+
+def release_ring() -> None:
+    """Unpin a reserved ring no load took (a standby that became a TorchScript worker)."""
+    if _reserved:
+        _reserved.clear()
+        _empty_host_cache()
 
 
 @dataclass
