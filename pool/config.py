@@ -127,6 +127,11 @@ class PoolConfig:
     upgrade_timeout_s: float = 600.0
     stop_timeout_s: float = 10.0
     surge_margin_mb: int = 512
+    # After a switch, keep the old generation until the new one answered this many
+    # requests or this many seconds passed; roll back if it fails far more (pool.watch).
+    # 0 for either turns the watch off.
+    watch_requests: int = 20
+    watch_s: float = 3.0
     max_message_mb: int = 1024  # the largest client message libzmq will accept (MAXMSGSIZE)
     # How long the router keeps polling without sleeping after a message (µs). Off by
     # default: on a 16-core H100 host it cost throughput and latency under load (see

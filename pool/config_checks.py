@@ -267,6 +267,8 @@ POOL_SPECS: dict[str, FieldSpec] = {
     "upgrade_timeout_s": _TIMEOUT,
     "stop_timeout_s": _TIMEOUT,
     "surge_margin_mb": FieldSpec("int", "an integer >= 0", _nonneg),
+    "watch_requests": FieldSpec("int", "an integer >= 0 (0: no watch window)", _nonneg),
+    "watch_s": FieldSpec("float", "a number >= 0 (0: no watch window)", _nonneg),
     "max_message_mb": FieldSpec("int", "an integer >= 1", _pos),
     "io_threads": FieldSpec("int", "0 (auto) or an integer >= 1", _nonneg),
     "max_connections": FieldSpec("int", "0 (auto) or an integer >= 1", _nonneg),

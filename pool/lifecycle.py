@@ -79,6 +79,8 @@ class WorkerRecord:
     exit_status: int | None = None
     expected_exit: bool = False  # we asked it to go: an exit is a retirement, not a crash
     rss: int = 0
+    answered: int = 0  # replies the worker sent, errors included (from its heartbeat)
+    model_errors: int = 0  # of them MODEL_ERROR (the watch window compares versions)
     heap_frozen: int = 0  # objects the worker keeps out of garbage collection
     gpu_bytes: int | None = None
     ready_gpu_bytes: int | None = None

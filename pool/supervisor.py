@@ -234,6 +234,9 @@ class Supervisor(StandbyUse, WorkerExits, WorkerStopping):
                     if isinstance(size, int) and isinstance(n, int) and size > 0 and n > 0:
                         self.metrics.observe_batch(rec.model, size, n)
             self._observed(rec, event.get("signatures"))
+            answered, errors = event.get("served"), event.get("model_errors")
+            if isinstance(answered, int) and isinstance(errors, int):
+                rec.answered, rec.model_errors = answered, errors
             self._check_recycle(rec)
         elif kind == "contract":
             self._contract(rec, event.get("contract"))

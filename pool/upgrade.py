@@ -30,6 +30,7 @@ from pool.state import Deployed
 from pool.stopping import KILL_GRACE_S
 from pool.supervisor import Supervisor
 from pool.tasks import Operation, Wait
+from pool.watch import watch
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,7 @@ class Upgrade:
         # switch unless the operator says the change is meant (--allow-contract-change).
         self.allow_contract_change = False
         self.contract_note = ""  # what the check found, for the result
+        self.watch_note = ""  # what the watch window saw (pool.watch)
 
     # ------------------------------------------------------------------ helpers
     def say(self, phase: str, **info: Any) -> None:
@@ -291,9 +293,30 @@ class Upgrade:
             yield from self.abandon(new)
             return False, refusal or reason
         self.switch(gen)
+        failed = yield from self.watch_window(new, old)
+        if failed:
+            rt.serving_gen = self.old_gen  # the old workers never stopped: one assignment
+            self.sup.activate(rt)
+            self.say("switched_back", generation=self.old_gen, version=self.from_version)
+            yield from self.retire(new)
+            return False, failed
         yield from self.retire(old)
         self.check_memory(reference)
         return True, ""
+
+    def watch_window(
+        self, new: list[WorkerRecord], old: list[WorkerRecord]
+    ) -> Generator[Wait, bool, str]:
+        """The canary after a switch (``pool.watch``): "" when the new version passed,
+        else why it is rolled back."""
+        pool = self.sup.pool
+        if pool.watch_requests <= 0 or pool.watch_s <= 0:
+            return ""
+        seconds = min(pool.watch_s, max(0.0, self.deadline - time.monotonic()))
+        result = yield from watch(new, old, pool.watch_requests, seconds, self.say)
+        self.phases["watch_s"] = result.seconds
+        self.watch_note = result.note()
+        return result.failed
 
     def drain_first(self) -> BootResult:
         rt = self.rt
@@ -319,6 +342,15 @@ class Upgrade:
             done.append(slot)
             if rt.serving_gen != gen:
                 self.switch(gen)
+                others = [r for r in rt.alive(self.old_gen) if r.slot != slot]
+                failed = yield from self.watch_window([new], old + others)
+                if failed:
+                    rt.serving_gen = self.old_gen  # the other devices still run it
+                    self.sup.activate(rt)
+                    self.say("switched_back", generation=self.old_gen, version=self.from_version)
+                    yield from self.abandon([new])
+                    yield from self.restore(slot, [])
+                    return False, failed
             else:
                 self.sup.activate(rt)
         return True, ""
@@ -406,6 +438,7 @@ class Upgrade:
             "standby": {"taken": self.standbys_taken, "staged": self.staged},
             "elapsed_s": round(elapsed, 3),
             "contract": self.contract_note,
+            "watch": self.watch_note,
         }
         if not ok:
             result["reason"] = reason
@@ -444,6 +477,7 @@ class Upgrade:
                 standby=result["standby"],
                 elapsed_s=result["elapsed_s"],
                 contract=self.contract_note,
+                watch=self.watch_note,
                 **self.contract_record(),
             )
         self.sup.metrics.observe_upgrade(

@@ -135,6 +135,9 @@ def start_pool(
         "heartbeat_timeout_s": 10.0,
         "drain_timeout_s": 10.0,
         "stop_timeout_s": 3.0,
+        # The watch window (pool.watch) at its production length would add seconds to
+        # every upgrade a test makes without traffic.
+        "watch_s": 1.0,
         **pool_opts,
     }
     config = write_config(os.path.join(tmp, "pool.toml"), pool, models)

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 from modelkit import (
     make_embedding,
+    make_factory_model,
     make_mlp,
     make_one_row,
     make_pair,
     make_raising_bare,
+    mlp_input,
     mlp_reference,
     pair_reference,
 )
@@ -191,3 +193,52 @@ def test_after_a_restart_warm_up_comes_from_the_recorded_contract(tmp_path: obje
         assert pool.model("m")["version"] == "1"
     finally:
         pool.stop()
+
+
+@pytest.mark.slow
+def test_watch_window_rolls_back_a_version_that_fails_real_traffic(tmp_path: object) -> None:
+    """The new version passes warm-up and golden checks (non-negative inputs) but raises
+    on the negative inputs clients send: the watch window switches back by itself."""
+    d = str(tmp_path)
+    v1 = make_mlp(os.path.join(d, "models", "v1.pt"), seed=1)
+    bad = make_factory_model(os.path.join(d, "models", "bad"), seed=2, forward="raise_if_negative")
+    good = make_mlp(os.path.join(d, "models", "v2.pt"), seed=2)
+    models = [{"name": "m", "path": v1, "version": "1", "devices": ["cpu", "cpu"]}]
+    opts = {"watch_requests": 40, "watch_s": 20.0}
+    with running_pool(d, models, **opts) as pool:
+
+        def negative(i: int) -> np.ndarray:
+            return -mlp_input(1, seed=i)
+
+        def check(x: np.ndarray, r: object) -> str | None:
+            want = {"1": 1, "2": 2}.get(getattr(r, "version", ""))
+            if want is None or not np.allclose(r.outputs[0], mlp_reference(want, x), atol=1e-5):  # type: ignore[attr-defined]
+                return f"wrong answer from version {getattr(r, 'version', '')!r}"
+            return None
+
+        with Load(
+            pool.frontend,
+            "m",
+            4,
+            check=check,
+            make_input=negative,
+            allowed=frozenset({"MODEL_ERROR"}),
+        ) as load:
+            load.wait_ok(20)
+            for strategy in ("surge", "drain-first"):
+                out = pool.pool_ctl("upgrade", "m", bad, "--strategy", strategy, "--json")
+                assert out.returncode == 1, out.stdout
+                res = json.loads(out.stdout)
+                assert res["reason"].startswith("watch: "), res
+                assert "failed (MODEL_ERROR)" in res["reason"]
+                load.wait_ok(20)
+                assert pool.model("m")["version"] == "1"
+            out = pool.pool_ctl("upgrade", "m", good, "--version", "2", "--json")
+            assert out.returncode == 0, out.stdout
+            assert "answered, 0 MODEL_ERROR" in json.loads(out.stdout)["watch"]
+            load.wait_ok(20)
+        load.stop()
+        assert not load.errors, load.errors[:3]
+        assert load.allowed_errors.get("MODEL_ERROR", 0) >= 10  # the canary's cost, bounded
+        history = pool.ctl("history", {"model": "m"})["data"]["history"]
+        assert [h["outcome"] for h in history[-3:]] == ["rolled_back", "rolled_back", "committed"]

@@ -28,6 +28,7 @@ class Replier:
         self.version = version
         self.encoder = ReplyEncoder(model, version)
         self.served = 0  # requests answered, errors included
+        self.model_errors = 0  # of them MODEL_ERROR (poold's watch window reads it)
         self.shapes: dict[tuple[Any, ...], int] = {}  # input signature -> times served
         self.lane: Lane | None = None
         self.lane_keys: set[bytes] = set()  # requests that came down the lane, unanswered
@@ -92,5 +93,7 @@ class Replier:
 
     def error(self, key: bytes, rid: Any, code: str, message: str) -> None:
         self.served += 1
+        if code == p.MODEL_ERROR:
+            self.model_errors += 1
         body = p.error_header(code, message, model=self.model, version=self.version, rid=rid)
         self.send(key, [p.KIND_REQUEST, key, code.encode(), body])

@@ -489,6 +489,7 @@ class Worker:
         self.event(
             "hb",
             served=self.replies.served,
+            model_errors=self.replies.model_errors,
             rss=rss_bytes(),
             # Typed records (pool.contract), most served first.
             signatures=[InputSignature.of(s).to_wire() for s in shapes],
