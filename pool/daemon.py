@@ -10,6 +10,7 @@ import collections
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -72,6 +73,16 @@ def owner_only_dir(path: str) -> None:
         os.chmod(path, 0o700)
 
 
+
+# An ipc:// path is limited to 107 bytes (sun_path); ours are rundir + "/backend.sock".
+IPC_DIR_MAX = 80
+
+
+def short_tmp() -> str | None:
+    """Where poold's private socket directory goes: $TMPDIR unless its path is too long
+    for ipc sockets under it, then /tmp."""
+    return None if len(tempfile.gettempdir().encode()) <= IPC_DIR_MAX - 20 else "/tmp"
+
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -98,7 +109,7 @@ class Daemon:
         # The lifeline: workers hold the read end; when poold dies the kernel closes the
         # write end and every worker exits, so no orphan keeps GPU memory.
         self.lifeline_r, self.lifeline_w = os.pipe()
-        self.rundir = tempfile.mkdtemp(prefix="gpu-pool-")
+        self.rundir = tempfile.mkdtemp(prefix="gpu-pool-", dir=short_tmp())
         backend = f"ipc://{self.rundir}/backend.sock"
         # libzmq's I/O threads do the socket copies (large tensors pass through twice: in
         # from a client, out to a worker), in parallel with the Python loop.
@@ -490,8 +501,7 @@ class Daemon:
                     os.unlink(p)
             except OSError:
                 pass
-        try:
-            os.rmdir(self.rundir)
-        except OSError:
-            pass
+        # The directory is ours alone (mkdtemp): whatever is left in it (the lane's
+        # socket, a gateway's) goes with it.
+        shutil.rmtree(self.rundir, ignore_errors=True)
         log.info("poold stopped")

@@ -12,9 +12,11 @@ import math
 import os
 import platform
 import select
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -219,7 +221,10 @@ def start_pool(procs: Procs, tmp: str, models: list[dict[str, Any]],
                boot_timeout_s: float = 180.0, **pool_opts: Any) -> Pool:
     """Write a config, start ``python -m pool.poold`` and wait until every worker is ready."""
     os.makedirs(tmp, mode=0o700, exist_ok=True)
-    opts = {"frontend": f"ipc://{tmp}/front.sock", "control": f"ipc://{tmp}/ctl.sock",
+    socks = tmp
+    if len(tmp.encode()) > 80:  # ipc paths are limited to 107 bytes
+        socks = tempfile.mkdtemp(prefix="gpb-", dir="/tmp")
+    opts = {"frontend": f"ipc://{socks}/front.sock", "control": f"ipc://{socks}/ctl.sock",
             "state_dir": f"{tmp}/state", "metrics": "", "log_level": "WARNING",
             "boot_timeout_s": boot_timeout_s, **pool_opts}
     from pool.tomlwrite import write_config
@@ -255,6 +260,9 @@ def stop_pool(procs: Procs, pool: Pool) -> None:
         except subprocess.TimeoutExpired:
             pass
     procs.kill(pool.proc)
+    socks = os.path.dirname(pool.frontend.removeprefix("ipc://"))
+    if pool.frontend.startswith("ipc://") and socks != pool.dir:  # start_pool's short dir
+        shutil.rmtree(socks, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- the machine

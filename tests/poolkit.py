@@ -4,9 +4,11 @@ it to serve, talk to it, and always stop it (killpg in teardown)."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -45,6 +47,7 @@ class Pool:
     proc: subprocess.Popen[bytes]
     log_path: str
     env: dict[str, str] = field(default_factory=dict)
+    run_dir: str = ""  # poold's TMPDIR (its private sockets), removed by stop()
 
     def ctl(self, cmd: str, args: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
         return ControlClient(self.control).call(cmd, args, **kw)
@@ -96,7 +99,16 @@ class Pool:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        if self.run_dir:  # also what a SIGKILLed poold could not remove itself
+            shutil.rmtree(self.run_dir, ignore_errors=True)
         return self.proc.returncode
+
+
+def short_dir() -> str:
+    """A fresh directory whose ipc socket paths stay under the 107-byte limit whatever
+    $TMPDIR is (/tmp when $TMPDIR itself is long)."""
+    base = tempfile.gettempdir()
+    return tempfile.mkdtemp(prefix="gpt-", dir=base if len(base.encode()) <= 40 else "/tmp")
 
 
 def in_threads(fn: Callable[[int], None], n: int, timeout: float = 120.0) -> None:
@@ -126,9 +138,13 @@ def start_pool(
 ) -> Pool:
     """``nofile``: start poold as under ``ulimit -n NOFILE`` (soft and hard limit)."""
     os.makedirs(tmp, exist_ok=True)
+    # poold's own sockets go in a short directory of this pool's (removed on stop), and
+    # so do the test's when ``tmp`` is too long for the 107-byte ipc path limit.
+    run_dir = short_dir()
+    socks = tmp if len(tmp.encode()) <= 80 else run_dir
     pool = {
-        "frontend": f"ipc://{tmp}/front.sock",
-        "control": f"ipc://{tmp}/ctl.sock",
+        "frontend": f"ipc://{socks}/front.sock",
+        "control": f"ipc://{socks}/ctl.sock",
         "state_dir": f"{tmp}/state",
         "metrics": "",
         "heartbeat_interval_s": 0.2,
@@ -146,6 +162,7 @@ def start_pool(
     if not keep_notify:
         env.pop("NOTIFY_SOCKET", None)
         env.pop("WATCHDOG_USEC", None)
+    env["TMPDIR"] = run_dir
     env.update(env_extra or {})
     log = open(log_path, "ab")
     proc = subprocess.Popen(
@@ -157,7 +174,7 @@ def start_pool(
         preexec_fn=(lambda: _limit_nofile(nofile)) if nofile else None,  # noqa: PLW1509
     )
     log.close()
-    p = Pool(tmp, config, pool["frontend"], pool["control"], proc, log_path, env)
+    p = Pool(tmp, config, pool["frontend"], pool["control"], proc, log_path, env, run_dir)
     if wait:
         try:
             p.wait_serving()

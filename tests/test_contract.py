@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from modelkit import (
     make_embedding,
     make_factory_model,
@@ -242,3 +243,21 @@ def test_watch_window_rolls_back_a_version_that_fails_real_traffic(tmp_path: obj
         assert load.allowed_errors.get("MODEL_ERROR", 0) >= 10  # the canary's cost, bounded
         history = pool.ctl("history", {"model": "m"})["data"]["history"]
         assert [h["outcome"] for h in history[-3:]] == ["rolled_back", "rolled_back", "committed"]
+
+
+@pytest.mark.slow
+def test_internal_worker_error_reaches_the_log_with_its_traceback(tmp_path: object) -> None:
+    """A worker that fails outside load/warm-up/validation (here: CUDA asked of a CPU-only
+    torch) sends its cause and traceback: poold logs both, and the reason names the cause
+    instead of only "exit 71"."""
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    d = str(tmp_path)
+    v1 = make_mlp(os.path.join(d, "models", "v1.pt"), seed=1)
+    models = [{"name": "g", "path": v1, "devices": ["cuda:0"], "standby": False}]
+    with running_pool(d, models, wait=False) as pool:
+        wait_for(lambda: "first seen: internal: " in pool.log(), 60, "the failure logged")
+        log = pool.log()
+        assert "internal error: " in log and "Traceback (most recent call last)" in log
+        assert "Torch not compiled with CUDA enabled" in log or "CUDA" in log
+        assert "exit 71 (internal worker error) (first seen: internal: " in log

@@ -27,15 +27,27 @@ from pool.contract import (
 from workers.loader import LoadedModel, describe_error
 from workers.warmup import TORCH_DTYPES
 
-__all__ = ["probe_contract", "signature_of", "types_of"]
+__all__ = ["ProbeError", "probe_contract", "signature_of", "types_of"]
 
 log = logging.getLogger(__name__)
 
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 
 
+class ProbeError(Exception):
+    """The model's outputs cannot be served (a dtype the wire cannot carry)."""
+
+
+def _name(t: torch.Tensor, what: str) -> str:
+    name = DTYPE_NAMES.get(t.dtype)
+    if name is None:
+        known = ", ".join(sorted(DTYPE_NAMES.values()))
+        raise ProbeError(f"{what} has dtype {t.dtype}, which the wire cannot carry ({known})")
+    return name
+
+
 def types_of(tensors: Sequence[torch.Tensor]) -> tuple[TensorType, ...]:
-    return tuple(TensorType(DTYPE_NAMES[t.dtype], tuple(t.shape)) for t in tensors)
+    return tuple(TensorType(_name(t, f"tensor {i}"), tuple(t.shape)) for i, t in enumerate(tensors))
 
 
 def signature_of(inputs: Sequence[torch.Tensor]) -> InputSignature:
@@ -92,7 +104,7 @@ def probe_contract(
     outputs = tuple(
         _spec(
             out_names[k] if out_names else f"output{k}",
-            DTYPE_NAMES[pairs[0][1][k].dtype],
+            _name(pairs[0][1][k], f"output {k}"),
             [tuple(o[k].shape) for _, o in pairs],
             bool(follows and follows[k]),
         )

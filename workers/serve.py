@@ -35,7 +35,7 @@ from workers.main import (
 from workers.manifest import Manifest, ManifestError, load_manifest
 from workers.pacing import LaunchClock
 from workers.pipeline import Completions, Gather, Launched
-from workers.probe import probe_contract
+from workers.probe import ProbeError, probe_contract
 from workers.replies import Replier
 from workers.staged import stage_model
 from workers.staging import ALIGN
@@ -162,9 +162,12 @@ class Worker:
         except WarmupError as exc:
             return self.fail("warmup", exc, EXIT_WARMUP_FAILED)
         t_probe = time.monotonic()
-        self.learn_contract(
-            sets, seen, "manifest" if manifest is not None and manifest.inputs else "probe"
-        )
+        try:
+            self.learn_contract(
+                sets, seen, "manifest" if manifest is not None and manifest.inputs else "probe"
+            )
+        except ProbeError as exc:
+            return self.fail("warmup", exc, EXIT_WARMUP_FAILED)
         timings["probe_s"] = time.monotonic() - t_probe
         if manifest is not None and manifest.golden:
             self.event("phase", phase="validating")
@@ -248,12 +251,12 @@ class Worker:
 
     def learn_from_traffic(self) -> None:
         """No warm-up inputs were known at start: probe the contract once, on synthetic
-        inputs of the signature served most, and report it."""
+        inputs of the signatures served so far, and report it."""
         seen = self.replies.shapes
         if self.contract is not None or self.model is None or not seen:
             return
-        top = max(seen, key=seen.__getitem__)
-        sets = example_inputs(None, [InputSignature.of(top)], self.device)
+        served = sorted(seen, key=seen.__getitem__, reverse=True)[:MAX_SHAPES_KEPT]
+        sets = example_inputs(None, [InputSignature.of(s) for s in served], self.device)
         outputs: list[list[torch.Tensor]] = []
         try:
             warm_up(self.model, sets, outputs)
@@ -261,7 +264,12 @@ class Worker:
             log.warning("worker %s: contract probe failed: %s", self.spec.wid, exc)
             self.contract_failed = True
             return
-        self.learn_contract(sets, outputs, "traffic")
+        try:
+            self.learn_contract(sets, outputs, "traffic")
+        except ProbeError as exc:
+            log.warning("worker %s: contract probe failed: %s", self.spec.wid, exc)
+            self.contract_failed = True
+            return
         if self.contract is not None:
             self.event("contract", contract=self.contract.to_json())
 
