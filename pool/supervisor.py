@@ -283,8 +283,9 @@ class Supervisor(StandbyUse, WorkerExits, WorkerStopping):
             return
         rt.contracts[rec.generation] = contract  # what it probed beats what was recorded
         digest = rt.gens[rec.generation].digest
-        if rt.state.contracts.get(digest) != value:
-            rt.state.contracts[digest] = contract.to_json()
+        recorded = contract.to_json()
+        if rt.state.contracts.get(digest) != recorded:
+            rt.state.contracts[digest] = recorded
             self.store.save(rt.state)
 
     def _ready(self, rec: WorkerRecord, event: dict[str, Any], now: float) -> None:
