@@ -28,6 +28,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "fastlane_protocol.h" /* generated from router/protocol.py */
+
 /* ---- the libzmq ABI we use (stable since 4.x) ------------------------------------ */
 typedef struct { unsigned char _[64]; } __attribute__((aligned(8))) zmsg_t;
 typedef struct { void *socket; int fd; short events; short revents; } zpoll_t;
@@ -47,8 +49,10 @@ static int (*z_msg_copy)(zmsg_t *, zmsg_t *);
 static int (*z_errno)(void);
 static int (*z_poll)(zpoll_t *, int, long);
 
-/* Bumped whenever a signature changes, so a stale build is refused, not misused. */
-int fl_abi(void) { return 3; }
+/* FASTLANE_ABI is bumped whenever a signature changes, so a stale build is refused, not
+ * misused; the digest covers every value the generated header holds. */
+int fl_abi(void) { return FASTLANE_ABI; }
+int64_t fl_protocol_digest(void) { return FL_PROTOCOL_DIGEST; }
 
 int fl_bind(const char *libzmq_path) {
     /* RTLD_NOLOAD: only the copy already in this process will do. */
@@ -70,28 +74,15 @@ int fl_bind(const char *libzmq_path) {
     return 0;
 }
 
-/* ---- limits that mirror router/protocol.py ---------------------------------------- */
-#define MAX_HEADER_BYTES (1 << 20)
-#define MAX_ARRAY_LEN 4096
-#define MAX_MAP_LEN 256
-#define MAX_DEPTH 32 /* deeper headers are legal but odd: Python judges them */
-#define MAX_ID_BYTES 256
-#define MAX_MODEL_BYTES 512
-#define MAX_IDENTITY 255
+/* ---- this file's own limits (the wire's come from fastlane_protocol.h) --------------- */
 #define MAX_CODES 32
 #define MAX_BOUNDS 64
 #define DRAIN_BATCH 512
 
 /* The lane: a unix SOCK_SEQPACKET connection per worker that carries small requests
- * and their replies, one datagram per multipart message (see "the lane" below). Limits
- * mirror workers/lane.py. */
-#define LANE_MAX_BYTES (64 << 10) /* whole datagram: a socket buffer holds several */
-#define LANE_MAX_FRAMES 64
-#define LANE_PENDING_MAX 64 /* accepted connections that have not said who they are */
+ * and their replies, one datagram per multipart message (see "the lane" below). */
+_Static_assert(LANE_WORD == 4, "the lane's words are read as 32-bit little-endian");
 enum { ITEM_LISTENER = -1, ITEM_PENDING = -2 };
-
-static const char PROTOCOL[] = "gpu-pool/1";
-#define PROTOCOL_LEN (sizeof(PROTOCOL) - 1)
 
 /* ---- records ---------------------------------------------------------------------- */
 typedef struct { zmsg_t *m; int n, cap; } msgvec;
@@ -102,6 +93,8 @@ typedef struct {
     uint64_t served;
     unsigned char id[MAX_IDENTITY];
     size_t idlen;
+    char version[MAX_VERSION_BYTES]; /* for the error replies C composes */
+    size_t versionlen;
     /* per-worker metrics since the last drain: one bucket array per histogram */
     uint64_t codes[MAX_CODES + 1];
     uint64_t hist[3][MAX_BOUNDS + 1];
@@ -112,7 +105,7 @@ typedef struct {
     int used, open, retry, max_queue;
     double timeout_s;
     size_t namelen;
-    char name[MAX_MODEL_BYTES];
+    char name[MAX_MODEL_NAME_BYTES];
     int *active, nactive, cap;
     /* the queue: a ring of request keys, oldest first. A request that left the queue
      * some other way (deadline, failed model) leaves a stale key, skipped when reached. */
@@ -131,20 +124,10 @@ typedef struct {
 } req_t;
 
 typedef struct {
-    int kind; /* FL_PUNT_* */
+    int kind; /* PUNT_* */
     int worker;
     msgvec frames;
 } punt_t;
-
-enum { FL_PUNT_FRONTEND = 0, FL_PUNT_BACKEND = 1, FL_PUNT_UNREACHABLE = 2 };
-enum {
-    FL_RUN_PUNTS = 1,
-    FL_RUN_EXTRA = 2,
-    FL_RUN_TIMEOUT = 8,
-    FL_RUN_EINTR = 16,
-    FL_RUN_ERROR = 32,
-    FL_RUN_EXPIRED = 64,
-};
 
 typedef struct {
     void *frontend, *backend;
@@ -346,7 +329,7 @@ static int rd_tok(rd_t *r, tok_t *t) {
 /* Skip one whole value (its head already read into t). */
 static int rd_skip_rest(rd_t *r, const tok_t *t, int depth) {
     if (t->type == T_ARRAY || t->type == T_MAP) {
-        if (depth >= MAX_DEPTH) return -1;
+        if (depth >= MAX_NESTING) return -1; /* msgpack-python raises StackError */
         if (t->type == T_ARRAY && t->u > MAX_ARRAY_LEN) return -1;
         if (t->type == T_MAP && t->u > MAX_MAP_LEN) return -1;
         uint64_t items = t->type == T_MAP ? 2 * t->u : t->u;
@@ -367,6 +350,8 @@ typedef struct {
     int has_timeout;
     uint64_t timeout_ms;
     int has_inputs;
+    const unsigned char *id; /* the id's encoded value (head included), NULL without one */
+    size_t id_len;
 } route_t;
 
 static int key_is(const tok_t *k, const char *name) {
@@ -386,18 +371,23 @@ static int parse_header(const unsigned char *p, size_t n, route_t *out) {
         tok_t k, v;
         if (rd_tok(&r, &k)) return -1;
         if (k.type != T_STR && k.type != T_BIN) return -1;
+        const unsigned char *id_start = r.p;
         if (rd_tok(&r, &v)) return -1;
         if (key_is(&k, "model")) {
-            if (v.type != T_STR || v.u == 0 || v.u > MAX_MODEL_BYTES) return -1;
+            if (v.type != T_STR || v.u == 0 || v.u > MAX_MODEL_NAME_BYTES) return -1;
             out->model = v.s;
             out->model_len = v.u;
         } else if (key_is(&k, "timeout_ms")) {
             if (v.type == T_NIL) out->has_timeout = 0;
             else if (v.type == T_UINT && v.u > 0) { out->has_timeout = 1; out->timeout_ms = v.u; }
+            /* a positive int in a signed encoding: msgpack-python decodes it the same */
+            else if (v.type == T_INT && v.i > 0) { out->has_timeout = 1; out->timeout_ms = (uint64_t)v.i; }
             else return -1;
         } else if (key_is(&k, "id")) {
             if (v.type == T_STR || v.type == T_BIN) { if (v.u > MAX_ID_BYTES) return -1; }
             else if (v.type != T_NIL && v.type != T_UINT && v.type != T_INT) return -1;
+            out->id = v.type == T_NIL ? NULL : id_start;
+            out->id_len = (size_t)(r.p - id_start);
         } else if (key_is(&k, "inputs")) {
             out->has_inputs = v.type == T_ARRAY;
             if (!out->has_inputs) return -1;
@@ -467,7 +457,7 @@ int fl_set_bounds(core_t *c, const double *bounds, int n) {
 
 /* ---- table edits (Python decides, we apply) ----------------------------------------- */
 int fl_model_add(core_t *c, const char *name, size_t n) {
-    if (n == 0 || n > MAX_MODEL_BYTES) return -1;
+    if (n == 0 || n > MAX_MODEL_NAME_BYTES) return -1;
     int idx = -1;
     for (int i = 0; i < c->nmodels; i++)
         if (!c->models[i].used) { idx = i; break; }
@@ -517,8 +507,9 @@ int fl_model_set_active(core_t *c, int idx, const int *workers, int n) {
     return 0;
 }
 
-int fl_worker_add(core_t *c, const void *id, size_t n, int model, int credit) {
-    if (n == 0 || n > MAX_IDENTITY) return -1;
+int fl_worker_add(core_t *c, const void *id, size_t n, int model, int credit,
+                  const char *version, size_t vlen) {
+    if (n == 0 || n > MAX_IDENTITY || vlen > MAX_VERSION_BYTES) return -1;
     int idx = -1;
     for (int i = 0; i < c->nworkers; i++)
         if (!c->workers[i].used) { idx = i; break; }
@@ -536,6 +527,8 @@ int fl_worker_add(core_t *c, const void *id, size_t n, int model, int credit) {
     w->credit = credit < 1 ? 1 : credit;
     memcpy(w->id, id, n);
     w->idlen = n;
+    if (vlen) memcpy(w->version, version, vlen);
+    w->versionlen = vlen;
     return idx;
 }
 
@@ -662,7 +655,7 @@ static int send_to_worker(core_t *c, int widx, uint64_t key, msgvec *body, int k
         return 0;
     }
     if (send_bytes(c->backend, w->id, w->idlen, Z_SNDMORE | Z_DONTWAIT)) return -1;
-    send_bytes(c->backend, "R", 1, Z_SNDMORE);
+    send_bytes(c->backend, KIND_REQUEST, KIND_REQUEST_LEN, Z_SNDMORE);
     send_bytes(c->backend, k, 8, Z_SNDMORE);
     for (int i = 0; i < body->n; i++) {
         int flags = i + 1 < body->n ? Z_SNDMORE : 0;
@@ -789,7 +782,7 @@ static void dispatch_queue(core_t *c, int mi, double now) {
             ring_push(m, key, 1); /* back in front; Python drops the worker */
             r->queued = 1;
             m->queued++;
-            punt_notice(c, FL_PUNT_UNREACHABLE, wi);
+            punt_notice(c, PUNT_UNREACHABLE, wi);
             break;
         }
         for (int i = keep; i < r->body.n; i++) z_msg_close(&r->body.m[i]);
@@ -877,7 +870,7 @@ static int accept_request(core_t *c, msgvec *v, double now) {
     if (send_to_worker(c, wi, key, &body, keep)) {
         r->worker = -1;
         req_release(c, idx);
-        punt_notice(c, FL_PUNT_UNREACHABLE, wi);
+        punt_notice(c, PUNT_UNREACHABLE, wi);
         return -1; /* Python drops the worker, then re-routes this request */
     }
     if (vec_reserve(&r->env, nenv) || vec_reserve(&r->body, keep)) {
@@ -911,7 +904,7 @@ static int drain_frontend(core_t *c, double now) {
     for (; handled < DRAIN_BATCH; handled++) {
         int got = recv_message(c->frontend, &c->scratch);
         if (got <= 0) break;
-        if (accept_request(c, &c->scratch, now)) punt(c, FL_PUNT_FRONTEND, -1, &c->scratch);
+        if (accept_request(c, &c->scratch, now)) punt(c, PUNT_FRONTEND, -1, &c->scratch);
     }
     return handled;
 }
@@ -985,8 +978,10 @@ static void complete(core_t *c, msgvec *v, double now) {
 
 /* A worker's message [identity, kind, ...], from the backend socket or a lane. */
 static void backend_message(core_t *c, msgvec *v, double now) {
-    if (v->n >= 5 && msize(&v->m[1]) == 1 && mdata(&v->m[1])[0] == 'R') complete(c, v, now);
-    else punt(c, FL_PUNT_BACKEND, -1, v); /* events, and anything Python should judge */
+    if (v->n >= 5 && msize(&v->m[1]) == KIND_REQUEST_LEN &&
+        !memcmp(mdata(&v->m[1]), KIND_REQUEST, KIND_REQUEST_LEN))
+        complete(c, v, now);
+    else punt(c, PUNT_BACKEND, -1, v); /* events, and anything Python should judge */
 }
 
 static int drain_backend(core_t *c, double now) {
@@ -1031,20 +1026,20 @@ static void lane_close(core_t *c, worker_t *w) {
 static int lane_send(core_t *c, worker_t *w, const unsigned char *key, msgvec *body) {
     int n = 2 + body->n;
     if (n > LANE_MAX_FRAMES) return -1;
-    unsigned char head[4 * (1 + LANE_MAX_FRAMES)];
+    unsigned char head[LANE_WORD * (1 + LANE_MAX_FRAMES)];
     struct iovec iov[1 + LANE_MAX_FRAMES];
-    size_t total = 4 * (size_t)(1 + n) + 1 + 8;
+    size_t total = LANE_WORD * (size_t)(1 + n) + KIND_REQUEST_LEN + 8;
     put_le32(head, (uint32_t)n);
-    put_le32(head + 4, 1);
-    put_le32(head + 8, 8);
-    iov[0] = (struct iovec){head, 4 * (size_t)(1 + n)};
-    iov[1] = (struct iovec){(void *)"R", 1};
+    put_le32(head + 4, KIND_REQUEST_LEN);
+    put_le32(head + 2 * LANE_WORD, 8);
+    iov[0] = (struct iovec){head, LANE_WORD * (size_t)(1 + n)};
+    iov[1] = (struct iovec){(void *)KIND_REQUEST, KIND_REQUEST_LEN};
     iov[2] = (struct iovec){(void *)key, 8};
     for (int i = 0; i < body->n; i++) {
         size_t len = msize(&body->m[i]);
         total += len;
         if (total > LANE_MAX_BYTES) return -1;
-        put_le32(head + 4 * (3 + i), (uint32_t)len);
+        put_le32(head + LANE_WORD * (3 + i), (uint32_t)len);
         iov[3 + i] = (struct iovec){mdata(&body->m[i]), len};
     }
     struct msghdr mh;
@@ -1067,16 +1062,16 @@ static int lane_send(core_t *c, worker_t *w, const unsigned char *key, msgvec *b
  * 0: done; -1: malformed (only a broken worker sends that). */
 static int lane_unpack(worker_t *w, const unsigned char *p, size_t n, msgvec *v) {
     vec_close(v);
-    if (n < 4) return -1;
+    if (n < LANE_WORD) return -1;
     uint32_t count = get_le32(p);
-    if (count == 0 || count > LANE_MAX_FRAMES || n < 4 + 4 * (size_t)count) return -1;
-    size_t off = 4 + 4 * (size_t)count;
+    if (count == 0 || count > LANE_MAX_FRAMES || n < LANE_WORD * (1 + (size_t)count)) return -1;
+    size_t off = LANE_WORD * (1 + (size_t)count);
     if (vec_reserve(v, (int)count + 1)) return -1;
     if (z_msg_init_size(&v->m[0], w->idlen)) return -1;
     memcpy(mdata(&v->m[0]), w->id, w->idlen);
     v->n = 1;
     for (uint32_t i = 0; i < count; i++) {
-        size_t len = get_le32(p + 4 + 4 * (size_t)i);
+        size_t len = get_le32(p + LANE_WORD * (1 + (size_t)i));
         if (len > n - off) return -1;
         if (z_msg_init_size(&v->m[v->n], len)) return -1;
         if (len) memcpy(mdata(&v->m[v->n]), p + off, len);
@@ -1215,7 +1210,7 @@ int fl_run(core_t *c, zpoll_t *extra, int nextra, long timeout_ms, long spin_us)
     double start = now_s(), deadline = start + (double)timeout_ms / 1000.0;
     double busy_until = 0.0;
     for (;;) {
-        if (c->items_dirty && build_items(c, extra, nextra)) return FL_RUN_ERROR;
+        if (c->items_dirty && build_items(c, extra, nextra)) return RUN_ERROR;
         zpoll_t *items = c->items;
         int lane_from = 2 + nextra;
         double now = now_s();
@@ -1227,24 +1222,24 @@ int fl_run(core_t *c, zpoll_t *extra, int nextra, long timeout_ms, long spin_us)
         }
         for (int i = 0; i < c->nitems; i++) items[i].revents = 0;
         int rc = z_poll(items, c->nitems, wait);
-        if (rc < 0) return z_errno() == EINTR ? FL_RUN_EINTR : FL_RUN_ERROR;
+        if (rc < 0) return z_errno() == EINTR ? RUN_EINTR : RUN_ERROR;
         int flags = 0, handled = 0;
         now = now_s();
         for (int i = 0; i < nextra; i++) {
             extra[i].revents = items[2 + i].revents;
-            if (items[2 + i].revents) flags |= FL_RUN_EXTRA;
+            if (items[2 + i].revents) flags |= RUN_EXTRA;
         }
         if (c->nitems > lane_from) handled += serve_lanes(c, lane_from, now);
         if (items[1].revents & Z_POLLIN) handled += drain_backend(c, now);
         if (items[0].revents & Z_POLLIN) handled += drain_frontend(c, now);
-        if (c->npunts) flags |= FL_RUN_PUNTS;
+        if (c->npunts) flags |= RUN_PUNTS;
         if (c->expired) {
             c->expired = 0;
-            flags |= FL_RUN_EXPIRED;
+            flags |= RUN_EXPIRED;
         }
         if (flags) return flags;
         if (handled) busy_until = now + (double)spin_us * 1e-6;
-        else if (now >= deadline) return FL_RUN_TIMEOUT;
+        else if (now >= deadline) return RUN_TIMEOUT;
     }
 }
 
@@ -1312,48 +1307,120 @@ int fl_worker_drop(core_t *c, int widx, uint64_t *lost, int max) {
     return n;
 }
 
-typedef struct {
-    int worker, model, attempts, answered, whole, queued;
-    double arrived, dispatched, deadline;
-    int nenv, nbody;
-} req_info_t;
-
-int fl_info(core_t *c, uint64_t key, req_info_t *out) {
-    req_t *r = req_get(c, key, NULL);
-    if (!r) return -1;
+static void info_fill(req_t *r, req_info_t *out) {
     out->worker = r->worker;
     out->model = r->model;
     out->attempts = r->attempts;
     out->answered = r->answered;
     out->whole = r->whole;
     out->queued = r->queued;
+    out->delivered = UNDELIVERED;
     out->arrived = r->arrived;
     out->dispatched = r->dispatched;
     out->deadline = r->deadline;
-    out->nenv = r->env.n;
-    out->nbody = r->body.n;
+}
+
+int fl_info(core_t *c, uint64_t key, req_info_t *out) {
+    req_t *r = req_get(c, key, NULL);
+    if (!r) return -1;
+    info_fill(r, out);
     return 0;
 }
 
-/* Frame j of a request: envelope frames first, then the body frames we kept. */
-size_t fl_frame(core_t *c, uint64_t key, int j, const unsigned char **data) {
-    req_t *r = req_get(c, key, NULL);
-    if (!r) { *data = NULL; return 0; }
-    zmsg_t *m = j < r->env.n ? &r->env.m[j] : &r->body.m[j - r->env.n];
-    *data = mdata(m);
-    return msize(m);
+/* ---- error replies for the requests C holds ----------------------------------------- */
+/* msgpack heads, the shortest form, as msgpack-python writes them. */
+static size_t put_str_head(unsigned char *p, size_t n) {
+    if (n < 32) { p[0] = (unsigned char)(0xa0 | n); return 1; }
+    if (n < 256) { p[0] = 0xd9; p[1] = (unsigned char)n; return 2; }
+    p[0] = 0xda; p[1] = (unsigned char)(n >> 8); p[2] = (unsigned char)n; return 3;
 }
 
-/* Answer a request's client with [envelope, protocol, header] (an error from Python);
- * the request stays in flight (its worker may still answer: that reply is dropped). */
-int fl_answer(core_t *c, uint64_t key, const unsigned char *header, size_t n) {
-    req_t *r = req_get(c, key, NULL);
-    if (!r) return -1;
-    r->answered = 1;
-    for (int i = 0; i < r->env.n; i++)
-        if (send_copy(c->frontend, &r->env.m[i], Z_SNDMORE | Z_DONTWAIT)) return -2;
-    if (send_bytes(c->frontend, PROTOCOL, PROTOCOL_LEN, Z_SNDMORE | Z_DONTWAIT)) return -2;
-    return send_bytes(c->frontend, header, n, Z_DONTWAIT) ? -2 : 0;
+static size_t put_str(unsigned char *p, const void *s, size_t n) {
+    size_t h = put_str_head(p, n);
+    if (n) memcpy(p + h, s, n);
+    return h + n;
+}
+
+/* The reply header protocol.error_header() would write for request r: the map
+ * {ok: false, model, version, error: <the template>, id (when the request had one)},
+ * keys in that order. The id is copied as the client encoded it. 0: done, -1: no memory. */
+static int compose_error(core_t *c, req_t *r, const unsigned char *error, size_t error_len,
+                         zmsg_t *out) {
+    const unsigned char *model = NULL, *version = NULL;
+    size_t model_len = 0, version_len = 0;
+    if (r->model >= 0 && r->model < c->nmodels && c->models[r->model].used) {
+        model = (const unsigned char *)c->models[r->model].name;
+        model_len = c->models[r->model].namelen;
+    }
+    if (r->worker >= 0 && r->worker < c->nworkers && c->workers[r->worker].used) {
+        version = (const unsigned char *)c->workers[r->worker].version;
+        version_len = c->workers[r->worker].versionlen;
+    }
+    route_t rt; /* the kept header is the request's first body frame */
+    int has_id = r->body.n && !parse_header(mdata(&r->body.m[0]), msize(&r->body.m[0]), &rt) &&
+                 rt.id != NULL;
+    /* map head, 4 keys of at most 8 bytes, two strings of at most 3 + 255 bytes */
+    size_t cap = 1 + 4 * 8 + 1 + 2 * (3 + 255) + error_len + (has_id ? 3 + rt.id_len : 0);
+    if (z_msg_init_size(out, cap)) return -1;
+    unsigned char *p = mdata(out), *start = p;
+    *p++ = has_id ? 0x85 : 0x84;
+    p += put_str(p, "ok", 2);
+    *p++ = 0xc2; /* false */
+    p += put_str(p, "model", 5);
+    p += put_str(p, model, model_len);
+    p += put_str(p, "version", 7);
+    p += put_str(p, version, version_len);
+    p += put_str(p, "error", 5);
+    memcpy(p, error, error_len);
+    p += error_len;
+    if (has_id) {
+        p += put_str(p, "id", 2);
+        memcpy(p, rt.id, rt.id_len);
+        p += rt.id_len;
+    }
+    /* zmq cannot shrink a message in place: copy into one of the exact size */
+    zmsg_t exact;
+    size_t n = (size_t)(p - start);
+    if (z_msg_init_size(&exact, n)) { z_msg_close(out); return -1; }
+    memcpy(mdata(&exact), start, n);
+    z_msg_close(out);
+    *out = exact;
+    return 0;
+}
+
+/* Answer each request in keys with an error, composed from `error` (the packed
+ * {"code", "message"} map Python hands over once for the whole batch), and forget it
+ * when `forget` is set; otherwise it stays in flight, marked answered (its worker may
+ * still reply: that reply is dropped). infos[i] says what request i was, and whether its
+ * client got the answer (delivered). One call, whatever the number of requests: Python
+ * no longer reads a request's frames back to learn its id. Returns how many answers
+ * could not be delivered. */
+int fl_fail(core_t *c, const uint64_t *keys, int n, const unsigned char *error, size_t error_len,
+            int forget, req_info_t *infos) {
+    int undelivered = 0;
+    for (int i = 0; i < n; i++) {
+        int idx;
+        req_t *r = req_get(c, keys[i], &idx);
+        if (!r) {
+            memset(&infos[i], 0, sizeof infos[i]);
+            infos[i].worker = infos[i].model = -1;
+            infos[i].delivered = NO_SUCH_REQUEST;
+            continue;
+        }
+        info_fill(r, &infos[i]);
+        r->answered = 1;
+        zmsg_t header;
+        int composed = compose_error(c, r, error, error_len, &header) == 0, ok = composed;
+        for (int j = 0; j < r->env.n && ok; j++)
+            ok = send_copy(c->frontend, &r->env.m[j], Z_SNDMORE | Z_DONTWAIT) == 0;
+        if (ok) ok = send_bytes(c->frontend, PROTOCOL, PROTOCOL_LEN, Z_SNDMORE | Z_DONTWAIT) == 0;
+        if (ok) ok = z_msg_send(&header, c->frontend, Z_DONTWAIT) >= 0; /* sent: zmq owns it */
+        if (composed && !ok) z_msg_close(&header);
+        if (!ok) undelivered++;
+        infos[i].delivered = ok ? DELIVERED : UNDELIVERED;
+        if (forget) req_release(c, idx);
+    }
+    return undelivered;
 }
 
 int fl_forget(core_t *c, uint64_t key) {
@@ -1363,31 +1430,38 @@ int fl_forget(core_t *c, uint64_t key) {
     return 0;
 }
 
-/* Requests past their deadline: unanswered ones (Python answers DEADLINE_EXCEEDED) and,
- * separately, answered ones whose worker stayed silent past deadline + grace. */
-int fl_sweep(core_t *c, double now, double grace, uint64_t *expired, int max_expired,
-             int *nexpired, uint64_t *overdue, int max_overdue) {
-    int ne = 0, no = 0;
+/* Requests past their deadline, in three lists: unanswered ones that never reached a
+ * worker (queued), unanswered ones a worker holds (held), and answered ones whose worker
+ * stayed silent past deadline + grace (overdue). Python answers the first two with
+ * DEADLINE_EXCEEDED, and treats the workers of the third as hung. */
+int fl_sweep(core_t *c, double now, double grace, uint64_t *queued, int *nqueued,
+             uint64_t *held, int *nheld, uint64_t *overdue, int max) {
+    int nq = 0, nh = 0, no = 0;
     for (int i = 0; i < c->nreqs; i++) {
         req_t *r = c->reqs[i];
         if (!r->live || r->deadline > now) continue;
         if (!r->answered) {
-            if (ne < max_expired) expired[ne++] = req_key(c, i);
-        } else if (r->deadline + grace <= now && no < max_overdue) {
+            if (r->worker < 0) {
+                if (nq < max) queued[nq++] = req_key(c, i);
+            } else if (nh < max) {
+                held[nh++] = req_key(c, i);
+            }
+        } else if (r->deadline + grace <= now && no < max) {
             overdue[no++] = req_key(c, i);
         }
     }
-    *nexpired = ne;
+    *nqueued = nq;
+    *nheld = nh;
     return no;
 }
 
 /* For tests: run the header check alone. 0: routable (model at p + *model_off). */
 int fl_check_header(const unsigned char *p, size_t n, size_t *model_off, size_t *model_len,
-                    int64_t *timeout_ms) {
+                    uint64_t *timeout_ms) {
     route_t rt;
     if (parse_header(p, n, &rt)) return -1;
     *model_off = (size_t)(rt.model - p);
     *model_len = rt.model_len;
-    *timeout_ms = rt.has_timeout ? (int64_t)rt.timeout_ms : 0;
+    *timeout_ms = rt.has_timeout ? rt.timeout_ms : 0;
     return 0;
 }

@@ -4,8 +4,10 @@ The C side never calls into Python and uses no Python headers, so ctypes can cal
 with the GIL released. It shares pyzmq's own libzmq (found in this process's memory
 map), so the socket handles pyzmq gives us are the ones C uses.
 
-Build: ``pip install -e .`` compiles it (setup.py); by hand, ``gcc -O2 -shared -fPIC
--o router/_fastlane.so router/fastlane.c``.
+Build: ``pip install -e .`` compiles it (setup.py); by hand, ``python -m router.genheader
+&& gcc -O2 -shared -fPIC -o router/_fastlane.so router/fastlane.c``. Its constants, the
+request-info record below included, come from ``router.protocol`` through the generated
+``router/fastlane_protocol.h``; a library built from other values is refused.
 """
 
 from __future__ import annotations
@@ -18,20 +20,16 @@ from typing import Any
 
 import zmq
 
+from router import protocol as p
+from router.genheader import digest
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-PUNT_FRONTEND = 0
-PUNT_BACKEND = 1
-PUNT_UNREACHABLE = 2
-
-RUN_PUNTS = 1
-RUN_EXTRA = 2
-RUN_TIMEOUT = 8
-RUN_EINTR = 16
-RUN_ERROR = 32
-RUN_EXPIRED = 64
-
-ABI = 3  # fl_abi() of the C file this binding matches
+BUILD_HINT = (
+    "rebuild it with `pip install -e .`, or by hand: `python -m router.genheader && "
+    "gcc -O2 -shared -fPIC -o router/_fastlane.so router/fastlane.c`"
+)
+# The values the generated header must have held when the library was built.
+PROTOCOL_DIGEST = digest({name: getattr(p, name) for name in p.C_EXPORTS})
 
 _u8p = ctypes.POINTER(ctypes.c_ubyte)
 _u64 = ctypes.c_uint64
@@ -51,29 +49,22 @@ class PollItem(ctypes.Structure):
     ]
 
 
+_CTYPES: dict[str, type[ctypes.c_int] | type[ctypes.c_double]] = {
+    "int": ctypes.c_int,
+    "double": ctypes.c_double,
+}
+
+
 class ReqInfo(ctypes.Structure):
-    _fields_ = [
-        ("worker", ctypes.c_int),
-        ("model", ctypes.c_int),
-        ("attempts", ctypes.c_int),
-        ("answered", ctypes.c_int),
-        ("whole", ctypes.c_int),
-        ("queued", ctypes.c_int),
-        ("arrived", ctypes.c_double),
-        ("dispatched", ctypes.c_double),
-        ("deadline", ctypes.c_double),
-        ("nenv", ctypes.c_int),
-        ("nbody", ctypes.c_int),
-    ]
+    """C's req_info_t: both are made from ``protocol.REQ_INFO_FIELDS``."""
+
+    _fields_ = [(name, _CTYPES[ctype]) for name, ctype in p.REQ_INFO_FIELDS]
 
 
 def _library_path() -> str:
     found = sorted(glob.glob(os.path.join(HERE, "_fastlane*.so")))
     if not found:
-        raise FastlaneUnavailable(
-            "router/_fastlane*.so is not built: run `pip install -e .` (needs a C compiler) or "
-            "`gcc -O2 -shared -fPIC -o router/_fastlane.so router/fastlane.c`"
-        )
+        raise FastlaneUnavailable(f"router/_fastlane*.so is not built: {BUILD_HINT}")
     return found[0]
 
 
@@ -92,6 +83,7 @@ def _libzmq_path() -> str:
 
 
 _lib: ctypes.CDLL | None = None
+SWEEP_MAX = 4096  # keys per list per sweep; the rest wait for the next tick
 
 
 def load() -> ctypes.CDLL:
@@ -102,11 +94,14 @@ def load() -> ctypes.CDLL:
     path = _library_path()
     lib = ctypes.CDLL(path)
     abi = lib.fl_abi() if hasattr(lib, "fl_abi") else 0
-    if abi != ABI:
+    if abi != p.FASTLANE_ABI:
         raise FastlaneUnavailable(
-            f"{path} is a stale build (ABI {abi}, this code needs {ABI}): rebuild it with "
-            "`pip install -e .` or `gcc -O2 -shared -fPIC -o router/_fastlane.so "
-            "router/fastlane.c`"
+            f"{path} is a stale build (ABI {abi}, this code needs {p.FASTLANE_ABI}): {BUILD_HINT}"
+        )
+    lib.fl_protocol_digest.restype = ctypes.c_int64
+    if lib.fl_protocol_digest() != PROTOCOL_DIGEST:
+        raise FastlaneUnavailable(
+            f"{path} was built from other router/protocol.py constants: {BUILD_HINT}"
         )
     rc = lib.fl_bind(_libzmq_path().encode())
     if rc != 0:
@@ -132,7 +127,15 @@ def load() -> ctypes.CDLL:
         ),
         "fl_worker_add": (
             ctypes.c_int,
-            [_vp, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int],
+            [
+                _vp,
+                ctypes.c_char_p,
+                ctypes.c_size_t,
+                ctypes.c_int,
+                ctypes.c_int,
+                ctypes.c_char_p,
+                ctypes.c_size_t,
+            ],
         ),
         "fl_worker_remove": (None, [_vp, ctypes.c_int]),
         "fl_lane_listen": (None, [_vp, ctypes.c_int]),
@@ -158,7 +161,7 @@ def load() -> ctypes.CDLL:
                 ctypes.c_size_t,
                 ctypes.POINTER(ctypes.c_size_t),
                 ctypes.POINTER(ctypes.c_size_t),
-                ctypes.POINTER(ctypes.c_int64),
+                ctypes.POINTER(_u64),
             ],
         ),
         "fl_live": (ctypes.c_int, [_vp]),
@@ -194,8 +197,18 @@ def load() -> ctypes.CDLL:
             ],
         ),
         "fl_info": (ctypes.c_int, [_vp, _u64, ctypes.POINTER(ReqInfo)]),
-        "fl_frame": (ctypes.c_size_t, [_vp, _u64, ctypes.c_int, ctypes.POINTER(_u8p)]),
-        "fl_answer": (ctypes.c_int, [_vp, _u64, ctypes.c_char_p, ctypes.c_size_t]),
+        "fl_fail": (
+            ctypes.c_int,
+            [
+                _vp,
+                ctypes.POINTER(_u64),
+                ctypes.c_int,
+                ctypes.c_char_p,
+                ctypes.c_size_t,
+                ctypes.c_int,
+                ctypes.POINTER(ReqInfo),
+            ],
+        ),
         "fl_forget": (ctypes.c_int, [_vp, _u64]),
         "fl_sweep": (
             ctypes.c_int,
@@ -204,7 +217,8 @@ def load() -> ctypes.CDLL:
                 ctypes.c_double,
                 ctypes.c_double,
                 ctypes.POINTER(_u64),
-                ctypes.c_int,
+                ctypes.POINTER(ctypes.c_int),
+                ctypes.POINTER(_u64),
                 ctypes.POINTER(ctypes.c_int),
                 ctypes.POINTER(_u64),
                 ctypes.c_int,
@@ -230,7 +244,7 @@ def available() -> bool:
 def check_header(header: bytes) -> tuple[str, int] | None:
     """The C header check alone: (model, timeout_ms or 0) if C would route it, else None."""
     lib = load()
-    off, n, timeout = ctypes.c_size_t(), ctypes.c_size_t(), ctypes.c_int64()
+    off, n, timeout = ctypes.c_size_t(), ctypes.c_size_t(), _u64()
     rc = lib.fl_check_header(
         header, len(header), ctypes.byref(off), ctypes.byref(n), ctypes.byref(timeout)
     )
@@ -276,8 +290,7 @@ class Core:
         self._codes_buf = (_u64 * (len(self.codes) + 1))()
         self._hist_buf = (_u64 * (3 * (self.nbounds + 1)))()
         self._sums_buf = (ctypes.c_double * 3)()
-        self._keys = (_u64 * 4096)()
-        self._keys2 = (_u64 * 4096)()
+        self._keys = [(_u64 * SWEEP_MAX)() for _ in range(3)]
         self._ptr = _u8p()
         self._info = ReqInfo()
         self._items: Any = None
@@ -322,8 +335,9 @@ class Core:
         if self.lib.fl_model_set_active(self.h, idx, arr, len(workers)) != 0:
             raise MemoryError("fastlane: no memory for the active worker list")
 
-    def worker_add(self, wid: bytes, model: int, credit: int) -> int:
-        idx = int(self.lib.fl_worker_add(self.h, wid, len(wid), model, credit))
+    def worker_add(self, wid: bytes, model: int, credit: int, version: str) -> int:
+        raw = version.encode()
+        idx = int(self.lib.fl_worker_add(self.h, wid, len(wid), model, credit, raw, len(raw)))
         if idx < 0:
             raise ValueError(f"fastlane cannot hold worker {wid!r}")
         return idx
@@ -430,17 +444,18 @@ class Core:
         info = ReqInfo()
         return info if self.lib.fl_info(self.h, key, ctypes.byref(info)) == 0 else None
 
-    def frames(self, key: int, info: ReqInfo) -> tuple[list[bytes], list[bytes]]:
-        """A request's envelope and the body frames kept for it (header first)."""
-        ptr = self._ptr
-        out = []
-        for j in range(info.nenv + info.nbody):
-            n = self.lib.fl_frame(self.h, key, j, ctypes.byref(ptr))
-            out.append(ctypes.string_at(ptr, n) if n else b"")
-        return out[: info.nenv], out[info.nenv :]
-
-    def answer(self, key: int, header: bytes) -> bool:
-        return int(self.lib.fl_answer(self.h, key, header, len(header))) == 0
+    def fail(self, keys: Sequence[int], error: bytes, *, forget: bool) -> Sequence[ReqInfo]:
+        """Answer every request in ``keys`` with one error, in one call: C composes each
+        reply from ``error`` (the packed ``{"code", "message"}`` map; see
+        ``protocol.error_map``) and what it keeps of the request (model, its worker's
+        version, the client's id). ``forget``: release them too; otherwise they stay in
+        flight, marked answered. One record per key: what it was, and ``delivered``."""
+        n = len(keys)
+        infos = (ReqInfo * max(1, n))()
+        if n:
+            arr = (_u64 * n)(*keys)
+            self.lib.fl_fail(self.h, arr, n, error, len(error), int(forget), infos)
+        return infos[:n]
 
     def forget(self, key: int) -> None:
         self.lib.fl_forget(self.h, key)
@@ -452,21 +467,25 @@ class Core:
         buf = (_u64 * max(1, n))()
         return list(buf[: int(self.lib.fl_worker_drop(self.h, worker, buf, n))])
 
-    def sweep(self, now: float, grace: float) -> tuple[list[int], list[int]]:
-        nexp = ctypes.c_int()
+    def sweep(self, now: float, grace: float) -> tuple[list[int], list[int], list[int]]:
+        """Requests past their deadline: (unanswered and never sent to a worker,
+        unanswered and held by a worker, answered but their worker silent past grace)."""
+        queued, held, overdue = self._keys
+        nqueued, nheld = ctypes.c_int(), ctypes.c_int()
         nover = int(
             self.lib.fl_sweep(
                 self.h,
                 now,
                 grace,
-                self._keys,
-                len(self._keys),
-                ctypes.byref(nexp),
-                self._keys2,
-                len(self._keys2),
+                queued,
+                ctypes.byref(nqueued),
+                held,
+                ctypes.byref(nheld),
+                overdue,
+                SWEEP_MAX,
             )
         )
-        return list(self._keys[: nexp.value]), list(self._keys2[:nover])
+        return list(queued[: nqueued.value]), list(held[: nheld.value]), list(overdue[:nover])
 
     def live(self) -> int:
         return int(self.lib.fl_live(self.h))

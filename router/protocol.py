@@ -94,10 +94,102 @@ DTYPES: Final[dict[str, int]] = {
 
 MAX_DIMS: Final = 16
 MAX_INPUTS: Final = 64
+
+# ---- shared with the C core ------------------------------------------------------------
+# Every constant below that router/fastlane.c needs is written here once: the build
+# (setup.py, through router/genheader.py) turns the names in C_EXPORTS into
+# router/fastlane_protocol.h, and fastlane.py refuses a library built from other values.
+# Only literals and arithmetic on earlier names: the generator reads this file with ast,
+# without importing it (msgpack is not installed while pip builds the package).
+
 # A header is small metadata plus optional inline bytes; anything larger belongs in frames.
 MAX_HEADER_BYTES: Final = 1 << 20
-MAX_ID_LEN: Final = 256
-MAX_MODEL_NAME: Final = 128
+# unpack_map's container limits (a frame of n bytes also caps both at n).
+MAX_ARRAY_LEN: Final = 4096
+MAX_MAP_LEN: Final = 256
+# msgpack-python's unpacker keeps 1024 nested containers on its stack, the top map
+# included; one more raises StackError. C counts the same way, so deep headers agree.
+MAX_NESTING: Final = 1024
+# Both are counted in UTF-8 bytes, by C and by Python. A served model's name is at most
+# 64 ASCII characters (pool.config_checks); 128 leaves room to answer a longer name with
+# NO_SUCH_MODEL, which says what is served, instead of a bare BAD_REQUEST.
+MAX_MODEL_NAME_BYTES: Final = 128
+MAX_ID_BYTES: Final = 256
+# Router <-> worker: a ZeroMQ identity is at most 255 bytes; a version names a file under
+# state_dir (pool.config_checks allows 128 characters, all ASCII).
+MAX_IDENTITY: Final = 255
+MAX_VERSION_BYTES: Final = 128
+
+# The lane (router/fastlane.c "the lane", workers/lane.py): one SOCK_SEQPACKET datagram per
+# multipart message. Layout: LANE_WORD-byte little-endian words: the frame count, then each
+# frame's length, then the frames back to back.
+LANE_WORD: Final = 4
+LANE_MAX_BYTES: Final = 64 << 10  # the whole datagram: a socket buffer holds several
+LANE_MAX_FRAMES: Final = 64
+LANE_PENDING_MAX: Final = 64  # accepted lane connections that have not said who they are
+
+# The ctypes interface of router/fastlane.c. FASTLANE_ABI is bumped whenever a function's
+# signature changes, so a stale build is refused, not misused.
+FASTLANE_ABI: Final = 4
+# What fl_run returns (flags), and what a punted message is.
+RUN_PUNTS: Final = 1
+RUN_EXTRA: Final = 2
+RUN_TIMEOUT: Final = 8
+RUN_EINTR: Final = 16
+RUN_ERROR: Final = 32
+RUN_EXPIRED: Final = 64
+PUNT_FRONTEND: Final = 0
+PUNT_BACKEND: Final = 1
+PUNT_UNREACHABLE: Final = 2
+# fl_fail's per-request outcome (ReqInfo.delivered).
+DELIVERED: Final = 1
+UNDELIVERED: Final = 0
+NO_SUCH_REQUEST: Final = -1
+# What C tells Python about a request it holds: (field, C type) in struct order; the C
+# struct req_info_t and fastlane.ReqInfo are both made from this one table.
+REQ_INFO_FIELDS: Final = (
+    ("worker", "int"),
+    ("model", "int"),
+    ("attempts", "int"),
+    ("answered", "int"),
+    ("whole", "int"),
+    ("queued", "int"),
+    ("delivered", "int"),
+    ("arrived", "double"),
+    ("dispatched", "double"),
+    ("deadline", "double"),
+)
+
+C_EXPORTS: Final = (
+    "PROTOCOL",
+    "KIND_REQUEST",
+    "MAX_HEADER_BYTES",
+    "MAX_ARRAY_LEN",
+    "MAX_MAP_LEN",
+    "MAX_NESTING",
+    "MAX_MODEL_NAME_BYTES",
+    "MAX_ID_BYTES",
+    "MAX_IDENTITY",
+    "MAX_VERSION_BYTES",
+    "LANE_WORD",
+    "LANE_MAX_BYTES",
+    "LANE_MAX_FRAMES",
+    "LANE_PENDING_MAX",
+    "FASTLANE_ABI",
+    "RUN_PUNTS",
+    "RUN_EXTRA",
+    "RUN_TIMEOUT",
+    "RUN_EINTR",
+    "RUN_ERROR",
+    "RUN_EXPIRED",
+    "PUNT_FRONTEND",
+    "PUNT_BACKEND",
+    "PUNT_UNREACHABLE",
+    "DELIVERED",
+    "UNDELIVERED",
+    "NO_SUCH_REQUEST",
+    "REQ_INFO_FIELDS",
+)
 
 
 class ProtocolError(Exception):
@@ -121,8 +213,8 @@ def unpack_map(frame: bytes | memoryview, limit: int = MAX_HEADER_BYTES) -> dict
             strict_map_key=True,
             max_str_len=n,
             max_bin_len=n,
-            max_array_len=min(n, 4096),
-            max_map_len=min(n, 256),
+            max_array_len=min(n, MAX_ARRAY_LEN),
+            max_map_len=min(n, MAX_MAP_LEN),
             max_ext_len=0,
         )
     except Exception as exc:  # msgpack raises several unrelated types for bad bytes
@@ -146,8 +238,11 @@ def check_protocol(frame: bytes) -> None:
 def route_fields(header: dict[str, Any]) -> tuple[str, int | None, Any]:
     """What the router needs from a request header: (model, timeout_ms, id)."""
     model = header.get("model")
-    if not isinstance(model, str) or not model or len(model) > MAX_MODEL_NAME:
-        raise ProtocolError(BAD_REQUEST, "header.model must be a non-empty string")
+    if not isinstance(model, str) or not model or len(model.encode()) > MAX_MODEL_NAME_BYTES:
+        raise ProtocolError(
+            BAD_REQUEST,
+            f"header.model must be a non-empty string of at most {MAX_MODEL_NAME_BYTES} bytes",
+        )
     timeout = header.get("timeout_ms")
     if timeout is not None and (
         isinstance(timeout, bool) or not isinstance(timeout, int) or timeout <= 0
@@ -166,12 +261,16 @@ def _valid_id(rid: object) -> bool:
         return False
     if isinstance(rid, int):
         return -(1 << 63) <= rid < (1 << 64)
-    return isinstance(rid, str | bytes) and len(rid) <= MAX_ID_LEN
+    if isinstance(rid, str):
+        rid = rid.encode()  # the limit is in bytes, as C counts it
+    return isinstance(rid, bytes) and len(rid) <= MAX_ID_BYTES
 
 
 def error_header(
     code: str, message: str, *, model: str = "", version: str = "", rid: Any = None
 ) -> bytes:
+    """An error reply's header. router/fastlane.c composes the same bytes for requests it
+    holds (``compose_error``), from ``error_map`` and what it kept of the request."""
     body: dict[str, Any] = {
         "ok": False,
         "model": model,
@@ -181,6 +280,11 @@ def error_header(
     if rid is not None:
         body["id"] = rid
     return msgpack.packb(body)
+
+
+def error_map(code: str, message: str) -> bytes:
+    """The packed ``error`` value of an error reply: the template C answers a batch with."""
+    return msgpack.packb({"code": code, "message": message})
 
 
 def tensor_nbytes(dtype: object, shape: object) -> int:

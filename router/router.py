@@ -153,7 +153,7 @@ class Router:
 
     def add_worker(self, slot: WorkerSlot) -> None:
         route = self.routes[slot.model]
-        slot.index = self.core.worker_add(slot.wid, route.index, slot.credit)
+        slot.index = self.core.worker_add(slot.wid, route.index, slot.credit, slot.version)
         slot.core = self.core
         self.workers[slot.wid] = slot
         self._slot_at[slot.index] = slot
@@ -198,11 +198,8 @@ class Router:
         core = self.core
         held = slot.load
         why = "the worker exited" if lost else "the worker was stopped"
-        for key in core.worker_drop(slot.index):  # the retryable ones are queued again
-            info = core.info(key)
-            if info is not None:
-                self._answer_key(key, info, p.WORKER_LOST, f"{why} while computing this request")
-            core.forget(key)
+        gone = core.worker_drop(slot.index)  # the retryable ones are queued again
+        self._fail(gone, p.WORKER_LOST, f"{why} while computing this request", forget=True)
         self._flush_worker(slot)
         slot.final_served = slot.served
         slot.core = None
@@ -227,22 +224,22 @@ class Router:
         for route in self.routes.values():
             self._push(route)  # the supervisor may have changed a route since last time
         flags = self.core.run(timeout_ms, self.spin_us)
-        if flags & fl.RUN_ERROR:
+        if flags & p.RUN_ERROR:
             log.error("router poll failed: %s", zmq.strerror(zmq.zmq_errno()))
             time.sleep(0.01)  # never spin on a persistent error
-        if flags & fl.RUN_PUNTS:
+        if flags & p.RUN_PUNTS:
             self._handle_punts()
-        if flags & fl.RUN_EXPIRED:
+        if flags & p.RUN_EXPIRED:
             self.sweep(time.monotonic())
 
     def _handle_punts(self) -> None:
         now = time.monotonic()
         for kind, index, frames in self.core.punts():
-            if kind == fl.PUNT_FRONTEND:
+            if kind == p.PUNT_FRONTEND:
                 self._accept(frames, now)
-            elif kind == fl.PUNT_BACKEND:
+            elif kind == p.PUNT_BACKEND:
                 self._backend_message(frames)
-            elif kind == fl.PUNT_UNREACHABLE:
+            elif kind == p.PUNT_UNREACHABLE:
                 slot = self._slot_at.get(index)
                 if slot is not None:
                     self._unreachable(slot)
@@ -330,20 +327,13 @@ class Router:
     # ------------------------------------------------------------------ deadlines
     def sweep(self, now: float) -> None:
         """Expire requests past their deadline; report workers past deadline+grace."""
-        expired, overdue = self.core.sweep(now, self.request_grace_s)
-        for key in expired:
-            info = self.core.info(key)
-            if info is None:
-                continue
-            if info.worker < 0:  # never reached a worker
-                why = "waited in the queue past its deadline"
-                self._answer_key(key, info, p.DEADLINE_EXCEEDED, why, now)
-                self.core.forget(key)
-            else:
-                # The client gets its answer at the deadline, not later; the worker's late
-                # reply is dropped, and the worker counts as hung if it never sends one.
-                why = "the model did not answer before the deadline"
-                self._answer_key(key, info, p.DEADLINE_EXCEEDED, why, now)
+        queued, held, overdue = self.core.sweep(now, self.request_grace_s)
+        why = "waited in the queue past its deadline"
+        self._fail(queued, p.DEADLINE_EXCEEDED, why, forget=True, now=now)
+        # The client gets its answer at the deadline, not later; the worker's late reply
+        # is dropped, and the worker counts as hung if it never sends one.
+        why = "the model did not answer before the deadline"
+        self._fail(held, p.DEADLINE_EXCEEDED, why, forget=False, now=now)
         for key in overdue:
             info = self.core.info(key)
             if info is None:
@@ -357,30 +347,32 @@ class Router:
         """Answer every queued request of ``model`` with an error (a model marked failed)."""
         route = self.routes[model]
         keys = self.core.queue_take(route.index)
-        for key in keys:
-            info = self.core.info(key)
-            if info is not None:
-                self._answer_key(key, info, code, message)
-            self.core.forget(key)
+        self._fail(keys, code, message, forget=True)
         return len(keys)
 
     # -------------------------------------------------------------------- replies
-    def _answer_key(
-        self, key: int, info: fl.ReqInfo, code: str, message: str, now: float = 0.0
+    def _fail(
+        self, keys: Sequence[int], code: str, message: str, *, forget: bool, now: float = 0.0
     ) -> None:
-        """Answer, with an error, a request the C core holds."""
-        route = self._route_at.get(info.model)
-        slot = self._slot_at.get(info.worker)
-        model = route.name if route is not None else ""
-        _, body = self.core.frames(key, info)
-        rid = _client_id(body[0]) if body else None
-        version = slot.version if slot is not None else ""
-        if not self.core.answer(key, p.error_header(code, message, model=model, rid=rid)):
-            self._python_dropped += 1
-        if self.observe is not None:
-            now = now or time.monotonic()
-            queued = info.dispatched - info.arrived
-            self.observe(model, version, code, queued, now - info.dispatched, now - info.arrived)
+        """Answer, with one error, requests the C core holds: one call for them all (C
+        composes each reply from the template; nothing is read back per request)."""
+        if not keys:
+            return
+        infos = self.core.fail(keys, p.error_map(code, message), forget=forget)
+        now = now or time.monotonic()
+        for info in infos:
+            if info.delivered == p.NO_SUCH_REQUEST:
+                continue
+            if info.delivered == p.UNDELIVERED:
+                self._python_dropped += 1
+            if self.observe is not None:
+                route = self._route_at.get(info.model)
+                slot = self._slot_at.get(info.worker)
+                model = route.name if route is not None else ""
+                version = slot.version if slot is not None else ""
+                queued = info.dispatched - info.arrived
+                total = now - info.arrived
+                self.observe(model, version, code, queued, now - info.dispatched, total)
 
     def _observe_python(self, model: str, code: str, waited: float) -> None:
         if self.observe is not None:
@@ -445,11 +437,3 @@ class Router:
                 pass
         self.frontend.close(linger=1000)
         self.backend.close(linger=0)
-
-
-def _client_id(header: bytes) -> Any:
-    """The request id from a header the C core already checked (for error answers)."""
-    try:
-        return p.unpack_map(header).get("id")
-    except p.ProtocolError:
-        return None

@@ -10,8 +10,9 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cp -r router workers tests "$work/"  # workers/: the lane's Python end (no torch)
 rm -f "$work"/router/_fastlane*.so
+python -m router.genheader "$work/router/fastlane_protocol.h" >/dev/null  # from protocol.py
 gcc -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -shared -fPIC \
-    -o "$work/router/_fastlane.so" router/fastlane.c
+    -o "$work/router/_fastlane.so" "$work/router/fastlane.c"
 # run from the copy, so `router` is the instrumented one (python -m puts the cwd first)
 cd "$work"
 python -c "from router import fastlane; print('core:', fastlane._library_path())"

@@ -1,8 +1,12 @@
-"""The C core's header check never accepts what the Python checks reject.
+"""The C core's header check accepts exactly the requests the Python checks accept.
 
 router/fastlane.c serves a request only when its own msgpack walk says the header is
-routable; everything else goes to Python, which answers with the exact error. So the one
-property that matters is: C routable => Python routable, with the same model and timeout.
+routable; everything else goes to Python, which answers with the exact error. The
+property that keeps answers right is "C routable => Python routable, same model and
+timeout"; the converse keeps every ordinary request on the C path. Both hold: the limits
+come from one place (router/protocol.py, through the generated header), names and ids
+are counted in UTF-8 bytes on both sides, and nesting is cut where msgpack-python's
+stack ends.
 """
 
 from __future__ import annotations
@@ -30,8 +34,7 @@ def python_route(header: bytes) -> tuple[str, int] | None:
 
 def agree(header: bytes) -> tuple[str, int] | None:
     c = fastlane.check_header(header)
-    if c is not None:
-        assert python_route(header) == c, header
+    assert python_route(header) == c, header
     return c
 
 
@@ -143,3 +146,86 @@ def test_corrupted_real_headers_never_fool_the_c_check(noise: bytes, at: int) ->
     at = min(at, len(header))
     header[at : at + len(noise)] = noise
     agree(bytes(header))
+
+
+def nested(depth: int, leaf: bytes = b"\x01") -> bytes:
+    """A header whose "x" value nests arrays so that ``depth`` containers are open at the
+    leaf, the top map included."""
+    return b"\x83\xa5model\xa1m\xa6inputs\x90\xa1x" + b"\x91" * (depth - 1) + leaf
+
+
+def test_nesting_is_cut_where_msgpack_python_cuts_it() -> None:
+    deepest = p.MAX_NESTING
+    assert agree(nested(deepest)) == ("m", 0)
+    assert agree(nested(deepest + 1)) is None
+    assert agree(nested(deepest - 1, b"\x90")) == ("m", 0)  # an empty array counts too
+    assert agree(nested(deepest, b"\x90")) is None
+
+
+def test_names_and_ids_are_limited_in_bytes_on_both_sides() -> None:
+    limit, two_byte = p.MAX_MODEL_NAME_BYTES, "\u00e9"  # 2 bytes in UTF-8
+    for name, ok in [
+        ("a" * limit, True),
+        ("a" * (limit + 1), False),
+        (two_byte * (limit // 2), True),
+        (two_byte * (limit // 2) + "a", False),  # 129 bytes, 65 characters
+        ("a" * 512, False),  # what C used to accept
+    ]:
+        header = msgpack.packb({"model": name, "inputs": []})
+        assert agree(header) == ((name, 0) if ok else None), (len(name), ok)
+    for rid, ok in [
+        ("i" * p.MAX_ID_BYTES, True),
+        ("\u20ac" * (p.MAX_ID_BYTES // 3 + 1), False),  # 258 bytes in 86 characters
+        (b"\x00" * p.MAX_ID_BYTES, True),
+        (b"\x00" * (p.MAX_ID_BYTES + 1), False),
+    ]:
+        header = msgpack.packb({"model": "m", "inputs": [], "id": rid})
+        assert agree(header) == (("m", 0) if ok else None)
+
+
+def test_a_timeout_in_a_signed_encoding_is_routed() -> None:
+    # 0xd0 0x05: int8 5, which msgpack-python decodes as 5, like any other encoder's 5
+    header = b"\x83\xa5model\xa1m\xa6inputs\x90\xaatimeout_ms\xd0\x05"
+    assert agree(header) == ("m", 5)
+    assert agree(header[:-1] + b"\xfb") is None  # -5
+    for big in (2**63, 2**64 - 1):  # past int64: C keeps it unsigned, as Python does
+        assert agree(msgpack.packb({"model": "m", "inputs": [], "timeout_ms": big})) == ("m", big)
+
+
+def near(limit: int) -> st.SearchStrategy[int]:
+    return st.integers(max(1, limit - 3), limit + 3)
+
+
+# Names and ids right around the real limits, in 1- to 4-byte characters.
+wide_chars = st.sampled_from(["a", "-", "\u00e9", "\u20ac", "\U0001f600"])
+names = st.builds(
+    lambda chars, n: "".join(chars) * n, st.lists(wide_chars, min_size=1, max_size=4), near(40)
+).map(lambda s: s[: p.MAX_MODEL_NAME_BYTES + 4])
+edge_names = st.one_of(
+    names,
+    near(p.MAX_MODEL_NAME_BYTES).map(lambda n: "m" * n),
+    near(p.MAX_MODEL_NAME_BYTES // 2).map(lambda n: "\u00e9" * n),
+    near(p.MAX_MODEL_NAME_BYTES // 4).map(lambda n: "\U0001f600" * n),
+)
+edge_ids = st.one_of(
+    st.integers(min_value=-(1 << 63), max_value=(1 << 64) - 1),
+    near(p.MAX_ID_BYTES).map(lambda n: "i" * n),
+    near(p.MAX_ID_BYTES // 3).map(lambda n: "\u20ac" * n),
+    near(p.MAX_ID_BYTES).map(lambda n: b"\x07" * n),
+    st.none(),
+    st.booleans(),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    edge_names,
+    st.one_of(st.none(), st.integers(-(1 << 63), (1 << 64) - 1), st.floats(), st.booleans()),
+    edge_ids,
+    st.dictionaries(st.text(max_size=6), values, max_size=3),
+)
+def test_c_and_python_accept_exactly_the_same_requests(
+    model: str, timeout: Any, rid: Any, extra: dict[str, Any]
+) -> None:
+    body = {**extra, "model": model, "inputs": [TENSOR], "timeout_ms": timeout, "id": rid}
+    agree(msgpack.packb(body))

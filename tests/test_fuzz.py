@@ -580,7 +580,7 @@ def test_route_fields_raises_only_protocol_error(header: dict[str, Any]) -> None
     except p.ProtocolError as exc:
         assert exc.code == p.BAD_REQUEST and exc.message
         return
-    assert isinstance(model, str) and 0 < len(model) <= p.MAX_MODEL_NAME
+    assert isinstance(model, str) and 0 < len(model.encode()) <= p.MAX_MODEL_NAME_BYTES
     assert timeout_ms is None or (type(timeout_ms) is int and timeout_ms > 0)
     assert rid is None or type(rid) in (int, str, bytes)
     assert isinstance(header["inputs"], list)

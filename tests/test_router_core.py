@@ -412,3 +412,43 @@ def test_soak_every_request_gets_exactly_one_answer(rig: Rig) -> None:
         assert (sent_down, received) == (0, 0)
     else:
         assert sent_down > 100 and received > 50, (sent_down, received)
+
+
+def raw_answer(rig: Rig, client: zmq.Socket[Any], timeout: float = 5.0) -> bytes:
+    end = time.monotonic() + timeout
+    while not client.poll(0):
+        assert time.monotonic() < end, "client got no answer"
+        rig.pump(5)
+        rig.router.sweep(time.monotonic())  # the pool's tick does this
+    frames = client.recv_multipart()
+    assert frames[:2] == [b"", p.PROTOCOL] and len(frames) == 3
+    return frames[2]
+
+
+def test_c_composes_the_error_replies_python_would_write(rig: Rig) -> None:
+    # Byte for byte what protocol.error_header writes, for every way C answers a request
+    # it holds: a deadline in the queue, a lost worker, a failed model; ids of each kind.
+    rig.route("m", retry=False)
+    c = rig.client()
+    long_id = "\u20ac" * 80  # 240 bytes: a str8 head
+    send(c, "m", id=long_id, timeout_ms=30)
+    why = "waited in the queue past its deadline"
+    assert raw_answer(rig, c) == p.error_header(p.DEADLINE_EXCEEDED, why, model="m", rid=long_id)
+
+    for i, rid in enumerate([2**64 - 1, -(2**63), b"\x00bin", None]):
+        wid = b"w%d" % i  # a new identity each time: the ROUTER refuses a reused one
+        rig.router.activate("m", 1, [rig.worker(wid, "m")])
+        send(c, "m", **({} if rid is None else {"id": rid}))
+        rig.take(wid)
+        rig.router.remove_worker(wid, lost=True)
+        why = "the worker exited while computing this request"
+        expected = p.error_header(p.WORKER_LOST, why, model="m", version="v1", rid=rid)
+        assert raw_answer(rig, c) == expected, rid
+
+    rig.router.activate("m", 1, [])
+    send(c, "m", id=7)
+    rig.pump_until(lambda: rig.router.queue_len("m") == 1)
+    assert rig.router.fail_queued("m", p.MODEL_UNAVAILABLE, "the model failed: x") == 1
+    expected = p.error_header(p.MODEL_UNAVAILABLE, "the model failed: x", model="m", rid=7)
+    assert raw_answer(rig, c) == expected
+    assert ("m", "v1", p.WORKER_LOST) in rig.observed

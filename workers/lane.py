@@ -18,11 +18,13 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from router import protocol as p
+
 log = logging.getLogger(__name__)
 
-# Must match LANE_MAX_BYTES and LANE_MAX_FRAMES in router/fastlane.c.
-MAX_BYTES = 64 << 10
-MAX_FRAMES = 64
+MAX_BYTES = p.LANE_MAX_BYTES
+MAX_FRAMES = p.LANE_MAX_FRAMES
+_WORD = {4: "I", 8: "Q"}[p.LANE_WORD]  # the struct code of one header word
 CONNECT_TIMEOUT_S = 5.0
 
 
@@ -51,21 +53,21 @@ def pack(frames: Sequence[Any]) -> tuple[list[Any], int]:
     """The buffers of one datagram carrying ``frames`` (for ``socket.sendmsg``), and its
     size in bytes."""
     sizes = [memoryview(f).nbytes for f in frames]
-    head = struct.pack(f"<{len(sizes) + 1}I", len(sizes), *sizes)
+    head = struct.pack(f"<{len(sizes) + 1}{_WORD}", len(sizes), *sizes)
     return [head, *frames], len(head) + sum(sizes)
 
 
 def unpack(data: bytes) -> list[LaneFrame]:
     """The frames of one datagram, as views into ``data``."""
     view = memoryview(data)
-    if len(view) < 4:
+    if len(view) < p.LANE_WORD:
         raise LaneError(f"a {len(view)}-byte datagram has no frame count")
-    (count,) = struct.unpack_from("<I", view)
-    start = 4 + 4 * count
+    (count,) = struct.unpack_from(f"<{_WORD}", view)
+    start = p.LANE_WORD * (1 + count)
     if not 0 < count <= MAX_FRAMES or len(view) < start:
         raise LaneError(f"bad frame count {count} in a {len(view)}-byte datagram")
     frames = []
-    for size in struct.unpack_from(f"<{count}I", view, 4):
+    for size in struct.unpack_from(f"<{count}{_WORD}", view, p.LANE_WORD):
         end = start + size
         if end > len(view):
             raise LaneError("a frame runs past the end of its datagram")
