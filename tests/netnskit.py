@@ -26,15 +26,22 @@ def unavailable() -> str | None:
         return "no ip command (apt-get install iproute2)"
     if os.geteuid() != 0:
         return "ip netns needs root"
-    probe = f"gpprobe{os.getpid()}"
+    probe = f"gpprobe{os.getpid() % 100000}"
     try:
         _ip("netns", "add", probe)
     except subprocess.CalledProcessError as exc:
         return f"ip netns add is not allowed here: {exc.stderr.strip()}"
-    try:
-        _ip("netns", "del", probe)
-    except subprocess.CalledProcessError:
-        pass
+    try:  # a sandbox may allow namespaces but not veth pairs
+        _ip("link", "add", f"{probe}a", "type", "veth", "peer", "name", f"{probe}b")
+        _ip("link", "set", f"{probe}b", "netns", probe)
+    except subprocess.CalledProcessError as exc:
+        return f"cannot make a veth pair here: {exc.stderr.strip()}"
+    finally:
+        for args in (("netns", "del", probe), ("link", "del", f"{probe}a")):
+            try:
+                _ip(*args)
+            except subprocess.CalledProcessError:
+                pass
     return None
 
 

@@ -30,7 +30,13 @@ from typing import Any
 import numpy as np
 import pytest
 import zmq.auth
-from modelkit import make_golden_mismatch, make_mlp, mlp_input, mlp_reference
+from modelkit import (
+    make_factory_model,
+    make_golden_mismatch,
+    make_mlp,
+    mlp_input,
+    mlp_reference,
+)
 from netnskit import HostNet, NetHost, unavailable
 from poolkit import wait_for, write_config
 
@@ -44,17 +50,17 @@ WHY_NOT = unavailable()
 if WHY_NOT:
     pytest.skip(f"three-host test needs network namespaces: {WHY_NOT}", allow_module_level=True)
 
-SEEDS = {"1": 1, "2": 2}
+SEEDS = {"1": 1, "2": 2, "4": 2}  # 4: seed 2's weights, but it raises on negative input
 # A few inputs whose answers are computed once: the clients then spend their time on the
 # wire, not in torch, so requests are in flight on every host most of the time.
 INPUTS = [mlp_input(1, seed=s) for s in range(16)]
 _REFERENCE: dict[tuple[str, int], np.ndarray] = {}
 
 
-def reference(version: str, k: int) -> np.ndarray:
-    key = (version, k)
+def reference(version: str, k: int, sign: int = 1) -> np.ndarray:
+    key = (version, k * sign)
     if key not in _REFERENCE:
-        _REFERENCE[key] = mlp_reference(SEEDS[version], INPUTS[k])
+        _REFERENCE[key] = mlp_reference(SEEDS[version], sign * INPUTS[k])
     return _REFERENCE[key]
 
 
@@ -188,6 +194,10 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         "1": make_mlp(str(tmp / "models" / "mlp" / "1" / "model.pt"), seed=1),
         "2": make_mlp(str(tmp / "models" / "mlp" / "2" / "model.pt"), seed=2),
         "bad": make_golden_mismatch(str(tmp / "models" / "mlp" / "bad" / "model.pt"), seed=3),
+        # validates (golden inputs are non-negative), then fails live traffic: for the bake
+        "raisy": make_factory_model(
+            str(tmp / "models" / "mlp" / "raisy"), seed=2, forward="raise_if_negative"
+        ),
     }
     public, client, keyfiles, secret, authorized = make_keys(tmp)
     net = HostNet(3)
@@ -242,6 +252,9 @@ class SpreadLoad:
 
     fleet: Fleet
     clients: int = 3
+    negative_every: int = 0  # every Nth input negated (0: none)
+    allowed: dict[str, str] = field(default_factory=dict)  # version -> an error code it may give
+    allowed_seen: int = 0
     stop_flag: threading.Event = field(default_factory=threading.Event)
     errors: list[str] = field(default_factory=list)
     answers: list[list[tuple[float, str, str]]] = field(default_factory=list)  # t, host, version
@@ -268,14 +281,20 @@ class SpreadLoad:
             while not self.stop_flag.is_set():
                 k = (idx * 7 + i) % len(INPUTS)
                 i += 1
+                sign = -1 if self.negative_every and i % self.negative_every == 0 else 1
                 try:
-                    r = c.infer("mlp", INPUTS[k])
+                    r = c.infer("mlp", sign * INPUTS[k])
                 except PoolError as exc:
-                    self.errors.append(f"client {idx}: {exc}")
+                    if self.allowed.get(exc.version) == exc.code:
+                        self.allowed_seen += 1
+                    else:
+                        self.errors.append(f"client {idx}: {exc}")
                     continue
                 if r.version not in SEEDS:
                     self.errors.append(f"client {idx}: unexpected version {r.version!r}")
-                elif not np.allclose(r.outputs[0], reference(r.version, k), rtol=1e-5, atol=1e-6):
+                elif not np.allclose(
+                    r.outputs[0], reference(r.version, k, sign), rtol=1e-5, atol=1e-6
+                ):
                     self.errors.append(f"client {idx}: wrong answer for version {r.version}")
                 self.answers[idx].append((time.monotonic(), r.endpoint, r.version))
             assert c.spread is not None
@@ -363,6 +382,37 @@ def test_a_canary_failing_validation_leaves_the_others_untouched(fleet: Fleet) -
     assert [fleet.version(h) for h in fleet.hosts] == versions
     assert [fleet.history_len(h) for h in fleet.hosts[1:]] == others_history
     assert load.errors == []
+
+
+def test_a_canary_failing_its_bake_is_rolled_back_and_the_others_untouched(
+    fleet: Fleet,
+) -> None:
+    """Version 4 passes validation but raises on negative input; a quarter of the load is
+    negative. On the old version those answer; on the canary they fail, so its error rate
+    in the bake window (read from the hosts' stats) is far above the rest's."""
+    versions = [fleet.version(h) for h in fleet.hosts]
+    others_history = [fleet.history_len(h) for h in fleet.hosts[1:]]
+    with SpreadLoad(fleet, negative_every=4, allowed={"4": "MODEL_ERROR"}) as load:
+        load.wait_more(20)
+        code, out = fleet.fleet(
+            "upgrade",
+            "mlp",
+            fleet.models["raisy"],
+            "--version",
+            "4",
+            "--bake",
+            "2",
+            "--bake-min-requests",
+            "5",
+        )
+        load.wait_more(20)
+    assert code == 1, out
+    assert out["outcome"] == "rolled_back" and "error rate" in out["reason"], out["reason"]
+    assert out["rolled_back"] == [fleet.hosts[0].control]
+    assert out["bake"]["canary"]["errors"] > 0 and out["bake"]["rest"]["errors"] == 0
+    assert [fleet.version(h) for h in fleet.hosts] == versions
+    assert [fleet.history_len(h) for h in fleet.hosts[1:]] == others_history
+    assert load.errors == [] and load.allowed_seen > 0  # only the canary's v4 failed
 
 
 def test_fleet_status_sees_every_host(fleet: Fleet) -> None:
