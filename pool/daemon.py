@@ -445,6 +445,15 @@ class Daemon:
             self._last_status = status
             self.notifier.status(status)
 
+    def device_samples(self) -> dict[str, tuple[float | None, int, int]]:
+        """NVML utilisation and memory of every GPU, for the per-device gauges."""
+        out: dict[str, tuple[float | None, int, int]] = {}
+        for idx in range(self.gpu.count()):
+            mem = self.gpu.memory(idx)
+            if mem is not None:
+                out[f"cuda:{idx}"] = (self.gpu.utilization(idx), mem[0], mem[2])
+        return out
+
     def publish(self) -> None:
         self.router.flush_stats()
         workers = []
@@ -472,6 +481,7 @@ class Daemon:
                     rt.name: self.router.queue_len(rt.name) for rt in self.sup.models.values()
                 },
                 model_state={rt.name: rt.status() for rt in self.sup.models.values()},
+                devices=self.device_samples(),
                 standbys=tuple(
                     StandbySample(r.device, r.state.value, r.pid, r.gpu_bytes)
                     for r in self.sup.standbys.current.values()

@@ -86,9 +86,11 @@ class WorkerExits:
                 how,
                 extra={"model": rec.model, "version": rec.version, "worker_pid": rec.pid},
             )
-            self.metrics.observe_worker_exit(rec.model, "retired")
+            self.metrics.observe_worker_exit(rec.model, rec.exit_reason or "retired")
             return
-        reason = "boot_failed" if boot or exit_code(status) in BOOT_FAILURES else "crashed"
+        reason = rec.exit_reason or (
+            "boot_failed" if boot or exit_code(status) in BOOT_FAILURES else "crashed"
+        )
         # Say how the process ended, and what we had noticed first if that differs
         # (a SIGKILLed worker is often seen as unreachable before its exit is reaped).
         said = how if rec.failure in (None, how) else f"{how} (first seen: {rec.failure})"

@@ -56,6 +56,16 @@ class Gpu:
         except Exception:
             return None
 
+    def utilization(self, index: int) -> float | None:
+        """Fraction of the last sample period a kernel ran on the device (NVML, 0..1)."""
+        h = self._handle(index)
+        if h is None:
+            return None
+        try:
+            return float(self._nvml.nvmlDeviceGetUtilizationRates(h).gpu) / 100.0
+        except Exception:
+            return None
+
     def process_bytes(self, index: int) -> dict[int, int] | None:
         """GPU bytes used by each process with a context on the device, by pid."""
         h = self._handle(index)

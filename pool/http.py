@@ -1,6 +1,6 @@
 """The daemon's small HTTP side door: Prometheus metrics and health probes.
 
-    GET /metrics   200, Prometheus text format 0.0.4
+    GET /metrics   200, OpenMetrics if the Accept header asks, else Prometheus text 0.0.4
     GET /healthz   liveness:  200 "ok" when health()[0], else 503
     GET /readyz    readiness: 200 when health()[1], else 503; body is health()[2]
     anything else  404 (other methods: 405)
@@ -19,8 +19,6 @@ from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
-
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from pool.metrics import PoolMetrics
 
@@ -100,7 +98,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _route(self, path: str) -> tuple[int, str, bytes]:
         text = "text/plain; charset=utf-8"
         if path == "/metrics":
-            return 200, CONTENT_TYPE_PLAIN_0_0_4, self.server.metrics.render()
+            body, ctype = self.server.metrics.render_for(self.headers.get("Accept", ""))
+            return 200, ctype, body
         if path in ("/healthz", "/readyz"):
             alive, ready, reason = self.server.health()
             if path == "/healthz":

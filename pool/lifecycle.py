@@ -78,6 +78,8 @@ class WorkerRecord:
     failure: str | None = None
     exit_status: int | None = None
     expected_exit: bool = False  # we asked it to go: an exit is a retirement, not a crash
+    # The worker_exits_total reason when we ended it: recycled, hung, abandoned, ...
+    exit_reason: str | None = None
     rss: int = 0
     answered: int = 0  # replies the worker sent, errors included (from its heartbeat)
     model_errors: int = 0  # of them MODEL_ERROR (the watch window compares versions)

@@ -14,9 +14,10 @@ reference assignment in :meth:`PoolMetrics.publish`.
 
 Metric families (all prefixed ``gpupool_``)::
 
-    requests_total{model,version,code}          counter
-    request_{queue,compute}_seconds{model}      histogram
-    request_duration_seconds{model}             histogram (end to end)
+    requests_total{model,version,code}          counter (every answer, rejections too)
+    requests_rejected_total{model,code}         counter (refused at the door: no latency)
+    request_{queue,compute}_seconds{model}      histogram (answers that reached a worker)
+    request_duration_seconds{model}             histogram (end to end, same requests)
     batch_size{model}                           histogram
     upgrades_total{model,kind,outcome}          counter
     upgrade_phase_seconds{model,phase}          histogram
@@ -28,24 +29,33 @@ Metric families (all prefixed ``gpupool_``)::
     worker_served_total{model,version,device,pid}   counter (resets with the worker)
     model_up{model}, model_state{model,state}   gauge
     snapshot_age_seconds                        gauge (a stale value means a stuck loop)
+    build_info{version,python,torch}            gauge, always 1
+    gpu_utilization_ratio{device}, gpu_memory_{used,total}_bytes{device}   gauge (NVML)
+
+``/metrics`` speaks OpenMetrics to a scraper that asks for it (``Accept:
+application/openmetrics-text``) and the Prometheus text format otherwise, through
+prometheus_client's own content negotiation (:meth:`PoolMetrics.render_for`).
 """
 
 from __future__ import annotations
 
+import platform
 import threading
 import time
 from bisect import bisect_left
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.utils import floatToGoString
@@ -104,6 +114,12 @@ PHASE_BUCKETS: tuple[float, ...] = (
 # States in which the model answers requests (an upgrade keeps the old version serving).
 _UP_STATES = frozenset({"serving", "upgrading"})
 
+# Answered without ever reaching a worker: counted, but kept out of the latency
+# histograms, where their microseconds would drag every quantile down under overload.
+REJECTED = frozenset(
+    {"OVERLOADED", "NO_SUCH_MODEL", "MODEL_UNAVAILABLE", "SHUTTING_DOWN", "BAD_REQUEST"}
+)
+
 # Model names on the hot path come from the router after it has matched them against
 # the routing table, but a bug there must not let clients mint unbounded label values.
 MAX_MODELS = 1000
@@ -143,6 +159,8 @@ class PoolSnapshot:
     workers: tuple[WorkerSample, ...]
     queue_depth: dict[str, int]
     model_state: dict[str, str]  # model -> "serving" | "upgrading" | "failed" | "starting"
+    # device -> (utilization 0..1 or None, used bytes, total bytes), from NVML
+    devices: dict[str, tuple[float | None, int, int]] = field(default_factory=dict)
     standbys: tuple[StandbySample, ...] = ()
     standbys_taken: dict[str, int] = field(default_factory=dict)  # device -> count
     standbys_died: dict[str, int] = field(default_factory=dict)
@@ -179,10 +197,11 @@ class RequestTotals:
 class _ModelStats:
     """Everything recorded per model, reached with one dict lookup on the hot path."""
 
-    __slots__ = ("requests", "queue", "compute", "total", "batch")
+    __slots__ = ("requests", "rejected", "queue", "compute", "total", "batch")
 
     def __init__(self) -> None:
         self.requests: dict[tuple[str, str], int] = {}  # (version, code) -> count
+        self.rejected: dict[str, int] = {}  # code -> count
         self.queue = _Histogram(len(LATENCY_BUCKETS))
         self.compute = _Histogram(len(LATENCY_BUCKETS))
         self.total = _Histogram(len(LATENCY_BUCKETS))
@@ -235,6 +254,10 @@ class PoolMetrics:
         key = (version, code)
         requests = stats.requests
         requests[key] = requests.get(key, 0) + 1
+        if not version and code in REJECTED:
+            rejected = stats.rejected
+            rejected[code] = rejected.get(code, 0) + 1
+            return
         # Inlined _Histogram.observe: this runs for every request.
         h = stats.queue
         h.counts[bisect_left(LATENCY_BUCKETS, queue_s)] += 1
@@ -327,7 +350,27 @@ class PoolMetrics:
 
     def render(self) -> bytes:
         """The registry in the Prometheus text format (version 0.0.4)."""
-        return generate_latest(self.registry)
+        return self.render_for("")[0]
+
+    def render_for(self, accept: str) -> tuple[bytes, str]:
+        """(body, content type) for a scrape with this Accept header: OpenMetrics when
+        asked for, else the Prometheus text format 0.0.4 (prometheus_client decides)."""
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
+
+
+@cache
+def build_labels() -> tuple[str, str, str]:
+    """(gpu-pool, Python, torch) versions; torch's from its metadata (no import here)."""
+    from importlib import metadata
+
+    from pool.version import version
+
+    try:
+        torch = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        torch = ""
+    return version(), platform.python_version(), torch
 
 
 def _buckets(bounds: tuple[float, ...], counts: list[int]) -> list[tuple[str, float]]:
@@ -368,6 +411,17 @@ class _PoolCollector:
             for (version, code), n in stats.requests.copy().items():
                 requests.add_metric([model, version, code], n)
         yield requests
+
+        rejected = CounterMetricFamily(
+            "gpupool_requests_rejected",
+            "Requests refused before reaching a worker (overload, unknown or unavailable "
+            "model, shutdown, malformed); also in requests_total, never in the latencies.",
+            labels=["model", "code"],
+        )
+        for model, stats in m._models.copy().items():
+            for code, n in stats.rejected.copy().items():
+                rejected.add_metric([model, code], n)
+        yield rejected
 
         upgrades = CounterMetricFamily(
             "gpupool_upgrades_total",
@@ -454,6 +508,34 @@ class _PoolCollector:
         )
         age.add_metric([], max(0.0, time.monotonic() - at))
         yield age
+
+        build = GaugeMetricFamily(
+            "gpupool_build_info",
+            "Always 1; the labels say what runs.",
+            labels=["version", "python", "torch"],
+        )
+        build.add_metric(list(build_labels()), 1)
+        yield build
+
+        util = GaugeMetricFamily(
+            "gpupool_gpu_utilization_ratio",
+            "Fraction of NVML's last sample period in which a kernel ran, per device.",
+            labels=["device"],
+        )
+        used = GaugeMetricFamily(
+            "gpupool_gpu_memory_used_bytes", "Device memory in use (NVML).", labels=["device"]
+        )
+        total = GaugeMetricFamily(
+            "gpupool_gpu_memory_total_bytes", "Device memory in all (NVML).", labels=["device"]
+        )
+        for dev, (ratio, used_b, total_b) in sorted(snap.devices.items()):
+            if ratio is not None:
+                util.add_metric([dev], ratio)
+            used.add_metric([dev], used_b)
+            total.add_metric([dev], total_b)
+        yield util
+        yield used
+        yield total
 
         depth = GaugeMetricFamily(
             "gpupool_queue_depth",

@@ -68,6 +68,7 @@ def start_recycle(sup: Supervisor, rt: ModelRuntime, rec: WorkerRecord, why: str
             yield from up.abandon([new])
             return up.finish(False, reason)
         sup.activate(rt)
+        rec.exit_reason = "recycled"
         yield from up.retire([rec])
         return up.finish(True, "")
 

@@ -60,8 +60,11 @@ class WorkerStopping:
         rec.stop_deadline = time.monotonic() + self.pool.stop_timeout_s
         self.router.send_control(rec.slot_view.wid, msgpack.packb({"t": "stop"}))
 
-    def kill(self, rec: WorkerRecord, why: str) -> None:
-        """A worker that is broken: signal its process group now, re-route its requests."""
+    def kill(self, rec: WorkerRecord, why: str, reason: str = "crashed") -> None:
+        """A worker that is broken: signal its process group now, re-route its requests.
+
+        ``reason`` labels its exit in gpupool_worker_exits_total (hung, abandoned, ...)."""
+        rec.exit_reason = rec.exit_reason or reason
         log.warning(
             "killing worker %s [pid %s]: %s",
             rec.wid,
@@ -108,10 +111,10 @@ class WorkerStopping:
         elif rec.booting:
             if now - rec.spawned_at > self.pool.boot_timeout_s:
                 rec.failure = f"not ready after {self.pool.boot_timeout_s:.0f}s (boot_timeout_s)"
-                self.kill(rec, rec.failure)
+                self.kill(rec, rec.failure, "boot_failed")
         elif state is WorkerState.READY:
             if now - rec.last_heartbeat > self.pool.heartbeat_timeout_s:
-                self.kill(rec, f"hung: no heartbeat for {now - rec.last_heartbeat:.1f}s")
+                self.kill(rec, f"hung: no heartbeat for {now - rec.last_heartbeat:.1f}s", "hung")
 
     def stop_all(self) -> None:
         for rt in self.models.values():

@@ -365,7 +365,8 @@ class Supervisor(StandbyUse, WorkerExits, WorkerStopping):
     def on_worker_overdue(self, slot: WorkerSlot) -> None:
         rec = self.by_wid.get(slot.wid)
         if rec is not None and rec.alive and rec.stop_stage == 0:
-            self.kill(rec, f"hung: no answer {self.pool.request_grace_s:.1f}s past a deadline")
+            why = f"hung: no answer {self.pool.request_grace_s:.1f}s past a deadline"
+            self.kill(rec, why, "hung")
 
     # ------------------------------------------------------------ periodic work
     def tick(self, now: float) -> None:

@@ -380,7 +380,7 @@ class Upgrade:
     def abandon(self, recs: list[WorkerRecord]) -> Generator[Wait, bool, None]:
         for r in recs:
             if r.alive:
-                self.sup.kill(r, "abandoned by a failed upgrade")
+                self.sup.kill(r, "abandoned by a failed upgrade", "abandoned")
         yield Wait(lambda: not any(r.alive for r in recs), 3 * KILL_GRACE_S + 2, "abandon")
 
     def restore(self, failed_slot: int, switched: list[int]) -> Generator[Wait, bool, None]:

@@ -49,7 +49,7 @@ def _supervisor() -> tuple[Supervisor, WorkerRecord]:
         pid=4242,
     )
     # An upgrade is running (busy), so an exit schedules no restart.
-    rt = SimpleNamespace(name="m", workers=[rec], busy="2", serving_gen=1)
+    rt = SimpleNamespace(name="m", workers=[rec], busy="2", serving_gen=1, last_failure=None)
     sup.models = {"m": rt}  # type: ignore[dict-item]
     sup.by_wid = {rec.slot_view.wid: rec}
     sup.by_pid = {4242: rec}
@@ -93,3 +93,14 @@ def test_other_exits_are_not_held_back() -> None:
     sup, rec = _supervisor()
     sup.on_exited(4242, 9)  # killed by SIGKILL while loading
     assert rec.state is WorkerState.EXITED and not sup.awaiting_reason
+
+
+def test_an_exit_we_caused_is_labelled_with_why() -> None:
+    for reason in ("hung", "abandoned", "recycled"):
+        sup, rec = _supervisor()
+        rec.state = WorkerState.READY
+        rec.expected_exit = reason == "recycled"  # a recycle retires; the others are kills
+        rec.exit_reason = reason
+        sup.on_exited(4242, 9)  # killed by SIGKILL
+        assert sup.metrics.exits == [reason]  # type: ignore[attr-defined]
+        assert (sup.models["m"].last_failure is not None) is (not rec.expected_exit)

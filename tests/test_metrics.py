@@ -120,20 +120,23 @@ def test_latency_histograms(recorded: PoolMetrics) -> None:
         return value(s, f"{name}_bucket", model=model, le=le)
 
     q = "gpupool_request_queue_seconds"
-    # Buckets are cumulative and `le` is inclusive: 0.0 and 2e-5 land in 5e-05,
-    # 1e-4 (exactly a bound) in 0.0001, 99 s only in +Inf.
-    assert bucket(q, "5e-05") == 2
-    assert bucket(q, "0.0001") == 3
-    assert bucket(q, "60.0") == 3
-    assert bucket(q, "+Inf") == 4
-    assert value(s, f"{q}_count", model="resnet") == 4
+    # Buckets are cumulative and `le` is inclusive: 2e-5 lands in 5e-05, 1e-4 (exactly a
+    # bound) in 0.0001, 99 s only in +Inf. The OVERLOADED rejection is in none of them.
+    assert bucket(q, "5e-05") == 1
+    assert bucket(q, "0.0001") == 2
+    assert bucket(q, "60.0") == 2
+    assert bucket(q, "+Inf") == 3
+    assert value(s, f"{q}_count", model="resnet") == 3
     assert value(s, f"{q}_sum", model="resnet") == pytest.approx(99.00012)
 
     d = "gpupool_request_duration_seconds"
-    assert bucket(d, "5e-05") == 1
-    assert bucket(d, "0.005") == 2
-    assert bucket(d, "0.05") == 3
-    assert bucket(d, "+Inf") == 4
+    assert bucket(d, "5e-05") == 0
+    assert bucket(d, "0.005") == 1
+    assert bucket(d, "0.05") == 2
+    assert bucket(d, "+Inf") == 3
+    # Rejections are counted apart, and still in requests_total.
+    assert value(s, "gpupool_requests_rejected_total", model="resnet", code="OVERLOADED") == 1
+    assert value(s, "gpupool_requests_total", model="resnet", version="", code="OVERLOADED") == 1
     assert bucket(d, "0.0025", model="bert") == 1
     bounds = [float(x.labels["le"]) for x in s[f"{d}_bucket"] if x.labels["model"] == "bert"]
     assert bounds[0] == 5e-05 and bounds[-2] == 60.0 and bounds[-1] == float("inf")
@@ -427,3 +430,34 @@ def test_batches_reported_in_bulk_count_each_forward() -> None:
     assert value(samples, "gpupool_batch_size_sum", model="bulk") == 25
     assert value(samples, "gpupool_batch_size_bucket", model="bulk", le="8.0") == 4
     assert value(samples, "gpupool_batch_size_bucket", model="bulk", le="4.0") == 1
+
+
+def test_build_info_devices_openmetrics_and_forgetting(recorded: PoolMetrics) -> None:
+    snap = recorded._published[0] if recorded._published else None
+    assert snap is not None
+    recorded.publish(
+        PoolSnapshot(
+            workers=snap.workers,
+            queue_depth=snap.queue_depth,
+            model_state=snap.model_state,
+            devices={"cuda:0": (0.75, 3 << 30, 80 << 30), "cuda:1": (None, 1 << 30, 80 << 30)},
+        )
+    )
+    _, s = parse(recorded.render())
+    (info,) = s["gpupool_build_info"]
+    assert info.value == 1 and info.labels["version"] and info.labels["python"]
+    assert value(s, "gpupool_gpu_utilization_ratio", device="cuda:0") == 0.75
+    assert not [x for x in s["gpupool_gpu_utilization_ratio"] if x.labels["device"] == "cuda:1"]
+    assert value(s, "gpupool_gpu_memory_used_bytes", device="cuda:1") == 1 << 30
+    body, ctype = recorded.render_for("application/openmetrics-text; version=1.0.0")
+    assert ctype.startswith("application/openmetrics-text") and body.endswith(b"# EOF\n")
+    assert recorded.render_for("text/plain")[1].startswith("text/plain")
+    recorded.forget_model("bert")
+    _, s = parse(recorded.render())
+    # What the loop recorded for it is gone (the gauges go with the next snapshot).
+    for name in ("gpupool_requests_total", "gpupool_worker_exits_total"):
+        assert not [x for x in s[name] if x.labels["model"] == "bert"], name
+    assert not [
+        x for x in s["gpupool_request_duration_seconds_count"] if x.labels["model"] == "bert"
+    ]
+    assert [x for x in s["gpupool_requests_total"] if x.labels["model"] == "resnet"]
