@@ -32,8 +32,16 @@ TRANSITIONS: dict[WorkerState, frozenset[WorkerState]] = {
     WorkerState.STARTING: frozenset(
         {WorkerState.LOADING, WorkerState.FAILED, WorkerState.STOPPING, WorkerState.EXITED}
     ),
+    # READY straight from LOADING: a worker's "ready" says it loaded and warmed up, and
+    # it is the truth even when its "phase: warming" event never reached us.
     WorkerState.LOADING: frozenset(
-        {WorkerState.WARMING, WorkerState.FAILED, WorkerState.STOPPING, WorkerState.EXITED}
+        {
+            WorkerState.WARMING,
+            WorkerState.READY,
+            WorkerState.FAILED,
+            WorkerState.STOPPING,
+            WorkerState.EXITED,
+        }
     ),
     WorkerState.WARMING: frozenset(
         {
@@ -94,6 +102,10 @@ class WorkerRecord:
     from_standby: bool = False  # started in a hot standby (pool.standby), not a fresh fork
     holding: bool = False  # staging its weights on the host until released (drain-first)
     staged: bool = False  # said its weights are staged
+
+    def can(self, new: WorkerState) -> bool:
+        """Whether the table allows going to ``new`` now (staying counts as allowed)."""
+        return new is self.state or new in TRANSITIONS[self.state]
 
     def to(self, new: WorkerState) -> None:
         if new is self.state:

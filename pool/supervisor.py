@@ -289,8 +289,8 @@ class Supervisor(StandbyUse, WorkerExits, WorkerStopping):
             self.store.save(rt.state)
 
     def _ready(self, rec: WorkerRecord, event: dict[str, Any], now: float) -> None:
-        if rec.state not in (WorkerState.LOADING, WorkerState.WARMING, WorkerState.VALIDATING):
-            return
+        if rec.state is WorkerState.READY or not rec.can(WorkerState.READY):
+            return  # a repeated "ready", or one from a worker already being stopped
         rec.to(WorkerState.READY)
         rec.ready_at = now
         timings = event.get("timings")

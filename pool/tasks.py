@@ -21,18 +21,31 @@ class Wait:
     until: Callable[[], bool]
     timeout_s: float
     what: str = ""
+    # How often ``until`` is asked. 0: every loop turn, for checks that only read our own
+    # records. A check that queries the outside (NVML) names its own period, so it costs
+    # a few queries a second, not one per turn, and "two equal readings in a row" means
+    # readings one period apart.
+    every_s: float = 0.0
 
 
 Operation = Generator[Wait, bool, Any]
 
 
 class Task:
-    def __init__(self, name: str, op: Operation, done: Callable[[Any], None]) -> None:
+    def __init__(
+        self,
+        name: str,
+        op: Operation,
+        done: Callable[[Any], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.name = name
         self.op = op
         self.done = done
+        self.clock = clock
         self.wait: Wait | None = None
         self.deadline = 0.0
+        self.next_check = 0.0  # when ``wait.until`` is next asked
         self.finished = False
 
     def step(self, value: bool | None) -> None:
@@ -43,15 +56,18 @@ class Task:
             self.done(stop.value)
             return
         self.wait = wait
-        self.deadline = time.monotonic() + wait.timeout_s
+        now = self.clock()
+        self.deadline = now + wait.timeout_s
+        self.next_check = now  # the next poll asks at once; then every wait.every_s
 
 
 class Scheduler:
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.tasks: list[Task] = []
+        self.clock = clock
 
     def start(self, name: str, op: Operation, done: Callable[[Any], None]) -> Task:
-        task = Task(name, op, done)
+        task = Task(name, op, done, self.clock)
         self.tasks.append(task)
         self._step(task, None)
         return task
@@ -66,10 +82,13 @@ class Scheduler:
 
     def poll(self) -> None:
         """Resume every task whose wait is over. Called on each loop iteration."""
-        now = time.monotonic()
+        now = self.clock()
         for task in list(self.tasks):
             if task.finished or task.wait is None:
                 continue
+            if now < task.next_check and now < task.deadline:
+                continue  # not this wait's moment to sample
+            task.next_check = now + task.wait.every_s
             try:
                 met = task.wait.until()
             except Exception:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Generator
-from typing import Any
+from typing import Any, NamedTuple
 
 from pool.contract import differences
 from pool.gpu import device_index
@@ -36,9 +36,21 @@ log = logging.getLogger(__name__)
 
 MEMORY_TOLERANCE = 16 << 20  # retired means device memory back within this of its level
 MEMORY_WAIT_S = 10.0
+# NVML sampling periods while memory comes back: the process list, then the used count.
+# "Settled" is two equal readings SETTLE_EVERY_S apart, not two loop turns apart.
+NVML_EVERY_S = 0.1
+SETTLE_EVERY_S = 0.25
 Progress = Callable[..., None]
 
 BootResult = Generator[Wait, bool, tuple[bool, str]]
+
+
+class Restore(NamedTuple):
+    """What putting the old version back achieved: a failed upgrade is ``rolled_back``
+    only when this is ok, else ``restore_failed`` (the model serves less than before)."""
+
+    ok: bool
+    reason: str = ""  # the first worker of the old version that would not boot, and why
 
 
 def _changed(recs: list[WorkerRecord]) -> Callable[[], bool]:
@@ -136,6 +148,7 @@ class Upgrade:
         self.allow_contract_change = False
         self.contract_note = ""  # what the check found, for the result
         self.watch_note = ""  # what the watch window saw (pool.watch)
+        self.restored: Restore | None = None  # set when a failure put the old version back
 
     # ------------------------------------------------------------------ helpers
     def say(self, phase: str, **info: Any) -> None:
@@ -206,10 +219,11 @@ class Upgrade:
                         return False
                 return True
 
-            yield Wait(gone, MEMORY_WAIT_S, "nvml")
+            yield Wait(gone, MEMORY_WAIT_S, "nvml", every_s=NVML_EVERY_S)
             # The process entry can vanish a moment before the driver's count of used
-            # memory settles: wait for two equal readings in a row.
-            yield Wait(_settled(self.sup, [r.device for r in gpu_recs]), 3.0, "settle")
+            # memory settles: wait for two equal readings in a row, a period apart.
+            devices = [r.device for r in gpu_recs]
+            yield Wait(_settled(self.sup, devices), 3.0, "settle", every_s=SETTLE_EVERY_S)
             for dev, used in before.items():
                 after = _device_used(self.sup, dev)
                 if used is not None and after is not None:
@@ -337,7 +351,7 @@ class Upgrade:
             refusal = self.contract_refusal(gen) if ok and not done else None
             if not ok or refusal:
                 yield from self.abandon([new])
-                yield from self.restore(slot, done)
+                self.restored = yield from self.restore(slot, done)
                 return False, refusal or reason
             done.append(slot)
             if rt.serving_gen != gen:
@@ -349,7 +363,7 @@ class Upgrade:
                     self.sup.activate(rt)
                     self.say("switched_back", generation=self.old_gen, version=self.from_version)
                     yield from self.abandon([new])
-                    yield from self.restore(slot, [])
+                    self.restored = yield from self.restore(slot, [])
                     return False, failed
             else:
                 self.sup.activate(rt)
@@ -383,14 +397,18 @@ class Upgrade:
                 self.sup.kill(r, "abandoned by a failed upgrade", "abandoned")
         yield Wait(lambda: not any(r.alive for r in recs), 3 * KILL_GRACE_S + 2, "abandon")
 
-    def restore(self, failed_slot: int, switched: list[int]) -> Generator[Wait, bool, None]:
-        """Put the old version back on the failed slot, then on the slots already switched."""
+    def restore(self, failed_slot: int, switched: list[int]) -> Generator[Wait, bool, Restore]:
+        """Put the old version back on the failed slot, then on the slots already switched;
+        say whether every one of them booted."""
         rt = self.rt
         self.say("rolling_back", slot=failed_slot)
+        failures: list[str] = []
         # A staged start fails before the old worker is retired: it still serves there.
         if not any(r.slot == failed_slot for r in rt.alive(self.old_gen)):
             back = self.spawn(self.old_gen, failed_slot)
-            yield from self.wait_boot([back])
+            ok, why = yield from self.wait_boot([back])
+            if not ok:
+                failures.append(why)
         if rt.serving_gen != self.old_gen:
             rt.serving_gen = self.old_gen
             self.sup.activate(rt)
@@ -398,8 +416,13 @@ class Upgrade:
             gone = [r for r in rt.alive() if r.slot == slot and r.generation != self.old_gen]
             yield from self.retire(gone)
             rec = self.spawn(self.old_gen, slot)
-            yield from self.wait_boot([rec])
+            ok, why = yield from self.wait_boot([rec])
+            if not ok:
+                failures.append(why)
             self.sup.activate(rt)
+        if failures:
+            self.say("restore_failed", reason=failures[0])
+        return Restore(not failures, "; ".join(failures))
 
     # ------------------------------------------------------------------ the end
     def contract_record(self) -> dict[str, Any]:
@@ -417,7 +440,12 @@ class Upgrade:
     def finish(self, ok: bool, reason: str) -> dict[str, Any]:
         rt = self.rt
         elapsed = time.monotonic() - self.t0
-        outcome = "committed" if ok else "rolled_back"
+        if ok:
+            outcome = "committed"
+        elif self.restored is None or self.restored.ok:
+            outcome = "rolled_back"
+        else:
+            outcome = "restore_failed"  # the old version is not back everywhere either
         result: dict[str, Any] = {
             "ok": ok,
             "model": rt.name,
@@ -439,15 +467,20 @@ class Upgrade:
             "elapsed_s": round(elapsed, 3),
             "contract": self.contract_note,
             "watch": self.watch_note,
+            "restore": self.restored._asdict() if self.restored is not None else None,
         }
         if not ok:
             result["reason"] = reason
             log.error(
-                "%s of %s to %s rolled back: %s",
+                "%s of %s to %s %s: %s%s",
                 self.action,
                 rt.name,
                 self.target.version,
+                outcome.replace("_", " "),
                 reason,
+                f"; putting {self.from_version} back failed too: {self.restored.reason}"
+                if self.restored is not None and not self.restored.ok
+                else "",
                 extra={"model": rt.name},
             )
         else:
@@ -478,6 +511,7 @@ class Upgrade:
                 elapsed_s=result["elapsed_s"],
                 contract=self.contract_note,
                 watch=self.watch_note,
+                restore=result["restore"],
                 **self.contract_record(),
             )
         self.sup.metrics.observe_upgrade(

@@ -187,6 +187,9 @@ def print_upgrade(data: dict[str, Any], error: str) -> None:
         )
         if data.get("outcome") in ("rolled_back", "cancelled"):
             say(f"still serving version {data.get('from_version')}")
+        elif data.get("outcome") == "restore_failed":
+            why = (data.get("restore") or {}).get("reason", "?")
+            say(f"version {data.get('from_version')} could not be put back: {why}", "bold red")
         return
     say(
         f"{data['action']} committed: {data['model']} "
