@@ -267,7 +267,8 @@ class Router:
             model, timeout_ms, client_id = p.route_fields(header)
         except p.ProtocolError as exc:
             self._reject("", exc.code)
-            self._send_client(envelope, p.error_header(exc.code, exc.message))
+            rid = _readable_id(body)
+            self._send_client(envelope, p.error_header(exc.code, exc.message, rid=rid))
             return
         route = self.routes.get(model)
         if route is None:
@@ -437,3 +438,16 @@ class Router:
                 pass
         self.frontend.close(linger=1000)
         self.backend.close(linger=0)
+
+
+def _readable_id(body: list[bytes]) -> Any:
+    """The request's ``id`` when its header can be read, even though the request was
+    refused (another protocol version, a malformed key): every error reply whose header
+    was readable echoes it (docs/PROTOCOL.md)."""
+    if len(body) < 2:
+        return None
+    try:
+        rid = p.unpack_map(body[1]).get("id")
+    except p.ProtocolError:
+        return None
+    return rid if rid is not None and p._valid_id(rid) else None

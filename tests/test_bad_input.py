@@ -172,8 +172,8 @@ CASES: dict[str, Case] = {
     "protocol-id-only": (lambda: [p.PROTOCOL], BAD, False),
     "empty-header-frame": (lambda: [p.PROTOCOL, b""], BAD, False),
     # protocol id
-    "protocol-gpu-pool-9": (lambda: [b"gpu-pool/9", VALID], PROTO, False),
-    "protocol-gpu-pool-0": (lambda: [b"gpu-pool/0", VALID], PROTO, False),
+    "protocol-gpu-pool-9": (lambda: [b"gpu-pool/9", VALID], PROTO, True),
+    "protocol-gpu-pool-0": (lambda: [b"gpu-pool/0", VALID], PROTO, True),
     "protocol-hello": (lambda: [b"hello", VALID], BAD, False),
     "protocol-header-swapped": (lambda: [VALID, p.PROTOCOL], BAD, False),
     # msgpack header

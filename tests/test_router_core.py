@@ -325,6 +325,30 @@ def test_punted_messages_get_python_errors(rig: Rig, frames: list[bytes], code: 
     assert rig.answer(c)[0]["error"]["code"] == code
 
 
+@pytest.mark.parametrize(
+    "frames, code",
+    [
+        (
+            [b"", b"gpu-pool/9", msgpack.packb({"model": "m", "inputs": [], "id": 7})],
+            p.UNSUPPORTED_PROTOCOL,
+        ),
+        ([b"", p.PROTOCOL, msgpack.packb({"model": 3, "inputs": [], "id": 7})], p.BAD_REQUEST),
+        (
+            [b"", p.PROTOCOL, msgpack.packb({"model": "m", "timeout_ms": -1, "id": 7})],
+            p.BAD_REQUEST,
+        ),
+    ],
+)
+def test_refusals_echo_the_id_of_a_readable_header(
+    rig: Rig, frames: list[bytes], code: str
+) -> None:
+    rig.route("m")
+    c = rig.client()
+    c.send_multipart(frames)
+    reply = rig.answer(c)[0]
+    assert reply["error"]["code"] == code and reply["id"] == 7, reply
+
+
 def test_a_failed_model_answers_unavailable_and_fails_its_queue(rig: Rig) -> None:
     route = rig.route("m")
     c = rig.client()
