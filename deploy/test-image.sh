@@ -32,7 +32,7 @@ torch=$(cd "$WHEELS" && ls torch-*cp311*.whl | head -1)
 version=${torch#torch-}; version=${version%%-*}
 # This machine's CA bundle too: its way to PyPI may go through a TLS-inspecting proxy.
 CA=${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
-buildah build --network host -v "$WHEELS:/wheels:ro" -v "$CA:/build-ca.crt:ro" \
+buildah build --layers --network host -v "$WHEELS:/wheels:ro" -v "$CA:/build-ca.crt:ro" \
   -f deploy/Containerfile --build-arg BASE_IMAGE="$BASE" --build-arg TORCH_SPEC="torch==$version" \
   --build-arg TORCH_INDEX_URL= --build-arg PIP_FIND_LINKS=/wheels --build-arg PIP_CA_BUNDLE=/build-ca.crt \
   -t "$IMAGE" .

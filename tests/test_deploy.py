@@ -268,7 +268,11 @@ def test_the_containerfile_copies_what_exists_and_runs_poold() -> None:
             for src in sources:
                 assert (ROOT / src).exists(), f"COPY {src}: not in the repository"
     assert ("ENTRYPOINT", '["poold"]') in steps
-    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    copied = {rest.split()[0] for word, rest in steps if word == "COPY"}
+    for pattern in project["tool"]["setuptools"]["packages"]["find"]["include"]:
+        assert pattern.removesuffix("*") in copied, f"the image lacks the package {pattern}"
+    scripts = project["project"]["scripts"]
     assert scripts["poold"] == "pool.poold:main"
     cmd = dict(steps)["CMD"]
     ds = docs((K8S / "base" / "daemonset.yaml").read_text())[0]
