@@ -109,10 +109,10 @@ def _close_clients() -> None:
 
 
 def _input_names(p: Pool, model: str, count: int) -> list[str]:
-    """The names the metadata gives, or the positional defaults before a contract exists."""
-    meta = _http(p).get_model_metadata(model)
-    names = [i["name"] for i in meta["inputs"]]
-    return names if len(names) == count else [f"input{i}" for i in range(count)]
+    """The input names the model metadata gives (from the model contract)."""
+    names = [i["name"] for i in _http(p).get_model_metadata(model)["inputs"]]
+    assert len(names) == count, names
+    return names
 
 
 # ------------------------------------------------------------------ health, metadata
@@ -137,10 +137,16 @@ def test_model_metadata_over_both(pool: Pool) -> None:
     gmeta = _grpc(pool).get_model_metadata("two", as_json=True)
     assert gmeta["name"] == "two" and gmeta["versions"][0] == "7"
     assert [i["name"] for i in gmeta.get("inputs", [])] == [i["name"] for i in meta["inputs"]]
-    if meta["inputs"]:  # the pool's contract knows the model's tensors
-        assert [i["datatype"] for i in meta["inputs"]] == ["FP32", "FP32"]
-        assert [o["datatype"] for o in meta["outputs"]] == ["FP32", "FP32"]
-        assert all(len(i["shape"]) == 2 for i in meta["inputs"])
+    # From the model contract: forward(a, b) -> (a + b, a * b) on float32 [N, 4].
+    assert meta["inputs"] == [
+        {"name": "a", "datatype": "FP32", "shape": [-1, 4]},
+        {"name": "b", "datatype": "FP32", "shape": [-1, 4]},
+    ]
+    assert [o["name"] for o in meta["outputs"]] == ["output0", "output1"]
+    assert [o["datatype"] for o in meta["outputs"]] == ["FP32", "FP32"]
+    mixed = _http(pool).get_model_metadata("mixed")
+    assert [(i["name"], i["datatype"]) for i in mixed["inputs"]] == [("a", "FP16"), ("b", "INT64")]
+    assert [o["datatype"] for o in mixed["outputs"]] == ["FP16", "INT64"]
     with pytest.raises(InferenceServerException, match="NO_SUCH_MODEL"):
         _http(pool).get_model_metadata("nope")
     with pytest.raises(InferenceServerException, match="NOT_FOUND"):
@@ -211,8 +217,7 @@ def test_two_inputs_two_outputs(pool: Pool, proto: str) -> None:
 
 
 def _output_names(p: Pool, model: str) -> list[str]:
-    names = [o["name"] for o in _http(p).get_model_metadata(model)["outputs"]]
-    return names or ["output0", "output1"]
+    return [o["name"] for o in _http(p).get_model_metadata(model)["outputs"]]
 
 
 @pytest.mark.parametrize("proto", ["http", "http-json", "grpc"])
@@ -249,6 +254,18 @@ def test_errors_have_the_mapped_status(pool: Pool) -> None:
     with pytest.raises(InferenceServerException, match="MODEL_ERROR") as exc:
         _infer_grpc(pool, "mlp", [wrong])
     assert exc.value.status() == "StatusCode.INTERNAL"
+    # Names decide positions: b given first still lands in forward's second argument.
+    a, b = np.ones((1, 4), np.float16), np.full((1, 4), 5, np.int64)
+    ins = [tgrpc.InferInput("b", [1, 4], "INT64"), tgrpc.InferInput("a", [1, 4], "FP16")]
+    ins[0].set_data_from_numpy(b)
+    ins[1].set_data_from_numpy(a)
+    r = _grpc(pool).infer("mixed", ins)
+    np.testing.assert_array_equal(r.as_numpy("output1"), b + 1)
+    ins[1] = tgrpc.InferInput("a", [1, 4], "FP32")
+    ins[1].set_data_from_numpy(a.astype(np.float32))
+    with pytest.raises(InferenceServerException, match="'a' must be FP16") as exc:
+        _grpc(pool).infer("mixed", ins)
+    assert exc.value.status() == "StatusCode.INVALID_ARGUMENT"
     bad = thttp.InferInput(_input_names(pool, "mlp", 1)[0], [1, 16], "UINT32")
     bad.set_data_from_numpy(np.zeros((1, 16), np.uint32))
     with pytest.raises(InferenceServerException, match="BAD_REQUEST.*UINT32") as exc:
