@@ -29,31 +29,45 @@ class Answer:
     outputs: tuple[NamedTensor, ...]
 
 
+def positional_names(count: int) -> list[str]:
+    """The names metadata gives inputs while the pool has no contract for a model."""
+    return [f"input{i}" for i in range(count)]
+
+
 def order_inputs(spec: VersionInfo, given: list[NamedTensor]) -> list[WireTensor]:
-    """The request's tensors in forward() order. Without a contract: the request's order."""
+    """The request's tensors in forward() order: by the contract's names; in request order
+    without a contract, or when the request uses the positional names ``input0``, ...
+    (what the metadata said before the contract was known, so a client that read it then
+    keeps working)."""
     if not spec.inputs:
         return [n.tensor for n in given]
-    by_name: dict[str, WireTensor] = {}
-    for n in given:
-        if n.name in by_name:
-            raise bad_request(f"input {n.name!r} is given twice")
-        by_name[n.name] = n.tensor
     expected = [s.name for s in spec.inputs]
-    unknown = [name for name in by_name if name not in expected]
-    missing = [name for name in expected if name not in by_name]
-    if unknown or missing:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing)}")
-        if unknown:
-            parts.append(f"unknown {', '.join(unknown)}")
-        raise bad_request(f"inputs must be exactly {', '.join(expected)} ({'; '.join(parts)})")
-    for s in spec.inputs:
-        t = by_name[s.name]
+    names = [n.name for n in given]
+    if names == positional_names(len(given)) and not set(names) & set(expected):
+        if len(given) != len(expected):
+            raise bad_request(f"the model takes {len(expected)} inputs ({', '.join(expected)})")
+        ordered = [n.tensor for n in given]
+    else:
+        by_name: dict[str, WireTensor] = {}
+        for n in given:
+            if n.name in by_name:
+                raise bad_request(f"input {n.name!r} is given twice")
+            by_name[n.name] = n.tensor
+        unknown = [name for name in by_name if name not in expected]
+        missing = [name for name in expected if name not in by_name]
+        if unknown or missing:
+            parts = []
+            if missing:
+                parts.append(f"missing {', '.join(missing)}")
+            if unknown:
+                parts.append(f"unknown {', '.join(unknown)}")
+            raise bad_request(f"inputs must be exactly {', '.join(expected)} ({'; '.join(parts)})")
+        ordered = [by_name[name] for name in expected]
+    for s, t in zip(spec.inputs, ordered, strict=True):
         want, got = s.datatype, oip_datatype(t.dtype)
         if want and got != want:
             raise bad_request(f"input {s.name!r} must be {want} (got {got})")
-    return [by_name[name] for name in expected]
+    return ordered
 
 
 def output_names(spec: VersionInfo, count: int) -> list[str]:

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import socket
+import statistics
 import sys
 import time
 from collections.abc import Iterator
@@ -108,45 +109,73 @@ def _row(b: Any, name: str, kind: str, address: str, clients: int, **cfg: Any) -
     return row
 
 
+def input_name(address: str, model: str, timeout: float = 60.0) -> str:
+    """The model's first input name from its OIP metadata (the model contract), as a
+    client would read it; "input0" while the pool has no contract for the model."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{address}/v2/models/{model}", timeout=timeout) as r:
+        inputs = json.loads(r.read())["inputs"]
+    return str(inputs[0]["name"]) if inputs else "input0"
+
+
 def section_oip(b: Any) -> None:
+    """The reference app and the pool run side by side and are measured in ``--rounds``
+    interleaved rounds; a compared figure is the median over rounds (on a shared box a
+    row moves by tens of percent from one minute to the next)."""
     from benchmodels import make_identity
 
     a = b.args
     d = b.dir("oip")
     model = make_identity(os.path.join(d, "id.pt"))
     many = max(a.clients)
+    rounds = a.rounds or (1 if b.quick else 3)
     print(f"\n== oip: 1 KiB float32 {SHAPE} binary tensors, identity TorchScript, "
-          f"{many} and 1 clients, {b.seconds:.1f} s per row; pool: 1 CPU worker, max_batch "
-          f"{a.oip_max_batch}, max_delay_ms {a.oip_max_delay_ms:g}", flush=True)  # fmt: skip
-    rows: dict[str, dict[str, Any]] = {}
-    with _server(b, "reference", {"model_path": model}, "reference") as ref_port:
-        for c in (many, 1):
-            rows[f"ref-{c}"] = _row(b, "reference (starlette+torch)", "http-client",
-                                    f"127.0.0.1:{ref_port}", c)  # fmt: skip
+          f"{many} and 1 clients, {b.seconds:.1f} s per row, {rounds} interleaved round(s) "
+          f"(figures: medians); pool: 1 CPU worker, max_batch {a.oip_max_batch}, "
+          f"max_delay_ms {a.oip_max_delay_ms:g}", flush=True)  # fmt: skip
+    runs: dict[str, list[dict[str, Any]]] = {}
     http, grpc = _free_port(), _free_port()
     cfg = {"name": "id", "path": model, "devices": ["cpu"], "threads": 1,
            "max_batch": a.oip_max_batch, "max_delay_ms": a.oip_max_delay_ms}  # fmt: skip
-    with b.pool("oip-pool", [cfg], http=f"127.0.0.1:{http}", grpc=f"127.0.0.1:{grpc}") as pool:
+    with contextlib.ExitStack() as stack:
+        ref = stack.enter_context(_server(b, "reference", {"model_path": model}, "reference"))
+        pool = stack.enter_context(
+            b.pool("oip-pool", [cfg], http=f"127.0.0.1:{http}", grpc=f"127.0.0.1:{grpc}")
+        )
         _wait_port(http)
         _wait_port(grpc)
-        for c in (many, 1):
-            rows[f"http-{c}"] = _row(b, "pool over OIP/HTTP", "http-client", f"127.0.0.1:{http}", c)
-            rows[f"grpc-{c}"] = _row(b, "pool over OIP/gRPC", "grpc-client", f"127.0.0.1:{grpc}", c)
+        name = input_name(f"127.0.0.1:{http}", "id")
         load = Load("float32", SHAPE, model="id", seconds=b.seconds, warm=20, check_identity=True)
-        rows["zmq-1"] = b.measure("oip", "pool over ZeroMQ", pool.frontend, 1, load)
-        rows[f"zmq-{many}"] = b.measure("oip", "pool over ZeroMQ", pool.frontend, many, load)
-    ref = rows[f"ref-{many}"]["rps"]
+        for _ in range(rounds):
+            for c in (many, 1):
+                runs.setdefault(f"ref-{c}", []).append(_row(
+                    b, "reference (starlette+torch)", "http-client", f"127.0.0.1:{ref}", c))
+                runs.setdefault(f"http-{c}", []).append(_row(
+                    b, "pool over OIP/HTTP", "http-client", f"127.0.0.1:{http}", c, input=name))
+                runs.setdefault(f"grpc-{c}", []).append(_row(
+                    b, "pool over OIP/gRPC", "grpc-client", f"127.0.0.1:{grpc}", c, input=name))
+                runs.setdefault(f"zmq-{c}", []).append(
+                    b.measure("oip", "pool over ZeroMQ", pool.frontend, c, load))  # fmt: skip
+
+    def med(key: str, field: str) -> float:
+        return float(statistics.median(row[field] for row in runs[key]))
+
+    ref_rps = med(f"ref-{many}", "rps")
     for proto in ("http", "grpc"):
         b.compare(Compare("oip", f"req/s, {many} clients, {proto.upper()} binary", f"pool {proto}",
-                          rows[f"{proto}-{many}"]["rps"], "starlette+torch", ref, "req/s",
+                          med(f"{proto}-{many}", "rps"), "starlette+torch", ref_rps, "req/s",
                           target=1.0))  # fmt: skip
-    b.compare(Compare("oip", f"req/s, {many} clients", "pool zmq", rows[f"zmq-{many}"]["rps"],
-                      "starlette+torch", ref, "req/s", note="the same pool's ZeroMQ path"))
+    b.compare(Compare("oip", f"req/s, {many} clients", "pool zmq", med(f"zmq-{many}", "rps"),
+                      "starlette+torch", ref_rps, "req/s", note="the same pool's ZeroMQ path"))
     for proto in ("http", "grpc"):
         b.compare(Compare("oip", f"p50, 1 client, {proto.upper()}", f"pool {proto}",
-                          rows[f"{proto}-1"]["p50_us"], "pool zmq", rows["zmq-1"]["p50_us"],
+                          med(f"{proto}-1", "p50_us"), "pool zmq", med("zmq-1", "p50_us"),
                           "us", kind="diff", target=150.0,
                           note="target is for the GPU host"))  # fmt: skip
+    b.compare(Compare("oip", "p50, 1 client", "starlette+torch", med("ref-1", "p50_us"),
+                      "pool zmq", med("zmq-1", "p50_us"), "us", kind="diff",
+                      note="the reference app, for scale"))  # fmt: skip
     servers(b, many)
     oip_batching(b)
 
@@ -197,7 +226,8 @@ def oip_batching(b: Any) -> None:
     with b.pool("oip-batching", [cfg], boot_timeout_s=600.0, grpc=f"127.0.0.1:{grpc}") as pool:
         _wait_port(grpc)
         g = run_oip_clients(b, "grpc-client", f"127.0.0.1:{grpc}", clients, seconds,
-                            dtype="float16", shape=shape, check_identity=False, warm=5)
+                            dtype="float16", shape=shape, check_identity=False, warm=5,
+                            input=grpc_input_name(f"127.0.0.1:{grpc}", "id"))
         g = {"section": "oip", "name": "resnet50 over OIP/gRPC", **g}
         b.rows.append(g)
         print(f"  gRPC: {num(g['rps'])} images/s, p50 {num(g['p50_us'])} us, errors {g['errors']}")
@@ -205,3 +235,18 @@ def oip_batching(b: Any) -> None:
         z = b.measure("oip", "resnet50 over ZeroMQ", pool.frontend, clients, load)
     b.compare(Compare("oip", f"images/s, {clients} clients x batch 1", "pool grpc", g["rps"],
                       "pool zmq", z["rps"], "images/s", target=0.7))
+
+
+def grpc_input_name(address: str, model: str) -> str:
+    """The same over gRPC (the GPU section runs no HTTP gateway)."""
+    import grpc
+
+    sys.path.insert(0, ROOT)
+    from gateway.proto import grpc_predict_v2_pb2 as pb
+    from gateway.proto import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        meta = pb_grpc.GRPCInferenceServiceStub(channel).ModelMetadata(
+            pb.ModelMetadataRequest(name=model), timeout=60
+        )
+    return meta.inputs[0].name if meta.inputs else "input0"

@@ -239,6 +239,20 @@ def test_inputs_are_matched_by_name_and_binary_sizes_are_checked() -> None:
     assert r.status == 400 and b"missing a, b; unknown c" in r.body
 
 
+def test_positional_names_still_work_once_the_contract_names_the_inputs() -> None:
+    """A client that read the metadata before the contract was known sent input0, input1."""
+    api, up = _api()
+    def tensor(name: str, data: list[float]) -> dict[str, Any]:
+        return {"name": name, "datatype": "FP32", "shape": [1, 2], "data": data}
+
+    body = json.dumps({"inputs": [tensor("input0", [1, 2]), tensor("input1", [3, 4])]}).encode()
+    assert _call(api, "POST", "/v2/models/m/infer", body).status == 200
+    assert np.frombuffer(up.sent[-1][1].data, np.float32).tolist() == [3, 4]
+    one = json.dumps({"inputs": [tensor("input0", [1, 2])]}).encode()
+    r = _call(api, "POST", "/v2/models/m/infer", one)
+    assert r.status == 400 and b"takes 2 inputs (a, b)" in r.body
+
+
 def test_gzip_bodies_and_bearer_tokens() -> None:
     api, _ = _api(token="s3cret")
     body = json.dumps({"inputs": [
