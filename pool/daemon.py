@@ -15,6 +15,7 @@ import signal
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import zmq
@@ -37,6 +38,7 @@ from pool.metrics import (
     StandbySample,
     WorkerSample,
 )
+from pool.operations import start_recycle
 from pool.reload import apply_reload, reload_summary
 from pool.sdnotify import Notifier, watchdog_interval
 from pool.spawn import SpawnerClient
@@ -168,6 +170,7 @@ class Daemon:
             backend,
             self.lifeline_r,
         )
+        self.sup.recycle = partial(start_recycle, self.sup)
         from pool.config import effective_model_roots
 
         self.roots = list(effective_model_roots(self.config))

@@ -12,6 +12,7 @@ import logging
 import random
 import signal
 import time
+from collections.abc import Callable
 from itertools import count
 from typing import Any
 
@@ -66,6 +67,10 @@ class Supervisor(StandbyUse, WorkerExits, WorkerStopping):
         self.backend = backend
         self.lifeline_fd = lifeline_fd
         self.models: dict[str, ModelRuntime] = {}
+        # Replacing a worker is an operation (pool.operations.start_recycle, wired in by
+        # the daemon): a hook, so this module does not import the operations that
+        # import it. None (a supervisor built for a test): no recycling.
+        self.recycle: Callable[[ModelRuntime, WorkerRecord, str], None] | None = None
         self.by_wid: dict[bytes, WorkerRecord] = {}
         self.by_pid: dict[int, WorkerRecord] = {}
         self.by_token: dict[int, WorkerRecord] = {}
@@ -411,10 +416,8 @@ class Supervisor(StandbyUse, WorkerExits, WorkerStopping):
             and rec.gpu_bytes - rec.ready_gpu_bytes > cfg.max_gpu_growth_mb << 20
         ):
             why = f"GPU memory grew {(rec.gpu_bytes - rec.ready_gpu_bytes) >> 20} MiB"
-        if why is not None:
-            from pool.operations import start_recycle  # that module imports this one
-
-            start_recycle(self, rt, rec, why)
+        if why is not None and self.recycle is not None:
+            self.recycle(rt, rec, why)
 
     def sample_memory(self) -> None:
         """Per-worker GPU bytes from NVML (keyed by pid), once every few seconds."""
