@@ -135,11 +135,15 @@ class SpreadClient:
         tried: set[str] = set()
         last: PoolError | None = None
         for attempt in range(self.retries):
+            if attempt and self.clock() >= deadline:
+                break  # out of time: no host is to blame for that
             if attempt:
                 self.retried += 1
             host = self.pick(deadline, tried)
             tried.add(host.endpoint)
             left = deadline - self.clock()
+            if left <= 0:
+                break
             # The pool's own deadline is what is left of the caller's, so its
             # DEADLINE_EXCEEDED comes back before this client gives up.
             frames = encode_request(model, inputs, max(1, int(min(timeout, left) * 1000)), rid)
@@ -163,7 +167,10 @@ class SpreadClient:
             host.succeed()
             result.endpoint = host.endpoint
             return result
-        assert last is not None
+        if last is None:
+            raise RequestTimeout(
+                f"no answer within {timeout}s; hosts: {self.summary()}", model=model
+            )
         if isinstance(last, RequestTimeout):
             raise RequestTimeout(
                 f"no answer after {self.retries} tries; last: {last.message}; hosts: "

@@ -132,6 +132,18 @@ def test_no_host_answering_times_out_naming_them(three: list[FakeHost]) -> None:
         assert h.endpoint in str(info.value)
 
 
+def test_a_spent_deadline_blames_only_the_host_that_used_it(three: list[FakeHost]) -> None:
+    for h in three:
+        h.mode = "silent"
+    with spread(three) as c:  # no try_timeout: the first host gets the whole deadline
+        answered_by(c, 0)
+        wait_for(lambda: all(h["state"] == "up" for h in c.hosts()), 10, "every host up")
+        with pytest.raises(RequestTimeout):
+            c.infer("m", X, timeout=0.5)
+        failures = sorted(h["failures"] for h in c.hosts())
+    assert failures == [0, 0, 1] and sum(h.received for h in three) == 1
+
+
 def test_a_name_stands_for_all_its_addresses() -> None:
     """A headless Service: one name, one A record per pod; the set follows the records."""
     port = free_port()

@@ -5,6 +5,7 @@ namespace, and ``pool-ctl fleet`` as an operator runs it.
 - a fleet upgrade, then a fleet rollback, under load: 0 failed, every answer right for
   the version that computed it, versions in order per client and host;
 - a canary that fails validation: the fleet stops there, the others never change;
+- a canary that validates but fails live traffic: its bake fails, it is rolled back;
 - one host SIGKILLed under load: 0 lost, the others answer its requests.
 
 Skipped (with the reason) where namespaces cannot be made: not root, no ``ip``, or a
