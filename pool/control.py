@@ -169,6 +169,7 @@ class ControlServer:
             "uptime_s": round(time.time() - self.started, 1),
             "spawner_pid": self.sup.spawner.pid,
             "inflight": self.sup.router.inflight_count(),
+            "state_unsaved": self.sup.store.problem(),
             "models": models,
             "standby": self.sup.standbys.summary(),
         }
@@ -181,12 +182,16 @@ class ControlServer:
             any(w.state is WorkerState.READY and w.generation == rt.serving_gen for w in rt.workers)
             for rt in self.sup.models.values()
         )
+        unsaved = self.sup.store.problem()  # serving, but a restart would not come back on it
+        error = "" if ok else "not every model is serving"
+        if unsaved:
+            error = "; ".join(filter(None, [error, f"degraded: state not saved: {unsaved}"]))
         reply(
             {
                 "type": "result",
-                "ok": ok,
-                "data": {"models": states},
-                "error": "" if ok else "not every model is serving",
+                "ok": ok and not unsaved,
+                "data": {"models": states, "state_unsaved": unsaved},
+                "error": error,
             }
         )
 

@@ -23,6 +23,7 @@ import zmq
 from gateway.collector import OipCollector
 from pool.config import Config, ModelConfig, ipc_path
 from pool.control import ControlServer
+from pool.dirs import private_dir
 from pool.door_metrics import DoorCollector
 from pool.gateways import Gateways, admit_gateways, gateway_specs
 from pool.gpu import Gpu
@@ -68,11 +69,9 @@ def become_subreaper() -> None:
         log.debug("prctl(PR_SET_CHILD_SUBREAPER) unavailable")
 
 
-def owner_only_dir(path: str) -> None:
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    st = os.stat(path)
-    if st.st_mode & 0o077:
-        os.chmod(path, 0o700)
+def owner_only_dir(path: str, what: str = "state") -> None:
+    """See pool.dirs: created 0700 if missing, refused if unsafe, never re-moded."""
+    private_dir(path, what)
 
 
 
@@ -96,6 +95,7 @@ class Daemon:
         self.notifier = Notifier.from_env()
         self.ready_sent = False
         self.health_now = PoolHealth((), False)  # replaced by the loop, read by HTTP probes
+        self.state_problem = ""  # what StateStore could not write, for health
         self.last_tick = time.monotonic()
         self.gateways = Gateways([], -1)  # the OIP gateways, set up in setup()
 
@@ -103,10 +103,11 @@ class Daemon:
     def setup(self) -> None:
         self.nofile = raise_nofile()
         owner_only_dir(self.pool.state_dir)
-        for endpoint in (self.pool.control, self.pool.frontend):
+        for what, endpoint in (("control socket", self.pool.control), ("frontend socket",
+                                                                         self.pool.frontend)):
             path = ipc_path(endpoint)
             if path:
-                owner_only_dir(os.path.dirname(path))
+                owner_only_dir(os.path.dirname(path), what)
         become_subreaper()
         # The lifeline: workers hold the read end; when poold dies the kernel closes the
         # write end and every worker exits, so no orphan keeps GPU memory.
@@ -284,7 +285,10 @@ class Daemon:
         h = self.health_now
         if not live:
             return False, False, "event loop stalled"
-        return True, h.any_serving, h.body() if h.models else "no models"
+        body = h.body() if h.models else "no models"
+        if self.state_problem:  # serving, but a restart would not come back on it
+            body += f"\ndegraded: state not saved: {self.state_problem}"
+        return True, h.any_serving, body
 
     def reload(self, done: Callable[[dict[str, Any]], None]) -> None:
         apply_reload(self, done)
@@ -442,6 +446,8 @@ class Daemon:
                 log.error("ready without %s: %s", m.name, m.reason or m.state)
         busy = [f"{rt.busy} of {rt.name} running" for rt in self.sup.models.values() if rt.busy]
         status = h.summary() if self.running else "draining"
+        if self.state_problem:
+            status += "; degraded: state not saved"
         if busy:
             status = "; ".join(busy) + "; " + status
         if status != getattr(self, "_last_status", None):
@@ -458,6 +464,8 @@ class Daemon:
         return out
 
     def publish(self) -> None:
+        self.store.retry()  # a disk that was full or read-only may take the state now
+        self.state_problem = self.store.problem()
         self.router.flush_stats()
         workers = []
         for rt in self.sup.models.values():

@@ -20,6 +20,7 @@ from pool.config import (
     load_config,
 )
 from pool.daemon import Daemon, owner_only_dir
+from pool.dirs import UnsafeDirectory
 from pool.gpu import Gpu
 from pool.logs import setup_logging
 from pool.version import version_line
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     except zmq.ZMQError as exc:
         log.error("cannot bind: %s (is another poold running?)", exc)
         return 1
-    except FastlaneUnavailable as exc:
+    except (FastlaneUnavailable, UnsafeDirectory) as exc:
         log.error("%s", exc)
         return 1
     try:

@@ -20,6 +20,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 HISTORY_KEPT = 500
+DIR_KEY = "(state_dir)"  # StateStore.unsaved's key for the directory itself
 CONTRACTS_KEPT = 64
 
 
@@ -115,9 +116,34 @@ def write_atomic(path: str, data: bytes) -> None:
 
 
 class StateStore:
+    """Reads and writes the model files. A write that fails (a full or read-only disk)
+    does not stop the pool: the state stays in memory, ``unsaved`` says why, health
+    reports it, and ``retry`` (each tick) writes it once the disk takes it again. Only
+    ``commit_current`` raises: traffic must not move to what the disk does not say."""
+
     def __init__(self, state_dir: str) -> None:
         self.dir = os.path.join(state_dir, "models")
-        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        self.unsaved: dict[str, str] = {}  # model -> why its latest state is not on disk
+        self._pending: dict[str, ModelState] = {}
+        self._probe()
+
+    def _probe(self) -> None:
+        """Can the state directory take a write? Said once at start and until it can."""
+        try:
+            os.makedirs(self.dir, mode=0o700, exist_ok=True)
+            write_atomic(os.path.join(self.dir, ".probe"), b"ok\n")
+        except OSError as exc:
+            why = f"cannot write in {self.dir}: {exc.strerror or exc}"
+            if DIR_KEY not in self.unsaved:
+                log.error(
+                    "state directory not writable (%s); serving the last committed "
+                    "versions; upgrades are refused until it is",
+                    why,
+                )
+            self.unsaved[DIR_KEY] = why
+            return
+        if self.unsaved.pop(DIR_KEY, None) is not None:
+            log.info("state directory %s writable again", self.dir)
 
     def _path(self, model: str) -> str:
         return os.path.join(self.dir, f"{model}.json")
@@ -132,11 +158,46 @@ class StateStore:
             log.error("state file of %s is unreadable (%s); starting from the config", model, exc)
             return ModelState(model=model)
 
-    def save(self, state: ModelState) -> None:
+    def save(self, state: ModelState, *, must: bool = False) -> None:
+        """Write ``state``; on failure keep it for ``retry`` (and raise only if ``must``)."""
         state.history = state.history[-HISTORY_KEPT:]
         for digest in list(state.contracts)[:-CONTRACTS_KEPT]:  # oldest first
             del state.contracts[digest]
-        write_atomic(self._path(state.model), json.dumps(state.to_json(), indent=1).encode())
+        try:
+            write_atomic(self._path(state.model), json.dumps(state.to_json(), indent=1).encode())
+        except OSError as exc:
+            why = f"cannot write {self._path(state.model)}: {exc.strerror or exc}"
+            if state.model not in self.unsaved:
+                log.error("state of %s not saved: %s; retrying", state.model, why)
+            self.unsaved[state.model] = why
+            self._pending[state.model] = state
+            if must:
+                raise
+            return
+        if self.unsaved.pop(state.model, None) is not None:
+            log.info("state of %s saved again", state.model)
+        self._pending.pop(state.model, None)
+
+    def commit_current(self, state: ModelState, deployed: Deployed) -> None:
+        """Make ``deployed`` current on disk before traffic moves to it. Raises OSError,
+        with ``state`` as it was, when the disk cannot take it."""
+        before = state.current
+        state.current = deployed
+        try:
+            self.save(state, must=True)
+        except OSError:
+            state.current = before
+            raise
+
+    def retry(self) -> None:
+        if DIR_KEY in self.unsaved:
+            self._probe()
+        for state in list(self._pending.values()):
+            self.save(state)
+
+    def problem(self) -> str:
+        """ "" when every model's state is on disk, else what is not (for health)."""
+        return "; ".join(f"{m}: {why}" for m, why in sorted(self.unsaved.items()))
 
     def record(
         self, state: ModelState, deployed: Deployed, action: str, outcome: str, **extra: Any

@@ -276,11 +276,18 @@ class Upgrade:
             + " (pool-ctl upgrade --allow-contract-change to switch anyway)"
         )
 
-    def switch(self, gen: int) -> None:
+    def switch(self, gen: int) -> str | None:
+        """Record the new version as current, then route to it; if the record cannot be
+        written, say why and do not switch (a restart would bring back the old one)."""
+        try:
+            self.sup.store.commit_current(self.rt.state, self.rt.gens[gen])
+        except OSError as exc:
+            return f"state: cannot record the switch ({exc.strerror or exc}); not switching"
         self.rt.serving_gen = gen
         self.sup.activate(self.rt)
         self.phases["switch_at_s"] = time.monotonic() - self.t0
         self.say("switched", generation=gen, version=self.rt.gens[gen].version)
+        return None
 
     # ------------------------------------------------------------------ strategies
     def run(self) -> Operation:
@@ -303,10 +310,10 @@ class Upgrade:
         new = [self.spawn(gen, slot) for slot in range(len(rt.devices))]
         ok, reason = yield from self.wait_boot(new)
         refusal = self.contract_refusal(gen) if ok else None
+        refusal = refusal or (self.switch(gen) if ok else None)
         if not ok or refusal:
             yield from self.abandon(new)
             return False, refusal or reason
-        self.switch(gen)
         failed = yield from self.watch_window(new, old)
         if failed:
             rt.serving_gen = self.old_gen  # the old workers never stopped: one assignment
@@ -349,13 +356,15 @@ class Upgrade:
                 new = self.spawn(gen, slot)
             ok, reason = yield from self.wait_boot([new])
             refusal = self.contract_refusal(gen) if ok and not done else None
+            first = ok and not refusal and rt.serving_gen != gen
+            if first:
+                refusal = self.switch(gen)  # None once switched
             if not ok or refusal:
                 yield from self.abandon([new])
                 self.restored = yield from self.restore(slot, done)
                 return False, refusal or reason
             done.append(slot)
-            if rt.serving_gen != gen:
-                self.switch(gen)
+            if first:
                 others = [r for r in rt.alive(self.old_gen) if r.slot != slot]
                 failed = yield from self.watch_window([new], old + others)
                 if failed:
@@ -494,6 +503,8 @@ class Upgrade:
                 self.strategy,
                 extra={"model": rt.name, "version": self.target.version},
             )
+        if not ok and self.old_gen in rt.gens:
+            rt.state.current = rt.gens[self.old_gen]  # a switch may have recorded the target
         if self.action != "recycle":
             self.sup.store.record(
                 rt.state,

@@ -3,20 +3,27 @@ run out, the state disk is full or read-only, SIGTERM under load (issue 17)."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import json
 import os
 import resource
 import signal
 import socket
+import stat
+import subprocess
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
+from typing import Any
 
 import msgpack
 import numpy as np
 import pytest
 import zmq
 from modelkit import make_mlp, mlp_input, mlp_reference
-from poolkit import running_pool, start_pool, wait_for
+from poolkit import Pool, running_pool, start_pool, wait_for
 
 PROTO = b"gpu-pool/1"
 
@@ -213,3 +220,121 @@ def test_sigterm_answers_every_request_it_accepted(tmp_path: object) -> None:
         pool.stop()
     assert not lost, f"{len(lost)} requests got no reply; replies: {codes}"
     assert codes.get("SHUTTING_DOWN", 0) >= 16
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: str, size: str = "1m") -> Iterator[str]:
+    """A tmpfs of ``size`` at ``path`` (root only; the test is skipped otherwise)."""
+    os.makedirs(path, exist_ok=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", path],
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode})")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", path], check=False)
+
+
+def fill_disk(directory: str) -> str:
+    """Write zeros into ``directory`` until the file system is full; return the file."""
+    path = os.path.join(directory, "filler")
+    with open(path, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+    return path
+
+
+def ask(pool: Pool, model: str, x: np.ndarray) -> Any:
+    client = pool.client()
+    try:
+        return client.infer(model, x, timeout=10)
+    finally:
+        client.close()
+
+
+def committed_version(state_dir: str, model: str) -> str:
+    with open(os.path.join(state_dir, "models", f"{model}.json")) as f:
+        return str(json.load(f)["current"]["version"])
+
+
+@pytest.mark.slow
+def test_full_or_read_only_state_dir_never_leaves_the_pool_inconsistent(tmp_path: object) -> None:
+    d = str(tmp_path)
+    v1 = make_mlp(os.path.join(d, "models", "m1.pt"), seed=4)
+    v2 = make_mlp(os.path.join(d, "models", "m2.pt"), seed=5)
+    fresh = make_mlp(os.path.join(d, "models", "n1.pt"), seed=6)
+    x = mlp_input(1, seed=2)
+    with small_tmpfs(os.path.join(d, "disk")) as disk:
+        state = os.path.join(disk, "state")
+        m = {"name": "m", "path": v1, "version": "1", "devices": ["cpu"]}
+        with running_pool(os.path.join(d, "run1"), [m], state_dir=state) as pool:
+            filler = fill_disk(disk)
+            # An upgrade that cannot record its outcome does not switch, and says why.
+            r = pool.pool_ctl("upgrade", "m", v2, "--version", "2")
+            assert r.returncode == 1, r.stdout + r.stderr
+            assert "state" in (r.stdout + r.stderr) and "not switching" in (r.stdout + r.stderr)
+            assert pool.model("m")["version"] == "1"
+            got = ask(pool, "m", x)
+            assert got.version == "1"
+            np.testing.assert_allclose(got.outputs[0], mlp_reference(4, x), rtol=1e-5, atol=1e-6)
+            health = pool.pool_ctl("health")
+            assert health.returncode == 1 and "state not saved" in health.stderr, health
+        assert committed_version(state, "m") == "1"
+
+        # A restart on the full disk, with a model it never ran: serves, says degraded.
+        n = {"name": "n", "path": fresh, "devices": ["cpu"]}
+        with running_pool(os.path.join(d, "run2"), [m, n], state_dir=state) as pool:
+            assert pool.model("m")["version"] == "1"
+            assert ask(pool, "n", x).outputs[0].shape == (1, 4)
+            health = pool.pool_ctl("health")
+            assert health.returncode == 1 and "state not saved" in health.stderr, health
+            os.unlink(filler)  # room again: the state is written and health clears
+            wait_for(lambda: pool.pool_ctl("health").returncode == 0, 30, "health to clear")
+        assert os.path.exists(os.path.join(state, "models", "n.json"))
+
+        # Read-only: the same.
+        subprocess.run(["mount", "-o", "remount,ro", disk], check=True)
+        with running_pool(os.path.join(d, "run3"), [m], state_dir=state) as pool:
+            assert ask(pool, "m", x).version == "1"
+            health = pool.pool_ctl("health")
+            assert health.returncode == 1 and "state not saved" in health.stderr, health
+            r = pool.pool_ctl("upgrade", "m", v2, "--version", "2")
+            assert r.returncode == 1 and pool.model("m")["version"] == "1"
+
+
+def test_poold_never_chmods_a_directory_it_did_not_create(tmp_path: object) -> None:
+    """A control socket in a shared 1777 directory is refused with a clear error, and
+    the directory keeps its mode (poold used to chmod it to 0700)."""
+    d = str(tmp_path)
+    shared = os.path.join(d, "shared")
+    os.makedirs(shared)
+    os.chmod(shared, 0o1777)
+    model = make_mlp(os.path.join(d, "m", "m.pt"), seed=4)
+    pool = start_pool(
+        d,
+        [{"name": "m", "path": model, "devices": ["cpu"]}],
+        wait=False,
+        control=f"ipc://{shared}/gpu-pool.sock",
+    )
+    try:
+        assert pool.proc.wait(60) == 1
+    finally:
+        pool.stop()
+    assert stat.S_IMODE(os.stat(shared).st_mode) == 0o1777
+    assert "writable by others" in pool.log() and shared in pool.log()
+    # A directory poold creates itself is owner-only.
+    own = os.path.join(d, "own", "ctl")
+    with running_pool(
+        os.path.join(d, "ok"),
+        [{"name": "m", "path": model, "devices": ["cpu"]}],
+        control=f"ipc://{own}/c.sock",
+    ):
+        assert stat.S_IMODE(os.stat(own).st_mode) == 0o700
