@@ -289,6 +289,12 @@ class Upgrade:
         self.say("switched", generation=gen, version=self.rt.gens[gen].version)
         return None
 
+    def unswitch(self) -> None:
+        """Route back to the old generation; the state file is rewritten by ``finish``."""
+        self.rt.serving_gen = self.old_gen
+        self.rt.state.current = self.rt.gens[self.old_gen]
+        self.sup.activate(self.rt)
+
     # ------------------------------------------------------------------ strategies
     def run(self) -> Operation:
         rt = self.rt
@@ -316,8 +322,7 @@ class Upgrade:
             return False, refusal or reason
         failed = yield from self.watch_window(new, old)
         if failed:
-            rt.serving_gen = self.old_gen  # the old workers never stopped: one assignment
-            self.sup.activate(rt)
+            self.unswitch()  # the old workers never stopped: one assignment
             self.say("switched_back", generation=self.old_gen, version=self.from_version)
             yield from self.retire(new)
             return False, failed
@@ -368,8 +373,7 @@ class Upgrade:
                 others = [r for r in rt.alive(self.old_gen) if r.slot != slot]
                 failed = yield from self.watch_window([new], old + others)
                 if failed:
-                    rt.serving_gen = self.old_gen  # the other devices still run it
-                    self.sup.activate(rt)
+                    self.unswitch()  # the other devices still run it
                     self.say("switched_back", generation=self.old_gen, version=self.from_version)
                     yield from self.abandon([new])
                     self.restored = yield from self.restore(slot, [])
@@ -419,8 +423,7 @@ class Upgrade:
             if not ok:
                 failures.append(why)
         if rt.serving_gen != self.old_gen:
-            rt.serving_gen = self.old_gen
-            self.sup.activate(rt)
+            self.unswitch()
         for slot in switched:
             gone = [r for r in rt.alive() if r.slot == slot and r.generation != self.old_gen]
             yield from self.retire(gone)
