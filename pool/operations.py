@@ -12,6 +12,7 @@ from pool.runtime import ModelRuntime
 from pool.supervisor import Supervisor
 from pool.tasks import Operation, Wait
 from pool.upgrade import Refused, Upgrade
+from pool.upgrade_phases import UpgradePhase
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ def start_recycle(sup: Supervisor, rt: ModelRuntime, rec: WorkerRecord, why: str
             "recycle",
             lambda *a, **k: None,
         )
+        up.enter(UpgradePhase.STARTING)
         new = up.spawn(rec.generation, rec.slot)
         ok, reason = yield from up.wait_boot([new])
         if not ok:
@@ -69,6 +71,7 @@ def start_recycle(sup: Supervisor, rt: ModelRuntime, rec: WorkerRecord, why: str
             return up.finish(False, reason)
         sup.activate(rt)
         rec.exit_reason = "recycled"
+        up.enter(UpgradePhase.RETIRING)
         yield from up.retire([rec])
         return up.finish(True, "")
 

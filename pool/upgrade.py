@@ -30,6 +30,7 @@ from pool.state import Deployed
 from pool.stopping import KILL_GRACE_S
 from pool.supervisor import Supervisor
 from pool.tasks import Operation, Wait
+from pool.upgrade_phases import PhaseTrack, UpgradePhase
 from pool.watch import watch
 
 log = logging.getLogger(__name__)
@@ -149,8 +150,12 @@ class Upgrade:
         self.contract_note = ""  # what the check found, for the result
         self.watch_note = ""  # what the watch window saw (pool.watch)
         self.restored: Restore | None = None  # set when a failure put the old version back
+        self.track = PhaseTrack(time.monotonic)  # the phase now, per pool.upgrade_phases
 
     # ------------------------------------------------------------------ helpers
+    def enter(self, phase: UpgradePhase) -> None:
+        self.track.enter(phase)
+
     def say(self, phase: str, **info: Any) -> None:
         self.progress(phase, elapsed_s=round(time.monotonic() - self.t0, 3), **info)
 
@@ -312,6 +317,7 @@ class Upgrade:
         old = rt.alive(self.old_gen)
         reference = {r.device: _device_used(self.sup, r.device) for r in old}
         gen = self.sup.new_generation(rt, self.target)
+        self.enter(UpgradePhase.STARTING)
         self.say("starting", generation=gen, version=self.target.version)
         new = [self.spawn(gen, slot) for slot in range(len(rt.devices))]
         ok, reason = yield from self.wait_boot(new)
@@ -324,8 +330,10 @@ class Upgrade:
         if failed:
             self.unswitch()  # the old workers never stopped: one assignment
             self.say("switched_back", generation=self.old_gen, version=self.from_version)
+            self.enter(UpgradePhase.RETIRING)
             yield from self.retire(new)
             return False, failed
+        self.enter(UpgradePhase.RETIRING)
         yield from self.retire(old)
         self.check_memory(reference)
         return True, ""
@@ -339,6 +347,7 @@ class Upgrade:
         if pool.watch_requests <= 0 or pool.watch_s <= 0:
             return ""
         seconds = min(pool.watch_s, max(0.0, self.deadline - time.monotonic()))
+        self.enter(UpgradePhase.WATCHING)
         result = yield from watch(new, old, pool.watch_requests, seconds, self.say)
         self.phases["watch_s"] = result.seconds
         self.watch_note = result.note()
@@ -355,10 +364,13 @@ class Upgrade:
             if self.sup.takes_standby(rt, device) and self.sup.standbys.available(device):
                 new = yield from self.staged_start(gen, slot, old, reference)
             else:
+                self.enter(UpgradePhase.DRAINING)
                 yield from self.retire(old)
                 self.check_memory(reference)
+                self.enter(UpgradePhase.STARTING)
                 self.say("starting", generation=gen, slot=slot, device=device)
                 new = self.spawn(gen, slot)
+            self.enter(UpgradePhase.STARTING)
             ok, reason = yield from self.wait_boot([new])
             refusal = self.contract_refusal(gen) if ok and not done else None
             first = ok and not refusal and rt.serving_gen != gen
@@ -388,6 +400,7 @@ class Upgrade:
         """Drain-first through the standby: stage the new weights on the host while the
         old worker serves, retire it, prove its memory back, then let the new one load."""
         device = self.rt.devices[slot]
+        self.enter(UpgradePhase.STAGING)
         self.say("starting", generation=gen, slot=slot, device=device, staged=True)
         new = self.spawn(gen, slot, hold=True)
         t = time.monotonic()
@@ -398,6 +411,7 @@ class Upgrade:
         self.phases["staged_s"] = time.monotonic() - t
         self.staged = True
         self.say("staged", worker=new.wid, staged_s=round(self.phases["staged_s"], 3))
+        self.enter(UpgradePhase.DRAINING)
         yield from self.retire(old)
         self.check_memory(reference)
         if new.alive:
@@ -405,6 +419,7 @@ class Upgrade:
         return new
 
     def abandon(self, recs: list[WorkerRecord]) -> Generator[Wait, bool, None]:
+        self.enter(UpgradePhase.ABANDONING)
         for r in recs:
             if r.alive:
                 self.sup.kill(r, "abandoned by a failed upgrade", "abandoned")
@@ -414,6 +429,7 @@ class Upgrade:
         """Put the old version back on the failed slot, then on the slots already switched;
         say whether every one of them booted."""
         rt = self.rt
+        self.enter(UpgradePhase.ROLLING_BACK)
         self.say("rolling_back", slot=failed_slot)
         failures: list[str] = []
         # A staged start fails before the old worker is retired: it still serves there.
@@ -453,11 +469,13 @@ class Upgrade:
         rt = self.rt
         elapsed = time.monotonic() - self.t0
         if ok:
-            outcome = "committed"
+            end = UpgradePhase.COMMITTED
         elif self.restored is None or self.restored.ok:
-            outcome = "rolled_back"
+            end = UpgradePhase.ROLLED_BACK
         else:
-            outcome = "restore_failed"  # the old version is not back everywhere either
+            end = UpgradePhase.RESTORE_FAILED  # the old version is not back everywhere either
+        self.enter(end)
+        outcome = end.value
         result: dict[str, Any] = {
             "ok": ok,
             "model": rt.name,
@@ -480,6 +498,7 @@ class Upgrade:
             "contract": self.contract_note,
             "watch": self.watch_note,
             "restore": self.restored._asdict() if self.restored is not None else None,
+            "path": [phase.value for phase in self.track.path],
         }
         if not ok:
             result["reason"] = reason

@@ -116,7 +116,7 @@ class FakeSupervisor:
         if rec.alive:
             rec.to(WorkerState.EXITED)
 
-    def kill(self, rec: WorkerRecord, why: str) -> None:
+    def kill(self, rec: WorkerRecord, why: str, reason: str = "crashed") -> None:
         self.retire(rec)
 
     def release(self, rec: WorkerRecord) -> None:
@@ -132,8 +132,15 @@ class FakeSupervisor:
         return False
 
 
-def run(sup: FakeSupervisor, op: Operation, clock: FakeClock, step_s: float = 0.001) -> Any:
-    """Poll the operation like poold's loop, one turn every ``step_s`` of fake time."""
+def run(
+    sup: FakeSupervisor,
+    op: Operation,
+    clock: FakeClock,
+    step_s: float = 0.001,
+    on_turn: Callable[[], None] = lambda: None,
+) -> Any:
+    """Poll the operation like poold's loop, one turn every ``step_s`` of fake time;
+    ``on_turn`` plays what the workers do meanwhile."""
     results: list[Any] = []
     scheduler = Scheduler(clock=clock)
     scheduler.start("test", op, results.append)
@@ -141,5 +148,6 @@ def run(sup: FakeSupervisor, op: Operation, clock: FakeClock, step_s: float = 0.
         if results:
             return results[0]
         clock.now += step_s
+        on_turn()
         scheduler.poll()
     raise AssertionError("the operation never finished")
