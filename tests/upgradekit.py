@@ -53,6 +53,9 @@ class Recorded:
         self.outcomes.append(outcome)
         self.extra.append(extra)
 
+    def commit_current(self, state: ModelState, deployed: Deployed) -> None:
+        state.current = deployed  # the real one writes it to disk first
+
 
 class _Metrics:
     def observe_upgrade(self, *args: Any) -> None:
