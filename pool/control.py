@@ -61,6 +61,7 @@ class ControlServer:
         self.roots = roots
         self.on_reload = on_reload
         self.started = time.time()
+        self.running: dict[str, Upgrade] = {}  # model -> its upgrade/rollback, for cancel
         self.commands: dict[str, Callable[[dict[str, Any], Reply], None]] = {
             "status": self.cmd_status,
             "upgrade": self.cmd_upgrade,
@@ -69,6 +70,7 @@ class ControlServer:
             "describe": self.cmd_describe,
             "health": self.cmd_health,
             "reload": self.cmd_reload,
+            "cancel": self.cmd_cancel,
             "stats": self.cmd_stats,
         }
 
@@ -251,6 +253,24 @@ class ControlServer:
             )
         )
 
+    def cmd_cancel(self, args: dict[str, Any], reply: Reply) -> None:
+        """``pool-ctl cancel MODEL`` (and Ctrl-C during ``pool-ctl upgrade``).
+
+        Request args: model, uid?. The running upgrade or rollback gives up at its next
+        wait for a new worker and puts the serving version back; its own result then
+        says rolled_back with the reason. Once traffic switched, it completes instead.
+        """
+        rt = self.model(args)
+        up = self.running.get(rt.name)
+        if up is None:
+            raise CommandError(f"no upgrade or rollback of {rt.name!r} is running")
+        uid = self.opt(args, "uid", int, None)
+        up.cancel(f"cancelled by pool-ctl cancel (uid {uid})")
+        log.warning("%s of %s: cancel requested by uid %s", up.action, rt.name, uid,
+                    extra={"model": rt.name, "event": "cancel", "peer_uid": uid})  # fmt: skip
+        data = {"model": rt.name, "operation": up.action, "target_version": up.target.version}
+        reply({"type": "result", "ok": True, "data": data})
+
     def cmd_upgrade(self, args: dict[str, Any], reply: Reply) -> None:
         """``pool-ctl upgrade MODEL PATH [--version V] [--strategy S] [--timeout S]``.
 
@@ -308,6 +328,10 @@ class ControlServer:
         if timeout <= 0:
             raise CommandError("timeout must be positive")
         allow_change = self.opt(args, "allow_contract_change", bool, False)
+        # As pool-ctl reports it: ipc peers' credentials do not reach us through ZeroMQ,
+        # and the 0600 socket in a 0700 directory already limits callers to poold's user
+        # and root.
+        uid = self.opt(args, "uid", int, None)
         sup = self.sup
 
         def progress(phase: str, **info: Any) -> None:
@@ -335,7 +359,23 @@ class ControlServer:
             up = Upgrade(sup, rt, target, strategy, timeout, action, progress)
             up.allow_contract_change = allow_change
             up.t0 = t_start  # the caller's wait includes hashing the file
-            return (yield from up.run())
+            log.info(
+                "%s of %s requested: %s (%s) as version %s, strategy %s, by uid %s",
+                action,
+                rt.name,
+                path,
+                digest,
+                label,
+                strategy,
+                uid,
+                extra={"model": rt.name, "event": "requested", "path": path, "digest": digest,
+                       "peer_uid": uid, "strategy": strategy},
+            )  # fmt: skip
+            self.running[rt.name] = up
+            try:
+                return (yield from up.run())
+            finally:
+                self.running.pop(rt.name, None)
 
         start_operation(
             sup,

@@ -43,6 +43,11 @@ NVML_EVERY_S = 0.1
 SETTLE_EVERY_S = 0.25
 Progress = Callable[..., None]
 
+# Progress phases that also go to the log: an upgrade's story, step by step.
+STORY = frozenset(
+    {"strategy", "starting", "switched", "draining", "retired", "rolling_back", "cancelled"}
+)
+
 BootResult = Generator[Wait, bool, tuple[bool, str]]
 
 
@@ -142,6 +147,8 @@ class Upgrade:
         self.freed: dict[str, int] = {}
         self.memory_back: bool | None = None
         self.worker_timings: dict[str, float] = {}
+        self.cancelled: str | None = None  # pool-ctl cancel (or Ctrl-C): why
+        self.restoring = False  # putting the old version back: not to be cancelled
         self.standbys_taken = 0
         self.staged = False  # drain-first staged the new weights while the old served
         # A new version whose contract breaks the serving one's is refused before the
@@ -157,7 +164,21 @@ class Upgrade:
         self.track.enter(phase)
 
     def say(self, phase: str, **info: Any) -> None:
-        self.progress(phase, elapsed_s=round(time.monotonic() - self.t0, 3), **info)
+        elapsed = round(time.monotonic() - self.t0, 3)
+        self.progress(phase, elapsed_s=elapsed, **info)
+        if phase in STORY and self.action != "recycle":
+            # The upgrade's story in the log, one line a step (pool-ctl sees the same).
+            detail = " ".join(f"{k}={v}" for k, v in info.items() if v not in (None, [], {}))
+            log.info(
+                "%s of %s to %s: %s %s",
+                self.action,
+                self.rt.name,
+                self.target.version,
+                phase,
+                detail,
+                extra={"model": self.rt.name, "version": self.target.version, "event": phase,
+                       "elapsed_s": elapsed},
+            )
 
     def spawn(self, gen: int, slot: int, hold: bool = False) -> WorkerRecord:
         rec = self.sup.spawn(self.rt, gen, slot, hold)
@@ -166,6 +187,18 @@ class Upgrade:
             self.standbys_taken += 1
             self.say("standby_taken", worker=rec.wid, device=rec.device)
         return rec
+
+    def cancel(self, why: str) -> None:
+        """Give up at the next wait for a new worker (never while putting the old one
+        back, and not after the switch: from there the new version is what serves)."""
+        self.cancelled = why
+
+    def _cancelling(self) -> bool:
+        return self.cancelled is not None and not self.restoring
+
+    def _changed_or_cancelled(self, recs: list[WorkerRecord]) -> Callable[[], bool]:
+        changed = _changed(recs)
+        return lambda: changed() or self._cancelling()
 
     def wait_boot(self, recs: list[WorkerRecord]) -> BootResult:
         """Wait until every worker is ready (True) or one fails (False, reason)."""
@@ -191,10 +224,12 @@ class Upgrade:
             ]
             if bad:
                 return False, f"{bad[0].wid}: {bad[0].failure or bad[0].state.value}"
+            if self._cancelling():
+                return False, str(self.cancelled)
             left = self.deadline - time.monotonic()
             if left <= 0:
                 return False, "not ready before the upgrade timeout"
-            met = yield Wait(_changed(recs), left, "boot")
+            met = yield Wait(self._changed_or_cancelled(recs), left, "boot")
             if not met and time.monotonic() >= self.deadline:
                 return False, "not ready before the upgrade timeout"
 
@@ -428,6 +463,7 @@ class Upgrade:
     def restore(self, failed_slot: int, switched: list[int]) -> Generator[Wait, bool, Restore]:
         """Put the old version back on the failed slot, then on the slots already switched;
         say whether every one of them booted."""
+        self.restoring = True
         rt = self.rt
         self.enter(UpgradePhase.ROLLING_BACK)
         self.say("rolling_back", slot=failed_slot)

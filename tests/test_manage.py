@@ -227,3 +227,46 @@ def test_one_broken_model_does_not_hold_the_pool_hostage(tmp_path: Any, monkeypa
     finally:
         pool.stop()
         sock.close()
+
+
+def test_cancel_and_ctrl_c_roll_an_upgrade_back(rig: Rig) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from modelkit import make_factory_model
+
+    slow = make_factory_model(rig.path("slow"), seed=5, load_sleep_s=60)
+    before = rig.pool.model("a")["version"]
+    cmd = [sys.executable, "-m", "pool.ctl.cli", "--control", rig.pool.control]
+
+    def upgrade() -> subprocess.Popen[str]:
+        p = subprocess.Popen(
+            [*cmd, "upgrade", "a", slow, "--version", "slow"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        wait_for(lambda: rig.pool.model("a")["operation"] == "upgrade", 30, "the upgrade")
+        return p
+
+    p = upgrade()
+    out = rig.pool.pool_ctl("cancel", "a")
+    assert out.returncode == 0 and "cancelling upgrade" in out.stdout, out
+    stdout, stderr = p.communicate(timeout=60)
+    assert p.returncode == 1 and "cancelled by pool-ctl cancel" in stdout + stderr
+    assert rig.pool.model("a")["version"] == before
+    p = upgrade()
+    p.send_signal(signal.SIGINT)  # what Ctrl-C does
+    stdout, stderr = p.communicate(timeout=60)
+    assert p.returncode == 1 and "cancelling" in stderr and "cancelled" in stdout, (stdout, stderr)
+    a = rig.pool.model("a")
+    assert a["version"] == before and a["operation"] is None
+    assert all(w["version"] == before for w in a["workers"])
+    nothing = rig.pool.pool_ctl("cancel", "a")
+    assert nothing.returncode == 1 and "no upgrade or rollback" in nothing.stderr
+    hist = json.loads(rig.pool.pool_ctl("history", "a", "--json").stdout)["history"]
+    assert [h["outcome"] for h in hist[-2:]] == ["rolled_back", "rolled_back"]
+    log = rig.pool.log()
+    assert "upgrade of a requested: " in log and "by uid " in log and "sha256:" in log
+    assert "upgrade of a to slow: strategy" in log

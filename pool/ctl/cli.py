@@ -45,6 +45,7 @@ examples:
   pool-ctl load bert /srv/models/bert/1/model.pt --devices cuda:0 cuda:1 --max-batch 16
   pool-ctl scale bert --devices cuda:0     same version, one worker (zero-loss)
   pool-ctl unload bert                     drain, then stop serving it
+  pool-ctl cancel resnet                   roll back the upgrade running now (Ctrl-C does too)
   pool-ctl reload                          apply edits of the config file; exit 1 if any failed
 
 exit codes: 0 ok, 1 failed (rolled back, refused, unhealthy), 2 usage, 3 poold unreachable
@@ -123,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     hist = add("history", "the versions a model has run, with outcome and timings")
     hist.add_argument("model")
     add("list", "the models served, one line each")
+    cancel = add("cancel", "stop a running upgrade or rollback; the serving version stays")
+    cancel.add_argument("model")
     load = add("load", "start serving a new model (persisted: a restart keeps it)")
     load.add_argument("model")
     load.add_argument("path", help="model file under one of poold's model_roots")
@@ -195,8 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     cmd: str = args.command
     payload: dict[str, Any] = {}
-    if cmd in ("upgrade", "rollback", "history", "describe", "load", "unload", "scale"):
+    if cmd in ("upgrade", "rollback", "history", "describe", "load", "unload", "scale", "cancel"):
         payload["model"] = args.model
+        payload["uid"] = os.getuid()  # for poold's log: who asked
     if cmd == "load":
         payload["path"] = os.path.abspath(args.path)
         for key in ("devices", "max_batch", "version"):
@@ -223,6 +227,14 @@ def main(argv: list[str] | None = None) -> int:
     if cmd in ("reload", "load", "unload", "scale"):
         timeout = 3600.0 + 120.0  # they wait for the workers they start and stop
     tty = sys.stderr.isatty()
+
+    def interrupted() -> None:
+        """Ctrl-C during an upgrade: ask poold to roll back, then wait for its result."""
+        print("pool-ctl: cancelling (Ctrl-C again to stop waiting)", file=sys.stderr)
+        answer = client.call("cancel", {"model": args.model, "uid": os.getuid()})
+        if not answer.get("ok"):
+            print(f"pool-ctl: {answer.get('error')}", file=sys.stderr)
+
     try:
         result = client.call(
             cmd,
@@ -233,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                 if not args.json or tty
                 else None
             ),
+            on_interrupt=interrupted if cmd in ("upgrade", "rollback") else None,
         )
     except Unreachable as exc:
         print(f"pool-ctl: {exc}", file=sys.stderr)
@@ -241,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_UNREACHABLE
     except TimeoutError as exc:
         print(f"pool-ctl: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("pool-ctl: interrupted; poold carries on (see pool-ctl status)", file=sys.stderr)
         return EXIT_FAILED
     return report(cmd, args.json, result)
 
@@ -266,6 +282,9 @@ def report(cmd: str, as_json: bool, result: dict[str, Any]) -> int:
         print_history(data)
     elif ok and cmd == "list":
         print_list(data)
+    elif ok and cmd == "cancel":
+        say(f"{data.get('model')}: cancelling {data.get('operation')} to "
+            f"{data.get('target_version')}; it rolls back at its next step")  # fmt: skip
     elif ok and cmd in ("load", "unload", "scale"):
         say(f"{data.get('model')}: {data.get('outcome') or 'done'} ({describe_done(data)})")
     elif ok and cmd == "describe":

@@ -40,8 +40,12 @@ class ControlClient:
         *,
         timeout_s: float | None = None,
         progress: Progress | None = None,
+        on_interrupt: Callable[[], None] | None = None,
     ) -> dict[str, Any]:
-        """Send one command; return its result map. ``progress`` sees progress maps."""
+        """Send one command; return its result map. ``progress`` sees progress maps.
+
+        With ``on_interrupt``, a first Ctrl-C calls it (pool-ctl sends ``cancel``) and
+        the wait for the result goes on; a second one raises KeyboardInterrupt."""
         try:
             probe(self.endpoint)  # a stale or forbidden socket fails now, not after a timeout
         except NotListening as exc:
@@ -66,7 +70,15 @@ class ControlClient:
             first = True
             while True:
                 budget = min(wait, end - time.monotonic()) if not first else wait
-                if budget <= 0 or not sock.poll(int(budget * 1000)):
+                try:
+                    answered = budget > 0 and bool(sock.poll(int(budget * 1000)))
+                except KeyboardInterrupt:
+                    if on_interrupt is None:
+                        raise
+                    handler, on_interrupt = on_interrupt, None
+                    handler()
+                    continue
+                if not answered:
                     if first:
                         raise Unreachable(
                             f"poold at {self.endpoint} did not answer within "
