@@ -51,7 +51,12 @@ run id
 run poold --version
 run pool-ctl --version
 run poold --check-config /tmp/pool.toml
-run sh -c 'poold --demo & pid=$!; for i in $(seq 120); do
-    pool-ctl status >/dev/null 2>&1 && break; sleep 1; done
-  pool-ctl status && pool-ctl health; rc=$?; kill -TERM $pid; wait $pid; exit $rc'
+run sh -c 'poold --demo & pid=$!; rc=1; for i in $(seq 180); do
+    if pool-ctl health >/dev/null 2>&1; then rc=0; break; fi; sleep 1; done
+  [ $rc = 0 ] && pool-ctl status && python -c "
+import numpy as np
+from router.client import Client
+r = Client(\"tcp://127.0.0.1:5555\").infer(\"demo\", np.zeros((1, 16), np.float32), timeout=30)
+print(\"answered by version\", r.version, r.outputs[0].shape)" || rc=1
+  kill -TERM $pid; wait $pid; exit $rc'
 echo "--- image OK: $IMAGE"
