@@ -36,7 +36,7 @@ from router import protocol as p
 
 HEADER_LENGTH = "inference-header-content-length"
 EXTENSIONS = ("binary_tensor_data", "model_version")
-MAX_BODY = 1 << 30
+MAX_BODY = 1 << 30  # the default; poold passes its max_message_mb
 
 _MODEL_PATH = re.compile(
     r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<tail>/ready|/infer)?"
@@ -71,7 +71,9 @@ class HttpApi:
         *,
         token: str = "",
         server_version: str = "",
+        max_body: int = MAX_BODY,
     ) -> None:
+        self.max_body = max_body
         self.upstream = upstream
         self.catalog = catalog
         self.stats = stats
@@ -320,15 +322,20 @@ def asgi_app(api: HttpApi) -> Callable[[dict[str, Any], Receive, Send], Awaitabl
         if scope["type"] != "http":
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        too_big = _json(413, {"error": f"BAD_REQUEST: body over {api.max_body} bytes"})
+        declared = headers.get("content-length", "")
         parts, size = [], 0
         while True:
+            if declared.isdigit() and int(declared) > api.max_body:
+                resp = too_big  # refused before a byte of it is read
+                break
             msg = await receive()
             if msg["type"] == "http.disconnect":
                 return
             chunk = msg.get("body", b"")
             size += len(chunk)
-            if size > MAX_BODY:
-                resp = _json(413, {"error": f"BAD_REQUEST: body over {MAX_BODY} bytes"})
+            if size > api.max_body:  # chunked bodies declare nothing: count as they come
+                resp = too_big
                 break
             parts.append(chunk)
             if not msg.get("more_body"):

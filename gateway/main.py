@@ -53,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--token-file", default="", help="file holding the bearer token to require")
     ap.add_argument("--curve-keys", default="", help="file: server, public, secret key (z85)")
     ap.add_argument("--stats", default="", help="where to write the metrics snapshot (JSON)")
+    ap.add_argument("--max-body-mb", type=int, default=1024, help="largest request body")
     ap.add_argument("--lifeline-fd", type=int, default=-1, help="exit when this fd hits EOF")
     ap.add_argument("--log-level", default="INFO")
     return ap.parse_args(argv)
@@ -151,7 +152,14 @@ async def _serve_http(
 
     from gateway.http_api import HttpApi, asgi_app
 
-    api = HttpApi(upstream, catalog, stats, token=token, server_version=server_version())
+    api = HttpApi(
+        upstream,
+        catalog,
+        stats,
+        token=token,
+        server_version=server_version(),
+        max_body=args.max_body_mb << 20,
+    )
     config = uvicorn.Config(
         asgi_app(api),
         host=host,

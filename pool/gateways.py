@@ -62,6 +62,7 @@ class GatewaySpec:
     token_file: str = ""
     curve_keys: str = ""
     log_level: str = "INFO"
+    max_body_mb: int = 1024
 
     def argv(self) -> list[str]:
         args = [
@@ -69,7 +70,7 @@ class GatewaySpec:
             "--protocol", self.protocol, "--listen", self.listen,
             "--frontend", self.frontend, "--control", self.control,
             "--stats", self.stats_path, "--lifeline-fd", str(LIFELINE_FD),
-            "--log-level", self.log_level,
+            "--log-level", self.log_level, "--max-body-mb", str(self.max_body_mb),
         ]  # fmt: skip
         for flag, value in (
             ("--tls-cert", self.tls_cert),
@@ -252,6 +253,7 @@ def gateway_specs(
                     token_file=pool.oip_token_file or "",
                     curve_keys=keys,
                     log_level=pool.log_level,
+                    max_body_mb=pool.max_message_mb,
                 )
             )
     return specs

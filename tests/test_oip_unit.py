@@ -77,6 +77,16 @@ def test_every_router_error_code_has_an_http_and_grpc_status() -> None:
         assert re.search(rf"`{code}` \| {mapping.http} \| `{mapping.grpc.name}`", doc), code
 
 
+def test_bfloat16_from_json_rounds_to_nearest_even() -> None:
+    from gateway.tensors import from_values, to_array
+
+    # 1 + 2**-8 lies halfway between bfloat16 1.0 and 1 + 2**-7: ties go to the even 1.0;
+    # 1 + 3 * 2**-8 lies halfway between 1 + 2**-7 and 1 + 2**-6: to the even 1 + 2**-6.
+    t = from_values("bfloat16", (4,), [1.0, 1 + 2**-8, 1 + 3 * 2**-8, -2.5])
+    assert np.frombuffer(t.data, "<u2").tolist() == [0x3F80, 0x3F80, 0x3F82, 0xC020]
+    assert to_array(t).tolist() == [1.0, 1.0, 1 + 2**-6, -2.5]
+
+
 # ------------------------------------------------------------------ config
 
 
@@ -242,6 +252,7 @@ def test_inputs_are_matched_by_name_and_binary_sizes_are_checked() -> None:
 def test_positional_names_still_work_once_the_contract_names_the_inputs() -> None:
     """A client that read the metadata before the contract was known sent input0, input1."""
     api, up = _api()
+
     def tensor(name: str, data: list[float]) -> dict[str, Any]:
         return {"name": name, "datatype": "FP32", "shape": [1, 2], "data": data}
 
@@ -265,6 +276,32 @@ def test_gzip_bodies_and_bearer_tokens() -> None:
               authorization="Bearer s3cret", content_encoding="gzip")  # fmt: skip
     assert r.status == 200
     assert json.loads(r.body)["outputs"][0]["data"] == [2.0, 3.0]
+
+
+def test_a_body_over_the_limit_is_refused_unread() -> None:
+    from gateway.http_api import asgi_app
+
+    api, _ = _api()
+    api.max_body = 100
+    sent: list[dict[str, Any]] = []
+    reads = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal reads
+        reads += 1
+        return {"type": "http.request", "body": b"x" * 60, "more_body": True}
+
+    async def send(msg: dict[str, Any]) -> None:
+        sent.append(msg)
+
+    async def run(headers: list[tuple[bytes, bytes]]) -> None:
+        scope = {"type": "http", "method": "POST", "path": "/v2/models/m/infer", "headers": headers}
+        await asgi_app(api)(scope, receive, send)
+
+    asyncio.run(run([(b"content-length", b"101")]))
+    assert sent[0]["status"] == 413 and reads == 0
+    asyncio.run(run([(b"transfer-encoding", b"chunked")]))
+    assert sent[2]["status"] == 413 and reads == 2  # 60, then 120 > 100
 
 
 # ------------------------------------------------------------------ the supervisor
