@@ -119,3 +119,23 @@ def test_watch_verdict() -> None:
     assert _verdict(5, 5, 0.0) and _verdict(10, 6, 0.05)
     assert not _verdict(4, 4, 0.0)  # too few to judge
     assert not _verdict(100, 60, 0.3)  # not far above the old version's rate
+
+
+def test_describe_lines_for_people() -> None:
+    from pool.ctl.describe import describe_lines
+
+    data = {
+        "name": "pair",
+        "version": "2",
+        "devices": ["cpu"],
+        "contract_known": True,
+        "contract_source": "traffic",
+        "inputs": [{"name": "x1", "dtype": "float32", "shape": [-1, 3, -1], "batch_dim": 0}],
+        "outputs": [{"name": "output0", "dtype": "float32", "shape": [], "batch_dim": None}],
+        "batching": {"batchable": False, "max_batch": 1, "max_delay_ms": 2.0},
+        "versions": [{"version": "2", "digest": "sha256:ab", "serving": True, "inputs": []}],
+    }
+    text = "\n".join(describe_lines(data))
+    assert "x1: float32[N, 3, ?]" in text and "output0: float32[]" in text
+    assert "batching: off" in text and "* 2" in text
+    assert "not known yet" in "\n".join(describe_lines({**data, "contract_known": False}))

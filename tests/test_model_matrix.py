@@ -95,7 +95,18 @@ def upgrade(pool: Pool, name: str, path: str, version: str, strategy: str) -> di
 
 @pytest.mark.slow
 def test_model_matrix_serves_upgrades_rolls_back_and_describes(tmp_path: object) -> None:
-    d = str(tmp_path)
+    run_matrix(str(tmp_path), "cpu", cuda_graphs=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("cuda_graphs", [False, True], ids=["eager", "graphs"])
+def test_model_matrix_on_cuda(tmp_path: object, cuda_graphs: bool) -> None:
+    run_matrix(str(tmp_path), "cuda:0", cuda_graphs=cuda_graphs)
+
+
+def run_matrix(d: str, device: str, cuda_graphs: bool) -> None:
     paths = {c.name: {s: c.build(d, s) for s in (1, 2)} for c in CASES}
     refs = {
         c.name: {str(s): torch.jit.load(paths[c.name][s]).eval() for s in (1, 2)} for c in CASES
@@ -105,10 +116,11 @@ def test_model_matrix_serves_upgrades_rolls_back_and_describes(tmp_path: object)
             "name": c.name,
             "path": paths[c.name][1],
             "version": "1",
-            "devices": ["cpu"],
+            "devices": [device],
             "max_batch": 8,
             "max_delay_ms": 2,
             "threads": 1,
+            "cuda_graphs": cuda_graphs,
         }
         for c in CASES
     ]
