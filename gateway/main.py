@@ -18,6 +18,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable
@@ -53,6 +54,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--token-file", default="", help="file holding the bearer token to require")
     ap.add_argument("--curve-keys", default="", help="file: server, public, secret key (z85)")
     ap.add_argument("--stats", default="", help="where to write the metrics snapshot (JSON)")
+    ap.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="share the port with other gateway processes (SO_REUSEPORT)",
+    )
     ap.add_argument("--max-body-mb", type=int, default=1024, help="largest request body")
     ap.add_argument("--lifeline-fd", type=int, default=-1, help="exit when this fd hits EOF")
     ap.add_argument("--log-level", default="INFO")
@@ -177,7 +183,21 @@ async def _serve_http(
     )
     server = uvicorn.Server(config)
     log.info("gateway [pid %d] serving OIP/HTTP on %s", os.getpid(), args.listen)
-    await server.serve()  # handles SIGTERM/SIGINT itself: stop accepting, finish, return
+    sockets = [_reuse_port_socket(host, port)] if args.reuse_port else None
+    await server.serve(sockets=sockets)  # on SIGTERM/SIGINT: stop accepting, finish, return
+
+
+def _reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A listening socket that other gateway processes of this pool bind too: the kernel
+    spreads connections over them (Linux lets only the same user join the group)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
 
 
 async def _serve_grpc(
@@ -198,7 +218,8 @@ async def _serve_grpc(
         options=[
             ("grpc.max_receive_message_length", 1 << 30),
             ("grpc.max_send_message_length", 1 << 30),
-            ("grpc.so_reuseport", 0),
+            # Off unless asked: a second process must not share our port by accident.
+            ("grpc.so_reuseport", 1 if args.reuse_port else 0),
         ]
     )
     add_to_server(

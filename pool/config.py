@@ -157,6 +157,7 @@ class PoolConfig:
     oip_tls_key: str | None = None
     oip_insecure: bool = False  # allow a non-loopback OIP bind without TLS
     oip_token_file: str | None = None  # a file holding the bearer token clients must send
+    oip_processes: int = 1  # gateway processes per protocol (SO_REUSEPORT when > 1)
     log_format: str = "text"
     log_level: str = "INFO"
 

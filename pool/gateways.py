@@ -1,6 +1,7 @@
 """poold's Open Inference Protocol gateways: one process per protocol, supervised.
 
-Each gateway (``python -m gateway``, see gateway/main.py) is a child of poold in its own
+Each gateway (``python -m gateway``, see gateway/main.py; ``oip_processes`` of them per
+protocol, sharing the port through SO_REUSEPORT when more than one) is a child of poold in its own
 session, so its crash cannot take the router down and its Python work never runs on the
 router's loop. poold's one reaper hands us the exits of our pids (``on_exited``); a
 gateway that dies while poold runs is started again after a back-off that doubles from
@@ -63,6 +64,7 @@ class GatewaySpec:
     curve_keys: str = ""
     log_level: str = "INFO"
     max_body_mb: int = 1024
+    reuse_port: bool = False  # several processes share the port (oip_processes > 1)
 
     def argv(self) -> list[str]:
         args = [
@@ -72,6 +74,8 @@ class GatewaySpec:
             "--stats", self.stats_path, "--lifeline-fd", str(LIFELINE_FD),
             "--log-level", self.log_level, "--max-body-mb", str(self.max_body_mb),
         ]  # fmt: skip
+        if self.reuse_port:
+            args.append("--reuse-port")
         for flag, value in (
             ("--tls-cert", self.tls_cert),
             ("--tls-key", self.tls_key),
@@ -198,12 +202,14 @@ class Gateways:
                 out.append(gw.spec.curve_keys)
         return list(dict.fromkeys(out))
 
-    def supervision(self) -> dict[str, tuple[bool, int]]:
-        """{protocol: (running, restarts)} for the metrics."""
-        return {
-            gw.spec.protocol: (gw.state is GatewayState.STARTING, gw.restarts)
-            for gw in self.gateways
-        }
+    def supervision(self) -> dict[str, tuple[int, int]]:
+        """{protocol: (processes running, restarts)} for the metrics."""
+        out: dict[str, tuple[int, int]] = {}
+        for gw in self.gateways:
+            running, restarts = out.get(gw.spec.protocol, (0, 0))
+            up = int(gw.state is GatewayState.STARTING)
+            out[gw.spec.protocol] = (running + up, restarts + gw.restarts)
+        return out
 
 
 def _signal(pid: int, sig: signal.Signals) -> None:
@@ -239,15 +245,17 @@ def gateway_specs(
         with os.fdopen(fd, "wb") as fh:
             fh.write(b"\n".join(curve) + b"\n")
     specs = []
+    n = pool.oip_processes
     for protocol, listen in (("http", pool.http), ("grpc", pool.grpc)):
-        if listen:
+        for i in range(n if listen else 0):
             specs.append(
                 GatewaySpec(
                     protocol=protocol,
                     listen=listen,
                     frontend=f"ipc://{rundir}/oip.sock",
                     control=pool.control,
-                    stats_path=os.path.join(rundir, f"oip-{protocol}.json"),
+                    stats_path=os.path.join(rundir, f"oip-{protocol}-{i}.json"),
+                    reuse_port=n > 1,
                     tls_cert=pool.oip_tls_cert or "",
                     tls_key=pool.oip_tls_key or "",
                     token_file=pool.oip_token_file or "",

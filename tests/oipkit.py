@@ -42,17 +42,24 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def gateway_pid(poold_pid: int, protocol: str) -> int | None:
-    """The pid of poold's running gateway for ``protocol``, or None."""
+def gateway_pids(poold_pid: int, protocol: str) -> list[int]:
+    """The pids of poold's running gateways for ``protocol``."""
     try:
         children = psutil.Process(poold_pid).children()
     except psutil.NoSuchProcess:
-        return None
+        return []
+    found = []
     for child in children:
         try:
             cmd = child.cmdline()
+            if "gateway" in cmd and protocol in cmd and child.status() != psutil.STATUS_ZOMBIE:
+                found.append(child.pid)
         except psutil.Error:
             continue
-        if "gateway" in cmd and protocol in cmd and child.status() != psutil.STATUS_ZOMBIE:
-            return child.pid
-    return None
+    return found
+
+
+def gateway_pid(poold_pid: int, protocol: str) -> int | None:
+    """The pid of poold's running gateway for ``protocol`` (the first), or None."""
+    pids = gateway_pids(poold_pid, protocol)
+    return pids[0] if pids else None

@@ -23,7 +23,7 @@ import pytest
 import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
 from modelkit import make_mlp, make_two_input, mlp_input, mlp_reference
-from oipkit import free_ports, gateway_pid, make_half_long
+from oipkit import free_ports, gateway_pid, gateway_pids, make_half_long
 from poolkit import Pool, running_pool, wait_for
 from tritonclient.utils import InferenceServerException
 
@@ -477,14 +477,31 @@ def test_upgrade_and_rollback_under_http_and_grpc_load(pool: Pool) -> None:
 
 
 @pytest.mark.slow
-def test_gateways_exit_when_poold_is_killed(tmp_path: Any) -> None:
-    """The lifeline: poold's SIGKILL leaves no gateway behind (and no worker either)."""
+def test_several_gateways_share_a_port_and_all_exit_with_poold(tmp_path: Any) -> None:
+    """oip_processes = 2: two HTTP gateways on one port (SO_REUSEPORT) serve fresh
+    connections; poold's SIGKILL (the lifeline) leaves neither behind."""
     (http,) = free_ports(1)
     models = [{"name": "mlp", "path": make_mlp(f"{tmp_path}/mlp.pt", 1), "version": "1"}]
-    with running_pool(str(tmp_path), models, http=f"127.0.0.1:{http}") as p:
-        pid = wait_for(lambda: gateway_pid(p.proc.pid, "http"), 20, "the HTTP gateway")
-        gone = psutil.Process(pid)
+    with running_pool(str(tmp_path), models, http=f"127.0.0.1:{http}", oip_processes=2) as p:
+        pids = wait_for(
+            lambda: len(gateway_pids(p.proc.pid, "http")) == 2 and gateway_pids(p.proc.pid, "http"),
+            20,
+            "two HTTP gateways",
+        )
+        p.env["OIP_HTTP"] = f"127.0.0.1:{http}"
+        wait_for(lambda: _http_ready(p), 30, "the gateways ready")
+        x = mlp_input(1)
+        for _ in range(20):  # a new connection each time: the kernel picks a process
+            with thttp.InferenceServerClient(p.env["OIP_HTTP"]) as c:
+                name = c.get_model_metadata("mlp")["inputs"][0]["name"]
+                i = thttp.InferInput(name, [1, 16], "FP32")
+                i.set_data_from_numpy(x)
+                assert c.infer("mlp", [i]).get_response()["model_version"] == "1"
+        gone = [psutil.Process(pid) for pid in pids]
         os.kill(p.proc.pid, signal.SIGKILL)
         p.proc.wait(10)
-        wait_for(lambda: not gone.is_running() or gone.status() == psutil.STATUS_ZOMBIE,
-                 10, "the gateway to exit after poold")  # fmt: skip
+        wait_for(
+            lambda: all(not g.is_running() or g.status() == psutil.STATUS_ZOMBIE for g in gone),
+            10,
+            "the gateways to exit after poold",
+        )

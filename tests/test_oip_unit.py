@@ -337,6 +337,36 @@ def test_a_dying_gateway_is_restarted_with_growing_back_off(
     sup.stop()
     assert g.state is gw.GatewayState.STOPPING and spawned[-1] == ["kill 1002 SIGTERM"]
     sup.on_exited(1002, 0)
-    assert sup.stopped() and sup.supervision() == {"http": (False, 2)}
+    assert sup.stopped() and sup.supervision() == {"http": (0, 2)}
     with pytest.raises(RuntimeError):
         g.to(gw.GatewayState.STARTING)  # stopped is final
+
+
+def test_oip_processes_share_one_port(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, http="127.0.0.1:8000", grpc="127.0.0.1:8001", oip_processes=3)
+    specs = gw.gateway_specs(cfg.pool, str(tmp_path))
+    assert [s.protocol for s in specs] == ["http"] * 3 + ["grpc"] * 3
+    assert all(s.reuse_port and "--reuse-port" in s.argv() for s in specs)
+    assert len({s.stats_path for s in specs}) == 6  # one snapshot each, summed at scrape
+    single = gw.gateway_specs(_config(tmp_path, http="127.0.0.1:8000").pool, str(tmp_path))
+    assert not single[0].reuse_port and "--reuse-port" not in single[0].argv()
+    assert "an integer from 1 to 64" in _problems(tmp_path, oip_processes=0)[0]
+
+
+def test_the_collector_sums_processes_of_one_protocol(tmp_path: Path) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from gateway.collector import OipCollector
+
+    for i, n in enumerate((3, 4)):
+        stats = Stats(str(tmp_path / f"oip-http-{i}.json"))
+        for _ in range(n):
+            stats.begin("http")
+            stats.end("http", "m", "OK", stats.now())
+        stats.write()
+    registry = CollectorRegistry()
+    registry.register(OipCollector(str(tmp_path), lambda: {"http": (2, 1)}))
+    text = generate_latest(registry).decode()
+    assert 'gpupool_oip_requests_total{code="OK",model="m",protocol="http"} 7.0' in text
+    assert 'gpupool_oip_request_seconds_count{protocol="http"} 7.0' in text
+    assert 'gpupool_oip_gateway_up{protocol="http"} 2.0' in text
