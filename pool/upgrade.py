@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Generator
-from typing import Any, NamedTuple
+from typing import Any
 
 from pool.contract import differences
 from pool.gpu import device_index
@@ -31,6 +31,7 @@ from pool.stopping import KILL_GRACE_S
 from pool.supervisor import Supervisor
 from pool.tasks import Operation, Wait
 from pool.upgrade_phases import PhaseTrack, UpgradePhase
+from pool.upgrade_result import Restore, UpgradeResult
 from pool.watch import watch
 
 log = logging.getLogger(__name__)
@@ -49,14 +50,6 @@ STORY = frozenset(
 )
 
 BootResult = Generator[Wait, bool, tuple[bool, str]]
-
-
-class Restore(NamedTuple):
-    """What putting the old version back achieved: a failed upgrade is ``rolled_back``
-    only when this is ok, else ``restore_failed`` (the model serves less than before)."""
-
-    ok: bool
-    reason: str = ""  # the first worker of the old version that would not boot, and why
 
 
 def _changed(recs: list[WorkerRecord]) -> Callable[[], bool]:
@@ -158,6 +151,8 @@ class Upgrade:
         self.watch_note = ""  # what the watch window saw (pool.watch)
         self.restored: Restore | None = None  # set when a failure put the old version back
         self.track = PhaseTrack(time.monotonic)  # the phase now, per pool.upgrade_phases
+        self.pids_before = [r.pid for r in rt.alive()]
+        self.result: UpgradeResult | None = None  # set by finish
 
     # ------------------------------------------------------------------ helpers
     def enter(self, phase: UpgradePhase) -> None:
@@ -176,8 +171,12 @@ class Upgrade:
                 self.target.version,
                 phase,
                 detail,
-                extra={"model": self.rt.name, "version": self.target.version, "event": phase,
-                       "elapsed_s": elapsed},
+                extra={
+                    "model": self.rt.name,
+                    "version": self.target.version,
+                    "event": phase,
+                    "elapsed_s": elapsed,
+                },
             )
 
     def spawn(self, gen: int, slot: int, hold: bool = False) -> WorkerRecord:
@@ -512,32 +511,37 @@ class Upgrade:
             end = UpgradePhase.RESTORE_FAILED  # the old version is not back everywhere either
         self.enter(end)
         outcome = end.value
-        result: dict[str, Any] = {
-            "ok": ok,
-            "model": rt.name,
-            "action": self.action,
-            "outcome": outcome,
-            "strategy": self.strategy,
-            "from_version": self.from_version,
-            "to_version": self.target.version if ok else self.from_version,
-            "target_version": self.target.version,
-            "digest": self.target.digest,
-            "generation": rt.serving_gen,
-            "pids_started": [r.pid for r in self.started],
-            "pids_stopped": [r.pid for r in self.stopped],
-            "phases": {k: round(v, 4) for k, v in self.phases.items()},
-            "worker_timings": {k: round(v, 4) for k, v in self.worker_timings.items()},
-            "bytes_freed": self.freed,
-            "memory_back": self.memory_back,
-            "standby": {"taken": self.standbys_taken, "staged": self.staged},
-            "elapsed_s": round(elapsed, 3),
-            "contract": self.contract_note,
-            "watch": self.watch_note,
-            "restore": self.restored._asdict() if self.restored is not None else None,
-            "path": [phase.value for phase in self.track.path],
-        }
+        stopped = {r.pid for r in self.stopped}
+        alive = {r.pid for r in rt.alive()}
+        self.result = res = UpgradeResult(
+            ok=ok,
+            model=rt.name,
+            action=self.action,
+            outcome=end,
+            strategy=self.strategy,
+            from_version=self.from_version,
+            target_version=self.target.version,
+            digest=self.target.digest,
+            generation=rt.serving_gen,
+            pids_started=tuple(r.pid for r in self.started),
+            pids_stopped=tuple(r.pid for r in self.stopped),
+            pids_kept=tuple(p for p in self.pids_before if p in alive and p not in stopped),
+            path=tuple(self.track.path),
+            phase_s=dict(self.track.seconds),
+            steps_s=dict(self.phases),
+            worker_timings=dict(self.worker_timings),
+            bytes_freed=dict(self.freed),
+            memory_back=self.memory_back,
+            standbys_taken=self.standbys_taken,
+            staged=self.staged,
+            elapsed_s=elapsed,
+            contract=self.contract_note,
+            watch=self.watch_note,
+            restore=self.restored,
+            reason="" if ok else reason,
+        )
+        result = res.to_json()  # what pool-ctl gets, and the history entry's fields
         if not ok:
-            result["reason"] = reason
             log.error(
                 "%s of %s to %s %s: %s%s",
                 self.action,

@@ -12,6 +12,7 @@ from pool.lifecycle import IllegalTransition, WorkerRecord, WorkerState
 from pool.state import Deployed
 from pool.upgrade import Upgrade
 from pool.upgrade_phases import TRANSITIONS, PhaseTrack, UpgradePhase
+from pool.upgrade_result import Restore, UpgradeResult
 
 P = UpgradePhase
 V2 = Deployed("2", "/models/m/2.pt", "d2")
@@ -124,3 +125,35 @@ def test_the_watch_window_is_a_phase_of_both_plans() -> None:
     assert watched(two, "drain-first", False) == ok
     tail = ["watching", "abandoning", "rolling_back", "rolled_back"]
     assert watched(two, "drain-first", True)[-4:] == tail
+
+
+def test_the_result_is_a_typed_record_of_pids_phases_and_restore() -> None:
+    sup = FakeSupervisor(("cpu", "cpu"), lambda rec: True)
+    old = [w.pid for w in sup.rt.workers]
+    up = upgrade(sup, "drain-first")
+    clock = FakeClock()
+    as_json = run(sup, up.run(), clock, step_s=0.01)
+    res = up.result
+    assert isinstance(res, UpgradeResult) and res.outcome is P.COMMITTED and res.ok
+    new = [w.pid for w in sup.rt.workers if w.generation == 2]
+    assert res.pids_stopped == tuple(old) and res.pids_started == tuple(new)
+    assert res.pids_kept == () and res.to_version == "2" and res.restore is None
+    assert set(res.phase_s) == {P.PLANNING, P.DRAINING, P.STARTING}  # every phase it left
+    assert as_json == res.to_json() and as_json["outcome"] == "committed"
+
+    # A failed surge keeps every old worker, stops none, and says so.
+    sup = FakeSupervisor(("cpu", "cpu"), lambda rec: rec.slot == 0)
+    old = [w.pid for w in sup.rt.workers]
+    up = upgrade(sup, "surge")
+    run(sup, up.run(), FakeClock())
+    assert up.result is not None and up.result.outcome is P.ROLLED_BACK
+    assert up.result.pids_kept == tuple(old) and up.result.pids_stopped == ()
+    assert up.result.to_version == "1" and "would not load" in up.result.reason
+
+    # A failed restore is its own outcome, with the restore's reason.
+    sup = FakeSupervisor(("cpu", "cpu"), lambda rec: rec.slot == 0 and rec.generation == 2)
+    up = upgrade(sup, "drain-first")
+    run(sup, up.run(), FakeClock())
+    assert up.result is not None and up.result.outcome is P.RESTORE_FAILED
+    assert up.result.restore == Restore(False, up.result.restore.reason)  # type: ignore[union-attr]
+    assert "would not load" in up.result.restore.reason  # type: ignore[union-attr]
