@@ -139,3 +139,21 @@ def test_describe_lines_for_people() -> None:
     assert "x1: float32[N, 3, ?]" in text and "output0: float32[]" in text
     assert "batching: off" in text and "* 2" in text
     assert "not known yet" in "\n".join(describe_lines({**data, "contract_known": False}))
+
+
+def test_manifest_names_the_inputs_and_outputs() -> None:
+    from workers.manifest import InputSpec, Manifest
+    from workers.probe import contract_of
+
+    model = LoadedModel(_Net("double"), CPU, "torchscript", 1, input_names=("x",))
+    manifest = Manifest(
+        "m.toml", inputs=(InputSpec("float32", (1, 4), name="pixels"),), output_names=("logits",)
+    )
+    sets = example_inputs(manifest, None, CPU)
+    seen: list[list[torch.Tensor]] = []
+    warm_up(model, sets, seen)
+    c = contract_of(model, manifest, sets, seen, "manifest")
+    assert c is not None and c.source == "manifest"
+    assert [t.name for t in c.inputs] == ["pixels"] and [t.name for t in c.outputs] == ["logits"]
+    plain = contract_of(model, None, sets, seen, "probe")
+    assert plain is not None and [t.name for t in plain.inputs] == ["x"]

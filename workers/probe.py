@@ -19,15 +19,24 @@ from pool.contract import (
     DYNAMIC,
     MAX_EXAMPLES,
     Contract,
+    ContractError,
     InputSignature,
     TensorSpec,
     TensorType,
     merge_shapes,
 )
 from workers.loader import LoadedModel, describe_error
+from workers.manifest import Manifest
 from workers.warmup import TORCH_DTYPES
 
-__all__ = ["ProbeError", "probe_contract", "signature_of", "types_of"]
+__all__ = [
+    "ProbeError",
+    "contract_of",
+    "probe_contract",
+    "signature_of",
+    "signatures_from_wire",
+    "types_of",
+]
 
 log = logging.getLogger(__name__)
 
@@ -142,3 +151,34 @@ def _follows_batch(
             for o, g in zip(outputs, grown, strict=True)
         ]
     return None
+
+
+def signatures_from_wire(values: Sequence[object], wid: str) -> list[InputSignature]:
+    """Warm-up signatures from the spawn spec; a malformed one is logged and skipped."""
+    out = []
+    for value in values:
+        try:
+            out.append(InputSignature.from_wire(value))
+        except ContractError as exc:  # a supervisor bug: warm up on the rest
+            log.warning("worker %s: ignoring warm-up signature: %s", wid, exc)
+    return out
+
+
+def contract_of(
+    model: LoadedModel,
+    manifest: Manifest | None,
+    sets: Sequence[Sequence[torch.Tensor]],
+    seen: Sequence[Sequence[torch.Tensor]],
+    source: str,
+) -> Contract | None:
+    """``probe_contract`` with the names a manifest gives (inputs default to forward()'s
+    argument names, outputs to ``output<k>``)."""
+    input_names = model.input_names
+    output_names: tuple[str, ...] = ()
+    if manifest is not None:
+        output_names = manifest.output_names
+        if any(s.name for s in manifest.inputs):
+            input_names = tuple(s.name or f"input{i}" for i, s in enumerate(manifest.inputs))
+    return probe_contract(
+        model, sets, seen, input_names=input_names, output_names=output_names, source=source
+    )

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import zmq
 
-from pool.contract import Contract, ContractError, InputSignature
+from pool.contract import Contract, InputSignature
 from router import protocol as p
 from router.frames import recv_frames
 from workers import weights
@@ -35,7 +35,7 @@ from workers.main import (
 from workers.manifest import Manifest, ManifestError, load_manifest
 from workers.pacing import LaunchClock
 from workers.pipeline import Completions, Gather, Launched
-from workers.probe import ProbeError, probe_contract
+from workers.probe import ProbeError, contract_of, signatures_from_wire
 from workers.replies import Replier
 from workers.staged import stage_model
 from workers.staging import ALIGN
@@ -220,13 +220,7 @@ class Worker:
 
     def warmup_signatures(self) -> list[InputSignature]:
         """The supervisor's warm-up signatures (typed on the wire: ``pool.contract``)."""
-        out = []
-        for value in self.spec.warmup_signatures:
-            try:
-                out.append(InputSignature.from_wire(value))
-            except ContractError as exc:  # a supervisor bug: warm up on the rest
-                log.warning("worker %s: ignoring warm-up signature: %s", self.spec.wid, exc)
-        return out
+        return signatures_from_wire(self.spec.warmup_signatures, self.spec.wid)
 
     def learn_contract(
         self, sets: list[list[torch.Tensor]], seen: list[list[torch.Tensor]], source: str
@@ -234,18 +228,7 @@ class Worker:
         """This version's contract from its warm-up (``workers.probe``); a model whose
         outputs do not follow the batch is served one request per forward from now on."""
         assert self.model is not None
-        manifest_names = self.manifest.output_names if self.manifest is not None else ()
-        input_names = self.model.input_names
-        if self.manifest is not None and any(s.name for s in self.manifest.inputs):
-            input_names = tuple(s.name or f"input{i}" for i, s in enumerate(self.manifest.inputs))
-        self.contract = probe_contract(
-            self.model,
-            sets,
-            seen,
-            input_names=input_names,
-            output_names=manifest_names,
-            source=source,
-        )
+        self.contract = contract_of(self.model, self.manifest, sets, seen, source)
         if self.contract is not None:
             self.launcher.batchable = self.contract.batchable
 
@@ -260,13 +243,8 @@ class Worker:
         outputs: list[list[torch.Tensor]] = []
         try:
             warm_up(self.model, sets, outputs)
-        except WarmupError as exc:
-            log.warning("worker %s: contract probe failed: %s", self.spec.wid, exc)
-            self.contract_failed = True
-            return
-        try:
             self.learn_contract(sets, outputs, "traffic")
-        except ProbeError as exc:
+        except (WarmupError, ProbeError) as exc:
             log.warning("worker %s: contract probe failed: %s", self.spec.wid, exc)
             self.contract_failed = True
             return
