@@ -9,6 +9,7 @@ from pool.config import ModelConfig
 from pool.contract import MAX_EXAMPLES, Contract, InputSignature
 from pool.flapping import FlapGuard
 from pool.lifecycle import WorkerRecord, WorkerState
+from pool.model_lifecycle import ModelStatus
 from pool.state import Deployed, ModelState
 from router.table import ModelRoute
 
@@ -63,15 +64,15 @@ class ModelRuntime:
             if w.alive and (generation is None or w.generation == generation)
         ]
 
-    def status(self) -> str:
+    def status(self) -> ModelStatus:
         if self.removing:
-            return "unloading"
+            return ModelStatus.UNLOADING
         if self.failed:
-            return "failed"
+            return ModelStatus.FAILED
         if self.busy:
-            return "upgrading"
+            return ModelStatus.UPGRADING
         if any(
             w.state is WorkerState.READY and w.generation == self.serving_gen for w in self.workers
         ):
-            return "serving"
-        return "starting"
+            return ModelStatus.SERVING
+        return ModelStatus.STARTING

@@ -19,6 +19,7 @@ import pytest
 
 from pool.config import Config, ModelConfig, PoolConfig
 from pool.lifecycle import WorkerRecord, WorkerState
+from pool.model_lifecycle import TRANSITIONS, ModelStatus
 from pool.state import Deployed, StateStore
 from pool.stopping import KILL_GRACE_S
 from pool.supervisor import Supervisor
@@ -219,3 +220,48 @@ def test_a_heartbeat_from_a_retiring_worker_changes_nothing(sup: Supervisor) -> 
     sup.on_worker_event(rec.slot_view.wid, {"t": "hb", "rss": 1 << 20, "batches": [[1, 2]]})
     assert rec.state is WorkerState.DRAINING and recycled == [] and rt.busy is None
     assert rec.rss == 1 << 20
+
+
+def test_the_model_status_moves_only_along_its_table(sup: Supervisor) -> None:
+    rt = sup.models["m"]
+    seen = [rt.status()]
+
+    def look() -> None:
+        now = rt.status()
+        if now is not seen[-1]:
+            assert now in TRANSITIONS[seen[-1]], (seen[-1], now)
+            seen.append(now)
+
+    rt.flap.reset = lambda: None  # type: ignore[method-assign]  # count every crash
+    for crash in range(rt.flap.attempts):
+        rec = booted(sup, pid=NO_SUCH_PID + crash)
+        look()
+        sup.on_exited(rec.pid or 0, signal.SIGSEGV)
+        look()
+        for when, _ in list(rt.restarts):
+            sup.tick(when + 0.01)
+            look()
+    assert rt.failed is not None
+    rt.busy = "upgrade"  # what start_operation does, then the operation clears the mark
+    sup.clear_failed(rt)
+    look()
+    rt.busy = None
+    look()
+    rt.removing = True
+    look()
+    assert seen == [
+        ModelStatus.STARTING,
+        ModelStatus.SERVING,
+        ModelStatus.STARTING,
+        ModelStatus.SERVING,
+        ModelStatus.STARTING,
+        ModelStatus.SERVING,
+        ModelStatus.STARTING,
+        ModelStatus.SERVING,
+        ModelStatus.STARTING,
+        ModelStatus.SERVING,
+        ModelStatus.FAILED,
+        ModelStatus.UPGRADING,
+        ModelStatus.STARTING,
+        ModelStatus.UNLOADING,
+    ], seen
