@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import threading
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -505,3 +506,74 @@ def test_several_gateways_share_a_port_and_all_exit_with_poold(tmp_path: Any) ->
             10,
             "the gateways to exit after poold",
         )
+
+
+OPENSSL = shutil.which("openssl")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(OPENSSL is None, reason="openssl is not installed (to make a certificate)")
+def test_tls_and_bearer_token_on_both_protocols(tmp_path: Any) -> None:
+    """oip_tls_cert/key serve HTTPS and gRPC over TLS; oip_token_file makes every call but
+    health need the token, over both."""
+    import ssl
+
+    assert OPENSSL is not None
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [OPENSSL, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    token = tmp_path / "token"
+    token.write_text("s3cret-token\n")
+    http, grpc = free_ports(2)
+    models = [{"name": "mlp", "path": make_mlp(f"{tmp_path}/m/mlp.pt", 1), "version": "1"}]
+    opts = {"http": f"127.0.0.1:{http}", "grpc": f"127.0.0.1:{grpc}", "oip_tls_cert": str(cert),
+            "oip_tls_key": str(key), "oip_token_file": str(token)}  # fmt: skip
+    with running_pool(str(tmp_path), models, **opts) as p:
+        ctx = ssl.create_default_context(cafile=str(cert))
+        base = f"https://127.0.0.1:{http}"
+
+        def get(path: str, auth: str = "") -> int:
+            req = urllib.request.Request(
+                base + path, headers={"Authorization": auth} if auth else {}
+            )
+            try:
+                with urllib.request.urlopen(req, context=ctx, timeout=10) as r:
+                    return int(r.status)
+            except urllib.error.HTTPError as exc:
+                return int(exc.code)
+            except OSError:
+                return 0
+
+        wait_for(lambda: get("/v2/health/ready") == 200, 30, "the HTTPS gateway ready")
+        assert get("/v2/models/mlp") == 401
+        assert get("/v2/models/mlp", "Bearer wrong") == 401
+        assert get("/v2/models/mlp", "Bearer s3cret-token") == 200
+        # Plain HTTP on the TLS port gets no answer.
+        with pytest.raises((urllib.error.URLError, ConnectionError)):
+            urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/live", timeout=5)
+        c = tgrpc.InferenceServerClient(f"localhost:{grpc}", ssl=True, root_certificates=str(cert))
+        try:
+            wait_for(lambda: _ok(c.is_server_live), 30, "the gRPC TLS gateway")
+            x = mlp_input(1)
+            i = tgrpc.InferInput("input", [1, 16], "FP32")
+            i.set_data_from_numpy(x)
+            with pytest.raises(InferenceServerException, match="UNAUTHENTICATED"):
+                c.infer("mlp", [i])
+            r = c.infer("mlp", [i], headers={"authorization": "Bearer s3cret-token"})
+            np.testing.assert_allclose(
+                r.as_numpy("output0"), mlp_reference(1, x), rtol=1e-5, atol=1e-6
+            )
+        finally:
+            c.close()
+        assert p.proc.poll() is None
+
+
+def _ok(call: Any) -> bool:
+    try:
+        return bool(call())
+    except Exception:
+        return False
