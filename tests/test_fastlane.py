@@ -217,7 +217,7 @@ edge_ids = st.one_of(
 )
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(
     edge_names,
     st.one_of(st.none(), st.integers(-(1 << 63), (1 << 64) - 1), st.floats(), st.booleans()),
