@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 CTL_PROTOCOL = b"gpu-pool-ctl/1"
 READY_STATES = frozenset({"serving", "upgrading"})
 PLATFORM = "pytorch_torchscript"
+MIN_REFRESH_S = 0.1
 
 # A control call: (command, args) -> the result map ({"ok": bool, "data": ..., "error": str}).
 ControlCall = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -172,8 +173,12 @@ class Catalog:
         self._lock = asyncio.Lock()
 
     async def refresh(self, force: bool = False) -> None:
+        """Ask poold again when the cache is ``ttl_s`` old, or at once when ``force``d
+        (a miss), but never more often than every ``MIN_REFRESH_S``: a client sending
+        unknown names must not turn each request into control calls."""
         asked = time.monotonic()
-        if not force and asked - self.fetched_at < self.ttl_s:
+        age = asked - self.fetched_at
+        if age < (MIN_REFRESH_S if force else self.ttl_s):
             return  # the hot path: no lock, no await
         async with self._lock:
             if self.fetched_at >= asked:

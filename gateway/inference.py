@@ -107,12 +107,15 @@ async def infer(
             f"version {version!r} of model {model!r} stopped serving; "
             f"version {reply.version!r} is serving now",
         )
-    if reply.version != info.version:  # an upgrade switched: output names may differ
-        await catalog.refresh(force=True)
+    if reply.version != spec.version:  # a switch either way: output names may differ
         try:
-            spec = (await catalog.model(model)).at(reply.version)
+            spec = info.at(reply.version)  # versions already known (a rollback, a drain)
         except GatewayError:
-            pass  # the catalog has not seen it yet: keep the names we had
+            await catalog.refresh(force=True)  # a version new to us
+            try:
+                spec = (await catalog.model(model)).at(reply.version)
+            except GatewayError:
+                pass  # not described yet: keep the names we had
     names = output_names(spec, len(reply.outputs))
     return Answer(
         model,

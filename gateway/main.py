@@ -109,7 +109,6 @@ def watch_lifeline(fd: int) -> None:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    stop = asyncio.Event()
     curve = read_curve(args.curve_keys)
     upstream = Upstream(args.frontend, curve=curve)
     upstream.start()
@@ -134,7 +133,7 @@ async def _serve(args: argparse.Namespace) -> int:
         if args.protocol == "http":
             await _serve_http(args, upstream, catalog, stats, token, host, port)
         else:
-            await _serve_grpc(args, upstream, catalog, stats, token, host, port, stop)
+            await _serve_grpc(args, upstream, catalog, stats, token, host, port)
     finally:
         stats_task.cancel()
         try:
@@ -208,7 +207,6 @@ async def _serve_grpc(
     token: str,
     host: str,
     port: int,
-    stop: asyncio.Event,
 ) -> None:
     import grpc
 
@@ -236,6 +234,7 @@ async def _serve_grpc(
     if not bound:
         raise SystemExit(f"cannot bind {address}")
     await server.start()
+    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

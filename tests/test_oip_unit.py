@@ -264,6 +264,22 @@ def test_positional_names_still_work_once_the_contract_names_the_inputs() -> Non
     assert r.status == 400 and b"takes 2 inputs (a, b)" in r.body
 
 
+def test_unknown_names_do_not_turn_into_a_control_call_each() -> None:
+    calls: list[str] = []
+
+    async def counting(cmd: str, args: dict[str, Any]) -> dict[str, Any]:
+        calls.append(cmd)
+        return await _control(cmd, args)
+
+    api = HttpApi(FakeUpstream(), Catalog(counting), Stats())  # type: ignore[arg-type]
+
+    async def many() -> list[int]:
+        return [(await api.handle("GET", "/v2/models/nope", {}, b"")).status for _ in range(50)]
+
+    assert asyncio.run(many()) == [404] * 50
+    assert calls.count("status") <= 2  # the first fetch, and at most one forced refresh
+
+
 def test_gzip_bodies_and_bearer_tokens() -> None:
     api, _ = _api(token="s3cret")
     body = json.dumps({"inputs": [
