@@ -19,7 +19,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import threading
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
@@ -28,8 +27,15 @@ from typing import Any
 from gateway.catalog import Catalog, ControlLink
 from gateway.stats import Stats
 from gateway.upstream import Upstream
+from pool.logs import setup_logging
 
 log = logging.getLogger("gateway")
+EPILOG = """\
+example (against a running pool, by hand):
+  python -m gateway --protocol http --listen 127.0.0.1:8000 \\
+      --frontend tcp://127.0.0.1:5555 --control ipc://$XDG_RUNTIME_DIR/gpu-pool/control.sock
+  curl -s 127.0.0.1:8000/v2/health/ready -o /dev/null -w '%{http_code}\\n'
+"""
 STATS_EVERY_S = 1.0
 
 
@@ -43,7 +49,11 @@ def server_version() -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="python -m gateway",
-        description="Serve gpu-pool's models over the Open Inference Protocol (KServe v2).",
+        description="Serve gpu-pool's models over the Open Inference Protocol (KServe v2). "
+        "poold runs it for you when [pool] http or grpc is set; by hand it is one more "
+        "client of a running pool.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--protocol", choices=("http", "grpc"), required=True)
     ap.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to bind")
@@ -62,6 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-body-mb", type=int, default=1024, help="largest request body")
     ap.add_argument("--lifeline-fd", type=int, default=-1, help="exit when this fd hits EOF")
     ap.add_argument("--log-level", default="INFO")
+    ap.add_argument("--log-format", choices=("text", "json"), default="text")
     return ap.parse_args(argv)
 
 
@@ -245,11 +256,7 @@ async def _serve_grpc(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(args.log_format, args.log_level)  # poold's format: one log, one look
     runner: Callable[..., Any] = asyncio.run
     if args.protocol == "http":
         try:

@@ -63,6 +63,7 @@ class GatewaySpec:
     token_file: str = ""
     curve_keys: str = ""
     log_level: str = "INFO"
+    log_format: str = "text"
     max_body_mb: int = 1024
     reuse_port: bool = False  # several processes share the port (oip_processes > 1)
 
@@ -72,7 +73,8 @@ class GatewaySpec:
             "--protocol", self.protocol, "--listen", self.listen,
             "--frontend", self.frontend, "--control", self.control,
             "--stats", self.stats_path, "--lifeline-fd", str(LIFELINE_FD),
-            "--log-level", self.log_level, "--max-body-mb", str(self.max_body_mb),
+            "--log-level", self.log_level, "--log-format", self.log_format,
+            "--max-body-mb", str(self.max_body_mb),
         ]  # fmt: skip
         if self.reuse_port:
             args.append("--reuse-port")
@@ -261,6 +263,7 @@ def gateway_specs(
                     token_file=pool.oip_token_file or "",
                     curve_keys=keys,
                     log_level=pool.log_level,
+                    log_format=pool.log_format,
                     max_body_mb=pool.max_message_mb,
                 )
             )
