@@ -386,3 +386,15 @@ def test_the_collector_sums_processes_of_one_protocol(tmp_path: Path) -> None:
     assert 'gpupool_oip_requests_total{code="OK",model="m",protocol="http"} 7.0' in text
     assert 'gpupool_oip_request_seconds_count{protocol="http"} 7.0' in text
     assert 'gpupool_oip_gateway_up{protocol="http"} 2.0' in text
+
+
+def test_the_gateway_never_imports_torch() -> None:
+    """It must start in a fraction of torch's import time and hold no CUDA context."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, gateway.main, gateway.http_api, gateway.grpc_api, gateway.collector, "
+        "pool.gateways; sys.exit('torch' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=60).returncode == 0

@@ -396,7 +396,7 @@ def test_upgrade_from_inside_the_roots_still_works(rooted: Rooted) -> None:
 
 
 # ========================================================= (e) no pickle near the wire
-PACKAGES = ("pool", "router", "workers")
+PACKAGES = ("pool", "router", "workers", "gateway")
 PICKLE_MODULES = {
     "pickle",
     "cPickle",
