@@ -264,11 +264,24 @@ def _describe_side(kind: str, old: Sequence[TensorSpec], new: Sequence[TensorSpe
                 for d, (x, y) in enumerate(zip(a.shape, b.shape, strict=True))
                 if x != y and x != DYNAMIC and y != DYNAMIC
             ]
+            # An input dimension the serving version takes at any size but the new one
+            # only at one size: requests it is sent today would fail.
+            narrowed = [
+                (d, y)
+                for d, (x, y) in enumerate(zip(a.shape, b.shape, strict=True))
+                if kind == "inputs" and x == DYNAMIC and y != DYNAMIC
+            ]
             if fixed:
                 d, x, y = fixed[0]
                 out.append(
                     f"{what}: dimension {d} is {y} in the new version, {x} serving "
                     f"(new {b}, serving {a})"
+                )
+            elif narrowed:
+                d, y = narrowed[0]
+                out.append(
+                    f"{what}: dimension {d} takes only {y} in the new version, any size "
+                    f"serving (new {b}, serving {a})"
                 )
     return out
 

@@ -157,3 +157,33 @@ def test_manifest_names_the_inputs_and_outputs() -> None:
     assert [t.name for t in c.inputs] == ["pixels"] and [t.name for t in c.outputs] == ["logits"]
     plain = contract_of(model, None, sets, seen, "probe")
     assert plain is not None and [t.name for t in plain.inputs] == ["x"]
+
+
+class _FixedLength(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != 3:
+            raise RuntimeError("length 3 only")
+        return x * 2
+
+
+def test_manifest_version_also_tries_the_served_shapes() -> None:
+    """A new version with a manifest of one sequence length is tried on the lengths the
+    serving version is sent; one it refuses narrows its contract, and the check says so."""
+    from workers.manifest import InputSpec, Manifest
+    from workers.probe import contract_of
+    from workers.warmup import served_sets
+
+    model = LoadedModel(_FixedLength(), CPU, "torchscript", 1, input_names=("x",))
+    manifest = Manifest("m.toml", inputs=(InputSpec("float32", (1, 3, 4)),))
+    served = [InputSignature.of([("float32", (1, n, 4))]) for n in (3, 5)]
+    served.append(InputSignature.of([("int64", (1, 5, 4))]))  # other dtype: not tried
+    sets = example_inputs(manifest, served, CPU)
+    seen: list[list[torch.Tensor]] = []
+    warm_up(model, sets, seen)
+    extra = served_sets(model, manifest, served, CPU, seen)
+    assert [tuple(s[0].shape) for s in extra] == [(1, 3, 4)]  # length 5 was refused
+    new = contract_of(model, manifest, sets + extra, seen, "manifest")
+    old = Contract((spec("x", "float32", -1, -1, 4),), (spec("o", "float32", -1, -1, 4),), True)
+    assert new is not None and new.inputs[0].shape == (-1, 3, 4)
+    found = differences(old, new)
+    assert any("dimension 1 takes only 3 in the new version, any size serving" in f for f in found)

@@ -39,7 +39,14 @@ from workers.probe import ProbeError, contract_of, signatures_from_wire
 from workers.replies import Replier
 from workers.staged import stage_model
 from workers.staging import ALIGN
-from workers.warmup import ValidationError, WarmupError, example_inputs, validate, warm_up
+from workers.warmup import (
+    ValidationError,
+    WarmupError,
+    example_inputs,
+    served_sets,
+    validate,
+    warm_up,
+)
 
 log = logging.getLogger(__name__)
 
@@ -156,9 +163,11 @@ class Worker:
         timings["load_s"] = time.monotonic() - t1
         self.event("phase", phase="warming")
         try:
-            sets = example_inputs(manifest, self.warmup_signatures(), self.device)
+            signatures = self.warmup_signatures()
+            sets = example_inputs(manifest, signatures, self.device)
             seen: list[list[torch.Tensor]] = []
             timings["warm_s"] = warm_up(self.model, sets, seen)
+            sets += served_sets(self.model, manifest, signatures, self.device, seen)
         except WarmupError as exc:
             return self.fail("warmup", exc, EXIT_WARMUP_FAILED)
         t_probe = time.monotonic()

@@ -81,6 +81,36 @@ def example_inputs(
     ]
 
 
+def served_sets(
+    model: LoadedModel,
+    manifest: Manifest | None,
+    signatures: Sequence[InputSignature],
+    device: torch.device | str,
+    outputs: list[list[torch.Tensor]],
+) -> list[list[torch.Tensor]]:
+    """With manifest inputs, also try the signatures the serving version is sent that have
+    the manifest's dtypes and ranks (a sequence length the manifest did not list); the
+    sets the model takes are returned (their outputs appended to ``outputs``) and join
+    the contract. One it fails on is left out, not a warm-up failure: the contract then
+    shows the narrower input and the upgrade's contract check names it (which
+    --allow-contract-change may override)."""
+    if manifest is None or not manifest.inputs:
+        return []
+    want = [(spec.dtype, len(spec.shape)) for spec in manifest.inputs]
+    fits = [s for s in signatures if [(t.dtype, len(t.shape)) for t in s.inputs] == want]
+    taken = []
+    for inputs in example_inputs(None, fits, device):
+        try:
+            out = model.forward(inputs)
+            _synchronize(model.device)
+        except Exception as exc:  # noted in the contract, not fatal: see above
+            log.info("model does not take %s: %s", _describe(inputs), describe_error(exc))
+            continue
+        taken.append(inputs)
+        outputs.append(out)
+    return taken
+
+
 def _synthetic(
     dtype_name: str, shape: tuple[int, ...], gen: torch.Generator, device: torch.device
 ) -> torch.Tensor:
