@@ -340,7 +340,7 @@ class ControlServer:
         def op() -> Operation:
             t_start = time.monotonic()
             progress("digest", path=path)
-            digest = yield from digest_then(sup, path)
+            digest = yield from digest_then(sup, path, progress)
             if expect_digest and digest != expect_digest:
                 return {
                     "ok": False,

@@ -75,7 +75,7 @@ class Manager:
 
         def op() -> Operation:
             progress("digest", path=cfg.path)
-            yield from digest_then(sup, cfg.path)  # hashed off the loop; add_model reuses it
+            yield from digest_then(sup, cfg.path, progress)  # off the loop; add_model reuses it
             if cfg.name in sup.models:
                 return {"ok": False, "model": cfg.name, "reason": "loaded meanwhile"}
             self.d.add_model(cfg)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import time
 from collections.abc import Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -19,12 +21,29 @@ log = logging.getLogger(__name__)
 _digests = ThreadPoolExecutor(max_workers=2, thread_name_prefix="digest")
 
 
-def digest_then(sup: Supervisor, path: str) -> Generator[Wait, bool, str]:
-    """Hash a model file on a thread so a big file never stalls routing."""
+PROGRESS_EVERY_S = 0.25
+
+
+def digest_then(
+    sup: Supervisor, path: str, progress: Callable[..., None] | None = None
+) -> Generator[Wait, bool, str]:
+    """Hash a model file on a thread so a big file never stalls routing; with
+    ``progress``, report ``hashing`` with bytes done and total while it runs."""
     from pool.state import file_digest
 
-    fut = _digests.submit(file_digest, path)
-    yield Wait(fut.done, 600.0, "digest")
+    done = [0]
+    fut = _digests.submit(file_digest, path, done)
+    if progress is None:
+        yield Wait(fut.done, 600.0, "digest")
+        return fut.result()
+    total = os.path.getsize(path)
+    t0 = time.monotonic()
+    end = t0 + 600.0
+    while not fut.done() and time.monotonic() < end:
+        yield Wait(fut.done, PROGRESS_EVERY_S, "digest")
+        if not fut.done():
+            elapsed = round(time.monotonic() - t0, 3)
+            progress("hashing", bytes=done[0], total=total, elapsed_s=elapsed)
     return fut.result()
 
 

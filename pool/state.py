@@ -73,11 +73,13 @@ class ModelState:
 _digest_cache: dict[tuple[str, int, int, int, int], str] = {}
 
 
-def file_digest(path: str) -> str:
+def file_digest(path: str, done: list[int] | None = None) -> str:
     """sha256 of a file, remembered while its inode, size, mtime and ctime are unchanged.
 
     ctime cannot be set from user space and changes on every write, so a file rewritten
-    in place (even with its mtime restored, as ``cp -p`` does) is hashed again.
+    in place (even with its mtime restored, as ``cp -p`` does) is hashed again. With
+    ``done``, ``done[0]`` counts the bytes hashed so far (read from another thread for a
+    progress bar; one list slot, so a reader never sees a torn value).
     """
     with open(path, "rb") as f:
         st = os.fstat(f.fileno())
@@ -85,7 +87,14 @@ def file_digest(path: str) -> str:
         cached = _digest_cache.get(key)
         if cached is not None:
             return cached
-        digest = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+        if done is None:
+            digest = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+        else:
+            h = hashlib.sha256()
+            while chunk := f.read(8 << 20):
+                h.update(chunk)
+                done[0] += len(chunk)
+            digest = "sha256:" + h.hexdigest()
     if len(_digest_cache) > 256:
         _digest_cache.clear()
     _digest_cache[key] = digest

@@ -165,3 +165,31 @@ def test_each_worker_says_in_ps_which_model_version_and_device_it_serves(pool: P
     spawner = pool.status()["spawner_pid"]
     with open(f"/proc/{spawner}/cmdline", "rb") as f:
         assert f.read().startswith(b"gpu-pool spawner")
+
+
+def test_hashing_progress_is_a_bar_on_a_terminal_and_absent_in_a_pipe(tmp_path: Path) -> None:
+    import hashlib
+
+    from pool.ctl.render import Progress
+    from pool.state import file_digest
+
+    blob = tmp_path / "blob"
+    blob.write_bytes(os.urandom(3 << 20) * 7)  # 21 MiB, several 8 MiB reads
+    done = [0]
+    digest = file_digest(str(blob), done)
+    assert done[0] == blob.stat().st_size
+    assert digest == "sha256:" + hashlib.sha256(blob.read_bytes()).hexdigest()
+    msgs = [
+        {"phase": "digest", "path": str(blob)},
+        {"phase": "hashing", "bytes": 7 << 20, "total": 21 << 20, "elapsed_s": 0.25},
+        {"phase": "hashing", "bytes": 14 << 20, "total": 21 << 20, "elapsed_s": 0.5},
+        {"phase": "strategy", "strategy": "surge", "elapsed_s": 0.7},
+    ]
+    term, pipe = io.StringIO(), io.StringIO()
+    p_term, p_pipe = Progress(term, tty=True), Progress(pipe, tty=False)
+    for m in msgs:
+        p_term(m)
+        p_pipe(m)
+    assert "\r" in term.getvalue() and "14.0 MiB / 21.0 MiB  67%" in term.getvalue()
+    assert term.getvalue().count("\n") == 3  # digest, the bar (ended before the next), strategy
+    assert "MiB" not in pipe.getvalue() and len(pipe.getvalue().splitlines()) == 2

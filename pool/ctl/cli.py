@@ -17,13 +17,13 @@ from pool.ctl.describe import print_describe
 from pool.ctl.endpoint import choose_endpoint
 from pool.ctl.fleet_cli import add_fleet_parser, control_call, run_fleet
 from pool.ctl.render import (
+    Progress,
     describe_done,
     print_history,
     print_list,
     print_reload,
     print_status,
     print_upgrade,
-    progress_line,
     say,
 )
 from pool.labels import label_problem
@@ -240,11 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd,
             payload,
             timeout_s=timeout,
-            progress=lambda m: (
-                print(progress_line(m), file=sys.stderr, flush=True)
-                if not args.json or tty
-                else None
-            ),
+            progress=Progress(sys.stderr, tty, quiet=args.json and not tty),
             on_interrupt=interrupted if cmd in ("upgrade", "rollback") else None,
         )
     except Unreachable as exc:

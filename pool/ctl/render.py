@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.table import Table
@@ -67,6 +67,43 @@ def progress_line(msg: dict[str, Any]) -> str:
         if k not in ("type", "phase", "elapsed_s") and v not in (None, [], {})
     )
     return f"[{msg.get('elapsed_s', 0):7.2f}s] {phase:<12} {extra}"
+
+
+def bar(done: int, total: int, width: int = 30) -> str:
+    """``[#########.....]  120.0 MiB / 600.0 MiB  20%``"""
+    frac = min(1.0, done / total) if total > 0 else 1.0
+    filled = int(frac * width)
+    return (
+        f"[{'#' * filled}{'.' * (width - filled)}] "
+        f"{_bytes(done)} / {_bytes(total)} {frac:4.0%}"
+    )
+
+
+class Progress:
+    """Progress lines on stderr. Byte counts (hashing a model file) redraw one bar in
+    place on a terminal and are left out elsewhere, so a log gets phases only."""
+
+    def __init__(self, stream: TextIO, tty: bool, quiet: bool = False) -> None:
+        self.stream = stream
+        self.tty = tty
+        self.quiet = quiet
+        self.drawing = False
+
+    def __call__(self, msg: dict[str, Any]) -> None:
+        if self.quiet:
+            return
+        if "bytes" in msg and "total" in msg:
+            if self.tty:
+                line = f"[{msg.get('elapsed_s', 0):7.2f}s] {msg.get('phase', ''):<12} "
+                done, total = int(msg["bytes"] or 0), int(msg["total"] or 0)
+                self.stream.write("\r" + line + bar(done, total))
+                self.stream.flush()
+                self.drawing = True
+            return
+        if self.drawing:
+            self.stream.write("\n")
+            self.drawing = False
+        print(progress_line(msg), file=self.stream, flush=True)
 
 
 WORKER_COLUMNS = ("pid", "device", "state", "version", "gen", "in-flight", "served", "GPU", "RSS")
