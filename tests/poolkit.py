@@ -3,6 +3,7 @@ it to serve, talk to it, and always stop it (killpg in teardown)."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
@@ -106,9 +107,12 @@ class Pool:
 
 def short_dir() -> str:
     """A fresh directory whose ipc socket paths stay under the 107-byte limit whatever
-    $TMPDIR is (/tmp when $TMPDIR itself is long)."""
+    $TMPDIR is (/tmp when $TMPDIR itself is long); removed at the latest when the test
+    process exits (a test that SIGKILLs its poold may never call ``stop``)."""
     base = tempfile.gettempdir()
-    return tempfile.mkdtemp(prefix="gpt-", dir=base if len(base.encode()) <= 40 else "/tmp")
+    path = tempfile.mkdtemp(prefix="gpt-", dir=base if len(base.encode()) <= 40 else "/tmp")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def in_threads(fn: Callable[[int], None], n: int, timeout: float = 120.0) -> None:
