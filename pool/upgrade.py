@@ -370,6 +370,12 @@ class Upgrade:
         self.enter(UpgradePhase.RETIRING)
         yield from self.retire(old)
         self.check_memory(reference)
+        for r in new:
+            # Each new worker started while the old ones served: its level at spawn counted
+            # them. Take off what their retire gave back, so that a later drain-first retire
+            # of this worker is compared with the device as it is without either version.
+            if r.device_used_at_spawn is not None and r.device in self.freed:
+                r.device_used_at_spawn -= self.freed[r.device]
         return True, ""
 
     def watch_window(
@@ -449,6 +455,10 @@ class Upgrade:
         yield from self.retire(old)
         self.check_memory(reference)
         if new.alive:
+            # The level this worker's own drain-first retire must come back to: the device
+            # with the old one gone and this one still a bare context. Its level at spawn
+            # counted the old worker, which served then.
+            new.device_used_at_spawn = self.sup.device_level(device)
             self.sup.release(new)
         return new
 
