@@ -42,6 +42,10 @@ MEMORY_WAIT_S = 10.0
 # "Settled" is two equal readings SETTLE_EVERY_S apart, not two loop turns apart.
 NVML_EVERY_S = 0.1
 SETTLE_EVERY_S = 0.25
+# While a drain-first retire holds the device's clients, the wait is the whole critical
+# path: sample fast there, and settle on "back within MEMORY_TOLERANCE of the known
+# reference" instead of two equal slow readings. Bounded by MEMORY_WAIT_S all the same.
+HELD_EVERY_S = 0.01
 Progress = Callable[..., None]
 
 # Progress phases that also go to the log: an upgrade's story, step by step.
@@ -67,6 +71,30 @@ def _settled(sup: Supervisor, devices: list[str]) -> Callable[[], bool]:
         last.clear()
         last.update(now)
         return same
+
+    return check
+
+
+def _back_at(sup: Supervisor, reference: dict[str, int | None]) -> Callable[[], bool]:
+    """A condition: every device's level is within MEMORY_TOLERANCE of ``reference``, or
+    has not moved for SETTLE_EVERY_S (another process changed the level: the proof then
+    fails, but the held clients do not wait the whole settle timeout for it)."""
+    since: dict[str, tuple[int | None, float]] = {}
+
+    def check() -> bool:
+        t = time.monotonic()
+        back = True
+        for dev, level in reference.items():
+            now = _device_used(sup, dev)
+            if level is None or now is None or abs(now - level) <= MEMORY_TOLERANCE:
+                continue
+            seen, at = since.get(dev, (None, t))
+            if seen != now:
+                since[dev] = (now, t)
+                back = False
+            elif t - at < SETTLE_EVERY_S:
+                back = False
+        return back
 
     return check
 
@@ -137,6 +165,7 @@ class Upgrade:
         self.started: list[WorkerRecord] = []
         self.stopped: list[WorkerRecord] = []
         self.phases: dict[str, float] = {}
+        self.held_from = time.monotonic()  # when a drain-first slot's clients began to wait
         self.freed: dict[str, int] = {}
         self.memory_back: bool | None = None
         self.worker_timings: dict[str, float] = {}
@@ -232,8 +261,12 @@ class Upgrade:
             if not met and time.monotonic() >= self.deadline:
                 return False, "not ready before the upgrade timeout"
 
-    def retire(self, recs: list[WorkerRecord]) -> Generator[Wait, bool, None]:
-        """Drain, stop and reap ``recs``; then wait for their GPU memory to come back."""
+    def retire(
+        self, recs: list[WorkerRecord], held: dict[str, int | None] | None = None
+    ) -> Generator[Wait, bool, None]:
+        """Drain, stop and reap ``recs``; then wait for their GPU memory to come back.
+        ``held``: clients wait on this retire (drain-first); the reference levels, so the
+        wait samples every HELD_EVERY_S and ends once each device is back at its level."""
         if not recs:
             return
         t = time.monotonic()
@@ -258,11 +291,16 @@ class Upgrade:
                         return False
                 return True
 
-            yield Wait(gone, MEMORY_WAIT_S, "nvml", every_s=NVML_EVERY_S)
+            every = HELD_EVERY_S if held is not None else NVML_EVERY_S
+            yield Wait(gone, MEMORY_WAIT_S, "nvml", every_s=every)
             # The process entry can vanish a moment before the driver's count of used
-            # memory settles: wait for two equal readings in a row, a period apart.
+            # memory settles: wait for two equal readings in a row, a period apart (or,
+            # held, for the level known to be the target).
             devices = [r.device for r in gpu_recs]
-            yield Wait(_settled(self.sup, devices), 3.0, "settle", every_s=SETTLE_EVERY_S)
+            if held is not None and all(held.get(d) is not None for d in devices):
+                yield Wait(_back_at(self.sup, held), 3.0, "settle", every_s=HELD_EVERY_S)
+            else:
+                yield Wait(_settled(self.sup, devices), 3.0, "settle", every_s=SETTLE_EVERY_S)
             for dev, used in before.items():
                 after = _device_used(self.sup, dev)
                 if used is not None and after is not None:
@@ -403,15 +441,21 @@ class Upgrade:
             device = rt.devices[slot]
             if self.sup.takes_standby(rt, device) and self.sup.standbys.available(device):
                 new = yield from self.staged_start(gen, slot, old, reference)
+                held_from = self.held_from
             else:
                 self.enter(UpgradePhase.DRAINING)
-                yield from self.retire(old)
+                held_from = time.monotonic()
+                yield from self.retire(old, held=reference)
                 self.check_memory(reference)
                 self.enter(UpgradePhase.STARTING)
                 self.say("starting", generation=gen, slot=slot, device=device)
                 new = self.spawn(gen, slot)
             self.enter(UpgradePhase.STARTING)
             ok, reason = yield from self.wait_boot([new])
+            if ok:
+                # Drain start -> the new worker ready: how long this slot's clients waited.
+                held_s = time.monotonic() - held_from
+                self.phases["held_s"] = max(self.phases.get("held_s", 0.0), held_s)
             refusal = self.contract_refusal(gen) if ok and not done else None
             first = ok and not refusal and rt.serving_gen != gen
             if first:
@@ -452,7 +496,8 @@ class Upgrade:
         self.staged = True
         self.say("staged", worker=new.wid, staged_s=round(self.phases["staged_s"], 3))
         self.enter(UpgradePhase.DRAINING)
-        yield from self.retire(old)
+        self.held_from = time.monotonic()
+        yield from self.retire(old, held=reference)
         self.check_memory(reference)
         if new.alive:
             # The level this worker's own drain-first retire must come back to: the device

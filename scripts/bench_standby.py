@@ -220,9 +220,12 @@ def run_pool(b: Any, dev: str, fmt: str, paths: list[str], hidden: int, standby:
                 b.rows.append({"section": "standby", "name": f"drain-first {tag}",
                                "worst_s": worst, "requests": reqs, "failed": failed,
                                "phases": data.get("phases"), "elapsed_s": data.get("elapsed_s")})
+                ph = data.get("phases") or {}
+                held = " ".join(f"{k} {ph[k]:.3f}" for k in ("drain_s", "retire_s", "boot_s",
+                                                             "held_s") if k in ph)
                 print(f"  {tag:<26} drain-first: worst latency {worst:.3f}s over {reqs} "
                       f"requests, {failed} failed; upgrade {data.get('elapsed_s')}s "
-                      f"{data.get('standby')}", flush=True)
+                      f"{data.get('standby')}; held: {held}", flush=True)
         if fmt == "torchscript":
             with Clients(pool.frontend, "m", 4, hidden) as load:
                 for _ in range(n):

@@ -16,7 +16,7 @@ from upgradekit import FakeClock, FakeSupervisor, run
 
 from pool.lifecycle import WorkerRecord, WorkerState
 from pool.state import Deployed
-from pool.upgrade import Upgrade
+from pool.upgrade import HELD_EVERY_S, Upgrade
 
 MiB = 1 << 20
 BASE, CTX, MODEL = 600 * MiB, 500 * MiB, 1740 * MiB
@@ -55,6 +55,12 @@ class LedgerSupervisor(FakeSupervisor):
         super().__init__(("cuda:0",), lambda rec: True)
         self.gpu = self.ledger  # type: ignore[assignment]
         self.ledger.workers = self.rt.workers
+        self.clock = FakeClock()
+        self.exited_at = self.released_at = 0.0
+
+    def retire(self, rec: WorkerRecord) -> None:
+        super().retire(rec)
+        self.exited_at = self.clock.now
 
     def spawn(self, rt, gen, slot, hold=False):  # type: ignore[no-untyped-def]
         level = self.device_level(rt.devices[slot]) if hasattr(self, "ledger") else None
@@ -73,6 +79,7 @@ class LedgerSupervisor(FakeSupervisor):
         return rec
 
     def release(self, rec: WorkerRecord) -> None:
+        self.released_at = self.clock.now
         rec.holding = False
         rec.to(WorkerState.WARMING)
         rec.to(WorkerState.READY)
@@ -90,7 +97,7 @@ class LedgerSupervisor(FakeSupervisor):
 def upgrade_to(sup: LedgerSupervisor, version: str, strategy: str) -> Upgrade:
     target = Deployed(version, f"/models/m/{version}.pt", f"d{version}")
     up = Upgrade(sup, sup.rt, target, strategy, 60.0, "upgrade", lambda *a, **k: None)  # type: ignore[arg-type]
-    run(sup, up.run(), FakeClock())
+    run(sup, up.run(), sup.clock)
     return up
 
 
@@ -121,3 +128,13 @@ def test_a_leak_still_fails_the_proof() -> None:
     real = sup.ledger.memory
     sup.ledger.memory = lambda idx: (real(idx)[0] + 64 * MiB, 140 << 30)  # type: ignore[method-assign]
     assert upgrade_to(sup, "3", "drain-first").memory_back is False
+
+
+def test_a_held_retire_samples_fast_and_times_the_hold() -> None:
+    """Drain-first with a standby: the new worker is released within a few fast samples
+    of the old one's exit (not two slow settle periods), and the result names the hold."""
+    sup = LedgerSupervisor(True)
+    up = upgrade_to(sup, "2", "drain-first")
+    assert up.memory_back is True
+    assert sup.released_at - sup.exited_at <= 3 * HELD_EVERY_S
+    assert "held_s" in up.phases and "staged_s" in up.phases and "retire_s" in up.phases
