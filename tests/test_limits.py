@@ -156,8 +156,10 @@ def test_descriptor_exhaustion_from_clients_never_aborts_poold(tmp_path: object)
             assert pool.proc.poll() is None
             log = pool.log()
             assert "refusing new ones" in log and "open again" in log
-            refused = scrape(mport)["gpupool_frontend_refused_total"]
-            assert retried >= refused  # nothing closed at the door went unnoticed
+            # How many connections the door closed varies from run to run, and a client
+            # closed there may need no retry (a DEALER keeps a message its connection had
+            # not written and sends it on reconnect): every client answered, with the door
+            # seen shut above, is the guarantee.
         finally:
             for s in socks:
                 s.close(linger=0)
