@@ -19,7 +19,6 @@ import logging
 import os
 import signal
 import socket
-import threading
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -28,6 +27,7 @@ from gateway.catalog import Catalog, ControlLink
 from gateway.stats import Stats
 from gateway.upstream import Upstream
 from pool.logs import setup_logging
+from router.lifeline import watch_lifeline
 
 log = logging.getLogger("gateway")
 EPILOG = """\
@@ -96,27 +96,9 @@ def read_curve(path: str) -> tuple[bytes, bytes, bytes] | None:
     return server, public, secret
 
 
-def watch_lifeline(fd: int) -> None:
-    """Exit when poold dies: the read returns EOF once the kernel closes poold's end.
-
-    A blocking read on a thread, as the workers do. Never the event loop's add_reader:
-    uvloop would set O_NONBLOCK on the pipe, a flag every process sharing it sees, and
-    the workers' blocking reads of the same pipe would then fail at once.
-    """
-
-    def wait() -> None:
-        while True:
-            try:
-                if os.read(fd, 1) == b"":
-                    break
-            except InterruptedError:
-                continue
-            except OSError:
-                break
-        log.info("poold is gone: gateway [pid %d] exits", os.getpid())
-        os._exit(0)  # nothing left to answer for: there is no router any more
-
-    threading.Thread(target=wait, name="lifeline", daemon=True).start()
+def on_poold_gone() -> None:
+    log.info("poold is gone: gateway [pid %d] exits", os.getpid())
+    os._exit(0)  # nothing left to answer for: there is no router any more
 
 
 async def _serve(args: argparse.Namespace) -> int:
@@ -129,7 +111,7 @@ async def _serve(args: argparse.Namespace) -> int:
     host, port = split_listen(args.listen)
 
     if args.lifeline_fd >= 0:
-        watch_lifeline(args.lifeline_fd)
+        watch_lifeline(args.lifeline_fd, on_poold_gone)
 
     async def write_stats() -> None:
         while True:

@@ -12,7 +12,6 @@ import logging
 import os
 import resource
 import sys
-import threading
 import traceback
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import msgpack
 import zmq
 
+from router import lifeline
 from router import protocol as p
 from workers.exitcodes import (  # noqa: F401  re-exported for the worker code
     EXIT_INTERNAL,
@@ -67,25 +67,8 @@ class WorkerSpec:
 
 
 def watch_lifeline(fd: int) -> None:
-    """Exit at once when poold dies, even in the middle of a forward.
-
-    The daemon holds the only write end of this pipe; the kernel closes it however the
-    daemon dies (SIGKILL included), and the read below then returns EOF. This is a death
-    watch, not a heartbeat: it proves nothing about the serving loop's progress.
-    """
-
-    def wait() -> None:
-        while True:
-            try:
-                if os.read(fd, 1) == b"":
-                    break
-            except InterruptedError:
-                continue
-            except OSError:
-                break
-        os._exit(EXIT_ORPHANED)
-
-    threading.Thread(target=wait, name="lifeline", daemon=True).start()
+    """Exit at once when poold dies, even in the middle of a forward (router.lifeline)."""
+    lifeline.watch_lifeline(fd, lambda: os._exit(EXIT_ORPHANED))
 
 
 def pin_device(device: str) -> None:
