@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
 import time
 import tracemalloc
 from collections.abc import Iterator
@@ -406,6 +407,68 @@ ctl_paths = st.one_of(
 )
 
 
+# The commands added with runtime management (issue 18). Those that change what the pool
+# serves are fuzzed only in ways poold must refuse at once: a model it does not serve
+# (unload), devices that fail the config's checks (scale), paths outside the model roots
+# (load). One they accepted would change the pool under the test, and answer after the
+# status request that ends each batch.
+RUNTIME_COMMANDS = ["load", "unload", "scale", "list", "cancel", "describe", "stats"]
+NOT_SERVED = st.sampled_from(["nosuch", "", "MLP", "mlp ", " mlp", "mlp\x00", "m" * 200]) | (
+    anything.filter(lambda v: v != "mlp")
+)
+BAD_DEVICES = st.one_of(
+    st.sampled_from(
+        [[], "cpu", ["gpu:0"], ["cuda:-1"], ["cuda:01"], ["CPU"], [""], [None], [0], ["cpu", 1]]
+    ),
+    st.lists(
+        st.text(max_size=8).filter(lambda d: d != "cpu" and not d.startswith("cuda:")),
+        min_size=1,
+        max_size=3,
+    ),  # fmt: skip
+    anything.filter(lambda v: not isinstance(v, list)),
+)
+
+
+@st.composite
+def runtime_args(draw: st.DrawFn, cmd: str) -> Any:
+    """Plausible arguments for one of RUNTIME_COMMANDS (control_requests may break them)."""
+    args: dict[str, Any] = {}
+    if cmd == "load":
+        args = {"model": draw(st.sampled_from(["mlp", "fz-new"]) | NOT_SERVED)}
+        args["path"] = draw(ctl_paths)
+        if draw(st.booleans()):
+            args["devices"] = draw(st.just(["cpu"]) | BAD_DEVICES)
+        if draw(st.booleans()):
+            args["max_batch"] = draw(INTS | anything)
+        if draw(st.booleans()):
+            args["version"] = draw(st.text(max_size=12) | anything)
+    elif cmd == "unload":
+        args = {"model": draw(NOT_SERVED)}
+    elif cmd == "scale":
+        args = {"model": draw(st.just("mlp") | NOT_SERVED), "devices": draw(BAD_DEVICES)}
+    elif cmd in ("cancel", "describe"):
+        args = {"model": draw(st.just("mlp") | NOT_SERVED)}
+        if draw(st.booleans()):
+            args["uid"] = draw(INTS | anything)
+    return args
+
+
+DEVICE = re.compile(r"cpu|cuda:(0|[1-9][0-9]*)")
+
+
+def keep_the_pool(cmd: Any, args: Any) -> None:
+    """Undo what the random edits may have made valid: unloading the one served model,
+    or devices it could be scaled to (see RUNTIME_COMMANDS)."""
+    if not isinstance(args, dict):
+        return
+    if cmd == "unload" and args.get("model") == "mlp":
+        args["model"] = "nosuch"
+    devices = args.get("devices")
+    if cmd == "scale" and isinstance(devices, list) and devices:
+        if all(isinstance(d, str) and DEVICE.fullmatch(d) for d in devices):
+            args["devices"] = []
+
+
 @st.composite
 def control_requests(draw: st.DrawFn) -> Any:
     """A real command with plausible arguments, one part of which is then made wrong."""
@@ -421,11 +484,14 @@ def control_requests(draw: st.DrawFn) -> Any:
                 "status",
                 "health",
                 "reload",
+                *RUNTIME_COMMANDS,
             ]
         )
     )
     args: Any = {"model": "mlp"}
-    if cmd == "upgrade":
+    if cmd in RUNTIME_COMMANDS:
+        args = draw(runtime_args(cmd))
+    elif cmd == "upgrade":
         args["path"] = draw(ctl_paths)
         if draw(st.booleans()):
             args["version"] = draw(st.text(max_size=12))
@@ -447,6 +513,7 @@ def control_requests(draw: st.DrawFn) -> Any:
             args.pop(bad, None)
         else:
             args[bad] = draw(st.one_of(INTS, st.floats(), st.text(max_size=30), anything))
+    keep_the_pool(cmd, args)
     request = {"cmd": cmd, "args": args}
     if draw(st.integers(0, 9)) == 0:
         del request["args"]  # optional on the wire
@@ -685,6 +752,7 @@ class Tally:
     valid: int = 0
     worker: int = 0  # fuzz messages that got past the router and were answered by a worker
     codes: dict[str, int] = field(default_factory=dict)
+    commands: dict[str, int] = field(default_factory=dict)  # control messages that named one
 
 
 @pytest.fixture(scope="module")
@@ -757,6 +825,18 @@ def collect(sock: zmq.Socket[Any], n: int, what: str, deadline: float) -> list[l
     return got
 
 
+def sent_command(frames: list[bytes]) -> str | None:
+    """The command a control message names, when it is well-formed enough to say."""
+    if len(frames) != 3 or frames[1] != CTL:
+        return None
+    try:
+        body = msgpack.unpackb(frames[2], raw=False)
+    except Exception:
+        return None
+    cmd = body.get("cmd") if isinstance(body, dict) else None
+    return cmd if isinstance(cmd, str) else None
+
+
 def fuzz_batch(
     pl: Pool,
     tally: Tally,
@@ -782,6 +862,9 @@ def fuzz_batch(
             sent += 1
         for frames in ctl:
             cs.send_multipart(frames)
+            cmd = sent_command(frames)
+            if cmd is not None:
+                tally.commands[cmd] = tally.commands.get(cmd, 0) + 1
         cs.send_multipart([b"", CTL, msgpack.packb({"cmd": "status"})])
         deadline = time.monotonic() + BATCH_REPLY_TIMEOUT_S
         replies = collect(fs, sent, "frontend", deadline)
@@ -857,13 +940,15 @@ def test_fuzz_frontend_and_control(pool: Pool) -> None:
     print(
         f"\nfuzz: {tally.frontend} frontend + {tally.control} control messages, "
         f"{tally.valid} valid, {tally.worker} answered by a worker, {elapsed:.1f}s; "
-        f"answers {tally.codes}; "
+        f"answers {tally.codes}; commands {tally.commands}; "
         f"poold RSS {rss_before >> 20} -> {proc.memory_info().rss >> 20} MiB"
     )
     assert tally.frontend >= MIN_FRONTEND_MESSAGES
     assert tally.frontend + tally.control >= MIN_TOTAL_MESSAGES
     assert tally.codes.get(p.BAD_REQUEST, 0) > tally.frontend // 2  # most were refused
     assert tally.worker > tally.frontend // 25  # and enough reached a worker's decoder
+    for cmd in RUNTIME_COMMANDS:  # every new command was fuzzed, and answered (fuzz_batch)
+        assert tally.commands.get(cmd, 0) >= 5, (cmd, tally.commands)
     assert pool.proc.poll() is None
     growth = proc.memory_info().rss - rss_before
     assert growth < RSS_GROWTH_LIMIT, f"poold grew {growth >> 20} MiB"
