@@ -12,7 +12,10 @@ VENV=${VENV:-.venv}
 "$VENV/bin/ruff" check pool router workers gateway scripts tests
 "$VENV/bin/mypy"
 set +e
-"$VENV/bin/python" -m pytest "$@"
+# Two test processes (pytest-xdist): most tests wait on real poolds and sockets, so two
+# share a 2-core machine well. TEST_PROCS=0 runs in this process; extra arguments
+# (e.g. -m "not slow" for the fast tier) pass through.
+"$VENV/bin/python" -m pytest -n "${TEST_PROCS:-2}" "$@"
 status=$?
 set -e
 if [ "$status" -eq 5 ]; then

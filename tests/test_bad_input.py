@@ -309,6 +309,7 @@ CASES: dict[str, Case] = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_request_gets_its_error_code(served: Served, name: str, mode: str) -> None:
@@ -433,6 +434,7 @@ def send_until_dropped(endpoint: str, frames: list[Any]) -> list[bytes] | None:
         sock.close(linger=0)
 
 
+@pytest.mark.slow
 def test_frame_over_the_frontend_size_limit(served: Served) -> None:
     """A frame over the frontend's MAXMSGSIZE (pool.max_message_mb, 2 MiB in this pool)
     cannot be answered: libzmq drops the connection after reading the frame's size, before
@@ -448,6 +450,7 @@ def test_frame_over_the_frontend_size_limit(served: Served) -> None:
     served.load.wait_ok(10)
 
 
+@pytest.mark.slow
 def test_control_message_over_its_size_limit(served: Served) -> None:
     """The control socket's MAXMSGSIZE is 64 KiB: a larger message is dropped unanswered,
     and the control endpoint answers the next caller."""

@@ -150,6 +150,7 @@ def test_plan_batches_length_mismatch() -> None:
     ),
     max_batch=st.integers(1, 16),
 )
+@pytest.mark.slow
 def test_plan_batches_invariants(requests: list[tuple[str | None, int]], max_batch: int) -> None:
     keys = [k for k, _ in requests]
     sizes = [s for _, s in requests]
@@ -178,6 +179,7 @@ def _rows(*sizes: int, seed: int = 0) -> list[list[torch.Tensor]]:
     return [[torch.from_numpy(x[a:b].copy())] for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
+@pytest.mark.slow
 def test_batched_answers_equal_unbatched(mlp: LoadedModel) -> None:
     model = _counting(mlp)
     requests = _rows(1, 3, 2, 1)
@@ -796,6 +798,7 @@ def test_stop_answers_what_is_still_in_the_lane() -> None:
 # ---------------------------------------------------------------- through a real pool
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("on_arrival", ["1", "0"], ids=["staged-on-arrival", "staged-at-launch"])
 def test_pool_batches_concurrent_clients_per_request(tmp_path: Path, on_arrival: str) -> None:
     """One worker, 12 client threads with mixed row counts and ids, a poisoned client:
@@ -861,6 +864,7 @@ def test_pool_batches_concurrent_clients_per_request(tmp_path: Path, on_arrival:
         assert not errors, errors[:5]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["fresh", "via-spawner"])
 def test_worker_host_bench_runs(tmp_path: Path, how: str) -> None:
     """scripts/bench_worker_host.py (one worker over its DEALER protocol) on the CPU, in

@@ -74,6 +74,7 @@ def test_the_result_names_the_host_that_answered(three: list[FakeHost]) -> None:
             assert r.endpoint == by_name[r.version]
 
 
+@pytest.mark.slow
 def test_a_silent_host_is_taken_out_with_back_off(three: list[FakeHost]) -> None:
     a, b, c_ = three
     b.mode = "silent"
@@ -122,6 +123,7 @@ def test_an_ordinary_error_is_the_answer_not_retried(three: list[FakeHost]) -> N
     assert sum(h.received for h in three) == 1
 
 
+@pytest.mark.slow
 def test_no_host_answering_times_out_naming_them(three: list[FakeHost]) -> None:
     for h in three:
         h.mode = "silent"
@@ -132,6 +134,7 @@ def test_no_host_answering_times_out_naming_them(three: list[FakeHost]) -> None:
         assert h.endpoint in str(info.value)
 
 
+@pytest.mark.slow
 def test_a_spent_deadline_blames_only_the_host_that_used_it(three: list[FakeHost]) -> None:
     for h in three:
         h.mode = "silent"
@@ -144,6 +147,7 @@ def test_a_spent_deadline_blames_only_the_host_that_used_it(three: list[FakeHost
     assert failures == [0, 0, 1] and sum(h.received for h in three) == 1
 
 
+@pytest.mark.slow
 def test_a_name_stands_for_all_its_addresses() -> None:
     """A headless Service: one name, one A record per pod; the set follows the records."""
     port = free_port()

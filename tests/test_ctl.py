@@ -44,6 +44,7 @@ def test_usage_errors_exit_2_with_a_message_and_no_traceback(args: list[str]) ->
     assert "error:" in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_version_on_both_commands() -> None:
     for cmd in (CLI, [sys.executable, "-m", "pool.poold"]):
         out = subprocess.run([*cmd, "--version"], capture_output=True, text=True, timeout=60)
@@ -137,6 +138,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
         yield p
 
 
+@pytest.mark.slow
 def test_unknown_model_exits_1_with_a_message(pool: Pool) -> None:
     for args in (["history", "nosuch"], ["rollback", "nosuch"], ["upgrade", "nosuch", "/x"]):
         out = pool.pool_ctl(*args)
@@ -145,6 +147,7 @@ def test_unknown_model_exits_1_with_a_message(pool: Pool) -> None:
         assert "None" not in out.stdout
 
 
+@pytest.mark.slow
 def test_tables_in_a_pipe_are_plain_one_row_a_line(pool: Pool) -> None:
     out = pool.pool_ctl("status")
     assert out.returncode == 0, out.stderr

@@ -129,6 +129,7 @@ field_values = st.one_of(values, st.sampled_from(["m", "model-b", ""]), st.integ
         max_size=6,
     )
 )
+@pytest.mark.slow
 def test_c_accepts_only_what_python_accepts(body: dict[str, Any]) -> None:
     agree(msgpack.packb(body))
 
@@ -224,6 +225,7 @@ edge_ids = st.one_of(
     edge_ids,
     st.dictionaries(st.text(max_size=6), values, max_size=3),
 )
+@pytest.mark.slow
 def test_c_and_python_accept_exactly_the_same_requests(
     model: str, timeout: Any, rid: Any, extra: dict[str, Any]
 ) -> None:

@@ -19,6 +19,9 @@ from poolkit import Load, Pool, running_pool, start_pool, wait_for
 from router.client import Client
 from router.errors import DeadlineExceeded, ModelUnavailable, Overloaded, WorkerLost
 
+# Every test here starts a real pool: the full suite, not the fast tier.
+pytestmark = pytest.mark.slow
+
 
 def mlp_check(seed: int):  # type: ignore[no-untyped-def]
     def check(x: np.ndarray, r: object) -> str | None:

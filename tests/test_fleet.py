@@ -245,6 +245,7 @@ def test_hosts_files_and_dns() -> None:
 
 
 # ---------------------------------------------------------------------- the command
+@pytest.mark.slow
 def test_cli_exit_codes_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     hosts = tmp_path / "hosts.txt"
     hosts.write_text("tcp://127.0.0.1:9\n")  # nothing listens on the discard port

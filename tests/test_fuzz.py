@@ -591,6 +591,7 @@ def header_frames(draw: st.DrawFn) -> bytes:
     return msgpack.packb(draw(request_headers())[0])
 
 
+@pytest.mark.slow
 @settings(FUZZ_SETTINGS, max_examples=UNIT_EXAMPLES)
 @given(frame=header_frames())
 def test_unpack_map_raises_only_protocol_error_and_allocates_little(frame: bytes) -> None:
@@ -641,6 +642,7 @@ def test_unpack_map_refuses_frames_over_its_limit(traced: None) -> None:
     )
     | request_headers().map(lambda hf: hf[0])
 )
+@pytest.mark.slow
 def test_route_fields_raises_only_protocol_error(header: dict[str, Any]) -> None:
     try:
         model, timeout_ms, rid = p.route_fields(header)
@@ -654,6 +656,7 @@ def test_route_fields_raises_only_protocol_error(header: dict[str, Any]) -> None
     p.error_header(p.BAD_REQUEST, "x", model=model, rid=rid)  # the id can be echoed
 
 
+@pytest.mark.slow
 @settings(FUZZ_SETTINGS, max_examples=UNIT_EXAMPLES)
 @given(hf=request_headers(), use_wire=st.booleans())
 def test_decode_inputs_raises_only_protocol_error(
@@ -677,6 +680,7 @@ def test_decode_inputs_raises_only_protocol_error(
     assert len(tensors) == len(header["inputs"])
 
 
+@pytest.mark.slow
 @settings(FUZZ_SETTINGS, max_examples=UNIT_EXAMPLES)
 @given(dtype=dtypes, shape=st.lists(st.sampled_from(ABSURD_DIMS) | INTS, max_size=17) | shapes)
 def test_tensor_nbytes_admits_only_shapes_torch_can_build(dtype: Any, shape: Any) -> None:
@@ -700,6 +704,7 @@ def test_tensor_nbytes_admits_only_shapes_torch_can_build(dtype: Any, shape: Any
     data=st.sampled_from([b"", b"", b"\0" * 8]) | st.binary(max_size=16),
     in_frame=st.booleans(),
 )
+@pytest.mark.slow
 def test_decode_inputs_absurd_shapes(
     dtype: str, shape: list[int], data: bytes, in_frame: bool
 ) -> None:
@@ -905,6 +910,7 @@ def fuzz_batch(
     assert status["ok"] is True and status["data"]["models"][0]["name"] == "mlp", status
 
 
+@pytest.mark.slow
 def test_fuzz_frontend_and_control(pool: Pool) -> None:
     proc = psutil.Process(pool.proc.pid)
     pids = {w["pid"] for w in pool.model("mlp")["workers"]}

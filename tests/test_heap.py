@@ -25,6 +25,7 @@ def unfrozen() -> Iterator[None]:
         gc.unfreeze()  # the rest of the test session collects as usual
 
 
+@pytest.mark.slow
 def test_garbage_is_collected_and_survivors_frozen(unfrozen: None) -> None:
     a, b = _Node(), _Node()
     a.other, b.other = b, a  # a cycle: only the cyclic collector frees it

@@ -312,6 +312,7 @@ def test_full_or_read_only_state_dir_never_leaves_the_pool_inconsistent(tmp_path
             assert r.returncode == 1 and pool.model("m")["version"] == "1"
 
 
+@pytest.mark.slow
 def test_poold_never_chmods_a_directory_it_did_not_create(tmp_path: object) -> None:
     """A control socket in a shared 1777 directory is refused with a clear error, and
     the directory keeps its mode (poold used to chmod it to 0700)."""

@@ -167,6 +167,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> str:
     return path
 
 
+@pytest.mark.slow
 def test_export_format(exported: str) -> None:
     path = exported
     reference = _Exportable().eval()
@@ -808,6 +809,7 @@ def test_bad_outputs_raise_type_error(value: object, message: str) -> None:
     assert isinstance(info.value, TypeError)
 
 
+@pytest.mark.slow
 def test_forward_moves_inputs_to_the_model_device() -> None:
     model = LoadedModel(_Returns(None), torch.device("meta"), "safetensors", 1)
     (out,) = model.forward([torch.ones(2)])

@@ -113,6 +113,7 @@ def test_rejects_bad_arguments() -> None:
     assert ours() == []
 
 
+@pytest.mark.slow
 def test_journal_priorities_and_only_json_from_a_real_pool(tmp_path: object) -> None:
     """poold with log_format=json and stderr as "the journal": every line is <N>{json};
     a worker's faulthandler dump (raw stderr of a child) arrives as records too."""

@@ -78,6 +78,7 @@ def entry(rig: Rig, name: str, file: str, version: str, n: int = 1) -> dict[str,
     return {"name": name, "path": rig.path(file), "version": version, "devices": ["cpu"] * n}
 
 
+@pytest.mark.slow
 def test_reload_removing_a_model_under_load_drains_it_and_forgets_it(rig: Rig) -> None:
     rig.write([entry(rig, "a", "v1.pt", "1"), entry(rig, "b", "v2.pt", "2")])
     code, out = rig.json("reload")
@@ -103,6 +104,7 @@ def test_reload_removing_a_model_under_load_drains_it_and_forgets_it(rig: Rig) -
     wait_for(lambda: 'model="b"' not in rig.metrics(), 10, "b's series gone")
 
 
+@pytest.mark.slow
 def test_reload_keeps_a_version_pool_ctl_committed(rig: Rig) -> None:
     out = rig.pool.pool_ctl("upgrade", "a", rig.path("v2.pt"), "--version", "2")
     assert out.returncode == 0, out.stderr
@@ -129,6 +131,7 @@ def test_reload_with_a_broken_config_fails_and_changes_nothing(rig: Rig) -> None
     assert rig.names() == ["a"]
 
 
+@pytest.mark.slow
 def test_reload_that_starts_a_broken_model_waits_and_fails(rig: Rig) -> None:
     rig.write([entry(rig, "a", "v1.pt", "1", n=2), entry(rig, "z", "broken.pt", "1")])
     code, res = rig.json("reload")
@@ -141,6 +144,7 @@ def test_reload_that_starts_a_broken_model_waits_and_fails(rig: Rig) -> None:
     assert rig.json("reload")[0] == 0
 
 
+@pytest.mark.slow
 def test_load_scale_list_unload_zero_loss(rig: Rig) -> None:
     out = rig.pool.pool_ctl("load", "c", rig.path("v3.pt"), "--version", "3", "--devices", "cpu")
     assert out.returncode == 0, out.stderr
@@ -194,6 +198,7 @@ def test_a_restart_comes_back_to_the_pool_the_operator_left(tmp_path: Any) -> No
         again.stop()
 
 
+@pytest.mark.slow
 def test_one_broken_model_does_not_hold_the_pool_hostage(tmp_path: Any, monkeypatch: Any) -> None:
     d = str(tmp_path)
     good = make_mlp(f"{d}/models/good.pt", seed=1)
@@ -229,6 +234,7 @@ def test_one_broken_model_does_not_hold_the_pool_hostage(tmp_path: Any, monkeypa
         sock.close()
 
 
+@pytest.mark.slow
 def test_cancel_and_ctrl_c_roll_an_upgrade_back(rig: Rig) -> None:
     import signal
     import subprocess

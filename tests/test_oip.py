@@ -121,6 +121,7 @@ def _input_names(p: Pool, model: str, count: int) -> list[str]:
 # ------------------------------------------------------------------ health, metadata
 
 
+@pytest.mark.slow
 def test_health_and_server_metadata(pool: Pool) -> None:
     h, g = _http(pool), _grpc(pool)
     assert h.is_server_live() and h.is_server_ready()
@@ -397,6 +398,7 @@ def test_metrics_per_protocol(pool: Pool) -> None:
 # ------------------------------------------------------------------ supervision
 
 
+@pytest.mark.slow
 def test_a_killed_gateway_comes_back(pool: Pool) -> None:
     pid = gateway_pid(pool.proc.pid, "http")
     assert pid is not None

@@ -388,6 +388,7 @@ def test_the_collector_sums_processes_of_one_protocol(tmp_path: Path) -> None:
     assert 'gpupool_oip_gateway_up{protocol="http"} 2.0' in text
 
 
+@pytest.mark.slow
 def test_the_gateway_never_imports_torch() -> None:
     """It must start in a fraction of torch's import time and hold no CUDA context."""
     import subprocess

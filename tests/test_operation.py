@@ -12,11 +12,15 @@ import sys
 import urllib.request
 
 import numpy as np
+import pytest
 from modelkit import make_mlp, mlp_input, mlp_reference
 from poolkit import start_pool, wait_for, write_config
 from prometheus_client.parser import text_string_to_metric_families
 
 from router.client import Client
+
+# Every test here starts a real pool: the full suite, not the fast tier.
+pytestmark = pytest.mark.slow
 
 
 def free_port() -> int:

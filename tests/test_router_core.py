@@ -361,6 +361,7 @@ def test_a_failed_model_answers_unavailable_and_fails_its_queue(rig: Rig) -> Non
     assert set(codes) == {1, 2} and rig.router.queued_count() == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rig", [False, True], ids=["backend", "lanes"], indirect=True)
 def test_soak_every_request_gets_exactly_one_answer(rig: Rig) -> None:
     """Random traffic, worker churn and deadlines; counts answers per request id. With

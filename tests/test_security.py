@@ -82,6 +82,7 @@ def base_pool(tmp: Path) -> dict[str, Any]:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", ["frontend", "control"])
 @pytest.mark.parametrize("host", ["0.0.0.0", "*", "[::]", "192.0.2.7", "[::ffff:10.0.0.1]"])
 def test_public_tcp_endpoint_without_curve_is_refused(
@@ -230,12 +231,14 @@ def curve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CurvePool]:
             pass
 
 
+@pytest.mark.slow
 def test_curve_authorised_client_is_served(curve: CurvePool) -> None:
     with curve.client(curve.keys.client) as c:
         for _ in range(3):
             assert_mlp_answer(c)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("who", ["stranger", "no-curve", "impostor-server"])
 def test_curve_others_are_not_served(curve: CurvePool, who: str) -> None:
     """An unknown key, a client without CURVE, and an authorised client that expects a
@@ -279,6 +282,7 @@ def _ready(c: Any) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_curve_control_serves_only_the_authorised_key(curve: CurvePool) -> None:
     status = curve.ctl(curve.keys.client)
     assert status["ok"] is True and status["data"]["models"][0]["name"] == "mlp"
@@ -291,6 +295,7 @@ def test_curve_control_serves_only_the_authorised_key(curve: CurvePool) -> None:
     assert curve.ctl(curve.keys.client)["ok"] is True
 
 
+@pytest.mark.slow
 def test_curve_control_ignores_a_plain_raw_socket(curve: CurvePool) -> None:
     """Without the handshake, even a well-formed control message reaches nobody."""
     sock = zmq.Context.instance().socket(zmq.DEALER)
@@ -351,6 +356,7 @@ def assert_untouched(r: Rooted) -> None:
         assert_mlp_answer(c)
 
 
+@pytest.mark.slow
 def test_upgrade_from_outside_the_roots_is_refused(rooted: Rooted) -> None:
     evil = str(rooted.outside / "evil.pt")
     out = upgrade_refused(rooted, evil)
@@ -388,6 +394,7 @@ def test_control_socket_is_owner_only(rooted: Rooted) -> None:
     assert state_mode == 0o700, oct(state_mode)
 
 
+@pytest.mark.slow
 def test_upgrade_from_inside_the_roots_still_works(rooted: Rooted) -> None:
     """The positive control for the refusals above (runs last: it changes the version)."""
     done = rooted.pool.pool_ctl(
@@ -499,6 +506,7 @@ def torch_load_problems(text: str, rel: str) -> tuple[list[str], int]:
     return problems, len(calls)
 
 
+@pytest.mark.slow
 def test_no_pickle_in_the_packages() -> None:
     problems = [
         p for f in sources() for p in pickle_problems(f.read_text(), str(f.relative_to(ROOT)))
@@ -506,6 +514,7 @@ def test_no_pickle_in_the_packages() -> None:
     assert not problems, "\n".join(problems)
 
 
+@pytest.mark.slow
 def test_every_torch_load_passes_weights_only_true() -> None:
     problems, seen = [], 0
     for f in sources():
@@ -541,6 +550,7 @@ def test_the_source_checks_catch_what_they_look_for() -> None:
     assert torch_load_problems(good, "good.py") == ([], 1)
 
 
+@pytest.mark.slow
 def test_pool_ctl_reaches_a_curve_control_endpoint_with_key_files(curve: CurvePool) -> None:
     keys = os.path.join(curve.pool.dir, "keys")
     base = ["--control", curve.control, "--connect-timeout", "2"]

@@ -32,6 +32,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Pool:
         yield p
 
 
+@pytest.mark.slow
 def test_sixteen_clients_every_answer_checked(pool: Pool) -> None:
     """16 concurrent REQ clients x 500 requests over two models, each answer verified."""
     errors: list[str] = []
@@ -68,6 +69,7 @@ def test_sixteen_clients_every_answer_checked(pool: Pool) -> None:
     assert served >= 16 * 500
 
 
+@pytest.mark.slow
 def test_requests_spread_over_both_workers(pool: Pool) -> None:
     before = {w["pid"]: w["served"] for w in pool.model("mlp")["workers"]}
     threads = []
@@ -132,6 +134,7 @@ def test_raw_pyzmq_example_from_protocol_md(pool: Pool) -> None:
     assert "NO_SUCH_MODEL" in out.stdout
 
 
+@pytest.mark.slow
 def test_status_shows_every_worker(pool: Pool) -> None:
     result = pool.pool_ctl("status", "--json")
     assert result.returncode == 0, result.stderr

@@ -21,6 +21,9 @@ from modelkit import (
 )
 from poolkit import Load, Pool, running_pool, start_pool, wait_for
 
+# Every test here starts a real pool: the full suite, not the fast tier.
+pytestmark = pytest.mark.slow
+
 SEEDS = {"1": 1, "2": 2}
 
 
