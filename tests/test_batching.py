@@ -906,9 +906,15 @@ class _FakeGraph:
     """Stands in for a captured ``torch.cuda.CUDAGraph``: replay runs the model on the
     fixed input tensors into the fixed output tensors, as a real replay does."""
 
-    def __init__(self, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> None:
+    def __init__(
+        self,
+        inputs: list[torch.Tensor],
+        outputs: list[torch.Tensor],
+        module: torch.nn.Module | None = None,
+    ) -> None:
         self.inputs = inputs
         self.outputs = outputs
+        self.module = module or _Affine()
         self.replays = 0
         self.fail = False
 
@@ -916,18 +922,23 @@ class _FakeGraph:
         if self.fail:
             raise RuntimeError("replay refused")
         self.replays += 1
-        self.outputs[0].copy_(_Affine()(self.inputs[0]))
+        self.outputs[0].copy_(self.module(self.inputs[0]))
 
 
-def _fake_table(key_example: torch.Tensor, sizes: list[int]) -> tuple[GraphTable, list[_FakeGraph]]:
+def _fake_table(
+    key_example: torch.Tensor,
+    sizes: list[int],
+    exact: bool = False,
+    module: torch.nn.Module | None = None,
+) -> tuple[GraphTable, list[_FakeGraph]]:
     table, graphs, forwards = GraphTable(), [], []
     for rows in sizes:
         # Stale, distinctive padding: rows past a batch's own must never reach an answer.
         inp = torch.full((rows, *key_example.shape[1:]), 1e6, dtype=key_example.dtype)
-        out = torch.full_like(inp, -7.0)
-        graph = _FakeGraph([inp], [out])
+        out = torch.full_like(module(inp) if module else inp, -7.0)
+        graph = _FakeGraph([inp], [out], module)
         graphs.append(graph)
-        forwards.append(CapturedForward(rows, graph, [inp], [out]))  # type: ignore[arg-type]
+        forwards.append(CapturedForward(rows, graph, [inp], [out], exact))  # type: ignore[arg-type]
     key = batch_key([key_example])
     assert key is not None
     table.add(key, forwards)
@@ -963,6 +974,36 @@ def test_graph_replays_answer_like_unbatched_requests(harness: _Harness) -> None
     harness.stop()
     assert sum(g.replays for g in graphs) > 20
     assert sum(g.replays for g in graphs[2:]) > 0  # padded, multi-request batches too
+
+
+class _RowSum(torch.nn.Module):
+    """Cannot be batched: its 0-d output sums all the rows it is given."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * 2 + 1).sum()
+
+
+def test_graphs_of_a_model_that_cannot_batch_replay_one_request_of_their_shape(
+    harness: _Harness,
+) -> None:
+    """Unbatchable (the contract's word): every request runs alone, a request of the
+    captured shape through its graph, its 0-d output answered whole, any other shape
+    through the ordinary forward; each answer is that request's own."""
+    module = _RowSum()
+    harness.worker.model = LoadedModel(module, CPU, "safetensors", 1)
+    # Captured at two rows: a one-row request padded into it would sum the stale row.
+    table, graphs = _fake_table(torch.zeros(1, 4), [2], exact=True, module=module)
+    harness.worker.launcher.graphs = table
+    harness.worker.launcher.batchable = False
+    sent = {key: torch.full((1 + key % 2, 4), float(key)) for key in range(40)}
+    for key, x in sent.items():
+        harness.send(key, x)
+    for _ in sent:
+        key, status, header, outputs = harness.receive()
+        assert status == b"OK", header
+        assert outputs[0].shape == () and float(outputs[0]) == float(module(sent[key])), key
+    harness.stop()
+    assert graphs[0].replays == 20  # the two-row requests, one replay each
 
 
 def test_a_failing_replay_falls_back_to_the_ordinary_forward(harness: _Harness) -> None:

@@ -15,7 +15,14 @@ from poolkit import in_threads, running_pool
 
 from pool.config import ConfigError, load_config
 from workers.batching import batch_key
-from workers.graphs import CapturedForward, GraphTable, batch_ladder, capture_graphs
+from workers.graphs import (
+    CapturedForward,
+    GraphTable,
+    batch_ladder,
+    capture_graphs,
+    capture_plan,
+    capture_sizes,
+)
 from workers.loader import LoadedModel, load_model
 
 CUDA = torch.cuda.is_available()
@@ -48,6 +55,41 @@ def test_lookup_takes_the_smallest_graph_with_room() -> None:
     assert table.find(batch_key([torch.zeros(1, 5)]), 1) is None
     assert table.find(None, 1) is None
     assert len(table) == 3 and table.describe() == {"signatures": 1, "sizes": [1, 4, 8]}
+
+
+def test_capture_follows_the_batching_contract() -> None:
+    """A batchable model is captured at the whole ladder once per signature; one that
+    cannot batch only at the rows of each example it was warmed up on (a batch of 8 of
+    a one-row-only model fails: issue 15's matrix on an H200)."""
+    assert capture_sizes(True, 8, 1) == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert capture_sizes(False, 8, 1) == [1]
+    assert capture_sizes(False, 8, 3) == [3]
+    examples = [
+        [torch.zeros(1, 6)],
+        [torch.zeros(8, 6)],  # the same signature at another batch size
+        [torch.zeros(2, 6)],
+        [torch.zeros(1, 7)],  # another signature
+        [torch.zeros(())],  # no batch dimension: never captured
+        [torch.zeros(2, 6), torch.zeros(3, 6)],  # first dims differ: no batch either
+    ]
+    k6, k7 = batch_key([torch.zeros(1, 6)]), batch_key([torch.zeros(1, 7)])
+    assert capture_plan(examples, True, 4) == [(0, k6, [1, 2, 3, 4]), (3, k7, [1, 2, 3, 4])]
+    single = capture_plan(examples, False, 4)
+    assert single == [(0, k6, [1]), (1, k6, [8]), (2, k6, [2]), (3, k7, [1])]
+    assert capture_plan([[torch.zeros(())]], False, 4) == []
+
+
+def test_lookup_of_a_model_that_cannot_batch_is_exact() -> None:
+    """Its graphs replay only a request of their own rows (never padded: its rows are
+    not independent), and each row count added later joins the signature's list."""
+    key = batch_key([torch.zeros(1, 4)])
+    assert key is not None
+    table = GraphTable()
+    table.add(key, [CapturedForward(1, None, [], [], exact=True)])  # type: ignore[arg-type]
+    table.add(key, [CapturedForward(4, None, [], [], exact=True)])  # type: ignore[arg-type]
+    found = {n: table.find(key, n) for n in range(1, 6)}
+    assert {n: g.rows for n, g in found.items() if g is not None} == {1: 1, 4: 4}
+    assert table.describe() == {"signatures": 1, "sizes": [1, 4]}
 
 
 def test_no_graphs_off_a_gpu(tmp_path: Path) -> None:
@@ -91,6 +133,15 @@ class _Synchronising(torch.nn.Module):
         if bool(x.sum() > 0):
             return x * 2
         return x
+
+
+class _OneRow(torch.nn.Module):
+    """Cannot be batched: refuses any batch but one row, and sums it to a 0-d output."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.size(0) != 1:
+            raise RuntimeError("one row at a time")
+        return (x * 3).sum()
 
 
 class _Rowless(torch.nn.Module):
@@ -138,6 +189,25 @@ def test_models_that_cannot_be_captured_keep_the_ordinary_path() -> None:
         assert len(table) == 0 and len(problems) == 1 and why in problems[0], problems
         # The device is still usable afterwards.
         assert torch.equal(model.forward([x])[0].cpu(), module(x.cpu()))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_a_model_that_cannot_batch_is_captured_at_its_own_shape_only() -> None:
+    model = _on_gpu(_OneRow())
+    x = torch.rand(1, 6, device=model.device)
+    table, problems = capture_graphs(model, [[x]], 8, batchable=False)
+    assert problems == [] and table.describe()["sizes"] == [1], problems
+    key = batch_key([x])
+    graph = table.find(key, 1)
+    assert graph is not None and graph.exact and table.find(key, 2) is None
+    y = torch.rand(1, 6)
+    got = graph.run([y.pin_memory()], 1)
+    assert len(got) == 1 and got[0].dim() == 0
+    torch.testing.assert_close(got[0].cpu(), (y * 3).sum())
+    # Told it batches, the capture at 8 rows fails: reported, never raised.
+    table, problems = capture_graphs(model, [[x]], 8, batchable=True)
+    assert len(table) == 0 and "fails at 8 rows" in problems[0], problems
 
 
 @pytest.mark.gpu

@@ -17,9 +17,16 @@ All graphs read one set of input tensors (each the first rows of it) and draw th
 intermediate memory from one pool, captured largest first, so they cost about as much
 device memory as the largest one alone.
 
+A model that cannot be batched (its contract says so: ``pool.contract``) runs each
+request alone, and a batch of several rows is not a thing it can be given: capturing it
+at the ladder's sizes would run it on shapes it refuses. Its graphs are captured only at
+the shapes it was warmed up on, each replayed for a request of exactly that shape, its
+outputs answered whole (see ``capture_sizes``).
+
 A model whose forward cannot be captured (it synchronises with the host, or its output
-shape depends on data) or whose replayed outputs differ from an ordinary forward on the
-same inputs keeps the ordinary path for that signature; the worker logs why.
+shape depends on data), fails on the capture's inputs, or whose replayed outputs differ
+from an ordinary forward on the same inputs keeps the ordinary path for that signature;
+the worker logs why.
 """
 
 from __future__ import annotations
@@ -62,14 +69,26 @@ def batch_ladder(max_batch: int) -> list[int]:
     return sorted(sizes)
 
 
+def capture_sizes(batchable: bool, max_batch: int, example_rows: int) -> list[int]:
+    """The batch sizes to capture a signature at, for an example of ``example_rows`` rows:
+    a batchable model at the whole ladder (any batch up to ``max_batch`` may come); one
+    that cannot batch only at the example's own rows, the one shape it was shown to take
+    (each of its requests runs alone, at its own size)."""
+    if batchable:
+        return batch_ladder(max_batch)
+    return [max(1, example_rows)]
+
+
 class GraphCaptureError(RuntimeError):
     """One signature's graphs could not be captured, or did not match the model."""
 
 
 class CapturedForward:
-    """The model's forward at ``rows`` rows of one signature, as a replayable graph."""
+    """The model's forward at ``rows`` rows of one signature, as a replayable graph.
+    ``exact``: captured for a model that cannot batch, replayed only for a request of
+    exactly ``rows`` rows, its outputs whole (they need not have the rows first)."""
 
-    __slots__ = ("graph", "inputs", "outputs", "rows")
+    __slots__ = ("exact", "graph", "inputs", "outputs", "rows")
 
     def __init__(
         self,
@@ -77,19 +96,24 @@ class CapturedForward:
         graph: torch.cuda.CUDAGraph,
         inputs: list[torch.Tensor],
         outputs: list[torch.Tensor],
+        exact: bool = False,
     ) -> None:
         self.rows = rows
         self.graph = graph
         self.inputs = inputs
         self.outputs = outputs
+        self.exact = exact
 
     def run(self, batch: Sequence[torch.Tensor], rows: int) -> list[torch.Tensor]:
         """Replay on ``batch`` (one tensor per input, ``rows`` rows each, on the host or
-        the device). Returns views of the first ``rows`` rows of the graph's outputs:
-        copy them out before the next replay of any graph of the same table."""
+        the device). Returns views of the first ``rows`` rows of the graph's outputs (an
+        exact graph's outputs whole): copy them out before the next replay of any graph
+        of the same table."""
         for static, part in zip(self.inputs, batch, strict=True):
             static[:rows].copy_(part, non_blocking=True)
         self.graph.replay()
+        if self.exact:
+            return list(self.outputs)
         return [out[:rows] for out in self.outputs]
 
 
@@ -104,17 +128,23 @@ class GraphTable:
         return sum(len(v) for v in self.by_key.values())
 
     def add(self, key: BatchKey, forwards: list[CapturedForward]) -> None:
-        forwards = sorted(forwards, key=lambda f: f.rows)
+        """Add ``key``'s graphs (to those it has: a model that cannot batch has one per
+        row count it was warmed up at)."""
+        forwards = sorted([*self.by_key.get(key, ()), *forwards], key=lambda f: f.rows)
         self.by_key[key] = forwards
         self._rows[key] = [f.rows for f in forwards]
 
     def find(self, key: Any, rows: int) -> CapturedForward | None:
-        """The smallest graph of ``key`` with room for ``rows`` rows, if any."""
+        """The smallest graph of ``key`` with room for ``rows`` rows, if any; an exact
+        graph only for exactly its own rows (a padded batch is not one request)."""
         sizes = self._rows.get(key)
         if not sizes:
             return None
         i = bisect.bisect_left(sizes, rows)
-        return self.by_key[key][i] if i < len(sizes) else None
+        if i == len(sizes):
+            return None
+        graph = self.by_key[key][i]
+        return None if graph.exact and graph.rows != rows else graph
 
     def describe(self) -> dict[str, Any]:
         """For the worker's ready event: signatures and the batch sizes captured."""
@@ -135,10 +165,15 @@ def sample_rows(example: Sequence[torch.Tensor], rows: int) -> list[torch.Tensor
 
 
 def capture_signature(
-    model: LoadedModel, example: Sequence[torch.Tensor], sizes: Sequence[int], pool: Any
+    model: LoadedModel,
+    example: Sequence[torch.Tensor],
+    sizes: Sequence[int],
+    pool: Any,
+    exact: bool = False,
 ) -> list[CapturedForward]:
     """Capture ``model`` at each of ``sizes`` (largest first, sharing ``pool``) for the
-    signature of ``example``, checking each replay against an ordinary forward."""
+    signature of ``example``, checking each replay against an ordinary forward.
+    ``exact``: for a model that cannot batch (its outputs are answered whole)."""
     captured: list[CapturedForward] = []
     side = torch.cuda.Stream(model.device)
     # One set of input tensors for all sizes: each graph reads the first rows of it.
@@ -149,12 +184,17 @@ def capture_signature(
         # handles, the TorchScript executor's specialisation to this shape) must not
         # happen inside the capture.
         side.wait_stream(torch.cuda.current_stream(model.device))
-        with torch.cuda.stream(side):
-            for _ in range(WARM_RUNS):
-                expected = model.forward(inputs)
-        torch.cuda.current_stream(model.device).wait_stream(side)
-        torch.cuda.synchronize(model.device)
-        if not expected or any(o.dim() == 0 or o.shape[0] != rows for o in expected):
+        try:
+            with torch.cuda.stream(side):
+                for _ in range(WARM_RUNS):
+                    expected = model.forward(inputs)
+            torch.cuda.current_stream(model.device).wait_stream(side)
+            torch.cuda.synchronize(model.device)
+        except Exception as exc:  # the model refuses this shape: no graphs for it
+            raise GraphCaptureError(f"the model fails at {rows} rows: {exc}") from exc
+        if not expected:
+            raise GraphCaptureError("the model returned no outputs")
+        if not exact and any(o.dim() == 0 or o.shape[0] != rows for o in expected):
             raise GraphCaptureError(
                 f"outputs do not have the batch's {rows} rows first: cannot cut them per request"
             )
@@ -167,7 +207,7 @@ def capture_signature(
         graph.replay()
         torch.cuda.synchronize(model.device)
         check_same(outputs, expected, rows)
-        captured.append(CapturedForward(rows, graph, inputs, outputs))
+        captured.append(CapturedForward(rows, graph, inputs, outputs, exact))
     return captured
 
 
@@ -184,33 +224,56 @@ def check_same(got: Sequence[torch.Tensor], expected: Sequence[torch.Tensor], ro
             )
 
 
+def capture_plan(
+    examples: Sequence[Sequence[Any]], batchable: bool, max_batch: int
+) -> list[tuple[int, BatchKey, list[int]]]:
+    """Which examples get graphs, and at which sizes: ``(index into examples, batch key,
+    sizes)``, one per signature (per signature and row count for a model that cannot
+    batch, see ``capture_sizes``). Examples without a batch dimension are left out.
+    Decides only: no device is touched (tests run it on a CPU)."""
+    plan: list[tuple[int, BatchKey, list[int]]] = []
+    seen: set[tuple[BatchKey, int]] = set()
+    for i, example in enumerate(examples):
+        key = batch_key(example)
+        if key is None:
+            continue
+        rows = int(example[0].shape[0])
+        mark = (key, 0 if batchable else rows)
+        if mark in seen:
+            continue
+        seen.add(mark)
+        plan.append((i, key, capture_sizes(batchable, max_batch, rows)))
+    return plan
+
+
 def capture_graphs(
-    model: LoadedModel, examples: Sequence[Sequence[torch.Tensor]], max_batch: int
+    model: LoadedModel,
+    examples: Sequence[Sequence[torch.Tensor]],
+    max_batch: int,
+    batchable: bool = True,
 ) -> tuple[GraphTable, list[str]]:
-    """Graphs for every batchable signature among ``examples`` (the warm-up sets), at
-    ``batch_ladder(max_batch)``. Returns the table and, per signature left out, why."""
+    """Graphs for every signature among ``examples`` (the warm-up sets) that has a batch
+    dimension, at the sizes ``capture_plan`` gives (``batchable``: the contract's).
+    Returns the table and, per signature left out, why."""
     table = GraphTable()
     problems: list[str] = []
     if model.device.type != "cuda":
         return table, ["not on a CUDA device"]
+    plan = capture_plan(examples, batchable, max_batch)
+    if not plan:
+        problems.append("no input example with a batch dimension to capture with")
+        return table, problems
     pool = torch.cuda.graph_pool_handle()
-    sizes = batch_ladder(max_batch)
-    seen: set[BatchKey] = set()
-    for example in examples:
-        key = batch_key(example)
-        if key is None or key in seen:
-            continue
-        seen.add(key)
+    for index, key, sizes in plan:
         t = time.monotonic()
         try:
-            table.add(key, capture_signature(model, example, sizes, pool))
+            forwards = capture_signature(model, examples[index], sizes, pool, not batchable)
         except GraphCaptureError as exc:
             problems.append(f"{describe_key(key)}: {exc}")
             torch.cuda.synchronize(model.device)  # a device error surfaces here, not later
             continue
-        log.debug("captured %s in %.2fs", describe_key(key), time.monotonic() - t)
-    if not seen:
-        problems.append("no batchable input example to capture with (give the manifest inputs)")
+        table.add(key, forwards)
+        log.debug("captured %s at %s in %.2fs", describe_key(key), sizes, time.monotonic() - t)
     return table, problems
 
 

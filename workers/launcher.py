@@ -118,7 +118,7 @@ class Launcher:
         signature and size; None sends it down the ordinary path."""
         assert self.graphs is not None
         graph = self.graphs.find(members[0].layout.bkey, rows)
-        if graph is None:
+        if graph is None or (graph.exact and len(members) != 1):
             return None
         try:
             batch = inputs_of(members, stager.host_batch)
@@ -133,6 +133,10 @@ class Launcher:
             # (to pinned host memory on a GPU; tests replay simulated graphs on a CPU).
             outputs = graph.run(batch, rows)
             kept = [fetch(out) if out.is_cuda else out.clone() for out in outputs]
+            if graph.exact:
+                # A model that cannot batch: one request, answered whole (its outputs
+                # need not have the rows first).
+                return GroupResult(sizes, None, [kept])
             return GroupResult(sizes, kept)
         except Exception as exc:  # e.g. out of pinned memory: the ordinary path may cope
             log.warning("worker %s: graph replay failed (%s); running it eagerly", self.wid, exc)

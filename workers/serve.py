@@ -264,11 +264,18 @@ class Worker:
         """CUDA graphs of the forward for the warm-up signatures (``workers.graphs``);
         a signature that cannot be captured keeps the ordinary forward."""
         assert self.model is not None
+        batchable = self.launcher.batchable  # the contract's, learned just before
+        if not batchable:
+            log.info(
+                "worker %s: the model cannot be batched: CUDA graphs only at the shapes "
+                "it was warmed up on, each replayed for requests of exactly that shape",
+                self.spec.wid,
+            )
         # Signatures left out are reported in the ready event (poold logs them).
-        table, problems = capture_graphs(self.model, sets, max(1, self.spec.max_batch))
+        table, problems = capture_graphs(self.model, sets, max(1, self.spec.max_batch), batchable)
         if len(table):
             self.launcher.use_graphs(table)
-        self.graph_info = {**table.describe(), "skipped": problems}
+        self.graph_info = {**table.describe(), "batchable": batchable, "skipped": problems}
 
     def prepare_staging(
         self, sets: list[list[torch.Tensor]], on_arrival: bool | None = None
