@@ -307,6 +307,10 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
+def _too_big(limit: int) -> Response:
+    return _json(413, {"error": f"BAD_REQUEST: body over {limit} bytes"})
+
+
 def asgi_app(api: HttpApi) -> Callable[[dict[str, Any], Receive, Send], Awaitable[None]]:
     """A bare ASGI app around ``api``: uvicorn parses HTTP (httptools), we route."""
 
@@ -321,13 +325,13 @@ def asgi_app(api: HttpApi) -> Callable[[dict[str, Any], Receive, Send], Awaitabl
                     return
         if scope["type"] != "http":
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        too_big = _json(413, {"error": f"BAD_REQUEST: body over {api.max_body} bytes"})
+        # uvicorn gives header names lower-cased already (httptools does that)
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         declared = headers.get("content-length", "")
         parts, size = [], 0
         while True:
             if declared.isdigit() and int(declared) > api.max_body:
-                resp = too_big  # refused before a byte of it is read
+                resp = _too_big(api.max_body)  # refused before a byte of it is read
                 break
             msg = await receive()
             if msg["type"] == "http.disconnect":
@@ -335,7 +339,7 @@ def asgi_app(api: HttpApi) -> Callable[[dict[str, Any], Receive, Send], Awaitabl
             chunk = msg.get("body", b"")
             size += len(chunk)
             if size > api.max_body:  # chunked bodies declare nothing: count as they come
-                resp = too_big
+                resp = _too_big(api.max_body)
                 break
             parts.append(chunk)
             if not msg.get("more_body"):

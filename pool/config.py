@@ -157,9 +157,20 @@ class PoolConfig:
     oip_tls_key: str | None = None
     oip_insecure: bool = False  # allow a non-loopback OIP bind without TLS
     oip_token_file: str | None = None  # a file holding the bearer token clients must send
-    oip_processes: int = 1  # gateway processes per protocol (SO_REUSEPORT when > 1)
+    # gateway processes per protocol (SO_REUSEPORT when > 1); 0 = auto, see gateway_count
+    oip_processes: int = 0
     log_format: str = "text"
     log_level: str = "INFO"
+
+    def gateway_count(self) -> int:
+        """``oip_processes`` with 0 (auto) resolved: one process per four usable cores, at
+        most four, at least one. One Python gateway is CPU-bound near a few thousand
+        requests a second; four cover what the router carries on a 16-core host, and
+        the rest of the cores stay with the router, the workers and the clients
+        (docs/PERFORMANCE.md)."""
+        if self.oip_processes > 0:
+            return self.oip_processes
+        return max(1, min(4, len(os.sched_getaffinity(0)) // 4))
 
     def spin_us(self) -> int:
         """The router's busy-poll window after ``router_spin_us`` = -1 is resolved."""

@@ -286,7 +286,9 @@ POOL_SPECS: dict[str, FieldSpec] = {
     "oip_tls_cert": FieldSpec("path", "a PEM file path", check=file_problem, optional=True),
     "oip_tls_key": FieldSpec("path", "a PEM file path", check=file_problem, optional=True),
     "oip_insecure": FieldSpec("bool", "true or false"),
-    "oip_processes": FieldSpec("int", "an integer from 1 to 64", lambda v: 1 <= v <= 64),
+    "oip_processes": FieldSpec(
+        "int", "0 (auto) or an integer from 1 to 64", lambda v: 0 <= v <= 64
+    ),
     "oip_token_file": FieldSpec("path", "a file path", check=file_problem, optional=True),
     "log_format": FieldSpec("str", '"text" or "json"', lambda v: v in ("text", "json")),
     "log_level": FieldSpec(

@@ -62,6 +62,8 @@ class ControlServer:
         self.on_reload = on_reload
         self.started = time.time()
         self.running: dict[str, Upgrade] = {}  # model -> its upgrade/rollback, for cancel
+        # The OIP gateways' processes for status (poold sets it once they exist).
+        self.gateways: Callable[[], list[dict[str, Any]]] = list
         self.commands: dict[str, Callable[[dict[str, Any], Reply], None]] = {
             "status": self.cmd_status,
             "upgrade": self.cmd_upgrade,
@@ -174,6 +176,7 @@ class ControlServer:
             "state_unsaved": self.sup.store.problem(),
             "models": models,
             "standby": self.sup.standbys.summary(),
+            "gateways": self.gateways(),
         }
 
     def cmd_health(self, args: dict[str, Any], reply: Reply) -> None:

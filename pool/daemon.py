@@ -192,6 +192,7 @@ class Daemon:
             # private run directory, so an OIP request is an ordinary client request.
             self.router.frontend.bind(f"ipc://{self.rundir}/oip.sock")
             self.gateways.start()
+            self.control.gateways = self.gateways.summary
             self.metrics.registry.register(OipCollector(self.rundir, self.gateways.supervision))
         self.http = None
         if self.pool.metrics:

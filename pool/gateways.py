@@ -204,6 +204,21 @@ class Gateways:
                 out.append(gw.spec.curve_keys)
         return list(dict.fromkeys(out))
 
+    def summary(self) -> list[dict[str, Any]]:
+        """One entry per gateway process slot, for ``pool-ctl status``."""
+        return [
+            {
+                "protocol": gw.spec.protocol,
+                "listen": gw.spec.listen,
+                "pid": gw.pid or None,
+                "state": gw.state.value,
+                "up": gw.state is GatewayState.STARTING and bool(gw.pid),
+                "restarts": gw.restarts,
+                "last_exit": gw.history[-1] if gw.history else None,
+            }
+            for gw in self.gateways
+        ]
+
     def supervision(self) -> dict[str, tuple[int, int]]:
         """{protocol: (processes running, restarts)} for the metrics."""
         out: dict[str, tuple[int, int]] = {}
@@ -247,7 +262,7 @@ def gateway_specs(
         with os.fdopen(fd, "wb") as fh:
             fh.write(b"\n".join(curve) + b"\n")
     specs = []
-    n = pool.oip_processes
+    n = pool.gateway_count()
     for protocol, listen in (("http", pool.http), ("grpc", pool.grpc)):
         for i in range(n if listen else 0):
             specs.append(

@@ -49,6 +49,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
         http=f"127.0.0.1:{http}",
         grpc=f"127.0.0.1:{grpc}",
         metrics=f"127.0.0.1:{metrics}",
+        oip_processes=1,  # one of each, whatever the cores (the kill test finds "the" pid)
     ) as p:
         p.env["OIP_HTTP"] = f"127.0.0.1:{http}"
         p.env["OIP_GRPC"] = f"127.0.0.1:{grpc}"
@@ -410,6 +411,15 @@ def test_a_killed_gateway_comes_back(pool: Pool) -> None:
     assert _infer_grpc(pool, "mlp", [mlp_input(1)]).get_response().model_version == "1"
     with pool.client() as zmq_client:
         assert zmq_client.infer("mlp", mlp_input(1)).version == "1"
+    # pool-ctl status shows both gateways, the restart and the new pid.
+    status = json.loads(pool.pool_ctl("status", "--json").stdout)
+    shown = {g["protocol"]: g for g in status["gateways"]}
+    assert set(shown) == {"http", "grpc"}
+    assert shown["http"]["up"] and shown["http"]["pid"] == gateway_pid(pool.proc.pid, "http")
+    assert shown["http"]["restarts"] >= 1 and "SIGKILL" in shown["http"]["last_exit"]
+    assert shown["grpc"]["listen"] == pool.env["OIP_GRPC"] and shown["grpc"]["up"]
+    text = pool.pool_ctl("status").stdout
+    assert "OIP gateways" in text and pool.env["OIP_HTTP"] in text
 
 
 # ------------------------------------------------------------------ zero-loss upgrades

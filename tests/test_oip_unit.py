@@ -12,6 +12,7 @@ import re
 import signal
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -336,7 +337,7 @@ def test_a_dying_gateway_is_restarted_with_growing_back_off(
 
     monkeypatch.setattr(os, "posix_spawn", fake_spawn)
     monkeypatch.setattr(gw, "_signal", lambda pid, sig: spawned.append([f"kill {pid} {sig.name}"]))
-    cfg = _config(tmp_path, http="127.0.0.1:8000")
+    cfg = _config(tmp_path, http="127.0.0.1:8000", oip_processes=1)
     sup = gw.Gateways(gw.gateway_specs(cfg.pool, str(tmp_path)), lifeline_r=9)
     sup.start()
     (g,) = sup.gateways
@@ -349,6 +350,9 @@ def test_a_dying_gateway_is_restarted_with_growing_back_off(
     assert g.pid == 1001 and g.restarts == 1
     sup.on_exited(1001, 1 << 8, now=11.0)
     assert g.restart_at == 11.0 + 2 * gw.RESTART_MIN_S  # doubled
+    (shown,) = sup.summary()  # what pool-ctl status prints
+    assert shown["pid"] is None and not shown["up"] and shown["state"] == "waiting"
+    assert shown["restarts"] == 1 and shown["last_exit"] == "exit code 1"
     sup.tick(100.0)
     sup.stop()
     assert g.state is gw.GatewayState.STOPPING and spawned[-1] == ["kill 1002 SIGTERM"]
@@ -364,9 +368,21 @@ def test_oip_processes_share_one_port(tmp_path: Path) -> None:
     assert [s.protocol for s in specs] == ["http"] * 3 + ["grpc"] * 3
     assert all(s.reuse_port and "--reuse-port" in s.argv() for s in specs)
     assert len({s.stats_path for s in specs}) == 6  # one snapshot each, summed at scrape
-    single = gw.gateway_specs(_config(tmp_path, http="127.0.0.1:8000").pool, str(tmp_path))
+    one = _config(tmp_path, http="127.0.0.1:8000", oip_processes=1)
+    single = gw.gateway_specs(one.pool, str(tmp_path))
     assert not single[0].reuse_port and "--reuse-port" not in single[0].argv()
-    assert "an integer from 1 to 64" in _problems(tmp_path, oip_processes=0)[0]
+    assert "0 (auto) or an integer from 1 to 64" in _problems(tmp_path, oip_processes=65)[0]
+    assert "0 (auto)" in _problems(tmp_path, oip_processes=-1)[0]
+
+
+def test_oip_processes_auto_follows_the_cores(tmp_path: Path) -> None:
+    pool = _config(tmp_path, http="127.0.0.1:8000").pool
+    assert pool.oip_processes == 0  # the default: auto
+    for cores, want in ((1, 1), (2, 1), (7, 1), (8, 2), (16, 4), (64, 4)):
+        with mock.patch("os.sched_getaffinity", return_value=set(range(cores))):
+            assert pool.gateway_count() == want, cores
+            specs = gw.gateway_specs(pool, str(tmp_path))
+            assert len(specs) == want and all(s.reuse_port == (want > 1) for s in specs)
 
 
 def test_the_collector_sums_processes_of_one_protocol(tmp_path: Path) -> None:

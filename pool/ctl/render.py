@@ -106,6 +106,7 @@ class Progress:
         print(progress_line(msg), file=self.stream, flush=True)
 
 
+GATEWAY_COLUMNS = ("protocol", "address", "pid", "up", "restarts", "last exit")
 WORKER_COLUMNS = ("pid", "device", "state", "version", "gen", "in-flight", "served", "GPU", "RSS")
 
 
@@ -143,6 +144,20 @@ def print_status(data: dict[str, Any]) -> None:
         )
     for device, why in (sb.get("given_up") or {}).items():
         say(f"no standby on {device}: {why}", "yellow")
+    gateways = data.get("gateways") or []
+    if gateways:
+        gateway_rows = [
+            (
+                g.get("protocol"),
+                g.get("listen"),
+                g.get("pid") or "-",
+                "up" if g.get("up") else "down",
+                g.get("restarts"),
+                g.get("last_exit") or "-",
+            )
+            for g in gateways
+        ]
+        table("OIP gateways", GATEWAY_COLUMNS, gateway_rows)
 
 
 def print_list(data: dict[str, Any]) -> None:
