@@ -16,8 +16,10 @@ Metric families (all prefixed ``gpupool_``)::
 
     requests_total{model,version,code}          counter (every answer, rejections too)
     requests_rejected_total{model,code}         counter (refused at the door: no latency)
-    request_{queue,compute}_seconds{model}      histogram (answers that reached a worker)
-    request_duration_seconds{model}             histogram (end to end, same requests)
+    request_queue_seconds{model}                histogram (answers that reached a worker)
+    request_worker_wait_seconds{model}          histogram (timed by the worker: the wait
+    request_compute_seconds{model}              histogram  before its batch, the batch)
+    request_duration_seconds{model}             histogram (end to end, as queue_seconds)
     batch_size{model}                           histogram
     upgrades_total{model,kind,outcome}          counter
     upgrade_phase_seconds{model,phase}          histogram
@@ -121,10 +123,11 @@ class PoolMetrics:
         version: str,
         code: str,
         queue_s: float,
-        compute_s: float,
         total_s: float,
     ) -> None:
-        """Record one answered request. ``version`` is "" when no worker computed it."""
+        """Record one request the router answered itself (``version`` "" when no worker
+        computed it): no worker timed it, so it has no in-worker wait or compute. The
+        worker's answers come in bulk from the C core (``observe_requests_bulk``)."""
         stats = self._models.get(model) or self._stats(model)
         key = (version, code)
         requests = stats.requests
@@ -137,9 +140,6 @@ class PoolMetrics:
         h = stats.queue
         h.counts[bisect_left(LATENCY_BUCKETS, queue_s)] += 1
         h.sum += queue_s
-        h = stats.compute
-        h.counts[bisect_left(LATENCY_BUCKETS, compute_s)] += 1
-        h.sum += compute_s
         h = stats.total
         h.counts[bisect_left(LATENCY_BUCKETS, total_s)] += 1
         h.sum += total_s
@@ -153,14 +153,15 @@ class PoolMetrics:
         sums: list[float],
     ) -> None:
         """Record requests counted elsewhere (the router's C core): per-code counts plus
-        queue, compute and total bucket counts over LATENCY_BUCKETS, and their sums."""
+        queue, in-worker wait, compute and total bucket counts over LATENCY_BUCKETS, and
+        their sums (``router.protocol.LATENCY_HISTOGRAMS``, in that order)."""
         stats = self._models.get(model) or self._stats(model)
         requests = stats.requests
         for code, n in counts.items():
             key = (version, code)
             requests[key] = requests.get(key, 0) + n
         for h, counts_, total in zip(
-            (stats.queue, stats.compute, stats.total), hists, sums, strict=True
+            (stats.queue, stats.wait, stats.compute, stats.total), hists, sums, strict=True
         ):
             for i, n in enumerate(counts_):
                 h.counts[i] += n

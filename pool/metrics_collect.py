@@ -132,8 +132,16 @@ class PoolCollector:
                 LATENCY_BUCKETS,
             ),
             (
+                "gpupool_request_worker_wait_seconds",
+                "Time a request waited inside the worker before its batch's compute began "
+                "(behind a running batch, gathering a batch); timed by the worker.",
+                "wait",
+                LATENCY_BUCKETS,
+            ),
+            (
                 "gpupool_request_compute_seconds",
-                "Time the worker spent on the request's batch.",
+                "Compute time of the batch the request was in (on a GPU the device's time, "
+                "from CUDA events); timed by the worker.",
                 "compute",
                 LATENCY_BUCKETS,
             ),

@@ -135,12 +135,15 @@ class RequestTotals:
 class ModelStats:
     """Everything recorded per model, reached with one dict lookup on the hot path."""
 
-    __slots__ = ("requests", "rejected", "queue", "compute", "total", "batch")
+    __slots__ = ("requests", "rejected", "queue", "wait", "compute", "total", "batch")
 
     def __init__(self) -> None:
         self.requests: dict[tuple[str, str], int] = {}  # (version, code) -> count
         self.rejected: dict[str, int] = {}  # code -> count
         self.queue = Histogram(len(LATENCY_BUCKETS))
+        # Timed by the worker: from its receipt of the request to its batch's start, and
+        # the batch's compute (the device's time on a GPU).
+        self.wait = Histogram(len(LATENCY_BUCKETS))
         self.compute = Histogram(len(LATENCY_BUCKETS))
         self.total = Histogram(len(LATENCY_BUCKETS))
         self.batch = Histogram(len(BATCH_BUCKETS))

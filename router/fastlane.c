@@ -85,6 +85,11 @@ _Static_assert(LANE_WORD == 4, "the lane's words are read as 32-bit little-endia
 enum { ITEM_LISTENER = -1, ITEM_PENDING = -2 };
 
 /* ---- records ---------------------------------------------------------------------- */
+/* The latency histograms kept per worker: the router's queue, the wait at the worker (from
+ * dispatch to its reply, less the compute), the batch's compute (timed by the worker, in
+ * its reply header), end to end. */
+enum { HIST_QUEUE, HIST_WAIT, HIST_COMPUTE, HIST_TOTAL, NHIST };
+_Static_assert(NHIST == LATENCY_HISTOGRAMS, "router/protocol.py says otherwise");
 typedef struct { zmsg_t *m; int n, cap; } msgvec;
 
 typedef struct {
@@ -95,10 +100,10 @@ typedef struct {
     size_t idlen;
     char version[MAX_VERSION_BYTES]; /* for the error replies C composes */
     size_t versionlen;
-    /* per-worker metrics since the last drain: one bucket array per histogram */
+    /* per-worker metrics since the last drain: one bucket array per histogram (HIST_*) */
     uint64_t codes[MAX_CODES + 1];
-    uint64_t hist[3][MAX_BOUNDS + 1];
-    double sums[3];
+    uint64_t hist[NHIST][MAX_BOUNDS + 1];
+    double sums[NHIST];
 } worker_t;
 
 typedef struct {
@@ -545,8 +550,8 @@ int fl_worker_load(core_t *c, int idx) { return c->workers[idx].load; }
 uint64_t fl_worker_served(core_t *c, int idx) { return c->workers[idx].served; }
 
 /* Copy out and reset one worker's request counters since the last call.
- * codes: ncodes+1 counts (last: statuses we do not know); hist: 3 x (nbounds+1);
- * sums: 3 (queue wait, compute, total seconds). Returns the number of requests. */
+ * codes: ncodes+1 counts (last: statuses we do not know); hist: NHIST x (nbounds+1);
+ * sums: NHIST (seconds, in HIST_* order). Returns the number of requests. */
 uint64_t fl_worker_stats(core_t *c, int idx, uint64_t *codes, uint64_t *hist, double *sums) {
     worker_t *w = &c->workers[idx];
     uint64_t total = 0;
@@ -554,7 +559,7 @@ uint64_t fl_worker_stats(core_t *c, int idx, uint64_t *codes, uint64_t *hist, do
         codes[i] = i == c->ncodes ? w->codes[MAX_CODES] : w->codes[i];
         total += codes[i];
     }
-    for (int h = 0; h < 3; h++) {
+    for (int h = 0; h < NHIST; h++) {
         memcpy(hist + h * (c->nbounds + 1), w->hist[h], (size_t)(c->nbounds + 1) * sizeof(uint64_t));
         sums[h] = w->sums[h];
     }
@@ -928,13 +933,63 @@ static int bucket(core_t *c, double v) {
     return lo;
 }
 
-static void record(core_t *c, worker_t *w, int code, double queue, double compute, double total) {
+static void observe(core_t *c, worker_t *w, int h, double v) {
+    w->hist[h][bucket(c, v)]++;
+    w->sums[h] += v;
+}
+
+/* timed: the reply carried the worker's wait and compute (else they count nowhere). */
+static void record(core_t *c, worker_t *w, int code, double queue, double total, int timed,
+                   double wait, double compute) {
     w->codes[code]++;
-    double v[3] = {queue, compute, total};
-    for (int h = 0; h < 3; h++) {
-        w->hist[h][bucket(c, v[h])]++;
-        w->sums[h] += v[h];
+    observe(c, w, HIST_QUEUE, queue);
+    observe(c, w, HIST_TOTAL, total);
+    if (timed) {
+        observe(c, w, HIST_WAIT, wait);
+        observe(c, w, HIST_COMPUTE, compute);
     }
+}
+
+/* A msgpack unsigned integer of any width at p: its size in bytes, 0 if it is none. */
+static size_t mp_uint(const unsigned char *p, size_t n, uint64_t *v) {
+    if (n < 1) return 0;
+    if (p[0] <= 0x7f) { *v = p[0]; return 1; }
+    size_t w = p[0] == 0xcc ? 1 : p[0] == 0xcd ? 2 : p[0] == 0xce ? 4 : p[0] == 0xcf ? 8 : 0;
+    if (!w || n < 1 + w) return 0;
+    uint64_t x = 0;
+    for (size_t i = 1; i <= w; i++) x = (x << 8) | p[i];
+    *v = x;
+    return 1 + w;
+}
+
+/* The fixstr key at p if it is key: its size, else 0. */
+static size_t mp_key(const unsigned char *p, size_t n, const char *key, size_t len) {
+    if (n < 1 + len || p[0] != (0xa0 | len) || memcmp(p + 1, key, len)) return 0;
+    return 1 + len;
+}
+
+_Static_assert(REPLY_WAIT_KEY_LEN < 32 && REPLY_COMPUTE_KEY_LEN < 32, "fixstr keys");
+
+/* The batch's compute time the worker put in a reply header, in seconds: 1 if it is
+ * there, else 0. The worker writes wait_us and compute_us as the map's first two entries
+ * (workers/codec.py), so they are found in its first 30 bytes without walking the rest; a
+ * header laid out otherwise is simply untimed. The worker's wait_us is what it saw itself
+ * after reading the request; the router's wait (complete) also covers the request's time
+ * in the worker's socket and the hops, so it is not read here. */
+static int reply_compute(zmsg_t *m, double *compute) {
+    const unsigned char *p = mdata(m);
+    size_t n = msize(m), off = 1, k;
+    uint64_t w, cp;
+    if (n < 1 || (p[0] & 0xf0) != 0x80 || (p[0] & 0x0f) < 2) return 0; /* a fixmap of 2+ */
+    if (!(k = mp_key(p + off, n - off, REPLY_WAIT_KEY, REPLY_WAIT_KEY_LEN))) return 0;
+    off += k;
+    if (!(k = mp_uint(p + off, n - off, &w))) return 0;
+    off += k;
+    if (!(k = mp_key(p + off, n - off, REPLY_COMPUTE_KEY, REPLY_COMPUTE_KEY_LEN))) return 0;
+    off += k;
+    if (!mp_uint(p + off, n - off, &cp)) return 0;
+    *compute = (double)cp * 1e-6;
+    return 1;
 }
 
 static void complete(core_t *c, msgvec *v, double now) {
@@ -951,7 +1006,13 @@ static void complete(core_t *c, msgvec *v, double now) {
         w->served++;
         if (!r->answered) {
             int code = code_index(c, &v->m[3]);
-            record(c, w, code, r->dispatched - r->arrived, now - r->dispatched, now - r->arrived);
+            /* The worker's side, split: its compute, and all the rest from dispatch to
+             * this reply (the wait at the worker: its socket, its gather, the running
+             * batch ahead, the hops). */
+            double compute = 0, wait = 0;
+            int timed = reply_compute(&v->m[4], &compute);
+            if (timed) wait = now - r->dispatched > compute ? now - r->dispatched - compute : 0;
+            record(c, w, code, r->dispatched - r->arrived, now - r->arrived, timed, wait, compute);
         }
     }
     if (r->answered) { /* the client already has its DEADLINE_EXCEEDED */

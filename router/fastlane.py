@@ -288,8 +288,9 @@ class Core:
         if lib.fl_set_bounds(handle, arr, len(bounds)) != 0:
             raise ValueError("too many histogram bounds for fastlane")
         self._codes_buf = (_u64 * (len(self.codes) + 1))()
-        self._hist_buf = (_u64 * (3 * (self.nbounds + 1)))()
-        self._sums_buf = (ctypes.c_double * 3)()
+        nhist = p.LATENCY_HISTOGRAMS
+        self._hist_buf = (_u64 * (nhist * (self.nbounds + 1)))()
+        self._sums_buf = (ctypes.c_double * nhist)()
         self._keys = [(_u64 * SWEEP_MAX)() for _ in range(3)]
         self._ptr = _u8p()
         self._info = ReqInfo()
@@ -363,7 +364,9 @@ class Core:
         return int(self.lib.fl_worker_served(self.h, idx))
 
     def worker_stats(self, idx: int) -> tuple[int, list[int], list[list[int]], list[float]]:
-        """(requests, counts per code (+1 unknown), 3 histograms, 3 sums) since last call."""
+        """(requests, counts per code (+1 unknown), histograms, sums) since the last call:
+        one histogram and one sum of seconds per ``LATENCY_HISTOGRAMS`` (queue, in-worker
+        wait, compute, total); wait and compute count only replies the worker timed."""
         n = int(
             self.lib.fl_worker_stats(self.h, idx, self._codes_buf, self._hist_buf, self._sums_buf)
         )
@@ -374,7 +377,7 @@ class Core:
         return (
             n,
             list(self._codes_buf),
-            [hist[i * width : (i + 1) * width] for i in range(3)],
+            [hist[i * width : (i + 1) * width] for i in range(p.LATENCY_HISTOGRAMS)],
             list(self._sums_buf),
         )
 

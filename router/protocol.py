@@ -130,7 +130,16 @@ LANE_PENDING_MAX: Final = 64  # accepted lane connections that have not said who
 
 # The ctypes interface of router/fastlane.c. FASTLANE_ABI is bumped whenever a function's
 # signature changes, so a stale build is refused, not misused.
-FASTLANE_ABI: Final = 4
+FASTLANE_ABI: Final = 5
+# A worker's reply header starts with these two keys (microseconds, unsigned ints): how
+# long the request waited inside the worker before its batch's compute began, and that
+# compute. C reads them there for the latency histograms (router/fastlane.c
+# ``reply_timings``); clients may ignore them like any key they do not know.
+REPLY_WAIT_KEY: Final = b"wait_us"
+REPLY_COMPUTE_KEY: Final = b"compute_us"
+# Latency histograms C keeps per worker, in this order: router queue, in-worker wait,
+# compute, end to end (fl_worker_stats).
+LATENCY_HISTOGRAMS: Final = 4
 # What fl_run returns (flags), and what a punted message is.
 RUN_PUNTS: Final = 1
 RUN_EXTRA: Final = 2
@@ -176,6 +185,9 @@ C_EXPORTS: Final = (
     "LANE_MAX_FRAMES",
     "LANE_PENDING_MAX",
     "FASTLANE_ABI",
+    "REPLY_WAIT_KEY",
+    "REPLY_COMPUTE_KEY",
+    "LATENCY_HISTOGRAMS",
     "RUN_PUNTS",
     "RUN_EXTRA",
     "RUN_TIMEOUT",
@@ -267,11 +279,21 @@ def _valid_id(rid: object) -> bool:
 
 
 def error_header(
-    code: str, message: str, *, model: str = "", version: str = "", rid: Any = None
+    code: str,
+    message: str,
+    *,
+    model: str = "",
+    version: str = "",
+    rid: Any = None,
+    timing: tuple[int, int] | None = None,
 ) -> bytes:
     """An error reply's header. router/fastlane.c composes the same bytes for requests it
-    holds (``compose_error``), from ``error_map`` and what it kept of the request."""
-    body: dict[str, Any] = {
+    holds (``compose_error``), from ``error_map`` and what it kept of the request.
+    ``timing``: a worker's (wait_us, compute_us) for a batch that raised, the first keys."""
+    body: dict[str, Any] = {}
+    if timing is not None:
+        body[REPLY_WAIT_KEY.decode()], body[REPLY_COMPUTE_KEY.decode()] = timing
+    body |= {
         "ok": False,
         "model": model,
         "version": version,

@@ -62,10 +62,11 @@ class RouterEvents(Protocol):
     def on_worker_overdue(self, slot: WorkerSlot) -> None: ...
 
 
-# One answered request: (model, version, code, queue_s, compute_s, total_s).
-RequestObserver = Callable[[str, str, str, float, float, float], None]
-# Requests the C core answered since the last flush, for one worker:
-# (model, version, {code: count}, [queue, compute, total] bucket counts, their sums).
+# One request answered by Python: (model, version, code, queue_s, total_s). No worker timed
+# it (a rejection, a deadline, a lost worker), so it has no in-worker wait or compute.
+RequestObserver = Callable[[str, str, str, float, float], None]
+# Requests the C core answered since the last flush, for one worker: (model, version,
+# {code: count}, [queue, in-worker wait, compute, total] bucket counts, their sums).
 BulkObserver = Callable[[str, str, dict[str, int], list[list[int]], list[float]], None]
 
 
@@ -312,7 +313,7 @@ class Router:
 
     def _reject(self, model: str, code: str) -> None:
         if self.observe is not None:
-            self.observe(model, "", code, 0.0, 0.0, 0.0)
+            self.observe(model, "", code, 0.0, 0.0)
 
     def _backend_message(self, frames: list[bytes]) -> None:
         if len(frames) < 3 or frames[1] != p.KIND_EVENT:
@@ -371,13 +372,13 @@ class Router:
                 slot = self._slot_at.get(info.worker)
                 model = route.name if route is not None else ""
                 version = slot.version if slot is not None else ""
-                queued = info.dispatched - info.arrived
-                total = now - info.arrived
-                self.observe(model, version, code, queued, now - info.dispatched, total)
+                # Never dispatched (worker -1): it spent all its time in the queue.
+                left_queue = now if info.worker < 0 else info.dispatched
+                self.observe(model, version, code, left_queue - info.arrived, now - info.arrived)
 
     def _observe_python(self, model: str, code: str, waited: float) -> None:
         if self.observe is not None:
-            self.observe(model, "", code, waited, 0.0, waited)
+            self.observe(model, "", code, waited, waited)
 
     def _send_client(self, envelope: list[bytes], header: bytes) -> None:
         try:

@@ -56,11 +56,11 @@ def worker(pid: int, state: str = "serving", **kw: object) -> WorkerSample:
 @pytest.fixture
 def recorded() -> PoolMetrics:
     m = PoolMetrics()
-    m.observe_request("resnet", "3", "OK", 0.0001, 0.003, 0.004)  # 0.0001 is a bound
-    m.observe_request("resnet", "3", "OK", 0.00002, 0.02, 0.03)
-    m.observe_request("resnet", "", "OVERLOADED", 0.0, 0.0, 0.00001)
-    m.observe_request("bert", "7", "OK", 0.001, 0.001, 0.002)
-    m.observe_request("resnet", "3", "OK", 99.0, 1.0, 100.0)  # past the last bound
+    m.observe_request("resnet", "3", "OK", 0.0001, 0.004)  # 0.0001 is a bound
+    m.observe_request("resnet", "3", "OK", 0.00002, 0.03)
+    m.observe_request("resnet", "", "OVERLOADED", 0.0, 0.00001)
+    m.observe_request("bert", "7", "OK", 0.001, 0.002)
+    m.observe_request("resnet", "3", "OK", 99.0, 100.0)  # past the last bound
     for size in (1, 3, 32, 1000):
         m.observe_batch("resnet", size)
     m.observe_upgrade(
@@ -112,7 +112,7 @@ def test_counters(recorded: PoolMetrics) -> None:
 
 def test_latency_histograms(recorded: PoolMetrics) -> None:
     types, s = parse(recorded.render())
-    for fam in ("queue", "compute"):
+    for fam in ("queue", "worker_wait", "compute"):
         assert types[f"gpupool_request_{fam}_seconds"] == "histogram"
     assert types["gpupool_request_duration_seconds"] == "histogram"
 
@@ -230,7 +230,7 @@ def test_model_label_cardinality_is_capped(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(metrics_mod, "MAX_MODELS", 2)
     m = PoolMetrics()
     for name in ("a", "b", "c", "d"):
-        m.observe_request(name, "", "NO_SUCH_MODEL", 0.0, 0.0, 0.0)
+        m.observe_request(name, "", "NO_SUCH_MODEL", 0.0, 0.0)
     m.observe_batch("e", 1)
     _, s = parse(m.render())
     models = {x.labels["model"] for x in s["gpupool_requests_total"]}
@@ -278,7 +278,7 @@ def test_scrape_reads_copies_of_live_state(recorded: PoolMetrics) -> None:
     _, s = parse(m.render())
     assert value(s, "gpupool_requests_total", model="resnet", version="3", code="OK") == 3
     # The loop keeps writing through the wrappers.
-    m.observe_request("new", "1", "OK", 0.0, 0.0, 0.0)
+    m.observe_request("new", "1", "OK", 0.0, 0.0)
     m.observe_upgrade("new", "restart", "committed", {"start": 1.0}, 0)
     m.observe_worker_exit("new", "crashed")
     _, s = parse(m.render())
@@ -303,7 +303,7 @@ def test_scrape_concurrent_with_loop() -> None:
     try:
         for i in range(1_000):
             model = f"m{i // 10}"
-            m.observe_request(model, str(i), "OK", 0.001, 0.002, 0.003)
+            m.observe_request(model, str(i), "OK", 0.001, 0.003)
             m.observe_batch(model, i % 64 + 1)
     finally:
         stop.set()

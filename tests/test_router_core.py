@@ -22,7 +22,7 @@ import zmq
 
 from router import fastlane
 from router import protocol as p
-from router.router import Router
+from router.router import DEFAULT_BOUNDS, Router
 from router.table import ModelRoute, WorkerSlot
 from workers.lane import Lane
 
@@ -57,6 +57,7 @@ class Rig:
         self.events = Events()
         self.observed: list[tuple[str, ...]] = []
         self.bulk: list[dict[str, int]] = []
+        self.hists: list[tuple[list[list[int]], list[float]]] = []
         self.router = Router(
             ctx,
             self.front,
@@ -64,7 +65,7 @@ class Rig:
             self.events,
             request_grace_s=0.2,
             observe=lambda *a: self.observed.append(tuple(str(x) for x in a[:3])),
-            observe_bulk=lambda m, v, counts, h, s: self.bulk.append(counts),
+            observe_bulk=self._bulk,
             lane=self.lane_path if lanes else "",
         )
         self.lanes_on = lanes
@@ -72,6 +73,12 @@ class Rig:
         self.by_lane: set[bytes] = set()  # keys of requests that came down a lane
         self.workers: dict[bytes, zmq.Socket[Any]] = {}
         self.clients: list[zmq.Socket[Any]] = []
+
+    def _bulk(
+        self, model: str, version: str, counts: dict[str, int], h: list[list[int]], s: list[float]
+    ) -> None:
+        self.bulk.append(counts)
+        self.hists.append((h, s))
 
     def route(
         self, name: str, max_queue: int = 100, timeout_s: float = 30.0, retry: bool = True
@@ -198,6 +205,41 @@ def test_fast_path_forwards_frames_untouched_and_counts_the_reply(rig: Rig) -> N
     assert slot.load == 0 and slot.served == 1
     rig.router.flush_stats()
     assert rig.bulk == [{"OK": 1}]
+
+
+def test_the_workers_compute_in_a_reply_header_splits_the_latency(rig: Rig) -> None:
+    """A reply whose header starts with wait_us and compute_us (any msgpack uint width)
+    counts its compute in the compute histogram and the rest of dispatch-to-reply in the
+    wait-at-the-worker one; a reply without them, or with them elsewhere in the map,
+    counts only in queue and total. The client gets the header as the worker wrote it."""
+    from workers.codec import timing_entries
+
+    rig.route("m")
+    slot = rig.worker(b"w1", "m", credit=8)
+    rig.router.activate("m", 1, [slot])
+    c = rig.client()
+    rest = msgpack.packb({"ok": True, "model": "m", "version": "v1"})[1:]  # fixmap's entries
+    headers = [
+        bytes([0x85]) + timing_entries(250_000, 4_000) + rest,  # uint32s, as workers send
+        msgpack.packb({"wait_us": 1_500, "compute_us": 7, "ok": True, "model": "m"}),
+        msgpack.packb({"ok": True, "wait_us": 9, "compute_us": 9}),  # not first: untimed
+        msgpack.packb({"ok": True, "model": "m", "version": "v1"}),  # no timings at all
+    ]
+    for header in headers:
+        send(c, "m")
+        req = rig.take(b"w1")
+        time.sleep(0.02)  # the worker holds it: time at the worker that is not compute
+        rig.workers[b"w1"].send_multipart([p.KIND_REQUEST, req[1], b"OK", header, req[3]])
+        rig.pump_until(lambda: c.poll(0))
+        assert c.recv_multipart()[2] == header
+    rig.router.flush_stats()
+    ((queue, wait, compute, total), sums) = rig.hists[-1]
+    assert (sum(queue), sum(wait), sum(compute), sum(total)) == (4, 2, 2, 4)
+    assert DEFAULT_BOUNDS == (0.001, 0.01, 0.1, 1.0, 10.0)
+    assert compute == [1, 1, 0, 0, 0, 0] and sums[2] == pytest.approx(0.004007)
+    # The wait is the router's own measure (the worker's 250 ms claim is not it): each
+    # held 20 ms, less its compute, and never more than the time end to end.
+    assert wait[2] == 2 and 2 * 0.012 < sums[1] < sums[3]
 
 
 def test_no_credit_queues_in_order_then_overloaded(rig: Rig) -> None:

@@ -6,6 +6,7 @@ size is checked against the bytes actually present before anything is allocated.
 
 from __future__ import annotations
 
+import struct
 import warnings
 from collections.abc import Sequence
 from typing import Any, cast
@@ -165,6 +166,10 @@ _DTYPE_KEY = msgpack.packb("dtype")
 _SHAPE_KEY = msgpack.packb("shape")
 _DATA_KEY = msgpack.packb("data")
 _ID_KEY = msgpack.packb("id")
+_WAIT_KEY = msgpack.packb(p.REPLY_WAIT_KEY.decode())
+_COMPUTE_KEY = msgpack.packb(p.REPLY_COMPUTE_KEY.decode())
+_U32 = struct.Struct(">BI")  # a msgpack uint32: fixed width, cheap to pack and to read
+_U32_MAX = (1 << 32) - 1
 _EMPTY = np.empty(0, dtype=np.uint8)
 
 
@@ -220,12 +225,21 @@ class HostOutputs:
                 frames.append(data)
 
 
+def timing_entries(wait_us: int, compute_us: int) -> bytes:
+    """The reply header's first two entries, ``wait_us`` and ``compute_us``: where the
+    router reads them without walking the header (``router.protocol.REPLY_WAIT_KEY``)."""
+    return b"".join(
+        (_WAIT_KEY, _U32.pack(0xCE, min(wait_us, _U32_MAX)), _COMPUTE_KEY,
+         _U32.pack(0xCE, min(compute_us, _U32_MAX)))
+    )  # fmt: skip
+
+
 class ReplyEncoder:
     """Reply headers of one model version: the fixed keys are packed once.
 
-    The header is the map ``{"ok": true, "model", "version", "outputs": [...], "id"}``
-    built by joining packed pieces, so a reply costs no dict and no second copy of its
-    inline bytes.
+    The header is the map ``{"wait_us", "compute_us", "ok": true, "model", "version",
+    "outputs": [...], "id"}`` built by joining packed pieces, so a reply costs no dict and
+    no second copy of its inline bytes. The two timings come first (``timing_entries``).
     """
 
     def __init__(self, model: str, version: str) -> None:
@@ -234,11 +248,19 @@ class ReplyEncoder:
         self.outputs_key = msgpack.packb("outputs")
 
     def encode(
-        self, outputs: HostOutputs, start: int, stop: int | None, rid: Any
+        self,
+        outputs: HostOutputs,
+        start: int,
+        stop: int | None,
+        rid: Any,
+        timing: bytes = b"",
     ) -> tuple[bytes, list[Any]]:
-        """Header and frames of the reply carrying rows ``start:stop`` of ``outputs``."""
+        """Header and frames of the reply carrying rows ``start:stop`` of ``outputs``;
+        ``timing``: its first entries, from ``timing_entries`` (or none)."""
+        entries = (4 if rid is None else 5) + (2 if timing else 0)
         items: list[Any] = [
-            b"\x84" if rid is None else b"\x85",
+            bytes((0x80 | entries,)),
+            timing,
             self.fixed,
             self.outputs_key,
             _array_header(len(outputs.flats)),

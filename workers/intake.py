@@ -7,6 +7,7 @@ request whose header or frames do not check out is answered with an error at onc
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -38,6 +39,7 @@ class Intake:
     def decode(self, frames: list[Any], stager: Stager | None) -> Pending | None:
         """The request in ``frames`` (kind, key, header, tensor frames), its inputs staged
         when ``stager`` is given; None when it was answered with an error."""
+        taken = time.monotonic()
         key = frames[1].bytes
         head = frames[2].bytes
         buffers = [f.buffer for f in frames[3:]]
@@ -51,7 +53,7 @@ class Intake:
         if stager is None:
             # Staged at launch: the frames themselves, wrapped without a copy.
             inputs: list[Staged] = list(layout.tensors(buffers) if tensors is None else tensors)
-            return Pending(key, layout, inputs)
+            return Pending(key, layout, inputs, taken)
         try:
             # Copied now, while the previous batch runs; the frames can go.
             sources = layout.sources(buffers)
@@ -63,7 +65,7 @@ class Intake:
             msg = f"{type(exc).__name__}: {exc}"[:2000]
             self.reply_error(key, layout.rid, p.MODEL_ERROR, msg)
             return None
-        return Pending(key, layout, staged)
+        return Pending(key, layout, staged, taken)
 
     def parse(
         self, key: bytes, head: bytes, buffers: list[Any]

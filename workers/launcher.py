@@ -6,6 +6,7 @@ back to the host queued behind it. ``workers.serve`` decides when; this decides 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -53,6 +54,7 @@ class Launcher:
         """Queue the gather's forwards on the device (one per compatible group) and the
         copies of their outputs back to pinned host memory; on a CPU they simply run."""
         assert self.model is not None
+        t0 = time.monotonic()
         model = self.model
         requests = gather.requests
         stager = gather.stager
@@ -104,7 +106,9 @@ class Launcher:
             if result is None:
                 result = forward_group(model, sizes, keys, stacked, alone, fetch)
             groups.append((members, result))
-        return Launched(groups, self.record(gather), gather.rows, start)
+        launched = Launched(groups, self.record(gather), gather.rows, start)
+        launched.host_s = time.monotonic() - t0
+        return launched
 
     def replay(
         self,

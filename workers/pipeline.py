@@ -19,15 +19,19 @@ from workers.staging import Staged, Stager, TensorSpec
 
 
 class Pending:
-    """A request waiting for its batch: its header's layout and its staged inputs (arena
-    offsets or tensors, see ``workers.staging``)."""
+    """A request waiting for its batch: its header's layout, its staged inputs (arena
+    offsets or tensors, see ``workers.staging``) and when the worker took it (monotonic
+    seconds: its in-worker wait, reported in the reply, starts there)."""
 
-    __slots__ = ("key", "layout", "staged")
+    __slots__ = ("key", "layout", "staged", "taken")
 
-    def __init__(self, key: bytes, layout: RequestLayout, staged: list[Staged]) -> None:
+    def __init__(
+        self, key: bytes, layout: RequestLayout, staged: list[Staged], taken: float = 0.0
+    ) -> None:
         self.key = key
         self.layout = layout
         self.staged = staged
+        self.taken = taken
 
 
 def inputs_of(
@@ -68,7 +72,7 @@ class Launched:
     """A gather whose forwards were queued on the device; answerable once ``event`` (None
     on a CPU: the forward already ran) has completed."""
 
-    __slots__ = ("at", "event", "groups", "queued", "rows", "start")
+    __slots__ = ("at", "event", "groups", "host_s", "queued", "rows", "start")
 
     def __init__(
         self,
@@ -85,6 +89,17 @@ class Launched:
         self.at = 0.0
         self.queued = False
         self.start = start
+        self.host_s = 0.0  # the launch's own time, which is its compute on a CPU
+
+    def compute_s(self) -> float:
+        """The batch's compute: on a GPU the device's time between the events recorded
+        before and after its work (read once it completed), else the launch's time."""
+        if self.event is None or self.start is None:
+            return self.host_s
+        try:
+            return float(self.start.elapsed_time(self.event)) / 1000.0
+        except RuntimeError:  # an event not recorded with timing: the host's view
+            return self.host_s
 
     def done(self) -> bool:
         return self.event is None or bool(self.event.query())

@@ -9,6 +9,7 @@ reports both; the next version of the model warms up with those shapes).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ import zmq
 
 from router import protocol as p
 from router.frames import send_frames
-from workers.codec import HostOutputs, ReplyEncoder
+from workers.codec import HostOutputs, ReplyEncoder, timing_entries
 from workers.lane import Lane
 from workers.pipeline import Launched, Pending
 
@@ -42,21 +43,32 @@ class Replier:
         send_frames(self.sock, frames)
 
     def finish(self, launched: Launched) -> None:
-        """Answer every request of a completed launch."""
+        """Answer every request of a completed launch, each reply saying how long the
+        request waited in this worker before the launch's compute began and how long
+        that compute took (the router's latency histograms split on them)."""
         encoder = self.encoder
         send = self.send
+        now = time.monotonic()
+        compute = launched.compute_s()
+        compute_us = int(compute * 1e6)
+        began = now - compute  # everything before it, since the take, was waiting
+
+        def timing(req: Pending) -> tuple[int, int]:
+            return max(0, int((began - req.taken) * 1e6)), compute_us
+
         for members, result in launched.groups:
             if result.outputs is not None:
                 try:
                     host = HostOutputs(result.outputs)
                 except TypeError as exc:
                     for req in members:
-                        self.error(req.key, req.layout.rid, p.MODEL_ERROR, str(exc))
+                        self.error(req.key, req.layout.rid, p.MODEL_ERROR, str(exc), timing(req))
                     continue
                 start = 0
                 for req in members:
                     stop = start + req.layout.size
-                    header, frames = encoder.encode(host, start, stop, req.layout.rid)
+                    timed = timing_entries(*timing(req))
+                    header, frames = encoder.encode(host, start, stop, req.layout.rid, timed)
                     start = stop
                     send(req.key, [p.KIND_REQUEST, req.key, b"OK", header, *frames])
                 self.served += len(members)
@@ -65,9 +77,11 @@ class Replier:
                 for req, outcome in zip(members, result.alone, strict=True):
                     if isinstance(outcome, BaseException):
                         msg = f"{type(outcome).__name__}: {outcome}"
-                        self.error(req.key, req.layout.rid, p.MODEL_ERROR, msg[:4000])
+                        self.error(
+                            req.key, req.layout.rid, p.MODEL_ERROR, msg[:4000], timing(req)
+                        )
                     else:
-                        self.reply(req, outcome)
+                        self.reply(req, outcome, timing(req))
             self.remember_shapes(members[0])
 
     def fail(self, launched: Launched, exc: BaseException) -> None:
@@ -81,19 +95,31 @@ class Replier:
         key = req.layout.signature
         self.shapes[key] = self.shapes.get(key, 0) + 1
 
-    def reply(self, req: Pending, outputs: list[torch.Tensor]) -> None:
+    def reply(self, req: Pending, outputs: list[torch.Tensor], timing: tuple[int, int]) -> None:
         """One request's own outputs (it ran alone)."""
         try:
-            header, frames = self.encoder.encode(HostOutputs(outputs), 0, None, req.layout.rid)
+            host = HostOutputs(outputs)
         except TypeError as exc:
-            self.error(req.key, req.layout.rid, p.MODEL_ERROR, str(exc))
+            self.error(req.key, req.layout.rid, p.MODEL_ERROR, str(exc), timing)
             return
+        timed = timing_entries(*timing)
+        header, frames = self.encoder.encode(host, 0, None, req.layout.rid, timed)
         self.served += 1
         self.send(req.key, [p.KIND_REQUEST, req.key, b"OK", header, *frames])
 
-    def error(self, key: bytes, rid: Any, code: str, message: str) -> None:
+    def error(
+        self,
+        key: bytes,
+        rid: Any,
+        code: str,
+        message: str,
+        timing: tuple[int, int] | None = None,
+    ) -> None:
+        """``timing``: (wait_us, compute_us) when the request was in a launched batch."""
         self.served += 1
         if code == p.MODEL_ERROR:
             self.model_errors += 1
-        body = p.error_header(code, message, model=self.model, version=self.version, rid=rid)
+        body = p.error_header(
+            code, message, model=self.model, version=self.version, rid=rid, timing=timing
+        )
         self.send(key, [p.KIND_REQUEST, key, code.encode(), body])
