@@ -542,6 +542,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "compared row always uses the defaults)")
     ap.add_argument("--big-mib", type=int, default=64, help="request size in MiB (big)")
     ap.add_argument("--oip-max-batch", type=int, default=32, help="pool max_batch (oip)")
+    ap.add_argument("--oip-processes", type=int, default=0,
+                    help="gateway processes per protocol (oip; default 0 = poold's auto)")
     ap.add_argument("--oip-max-delay-ms", type=float, default=0.0,
                     help="pool max_delay_ms (oip)")
     ap.add_argument("--batch-clients", type=int, default=64, help="clients (batching)")

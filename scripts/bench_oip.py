@@ -119,6 +119,13 @@ def input_name(address: str, model: str, timeout: float = 60.0) -> str:
     return str(inputs[0]["name"]) if inputs else "input0"
 
 
+def gateway_processes(asked: int) -> int:
+    """What poold runs for ``oip_processes = asked`` (0: its auto rule)."""
+    from pool.config import PoolConfig
+
+    return PoolConfig(oip_processes=asked).gateway_count()
+
+
 def section_oip(b: Any) -> None:
     """The reference app and the pool run side by side and are measured in ``--rounds``
     interleaved rounds; a compared figure is the median over rounds (on a shared box a
@@ -135,14 +142,16 @@ def section_oip(b: Any) -> None:
           f"(figures: medians); pool: 1 CPU worker, max_batch {a.oip_max_batch}, "
           f"max_delay_ms {a.oip_max_delay_ms:g}", flush=True)  # fmt: skip
     runs: dict[str, list[dict[str, Any]]] = {}
+    procs = {"oip_processes": a.oip_processes} if a.oip_processes else {}
+    print(f"   gateway processes per protocol: {gateway_processes(a.oip_processes)}"
+          f"{' (auto)' if not a.oip_processes else ''}", flush=True)
     http, grpc = _free_port(), _free_port()
     cfg = {"name": "id", "path": model, "devices": ["cpu"], "threads": 1,
            "max_batch": a.oip_max_batch, "max_delay_ms": a.oip_max_delay_ms}  # fmt: skip
     with contextlib.ExitStack() as stack:
         ref = stack.enter_context(_server(b, "reference", {"model_path": model}, "reference"))
-        pool = stack.enter_context(
-            b.pool("oip-pool", [cfg], http=f"127.0.0.1:{http}", grpc=f"127.0.0.1:{grpc}")
-        )
+        pool = stack.enter_context(b.pool("oip-pool", [cfg], http=f"127.0.0.1:{http}",
+                                          grpc=f"127.0.0.1:{grpc}", **procs))  # fmt: skip
         _wait_port(http)
         _wait_port(grpc)
         name = input_name(f"127.0.0.1:{http}", "id")
@@ -223,7 +232,9 @@ def oip_batching(b: Any) -> None:
            "max_delay_ms": a.batch_delay_ms, "request_timeout_s": 120.0, "cuda_graphs": True}
     print(f"\n== oip batching: resnet50 fp16 on {dev}, {clients} clients x batch 1", flush=True)
     seconds = max(b.seconds, 5.0)
-    with b.pool("oip-batching", [cfg], boot_timeout_s=600.0, grpc=f"127.0.0.1:{grpc}") as pool:
+    procs = {"oip_processes": a.oip_processes} if a.oip_processes else {}
+    with b.pool("oip-batching", [cfg], boot_timeout_s=600.0, grpc=f"127.0.0.1:{grpc}",
+                **procs) as pool:  # fmt: skip
         _wait_port(grpc)
         g = run_oip_clients(b, "grpc-client", f"127.0.0.1:{grpc}", clients, seconds,
                             dtype="float16", shape=shape, check_identity=False, warm=5,
