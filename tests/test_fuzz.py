@@ -50,6 +50,7 @@ EXAMPLES = 250
 FRONT = 16
 CTL_PER = 5
 MUTANTS = 2
+RUNTIME_EXAMPLES = 8  # batches per runtime-management command, beside the mixed ones
 MIN_FRONTEND_MESSAGES = 8_000
 MIN_TOTAL_MESSAGES = 10_000
 RSS_GROWTH_LIMIT = 64 << 20
@@ -469,25 +470,29 @@ def keep_the_pool(cmd: Any, args: Any) -> None:
             args["devices"] = []
 
 
+COMMANDS = [
+    "upgrade",
+    "upgrade",
+    "upgrade",
+    "rollback",
+    "rollback",
+    "history",
+    "status",
+    "health",
+    "reload",
+    *RUNTIME_COMMANDS,
+]
+
+
 @st.composite
 def control_requests(draw: st.DrawFn) -> Any:
     """A real command with plausible arguments, one part of which is then made wrong."""
-    cmd: Any = draw(
-        st.sampled_from(
-            [
-                "upgrade",
-                "upgrade",
-                "upgrade",
-                "rollback",
-                "rollback",
-                "history",
-                "status",
-                "health",
-                "reload",
-                *RUNTIME_COMMANDS,
-            ]
-        )
-    )
+    return draw(control_request_for(draw(st.sampled_from(COMMANDS))))
+
+
+@st.composite
+def control_request_for(draw: st.DrawFn, cmd: Any) -> Any:
+    """``cmd`` with plausible arguments, one part of which is then made wrong."""
     args: Any = {"model": "mlp"}
     if cmd in RUNTIME_COMMANDS:
         args = draw(runtime_args(cmd))
@@ -941,7 +946,21 @@ def test_fuzz_frontend_and_control(pool: Pool) -> None:
         assert pool.proc.poll() is None, f"poold exited:\n{pool.log()[-4000:]}"
         fuzz_batch(pool, tally, expand(front, seed), expand(ctl, seed, keep=1), delimit, valid_at)
 
+    # Hypothesis favours small examples and a load's arguments are the largest, so left to
+    # the draw above one command may be named once in a run: each gets its own pass too.
+    def runtime_pass(cmd: str) -> None:
+        @settings(FUZZ_SETTINGS, max_examples=RUNTIME_EXAMPLES, phases=[Phase.generate])
+        @given(request=control_request_for(cmd), seed=st.integers(0, 2**32 - 1))
+        def one(request: Any, seed: int) -> None:
+            assert pool.proc.poll() is None, f"poold exited:\n{pool.log()[-4000:]}"
+            ctl = expand([[b"", CTL, msgpack.packb(request)]], seed, keep=1)
+            fuzz_batch(pool, tally, [], ctl, [True], 0)
+
+        one()
+
     run()
+    for cmd in RUNTIME_COMMANDS:
+        runtime_pass(cmd)
     elapsed = time.monotonic() - started
     print(
         f"\nfuzz: {tally.frontend} frontend + {tally.control} control messages, "
