@@ -121,7 +121,7 @@ class PoolConfig:
     model_roots: tuple[str, ...] = ()  # (): see effective_model_roots()
     boot_timeout_s: float = 120.0
     heartbeat_interval_s: float = 1.0
-    heartbeat_timeout_s: float = 30.0
+    heartbeat_timeout_s: float = 5.0  # silent and no CPU used this long: hung
     request_grace_s: float = 5.0
     drain_timeout_s: float = 30.0
     upgrade_timeout_s: float = 600.0

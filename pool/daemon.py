@@ -41,6 +41,7 @@ from pool.metrics import (
 )
 from pool.operations import start_recycle
 from pool.reload import apply_reload, reload_summary
+from pool.rundirs import clean_stale, make_rundir
 from pool.sdnotify import Notifier, watchdog_interval
 from pool.spawn import SpawnerClient
 from pool.state import Deployed, StateStore, file_digest
@@ -112,7 +113,8 @@ class Daemon:
         # The lifeline: workers hold the read end; when poold dies the kernel closes the
         # write end and every worker exits, so no orphan keeps GPU memory.
         self.lifeline_r, self.lifeline_w = os.pipe()
-        self.rundir = tempfile.mkdtemp(prefix="gpu-pool-", dir=short_tmp())
+        clean_stale(short_tmp())  # what SIGKILLed pooldes left (pool.rundirs)
+        self.rundir = make_rundir(short_tmp())
         backend = f"ipc://{self.rundir}/backend.sock"
         # libzmq's I/O threads do the socket copies (large tensors pass through twice: in
         # from a client, out to a worker), in parallel with the Python loop.
@@ -172,9 +174,7 @@ class Daemon:
             self.lifeline_r,
         )
         self.sup.recycle = partial(start_recycle, self.sup)
-        from pool.config import effective_model_roots
-
-        self.roots = list(effective_model_roots(self.config))
+        self.roots = self.sup.roots
         self.control = ControlServer(self.control_sock, self.sup, self.roots, self.reload)
         self.manager = Manager(self)
         self.control.commands.update(manage_commands(self.manager, self.control))

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from pool.liveness import CpuProgress
 from router.table import WorkerSlot
 
 
@@ -82,6 +83,7 @@ class WorkerRecord:
     spawned_at: float = field(default_factory=time.monotonic)
     ready_at: float | None = None
     last_heartbeat: float = 0.0
+    cpu_progress: CpuProgress = field(default_factory=CpuProgress)  # while it is silent
     timings: dict[str, float] = field(default_factory=dict)
     failure: str | None = None
     exit_status: int | None = None

@@ -113,8 +113,18 @@ class WorkerStopping:
                 rec.failure = f"not ready after {self.pool.boot_timeout_s:.0f}s (boot_timeout_s)"
                 self.kill(rec, rec.failure, "boot_failed")
         elif state is WorkerState.READY:
-            if now - rec.last_heartbeat > self.pool.heartbeat_timeout_s:
-                self.kill(rec, f"hung: no heartbeat for {now - rec.last_heartbeat:.1f}s", "hung")
+            silent = now - rec.last_heartbeat
+            if silent <= min(2 * self.pool.heartbeat_interval_s, self.pool.heartbeat_timeout_s):
+                return  # a beat or two late: nothing to sample yet
+            # Silent: busy in a long forward, or hung? Its CPU time tells (pool.liveness).
+            alive_at = rec.cpu_progress.last_sign_of_life(rec.pid, rec.last_heartbeat, now)
+            if now - alive_at > self.pool.heartbeat_timeout_s:
+                self.kill(
+                    rec,
+                    f"hung: no heartbeat for {silent:.1f}s, and no CPU time used for "
+                    f"{now - alive_at:.1f}s",
+                    "hung",
+                )
 
     def stop_all(self) -> None:
         for rt in self.models.values():

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from itertools import count
 from typing import Any
 
-from pool.config import Config, ModelConfig
+from pool.config import Config, ModelConfig, effective_model_roots
 from pool.contract import MAX_EXAMPLES, Contract, ContractError, InputSignature
 from pool.exits import WorkerExits
 from pool.gpu import Gpu, device_index
@@ -81,6 +81,9 @@ class Supervisor(StandbyUse, WorkerExits, WorkerStopping):
         self.wids = count(1)
         self.last_sample = 0.0
         self.standbys = Standbys(spawner.standby, gpu, lifeline_fd)
+        # Where models may be loaded from; shared with the control server (one list).
+        # Workers are told them too: a manifest's golden file must lie inside.
+        self.roots: list[str] = list(effective_model_roots(config))
 
     # ------------------------------------------------------------------ models
     def add_model(
@@ -155,6 +158,7 @@ class Supervisor(StandbyUse, WorkerExits, WorkerStopping):
             "max_batch": cfg.max_batch,
             "max_delay_ms": cfg.max_delay_ms,
             "heartbeat_interval_s": self.pool.heartbeat_interval_s,
+            "model_roots": list(self.roots),
             "threads": cfg.threads,
             "lifeline_fd": self.lifeline_fd,
             "warmup_signatures": [sig.to_wire() for sig in rt.warmup_signatures()],

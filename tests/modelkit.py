@@ -212,6 +212,7 @@ import torch
 LOAD_SLEEP_S = {load_sleep_s!r}
 MODE = {mode!r}
 ONLY_IF_NEGATIVE = {only_if_negative!r}
+BUSY_S = {busy_s!r}
 
 
 class Net(torch.nn.Module):
@@ -227,6 +228,11 @@ class Net(torch.nn.Module):
         negative = bool((x < 0).any())
         if MODE == "raise_if_negative" and negative:
             raise ValueError("modelkit: negative input")
+        if MODE == "busy" and (negative or not ONLY_IF_NEGATIVE):
+            # A slow but live forward: the CPU computes for BUSY_S seconds.
+            end = time.monotonic() + BUSY_S
+            while time.monotonic() < end:
+                x = x * 1.0
         if MODE in ("hang", "exit") and (negative or not ONLY_IF_NEGATIVE):
             if MODE == "exit":
                 os._exit(13)
@@ -241,7 +247,7 @@ def build() -> Net:
     return Net()
 '''
 
-FACTORY_MODES = ("mlp", "hang", "exit", "raise_if_negative")
+FACTORY_MODES = ("mlp", "hang", "exit", "raise_if_negative", "busy")
 
 
 def make_factory_model(
@@ -254,19 +260,23 @@ def make_factory_model(
     in_features: int = 16,
     out_features: int = 4,
     golden: bool = True,
+    busy_s: float = 0.0,
 ) -> str:
     """``net.py`` + ``model.safetensors`` + ``model.toml`` (factory format) in ``dirpath``.
 
     ``forward``: "mlp" (answers like ``mlp_reference``), "hang" (forward never returns),
     "exit" (forward calls ``os._exit(13)``), "raise_if_negative" (ValueError when the
     input has a negative value). With ``only_if_negative``, "hang" and "exit" also fire
-    only on negative input, so the model warms up, validates and serves first.
+    only on negative input, so the model warms up, validates and serves first. "busy"
+    (with ``only_if_negative``: on negative input) computes on the CPU for ``busy_s``
+    seconds before it answers like "mlp".
     """
     if forward not in FACTORY_MODES:
         raise ValueError(f"forward must be one of {FACTORY_MODES}, got {forward!r}")
     os.makedirs(dirpath, exist_ok=True)
     source = _NET_TEMPLATE.format(
         load_sleep_s=float(load_sleep_s),
+        busy_s=float(busy_s),
         mode=forward,
         only_if_negative=only_if_negative,
         in_features=in_features,

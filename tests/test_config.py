@@ -78,7 +78,7 @@ def test_defaults_without_a_file() -> None:
     assert pool.frontend == "tcp://127.0.0.1:5555"
     assert pool.metrics == "127.0.0.1:9400"
     assert pool.model_roots == ()
-    assert (pool.heartbeat_timeout_s, pool.surge_margin_mb, pool.log_level) == (30.0, 512, "INFO")
+    assert (pool.heartbeat_timeout_s, pool.surge_margin_mb, pool.log_level) == (5.0, 512, "INFO")
     assert (pool.curve_secret_key, pool.curve_authorized_keys) == (None, None)
 
 
@@ -300,9 +300,9 @@ BAD_POOL = [
     ('state_dir = ""', "pool.state_dir: must be a non-empty path (got '')"),
     ('curve_secret_key = "/no/key"', "pool.curve_secret_key: no such file /no/key"),
     (
-        "heartbeat_interval_s = 30",
+        "heartbeat_interval_s = 5",
         "pool.heartbeat_timeout_s: must be greater than pool.heartbeat_interval_s "
-        "(got 30.0 <= 30.0)",
+        "(got 5.0 <= 5.0)",
     ),
     (
         'frontend = "tcp://127.0.0.1:7"\ncontrol = "tcp://127.0.0.1:7"',

@@ -291,3 +291,48 @@ def test_golden_file_that_is_a_single_npy_array(tmp_path: Path) -> None:
         np.save(f, np.ones(3))
     with pytest.raises(ManifestError, match=r"cannot read .npz: an .npy array, not an .npz"):
         load_manifest(os.path.join(tmp_path, "model.pt"))
+
+
+# ------------------------------------------------ the golden file stays inside the roots
+def _golden_elsewhere(tmp_path: Path, file: str) -> str:
+    case = GoldenCase([np.zeros((1, 2), np.float32)], [np.zeros((1, 2), np.float32)])
+    target = os.path.normpath(os.path.join(tmp_path, "root", "m", file))
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    write_golden(target, [case])
+    os.makedirs(os.path.join(tmp_path, "root", "m"), exist_ok=True)
+    _write(os.path.join(tmp_path, "root", "m", "model.toml"), f"[golden]\nfile = {file!r}\n")
+    return os.path.join(tmp_path, "root", "m", "model.pt")
+
+
+@pytest.mark.parametrize("file", ["../../outside/g.npz", "/etc/passwd"])
+def test_golden_file_outside_the_roots_is_refused_before_it_is_read(
+    tmp_path: Path, file: str
+) -> None:
+    if file.startswith("/"):
+        os.makedirs(os.path.join(tmp_path, "root", "m"))
+        _write(os.path.join(tmp_path, "root", "m", "model.toml"), f"[golden]\nfile = {file!r}\n")
+        model = os.path.join(tmp_path, "root", "m", "model.pt")
+        shown = file
+    else:
+        model = _golden_elsewhere(tmp_path, file)
+        shown = os.path.join(tmp_path, "outside", "g.npz")
+    root = os.path.join(tmp_path, "root")
+    with pytest.raises(ManifestError, match="golden.file: ") as e:
+        load_manifest(model, [root])
+    assert f"{shown} is outside the model roots: {root}" in str(e.value)
+    with pytest.raises(ManifestError, match="outside the model roots"):
+        load_manifest(model)  # no roots given: the manifest's own directory
+
+
+def test_golden_file_elsewhere_inside_the_roots_is_read(tmp_path: Path) -> None:
+    model = _golden_elsewhere(tmp_path, "../shared/g.npz")
+    manifest = load_manifest(model, [os.path.join(tmp_path, "root")])
+    assert manifest is not None and len(manifest.golden) == 1
+
+
+def test_golden_file_through_a_symlink_out_of_the_roots_is_refused(tmp_path: Path) -> None:
+    model = _golden_elsewhere(tmp_path, "../../outside/g.npz")
+    os.symlink(os.path.join(tmp_path, "outside", "g.npz"), os.path.join(tmp_path, "root", "l.npz"))
+    _write(os.path.join(tmp_path, "root", "m", "model.toml"), "[golden]\nfile = '../l.npz'\n")
+    with pytest.raises(ManifestError, match=r"l.npz \(resolves to .*outside/g.npz\) is outside"):
+        load_manifest(model, [os.path.join(tmp_path, "root")])

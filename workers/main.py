@@ -58,6 +58,8 @@ class WorkerSpec:
     # Drain-first with a standby: read the weights into host memory, report "staged",
     # and touch the device only after poold says "go" (the old worker's memory is back).
     hold_device: bool = False
+    # The pool's model roots: what a manifest's golden file must resolve into.
+    model_roots: list[str] = field(default_factory=list)
     from_standby: bool = False  # set inside a standby that was taken; never on the wire
 
     @classmethod

@@ -25,12 +25,18 @@ Every key is optional::
     name = "logits"                   # (dtypes and shapes are probed at load time)
 
     [golden]
-    file = "golden.npz"               # relative to the manifest's directory
+    file = "golden.npz"               # relative to the manifest's directory; must
+                                      # resolve inside the model roots (see below)
 
 The golden file is an ``.npz`` read with ``allow_pickle=False``. Case ``i`` is the arrays
 ``case{i}_in0, case{i}_in1, ...`` (the positional inputs) and ``case{i}_out0, ...`` (the
 expected outputs, a tuple output flattened to a list). Cases are numbered from 0 without
 gaps; any other array name is an error, so a typo cannot silently drop a case.
+
+The golden file is read by the worker, so a manifest could otherwise make it open any
+file poold's user can read (and tell in its error whether it exists): its realpath must
+lie inside one of the pool's ``model_roots`` (the worker is told them), or, read without
+roots, inside the manifest's own directory.
 
 Unknown keys are errors too: a manifest is written by hand, and a misspelt
 ``warmup_batch_size`` should fail the upgrade, not quietly skip warm-up.
@@ -123,16 +129,20 @@ def find_manifest(model_path: str) -> str | None:
     return None
 
 
-def load_manifest(model_path: str) -> Manifest | None:
-    """The manifest of ``model_path``; None when it has none."""
+def load_manifest(model_path: str, roots: Sequence[str] | None = None) -> Manifest | None:
+    """The manifest of ``model_path``; None when it has none. ``roots``: see
+    ``parse_manifest``."""
     manifest_path = find_manifest(model_path)
     if manifest_path is None:
         return None
-    return parse_manifest(manifest_path)
+    return parse_manifest(manifest_path, roots)
 
 
-def parse_manifest(manifest_path: str) -> Manifest:
-    """Read and check one manifest file (and its golden file)."""
+def parse_manifest(manifest_path: str, roots: Sequence[str] | None = None) -> Manifest:
+    """Read and check one manifest file (and its golden file).
+
+    ``roots``: the directories the golden file must resolve into (the pool's model
+    roots); None: the manifest's own directory."""
     try:
         with open(manifest_path, "rb") as f:
             data = tomllib.load(f)
@@ -140,12 +150,15 @@ def parse_manifest(manifest_path: str) -> Manifest:
         raise ManifestError(f"{manifest_path}: not valid TOML: {e}") from e
     except OSError as e:
         raise ManifestError(f"{manifest_path}: cannot read: {e.strerror or e}") from e
-    return _Parser(manifest_path).parse(data)
+    if roots is None:
+        roots = (os.path.dirname(os.path.abspath(manifest_path)),)
+    return _Parser(manifest_path, roots).parse(data)
 
 
 class _Parser:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, roots: Sequence[str]) -> None:
         self.path = path
+        self.roots = tuple(roots)
 
     def fail(self, key: str, message: str) -> ManifestError:
         return ManifestError(f"{self.path}: {key}: {message}")
@@ -266,6 +279,14 @@ class _Parser:
         if not isinstance(file, str) or not file:
             raise self.fail("golden.file", f"must be a file name, got {file!r}")
         golden_path = os.path.join(os.path.dirname(os.path.abspath(self.path)), file)
+        # Checked before the file is opened, on realpaths (a symlink inside a root that
+        # points out of it is outside): nothing is read, or told, about such a path.
+        real = os.path.realpath(golden_path)
+        if not any(_inside(real, os.path.realpath(root)) for root in self.roots):
+            shown_path = os.path.normpath(golden_path)
+            via = "" if real == shown_path else f" (resolves to {real})"
+            shown = ", ".join(self.roots) or "(none)"
+            raise self.fail("golden.file", f"{shown_path}{via} is outside the model roots: {shown}")
         try:
             # Our own handle: np.load leaks the one it opens when the zip is bad.
             with open(golden_path, "rb") as f:
@@ -280,6 +301,10 @@ class _Parser:
             # ValueError is also what allow_pickle=False raises for object arrays
             raise self.fail("golden.file", f"{golden_path}: cannot read .npz: {e}") from e
         return _golden_cases(arrays, lambda msg: self.fail("golden.file", f"{golden_path}: {msg}"))
+
+
+def _inside(path: str, root: str) -> bool:
+    return os.path.commonpath([path, root]) == root
 
 
 def _golden_cases(

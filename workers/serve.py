@@ -143,7 +143,8 @@ class Worker:
         self.event("phase", phase="loading")
         t1 = time.monotonic()
         try:
-            manifest = self.manifest = load_manifest(spec.path)
+            roots = spec.model_roots or None  # none sent (a test's worker): its own dir
+            manifest = self.manifest = load_manifest(spec.path, roots)
             if spec.hold_device:
                 staged = stage_model(spec.path, manifest, pin=self.device.type == "cuda")
                 timings["staged_s"] = time.monotonic() - t1
