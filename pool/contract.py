@@ -30,6 +30,9 @@ __all__ = [
     "DYNAMIC",
     "Contract",
     "ContractError",
+    "ForwardSchema",
+    "NOT_CHECKED_NEW",
+    "NOT_CHECKED_SERVING",
     "InputSignature",
     "TensorSpec",
     "TensorType",
@@ -56,6 +59,15 @@ DYNAMIC = -1  # a dimension that varies between requests (the batch, a sequence 
 MAX_RANK = 16
 MAX_TENSORS = 64
 MAX_EXAMPLES = 8
+# What an upgrade's result and ``describe`` say when a contract is not known: nothing
+# gave dtypes and shapes, so there was nothing to compare (never a silent "kept").
+NOT_CHECKED_SERVING = (
+    "not checked (no example inputs): the serving version's contract is not known "
+    "(no manifest inputs, no example_inputs in its file, nothing served yet)"
+)
+NOT_CHECKED_NEW = (
+    "not checked (no example inputs): the new version's contract is not known (no warm-up inputs)"
+)
 
 
 class ContractError(ValueError):
@@ -215,6 +227,40 @@ class Contract:
             ),
             source if isinstance(source, str) else "probe",
         )
+
+
+@dataclass(frozen=True)
+class ForwardSchema:
+    """forward()'s signature as the model file states it, known without running it:
+    ``(name, type)`` per positional argument (the type as the format spells it:
+    "Tensor" in TorchScript, "float32[s0, 16]" from torch.export, "" when unknown) and
+    the return type ("" when unknown). Shown while the contract is not known."""
+
+    inputs: tuple[tuple[str, str], ...]
+    returns: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"inputs": [[n, t] for n, t in self.inputs], "returns": self.returns}
+
+    @classmethod
+    def from_wire(cls, value: Any) -> ForwardSchema:
+        if not isinstance(value, Mapping):
+            raise ContractError("a forward schema is a map")
+        items = _list(value.get("inputs"), "schema.inputs")
+        inputs = []
+        for item in items:
+            ok = isinstance(item, list | tuple) and len(item) == 2
+            if not ok or not all(isinstance(x, str) and len(x) <= 200 for x in item):
+                raise ContractError(f"schema.inputs: bad argument {item!r:.80}")
+            inputs.append((str(item[0]), str(item[1])))
+        returns = value.get("returns")
+        if not isinstance(returns, str) or len(returns) > 400:
+            raise ContractError("schema.returns must be a string")
+        return cls(tuple(inputs), returns)
+
+    def __str__(self) -> str:
+        args = ", ".join(f"{n}: {t}" if t else n for n, t in self.inputs)
+        return f"forward({args})" + (f" -> {self.returns}" if self.returns else "")
 
 
 def merge_shapes(shapes: Sequence[Sequence[int]]) -> tuple[int, ...] | None:

@@ -9,19 +9,23 @@ Reply body (keys may be added, never renamed)::
      "outputs": [same form],
      "batching": {"batchable": bool, "max_batch": int, "max_delay_ms": float},
      "devices": [str, ...],
-     "contract_known": bool, "contract_source": str | null}
+     "contract_known": bool, "contract_source": str | null,
+     "contract_note": str,                 # "" when known, else "not checked (...)"
+     "schema": str | null}                 # forward()'s signature as the file states it
 
 A dynamic dimension (the batch, a sequence length) is -1. Until a worker of the serving
-version has reported its contract (at once with a manifest or a recorded contract;
-otherwise after its first request), ``inputs``/``outputs`` are empty and
-``contract_known`` is false.
+version has reported its contract (at once with a manifest, example inputs the file
+carries, or a recorded contract; otherwise after its first request), ``inputs``/
+``outputs`` are empty, ``contract_known`` is false, ``contract_note`` says that
+upgrades are not checked, and ``schema`` shows what forward()'s signature tells
+(argument names; TorchScript gives no dtypes or shapes).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from pool.contract import Contract, ContractError
+from pool.contract import NOT_CHECKED_SERVING, Contract, ContractError
 from pool.runtime import ModelRuntime
 
 __all__ = ["describe_model"]
@@ -75,4 +79,6 @@ def describe_model(rt: ModelRuntime) -> dict[str, Any]:
         "devices": list(rt.devices),
         "contract_known": contract is not None,
         "contract_source": contract.source if contract else None,
+        "contract_note": "" if contract else NOT_CHECKED_SERVING,
+        "schema": str(schema) if (schema := rt.schemas.get(rt.serving_gen)) else None,
     }

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from itertools import count
 
 from pool.config import ModelConfig
-from pool.contract import MAX_EXAMPLES, Contract, InputSignature
+from pool.contract import MAX_EXAMPLES, Contract, ContractError, ForwardSchema, InputSignature
 from pool.flapping import FlapGuard
 from pool.lifecycle import WorkerRecord, WorkerState
 from pool.model_lifecycle import ModelStatus
@@ -32,6 +32,8 @@ class ModelRuntime:
     # What the serving generation was sent, most served first (for the next warm-up).
     signatures: list[InputSignature] = field(default_factory=list)
     contracts: dict[int, Contract] = field(default_factory=dict)  # generation -> contract
+    # generation -> forward()'s schema as its file states it (shown while no contract)
+    schemas: dict[int, ForwardSchema] = field(default_factory=dict)
     gen_counter: count[int] = field(default_factory=lambda: count(1))
 
     @property
@@ -46,6 +48,21 @@ class ModelRuntime:
     def contract(self) -> Contract | None:
         """The serving version's contract, once a worker of it has reported one."""
         return self.contracts.get(self.serving_gen)
+
+    def note_schema(self, generation: int, value: object) -> None:
+        """A ready worker's forward schema (``pool.contract.ForwardSchema``); a malformed
+        or absent one is dropped: it only labels a contract not known yet."""
+        try:
+            if value is not None and generation in self.gens:
+                self.schemas[generation] = ForwardSchema.from_wire(value)
+        except ContractError:
+            pass
+
+    def forget(self, generation: int) -> None:
+        """Drop a generation nothing runs any more, with what was learned of it."""
+        self.gens.pop(generation, None)
+        self.contracts.pop(generation, None)
+        self.schemas.pop(generation, None)
 
     def warmup_signatures(self) -> list[InputSignature]:
         """Inputs a new worker warms up on: what the serving version was sent, then the

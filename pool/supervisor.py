@@ -313,6 +313,7 @@ class Supervisor(StandbyUse, WorkerExits, WorkerStopping):
         if rt is None:
             return
         self._contract(rec, event.get("contract"))
+        rt.note_schema(rec.generation, event.get("schema"))
         extra = {"model": rec.model, "version": rec.version, "worker_pid": rec.pid}
         graphs = event.get("graphs")
         log.info(
@@ -348,8 +349,7 @@ class Supervisor(StandbyUse, WorkerExits, WorkerStopping):
         """Forget generations nothing runs any more (call only between operations)."""
         live = {w.generation for w in rt.workers if w.alive} | {rt.serving_gen}
         for gen in [g for g in rt.gens if g not in live]:
-            del rt.gens[gen]
-            rt.contracts.pop(gen, None)
+            rt.forget(gen)
 
     def activate(self, rt: ModelRuntime) -> None:
         """Route to every ready worker of the serving generation: one table assignment."""

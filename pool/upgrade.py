@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Generator
 from typing import Any
 
-from pool.contract import differences
+from pool.contract import NOT_CHECKED_NEW, NOT_CHECKED_SERVING, differences
 from pool.gpu import device_index
 from pool.lifecycle import WorkerRecord, WorkerState
 from pool.runtime import ModelRuntime
@@ -333,11 +333,7 @@ class Upgrade:
         old = self.rt.contracts.get(self.old_gen)
         new = self.rt.contracts.get(gen)
         if old is None or new is None:
-            self.contract_note = "not checked: " + (
-                "the serving version's contract is not known yet"
-                if old is None
-                else "the new version's contract is not known (no warm-up inputs)"
-            )
+            self.contract_note = NOT_CHECKED_SERVING if old is None else NOT_CHECKED_NEW
             return None
         diffs = differences(old, new)
         if not diffs:

@@ -44,10 +44,15 @@ def pair_reference(seed: int, x1: np.ndarray, x2: np.ndarray) -> list[np.ndarray
     return [o.numpy() for o in out]
 
 
-def make_pair(path: str, seed: int, *, manifest: bool = False) -> str:
+def make_pair(path: str, seed: int, *, manifest: bool = False, examples: bool = False) -> str:
     """TorchScript ``forward(x1, x2) -> (y1, y2)`` on float32 ``[N, 3, 16, 16]`` inputs,
-    without a manifest unless asked (as a new user would bring it)."""
-    _save_script(_Pair(seed), path)
+    without a manifest unless asked (as a new user would bring it). ``examples``: the
+    module carries ``example_inputs`` (two float32 ``[1, 3, 16, 16]``, see workers.schema)."""
+    module = _Pair(seed)
+    if examples:
+        gen = torch.Generator().manual_seed(seed)
+        module.example_inputs = tuple(torch.rand(1, 3, 16, 16, generator=gen) for _ in range(2))
+    _save_script(module, path)
     if manifest:
         write_manifest(
             _manifest_path(path),

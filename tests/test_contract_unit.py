@@ -138,7 +138,9 @@ def test_describe_lines_for_people() -> None:
     text = "\n".join(describe_lines(data))
     assert "x1: float32[N, 3, ?]" in text and "output0: float32[]" in text
     assert "batching: off" in text and "* 2" in text
-    assert "not known yet" in "\n".join(describe_lines({**data, "contract_known": False}))
+    assert "not checked (no example inputs)" in "\n".join(
+        describe_lines({**data, "contract_known": False})
+    )
 
 
 def test_manifest_names_the_inputs_and_outputs() -> None:

@@ -37,6 +37,7 @@ from workers.pacing import LaunchClock
 from workers.pipeline import Completions, Gather, Launched
 from workers.probe import ProbeError, contract_of, signatures_from_wire
 from workers.replies import Replier
+from workers.schema import forward_schema, warmup_sets
 from workers.staged import stage_model
 from workers.staging import ALIGN
 from workers.warmup import (
@@ -165,7 +166,7 @@ class Worker:
         self.event("phase", phase="warming")
         try:
             signatures = self.warmup_signatures()
-            sets = example_inputs(manifest, signatures, self.device)
+            sets, source = warmup_sets(self.model, manifest, signatures, self.device)
             seen: list[list[torch.Tensor]] = []
             timings["warm_s"] = warm_up(self.model, sets, seen)
             sets += served_sets(self.model, manifest, signatures, self.device, seen)
@@ -173,9 +174,7 @@ class Worker:
             return self.fail("warmup", exc, EXIT_WARMUP_FAILED)
         t_probe = time.monotonic()
         try:
-            self.learn_contract(
-                sets, seen, "manifest" if manifest is not None and manifest.inputs else "probe"
-            )
+            self.learn_contract(sets, seen, source)
         except ProbeError as exc:
             return self.fail("warmup", exc, EXIT_WARMUP_FAILED)
         timings["probe_s"] = time.monotonic() - t_probe
@@ -209,6 +208,7 @@ class Worker:
             graphs=self.graph_info,
             standby=spec.from_standby,
             contract=self.contract.to_json() if self.contract is not None else None,
+            schema=schema.to_wire() if (schema := forward_schema(self.model)) else None,
         )
         self.serve()
         self.event("bye", served=self.replies.served)

@@ -18,8 +18,15 @@ def describe_lines(data: dict[str, Any]) -> list[str]:
         f"{data.get('name')}  serving version {data.get('version') or '-'}  "
         f"on {', '.join(data.get('devices') or []) or '-'}",
     ]
+    if data.get("schema"):
+        lines.append(f"  schema: {data['schema']}")
     if not data.get("contract_known"):
-        lines.append("  contract: not known yet (no manifest; learned from the first request)")
+        note = data.get("contract_note") or "not checked (no example inputs)"
+        lines.append(f"  contract: {note}")
+        lines.append(
+            "    upgrades are not checked against it until a manifest's inputs, an "
+            "example_inputs attribute or the first request gives dtypes and shapes"
+        )
     else:
         lines.append(f"  contract from: {data.get('contract_source')}")
         for kind in ("inputs", "outputs"):

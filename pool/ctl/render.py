@@ -254,6 +254,8 @@ def print_upgrade(data: dict[str, Any], error: str) -> None:
     if standby.get("taken"):
         staged = ", weights staged on the host first" if standby.get("staged") else ""
         say(f"  started in {standby['taken']} hot standby(s){staged}")
+    if str(data.get("contract", "")).startswith("not checked"):
+        say(f"  contract {data['contract']}", "yellow")
     phases = {**data.get("worker_timings", {}), **data.get("phases", {})}
     if phases:
         say("  " + "  ".join(f"{k}={v:.3f}" for k, v in phases.items()))
