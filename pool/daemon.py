@@ -23,6 +23,7 @@ import zmq
 from gateway.collector import OipCollector
 from pool.config import Config, ModelConfig, ipc_path
 from pool.control import ControlServer
+from pool.curve_keys import AuthorizedKeys
 from pool.dirs import private_dir
 from pool.door_metrics import DoorCollector
 from pool.gateways import Gateways, admit_gateways, gateway_specs
@@ -221,9 +222,11 @@ class Daemon:
             raise SystemExit(f"{self.pool.curve_secret_key} holds no secret key")
         self.auth = ThreadAuthenticator(self.ctx)
         self.auth.start()
-        self.auth.configure_curve(domain="*", location=self.pool.curve_authorized_keys)
+        # Asked about every new connection; pool-ctl reload re-reads it (pool.curve_keys).
+        self.curve_keys = AuthorizedKeys(self.pool.curve_authorized_keys)
+        self.auth.configure_curve_callback("*", self.curve_keys)
         if self.pool.http or self.pool.grpc:
-            self.gateway_keys = admit_gateways(self.auth, self.pool.curve_authorized_keys)
+            self.gateway_keys = admit_gateways(self.curve_keys)
         return public, secret
 
     def _events_proxy(self) -> Any:

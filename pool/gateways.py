@@ -24,9 +24,12 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pool.config import PoolConfig
+
+if TYPE_CHECKING:
+    from pool.curve_keys import AuthorizedKeys
 
 log = logging.getLogger(__name__)
 
@@ -285,24 +288,11 @@ def gateway_specs(
     return specs
 
 
-class _KeysAndGateway:
-    """A ZAP credentials provider: the authorized keys directory plus the gateways' key."""
-
-    def __init__(self, allowed: dict[bytes, bool], gateway_public: bytes) -> None:
-        self.allowed = allowed
-        self.gateway_public = gateway_public
-
-    def callback(self, domain: str, key: bytes) -> bool:
-        return key == self.gateway_public or bool(self.allowed.get(key))
-
-
-def admit_gateways(auth: Any, authorized_keys: str) -> tuple[bytes, bytes]:
-    """Make a key pair for this run's gateways and let ``auth`` accept it beside the keys
-    in ``authorized_keys``. Returns (public, secret); never written outside the run dir."""
+def admit_gateways(keys: AuthorizedKeys) -> tuple[bytes, bytes]:
+    """Make a key pair for this run's gateways and admit it beside the authorized keys.
+    Returns (public, secret); never written outside the run dir."""
     import zmq
-    import zmq.auth
 
     public, secret = zmq.curve_keypair()
-    allowed = zmq.auth.load_certificates(authorized_keys)
-    auth.configure_curve_callback("*", _KeysAndGateway(allowed, public))
+    keys.admit_own(public)
     return public, secret

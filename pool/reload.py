@@ -14,7 +14,8 @@ A reload never reverts a committed version: a model upgraded by pool-ctl keeps t
 version when the file changes only its worker count. The result comes when every
 operation it started has finished: ``ok`` only if all of them succeeded, with one
 outcome per model. A file with problems changes nothing and fails. [pool] settings
-need a restart.
+need a restart, except that the CURVE authorized keys directory is always re-read
+(``pool.curve_keys``): a removed key file is refused from its next connection on.
 """
 
 from __future__ import annotations
@@ -125,6 +126,16 @@ def apply_reload(d: Daemon, done: Done) -> None:
     if new.pool != d.config.pool:
         notes.append("[pool] settings changed: restart poold to apply them")
     batch = _Batch(done, notes)
+    keys = getattr(d, "curve_keys", None)  # set when CURVE is on
+    if keys is not None:
+        change = keys.reload()
+        if change.problem:
+            batch.record("curve_authorized_keys", "failed", change.problem + "; old keys kept")
+        else:
+            notes.append(
+                f"CURVE keys: {change.admitted} admitted ({change.added} added, "
+                f"{change.removed} removed; existing connections stay up)"
+            )
     old = {m.name: m for m in d.config.models}
     fresh = {m.name: m for m in new.models}
     d.config = new
