@@ -4,9 +4,9 @@ load    start a model's workers; it joins routing when the first is ready. If a 
         cannot boot the model is taken out again and the command fails (exit 1).
 unload  new requests get MODEL_UNAVAILABLE at once; what is queued is served; workers
         drain, stop and are reaped; then the model is gone from status, metrics, health.
-scale   a new generation of the live version (never the config's) on the new devices,
-        switched in one step when ready, the old workers drained: a surge, so a GPU that
-        cannot hold both sets must be scaled in smaller steps.
+scale   the live version (never the config's) on the new device list: workers whose
+        device stays are kept (same pid), only the added ones start (joining routing
+        once warmed up) and only the removed ones drain and stop (``pool.rescale``).
 
 Every outcome is written to ``topology.json`` (:mod:`pool.topology`), so a restart comes
 back to the same pool. ``pool.reload`` uses the same operations for config edits.
@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from pool.config import ConfigError, ModelConfig
 from pool.lifecycle import WorkerState
 from pool.operations import digest_then, start_operation
+from pool.rescale import Rescale
 from pool.runtime import ModelRuntime
 from pool.stopping import KILL_GRACE_S
 from pool.supervisor import Supervisor
@@ -205,8 +206,9 @@ class Manager:
         persist: bool = True,
         action: str = "scale",
     ) -> None:
-        """New workers of the live version on ``devices``; also used to apply worker
-        settings a config edit changed (``action="reconfigure"``)."""
+        """The live version on ``devices``: ``scale`` keeps the workers whose device
+        stays (``pool.rescale``); ``reconfigure`` (worker settings a config edit changed)
+        replaces every worker with a fresh one of the live version, a surge."""
         dep = rt.deployed
         if dep is None:
             raise Refused(f"model {rt.name!r} has no serving version to scale")
@@ -214,6 +216,11 @@ class Manager:
         sup = self.sup
 
         def op() -> Operation:
+            if action == "scale":
+                result = yield from Rescale(
+                    sup, rt, devices, sup.pool.upgrade_timeout_s, progress
+                ).run()
+                return result
             rt.devices = devices
             up = Upgrade(sup, rt, dep, "surge", sup.pool.upgrade_timeout_s, action, progress)
             result = yield from up.run()

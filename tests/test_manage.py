@@ -276,3 +276,58 @@ def test_cancel_and_ctrl_c_roll_an_upgrade_back(rig: Rig) -> None:
     log = rig.pool.log()
     assert "upgrade of a requested: " in log and "by uid " in log and "sha256:" in log
     assert "upgrade of a to slow: strategy" in log
+
+
+def _pids(pool: Pool, name: str) -> list[int]:
+    return sorted(w["pid"] for w in pool.model(name)["workers"])
+
+
+@pytest.mark.slow
+def test_scale_keeps_the_workers_that_stay_and_the_live_version(tmp_path: Any) -> None:
+    d = str(tmp_path)
+    v1, v2 = make_mlp(f"{d}/models/v1.pt", seed=1), make_mlp(f"{d}/models/v2.pt", seed=2)
+    cfg = [{"name": "s", "path": v1, "version": "1", "devices": ["cpu"]}]
+    with running_pool(d, cfg) as p:
+        rig = Rig(p, f"{d}/models", 0)
+        assert p.pool_ctl("upgrade", "s", v2, "--version", "2").returncode == 0
+        first = _pids(p, "s")
+        with Load(p.frontend, "s", clients=3) as load:
+            load.wait_ok(30)
+            code, up = rig.json("scale", "s", "--devices", "cpu", "cpu")
+            assert code == 0, up
+            assert up["pids_kept"] == first and up["pids_stopped"] == [], up
+            assert len(up["pids_started"]) == 1 and up["version"] == "2", up
+            assert _pids(p, "s") == sorted(first + up["pids_started"])
+            load.wait_ok(30)
+            out = p.pool_ctl("scale", "s", "--devices", "cpu", "cpu", "cpu")
+            assert out.returncode == 0, out.stderr
+            assert f"kept pids {sorted(first + up['pids_started'])}" in out.stdout, out.stdout
+            assert "started pids [" in out.stdout and "stopped pids []" in out.stdout
+            code, down = rig.json("scale", "s", "--devices", "cpu")
+            assert code == 0, down
+            assert down["pids_kept"] == first and len(down["pids_stopped"]) == 2, down
+            assert _pids(p, "s") == first
+            load.wait_ok(30)
+            # The file still says v1 on one cpu: only its device list changes.
+            rig.write([{**cfg[0], "devices": ["cpu", "cpu"]}])
+            code, res = rig.json("reload")
+            assert code == 0, res
+            assert [(o["model"], o["outcome"]) for o in res["outcomes"]] == [("s", "rescaled")]
+            load.wait_ok(30)
+        assert load.errors == [], load.errors[:5]
+        s = p.model("s")
+        assert set(first) < {w["pid"] for w in s["workers"]} and len(s["workers"]) == 2, s
+        assert {w["version"] for w in s["workers"]} == {"2"} and s["version"] == "2"
+        with p.client() as c:
+            x = mlp_input(2)
+            r = c.infer("s", x)
+            assert r.version == "2"
+            np.testing.assert_allclose(r.outputs[0], mlp_reference(2, x), rtol=1e-5, atol=1e-6)
+        hist = json.loads(p.pool_ctl("history", "s", "--json").stdout)["history"]
+        assert [h["action"] for h in hist[-3:]] == ["scale", "scale", "scale"], hist[-3:]
+    again = start_pool(d, [{**cfg[0], "devices": ["cpu", "cpu"]}])
+    try:
+        s = again.model("s")
+        assert s["version"] == "2" and len(s["workers"]) == 2, s
+    finally:
+        again.stop()

@@ -183,7 +183,10 @@ def describe_done(data: dict[str, Any]) -> str:
         parts.append(f"version {version}")
     if data.get("devices"):
         parts.append("on " + ", ".join(data["devices"]))
-    if data.get("pids_stopped"):
+    if "pids_kept" in data:  # a scale: every list, empty ones too, so scripts can grep
+        for key in ("kept", "started", "stopped"):
+            parts.append(f"{key} pids {data.get('pids_' + key) or []}")
+    elif data.get("pids_stopped"):
         parts.append(f"stopped pids {data['pids_stopped']}")
     if data.get("elapsed_s") is not None:
         parts.append(f"in {data['elapsed_s']}s")
