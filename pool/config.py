@@ -157,6 +157,10 @@ class PoolConfig:
     oip_tls_key: str | None = None
     oip_insecure: bool = False  # allow a non-loopback OIP bind without TLS
     oip_token_file: str | None = None  # a file holding the bearer token clients must send
+    # The metrics endpoint follows the same rule: a non-loopback bind needs a bearer token
+    # (a file holding it) or metrics_insecure = true, said on purpose.
+    metrics_insecure: bool = False
+    metrics_token_file: str | None = None
     # gateway processes per protocol (SO_REUSEPORT when > 1); 0 = auto, see gateway_count
     oip_processes: int = 0
     log_format: str = "text"
@@ -269,6 +273,19 @@ def _cross_check_pool(
                 f"(got {show(merged[key])})"
             )
     _cross_check_oip(merged, given, labels, problems)
+    parts = split_host_port(merged["metrics"]) if merged["metrics"] else None
+    if (
+        parts is not None
+        and not is_loopback_host(parts[0])
+        and given.get("metrics_token_file") is None
+        and not merged["metrics_insecure"]
+    ):
+        problems.append(
+            f"{labels['metrics']}: refusing to serve metrics on a non-loopback address "
+            "without a token: set pool.metrics_token_file (scrapers then send "
+            '"Authorization: Bearer <token>"), or pool.metrics_insecure = true on a '
+            f"trusted network (got {show(merged['metrics'])})"
+        )
     if merged["frontend"] == merged["control"]:
         problems.append(f"{labels['control']}: must differ from pool.frontend")
     interval, timeout = merged["heartbeat_interval_s"], merged["heartbeat_timeout_s"]

@@ -290,6 +290,8 @@ POOL_SPECS: dict[str, FieldSpec] = {
         "int", "0 (auto) or an integer from 1 to 64", lambda v: 0 <= v <= 64
     ),
     "oip_token_file": FieldSpec("path", "a file path", check=file_problem, optional=True),
+    "metrics_insecure": FieldSpec("bool", "true or false"),
+    "metrics_token_file": FieldSpec("path", "a file path", check=file_problem, optional=True),
     "log_format": FieldSpec("str", '"text" or "json"', lambda v: v in ("text", "json")),
     "log_level": FieldSpec(
         "str", f"a logging level ({', '.join(_LEVELS)})", lambda v: v in _LEVELS

@@ -21,7 +21,7 @@ from typing import Any
 import zmq
 
 from gateway.collector import OipCollector
-from pool.config import Config, ModelConfig, ipc_path
+from pool.config import Config, ModelConfig, PoolConfig, ipc_path
 from pool.control import ControlServer
 from pool.curve_keys import AuthorizedKeys
 from pool.dirs import private_dir
@@ -69,6 +69,17 @@ def become_subreaper() -> None:
         libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     except (OSError, AttributeError):
         log.debug("prctl(PR_SET_CHILD_SUBREAPER) unavailable")
+
+
+def metrics_token(pool: PoolConfig) -> str:
+    """The bearer token /metrics requires ("" = none), from pool.metrics_token_file."""
+    if not pool.metrics_token_file:
+        return ""
+    with open(pool.metrics_token_file, encoding="utf-8") as fh:
+        token = fh.read().strip()
+    if not token:
+        raise SystemExit(f"pool.metrics_token_file: {pool.metrics_token_file} is empty")
+    return token
 
 
 def owner_only_dir(path: str, what: str = "state") -> None:
@@ -197,7 +208,9 @@ class Daemon:
             self.metrics.registry.register(OipCollector(self.rundir, self.gateways.supervision))
         self.http = None
         if self.pool.metrics:
-            self.http = serve_http(self.pool.metrics, self.metrics, self.health)
+            self.http = serve_http(
+                self.pool.metrics, self.metrics, self.health, metrics_token(self.pool)
+            )
         self.watchdog_s = watchdog_interval()
         self.last_watchdog = 0.0
         log.info(

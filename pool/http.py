@@ -1,6 +1,8 @@
 """The daemon's small HTTP side door: Prometheus metrics and health probes.
 
-    GET /metrics   200, OpenMetrics if the Accept header asks, else Prometheus text 0.0.4
+    GET /metrics   200, OpenMetrics if the Accept header asks, else Prometheus text 0.0.4;
+                   with a token (pool.metrics_token_file): 401 unless the request says
+                   "Authorization: Bearer <token>"
     GET /healthz   liveness:  200 "ok" when health()[0], else 503
     GET /readyz    readiness: 200 when health()[1], else 503; body is health()[2]
     anything else  404 (other methods: 405)
@@ -8,10 +10,15 @@
 It runs a ``ThreadingHTTPServer`` in a daemon thread so a slow scraper never touches the
 event loop. ``health`` is called from that thread: it must only read state the loop
 publishes (an attribute holding an immutable value), never mutate it.
+
+The probes stay open with a token: kubelet and systemd probes send no credentials, and
+they tell only "ok" or why not ready. No TLS here: a scraper across an untrusted network
+goes through a TLS proxy (the token then stops whoever else reaches the port).
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 import socket
 import threading
@@ -60,10 +67,12 @@ class _Server(ThreadingHTTPServer):
         family: socket.AddressFamily,
         metrics: PoolMetrics,
         health: HealthCheck,
+        token: str,
     ) -> None:
         self.address_family = family
         self.metrics = metrics
         self.health = health
+        self.authorization = f"Bearer {token}".encode() if token else b""
         super().__init__(addr, _Handler)
 
 
@@ -88,6 +97,8 @@ class _Handler(BaseHTTPRequestHandler):
             log.exception("HTTP %s %s failed", self.command, path)
             status, ctype, body = 500, "text/plain; charset=utf-8", b"internal error\n"
         self.send_response(status)
+        if status == HTTPStatus.UNAUTHORIZED:
+            self.send_header("WWW-Authenticate", 'Bearer realm="gpu-pool metrics"')
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
@@ -98,6 +109,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _route(self, path: str) -> tuple[int, str, bytes]:
         text = "text/plain; charset=utf-8"
         if path == "/metrics":
+            want = self.server.authorization
+            given = self.headers.get("Authorization", "").encode("latin-1", "replace")
+            if want and not hmac.compare_digest(given, want):  # constant time
+                return 401, text, b"unauthorized: send Authorization: Bearer <token>\n"
             body, ctype = self.server.metrics.render_for(self.headers.get("Accept", ""))
             return 200, ctype, body
         if path in ("/healthz", "/readyz"):
@@ -159,15 +174,18 @@ class HttpEndpoint:
         self.close()
 
 
-def serve_http(address: str, metrics: PoolMetrics, health: HealthCheck) -> HttpEndpoint:
+def serve_http(
+    address: str, metrics: PoolMetrics, health: HealthCheck, token: str = ""
+) -> HttpEndpoint:
     """Bind ``address`` ("host:port", port 0 = any) and serve in a daemon thread.
+    ``token``: what /metrics requires as a bearer token ("" = none).
 
     Binding happens here, in the caller's thread, so a taken port fails poold's startup
     with an ``OSError`` instead of failing silently in the background.
     """
     host, port = parse_address(address)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    server = _Server((host, port), family, metrics, health)
+    server = _Server((host, port), family, metrics, health, token)
     thread = threading.Thread(
         target=server.serve_forever, kwargs={"poll_interval": 0.1},
         name="gpupool-http", daemon=True,
