@@ -40,7 +40,7 @@ __all__ = [
     "ENV_PREFIX", "MODEL_NAME_RE", "VERSION_RE", "Config", "ConfigError", "ModelConfig",
     "PathNotAllowed", "PoolConfig", "check_config", "check_model_path",
     "default_control_endpoint", "default_state_dir", "effective_model_roots", "ipc_path",
-    "load_config", "standby_wanted",
+    "load_config", "sandbox_mode", "standby_wanted",
 ]  # fmt: skip
 
 ENV_PREFIX = "GPU_POOL_"
@@ -110,6 +110,8 @@ class ModelConfig:
     cuda_graphs: bool = False
     # A hot standby on this model's devices: "auto" | True | False; None: [pool] standby.
     standby: str | bool | None = None
+    # Confine its workers (workers.sandbox): "auto" | True | False; None: [pool] sandbox.
+    sandbox: str | bool | None = None
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,11 @@ class PoolConfig:
     io_threads: int = 0
     # One hot standby per device (workers.standby): "auto" = on for CUDA devices.
     standby: str | bool = "auto"
+    # Workers confine themselves before loading a model (workers.sandbox): files beyond
+    # the model roots, network connections and new privileges out of reach. "auto":
+    # where the kernel supports it; true: a worker that cannot be confined refuses to
+    # start; false: off.
+    sandbox: str | bool = "auto"
     # Client connections the frontend accepts at once (router/door.py); 0: the descriptor
     # limit less a reserve for poold itself.
     max_connections: int = 0
@@ -203,6 +210,11 @@ def standby_wanted(pool: PoolConfig, model: ModelConfig, device: str) -> bool:
     """Whether ``model``'s workers on ``device`` take (and keep) a hot standby there."""
     value = pool.standby if model.standby is None else model.standby
     return device.startswith("cuda") if value == "auto" else bool(value)
+
+
+def sandbox_mode(pool: PoolConfig, model: ModelConfig) -> str | bool:
+    """``model``'s sandbox setting ("auto", True or False), the pool's unless it has one."""
+    return pool.sandbox if model.sandbox is None else model.sandbox
 
 
 def effective_model_roots(config: Config) -> tuple[str, ...]:

@@ -231,7 +231,7 @@ def _always(_: Any) -> bool:
 
 @dataclass(frozen=True)
 class FieldSpec:
-    kind: str  # str | int | float | bool | path | paths | strs | standby
+    kind: str  # str | int | float | bool | path | paths | strs | auto ("auto", true, false)
     want: str  # completes "must be ..."
     ok: Callable[[Any], bool] = _always  # range check on the typed value
     check: Callable[[Any], str | None] | None = None  # per item for list kinds
@@ -246,8 +246,9 @@ def _nonneg(v: float) -> bool:
     return v >= 0
 
 
-# A hot standby per device (workers.standby): "auto" = on for CUDA devices, off for cpu.
-STANDBY_WANT = '"auto", true or false'
+# "auto", true or false: a hot standby per device (workers.standby; auto = on for CUDA
+# devices), the worker sandbox (workers.sandbox; auto = where the kernel has it).
+AUTO_WANT = '"auto", true or false'
 ENDPOINT_SPEC = FieldSpec("str", "a tcp:// or ipc:// endpoint", check=endpoint_problem)
 _TIMEOUT = FieldSpec("float", "a number > 0", _pos)
 _NONEMPTY = "a non-empty list (leave the key out for the default) of "
@@ -274,7 +275,8 @@ POOL_SPECS: dict[str, FieldSpec] = {
     "max_connections": FieldSpec("int", "0 (auto) or an integer >= 1", _nonneg),
     "router_spin_us": FieldSpec("int", "-1 (auto) or an integer >= 0", lambda v: v >= -1),
     "router_lane": FieldSpec("bool", "true or false"),
-    "standby": FieldSpec("standby", STANDBY_WANT),
+    "standby": FieldSpec("auto", AUTO_WANT),
+    "sandbox": FieldSpec("auto", AUTO_WANT),
     "curve_secret_key": FieldSpec(
         "path", "a key file path", check=secret_key_problem, optional=True
     ),
@@ -309,7 +311,8 @@ MODEL_SPECS: dict[str, FieldSpec] = {
     "request_timeout_s": _TIMEOUT,
     "retry_on_worker_loss": FieldSpec("bool", "true or false"),
     "cuda_graphs": FieldSpec("bool", "true or false"),
-    "standby": FieldSpec("standby", STANDBY_WANT, optional=True),  # None: the pool's
+    "standby": FieldSpec("auto", AUTO_WANT, optional=True),  # None: the pool's
+    "sandbox": FieldSpec("auto", AUTO_WANT, optional=True),  # None: the pool's
     "max_requests": FieldSpec("int", "an integer >= 0", _nonneg),
     "max_requests_jitter": FieldSpec("float", "a number between 0 and 1", lambda v: 0 <= v <= 1),
     "max_rss_mb": FieldSpec("int", "an integer >= 0", _nonneg),
@@ -327,7 +330,7 @@ def from_file(spec: FieldSpec, value: Any, base: str) -> Any:
     kind = spec.kind
     if kind == "bool" and isinstance(value, bool):
         return value
-    if kind == "standby" and (isinstance(value, bool) or value == "auto"):
+    if kind == "auto" and (isinstance(value, bool) or value == "auto"):
         return value
     if isinstance(value, bool):  # bool is an int subclass; never accept it as a number
         raise BadValue
@@ -349,7 +352,7 @@ def from_file(spec: FieldSpec, value: Any, base: str) -> Any:
 def from_env(spec: FieldSpec, text: str) -> Any:
     """Parse an environment string to the field's type; raises BadValue."""
     kind = spec.kind
-    if kind == "standby":
+    if kind == "auto":
         word = text.strip().lower()
         if word in ("auto", "true", "false", "1", "0"):
             return "auto" if word == "auto" else word in ("true", "1")

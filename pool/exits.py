@@ -9,6 +9,7 @@ its queue and new requests ``MODEL_UNAVAILABLE`` until an upgrade or rollback cl
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from typing import TYPE_CHECKING
 
@@ -75,6 +76,8 @@ class WorkerExits:
         if rec.pid is not None:
             self.by_pid.pop(rec.pid, None)
         rec.to(WorkerState.EXITED)
+        if rec.run_dir:
+            shutil.rmtree(rec.run_dir, ignore_errors=True)
         if rt is None:
             return
         rt.workers = [w for w in rt.workers if w.alive]

@@ -104,6 +104,8 @@ class WorkerRecord:
     from_standby: bool = False  # started in a hot standby (pool.standby), not a fresh fork
     holding: bool = False  # staging its weights on the host until released (drain-first)
     staged: bool = False  # said its weights are staged
+    run_dir: str = ""  # its own writable directory (workers.sandbox), removed at its exit
+    sandbox: dict[str, Any] | None = None  # what its sandbox applied (SandboxReport)
 
     def can(self, new: WorkerState) -> bool:
         """Whether the table allows going to ``new`` now (staying counts as allowed)."""
@@ -141,6 +143,7 @@ class WorkerRecord:
             "uptime_s": round(time.monotonic() - self.ready_at, 1) if self.ready_at else 0.0,
             "failure": self.failure,
             "from_standby": self.from_standby,
+            "sandbox": self.sandbox,
         }
 
 

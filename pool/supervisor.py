@@ -9,6 +9,7 @@ stages, and recycles workers by policy. Long operations live in ``pool.upgrade``
 from __future__ import annotations
 
 import logging
+import os
 import random
 import signal
 import time
@@ -16,7 +17,7 @@ from collections.abc import Callable
 from itertools import count
 from typing import Any
 
-from pool.config import Config, ModelConfig, effective_model_roots
+from pool.config import Config, ModelConfig, effective_model_roots, sandbox_mode
 from pool.contract import MAX_EXAMPLES, Contract, ContractError, InputSignature
 from pool.exits import WorkerExits
 from pool.gpu import Gpu, device_index
@@ -43,6 +44,16 @@ def graphs_note(graphs: Any) -> str:
     if not isinstance(sizes, list) or not sizes:
         return ""
     return f" (CUDA graphs at batch sizes {min(sizes)}-{max(sizes)}, {len(sizes)} of them)"
+
+
+def sandbox_note(report: dict[str, Any] | None) -> str:
+    """The worker's sandbox in a few words (workers.sandbox.SandboxReport)."""
+    if not report:
+        return "no sandbox report"
+    if not report.get("applied"):
+        return f"not sandboxed ({report.get('reason') or 'off'})"
+    fs = f"landlock abi {report.get('landlock_abi')}" if report.get("fs") else "files open"
+    return f"sandboxed ({fs}, network {report.get('net')})"
 
 
 class Supervisor(StandbyUse, WorkerExits, WorkerStopping):
@@ -164,6 +175,7 @@ class Supervisor(StandbyUse, WorkerExits, WorkerStopping):
             "warmup_signatures": [sig.to_wire() for sig in rt.warmup_signatures()],
             "cuda_graphs": cfg.cuda_graphs,
             "hold_device": hold,
+            "sandbox": self.sandbox_request(rt, rec),
         }
         if taken is not None:
             token = self.spawner.take(taken.pid, taken.token, spec)
@@ -179,6 +191,17 @@ class Supervisor(StandbyUse, WorkerExits, WorkerStopping):
             extra={"model": rt.name, "version": dep.version, "generation": generation},
         )
         return rec
+
+    def sandbox_request(self, rt: ModelRuntime, rec: WorkerRecord) -> dict[str, Any]:
+        """How the worker confines itself (workers.sandbox.confine): its mode, and a run
+        directory of its own under poold's (removed when the worker exits). It reads
+        the spec's ``model_roots``, every root, so a standby taken for any model can."""
+        rundir = os.path.dirname(self.backend.removeprefix("ipc://"))
+        rec.run_dir = os.path.join(rundir, "w", rec.wid)
+        return {
+            "mode": sandbox_mode(self.pool, rt.cfg),
+            "run_dir": rec.run_dir,
+        }
 
     def on_spawned(self, token: int, pid: int) -> None:
         if self.standbys.on_spawned(token, pid):
@@ -308,6 +331,8 @@ class Supervisor(StandbyUse, WorkerExits, WorkerStopping):
         rec.rss = int(event.get("rss") or 0)
         frozen = event.get("heap_frozen")
         rec.heap_frozen = frozen if isinstance(frozen, int) else 0
+        sandbox = event.get("sandbox")
+        rec.sandbox = sandbox if isinstance(sandbox, dict) else None
         self.sample_memory()  # its footprint now, for auto's next decision
         rt = self.models.get(rec.model)
         if rt is None:
@@ -317,11 +342,12 @@ class Supervisor(StandbyUse, WorkerExits, WorkerStopping):
         extra = {"model": rec.model, "version": rec.version, "worker_pid": rec.pid}
         graphs = event.get("graphs")
         log.info(
-            "worker %s ready [pid %s] in %.2fs%s",
+            "worker %s ready [pid %s] in %.2fs%s; %s",
             rec.wid,
             rec.pid,
             now - rec.spawned_at,
             graphs_note(graphs),
+            sandbox_note(rec.sandbox),
             extra=extra,
         )
         skipped = graphs.get("skipped") if isinstance(graphs, dict) else None

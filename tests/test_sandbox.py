@@ -53,7 +53,7 @@ def in_child(body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 
 
 def attempt(action: Callable[[], object]) -> str:
-    """"ok", or the errno name an action failed with."""
+    """The errno name an action failed with, or "ok"."""
     try:
         action()
     except OSError as exc:

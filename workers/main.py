@@ -26,6 +26,7 @@ from workers.exitcodes import (  # noqa: F401  re-exported for the worker code
     EXIT_LOAD_FAILED,
     EXIT_OK,
     EXIT_ORPHANED,
+    EXIT_SANDBOX_FAILED,
     EXIT_VALIDATION_FAILED,
     EXIT_WARMUP_FAILED,
 )
@@ -61,6 +62,8 @@ class WorkerSpec:
     # The pool's model roots: what a manifest's golden file must resolve into.
     model_roots: list[str] = field(default_factory=list)
     from_standby: bool = False  # set inside a standby that was taken; never on the wire
+    # What poold asks of the sandbox (workers.sandbox.confine): mode, run_dir.
+    sandbox: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> WorkerSpec:

@@ -27,6 +27,7 @@ import os
 import site
 import sys
 import sysconfig
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -196,4 +197,30 @@ def apply(policy: SandboxPolicy, mode: str | bool = "auto") -> SandboxReport:
             "sandbox = true, but this worker could not be confined: "
             + (report.reason or "no Landlock network rule and no seccomp filter")
         )
+    return report
+
+
+def confine(
+    request: dict[str, Any], model_roots: Sequence[str], model_path: str, device: str
+) -> SandboxReport:
+    """Apply what poold asked for in a worker spec's ``sandbox`` map: ``mode`` and
+    ``run_dir`` (created here: the worker's only writable place, and its TMPDIR), with
+    the pool's ``model_roots`` and the model's own directory readable. An empty map
+    (nobody asked): nothing."""
+    mode = request.get("mode", False)
+    if mode is False or not (mode is True or mode == "auto"):
+        return SandboxReport("false", reason="sandbox = false" if request else "not requested")
+    run_dir = request.get("run_dir")
+    if not isinstance(run_dir, str) or not run_dir:
+        raise SandboxError("the worker spec names no run directory")
+    os.makedirs(run_dir, mode=0o700, exist_ok=True)
+    os.environ["TMPDIR"] = run_dir
+    tempfile.tempdir = None  # re-read from TMPDIR at the next use
+    roots = [r for r in model_roots if isinstance(r, str)]
+    roots.append(os.path.dirname(os.path.abspath(model_path)))
+    report = apply(worker_policy(roots, run_dir, device), mode)
+    if report.applied:
+        log.info("worker pid %d sandboxed: %s", os.getpid(), report.summary())
+    else:
+        log.warning("worker pid %d not sandboxed: %s", os.getpid(), report.reason)
     return report

@@ -26,6 +26,7 @@ from workers.loader import LoadedModel, ModelLoadError, load_model
 from workers.main import (
     EXIT_LOAD_FAILED,
     EXIT_OK,
+    EXIT_SANDBOX_FAILED,
     EXIT_VALIDATION_FAILED,
     EXIT_WARMUP_FAILED,
     WorkerSpec,
@@ -37,6 +38,7 @@ from workers.pacing import LaunchClock
 from workers.pipeline import Completions, Gather, Launched
 from workers.probe import ProbeError, contract_of, signatures_from_wire
 from workers.replies import Replier
+from workers.sandbox import SandboxError, SandboxReport, confine
 from workers.schema import forward_schema, warmup_sets
 from workers.staged import stage_model
 from workers.staging import ALIGN
@@ -96,6 +98,7 @@ class Worker:
         self.manifest: Manifest | None = None
         self.contract: Contract | None = None  # this version's, once known
         self.contract_failed = False  # its probe on served inputs failed: not retried
+        self.sandbox: SandboxReport | None = None
 
     @property
     def model(self) -> LoadedModel | None:
@@ -141,6 +144,12 @@ class Worker:
         # worker needs few CPU threads: the forward runs on the device.
         cpu_threads = default_threads() if self.device.type == "cpu" else min(4, default_threads())
         torch.set_num_threads(spec.threads or cpu_threads)
+        # Confined before the model is read: a model is code, from its first byte on
+        # (a pickle runs as it loads). CUDA is up, so the device files are open already.
+        try:
+            self.sandbox = confine(spec.sandbox, spec.model_roots, spec.path, spec.device)
+        except SandboxError as exc:
+            return self.fail("sandbox", exc, EXIT_SANDBOX_FAILED)
         self.event("phase", phase="loading")
         t1 = time.monotonic()
         try:
@@ -207,6 +216,7 @@ class Worker:
             num_inputs=self.model.num_inputs,
             graphs=self.graph_info,
             standby=spec.from_standby,
+            sandbox=self.sandbox.to_wire() if self.sandbox is not None else None,
             contract=self.contract.to_json() if self.contract is not None else None,
             schema=schema.to_wire() if (schema := forward_schema(self.model)) else None,
         )
