@@ -1,0 +1,42 @@
+"""scripts/soak.py runs end to end for a few seconds (the full 10 minutes are run by
+hand; docs/OPERATIONS.md has its output)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_a_short_soak_loses_nothing(tmp_path: object) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "scripts", "soak.py"),
+            "--minutes",
+            "0.1",
+            "--connections",
+            "300",
+            "--json",
+            "--dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    s = json.loads(done.stdout)
+    assert s["verdict"]["ok"] and s["verdict"]["lost"] == 0, s
+    assert s["answers_by_code"].get("OK", 0) > 0, s
+    events = s["events"]
+    assert events.get("workers killed", 0) >= 2, events
+    assert events.get("fuzz sent", 0) > 0 and events.get("slow reader sent", 0) > 0, events
+    assert events.get("connections held (max)") == 300, events
+    assert s["poold_start"]["rss"] and s["poold_end"]["fds"], s
