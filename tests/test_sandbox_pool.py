@@ -87,6 +87,8 @@ def test_a_model_cannot_read_outside_its_root(tmp_path: Path) -> None:
             report = workers[0]["sandbox"]
             assert report["fs"] and report["landlock_abi"] == ABI and report["mode"] == "auto"
             assert report["net"] == ("denied" if report["seccomp"] else "tcp-denied")
+        text = pool.pool_ctl("status").stdout
+        assert text.count(f"landlock {ABI}") == 2, text
 
 
 @pytest.mark.slow
@@ -99,5 +101,6 @@ def test_without_the_sandbox_the_model_gets_the_file(tmp_path: Path) -> None:
             assert steal(c) == SECRET
         reader = pool.model("reader")["workers"][0]["sandbox"]
         assert reader["applied"] is False and reader["mode"] == "false"
+        assert " off" in pool.pool_ctl("status").stdout
         mlp = pool.model("mlp")["workers"][0]["sandbox"]
         assert mlp["mode"] == "auto" and mlp["applied"] == (ABI >= 1 or mlp["seccomp"])

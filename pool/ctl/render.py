@@ -107,7 +107,21 @@ class Progress:
 
 
 GATEWAY_COLUMNS = ("protocol", "address", "pid", "up", "restarts", "last exit")
-WORKER_COLUMNS = ("pid", "device", "state", "version", "gen", "in-flight", "served", "GPU", "RSS")
+WORKER_COLUMNS = (
+    "pid", "device", "state", "version", "gen", "in-flight", "served", "GPU", "RSS", "sandbox",
+)  # fmt: skip
+
+
+def sandbox_word(report: Any) -> str:
+    """A worker's sandbox in one word or two (workers.sandbox.SandboxReport): what
+    confines its files, or that nothing does; "-" before it said."""
+    if not isinstance(report, dict):
+        return "-"
+    if not report.get("applied"):
+        return "off"
+    if report.get("fs"):
+        return f"landlock {report.get('landlock_abi')}"
+    return "net only"
 
 
 def print_status(data: dict[str, Any]) -> None:
@@ -132,6 +146,7 @@ def print_status(data: dict[str, Any]) -> None:
                 w.get("served"),
                 _bytes(w.get("gpu_bytes")),
                 _bytes(w.get("rss_bytes")),
+                sandbox_word(w.get("sandbox")),
             )
             for w in m.get("workers", [])
         ]
