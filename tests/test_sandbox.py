@@ -131,6 +131,7 @@ def test_worker_policy_confines_files_and_network(tree: dict[str, Path], listene
     report = got["report"]
     assert report["applied"] and report["fs"] and report["no_new_privs"]
     assert report["landlock_abi"] == ABI
+    assert report["threads"] == ("all" if ABI >= 8 else "main")
     if seccomp.arch() is not None:
         assert report["seccomp"] and report["net"] == "denied"
         assert got["udp"] in ("EACCES", "EPERM")  # Landlock alone has no UDP rule

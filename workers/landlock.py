@@ -13,10 +13,11 @@ first ABI up. What each ABI adds (``Documentation/userspace-api/landlock.rst``):
     ABI 6  Linux 6.12  scoping: no connect to an abstract unix socket, and no signal
                        to a process, outside the domain
     ABI 7  Linux 6.15  audit logging flags (nothing more is restricted)
+    ABI 8  Linux 7.0   RESTRICT_SELF_TSYNC: restrict every thread of the process at once
 
 The restriction holds for the calling thread and every thread or process it starts
-afterwards. Threads that already exist stay outside (until ABI 8 offers a flag for all
-threads); ``workers.seccomp`` covers the network for all of them.
+afterwards; before ABI 8, threads that already exist stay outside (``workers.seccomp``
+covers the network for all of them). From ABI 8 on, ``restrict`` asks for all threads.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ NET_BIND_TCP = 1 << 0  # ABI 4
 NET_CONNECT_TCP = 1 << 1
 SCOPE_ABSTRACT_UNIX_SOCKET = 1 << 0  # ABI 6
 SCOPE_SIGNAL = 1 << 1
+RESTRICT_SELF_TSYNC = 1 << 3  # ABI 8
 
 FS_ABI1 = (1 << 13) - 1
 # Rights that apply to a file itself; a rule on a non-directory may hold only these.
@@ -165,6 +167,7 @@ class Restriction:
     fs: int  # handled filesystem rights
     net: int  # handled network rights (all TCP bind/connect denied: no port rules)
     scoped: int
+    all_threads: bool  # every thread of the process (ABI 8), not only the calling one
     granted: list[str] = field(default_factory=list)  # paths given a rule
     missing: list[str] = field(default_factory=list)  # paths that did not exist
 
@@ -180,7 +183,8 @@ def restrict(abi: int, grants: Iterable[Grant]) -> Restriction:
         ctypes.c_long(SYS_CREATE_RULESET), ctypes.byref(attr), ctypes.c_size_t(size),
         ctypes.c_uint32(0),
     )  # fmt: skip
-    done = Restriction(abi, fs, net, scoped)
+    flags = RESTRICT_SELF_TSYNC if abi >= 8 else 0
+    done = Restriction(abi, fs, net, scoped, bool(flags))
     try:
         for grant in grants:
             try:
@@ -200,7 +204,7 @@ def restrict(abi: int, grants: Iterable[Grant]) -> Restriction:
                 done.granted.append(grant.path)
             finally:
                 os.close(fd)
-        _syscall(ctypes.c_long(SYS_RESTRICT_SELF), ctypes.c_int(ruleset), ctypes.c_uint32(0))
+        _syscall(ctypes.c_long(SYS_RESTRICT_SELF), ctypes.c_int(ruleset), ctypes.c_uint32(flags))
     finally:
         os.close(ruleset)
     return done

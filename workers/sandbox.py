@@ -91,6 +91,8 @@ class SandboxReport:
     net: str = "open"  # "denied" (seccomp, every thread), "tcp-denied" (Landlock only)
     scoped: list[str] = field(default_factory=list)  # "abstract-unix", "signal"
     seccomp: bool = False
+    # Landlock holds every thread (ABI 8), or only the main thread and those it starts.
+    threads: str = "main"
     no_new_privs: bool = False
     rules: int = 0  # paths granted
     missing: list[str] = field(default_factory=list)  # policy paths that do not exist
@@ -171,6 +173,7 @@ def apply(policy: SandboxPolicy, mode: str | bool = "auto") -> SandboxReport:
             report.rules = len(done.granted)
             report.missing = done.missing
             report.net = "tcp-denied" if done.net else "open"
+            report.threads = "all" if done.all_threads else "main"
             report.scoped = [
                 name
                 for bit, name in (
