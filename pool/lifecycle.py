@@ -106,6 +106,10 @@ class WorkerRecord:
     staged: bool = False  # said its weights are staged
     run_dir: str = ""  # its own writable directory (workers.sandbox), removed at its exit
     sandbox: dict[str, Any] | None = None  # what its sandbox applied (SandboxReport)
+    # Bytes of the model file loaded, each step the worker reported (workers.load_progress):
+    # several can arrive in one loop turn, and each is forwarded to pool-ctl.
+    load_steps: list[int] = field(default_factory=list)
+    load_total: int = 0
 
     def can(self, new: WorkerState) -> bool:
         """Whether the table allows going to ``new`` now (staying counts as allowed)."""

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from pool.config import ConfigError, ModelConfig
 from pool.lifecycle import WorkerState
+from pool.load_progress import LoadingReport
 from pool.operations import digest_then, start_operation
 from pool.rescale import Rescale
 from pool.runtime import ModelRuntime
@@ -90,7 +91,15 @@ class Manager:
             def settled() -> bool:
                 return all(w.state is WorkerState.READY or not w.booting for w in workers)
 
-            yield Wait(settled, limit, "boot")
+            def say(phase: str, **info: Any) -> None:
+                progress(phase, elapsed_s=round(time.monotonic() - t0, 3), **info)
+
+            loading = LoadingReport(workers)
+            end = time.monotonic() + limit
+            while not settled() and time.monotonic() < end:
+                # Wakes as the workers load, to forward their bytes (a bar in pool-ctl).
+                yield Wait(lambda: settled() or loading.moved(), end - time.monotonic(), "boot")
+                loading.say(say)
             bad = [w for w in workers if w.state is not WorkerState.READY]
             if bad:
                 reason = f"{bad[0].wid}: {bad[0].failure or bad[0].state.value}"

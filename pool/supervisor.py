@@ -36,6 +36,7 @@ from router.table import ModelRoute, WorkerSlot
 log = logging.getLogger(__name__)
 
 SAMPLE_EVERY_S = 2.0
+MAX_LOAD_STEPS = 64  # a worker reports at most ~34 (workers.load_progress)
 
 
 def graphs_note(graphs: Any) -> str:
@@ -249,6 +250,13 @@ class Supervisor(StandbyUse, WorkerExits, WorkerStopping):
             pass
         elif kind == "phase":
             phase = event.get("phase")
+            done, total = event.get("bytes"), event.get("total")
+            if phase == "loading" and isinstance(done, int) and isinstance(total, int):
+                rec.load_total = max(0, total)
+                steps = rec.load_steps
+                if len(steps) >= MAX_LOAD_STEPS:  # bounded whatever a worker sends
+                    steps.pop()
+                steps.append(max(0, done))
             if phase == "warming" and rec.state is WorkerState.LOADING:
                 rec.to(WorkerState.WARMING)
             elif phase == "validating" and rec.state is WorkerState.WARMING:

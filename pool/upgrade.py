@@ -25,6 +25,7 @@ from typing import Any
 from pool.contract import NOT_CHECKED_NEW, NOT_CHECKED_SERVING, differences
 from pool.gpu import device_index
 from pool.lifecycle import WorkerRecord, WorkerState
+from pool.load_progress import LoadingReport
 from pool.runtime import ModelRuntime
 from pool.state import Deployed
 from pool.stopping import KILL_GRACE_S
@@ -224,14 +225,17 @@ class Upgrade:
     def _cancelling(self) -> bool:
         return self.cancelled is not None and not self.restoring
 
-    def _changed_or_cancelled(self, recs: list[WorkerRecord]) -> Callable[[], bool]:
+    def _changed_or_cancelled(
+        self, recs: list[WorkerRecord], also: Callable[[], bool] = lambda: False
+    ) -> Callable[[], bool]:
         changed = _changed(recs)
-        return lambda: changed() or self._cancelling()
+        return lambda: changed() or self._cancelling() or also()
 
     def wait_boot(self, recs: list[WorkerRecord]) -> BootResult:
         """Wait until every worker is ready (True) or one fails (False, reason)."""
         t = time.monotonic()
         reported: dict[str, str] = {}
+        loading = LoadingReport(recs)
         while True:
             for r in recs:
                 if reported.get(r.wid) != r.state.value and r.state.value in (
@@ -241,6 +245,7 @@ class Upgrade:
                 ):
                     reported[r.wid] = r.state.value
                     self.say(r.state.value, worker=r.wid, pid=r.pid, device=r.device)
+            loading.say(self.say)
             if all(r.state is WorkerState.READY for r in recs):
                 self.phases["boot_s"] = time.monotonic() - t
                 self.worker_timings = dict(recs[0].timings)
@@ -257,7 +262,7 @@ class Upgrade:
             left = self.deadline - time.monotonic()
             if left <= 0:
                 return False, "not ready before the upgrade timeout"
-            met = yield Wait(self._changed_or_cancelled(recs), left, "boot")
+            met = yield Wait(self._changed_or_cancelled(recs, loading.moved), left, "boot")
             if not met and time.monotonic() >= self.deadline:
                 return False, "not ready before the upgrade timeout"
 

@@ -331,3 +331,36 @@ def test_scale_keeps_the_workers_that_stay_and_the_live_version(tmp_path: Any) -
         assert s["version"] == "2" and len(s["workers"]) == 2, s
     finally:
         again.stop()
+
+
+def _loading(msgs: list[dict[str, Any]]) -> list[tuple[int, int]]:
+    return [(m["bytes"], m["total"]) for m in msgs if m.get("phase") == "loading" and "bytes" in m]
+
+
+@pytest.mark.slow
+def test_load_and_upgrade_report_the_bytes_a_worker_has_loaded(rig: Rig) -> None:
+    from modelkit import make_big_mlp
+
+    one = make_big_mlp(rig.path("big1.pt"), hidden=512, layers=4, seed=1)  # 4 MiB of weights
+    two = make_big_mlp(rig.path("big2.pt"), hidden=512, layers=4, seed=2)
+    size = os.path.getsize(one)
+    for cmd, args in (
+        ("load", {"model": "big", "path": one, "version": "1", "devices": ["cpu"]}),
+        ("upgrade", {"model": "big", "path": two, "version": "2"}),
+    ):
+        seen: list[dict[str, Any]] = []
+        res = rig.pool.ctl(cmd, args, timeout_s=120, progress=seen.append)
+        assert res["ok"], res
+        steps = _loading(seen)
+        total = os.path.getsize(args["path"])
+        assert {t for _, t in steps} == {total}, steps
+        done = [b for b, _ in steps]
+        assert done == sorted(done) and len(set(done)) == len(done), steps  # increasing
+        assert done[0] < total and done[-1] == total and len(done) >= size >> 20, steps
+    # In a pipe pool-ctl prints the phases only; --json stays one document.
+    three = make_big_mlp(rig.path("big3.pt"), hidden=512, layers=4, seed=3)
+    out = rig.pool.pool_ctl("upgrade", "big", three, "--version", "3", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["to_version"] == "3"
+    assert "MiB" not in out.stderr
+    assert rig.pool.pool_ctl("unload", "big").returncode == 0

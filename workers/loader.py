@@ -101,10 +101,14 @@ def _as_tensor_list(out: object) -> list[torch.Tensor]:
 
 
 def load_model(
-    path: str, device: torch.device | str, manifest: Manifest | None = None
+    path: str,
+    device: torch.device | str,
+    manifest: Manifest | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> LoadedModel:
     """Load ``path`` onto ``device``. ``manifest`` is read from disk when not given and
-    the format needs one (safetensors)."""
+    the format needs one (safetensors). ``progress`` is called with byte counts as the
+    file is read (``workers.load_progress``)."""
     device = torch.device(device)
     ext = os.path.splitext(path)[1].lower()
     fmt = FORMATS.get(ext)
@@ -115,6 +119,9 @@ def load_model(
         )
     if not os.path.isfile(path):
         raise ModelLoadError(f"{path}: no such file")
+    streamed = fmt == "safetensors" and device.type == "cuda"
+    if progress is not None and not streamed:
+        weights.read_through(path, progress)
 
     if fmt == "torchscript":
         module: torch.nn.Module = _load_torchscript(path, device)
@@ -125,7 +132,7 @@ def load_model(
         num_inputs = _signature_num_inputs(module)
         names = _signature_input_names(module)
     else:
-        module = _load_safetensors(path, device, manifest)
+        module = _load_safetensors(path, device, manifest, progress)
         num_inputs = _signature_num_inputs(module)
         names = _signature_input_names(module)
     return LoadedModel(
@@ -272,10 +279,13 @@ def _check_payload_config(path: str, rel: str, raw: bytes) -> None:
 
 
 def _load_safetensors(
-    path: str, device: torch.device, manifest: Manifest | None
+    path: str,
+    device: torch.device,
+    manifest: Manifest | None,
+    progress: Callable[[int], None] | None = None,
 ) -> torch.nn.Module:
     module = build_factory_module(path, manifest)
-    return assign_weights(path, module, _read_safetensors(path, device))
+    return assign_weights(path, module, _read_safetensors(path, device, progress))
 
 
 def build_factory_module(path: str, manifest: Manifest | None) -> torch.nn.Module:
@@ -331,14 +341,16 @@ def assign_weights(
     return module.eval()
 
 
-def _read_safetensors(path: str, device: torch.device) -> dict[str, torch.Tensor]:
+def _read_safetensors(
+    path: str, device: torch.device, progress: Callable[[int], None] | None = None
+) -> dict[str, torch.Tensor]:
     """The weights of ``path`` on ``device``. Every device gets workers.weights' strict
     header checks; CUDA gets its pinned, multi-threaded copy (safetensors' own copies from
     pageable memory, which the driver stages through a small buffer of its own); the CPU
     keeps safetensors' mmap, which copies nothing."""
     try:
         if device.type == "cuda":
-            return weights.load_file(path, device)
+            return weights.load_file(path, device, progress=progress)
         weights.read_header(path)
         return safetensors.torch.load_file(path, device=str(device))
     except weights.SafetensorsError as e:

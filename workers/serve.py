@@ -22,6 +22,7 @@ from workers.graphs import capture_graphs
 from workers.intake import Intake
 from workers.lane import Lane, LaneError
 from workers.launcher import Launcher
+from workers.load_progress import LoadMeter
 from workers.loader import LoadedModel, ModelLoadError, load_model
 from workers.main import (
     EXIT_LOAD_FAILED,
@@ -129,6 +130,9 @@ class Worker:
     def event(self, kind: str, **fields: Any) -> None:
         send_event(self.sock, {"t": kind, "pid": os.getpid(), "wid": self.spec.wid, **fields})
 
+    def loaded_bytes(self, done: int, total: int) -> None:
+        self.event("phase", phase="loading", bytes=done, total=total)
+
     def main(self) -> int:
         spec = self.spec
         self.event("hello", model=spec.model, version=spec.version, device=spec.device)
@@ -164,7 +168,10 @@ class Worker:
                 t1 = time.monotonic()
                 self.model = staged.to_device(self.device)
             else:
-                self.model = load_model(spec.path, self.device, manifest)
+                meter = LoadMeter.for_file(spec.path, self.loaded_bytes)
+                meter.start()
+                self.model = load_model(spec.path, self.device, manifest, meter.add)
+                meter.finish()
             self.sync()
             weights.release_ring()  # pinned by a standby for a load that may not use it
         except (ModelLoadError, ManifestError, OSError) as exc:

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import struct
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -134,6 +135,7 @@ def load_file(
     chunk_bytes: int = CHUNK_BYTES,
     threads: int = READ_THREADS,
     ring_slots: int = RING_SLOTS,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The tensors of ``path`` on ``device``, bit-identical to
     ``safetensors.torch.load_file``; each tensor has its own contiguous storage.
@@ -142,7 +144,8 @@ def load_file(
     filled by ``threads`` readers. On any other device the same chunking and threading
     run with plain host buffers and synchronous copies (slower than safetensors' mmap:
     it is there so that CPU tests cover the chunk logic; the model loader keeps using
-    safetensors for the CPU).
+    safetensors for the CPU). ``progress`` is called with each chunk's byte count once
+    the chunk has been copied out.
     """
     if chunk_bytes < 1 or threads < 1 or ring_slots < 1:
         raise ValueError("chunk_bytes, threads and ring_slots must be at least 1")
@@ -152,7 +155,7 @@ def load_file(
     fd = _open(path)
     try:
         header = _read_header(fd)
-        return _stream(fd, header, device, chunk_bytes, threads, ring_slots)
+        return _stream(fd, header, device, chunk_bytes, threads, ring_slots, progress)
     finally:
         os.close(fd)
 
@@ -225,6 +228,28 @@ def stage_file(path: str, *, pin: bool, threads: int = READ_THREADS) -> StagedWe
                 f.result()
         del view
         return StagedWeights(header, data)
+    finally:
+        os.close(fd)
+
+
+def read_through(path: str, progress: Callable[[int], None], chunk_bytes: int = 1 << 20) -> None:
+    """Read ``path`` once, ``chunk_bytes`` at a time into one reused buffer, calling
+    ``progress`` per chunk: for loaders that take the file in one call (TorchScript,
+    torch.export, safetensors' mmap on the CPU), the disk reads then happen here, where
+    they can be counted, and the loader reads from the page cache."""
+    fd = _open(path)
+    try:
+        size = os.fstat(fd).st_size
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, size, os.POSIX_FADV_SEQUENTIAL)
+        buf = memoryview(bytearray(min(chunk_bytes, max(size, 1))))
+        offset = 0
+        while offset < size:
+            n = os.preadv(fd, [buf], offset)
+            if n == 0:
+                break  # shorter than fstat said: the loader reports a truncated file
+            offset += n
+            progress(n)
     finally:
         os.close(fd)
 
@@ -374,7 +399,13 @@ def _entry(name: str, entry: object) -> TensorSpec:
 
 
 def _stream(
-    fd: int, header: Header, device: torch.device, chunk_bytes: int, threads: int, slots: int
+    fd: int,
+    header: Header,
+    device: torch.device,
+    chunk_bytes: int,
+    threads: int,
+    slots: int,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Copy the data region of ``fd`` into new tensors on ``device``, chunk by chunk.
 
@@ -433,6 +464,8 @@ def _stream(
             lo = k * chunk
             src = ring[k % slots][: min(chunk, total - lo)]
             first = _copy_chunk(src, lo, pieces, dst, first, cuda)
+            if progress is not None:
+                progress(src.numel())
             del src  # only the ring may hold a pinned buffer, so that it is freed below
             if stream is not None:
                 event = torch.cuda.Event()

@@ -1,0 +1,43 @@
+"""The worker's loading meter and the loaders' byte counts (no pool: in-process)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+from workers import weights
+from workers.load_progress import MIN_STEP, LoadMeter
+
+
+def test_meter_reports_first_steps_and_last_once_each() -> None:
+    sent: list[tuple[int, int]] = []
+    meter = LoadMeter(5 * MIN_STEP + 7, lambda d, t: sent.append((d, t)))
+    meter.start()
+    for _ in range(11):
+        meter.add(MIN_STEP // 2)
+    meter.add(MIN_STEP)
+    meter.finish()
+    meter.finish()
+    done = [d for d, _ in sent]
+    assert {t for _, t in sent} == {5 * MIN_STEP + 7}
+    assert done[0] == 0 and done[-1] == 5 * MIN_STEP + 7
+    assert done == sorted(set(done)) and len(done) == 7, done  # 0, 1..5 MiB, the total
+    assert all(b - a >= MIN_STEP for a, b in zip(done[:-2], done[1:-1], strict=True))
+
+
+def test_read_through_and_streamed_load_count_every_byte(tmp_path: Path) -> None:
+    blob = tmp_path / "blob"
+    blob.write_bytes(os.urandom((3 << 20) + 5))
+    seen: list[int] = []
+    weights.read_through(str(blob), seen.append)
+    assert sum(seen) == blob.stat().st_size and len(seen) == 4
+    state = {"a": torch.randn(300, 300), "b": torch.randn(7)}
+    path = str(tmp_path / "w.safetensors")
+    safetensors.torch.save_file(state, path)
+    chunks: list[int] = []
+    out = weights.load_file(path, "cpu", chunk_bytes=64 << 10, progress=chunks.append)
+    assert sum(chunks) == weights.read_header(path).data_size and len(chunks) > 5
+    assert torch.equal(out["a"], state["a"]) and torch.equal(out["b"], state["b"])
