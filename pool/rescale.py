@@ -30,6 +30,7 @@ from pool.runtime import ModelRuntime
 from pool.supervisor import Supervisor
 from pool.tasks import Operation
 from pool.upgrade import Progress, Upgrade
+from pool.upgrade_phases import UpgradePhase
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +173,7 @@ class Rescale:
         started: list[WorkerRecord] = []
         if p.add:
             self.enter(R.STARTING)
+            self.steps.enter(UpgradePhase.STARTING)  # the borrowed steps check their own
             say("starting", slots=list(p.add), devices=[self.devices[s] for s in p.add])
             # Of the serving generation: each joins routing once ready (warmed up).
             started = [self.steps.spawn(rt.serving_gen, slot) for slot in p.add]

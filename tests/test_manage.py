@@ -314,6 +314,12 @@ def test_scale_keeps_the_workers_that_stay_and_the_live_version(tmp_path: Any) -
             assert code == 0, res
             assert [(o["model"], o["outcome"]) for o in res["outcomes"]] == [("s", "rescaled")]
             load.wait_ok(30)
+            two = _pids(p, "s")
+            # A worker that cannot boot (no GPU here): the others stay, nothing is retired.
+            code, bad = rig.json("scale", "s", "--devices", "cuda:0", "cpu")
+            assert code == 1 and bad["pids_stopped"] == [] and bad["pids_started"] == [], bad
+            assert _pids(p, "s") == two and p.model("s")["devices"] == ["cpu", "cpu"]
+            load.wait_ok(30)
         assert load.errors == [], load.errors[:5]
         s = p.model("s")
         assert set(first) < {w["pid"] for w in s["workers"]} and len(s["workers"]) == 2, s
@@ -325,6 +331,7 @@ def test_scale_keeps_the_workers_that_stay_and_the_live_version(tmp_path: Any) -
             np.testing.assert_allclose(r.outputs[0], mlp_reference(2, x), rtol=1e-5, atol=1e-6)
         hist = json.loads(p.pool_ctl("history", "s", "--json").stdout)["history"]
         assert [h["action"] for h in hist[-3:]] == ["scale", "scale", "scale"], hist[-3:]
+        assert hist[-1]["outcome"] == "rolled_back" and hist[-2]["outcome"] == "committed"
     again = start_pool(d, [{**cfg[0], "devices": ["cpu", "cpu"]}])
     try:
         s = again.model("s")
