@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import tomllib
 import urllib.request
@@ -370,4 +371,36 @@ def test_load_and_upgrade_report_the_bytes_a_worker_has_loaded(rig: Rig) -> None
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["to_version"] == "3"
     assert "MiB" not in out.stderr
+    # On a terminal (stderr a pty): the bar, redrawn in place, while the worker loads.
+    import pty
+    import subprocess
+    import sys
+
+    four = make_big_mlp(rig.path("big4.pt"), hidden=512, layers=4, seed=4)
+    master, slave = pty.openpty()
+    cmd = [sys.executable, "-m", "pool.ctl.cli", "--control", rig.pool.control]
+    try:
+        proc = subprocess.run(
+            [*cmd, "upgrade", "big", four, "--version", "4", "--json"],
+            stdout=subprocess.PIPE,
+            stderr=slave,
+            timeout=120,
+            text=True,
+        )
+        os.close(slave)
+        seen = b""
+        while True:
+            try:
+                part = os.read(master, 65536)
+            except OSError:  # EIO: the pty's last writer is gone
+                break
+            if not part:
+                break
+            seen += part
+    finally:
+        os.close(master)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["to_version"] == "4"
+    term = seen.decode(errors="replace")
+    full = f"{os.path.getsize(four) / (1 << 20):.1f} MiB"
+    assert re.search(rf"\r\[ *[0-9.]+s\] loading +\[#+\] {full} / {full} 100%", term), term
     assert rig.pool.pool_ctl("unload", "big").returncode == 0
