@@ -200,8 +200,7 @@ def capture_signature(
             )
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=pool):
-                outputs = model.forward(inputs)
+            outputs = capture_forward(graph, pool, model, inputs)
         except Exception as exc:
             raise GraphCaptureError(f"capture at {rows} rows failed: {exc}") from exc
         graph.replay()
@@ -209,6 +208,40 @@ def capture_signature(
         check_same(outputs, expected, rows)
         captured.append(CapturedForward(rows, graph, inputs, outputs, exact))
     return captured
+
+
+def capture_forward(
+    graph: Any, pool: Any, model: LoadedModel, inputs: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """One forward captured into ``graph`` on a stream of its own.
+
+    Not ``torch.cuda.graph``: when its capture fails, that context manager's exit raises
+    from ``capture_end`` before it restores the caller's stream, so the worker would go
+    on with a capture stream as its current one, and the next random op anywhere (a
+    model's ``torch.rand``) fails with "Offset increment outside graph capture". Here a
+    failed capture is always ended and the stream always put back."""
+    device = model.device
+    torch.cuda.synchronize(device)
+    before = torch.cuda.current_stream(device)
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(before)
+    torch.cuda.set_stream(stream)
+    try:
+        graph.capture_begin(pool=pool)
+        try:
+            outputs = model.forward(inputs)
+        except BaseException:
+            try:
+                graph.capture_end()  # ends the stream's capture even when it fails
+            except Exception as exc:  # an invalidated capture says so here; it is over
+                log.debug("abandoned capture: %s", exc)
+            raise
+        graph.capture_end()
+    finally:
+        torch.cuda.set_stream(before)
+    if torch.cuda.is_current_stream_capturing():  # never expected: do not go on capturing
+        raise RuntimeError("the CUDA stream is still capturing after capture_end")
+    return list(outputs)
 
 
 def check_same(got: Sequence[torch.Tensor], expected: Sequence[torch.Tensor], rows: int) -> None:
