@@ -235,7 +235,7 @@ class Upgrade:
         """Wait until every worker is ready (True) or one fails (False, reason)."""
         t = time.monotonic()
         reported: dict[str, str] = {}
-        loading = LoadingReport(recs)
+        loading = LoadingReport([r for r in recs if not r.staged])  # staging said its bytes
         while True:
             for r in recs:
                 if reported.get(r.wid) != r.state.value and r.state.value in (
@@ -489,8 +489,11 @@ class Upgrade:
         self.say("starting", generation=gen, slot=slot, device=device, staged=True)
         new = self.spawn(gen, slot, hold=True)
         t = time.monotonic()
-        left = max(0.0, self.deadline - t)
-        yield Wait(lambda: new.staged or not new.booting, left, "stage")
+        loading = LoadingReport([new])  # the bytes it stages, as a bar in pool-ctl
+        while not (new.staged or not new.booting) and time.monotonic() < self.deadline:
+            left = max(0.0, self.deadline - time.monotonic())
+            yield Wait(lambda: new.staged or not new.booting or loading.moved(), left, "stage")
+            loading.say(self.say)
         if not new.staged:
             return new  # failed, or timed out: wait_boot says which; the old still serves
         self.phases["staged_s"] = time.monotonic() - t

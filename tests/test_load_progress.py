@@ -41,3 +41,21 @@ def test_read_through_and_streamed_load_count_every_byte(tmp_path: Path) -> None
     out = weights.load_file(path, "cpu", chunk_bytes=64 << 10, progress=chunks.append)
     assert sum(chunks) == weights.read_header(path).data_size and len(chunks) > 5
     assert torch.equal(out["a"], state["a"]) and torch.equal(out["b"], state["b"])
+
+
+def test_staging_counts_every_byte_in_file_order(tmp_path: Path) -> None:
+    from modelkit import make_big_mlp
+
+    from workers.staged import stage_model
+
+    state = {"w": torch.randn(3000, 1000)}  # 12 MB: two staging chunks of 8 MiB
+    path = str(tmp_path / "s.safetensors")
+    safetensors.torch.save_file(state, path)
+    chunks: list[int] = []
+    staged = weights.stage_file(path, pin=False, threads=3, progress=chunks.append)
+    assert sum(chunks) == staged.header.data_size and len(chunks) == 2
+    assert torch.equal(staged.to_device("cpu")["w"], state["w"])
+    script = make_big_mlp(str(tmp_path / "m.pt"), hidden=256, layers=4, seed=1)
+    read: list[int] = []
+    stage_model(script, None, pin=False, progress=read.append)
+    assert sum(read) == os.path.getsize(script) and len(read) > 1

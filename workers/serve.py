@@ -160,7 +160,11 @@ class Worker:
             roots = spec.model_roots or None  # none sent (a test's worker): its own dir
             manifest = self.manifest = load_manifest(spec.path, roots)
             if spec.hold_device:
-                staged = stage_model(spec.path, manifest, pin=self.device.type == "cuda")
+                meter = LoadMeter.for_file(spec.path, self.loaded_bytes)
+                meter.start()
+                pin = self.device.type == "cuda"
+                staged = stage_model(spec.path, manifest, pin, meter.add)
+                meter.finish()
                 timings["staged_s"] = time.monotonic() - t1
                 self.event("phase", phase="staged", staged_s=timings["staged_s"])
                 if not self.wait_for_go():

@@ -16,6 +16,7 @@ of the file.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -75,10 +76,18 @@ class StagedModel:
         )
 
 
-def stage_model(path: str, manifest: Manifest | None, pin: bool) -> StagedModel:
-    """Read ``path`` into host memory (``pin``: page-locked, for a CUDA device)."""
+def stage_model(
+    path: str,
+    manifest: Manifest | None,
+    pin: bool,
+    progress: Callable[[int], None] | None = None,
+) -> StagedModel:
+    """Read ``path`` into host memory (``pin``: page-locked, for a CUDA device);
+    ``progress`` is called with byte counts as the file is read."""
     fmt = FORMATS.get(os.path.splitext(path)[1].lower())
     cpu = torch.device("cpu")
+    if progress is not None and fmt in ("torchscript", "export") and os.path.isfile(path):
+        weights.read_through(path, progress)  # those loaders take the file in one call
     if fmt == "torchscript":
         return StagedModel(path, fmt, _load_torchscript(path, cpu))
     if fmt == "export":
@@ -86,7 +95,7 @@ def stage_model(path: str, manifest: Manifest | None, pin: bool) -> StagedModel:
     if fmt == "safetensors":
         module = build_factory_module(path, manifest)
         try:
-            staged = weights.stage_file(path, pin=pin)
+            staged = weights.stage_file(path, pin=pin, progress=progress)
         except weights.SafetensorsError as e:
             raise ModelLoadError(f"{path}: cannot read safetensors weights: {e}") from e
         except Exception as e:

@@ -210,9 +210,16 @@ class StagedWeights:
             _empty_host_cache()
 
 
-def stage_file(path: str, *, pin: bool, threads: int = READ_THREADS) -> StagedWeights:
+def stage_file(
+    path: str,
+    *,
+    pin: bool,
+    threads: int = READ_THREADS,
+    progress: Callable[[int], None] | None = None,
+) -> StagedWeights:
     """Read the checked data region of ``path`` into one host buffer, ``threads`` readers
-    at a time (``pin``: page-locked, needs CUDA initialised)."""
+    at a time (``pin``: page-locked, needs CUDA initialised). ``progress`` is called on
+    this thread with each chunk's size, in file order, as the chunks complete."""
     fd = _open(path)
     try:
         header = _read_header(fd)
@@ -224,8 +231,10 @@ def stage_file(path: str, *, pin: bool, threads: int = READ_THREADS) -> StagedWe
                 pool.submit(_read_into, fd, view[lo : lo + step], header.data_start + lo, None)
                 for lo in range(0, header.data_size, step)
             ]
-            for f in futures:
+            for i, f in enumerate(futures):
                 f.result()
+                if progress is not None:
+                    progress(min(step, header.data_size - i * step))
         del view
         return StagedWeights(header, data)
     finally:
