@@ -192,6 +192,7 @@ def capture_signature(
             torch.cuda.synchronize(model.device)
         except Exception as exc:  # the model refuses this shape: no graphs for it
             raise GraphCaptureError(f"the model fails at {rows} rows: {exc}") from exc
+        refuse_host_syncs(model, inputs, side)
         if not expected:
             raise GraphCaptureError("the model returned no outputs")
         if not exact and any(o.dim() == 0 or o.shape[0] != rows for o in expected):
@@ -208,6 +209,27 @@ def capture_signature(
         check_same(outputs, expected, rows)
         captured.append(CapturedForward(rows, graph, inputs, outputs, exact))
     return captured
+
+
+def refuse_host_syncs(model: LoadedModel, inputs: Sequence[torch.Tensor], side: Any) -> None:
+    """Raise GraphCaptureError when the forward waits for the device from the host (a
+    ``bool(tensor)``, ``.item()``, ``nonzero``): found by an ordinary forward under
+    CUDA's sync-debug mode, before any capture. A capture broken by such a sync leaves
+    the CUDA state of the process unfit for random ops afterwards (seen on an H200:
+    "Offset increment outside graph capture"), so it is never started."""
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.cuda.stream(side):
+            model.forward(inputs)
+    except RuntimeError as exc:
+        raise GraphCaptureError(
+            f"capture at {len(inputs[0])} rows refused: the forward "
+            f"synchronises with the host ({exc})"
+        ) from exc
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    torch.cuda.current_stream(model.device).wait_stream(side)
 
 
 def capture_forward(
