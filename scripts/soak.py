@@ -180,10 +180,19 @@ class Soak:
                 break
             # libzmq closes a connection whose handshake has not finished after
             # HANDSHAKE_IVL (30 s): replace those, so that the count stays at poold.
+            poller = select.poll()  # select() stops at descriptor 1023
+            by_fd = {sock.fileno(): sock for sock in held}
+            for fd in by_fd:
+                poller.register(fd, select.POLLIN)
             closed = set()
-            for i in range(0, len(held), 500):  # select() takes few descriptors at once
-                readable, _, _ = select.select(held[i : i + 500], [], [], 0)
-                closed.update(readable)  # a silent peer that is readable has hung up
+            for fd, _ in poller.poll(0):
+                try:  # poold's ZMTP greeting, read and dropped; b"": it hung up
+                    if by_fd[fd].recv(4096, socket.MSG_DONTWAIT) == b"":
+                        closed.add(by_fd[fd])
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    closed.add(by_fd[fd])
             if closed:
                 self.note("connections closed by poold", len(closed))
                 for sock in closed:
