@@ -42,6 +42,7 @@ import os
 import random
 import resource
 import select
+import shutil
 import signal
 import socket
 import sys
@@ -418,7 +419,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=5.0,
         help="wait after the clients left before the last sample (5)",
     )
-    ap.add_argument("--dir", help="work directory (default: a fresh temporary one)")
+    ap.add_argument("--dir", help="work directory, kept (default: a temporary one, removed)")
     ap.add_argument("--json", action="store_true", help="print one JSON summary, nothing else")
     args = ap.parse_args(argv)
     if args.minutes <= 0 or args.clients < 1 or args.kill_every <= 0:
@@ -451,8 +452,10 @@ def main(argv: list[str] | None = None) -> int:
         summary = Soak(args, pool, port).run()
     finally:
         rc = pool.stop()
+        if not args.dir:  # our own temporary directory: nothing in it is wanted later
+            shutil.rmtree(work, ignore_errors=True)
     summary["poold_exit"] = rc
-    summary["dir"] = work
+    summary["dir"] = args.dir or ""
     if args.json:
         print(json.dumps(summary, indent=1, sort_keys=True))
     else:
