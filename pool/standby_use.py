@@ -8,7 +8,6 @@ and the device memory level without bare CUDA contexts that the retire proof com
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -75,19 +74,24 @@ class StandbyUse:
         return busy
 
     def _schedule_restart(self, rt: ModelRuntime, slot: int, why: str) -> None:
-        """As WorkerExits does it, but the first failure in the flapping window restarts
-        at the next tick when a standby waits there: its back-off (0.5 s) would be most
-        of a standby replacement's time. Later failures keep the growing back-off."""
+        """As WorkerExits does it, but the first failure in the flapping window takes
+        the waiting standby at once, here, as the exit is reported: its back-off (0.5 s)
+        and even the wait for the next tick (up to 50 ms) would be a large part of a
+        standby replacement's time. Later failures keep the growing back-off."""
         super()._schedule_restart(rt, slot, why)  # type: ignore[misc]
         device = rt.devices[slot]
         if (
             len(rt.flap.failures) == 1
             and rt.restarts
             and rt.restarts[-1][1] == slot
+            and rt.busy is None
+            and rt.failed is None
             and self.takes_standby(rt, device)
             and self.standbys.waiting(device) is not None
         ):
-            rt.restarts[-1] = (time.monotonic(), slot)
+            rt.restarts.pop()
+            if not any(w.slot == slot and w.generation == rt.serving_gen for w in rt.alive()):
+                self.spawn(rt, rt.serving_gen, slot)  # type: ignore[attr-defined]
 
     def on_exited(self, pid: int, status: int) -> None:
         """A standby's exit is the standbys' business; any other goes on to WorkerExits."""

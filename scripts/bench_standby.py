@@ -34,6 +34,8 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 HERE = os.path.abspath(__file__)
+# The worker's own timings of what follows "go" in a drain-first upgrade (workers.serve).
+WORKER_STEPS = ("to_device_s", "load_s", "warm_s", "probe_s", "arenas_s")
 STALE_S = 0.02  # kill -9: answers sooner than this after the kill may be the old worker's
 
 
@@ -205,8 +207,9 @@ def run_pool(b: Any, dev: str, fmt: str, paths: list[str], hidden: int, standby:
             out["s2r"].append(wt["spawn_to_ready_s"])
             b.rows.append({"section": "standby", "name": f"surge {tag}", **wt})
             print(f"  {tag:<26} surge: spawn->ready {wt['spawn_to_ready_s']:.3f}s "
-                  f"(cuda {wt.get('cuda_init_s', 0):.3f}, load {wt.get('load_s', 0):.3f}, "
-                  f"warm {wt.get('warm_s', 0):.3f})", flush=True)
+                  f"(cuda {wt.get('cuda_init_s', 0):.3f}, confine {wt.get('confine_s', 0):.3f}"
+                  f", load {wt.get('load_s', 0):.3f}, warm {wt.get('warm_s', 0):.3f}, "
+                  f"arenas {wt.get('arenas_s', 0):.3f})", flush=True)
         with Clients(pool.frontend, "m", 8, hidden) as load:
             load.wait_answers(50)
             for _ in range(n):
@@ -223,9 +226,14 @@ def run_pool(b: Any, dev: str, fmt: str, paths: list[str], hidden: int, standby:
                 ph = data.get("phases") or {}
                 held = " ".join(f"{k} {ph[k]:.3f}" for k in ("drain_s", "retire_s", "boot_s",
                                                              "held_s") if k in ph)
+                wt = data.get("worker_timings") or {}
+                steps = " ".join(f"{k.removesuffix('_s')} {wt[k]:.3f}" for k in WORKER_STEPS
+                                 if k in wt)
+                b.rows[-1]["worker_timings"] = wt
                 print(f"  {tag:<26} drain-first: worst latency {worst:.3f}s over {reqs} "
                       f"requests, {failed} failed; upgrade {data.get('elapsed_s')}s "
-                      f"{data.get('standby')}; held: {held}", flush=True)
+                      f"{data.get('standby')}; held: {held}; worker after go: {steps}",
+                      flush=True)
         if fmt == "torchscript":
             with Clients(pool.frontend, "m", 4, hidden) as load:
                 for _ in range(n):

@@ -311,3 +311,23 @@ def test_standby_metrics() -> None:
     assert got[("gpupool_standby_gpu_bytes", (("device", "cuda:0"), ("pid", "4242")))] == 520 << 20
     assert got[("gpupool_standby_taken_total", (("device", "cuda:0"),))] == 3
     assert got[("gpupool_standby_died_total", (("device", "cuda:0"),))] == 1
+
+
+def test_deferred_host_frees_wait_for_the_flush(monkeypatch: pytest.MonkeyPatch) -> None:
+    from workers import weights
+
+    freed: list[int] = []
+    monkeypatch.setattr(weights, "_free_host_cache", lambda: freed.append(1))
+    weights.defer_host_frees(True)
+    try:
+        weights._empty_host_cache()  # what a load does when it ends
+        weights._empty_host_cache()
+        assert freed == []
+        assert weights.defer_host_frees(False)  # pending, and no longer deferring
+        assert weights.flush_host_frees() and freed == [1]
+        assert not weights.flush_host_frees()
+        weights._empty_host_cache()
+        assert freed == [1, 1]  # not deferred: at once
+    finally:
+        weights.defer_host_frees(False)
+        weights.flush_host_frees()

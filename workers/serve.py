@@ -6,6 +6,7 @@ import gc
 import logging
 import math
 import os
+import threading
 import time
 from collections import deque
 from typing import Any
@@ -74,6 +75,17 @@ def default_threads() -> int:
 # is then passed to the model without any copy). Tests set it to run the GPU's host
 # path on a CPU.
 STAGE_ON_ARRIVAL_ENV = "GPU_POOL_STAGE_ON_ARRIVAL"
+# "0": free pinned load buffers (the weights ring, drain-first's staged copy) before
+# "ready", as before; default: after it, on a thread of their own (flush_after_ready).
+DEFER_HOST_FREE_ENV = "GPU_POOL_DEFER_HOST_FREE"
+
+
+def flush_after_ready() -> None:
+    """Give back the pinned memory the load deferred, off the serving thread: unpinning
+    (cudaFreeHost) of a staged model takes tens of milliseconds or more."""
+    if not weights.defer_host_frees(False):
+        return  # nothing was deferred
+    threading.Thread(target=weights.flush_host_frees, name="host-free", daemon=True).start()
 
 
 class Worker:
@@ -150,10 +162,14 @@ class Worker:
         torch.set_num_threads(spec.threads or cpu_threads)
         # Confined before the model is read: a model is code, from its first byte on
         # (a pickle runs as it loads). CUDA is up, so the device files are open already.
+        t_conf = time.monotonic()
         try:
             self.sandbox = confine(spec.sandbox, spec.model_roots, spec.path, spec.device)
         except SandboxError as exc:
             return self.fail("sandbox", exc, EXIT_SANDBOX_FAILED)
+        timings["confine_s"] = time.monotonic() - t_conf
+        if self.device.type == "cuda" and os.environ.get(DEFER_HOST_FREE_ENV, "1") != "0":
+            weights.defer_host_frees()  # given back after "ready" (flush_after_ready)
         self.event("phase", phase="loading")
         t1 = time.monotonic()
         try:
@@ -171,6 +187,7 @@ class Worker:
                     return EXIT_OK
                 t1 = time.monotonic()
                 self.model = staged.to_device(self.device)
+                timings["to_device_s"] = time.monotonic() - t1
             else:
                 meter = LoadMeter.for_file(spec.path, self.loaded_bytes)
                 meter.start()
@@ -210,7 +227,9 @@ class Worker:
             t4 = time.monotonic()
             self.capture(sets)
             timings["graphs_s"] = time.monotonic() - t4
+        t_arena = time.monotonic()
         self.prepare_staging(sets)
+        timings["arenas_s"] = time.monotonic() - t_arena
         if spec.lane:
             # Before "ready", so the router mostly has the lane before it routes to us
             # (until it does, everything comes on the backend socket).
@@ -231,6 +250,7 @@ class Worker:
             contract=self.contract.to_json() if self.contract is not None else None,
             schema=schema.to_wire() if (schema := forward_schema(self.model)) else None,
         )
+        flush_after_ready()
         self.serve()
         self.event("bye", served=self.replies.served)
         return EXIT_OK

@@ -47,7 +47,8 @@ class StagedModel:
     staged: weights.StagedWeights | None = None  # safetensors only
 
     def to_device(self, device: torch.device) -> LoadedModel:
-        """The model on ``device``; the host copy is released."""
+        """The model on ``device``; the host copy is released (its pinned memory goes
+        back when ``weights.flush_host_frees`` says, if the worker deferred it)."""
         path = self.path
         try:
             if self.staged is not None:

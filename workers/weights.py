@@ -38,6 +38,8 @@ __all__ = [
     "SafetensorsError",
     "TensorSpec",
     "StagedWeights",
+    "defer_host_frees",
+    "flush_host_frees",
     "load_file",
     "parse_header",
     "read_header",
@@ -500,7 +502,36 @@ def _stream(
                 _empty_host_cache()
 
 
+# A worker gives pinned memory back after it said "ready", not before (``defer_host_frees``):
+# unpinning hundreds of MiB (cudaFreeHost) takes long enough to show in a drain-first
+# hold, and freeing it later costs the clients nothing.
+_defer = {"on": False, "pending": False}
+
+
+def defer_host_frees(on: bool = True) -> bool:
+    """From now on (``on``), keep freed pinned blocks cached until ``flush_host_frees``;
+    returns whether a deferred free is pending."""
+    _defer["on"] = on
+    return bool(_defer["pending"])
+
+
+def flush_host_frees() -> bool:
+    """Give back the pinned blocks whose release was deferred; True if there were any."""
+    pending = bool(_defer["pending"])
+    _defer["pending"] = False
+    if pending:
+        _free_host_cache()
+    return pending
+
+
 def _empty_host_cache() -> None:
+    if _defer["on"]:
+        _defer["pending"] = True
+        return
+    _free_host_cache()
+
+
+def _free_host_cache() -> None:
     """Release torch's cached pinned host blocks (torch >= 2.12; older ones keep them)."""
     empty = getattr(torch.accelerator, "empty_host_cache", None)
     if empty is None:
