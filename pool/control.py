@@ -28,12 +28,12 @@ from pool.describe import describe_model
 from pool.labels import label_conflict, label_problem
 from pool.lifecycle import WorkerState
 from pool.metrics import LATENCY_BUCKETS
-from pool.operations import digest_then, start_operation
-from pool.reload import reload_summary
+from pool.op_result import OpFailed, result_message
+from pool.operations import ModelOp, digest_then, start_operation
+from pool.reload import ReloadResult
 from pool.runtime import ModelRuntime
 from pool.state import Deployed
 from pool.supervisor import Supervisor
-from pool.tasks import Operation
 from pool.upgrade import Refused, Upgrade
 from router import protocol as p
 
@@ -54,7 +54,7 @@ class ControlServer:
         sock: zmq.Socket[Any],
         sup: Supervisor,
         roots: list[str],
-        on_reload: Callable[[Callable[[dict[str, Any]], None]], None],
+        on_reload: Callable[[Callable[[ReloadResult], None]], None],
     ) -> None:
         self.sock = sock
         self.sup = sup
@@ -245,16 +245,7 @@ class ControlServer:
         The result comes once every operation the reload started has finished: ok only
         when the config was valid and every change applied (see ``pool.reload``).
         """
-        self.on_reload(
-            lambda data: reply(
-                {
-                    "type": "result",
-                    "ok": bool(data.get("ok")),
-                    "data": data,
-                    "error": "" if data.get("ok") else "reload failed: " + reload_summary(data),
-                }
-            )
-        )
+        self.on_reload(lambda result: reply(result.message()))
 
     def cmd_cancel(self, args: dict[str, Any], reply: Reply) -> None:
         """``pool-ctl cancel MODEL`` (and Ctrl-C during ``pool-ctl upgrade``).
@@ -340,22 +331,21 @@ class ControlServer:
         def progress(phase: str, **info: Any) -> None:
             reply({"type": "progress", "phase": phase, **info})
 
-        def op() -> Operation:
+        def op() -> ModelOp:
             t_start = time.monotonic()
             progress("digest", path=path)
             digest = yield from digest_then(sup, path, progress)
             if expect_digest and digest != expect_digest:
-                return {
-                    "ok": False,
-                    "model": rt.name,
-                    "outcome": "refused",
-                    "reason": f"{path} changed on disk since version {version} was "
+                return OpFailed(
+                    rt.name,
+                    f"{path} changed on disk since version {version} was "
                     f"deployed ({digest[:19]} != {expect_digest[:19]})",
-                }
+                    "refused",
+                )
             label = version or digest.split(":")[1][:12]
             conflict = label_conflict(rt.state, label, digest)
             if conflict:
-                return {"ok": False, "model": rt.name, "outcome": "refused", "reason": conflict}
+                return OpFailed(rt.name, conflict, "refused")
             target = Deployed(label, path, digest)
             if sup.models[rt.name].failed:
                 sup.clear_failed(rt)  # an upgrade is how an operator recovers a failed model
@@ -380,17 +370,4 @@ class ControlServer:
             finally:
                 self.running.pop(rt.name, None)
 
-        start_operation(
-            sup,
-            rt,
-            action,
-            op(),
-            lambda result: reply(
-                {
-                    "type": "result",
-                    "ok": bool(result.get("ok")),
-                    "data": result,
-                    "error": result.get("reason") or result.get("error", ""),
-                }
-            ),
-        )
+        start_operation(sup, rt, action, op(), lambda result: reply(result_message(result)))

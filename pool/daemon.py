@@ -41,7 +41,7 @@ from pool.metrics import (
     WorkerSample,
 )
 from pool.operations import start_recycle
-from pool.reload import apply_reload, reload_summary
+from pool.reload import ReloadResult, apply_reload
 from pool.rundirs import clean_stale, make_rundir
 from pool.sdnotify import Notifier, watchdog_interval
 from pool.spawn import SpawnerClient
@@ -307,12 +307,11 @@ class Daemon:
             body += f"\ndegraded: state not saved: {self.state_problem}"
         return True, h.any_serving, body
 
-    def reload(self, done: Callable[[dict[str, Any]], None]) -> None:
+    def reload(self, done: Callable[[ReloadResult], None]) -> None:
         apply_reload(self, done)
 
-    def _reloaded(self, result: dict[str, Any]) -> None:
-        ok = result.get("ok")
-        self.notifier.ready("reloaded" if ok else "reload failed: " + reload_summary(result))
+    def _reloaded(self, result: ReloadResult) -> None:
+        self.notifier.ready("reloaded" if result.ok else "reload failed: " + result.summary())
 
     # -------------------------------------------------------------- signals
     def _on_signal(self, signum: int, frame: Any) -> None:

@@ -14,20 +14,22 @@ back to the same pool. ``pool.reload`` uses the same operations for config edits
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
 from pool.config import ConfigError, ModelConfig
 from pool.lifecycle import WorkerState
 from pool.load_progress import LoadingReport
-from pool.operations import digest_then, start_operation
+from pool.op_result import LoadResult, OpFailed, OpResult, UnloadResult
+from pool.operations import ModelOp, digest_then, start_operation
 from pool.rescale import Rescale
 from pool.runtime import ModelRuntime
 from pool.stopping import KILL_GRACE_S
 from pool.supervisor import Supervisor
-from pool.tasks import Operation, Wait
+from pool.tasks import Wait
 from pool.upgrade import Refused, Upgrade
 
 if TYPE_CHECKING:
@@ -35,7 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Done = Callable[[dict[str, Any]], None]
+Done = Callable[[OpResult], None]
 Progress = Callable[..., None]
 
 
@@ -75,11 +77,11 @@ class Manager:
         t0 = time.monotonic()
         made: list[ModelRuntime] = []  # the runtime this load created, once it exists
 
-        def op() -> Operation:
+        def op() -> ModelOp:
             progress("digest", path=cfg.path)
             yield from digest_then(sup, cfg.path, progress)  # off the loop; add_model reuses it
             if cfg.name in sup.models:
-                return {"ok": False, "model": cfg.name, "reason": "loaded meanwhile"}
+                return OpFailed(cfg.name, "loaded meanwhile", outcome=None)
             self.d.add_model(cfg)
             rt: ModelRuntime = sup.models[cfg.name]
             rt.busy = "load"  # like any operation: no restarts, no recycling meanwhile
@@ -104,42 +106,36 @@ class Manager:
             if bad:
                 reason = f"{bad[0].wid}: {bad[0].failure or bad[0].state.value}"
                 yield from self._drain_out(rt, fail_queue=True)
-                return {"ok": False, "model": cfg.name, "outcome": "failed", "reason": reason}
+                return OpFailed(cfg.name, reason)
             dep = rt.deployed
-            return {
-                "ok": True,
-                "model": cfg.name,
-                "outcome": "loaded",
-                "version": dep.version if dep else None,
-                "devices": list(rt.devices),
-                "pids_started": [w.pid for w in workers],
-                "elapsed_s": round(time.monotonic() - t0, 3),
-            }
+            return LoadResult(
+                model=cfg.name,
+                version=dep.version if dep else None,
+                devices=tuple(rt.devices),
+                pids_started=tuple(w.pid for w in workers),
+                elapsed_s=time.monotonic() - t0,
+            )
 
-        def finished(result: Any) -> None:
-            result = result if isinstance(result, dict) else {"ok": False, "reason": str(result)}
+        def finished(result: OpResult) -> None:  # the scheduler's OpCrashed, if op raised
             for rt in made:
                 rt.busy = None
-                if result.get("ok"):
+                if result.ok:
                     sup.refill(rt)
                 else:
                     self._forget(cfg.name)
-            if result.get("ok"):
+            if isinstance(result, LoadResult):
                 if persist:
                     self.d.topology.loaded(cfg)
                 log.info(
                     "loaded %s version %s on %s",
                     cfg.name,
-                    result.get("version"),
-                    ", ".join(result.get("devices") or []),
+                    result.version,
+                    ", ".join(result.devices),
                     extra={"model": cfg.name},
                 )
             else:
                 log.error(
-                    "load of %s failed: %s",
-                    cfg.name,
-                    result.get("reason"),
-                    extra={"model": cfg.name},
+                    "load of %s failed: %s", cfg.name, result.reason, extra={"model": cfg.name}
                 )
             done(result)
 
@@ -151,35 +147,28 @@ class Manager:
     ) -> None:
         t0 = time.monotonic()
 
-        def op() -> Operation:
+        def op() -> ModelOp:
             pids = [w.pid for w in rt.alive()]
             progress("draining", queued=self.sup.router.queue_len(rt.name), pids=pids)
             lost = yield from self._drain_out(rt, fail_queue=False)
-            return {
-                "ok": True,
-                "model": rt.name,
-                "outcome": "unloaded",
-                "pids_stopped": pids,
-                "unanswered": lost,
-                "elapsed_s": round(time.monotonic() - t0, 3),
-            }
+            return UnloadResult(rt.name, tuple(pids), lost, time.monotonic() - t0)
 
-        def finished(result: dict[str, Any]) -> None:
-            if result.get("ok"):
+        def finished(result: OpResult) -> None:
+            if isinstance(result, UnloadResult):
                 self._forget(rt.name)
                 if persist:
                     self.d.topology.unloaded(rt.name)
                 log.info(
                     "unloaded %s: %d worker(s) drained and stopped",
                     rt.name,
-                    len(result.get("pids_stopped") or []),
+                    len(result.pids_stopped),
                     extra={"model": rt.name},
                 )
             done(result)
 
         start_operation(self.sup, rt, "unload", op(), finished)
 
-    def _drain_out(self, rt: ModelRuntime, fail_queue: bool) -> Operation:
+    def _drain_out(self, rt: ModelRuntime, fail_queue: bool) -> Generator[Wait, bool, int]:
         """Refuse new requests, serve the queue, drain and reap every worker."""
         sup = self.sup
         rt.removing = True
@@ -224,22 +213,21 @@ class Manager:
         before = rt.devices
         sup = self.sup
 
-        def op() -> Operation:
+        def op() -> ModelOp:
             if action == "scale":
-                result = yield from Rescale(
+                rescaled = yield from Rescale(
                     sup, rt, devices, sup.pool.upgrade_timeout_s, progress
                 ).run()
-                return result
+                return rescaled
             rt.devices = devices
             up = Upgrade(sup, rt, dep, "surge", sup.pool.upgrade_timeout_s, action, progress)
             result = yield from up.run()
-            if not result.get("ok"):
+            if not result.ok:
                 rt.devices = before  # refill() below must fill the old slots again
-            result["devices"] = list(rt.devices)
-            return result
+            return dataclasses.replace(result, devices=tuple(rt.devices))
 
-        def finished(result: dict[str, Any]) -> None:
-            if result.get("ok") and persist:
+        def finished(result: OpResult) -> None:
+            if result.ok and persist:
                 self.d.topology.scaled(rt.name, devices)
             done(result)
 

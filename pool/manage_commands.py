@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from pool.config import ConfigError, PathNotAllowed, check_model_path
 from pool.lifecycle import WorkerState
+from pool.op_result import OpResult, result_message
 
 if TYPE_CHECKING:
     from pool.control import ControlServer
@@ -28,13 +29,8 @@ Reply = Callable[[dict[str, Any]], None]
 Handler = Callable[[dict[str, Any], Reply], None]
 
 
-def _finish(reply: Reply) -> Callable[[dict[str, Any]], None]:
-    def done(result: dict[str, Any]) -> None:
-        ok = bool(result.get("ok"))
-        error = "" if ok else str(result.get("reason") or result.get("error") or "failed")
-        reply({"type": "result", "ok": ok, "data": result, "error": error})
-
-    return done
+def _finish(reply: Reply) -> Callable[[OpResult], None]:
+    return lambda result: reply(result_message(result, fallback="failed"))
 
 
 def _progress(reply: Reply) -> Callable[..., None]:

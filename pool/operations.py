@@ -7,16 +7,19 @@ import os
 import time
 from collections.abc import Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from pool.lifecycle import WorkerRecord
+from pool.op_result import OpResult
 from pool.runtime import ModelRuntime
 from pool.supervisor import Supervisor
-from pool.tasks import Operation, Wait
+from pool.tasks import Wait
 from pool.upgrade import Refused, Upgrade
 from pool.upgrade_phases import UpgradePhase
 
 log = logging.getLogger(__name__)
+
+# An operation on one model: a generator the scheduler drives, ending with its result.
+ModelOp = Generator[Wait, bool, OpResult]
 
 _digests = ThreadPoolExecutor(max_workers=2, thread_name_prefix="digest")
 
@@ -51,19 +54,19 @@ def start_operation(
     sup: Supervisor,
     rt: ModelRuntime,
     name: str,
-    op: Operation,
-    done: Callable[[dict[str, Any]], None],
+    op: ModelOp,
+    done: Callable[[OpResult], None],
 ) -> None:
     if rt.busy is not None:
         raise Refused(f"{rt.busy} of model {rt.name!r} is already running; try again when it ends")
     rt.busy = name
 
-    def finished(result: Any) -> None:
+    def finished(result: OpResult) -> None:  # the scheduler's OpCrashed, if op raised
         rt.busy = None
         sup.prune_generations(rt)
         sup.activate(rt)  # workers that became ready meanwhile join the table
         sup.refill(rt)  # a serving worker that died during the operation is replaced now
-        done(result if isinstance(result, dict) else {"ok": False, "error": str(result)})
+        done(result)
 
     sup.scheduler.start(f"{name}:{rt.name}", op, finished)
 
@@ -72,7 +75,7 @@ def start_recycle(sup: Supervisor, rt: ModelRuntime, rec: WorkerRecord, why: str
     """Replace one worker with a fresh one of the same version, through the zero-loss path."""
     log.info("recycling %s [pid %s]: %s", rec.wid, rec.pid, why, extra={"model": rt.name})
 
-    def op() -> Operation:
+    def op() -> ModelOp:
         up = Upgrade(
             sup,
             rt,

@@ -20,23 +20,28 @@ need a restart, except that the CURVE authorized keys directory is always re-rea
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pool.config import ConfigError, ModelConfig, load_config
-from pool.operations import digest_then, start_operation
+from pool.op_result import LoadResult, OpResult
+from pool.operations import ModelOp, digest_then, start_operation
+from pool.rescale import RescaleResult
+from pool.runtime import ModelRuntime
 from pool.state import Deployed
-from pool.tasks import Operation
 from pool.upgrade import Refused, Upgrade
+from pool.upgrade_result import UpgradeResult
 
 if TYPE_CHECKING:
     from pool.daemon import Daemon
 
 log = logging.getLogger(__name__)
 
-Done = Callable[[dict[str, Any]], None]
+Done = Callable[[OpResult], None]
 ROUTER_KEYS = ("max_queue", "request_timeout_s", "retry_on_worker_loss")
 WORKER_KEYS = (
     "max_batch",
@@ -50,34 +55,66 @@ WORKER_KEYS = (
 )
 
 
-def reload_summary(data: dict[str, Any]) -> str:
-    """One line naming what failed, for pool-ctl's error and systemd's STATUS."""
-    if data.get("problems"):
-        return "config has problems: " + "; ".join(data["problems"])
-    failed = [o for o in data.get("outcomes") or [] if o.get("outcome") == "failed"]
-    return "; ".join(f"{o['model']}: {o.get('detail')}" for o in failed) or "ok"
+class ModelOutcome(NamedTuple):
+    """What a reload did to one model: started, stopped, kept, upgraded, ... or failed."""
+
+    model: str
+    outcome: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    ok: bool
+    outcomes: tuple[ModelOutcome, ...] = ()
+    notes: tuple[str, ...] = ()
+    problems: tuple[str, ...] | None = None  # the file's problems: nothing was changed
+
+    def summary(self) -> str:
+        """One line naming what failed, for pool-ctl's error and systemd's STATUS."""
+        if self.problems:
+            return "config has problems: " + "; ".join(self.problems)
+        failed = [o for o in self.outcomes if o.outcome == "failed"]
+        return "; ".join(f"{o.model}: {o.detail}" for o in failed) or "ok"
+
+    def to_json(self) -> dict[str, Any]:
+        if self.problems is not None:
+            return {"ok": self.ok, "problems": list(self.problems), "outcomes": []}
+        return {
+            "ok": self.ok,
+            "outcomes": [o._asdict() for o in self.outcomes],
+            "notes": list(self.notes),
+        }
+
+    def message(self) -> dict[str, Any]:
+        """The control protocol's result for ``pool-ctl reload``."""
+        error = "" if self.ok else "reload failed: " + self.summary()
+        return {"type": "result", "ok": self.ok, "data": self.to_json(), "error": error}
+
+
+ReloadDone = Callable[[ReloadResult], None]
 
 
 class _Batch:
     """Outcomes of one reload; calls ``done`` once the last started operation ends."""
 
-    def __init__(self, done: Done, notes: list[str]) -> None:
+    def __init__(self, done: ReloadDone, notes: list[str]) -> None:
         self.done = done
         self.notes = notes
-        self.outcomes: list[dict[str, Any]] = []
+        self.outcomes: list[ModelOutcome] = []
         self.pending = 1  # held until every operation is started (close)
 
     def record(self, model: str, outcome: str, detail: str = "") -> None:
-        self.outcomes.append({"model": model, "outcome": outcome, "detail": detail})
+        self.outcomes.append(ModelOutcome(model, outcome, detail))
 
     def start(self, model: str, success: str, begin: Callable[[Done], None]) -> None:
         self.pending += 1
 
-        def finished(result: dict[str, Any]) -> None:
-            if result.get("ok"):
+        def finished(result: OpResult) -> None:
+            if result.ok:
                 self.record(model, success, _detail(result))
             else:
-                self.record(model, "failed", str(result.get("reason") or result.get("error")))
+                self.record(model, "failed", result.reason)
             self._release()
 
         try:
@@ -92,35 +129,37 @@ class _Batch:
     def _release(self) -> None:
         self.pending -= 1
         if self.pending == 0:
-            ok = not any(o["outcome"] == "failed" for o in self.outcomes)
-            self.outcomes.sort(key=lambda o: o["model"])
-            result = {"ok": ok, "outcomes": self.outcomes, "notes": self.notes}
+            ok = not any(o.outcome == "failed" for o in self.outcomes)
+            outcomes = tuple(sorted(self.outcomes, key=lambda o: o.model))
             log.log(
                 logging.INFO if ok else logging.ERROR,
                 "reload %s: %s",
                 "done" if ok else "failed",
-                "; ".join(f"{o['model']} {o['outcome']}" for o in self.outcomes) or "no changes",
+                "; ".join(f"{o.model} {o.outcome}" for o in outcomes) or "no changes",
             )
-            self.done(result)
+            self.done(ReloadResult(ok, outcomes, tuple(self.notes)))
 
 
-def _detail(result: dict[str, Any]) -> str:
-    if result.get("to_version"):
-        return f"version {result.get('to_version')} on {', '.join(result.get('devices') or [])}"
-    if result.get("version"):
-        return f"version {result['version']} on {', '.join(result.get('devices') or [])}"
-    return ""
+def _detail(result: OpResult) -> str:
+    """"version V on D, ..." for what serves after a model's operation."""
+    version: str | None = None
+    devices: tuple[str, ...] = ()
+    if isinstance(result, UpgradeResult):
+        version, devices = result.to_version, result.devices or ()
+    elif isinstance(result, (RescaleResult, LoadResult)):
+        version, devices = result.version, result.devices
+    return f"version {version} on {', '.join(devices)}" if version else ""
 
 
-def apply_reload(d: Daemon, done: Done) -> None:
+def apply_reload(d: Daemon, done: ReloadDone) -> None:
     if d.config.source is None:
-        done({"ok": True, "outcomes": [], "notes": ["no config file (demo): nothing to reload"]})
+        done(ReloadResult(True, notes=("no config file (demo): nothing to reload",)))
         return
     try:
         new = load_config(d.config.source)
     except ConfigError as exc:
         log.error("reload refused, config has problems: %s", "; ".join(exc.problems))
-        done({"ok": False, "problems": list(exc.problems), "outcomes": []})
+        done(ReloadResult(False, problems=tuple(exc.problems)))
         return
     notes = []
     if new.pool != d.config.pool:
@@ -188,25 +227,29 @@ def _change(d: Daemon, batch: _Batch, before: ModelConfig, after: ModelConfig) -
 
 
 def _upgrade(
-    d: Daemon, rt: Any, after: ModelConfig, devices: tuple[str, ...], strategy: str, done: Done
+    d: Daemon,
+    rt: ModelRuntime,
+    after: ModelConfig,
+    devices: tuple[str, ...],
+    strategy: str,
+    done: Done,
 ) -> None:
     sup = d.sup
     path = os.path.realpath(after.path)
 
-    def op() -> Operation:
+    def op() -> ModelOp:
         digest = yield from digest_then(sup, path)
         target = Deployed(after.version or digest.split(":")[1][:12], path, digest)
         before = rt.devices
         rt.devices = devices
         up = Upgrade(sup, rt, target, strategy, sup.pool.upgrade_timeout_s, "upgrade", _quiet)
         result = yield from up.run()
-        if result.get("ok"):
+        if result.ok:
             rt.state.config_path = after.path
             sup.store.save(rt.state)
         else:
             rt.devices = before
-        result["devices"] = list(rt.devices)
-        return result
+        return dataclasses.replace(result, devices=tuple(rt.devices))
 
     start_operation(sup, rt, "upgrade", op(), done)
 

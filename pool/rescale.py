@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Generator
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -28,7 +29,7 @@ from typing import Any
 from pool.lifecycle import IllegalTransition, WorkerRecord, WorkerState
 from pool.runtime import ModelRuntime
 from pool.supervisor import Supervisor
-from pool.tasks import Operation
+from pool.tasks import Wait
 from pool.upgrade import Progress, Upgrade
 from pool.upgrade_phases import UpgradePhase
 
@@ -154,7 +155,7 @@ class Rescale:
         self.phase = new
         self.path.append(new)
 
-    def run(self) -> Operation:
+    def run(self) -> Generator[Wait, bool, RescaleResult]:
         rt, sup, say = self.rt, self.sup, self.steps.say
         p = plan(rt, self.devices)
         before_devices = rt.devices
@@ -194,7 +195,7 @@ class Rescale:
 
     def finish(
         self, p: Plan, started: list[WorkerRecord], stopped: list[WorkerRecord], reason: str
-    ) -> dict[str, Any]:
+    ) -> RescaleResult:
         ok = not reason
         self.enter(R.DONE if ok else R.FAILED)
         rt = self.rt
@@ -236,6 +237,6 @@ class Rescale:
                 pids_kept=list(res.pids_kept),
                 pids_started=list(res.pids_started),
                 pids_stopped=list(res.pids_stopped),
-                elapsed_s=res.to_json()["elapsed_s"],
+                elapsed_s=round(res.elapsed_s, 3),
             )
-        return res.to_json()
+        return res

@@ -13,6 +13,8 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
+from pool.op_result import OpCrashed
+
 log = logging.getLogger(__name__)
 
 
@@ -78,7 +80,7 @@ class Scheduler:
         except Exception:
             log.exception("operation %s crashed", task.name)
             task.finished = True
-            task.done({"ok": False, "error": f"internal error in {task.name}; see poold's log"})
+            task.done(OpCrashed(f"internal error in {task.name}; see poold's log"))
 
     def poll(self) -> None:
         """Resume every task whose wait is over. Called on each loop iteration."""

@@ -30,7 +30,7 @@ from pool.runtime import ModelRuntime
 from pool.state import Deployed
 from pool.stopping import KILL_GRACE_S
 from pool.supervisor import Supervisor
-from pool.tasks import Operation, Wait
+from pool.tasks import Wait
 from pool.upgrade_phases import PhaseTrack, UpgradePhase
 from pool.upgrade_result import Restore, UpgradeResult
 from pool.watch import watch
@@ -374,7 +374,7 @@ class Upgrade:
         self.sup.activate(self.rt)
 
     # ------------------------------------------------------------------ strategies
-    def run(self) -> Operation:
+    def run(self) -> Generator[Wait, bool, UpgradeResult]:
         rt = self.rt
         if self.strategy == "auto":
             self.strategy, why = choose_strategy(self.sup, rt)
@@ -559,7 +559,7 @@ class Upgrade:
             "batchable": contract.batchable,
         }
 
-    def finish(self, ok: bool, reason: str) -> dict[str, Any]:
+    def finish(self, ok: bool, reason: str) -> UpgradeResult:
         rt = self.rt
         elapsed = time.monotonic() - self.t0
         if ok:
@@ -599,7 +599,7 @@ class Upgrade:
             restore=self.restored,
             reason="" if ok else reason,
         )
-        result = res.to_json()  # what pool-ctl gets, and the history entry's fields
+        result = res.to_json()  # the history entry's fields, as pool-ctl gets them
         if not ok:
             log.error(
                 "%s of %s to %s %s: %s%s",
@@ -649,4 +649,4 @@ class Upgrade:
         self.sup.metrics.observe_upgrade(
             rt.name, self.action, outcome, self.phases, sum(self.freed.values())
         )
-        return result
+        return res

@@ -50,6 +50,7 @@ class UpgradeResult:
     watch: str
     restore: Restore | None
     reason: str  # "" when ok
+    devices: tuple[str, ...] | None = None  # set by the callers that move a model's devices
 
     @property
     def to_version(self) -> str:
@@ -84,4 +85,6 @@ class UpgradeResult:
         }
         if not self.ok:
             out["reason"] = self.reason
+        if self.devices is not None:
+            out["devices"] = list(self.devices)
         return out

@@ -17,6 +17,8 @@ from pool.lifecycle import TRANSITIONS, WorkerRecord, WorkerState
 from pool.state import Deployed
 from pool.tasks import Scheduler, Wait
 from pool.upgrade import SETTLE_EVERY_S, Upgrade
+from pool.upgrade_phases import UpgradePhase
+from pool.upgrade_result import Restore
 
 V2 = Deployed("2", "/models/m/2.pt", "d2")
 
@@ -33,18 +35,19 @@ def test_a_failed_restore_is_not_reported_as_rolled_back() -> None:
 
     sup = FakeSupervisor(("cpu", "cpu"), fate)
     result = run(sup, upgrade(sup, "drain-first").run(), FakeClock())
-    assert not result["ok"]
-    assert result["outcome"] == "restore_failed", result["outcome"]
-    assert result["restore"]["ok"] is False and "would not load" in result["restore"]["reason"]
+    assert not result.ok
+    assert result.outcome is UpgradePhase.RESTORE_FAILED, result.outcome
+    assert result.restore is not None and result.restore.ok is False
+    assert "would not load" in result.restore.reason
     assert sup.store.outcomes == ["restore_failed"]
-    assert sup.store.extra[0]["restore"] == result["restore"]
+    assert sup.store.extra[0]["restore"] == result.to_json()["restore"]
 
 
 def test_a_failure_whose_restore_works_is_rolled_back() -> None:
     sup = FakeSupervisor(("cpu", "cpu"), lambda rec: rec.slot == 0 or rec.generation == 1)
     result = run(sup, upgrade(sup, "drain-first").run(), FakeClock())
-    assert result["outcome"] == "rolled_back"
-    assert result["restore"] == {"ok": True, "reason": ""}
+    assert result.outcome is UpgradePhase.ROLLED_BACK
+    assert result.restore == Restore(True, "")
     serving = [w for w in sup.rt.alive() if w.state is WorkerState.READY]
     assert sorted(w.slot for w in serving) == [0, 1] and {w.version for w in serving} == {"1"}
 
@@ -103,11 +106,11 @@ def test_retire_samples_nvml_at_its_own_period_not_every_loop_turn() -> None:
 
     sup.retire = retire_and_start_settling  # type: ignore[method-assign]
     result = run(sup, upgrade(sup, "surge").run(), clock, step_s=0.001)  # a 1 ms loop turn
-    assert result["ok"], result
+    assert result.ok, result
     # Asked every loop turn, NVML would see ~1000 queries over the settling second, and
     # readings 1 ms apart; at SETTLE_EVERY_S, a handful.
     assert gpu.queries <= 4 + 2 / SETTLE_EVERY_S, gpu.queries
-    assert result["bytes_freed"] == {"cuda:0": 1 << 30}  # read after the count settled
+    assert result.bytes_freed == {"cuda:0": 1 << 30}  # read after the count settled
 
 
 def test_a_wait_is_asked_once_per_period() -> None:

@@ -4,6 +4,7 @@ driven in-process with a fake supervisor and a fake clock (tests/upgradekit.py).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import pytest
 from upgradekit import FakeClock, FakeSupervisor, run
@@ -56,10 +57,12 @@ def test_an_illegal_move_raises_and_each_phase_is_timed() -> None:
     assert track.path == [P.PLANNING, P.STARTING, P.RETIRING]
 
 
-def path_of(devices: tuple[str, ...], strategy: str, fate: object) -> tuple[list[str], object]:
-    sup = FakeSupervisor(devices, fate)  # type: ignore[arg-type]
+def path_of(
+    devices: tuple[str, ...], strategy: str, fate: Callable[[WorkerRecord], bool]
+) -> tuple[list[str], tuple[UpgradeResult, FakeSupervisor]]:
+    sup = FakeSupervisor(devices, fate)
     result = run(sup, upgrade(sup, strategy).run(), FakeClock())
-    return result["path"], (result, sup)
+    return [p.value for p in result.path], (result, sup)
 
 
 def test_surge_plan() -> None:
@@ -72,14 +75,14 @@ def test_surge_plan() -> None:
 def test_drain_first_across_two_devices() -> None:
     path, (result, sup) = path_of(("cuda:0", "cuda:1"), "drain-first", lambda rec: True)
     assert path == ["planning", "draining", "starting", "draining", "starting", "committed"]
-    assert result["ok"] and result["to_version"] == "2"  # type: ignore[index]
-    workers: list[WorkerRecord] = sup.rt.workers  # type: ignore[attr-defined]
+    assert result.ok and result.to_version == "2"
+    workers = sup.rt.workers
     # One slot at a time: each old worker is gone before its slot's new one exists, and
     # the table switched to the new generation once, at the first new worker.
     order = [(w.generation, w.slot) for w in workers]
     assert order == [(1, 0), (1, 1), (2, 0), (2, 1)]
     assert [w.state for w in workers] == [WorkerState.EXITED] * 2 + [WorkerState.READY] * 2
-    assert sup.activations == [2, 2]  # type: ignore[attr-defined]
+    assert sup.activations == [2, 2]
 
 
 def test_failed_drain_first_plans_restore() -> None:
@@ -90,7 +93,7 @@ def test_failed_drain_first_plans_restore() -> None:
     never_again = lambda rec: rec.slot == 0 and rec.generation == 2  # noqa: E731
     path, (result, _) = path_of(("cpu", "cpu"), "drain-first", never_again)
     assert path[-3:] == ["abandoning", "rolling_back", "restore_failed"]
-    assert result["outcome"] == "restore_failed"  # type: ignore[index]
+    assert result.outcome is P.RESTORE_FAILED
 
 
 def watched(devices: tuple[str, ...], strategy: str, failing: bool) -> list[str]:
@@ -106,8 +109,8 @@ def watched(devices: tuple[str, ...], strategy: str, failing: bool) -> list[str]
                 w.model_errors += failing
 
     result = run(sup, upgrade(sup, strategy).run(), FakeClock(), on_turn=serve)
-    assert result["ok"] is not failing, result
-    return list(result["path"])
+    assert result.ok is not failing, result
+    return [p.value for p in result.path]
 
 
 def test_the_watch_window_is_a_phase_of_both_plans() -> None:
@@ -132,14 +135,15 @@ def test_the_result_is_a_typed_record_of_pids_phases_and_restore() -> None:
     old = [w.pid for w in sup.rt.workers]
     up = upgrade(sup, "drain-first")
     clock = FakeClock()
-    as_json = run(sup, up.run(), clock, step_s=0.01)
+    returned = run(sup, up.run(), clock, step_s=0.01)
     res = up.result
     assert isinstance(res, UpgradeResult) and res.outcome is P.COMMITTED and res.ok
+    assert returned is res  # what run() hands its caller is the record itself
     new = [w.pid for w in sup.rt.workers if w.generation == 2]
     assert res.pids_stopped == tuple(old) and res.pids_started == tuple(new)
     assert res.pids_kept == () and res.to_version == "2" and res.restore is None
     assert set(res.phase_s) == {P.PLANNING, P.DRAINING, P.STARTING}  # every phase it left
-    assert as_json == res.to_json() and as_json["outcome"] == "committed"
+    assert res.to_json()["outcome"] == "committed" and "devices" not in res.to_json()
 
     # A failed surge keeps every old worker, stops none, and says so.
     sup = FakeSupervisor(("cpu", "cpu"), lambda rec: rec.slot == 0)
