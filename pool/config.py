@@ -110,6 +110,9 @@ class ModelConfig:
     cuda_graphs: bool = False
     # A hot standby on this model's devices: "auto" | True | False; None: [pool] standby.
     standby: str | bool | None = None
+    # The standby keeps this model's serving version loaded on the host (pool.preload):
+    # "auto" | True | False; None: [pool] standby_preload.
+    standby_preload: str | bool | None = None
     # Confine its workers (workers.sandbox): "auto" | True | False; None: [pool] sandbox.
     sandbox: str | bool | None = None
 
@@ -146,6 +149,11 @@ class PoolConfig:
     io_threads: int = 0
     # One hot standby per device (workers.standby): "auto" = on for CUDA devices.
     standby: str | bool = "auto"
+    # A standby also holds the serving version of its device's model in host memory,
+    # loaded ahead (pool.preload): a crash replacement or a spawn then only moves it to
+    # the device. One copy of the model in host RAM per standby; "auto": when the file
+    # is at most a quarter of the host's available memory.
+    standby_preload: str | bool = "auto"
     # Workers confine themselves before loading a model (workers.sandbox): files beyond
     # the model roots, network connections and new privileges out of reach. "auto":
     # where the kernel supports it; true: a worker that cannot be confined refuses to

@@ -276,6 +276,7 @@ POOL_SPECS: dict[str, FieldSpec] = {
     "router_spin_us": FieldSpec("int", "-1 (auto) or an integer >= 0", lambda v: v >= -1),
     "router_lane": FieldSpec("bool", "true or false"),
     "standby": FieldSpec("auto", AUTO_WANT),
+    "standby_preload": FieldSpec("auto", AUTO_WANT),
     "sandbox": FieldSpec("auto", AUTO_WANT),
     "curve_secret_key": FieldSpec(
         "path", "a key file path", check=secret_key_problem, optional=True
@@ -312,6 +313,7 @@ MODEL_SPECS: dict[str, FieldSpec] = {
     "retry_on_worker_loss": FieldSpec("bool", "true or false"),
     "cuda_graphs": FieldSpec("bool", "true or false"),
     "standby": FieldSpec("auto", AUTO_WANT, optional=True),  # None: the pool's
+    "standby_preload": FieldSpec("auto", AUTO_WANT, optional=True),  # None: the pool's
     "sandbox": FieldSpec("auto", AUTO_WANT, optional=True),  # None: the pool's
     "max_requests": FieldSpec("int", "an integer >= 0", _nonneg),
     "max_requests_jitter": FieldSpec("float", "a number between 0 and 1", lambda v: 0 <= v <= 1),

@@ -147,6 +147,8 @@ class WorkerRecord:
             "uptime_s": round(time.monotonic() - self.ready_at, 1) if self.ready_at else 0.0,
             "failure": self.failure,
             "from_standby": self.from_standby,
+            # Its model came from the standby's preload (pool.preload): no read at start.
+            "preloaded": bool(self.timings.get("preloaded")),
             "sandbox": self.sandbox,
         }
 

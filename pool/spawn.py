@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 SpawnedCallback = Callable[[int, int], None]  # token, pid
 ExitedCallback = Callable[[int, int], None]  # pid, raw wait status
 FailedCallback = Callable[[int, str], None]  # token, reason
-MessageCallback = Callable[[dict[str, Any]], None]  # "took" and "standby_ready" messages
+MessageCallback = Callable[[dict[str, Any]], None]  # "took", "standby_ready", "preloaded"
 
 
 class SpawnerClient:
@@ -143,7 +143,7 @@ class SpawnerClient:
                 self.on_spawned(token, int(msg["pid"]))
             elif kind == "exited":
                 self.on_exited(int(msg["pid"]), int(msg["status"]))
-            elif kind in ("took", "standby_ready") and self.on_message is not None:
+            elif kind in ("took", "standby_ready", "preloaded") and self.on_message is not None:
                 self.on_message(msg)
         return True
 

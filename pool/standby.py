@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable, Iterable
@@ -29,6 +30,7 @@ from typing import Any
 from pool.flapping import FlapGuard
 from pool.gpu import Gpu, device_index
 from pool.lifecycle import IllegalTransition, describe_exit
+from pool.preload import PreloadRecord, PreloadSpec, PreloadState, admit
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,7 @@ class StandbyRecord:
     ready_at: float | None = None
     prep_s: float | None = None
     gpu_bytes: int | None = None  # NVML, per process: its context
+    preload: PreloadRecord | None = None  # the version it reads ahead (pool.preload)
 
     def to(self, new: StandbyState) -> None:
         if new is self.state:
@@ -86,6 +89,7 @@ class StandbyRecord:
             "gpu_bytes": self.gpu_bytes,
             "prep_s": None if self.prep_s is None else round(self.prep_s, 3),
             "age_s": round(time.monotonic() - self.forked_at, 1),
+            "preload": None if self.preload is None else self.preload.describe(),
         }
 
 
@@ -98,6 +102,7 @@ class Taken:
     token: int
     sid: str
     waited: bool  # True: it had finished preparing (WAITING): the take saves its set-up
+    preloaded: bool = False  # its preload is loaded and is the version taken
 
 
 AskStandby = Callable[[dict[str, Any]], int]  # spec -> spawner token
@@ -121,6 +126,11 @@ class Standbys:
         self.died: dict[str, int] = {}  # device -> standbys lost before being taken
         self.sids = count(1)
         self.closed = False  # poold is stopping: no standby is wanted any more
+        # The version a standby on a device should preload (pool.preload); set by the
+        # supervisor. None: no preload there.
+        self.preload_target: Callable[[str], PreloadSpec | None] = lambda device: None
+        self.preload_refused: dict[str, str] = {}  # device -> why its standby has none
+        self.run_dirs: dict[int, str] = {}  # pid of a taken standby -> its run directory
 
     # ----------------------------------------------------------------- forking
     def want(self, devices: Iterable[str]) -> None:
@@ -141,10 +151,24 @@ class Standbys:
                 pass
 
     def tick(self, now: float, busy_devices: set[str]) -> None:
-        """Fork a standby on every wanted device that has none and is not busy."""
+        """Fork a standby on every wanted device that has none and is not busy; let a
+        standby go whose preload is no longer the version to preload (pool.preload)."""
+        for device, rec in list(self.current.items()):
+            if rec.preload is None or device in busy_devices:
+                continue
+            target = self.preload_target(device)
+            if target is None or target.key != rec.preload.spec.key:
+                log.info(
+                    "standby %s [pid %s]: its preload %s is stale; replacing it",
+                    rec.sid,
+                    rec.pid,
+                    rec.preload.spec.key,
+                )
+                del self.current[device]
+                self._signal(rec)
         for device in sorted(self.wanted):
-            rec = self.current.get(device)
-            if rec is not None and rec.alive:
+            live = self.current.get(device)
+            if live is not None and live.alive:
                 continue
             if device in busy_devices or device in self.given_up:
                 continue
@@ -152,38 +176,67 @@ class Standbys:
                 continue
             self._fork(device)
 
-    def _fork(self, device: str) -> None:
+    def _fork(self, device: str, preload: bool = True) -> None:
         rec = StandbyRecord(sid=f"standby.{device}.{next(self.sids)}", device=device)
         self.current[device] = rec
-        token = self.ask({"sid": rec.sid, "device": device, "lifeline_fd": self.lifeline_fd})
+        spec: dict[str, Any] = {"sid": rec.sid, "device": device, "lifeline_fd": self.lifeline_fd}
+        target = self.preload_target(device) if preload else None
+        if target is not None:
+            ok, why = admit(target)
+            if ok:
+                rec.preload = PreloadRecord(target, os.path.join(target.run_root, rec.sid))
+                spec["preload"] = target.to_wire(rec.preload.run_dir)
+                self.preload_refused.pop(device, None)
+            else:
+                self.preload_refused[device] = why
+        token = self.ask(spec)
         rec.token = token
         self.by_token[token] = rec
         log.info("forking standby %s on %s", rec.sid, device)
 
     # ----------------------------------------------------------------- taking
-    def take(self, device: str) -> Taken | None:
-        """The device's standby for a worker; it is no longer ours. With none there, one
-        is forked and taken at once, so that every worker on a standby device starts the
-        same way (and has the same footprint). None: this device gets no standbys."""
+    def take(self, device: str, path: str = "", key: str = "") -> Taken | None:
+        """The device's standby for a worker of ``path`` (``key``: its preload key); it
+        is no longer ours. With none there, one is forked and taken at once, so that
+        every worker on a standby device starts the same way (and has the same
+        footprint). None: this device gets no standbys."""
         rec = self.current.get(device)
+        if rec is not None and rec.alive and rec.preload and not rec.preload.spec.readable(path):
+            log.info("standby %s: its sandbox cannot read %s; forking another", rec.sid, path)
+            del self.current[device]
+            self._signal(rec)
+            rec = None
+            if not (device in self.given_up or self.closed):
+                self._fork(device, preload=False)
         if rec is None or not rec.alive:
             if device in self.given_up or self.closed:
                 return None
-            self._fork(device)
+            if device not in self.current:
+                self._fork(device)
             rec = self.current[device]
         waited = rec.state is StandbyState.WAITING
+        pre = rec.preload
+        preloaded = pre is not None and pre.state is PreloadState.LOADED and pre.spec.key == key
         rec.to(StandbyState.TAKEN)
         del self.current[device]
         self.taken[device] = self.taken.get(device, 0) + 1
         # by_pid keeps it until the spawner says whether the take happened ("took"):
         # a standby that died just before is reaped as a standby, not as the worker.
-        return Taken(rec.pid, rec.token, rec.sid, waited)
+        return Taken(rec.pid, rec.token, rec.sid, waited, preloaded)
 
     def took(self, pid: int, used: bool) -> None:
         """The spawner's answer to a take: ``used`` False means it forked afresh."""
         rec = self.by_pid.get(pid)
         if rec is not None and rec.state is StandbyState.TAKEN and used:
             del self.by_pid[pid]
+            if rec.preload is not None:  # the worker keeps the standby's run directory
+                self.run_dirs[pid] = rec.preload.run_dir
+
+    def worker_exited(self, pid: int) -> None:
+        """A worker's exit: remove the run directory of the standby it was, if any."""
+        run_dir = self.run_dirs.pop(pid, None)
+        if run_dir:
+            shutil.rmtree(run_dir, ignore_errors=True)
 
     def available(self, device: str) -> bool:
         """Whether a spawn on ``device`` would start in a standby (one there or forked)."""
@@ -214,6 +267,25 @@ class Standbys:
         self._lost(rec, reason)
         return True
 
+    def on_preloaded(self, msg: dict[str, Any]) -> None:
+        rec = self.by_pid.get(int(msg.get("pid") or 0))
+        if rec is None or rec.preload is None:
+            return
+        rec.preload.on_report(msg)
+        pre = rec.preload
+        if pre.state is PreloadState.FAILED:
+            log.warning("standby %s [pid %s]: preload failed: %s", rec.sid, rec.pid, pre.reason)
+        else:
+            log.info(
+                "standby %s [pid %s] holds %s v%s on the host (%d MiB in %.2fs)",
+                rec.sid,
+                rec.pid,
+                pre.spec.model,
+                pre.spec.version,
+                pre.bytes >> 20,
+                pre.load_s or 0.0,
+            )
+
     def on_ready(self, msg: dict[str, Any]) -> None:
         rec = self.by_pid.get(int(msg.get("pid") or 0))
         if rec is None or rec.state is not StandbyState.PREPARING:
@@ -236,6 +308,8 @@ class Standbys:
         rec = self.by_pid.pop(pid, None)
         if rec is None:
             return False
+        if rec.preload is not None:
+            shutil.rmtree(rec.preload.run_dir, ignore_errors=True)
         if rec.state is StandbyState.TAKEN:
             return True  # taken just as it died: the spawner forked a worker instead
         self._lost(rec, describe_exit(status))
@@ -299,6 +373,7 @@ class Standbys:
             "taken": dict(self.taken),
             "died": dict(self.died),
             "given_up": dict(self.given_up),
+            "preload_refused": dict(self.preload_refused),
         }
 
 

@@ -8,14 +8,16 @@ and the device memory level without bare CUDA contexts that the retire proof com
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from pool.config import standby_wanted
+from pool.config import sandbox_mode, standby_wanted
 from pool.lifecycle import WorkerRecord, WorkerState
+from pool.preload import PreloadSpec, preload_key, preload_setting
 from pool.runtime import ModelRuntime
-from pool.standby import Standbys, device_level
+from pool.standby import Standbys, Taken, device_level
 
 if TYPE_CHECKING:
     from pool.config import PoolConfig
@@ -30,9 +32,40 @@ class StandbyUse:
     models: dict[str, ModelRuntime]
     by_token: dict[int, WorkerRecord]
     standbys: Standbys
+    roots: list[str]
+    backend: str
 
     def takes_standby(self, rt: ModelRuntime, device: str) -> bool:
         return standby_wanted(self.pool, rt.cfg, device)
+
+    def preload_target(self, device: str) -> PreloadSpec | None:
+        """The version the standby on ``device`` should hold on the host (pool.preload):
+        the serving version of the one model there that takes the standby."""
+        takers = [
+            rt
+            for rt in self.models.values()
+            if device in rt.devices and self.takes_standby(rt, device)
+        ]
+        if len(takers) != 1:
+            return None
+        rt = takers[0]
+        setting = preload_setting(self.pool, rt.cfg)
+        dep = rt.deployed
+        if setting is False or rt.failed is not None or dep is None:
+            return None
+        return PreloadSpec(
+            model=rt.name,
+            version=dep.version,
+            path=dep.path,
+            setting=setting,
+            sandbox_mode=sandbox_mode(self.pool, rt.cfg),
+            roots=tuple(self.roots),
+            run_root=os.path.join(os.path.dirname(self.backend.removeprefix("ipc://")), "w"),
+        )
+
+    def take_standby(self, rt: ModelRuntime, device: str, version: str, path: str) -> Taken | None:
+        """The device's standby for a worker of ``rt`` at ``version`` (``path``)."""
+        return self.standbys.take(device, path, preload_key(rt.name, version, path))
 
     def release(self, rec: WorkerRecord) -> None:
         """A held worker may now put its staged weights on the device."""
@@ -56,6 +89,8 @@ class StandbyUse:
     def on_spawner_message(self, msg: dict[str, Any]) -> None:
         if msg.get("t") == "standby_ready":
             self.standbys.on_ready(msg)
+        elif msg.get("t") == "preloaded":
+            self.standbys.on_preloaded(msg)
         elif msg.get("t") == "took":
             pid, used = int(msg.get("pid") or 0), bool(msg.get("standby"))
             self.standbys.took(pid, used)
@@ -97,3 +132,4 @@ class StandbyUse:
         """A standby's exit is the standbys' business; any other goes on to WorkerExits."""
         if not self.standbys.on_exited(pid, status):
             super().on_exited(pid, status)  # type: ignore[misc]
+            self.standbys.worker_exited(pid)

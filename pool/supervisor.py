@@ -93,6 +93,7 @@ class Supervisor(StandbyUse, WorkerExits, WorkerStopping):
         self.wids = count(1)
         self.last_sample = 0.0
         self.standbys = Standbys(spawner.standby, gpu, lifeline_fd)
+        self.standbys.preload_target = self.preload_target
         # Where models may be loaded from; shared with the control server (one list).
         # Workers are told them too: a manifest's golden file must lie inside.
         self.roots: list[str] = list(effective_model_roots(config))
@@ -152,7 +153,11 @@ class Supervisor(StandbyUse, WorkerExits, WorkerStopping):
             rec.recycle_after = cfg.max_requests + random.randint(0, max(0, jitter))
         # Read before the standby is taken, while it still counts as a bare context.
         rec.device_used_at_spawn = self.device_level(device)
-        taken = self.standbys.take(device) if self.takes_standby(rt, device) else None
+        taken = (
+            self.take_standby(rt, device, dep.version, dep.path)
+            if self.takes_standby(rt, device)
+            else None
+        )
         rec.holding = hold
         rec.from_standby = taken is not None  # the spawner's "took" confirms it
         rt.workers.append(rec)

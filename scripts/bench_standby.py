@@ -104,11 +104,14 @@ class Clients:
 
 
 def wait_standby(pool: Any, device: str, timeout: float = 60.0) -> int:
-    """The pid of the device's standby once it waits."""
+    """The pid of the device's standby once it waits (and, with a preload of the serving
+    version, once that has been read: pool.preload)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         for sb in pool.ctl("status")["data"].get("standby", {}).get("standbys", []):
-            if sb["device"] == device and sb["state"] == "waiting":
+            pre = sb.get("preload") or {}
+            if sb["device"] == device and sb["state"] == "waiting" and \
+                    pre.get("state") != "loading":
                 return int(sb["pid"])
         time.sleep(0.05)
     raise TimeoutError(f"no standby waiting on {device} after {timeout:.0f}s")
@@ -248,10 +251,13 @@ def run_pool(b: Any, dev: str, fmt: str, paths: list[str], hidden: int, standby:
                     first = load.first_answer_after(t + STALE_S) + STALE_S
                     out["kill"].append(first)
                     new = wait_serving(pool, old_pid=pid)
+                    workers = pool.ctl("status")["data"]["models"][0]["workers"]
+                    pre = any(w.get("preloaded") for w in workers if w["pid"] == new)
                     b.rows.append({"section": "standby", "name": f"kill {tag}",
-                                   "first_answer_s": first})
+                                   "first_answer_s": first, "preloaded": pre})
                     print(f"  {tag:<26} kill -9 [pid {pid}]: first answer after "
-                          f"{first:.3f}s (replacement pid {new})", flush=True)
+                          f"{first:.3f}s (replacement pid {new}"
+                          f"{', from the preload' if pre else ''})", flush=True)
     return out
 
 

@@ -85,8 +85,9 @@ def pin_device(device: str) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = index
 
 
-def run(spec: WorkerSpec) -> int:
-    """Worker entry point; returns the process exit code."""
+def run(spec: WorkerSpec, preloaded: Any = None) -> int:
+    """Worker entry point; returns the process exit code. ``preloaded``: what a standby
+    read ahead (``workers.preload.Preloaded``)."""
     if spec.lifeline_fd >= 0 and not spec.from_standby:  # a standby watches it already
         watch_lifeline(spec.lifeline_fd)
     set_title(*worker_title(spec.model, spec.version, spec.device, spec.wid))
@@ -101,7 +102,7 @@ def run(spec: WorkerSpec) -> int:
     sock.setsockopt(zmq.RCVHWM, 0)
     sock.connect(spec.backend)
     try:
-        return Worker(spec, sock).main()
+        return Worker(spec, sock, preloaded).main()
     except Exception as exc:  # a bug of ours or torch's: poold logs it, pool-ctl shows why
         report_internal_error(sock, spec, exc)
         return EXIT_INTERNAL

@@ -38,6 +38,7 @@ from workers.main import (
 from workers.manifest import Manifest, ManifestError, load_manifest
 from workers.pacing import LaunchClock
 from workers.pipeline import Completions, Gather, Launched
+from workers.preload import Preloaded
 from workers.probe import ProbeError, contract_of, signatures_from_wire
 from workers.replies import Replier
 from workers.sandbox import SandboxError, SandboxReport, confine
@@ -89,9 +90,12 @@ def flush_after_ready() -> None:
 
 
 class Worker:
-    def __init__(self, spec: WorkerSpec, sock: zmq.Socket[Any]) -> None:
+    def __init__(
+        self, spec: WorkerSpec, sock: zmq.Socket[Any], preloaded: Preloaded | None = None
+    ) -> None:
         self.spec = spec
         self.sock = sock
+        self.preloaded = preloaded  # read ahead by the standby this worker was
         # Owns the model, the device and the graphs once loaded (workers.launcher).
         self.launcher = Launcher(spec.wid, spec.max_batch)
         self.replies = Replier(sock, spec.model, spec.version)
@@ -163,8 +167,12 @@ class Worker:
         # Confined before the model is read: a model is code, from its first byte on
         # (a pickle runs as it loads). CUDA is up, so the device files are open already.
         t_conf = time.monotonic()
+        pre, self.preloaded = self.preloaded, None
         try:
-            self.sandbox = confine(spec.sandbox, spec.model_roots, spec.path, spec.device)
+            if pre is not None and pre.sandbox is not None:
+                self.sandbox = pre.sandbox  # the standby confined itself before its preload
+            else:
+                self.sandbox = confine(spec.sandbox, spec.model_roots, spec.path, spec.device)
         except SandboxError as exc:
             return self.fail("sandbox", exc, EXIT_SANDBOX_FAILED)
         timings["confine_s"] = time.monotonic() - t_conf
@@ -175,17 +183,24 @@ class Worker:
         try:
             roots = spec.model_roots or None  # none sent (a test's worker): its own dir
             manifest = self.manifest = load_manifest(spec.path, roots)
+            staged = pre.take(spec) if pre is not None else None
+            if staged is not None:
+                timings["preloaded"] = 1.0  # read by the standby ahead of need
             if spec.hold_device:
-                meter = LoadMeter.for_file(spec.path, self.loaded_bytes)
-                meter.start()
-                pin = self.device.type == "cuda"
-                staged = stage_model(spec.path, manifest, pin, meter.add)
-                meter.finish()
+                if staged is None:
+                    meter = LoadMeter.for_file(spec.path, self.loaded_bytes)
+                    meter.start()
+                    pin = self.device.type == "cuda"
+                    staged = stage_model(spec.path, manifest, pin, meter.add)
+                    meter.finish()
                 timings["staged_s"] = time.monotonic() - t1
                 self.event("phase", phase="staged", staged_s=timings["staged_s"])
                 if not self.wait_for_go():
                     return EXIT_OK
                 t1 = time.monotonic()
+                self.model = staged.to_device(self.device)
+                timings["to_device_s"] = time.monotonic() - t1
+            elif staged is not None:
                 self.model = staged.to_device(self.device)
                 timings["to_device_s"] = time.monotonic() - t1
             else:

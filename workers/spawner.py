@@ -8,13 +8,15 @@ use a CUDA context inherited from its parent.
 Talks to poold over stdin/stdout with length-prefixed msgpack maps::
 
     poold -> spawner   {"t": "spawn", "token": int, "spec": {...WorkerSpec...}}
-                       {"t": "standby", "token": int, "spec": {"device", "lifeline_fd"}}
+                       {"t": "standby", "token": int, "spec": {"device", "lifeline_fd",
+                        "preload"?}}  (workers.preload)
                        {"t": "take", "token": int, "pid": int | None, "standby": int,
                         "spec": {...WorkerSpec...}}  (pid, or the token of its fork)
     spawner -> poold   {"t": "hello", "pid": int, "import_s": float}
                        {"t": "spawned", "token": int, "pid": int}
                        {"t": "took", "token": int, "pid": int, "standby": bool}
                        {"t": "standby_ready", "pid": int, "prep_s": float, "reserved": int}
+                       {"t": "preloaded", "pid": int, "key": str, "ok": bool, ...}
                        {"t": "exited", "pid": int, "status": int}  (raw waitpid status)
 
 A standby (``workers.standby``) is a child that prepared its device and waits on a
@@ -193,7 +195,7 @@ class Standbys:
                 self.forked = {t: p for t, p in self.forked.items() if p != pid}
                 continue
             for msg in self.readers[pid].feed(data):
-                if msg.get("t") == "standby_ready":
+                if msg.get("t") in ("standby_ready", "preloaded"):
                     write_message(self.out_fd, {**msg, "pid": pid})
 
 

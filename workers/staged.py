@@ -15,6 +15,8 @@ of the file.
 
 from __future__ import annotations
 
+import itertools
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +40,8 @@ from workers.loader import (
 )
 from workers.manifest import Manifest
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class StagedModel:
@@ -57,7 +61,9 @@ class StagedModel:
                 module = assign_weights(path, self.module, state)
                 num_inputs = _signature_num_inputs(module)
             else:
-                module = self.module.to(device)
+                # Pinned by stage_model (a CUDA device): an asynchronous copy at bus
+                # speed; the worker synchronises before it runs the model.
+                module = self.module.to(device, non_blocking=device.type == "cuda")
                 num_inputs = (
                     _script_num_inputs(module, path)
                     if self.format == "torchscript"
@@ -90,9 +96,9 @@ def stage_model(
     if progress is not None and fmt in ("torchscript", "export") and os.path.isfile(path):
         weights.read_through(path, progress)  # those loaders take the file in one call
     if fmt == "torchscript":
-        return StagedModel(path, fmt, _load_torchscript(path, cpu))
+        return StagedModel(path, fmt, _pinned(_load_torchscript(path, cpu), pin))
     if fmt == "export":
-        return StagedModel(path, fmt, _load_export(path, cpu))
+        return StagedModel(path, fmt, _pinned(_load_export(path, cpu), pin))
     if fmt == "safetensors":
         module = build_factory_module(path, manifest)
         try:
@@ -106,3 +112,23 @@ def stage_model(
         return StagedModel(path, fmt, module, staged)
     load_model(path, cpu, manifest)  # raises the loader's own error for the format
     raise ModelLoadError(f"{path}: cannot be staged")
+
+
+def _pinned(module: torch.nn.Module, pin: bool) -> torch.nn.Module:
+    """``module`` with its parameters and buffers moved into pinned host memory (``pin``),
+    so that ``to_device`` is one asynchronous copy per tensor instead of a copy the
+    driver stages through a small pinned buffer of its own. ``.data`` is swapped in place:
+    a TorchScript module sees the same tensors. Where pinning fails (no pinned memory
+    left), the rest stay pageable: slower, not wrong."""
+    if not pin:
+        return module
+    try:
+        with torch.no_grad():
+            for t in itertools.chain(module.parameters(), module.buffers()):
+                if t.device.type == "cpu" and t.numel() and not t.is_pinned():
+                    t.data = t.data.pin_memory()
+    except RuntimeError as e:
+        log.warning(
+            "%s: staged tensors left pageable: %s", getattr(module, "original_name", "model"), e
+        )
+    return module

@@ -7,22 +7,28 @@ model and no socket to the router: it cannot answer a request because it has no 
 receive one. Its one channel is a socketpair to the spawner, length-prefixed msgpack::
 
     standby -> spawner   {"t": "standby_ready", "prep_s": float, "reserved": int}
+                         {"t": "preloaded", "key": str, "ok": bool, "bytes": int,
+                          "load_s": float, "reason": str}  (only with a preload)
     spawner -> standby   {"t": "take", "spec": {...WorkerSpec...}}
 
-On "take" it becomes an ordinary worker (``workers.main.run``) with everything above
-already paid: the take costs the model's load and warm-up only. EOF on the socketpair
-(the spawner is gone or let it go) and poold's lifeline both end it.
+With a ``preload`` in its spec (``workers.preload``), it then confines itself and reads
+that model into host memory. On "take" it becomes an ordinary worker
+(``workers.main.run``) with everything above already paid: the take costs the model's
+load (only its copy to the device, when the preload is the version taken) and warm-up.
+EOF on the socketpair (the spawner is gone or let it go) and poold's lifeline end it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from typing import Any
 
 from workers.exitcodes import EXIT_OK, EXIT_STANDBY_FAILED
 from workers.main import WorkerSpec, pin_device, run, watch_lifeline
+from workers.preload import Preloaded, preload
 from workers.spawner import MessageReader, write_message
 from workers.title import set_title
 
@@ -84,15 +90,34 @@ def standby_main(spec: dict[str, Any], conn_fd: int) -> int:
     except Exception as exc:  # a device that cannot come up: poold sees the exit code
         log.error("standby on %s: %s: %s", device, type(exc).__name__, exc)
         return EXIT_STANDBY_FAILED
-    try:
-        write_message(conn_fd, {"t": "standby_ready", "pid": os.getpid(), **info})
-    except OSError:
-        pass  # taken while preparing (the spawner closed its end), or the spawner is gone
+    say(conn_fd, {"t": "standby_ready", "pid": os.getpid(), **info})
+    pre: Preloaded | None = None
+    request = spec.get("preload")
+    # The preload's thread reports on conn_fd too, but never once it is closed: its
+    # number may then be a socket of the worker's.
+    conn_lock, conn_open = threading.Lock(), [True]
+
+    def report(msg: dict[str, Any]) -> None:
+        with conn_lock:
+            if conn_open[0]:
+                say(conn_fd, {**msg, "pid": os.getpid()})
+
+    if isinstance(request, dict):
+        pre = preload(request, device, report)
     msg = read_one(conn_fd)  # a take sent meanwhile is still in the socket's buffer
-    os.close(conn_fd)
+    with conn_lock:
+        conn_open[0] = False
+        os.close(conn_fd)
     if msg is None or msg.get("t") != "take" or not isinstance(msg.get("spec"), dict):
         return EXIT_OK
     wspec = WorkerSpec.from_dict(msg["spec"])
     wspec.from_standby = True
     wspec.lifeline_fd = lifeline if isinstance(lifeline, int) else -1
-    return run(wspec)
+    return run(wspec, pre)
+
+
+def say(conn_fd: int, msg: dict[str, Any]) -> None:
+    try:
+        write_message(conn_fd, msg)
+    except OSError:
+        pass  # taken while preparing (the spawner closed its end), or the spawner is gone

@@ -153,12 +153,23 @@ def print_status(data: dict[str, Any]) -> None:
         table(title, WORKER_COLUMNS, rows)
     sb = data.get("standby") or {}
     for x in sb.get("standbys", []):
+        pre = x.get("preload") or {}
+        held = (
+            f"{pre.get('model')} v{pre.get('version')} on the host "
+            f"({_bytes(pre.get('bytes'))})"
+            if pre.get("state") == "loaded"
+            else f"reading {pre.get('model')} v{pre.get('version')} onto the host"
+            if pre.get("state") == "loading"
+            else "no model"
+        )
         say(
             f"standby pid {x.get('pid')} on {x.get('device')}: {x.get('state')}, "
-            f"GPU {_bytes(x.get('gpu_bytes'))}, no model"
+            f"GPU {_bytes(x.get('gpu_bytes'))}, {held}"
         )
     for device, why in (sb.get("given_up") or {}).items():
         say(f"no standby on {device}: {why}", "yellow")
+    for device, why in (sb.get("preload_refused") or {}).items():
+        say(f"standby on {device} preloads nothing: {why}")
     gateways = data.get("gateways") or []
     if gateways:
         gateway_rows = [
