@@ -271,9 +271,12 @@ def load_vs_bus(b: Any, dev: str, st: str, mib: float) -> None:
     finally:
         b.procs.kill(p)
     b.rows.append({"section": "standby", "name": "load vs bus", **res})
-    print(f"  safetensors load {res['load_s']:.4f}s ({res['load_gbs']:.1f} GB/s), staged "
+    print(f"  safetensors load {res['load_s']:.4f}s ({res['load_gbs']:.1f} GB/s; its ring "
+          f"unpinned after it, {res['free_s']:.4f}s, as a worker does after ready), staged "
           f"to device {res['staged_s']:.4f}s, pinned copy {res['bus_s']:.4f}s "
-          f"({res['bus_gbs']:.1f} GB/s)", flush=True)
+          f"({res['bus_gbs']:.1f} GB/s); read side alone, {res['threads']} threads x "
+          f"{res['chunk_mib']} MiB: {res['read_s']:.4f}s ({res['read_gbs']:.1f} GB/s)",
+          flush=True)
     b.compare(Compare("standby", f"safetensors load {mib:.0f} MiB / pinned H2D copy",
                       "load", res["load_gbs"], "pinned copy", res["bus_gbs"], "GB/s",
                       target=None if dev == "cpu" else 0.6,
@@ -303,7 +306,9 @@ def role_load_vs_bus(cfg: dict[str, Any]) -> int:
         if cuda:
             torch.cuda.synchronize()
 
-    loads, staged, bus = [], [], []
+    from bench_weights_paths import read_ceiling
+
+    loads, frees, staged, bus, reads = [], [], [], [], []
     nbytes = weights.read_header(path).data_size
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
     target = torch.empty(nbytes, dtype=torch.uint8, device=dev)
@@ -311,12 +316,23 @@ def role_load_vs_bus(cfg: dict[str, Any]) -> int:
         if cuda:
             weights.reserve_ring()  # as a standby holds it before its one load
         sync()
+        # As in a worker (workers.serve): the ring's unpinning waits until after ready,
+        # so it is timed on its own, after the load.
+        weights.defer_host_frees(cuda)
         t = time.monotonic()
         out = weights.load_file(path, dev)
         sync()
         if i:
             loads.append(time.monotonic() - t)
+        weights.defer_host_frees(False)
+        t = time.monotonic()
+        weights.flush_host_frees()
+        if i:
+            frees.append(time.monotonic() - t)
         del out
+        t_read = read_ceiling(path, weights.READ_THREADS, weights.CHUNK_BYTES, cuda)
+        if i:
+            reads.append(t_read)
         s = weights.stage_file(path, pin=cuda)
         t = time.monotonic()
         out = s.to_device(dev)
@@ -333,9 +349,12 @@ def role_load_vs_bus(cfg: dict[str, Any]) -> int:
         if cuda:
             torch.cuda.empty_cache()
     med = {k: statistics.median(v) for k, v in (("load_s", loads), ("staged_s", staged),
-                                                 ("bus_s", bus))}
+                                                 ("bus_s", bus), ("free_s", frees),
+                                                 ("read_s", reads))}
     print(json.dumps({**med, "bytes": nbytes, "load_gbs": nbytes / med["load_s"] / 1e9,
                       "bus_gbs": nbytes / med["bus_s"] / 1e9,
+                      "read_gbs": nbytes / med["read_s"] / 1e9,
+                      "threads": weights.READ_THREADS, "chunk_mib": weights.CHUNK_BYTES >> 20,
                       "staged_gbs": nbytes / med["staged_s"] / 1e9,
                       "loads": loads, "bus": bus}), flush=True)
     return 0

@@ -5,12 +5,15 @@
 On one file of ``--mib`` MiB of float32 weights (Linear(4096, 4096) layers, as TorchScript
 and as safetensors with the same bytes), times ``torch.jit.load``,
 ``safetensors.torch.load_file(device=...)`` and ``workers.weights.load_file`` (the CUDA
-path of the safetensors model format) with a few chunk/thread/ring variants. Each is the
-median of ``--repeats`` timed loads after one untimed one; the clock stops after
-``torch.cuda.synchronize()``, and device memory is handed back between loads so each
-pays its own allocations. Also prints what pinning one ring costs on its own, and checks
-that workers.weights gives the same bytes as safetensors. Needs torch, numpy, safetensors
-and this repository on PYTHONPATH; about 30 s on an H100 host, most of it writing files.
+path of the safetensors model format) with a few chunk/thread/ring variants. Then the
+read side alone (``read_ceiling``: page cache into a ring of host buffers, pinned on
+CUDA, by 1 to 16 threads, no device copy), which bounds what any reader pipeline can
+reach on the host. Each is the median of ``--repeats`` timed loads after one untimed
+one; the clock stops after ``torch.cuda.synchronize()``, and device memory is handed
+back between loads so each pays its own allocations. Also prints what pinning one ring
+costs on its own, and checks that workers.weights gives the same bytes as safetensors.
+Needs torch, numpy, safetensors and this repository on PYTHONPATH; about 30 s on an H100
+host, most of it writing files.
 """
 
 from __future__ import annotations
@@ -36,13 +39,49 @@ from workers import weights  # noqa: E402
 HIDDEN = 4096
 LAYER_MIB = HIDDEN * HIDDEN * 4 >> 20  # 64 MiB of float32 per layer (plus a 16 KiB bias)
 # (chunk MiB, reader threads, ring slots); the first is workers.weights' default.
+CPUS = len(os.sched_getaffinity(0))
 VARIANTS = [
     (weights.CHUNK_BYTES >> 20, weights.READ_THREADS, weights.RING_SLOTS),
     (4, 4, 6),
     (16, 4, 6),
     (8, 8, 10),
     (32, 2, 4),
+    # More readers than the default (half the cores): is the read side the limit?
+    *((c, t, t + 2) for c in (8, 16) for t in (12, 16) if t <= CPUS),
 ]
+# Reader threads for the read-only ceiling (read_ceiling), capped at the CPUs.
+CEILING_THREADS = sorted({t for t in (1, 2, 4, 8, 12, 16) if t <= CPUS} | {min(CPUS, 16)})
+
+
+def read_ceiling(path: str, threads: int, chunk: int, pin: bool) -> float:
+    """Seconds to read the data region of ``path`` from the page cache into a ring of
+    ``threads + 2`` host buffers (pinned with ``pin``) by ``threads`` readers, chunk by
+    chunk as workers.weights does, with no device copy: the read side's ceiling."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    header = weights.read_header(path)
+    slots = threads + 2
+    ring = [torch.empty(chunk, dtype=torch.uint8, pin_memory=pin) for _ in range(slots)]
+    views = [b.numpy().data for b in ring]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            futures = []
+            for k, lo in enumerate(range(0, header.data_size, chunk)):
+                if len(futures) >= slots:
+                    futures[len(futures) - slots].result()  # that slot is free again
+                view = views[k % slots][: min(chunk, header.data_size - lo)]
+                futures.append(
+                    pool.submit(weights._read_into, fd, view, header.data_start + lo, None)
+                )
+            for f in futures:
+                f.result()
+        return time.perf_counter() - t0
+    finally:
+        os.close(fd)
+        views.clear()
+        ring.clear()
 
 
 def make_files(directory: str, mib: int) -> tuple[str, str]:
@@ -176,6 +215,18 @@ def main() -> int:
             report(
                 f"workers.weights {chunk_mib} MiB x {slots} slots, {threads} thr{tag}",
                 median_time(load, dev, args.repeats),
+                nbytes,
+                base,
+            )
+
+        pin = dev.type == "cuda"
+        for threads in CEILING_THREADS:
+            times = [
+                read_ceiling(st, threads, weights.CHUNK_BYTES, pin) for _ in range(args.repeats + 1)
+            ][1:]
+            report(
+                f"read only, {threads} thr into a {'pinned' if pin else 'host'} ring",
+                times,
                 nbytes,
                 base,
             )

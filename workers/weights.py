@@ -54,11 +54,21 @@ __all__ = [
 # copy launch, an event: tens of us) a few percent of the millisecond or so that one
 # thread takes to read a chunk. scripts/bench_weights_paths.py times other choices.
 CHUNK_BYTES = 8 << 20
+# Both can be set for a host (scripts/bench_weights_paths.py finds the best pair there):
+THREADS_ENV, CHUNK_ENV = "GPU_POOL_WEIGHTS_THREADS", "GPU_POOL_WEIGHTS_CHUNK_MB"
+
+
+def _env_int(name: str, lo: int, hi: int) -> int | None:
+    raw = os.environ.get(name, "")
+    return min(hi, max(lo, int(raw))) if raw.isdigit() else None
+
+
+CHUNK_BYTES = (_env_int(CHUNK_ENV, 1, 256) or CHUNK_BYTES >> 20) << 20
 # One thread copies page cache -> user memory at a few GB/s (one core's memcpy); the
 # host-to-device copy runs at ~50 GB/s on an H200, so four threads (15 GB/s measured)
 # left the bus two thirds idle. Up to eight, half the cores, so that a busy host keeps
 # some (a pool may start a worker per GPU at once).
-READ_THREADS = max(4, min(8, (os.cpu_count() or 4) // 2))
+READ_THREADS = _env_int(THREADS_ENV, 1, 64) or max(4, min(8, (os.cpu_count() or 4) // 2))
 # Two slots beyond the readers: one being copied to the device while every reader fills
 # another, and one to spare so a reader never waits on a copy that has just been issued.
 RING_SLOTS = READ_THREADS + 2
@@ -465,14 +475,22 @@ def _stream(
     try:
         for k in range(slots):
             start_read(k)
-        # Allocated while the first chunks are being read.
-        out = {s.name: torch.empty(s.shape, dtype=s.dtype, device=device) for s in header.tensors}
+        # Each destination is allocated just before the first chunk that fills it is
+        # waited for, so that device allocations (a cudaMalloc each, on a fresh process)
+        # overlap the reads instead of stalling them all at the start.
+        out = {s.name: torch.empty(s.shape, dtype=s.dtype, device=device) for s in header.tensors
+               if not s.nbytes}  # fmt: skip
         pieces = [s for s in header.tensors if s.nbytes]
-        dst = [out[s.name].reshape(-1).view(torch.uint8) for s in pieces]
+        dst: list[torch.Tensor] = []
         first = 0  # pieces before this one are complete
         for k in range(n_chunks):
-            reads.pop(k).result()
             lo = k * chunk
+            hi = min(total, lo + chunk)
+            while len(dst) < len(pieces) and pieces[len(dst)].begin < hi:
+                p = pieces[len(dst)]
+                out[p.name] = torch.empty(p.shape, dtype=p.dtype, device=device)
+                dst.append(out[p.name].reshape(-1).view(torch.uint8))
+            reads.pop(k).result()
             src = ring[k % slots][: min(chunk, total - lo)]
             first = _copy_chunk(src, lo, pieces, dst, first, cuda)
             if progress is not None:
@@ -484,7 +502,7 @@ def _stream(
                 copied[k % slots] = event
             if k + slots < n_chunks:
                 start_read(k + slots)
-        return out
+        return {s.name: out[s.name] for s in header.tensors}  # in the header's order
     finally:
         # Also on error: readers blocked on an event return, no copy still reads a
         # pinned buffer when it is freed, and no thread outlives the file descriptor.
