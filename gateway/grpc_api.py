@@ -20,7 +20,7 @@ from gateway.http_api import EXTENSIONS
 from gateway.proto import grpc_predict_v2_pb2 as pb
 from gateway.proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from gateway.stats import Stats
-from gateway.upstream import Upstream
+from gateway.upstream import RouterLink
 
 # Which typed contents field carries each wire dtype (the protocol's table).
 CONTENTS_FIELD = {
@@ -74,7 +74,7 @@ def request_inputs(request: pb.ModelInferRequest) -> list[inference.NamedTensor]
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(
         self,
-        upstream: Upstream,
+        upstream: RouterLink,
         catalog: Catalog,
         stats: Stats,
         *,

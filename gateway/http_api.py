@@ -31,7 +31,7 @@ from gateway import inference, tensors
 from gateway.catalog import PLATFORM, Catalog
 from gateway.errors import UNAUTHENTICATED, GatewayError, bad_request
 from gateway.stats import Stats
-from gateway.upstream import Upstream
+from gateway.upstream import RouterLink
 from router import protocol as p
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -65,7 +65,7 @@ def _error(exc: GatewayError) -> Response:
 class HttpApi:
     def __init__(
         self,
-        upstream: Upstream,
+        upstream: RouterLink,
         catalog: Catalog,
         stats: Stats,
         *,

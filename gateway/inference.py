@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from gateway.catalog import Catalog, ModelInfo, VersionInfo
 from gateway.errors import NOT_FOUND, GatewayError, bad_request
 from gateway.tensors import WireTensor, oip_datatype
-from gateway.upstream import Upstream
+from gateway.upstream import RouterLink
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ async def _serving(catalog: Catalog, model: str, version: str) -> tuple[ModelInf
 
 
 async def infer(
-    upstream: Upstream,
+    upstream: RouterLink,
     catalog: Catalog,
     model: str,
     version: str,

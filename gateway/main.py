@@ -25,7 +25,8 @@ from typing import Any
 
 from gateway.catalog import Catalog, ControlLink
 from gateway.stats import Stats
-from gateway.upstream import Upstream
+from gateway.upstream import RouterLink, Upstream
+from gateway.zmtp import ZmtpUpstream
 from pool.logs import setup_logging
 from router.lifeline import watch_lifeline
 
@@ -69,6 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="share the port with other gateway processes (SO_REUSEPORT)",
     )
+    ap.add_argument(
+        "--libzmq",
+        action="store_true",
+        help="reach the router through libzmq's DEALER even without CURVE (to compare)",
+    )
     ap.add_argument("--max-body-mb", type=int, default=1024, help="largest request body")
     ap.add_argument("--lifeline-fd", type=int, default=-1, help="exit when this fd hits EOF")
     ap.add_argument("--log-level", default="INFO")
@@ -103,7 +109,13 @@ def on_poold_gone() -> None:
 
 async def _serve(args: argparse.Namespace) -> int:
     curve = read_curve(args.curve_keys)
-    upstream = Upstream(args.frontend, curve=curve)
+    # Our own ZMTP from the loop unless CURVE (or --libzmq) asks for libzmq's DEALER:
+    # no I/O thread to wake twice per request (gateway/zmtp.py says why).
+    upstream: Upstream | ZmtpUpstream
+    if curve is None and not args.libzmq:
+        upstream = ZmtpUpstream(args.frontend)
+    else:
+        upstream = Upstream(args.frontend, curve=curve)
     upstream.start()
     catalog = Catalog(ControlLink(args.control, curve=curve))
     stats = Stats(args.stats)
@@ -139,7 +151,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
 async def _serve_http(
     args: argparse.Namespace,
-    upstream: Upstream,
+    upstream: RouterLink,
     catalog: Catalog,
     stats: Stats,
     token: str,
@@ -194,7 +206,7 @@ def _reuse_port_socket(host: str, port: int) -> socket.socket:
 
 async def _serve_grpc(
     args: argparse.Namespace,
-    upstream: Upstream,
+    upstream: RouterLink,
     catalog: Catalog,
     stats: Stats,
     token: str,

@@ -18,7 +18,7 @@ import asyncio
 import itertools
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import msgpack
 import zmq
@@ -45,6 +45,15 @@ class Reply:
     outputs: tuple[WireTensor, ...] = ()
     code: str = ""
     message: str = ""
+
+
+class RouterLink(Protocol):
+    """What the HTTP and gRPC APIs need of the router: ``Upstream`` (libzmq, any
+    security) or ``gateway.zmtp.ZmtpUpstream`` (the loop's own ZMTP, NULL only)."""
+
+    async def infer(
+        self, model: str, inputs: list[WireTensor], timeout_s: float | None = None
+    ) -> Reply: ...
 
 
 def decode_reply(frames: list[bytes]) -> tuple[Any, Reply]:

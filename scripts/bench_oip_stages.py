@@ -7,8 +7,9 @@ One pool (1 CPU worker, identity TorchScript, 1 KiB float32 [1, 256]) with both 
 one client at a time, closed loop, in this process:
 
   zmq          the ZeroMQ path (router.client): the reference the gateway adds to
-  upstream     the gateway's own DEALER (gateway.upstream) from an asyncio loop here:
-               the ZeroMQ hop as the gateway makes it, with no HTTP or gRPC
+  upstream     libzmq's DEALER as the gateway uses it under CURVE (gateway.upstream),
+               from an asyncio loop here: that ZeroMQ hop with no HTTP or gRPC
+  zmtp         the same hop over the gateway's own ZMTP link (gateway.zmtp), its default
   http-live    GET /v2/health/live: the HTTP hop and server alone, no router
   http         POST .../infer, binary tensors: the whole OIP/HTTP path
   grpc-live    ServerLive: the gRPC hop and server alone
@@ -60,14 +61,15 @@ def stage(name: str, fn: Callable[[], Any], n: int, gw: list[psutil.Process],
           f"poold cpu/req {(r1 - r0) / n * 1e6:5.0f} us", flush=True)  # fmt: skip
 
 
-def upstream_stage(frontend: str, n: int, poold: psutil.Process) -> None:
+def upstream_stage(frontend: str, n: int, poold: psutil.Process, kind: str = "upstream") -> None:
     from gateway.tensors import WireTensor
     from gateway.upstream import Upstream
+    from gateway.zmtp import ZmtpUpstream
 
     data = np.ones((1, 256), np.float32).tobytes()
 
     async def run() -> None:
-        up = Upstream(frontend)
+        up = Upstream(frontend) if kind == "upstream" else ZmtpUpstream(frontend)
         up.start()
         t = [WireTensor("float32", (1, 256), data)]
         loop = asyncio.get_running_loop()
@@ -80,7 +82,7 @@ def upstream_stage(frontend: str, n: int, poold: psutil.Process) -> None:
             await up.infer("id", t)
             lat.append(time.perf_counter() - s)
         own = (time.process_time() - c0) / n * 1e6
-        print(f"  {'upstream':<10} p50 {statistics.median(lat) * 1e6:7.0f} us  "
+        print(f"  {kind:<10} p50 {statistics.median(lat) * 1e6:7.0f} us  "
               f"p90 {np.percentile(lat, 90) * 1e6:7.0f} us  own cpu/req {own:10.0f} us  "
               f"poold cpu/req {(cpu_s([poold]) - r0) / n * 1e6:5.0f} us", flush=True)  # fmt: skip
         up.close()
@@ -139,6 +141,7 @@ def main() -> int:
         client = Client(pool.frontend)
         stage("zmq", lambda: client.infer("id", data), n, [], poold)
         upstream_stage(pool.frontend, n, poold)
+        upstream_stage(pool.frontend, n, poold, "zmtp")
         head = json.dumps({"inputs": [{"name": "input0", "shape": [1, 256], "datatype": "FP32",
                                        "parameters": {"binary_data_size": 1024}}],
                            "parameters": {"binary_data_output": True}}).encode()  # fmt: skip
