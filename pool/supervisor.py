@@ -182,6 +182,7 @@ class Supervisor(StandbyUse, WorkerExits, WorkerStopping):
             "cuda_graphs": cfg.cuda_graphs,
             "hold_device": hold,
             "sandbox": self.sandbox_request(rt, rec),
+            "spawned_at": rec.spawned_at,  # the worker's timings start here (to_main_s)
         }
         if taken is not None:
             token = self.spawner.take(taken.pid, taken.token, spec)
@@ -341,6 +342,9 @@ class Supervisor(StandbyUse, WorkerExits, WorkerStopping):
         timings = event.get("timings")
         rec.timings = {k: float(v) for k, v in timings.items()} if isinstance(timings, dict) else {}
         rec.timings["spawn_to_ready_s"] = now - rec.spawned_at
+        sent = event.get("sent_at")
+        if isinstance(sent, float) and sent <= now:
+            rec.timings["ready_delivery_s"] = now - sent
         rec.rss = int(event.get("rss") or 0)
         frozen = event.get("heap_frozen")
         rec.heap_frozen = frozen if isinstance(frozen, int) else 0

@@ -35,7 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 HERE = os.path.abspath(__file__)
 # The worker's own timings of what follows "go" in a drain-first upgrade (workers.serve).
-WORKER_STEPS = ("to_device_s", "load_s", "warm_s", "probe_s", "arenas_s")
+WORKER_STEPS = ("to_device_s", "load_s", "warm_s", "probe_s", "arenas_s", "main_to_ready_s",
+                "ready_delivery_s")
 STALE_S = 0.02  # kill -9: answers sooner than this after the kill may be the old worker's
 
 
@@ -212,7 +213,9 @@ def run_pool(b: Any, dev: str, fmt: str, paths: list[str], hidden: int, standby:
             print(f"  {tag:<26} surge: spawn->ready {wt['spawn_to_ready_s']:.3f}s "
                   f"(cuda {wt.get('cuda_init_s', 0):.3f}, confine {wt.get('confine_s', 0):.3f}"
                   f", load {wt.get('load_s', 0):.3f}, warm {wt.get('warm_s', 0):.3f}, "
-                  f"arenas {wt.get('arenas_s', 0):.3f})", flush=True)
+                  f"arenas {wt.get('arenas_s', 0):.3f}; spawn->main {wt.get('to_main_s', 0):.3f}"
+                  f", main->ready {wt.get('main_to_ready_s', 0):.3f}, ready event to poold "
+                  f"{wt.get('ready_delivery_s', 0):.3f})", flush=True)
         with Clients(pool.frontend, "m", 8, hidden) as load:
             load.wait_answers(50)
             for _ in range(n):

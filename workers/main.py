@@ -62,6 +62,7 @@ class WorkerSpec:
     # The pool's model roots: what a manifest's golden file must resolve into.
     model_roots: list[str] = field(default_factory=list)
     from_standby: bool = False  # set inside a standby that was taken; never on the wire
+    spawned_at: float = 0.0  # poold's time.monotonic() when it asked for this worker
     # What poold asks of the sandbox (workers.sandbox.confine): mode, run_dir.
     sandbox: dict[str, Any] = field(default_factory=dict)
 

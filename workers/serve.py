@@ -154,6 +154,8 @@ class Worker:
         self.event("hello", model=spec.model, version=spec.version, device=spec.device)
         timings: dict[str, float] = {}
         t0 = time.monotonic()
+        if spec.spawned_at:  # CLOCK_MONOTONIC is the machine's: poold's clock too
+            timings["to_main_s"] = t0 - spec.spawned_at
         if spec.device.startswith("cuda"):
             self.device = torch.device("cuda", 0)
             torch.cuda.init()
@@ -250,8 +252,10 @@ class Worker:
             # (until it does, everything comes on the backend socket).
             self.lane = Lane.connect(spec.lane, spec.wid)
         gpu = torch.cuda.memory_reserved(self.device) if self.device.type == "cuda" else 0
+        timings["main_to_ready_s"] = time.monotonic() - t0
         self.event(
             "ready",
+            sent_at=time.monotonic(),  # poold times the event's way to it (ready_delivery_s)
             timings=timings,
             # Objects kept out of garbage collection: the torch import, frozen by the
             # spawner before it forked this process (workers.heap).
