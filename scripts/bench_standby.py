@@ -278,8 +278,11 @@ def load_vs_bus(b: Any, dev: str, st: str, mib: float) -> None:
           f"unpinned after it, {res['free_s']:.4f}s, as a worker does after ready), staged "
           f"to device {res['staged_s']:.4f}s, pinned copy {res['bus_s']:.4f}s "
           f"({res['bus_gbs']:.1f} GB/s); read side alone, {res['threads']} threads x "
-          f"{res['chunk_mib']} MiB: {res['read_s']:.4f}s ({res['read_gbs']:.1f} GB/s)",
-          flush=True)
+          f"{res['chunk_mib']} MiB: {res['read_s']:.4f}s ({res['read_gbs']:.1f} GB/s); "
+          f"mapped path: {res['mapped_s']:.4f}s ({res['mapped_gbs']:.1f} GB/s)", flush=True)
+    b.compare(Compare("standby", f"safetensors load {mib:.0f} MiB, mapped path / pinned copy",
+                      "mapped", res["mapped_gbs"], "pinned copy", res["bus_gbs"], "GB/s",
+                      target=None, note="GPU_POOL_WEIGHTS_PATH=mapped (not the default)"))
     b.compare(Compare("standby", f"safetensors load {mib:.0f} MiB / pinned H2D copy",
                       "load", res["load_gbs"], "pinned copy", res["bus_gbs"], "GB/s",
                       target=None if dev == "cpu" else 0.6,
@@ -311,7 +314,7 @@ def role_load_vs_bus(cfg: dict[str, Any]) -> int:
 
     from bench_weights_paths import read_ceiling
 
-    loads, frees, staged, bus, reads = [], [], [], [], []
+    loads, frees, staged, bus, reads, mapped = [], [], [], [], [], []
     nbytes = weights.read_header(path).data_size
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
     target = torch.empty(nbytes, dtype=torch.uint8, device=dev)
@@ -333,6 +336,17 @@ def role_load_vs_bus(cfg: dict[str, Any]) -> int:
         if i:
             frees.append(time.monotonic() - t)
         del out
+        weights.defer_host_frees(cuda)  # the mapped path (GPU_POOL_WEIGHTS_PATH=mapped)
+        t = time.monotonic()
+        out = weights.load_file(path, dev, mapped=True)
+        sync()
+        if i:
+            mapped.append(time.monotonic() - t)
+        weights.defer_host_frees(False)
+        weights.flush_host_frees()
+        del out
+        if cuda:
+            torch.cuda.empty_cache()
         t_read = read_ceiling(path, weights.READ_THREADS, weights.CHUNK_BYTES, cuda)
         if i:
             reads.append(t_read)
@@ -353,10 +367,11 @@ def role_load_vs_bus(cfg: dict[str, Any]) -> int:
             torch.cuda.empty_cache()
     med = {k: statistics.median(v) for k, v in (("load_s", loads), ("staged_s", staged),
                                                  ("bus_s", bus), ("free_s", frees),
-                                                 ("read_s", reads))}
+                                                 ("read_s", reads), ("mapped_s", mapped))}
     print(json.dumps({**med, "bytes": nbytes, "load_gbs": nbytes / med["load_s"] / 1e9,
                       "bus_gbs": nbytes / med["bus_s"] / 1e9,
                       "read_gbs": nbytes / med["read_s"] / 1e9,
+                      "mapped_gbs": nbytes / med["mapped_s"] / 1e9,
                       "threads": weights.READ_THREADS, "chunk_mib": weights.CHUNK_BYTES >> 20,
                       "staged_gbs": nbytes / med["staged_s"] / 1e9,
                       "loads": loads, "bus": bus}), flush=True)

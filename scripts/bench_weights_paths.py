@@ -219,6 +219,24 @@ def main() -> int:
                 base,
             )
 
+        for chunk_mib in (8, 32, 128):
+
+            def load_mapped(c: int = chunk_mib) -> object:
+                # As a worker does it: the registrations undone after ready, untimed here.
+                weights.defer_host_frees(True)
+                try:
+                    return weights.load_file(st, dev, chunk_bytes=c << 20, mapped=True)
+                finally:
+                    weights.defer_host_frees(False)
+                    weights.flush_host_frees()
+
+            report(
+                f"workers.weights mapped, {chunk_mib} MiB chunks registered",
+                median_time(load_mapped, dev, args.repeats),
+                nbytes,
+                base,
+            )
+
         pin = dev.type == "cuda"
         for threads in CEILING_THREADS:
             times = [

@@ -18,6 +18,7 @@ No pickle anywhere: the header is JSON and the data raw bytes.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import struct
@@ -27,6 +28,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from workers import weights_mapped
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "CHUNK_BYTES",
@@ -148,9 +153,12 @@ def load_file(
     threads: int = READ_THREADS,
     ring_slots: int = RING_SLOTS,
     progress: Callable[[int], None] | None = None,
+    mapped: bool | None = None,
 ) -> dict[str, torch.Tensor]:
     """The tensors of ``path`` on ``device``, bit-identical to
     ``safetensors.torch.load_file``; each tensor has its own contiguous storage.
+    ``mapped`` (None: ``GPU_POOL_WEIGHTS_PATH=mapped`` on CUDA): copy from the mapped,
+    page-locked file instead (``workers.weights_mapped``; the ring where that fails).
 
     On CUDA the data is streamed through ``ring_slots`` pinned buffers of ``chunk_bytes``
     filled by ``threads`` readers. On any other device the same chunking and threading
@@ -167,6 +175,15 @@ def load_file(
     fd = _open(path)
     try:
         header = _read_header(fd)
+        if mapped is None:
+            mapped = device.type == "cuda" and weights_mapped.wanted()
+        if mapped:
+            try:
+                return weights_mapped.stream_mapped(
+                    fd, header, device, chunk_bytes, _copy_chunk, bool(_defer["on"]), progress
+                )
+            except weights_mapped.HostRegisterError as e:
+                log.warning("%s: the mapped path failed (%s); reading through the ring", path, e)
         return _stream(fd, header, device, chunk_bytes, threads, ring_slots, progress)
     finally:
         os.close(fd)
@@ -530,14 +547,15 @@ def defer_host_frees(on: bool = True) -> bool:
     """From now on (``on``), keep freed pinned blocks cached until ``flush_host_frees``;
     returns whether a deferred free is pending."""
     _defer["on"] = on
-    return bool(_defer["pending"])
+    return bool(_defer["pending"]) or bool(weights_mapped._pending)
 
 
 def flush_host_frees() -> bool:
     """Give back the pinned blocks whose release was deferred; True if there were any."""
-    pending = bool(_defer["pending"])
+    pending = bool(_defer["pending"]) or bool(weights_mapped._pending)
     _defer["pending"] = False
     if pending:
+        weights_mapped.unregister_all()
         _free_host_cache()
     return pending
 

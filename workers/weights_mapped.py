@@ -1,0 +1,142 @@
+"""A second way to put a safetensors data region on a GPU: from the page cache itself.
+
+``workers.weights`` copies the file into a ring of pinned buffers (page cache -> pinned
+memory by reader threads, then pinned -> device by DMA): every byte crosses host memory
+three times. Here the file is mapped, and each chunk of the mapping is page-locked in
+place (``cudaHostRegister`` with ``cudaHostRegisterReadOnly``), so the copy engine reads
+the page cache directly: one crossing, no reader threads, at the price of registering
+(pinning) the file's pages, which overlaps the copies of the chunks before. The
+registrations are undone after the worker is ready (``weights.flush_host_frees``), as
+the ring's unpinning is.
+
+Chosen by ``GPU_POOL_WEIGHTS_PATH=mapped`` (default: the ring); which is faster depends
+on the host (``scripts/bench_weights_paths.py`` times both). On a CPU the registration
+is skipped, so tests cover the chunk logic.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from workers.weights import Header
+
+PATH_ENV = "GPU_POOL_WEIGHTS_PATH"
+PAGE = mmap.PAGESIZE
+HOST_REGISTER_READ_ONLY = 0x08  # cudaHostRegisterReadOnly: the mapping is PROT_READ
+
+# Mappings still registered: (mmap, its tensor view, [(address, bytes)]); undone by
+# ``unregister_all`` (weights.flush_host_frees) or at once when frees are not deferred.
+_pending: list[tuple[mmap.mmap, torch.Tensor, list[tuple[int, int]]]] = []
+
+
+def wanted() -> bool:
+    return os.environ.get(PATH_ENV, "") == "mapped"
+
+
+class HostRegisterError(RuntimeError):
+    """cudaHostRegister refused a range (the caller falls back to the ring)."""
+
+
+def _cudart() -> Any:
+    return torch.cuda.cudart()
+
+
+def _register(addr: int, size: int) -> None:
+    err = _cudart().cudaHostRegister(addr, size, HOST_REGISTER_READ_ONLY)
+    if int(getattr(err, "value", err)) != 0:
+        raise HostRegisterError(f"cudaHostRegister({size} bytes) failed: error {err}")
+
+
+def _unregister(regions: list[tuple[int, int]]) -> None:
+    if not regions:
+        return  # nothing registered (a CPU): no CUDA runtime to ask
+    rt = _cudart()
+    for addr, _ in regions:
+        rt.cudaHostUnregister(addr)
+
+
+def unregister_all() -> None:
+    while _pending:
+        mm, view, regions = _pending.pop()
+        _unregister(regions)
+        del view
+        _close(mm)
+
+
+def stream_mapped(
+    fd: int,
+    header: Header,
+    device: torch.device,
+    chunk: int,
+    copy_chunk: Callable[..., int],
+    defer: bool,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The tensors of ``header`` on ``device``, copied chunk by chunk from the mapped
+    file (``copy_chunk``: ``weights._copy_chunk``). ``defer``: leave the registrations
+    for ``unregister_all``."""
+    cuda = device.type == "cuda"
+    total = header.data_size
+    out: dict[str, torch.Tensor] = {
+        s.name: torch.empty(s.shape, dtype=s.dtype, device=device)
+        for s in header.tensors
+        if not s.nbytes
+    }
+    if total == 0:
+        return {s.name: out[s.name] for s in header.tensors}
+    size = os.fstat(fd).st_size
+    mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+    with warnings.catch_warnings():  # a read-only buffer: torch warns, nothing writes it
+        warnings.simplefilter("ignore")
+        base = torch.frombuffer(mm, dtype=torch.uint8)
+    regions: list[tuple[int, int]] = []
+    addr = base.data_ptr()
+    kept = False
+    try:
+        pieces = [s for s in header.tensors if s.nbytes]
+        dst: list[torch.Tensor] = []
+        first, done_to = 0, 0  # file offset up to which the mapping is registered
+        for lo in range(0, total, chunk):
+            hi = min(total, lo + chunk)
+            end = min(size, -(-(header.data_start + hi) // PAGE) * PAGE)
+            if cuda and end > done_to:
+                start = done_to if done_to else (header.data_start // PAGE) * PAGE
+                _register(addr + start, end - start)
+                regions.append((addr + start, end - start))
+                done_to = end
+            while len(dst) < len(pieces) and pieces[len(dst)].begin < hi:
+                p = pieces[len(dst)]
+                out[p.name] = torch.empty(p.shape, dtype=p.dtype, device=device)
+                dst.append(out[p.name].reshape(-1).view(torch.uint8))
+            src = base[header.data_start + lo : header.data_start + hi]
+            first = copy_chunk(src, lo, pieces, dst, first, cuda)
+            del src
+            if progress is not None:
+                progress(hi - lo)
+        if cuda:
+            torch.cuda.current_stream(device).synchronize()
+        if defer and regions:
+            _pending.append((mm, base, regions))
+            kept = True
+        return {s.name: out[s.name] for s in header.tensors}
+    finally:
+        if not kept:
+            if cuda:
+                torch.cuda.current_stream(device).synchronize()  # no copy reads it now
+            _unregister(regions)
+            del base
+            _close(mm)
+
+
+def _close(mm: mmap.mmap) -> None:
+    try:
+        mm.close()
+    except BufferError:  # a view still exported (an error unwinding): the GC closes it
+        pass
