@@ -32,10 +32,12 @@ from pool.op_result import OpFailed, result_message
 from pool.operations import ModelOp, digest_then, start_operation
 from pool.reload import ReloadResult
 from pool.runtime import ModelRuntime
+from pool.spawn import SpawnerClient
 from pool.state import Deployed
 from pool.supervisor import Supervisor
 from pool.upgrade import Refused, Upgrade
 from router import protocol as p
+from router.router import Router
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +55,15 @@ class ControlServer:
         self,
         sock: zmq.Socket[Any],
         sup: Supervisor,
+        router: Router,
+        spawner: SpawnerClient,
         roots: list[str],
         on_reload: Callable[[Callable[[ReloadResult], None]], None],
     ) -> None:
         self.sock = sock
         self.sup = sup
+        self.router = router  # read for status: queue depths, requests in flight
+        self.spawner = spawner
         self.roots = roots
         self.on_reload = on_reload
         self.started = time.time()
@@ -162,7 +168,7 @@ class ControlServer:
                     "path": dep.path if dep else None,
                     "generation": rt.serving_gen,
                     "devices": list(rt.devices),
-                    "queue": self.sup.router.queue_len(rt.name),
+                    "queue": self.router.queue_len(rt.name),
                     "operation": rt.busy,
                     "failed": rt.failed,
                     "workers": [w.describe() for w in rt.workers if w.alive],
@@ -171,8 +177,8 @@ class ControlServer:
         return {
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started, 1),
-            "spawner_pid": self.sup.spawner.pid,
-            "inflight": self.sup.router.inflight_count(),
+            "spawner_pid": self.spawner.pid,
+            "inflight": self.router.inflight_count(),
             "state_unsaved": self.sup.store.problem(),
             "models": models,
             "standby": self.sup.standbys.summary(),

@@ -15,7 +15,6 @@ import signal
 import tempfile
 import time
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 import zmq
@@ -26,6 +25,20 @@ from pool.control import ControlServer
 from pool.curve_keys import AuthorizedKeys
 from pool.dirs import private_dir
 from pool.door_metrics import DoorCollector
+from pool.events import (
+    Event,
+    KillAll,
+    Poll,
+    SpawnerMessage,
+    SpawnFailed,
+    StopAll,
+    Tick,
+    WorkerExited,
+    WorkerMessage,
+    WorkerOverdue,
+    WorkerSpawned,
+    WorkerUnreachable,
+)
 from pool.gateways import Gateways, admit_gateways, gateway_specs
 from pool.gpu import Gpu
 from pool.health import PoolHealth, assess
@@ -40,16 +53,18 @@ from pool.metrics import (
     StandbySample,
     WorkerSample,
 )
-from pool.operations import start_recycle
 from pool.reload import ReloadResult, apply_reload
 from pool.rundirs import clean_stale, make_rundir
 from pool.sdnotify import Notifier, watchdog_interval
+from pool.shell import Shell
 from pool.spawn import SpawnerClient
+from pool.standby import Standbys
 from pool.state import Deployed, StateStore, file_digest
 from pool.supervisor import Supervisor
 from pool.topology import Topology
 from router.door import Door, connection_limit, raise_nofile
 from router.router import Router
+from router.table import WorkerSlot
 from workers.heap import freeze_heap
 from workers.spawner import reaped
 
@@ -163,10 +178,10 @@ class Daemon:
             os.chmod(path, 0o600)
         self.spawner = SpawnerClient(
             self.lifeline_r,
-            self._on_spawned,
-            self._on_exited,
-            self._on_spawn_failed,
-            lambda msg: self.sup.on_spawner_message(msg),
+            lambda token, pid: self.feed(WorkerSpawned(token, pid, time.monotonic())),
+            lambda pid, status: self.feed(WorkerExited(pid, status, time.monotonic())),
+            lambda token, why: self.feed(SpawnFailed(token, why, time.monotonic())),
+            lambda msg: self.feed(SpawnerMessage(msg, time.monotonic())),
         )
         # JSON logs must be only JSON, and the journal wants a priority on every line:
         # children's stderr then comes through us as records (see pool.logs).
@@ -177,23 +192,29 @@ class Daemon:
         self.store = StateStore(self.pool.state_dir)
         self.sup = Supervisor(
             self.config,
-            self.router,
-            self.spawner,
+            Standbys(self.spawner.standby, self.gpu, self.lifeline_r),
             self.store,
             self.gpu,
             self.metrics,
             backend,
+            self.router.lane,
             self.lifeline_r,
         )
-        self.sup.recycle = partial(start_recycle, self.sup)
+        self.shell = Shell(
+            self.sup, self.router, self.spawner, self.store, self.gpu, self.metrics
+        )
         self.roots = self.sup.roots
-        self.control = ControlServer(self.control_sock, self.sup, self.roots, self.reload)
+        self.control = ControlServer(
+            self.control_sock, self.sup, self.router, self.spawner, self.roots, self.reload
+        )
         self.manager = Manager(self)
         self.control.commands.update(manage_commands(self.manager, self.control))
         # The config names the models; what pool-ctl load/unload/scale did since wins.
         self.topology = Topology(self.pool.state_dir)
+        self.feed(Poll(time.monotonic()))  # the supervisor's clock: its first workers' start
         for model in self.topology.apply(self.config.models):
             self.add_model(model)
+        self.shell.flush()
         keys = getattr(self, "gateway_keys", None)
         self.gateways = Gateways(
             gateway_specs(self.pool, self.rundir, (curve[0], *keys) if curve and keys else None),
@@ -242,18 +263,22 @@ class Daemon:
             self.gateway_keys = admit_gateways(self.curve_keys)
         return public, secret
 
+    def feed(self, event: Event) -> None:
+        """One event to the supervisor, and what it decided carried out (pool.shell)."""
+        self.shell.feed(event)
+
     def _events_proxy(self) -> Any:
         daemon = self
 
-        class Events:  # the supervisor exists only after the router; forward lazily
+        class Events:  # the router's callbacks, as events (the supervisor comes later)
             def on_worker_event(self, wid: bytes, event: dict[str, Any]) -> None:
-                daemon.sup.on_worker_event(wid, event)
+                daemon.feed(WorkerMessage(wid, event, time.monotonic()))
 
             def on_worker_unreachable(self, wid: bytes) -> None:
-                daemon.sup.on_worker_unreachable(wid)
+                daemon.feed(WorkerUnreachable(wid, time.monotonic()))
 
-            def on_worker_overdue(self, slot: Any) -> None:
-                daemon.sup.on_worker_overdue(slot)
+            def on_worker_overdue(self, slot: WorkerSlot) -> None:
+                daemon.feed(WorkerOverdue(slot.wid, time.monotonic()))
 
         return Events()
 
@@ -280,17 +305,9 @@ class Daemon:
             if cur is not None and state.config_path != model.path:
                 state.config_path = model.path
                 self.store.save(state)
-        self.sup.add_model(model, devices, deployed)
+        self.sup.add_model(model, devices, deployed, state)
 
     # -------------------------------------------------------------- callbacks
-    def _on_spawned(self, token: int, pid: int) -> None:
-        self.sup.on_spawned(token, pid)
-
-    def _on_exited(self, pid: int, status: int) -> None:
-        self.sup.on_exited(pid, status)
-
-    def _on_spawn_failed(self, token: int, reason: str) -> None:
-        self.sup.on_spawn_failed(token, reason)
 
     def health(self) -> tuple[bool, bool, str]:
         """For /healthz and /readyz (HTTP thread): reads only the published record.
@@ -348,7 +365,7 @@ class Daemon:
             if self.gateways.owns(pid):
                 self.gateways.on_exited(pid, status)
             elif pid != self.spawner.pid:
-                self.sup.on_exited(pid, status)
+                self.feed(WorkerExited(pid, status, time.monotonic()))
 
     # -------------------------------------------------------------- the loop
     def run(self) -> int:
@@ -376,6 +393,7 @@ class Daemon:
             self.router.pump(timeout)
             if self.router.woke(0):
                 self.control.handle()
+                self.shell.flush()  # what the commands' operations decided
             if self.router.woke(2):
                 self.door.handle()
                 self.door_stats = self.door.stats()
@@ -389,11 +407,12 @@ class Daemon:
                 except BlockingIOError:
                     pass
             self.handle_signals()
+            self.shell.flush()  # a reload's operations
             now = time.monotonic()
             if now - self.last_tick >= TICK_S:
                 self.last_tick = now
                 self.router.sweep(now)
-                self.sup.tick(now)
+                self.feed(Tick(now))
                 if self.running:
                     self.gateways.tick(now)
                 if self.running and self.spawner.maybe_restart(now):
@@ -401,7 +420,7 @@ class Daemon:
                     wakeups()
                 self.systemd(now)
             else:
-                self.sup.scheduler.poll()
+                self.feed(Poll(now))
             if now >= next_publish:
                 next_publish = now + PUBLISH_EVERY_S
                 self.publish()
@@ -422,11 +441,11 @@ class Daemon:
         if drained or now - since > self.pool.drain_timeout_s:
             if not getattr(self, "_workers_told", False):
                 self._workers_told = True
-                self.sup.stop_all()
+                self.feed(StopAll(now))
                 self.sup.standbys.stop_all()
             limit = self.pool.drain_timeout_s + self.pool.stop_timeout_s + 10
             if self.sup.all_exited() or now - since > limit:
-                self.sup.kill_all()
+                self.feed(KillAll(now))
                 return -1.0
         return since
 

@@ -9,17 +9,11 @@ its queue and new requests ``MODEL_UNAVAILABLE`` until an upgrade or rollback cl
 from __future__ import annotations
 
 import logging
-import shutil
-import time
-from typing import TYPE_CHECKING
 
+from pool.commands import Command, FailQueued, ObserveExit, RemoveDir, RemoveWorker
 from pool.lifecycle import WorkerRecord, WorkerState, describe_exit, exit_code
 from pool.runtime import ModelRuntime
 from workers.exitcodes import BOOT_FAILURES, REASONED_EXITS
-
-if TYPE_CHECKING:
-    from pool.metrics import PoolMetrics
-    from router.router import Router
 
 log = logging.getLogger("pool.supervisor")
 
@@ -30,14 +24,26 @@ REASON_GRACE_S = 0.5
 class WorkerExits:
     """The exits half of the supervisor (mixed into ``pool.supervisor.Supervisor``)."""
 
-    router: Router
-    metrics: PoolMetrics
+    now: float  # the time of the event being handled (pool.supervisor.Supervisor.handle)
     models: dict[str, ModelRuntime]
     by_wid: dict[bytes, WorkerRecord]
     by_pid: dict[int, WorkerRecord]
     # Workers that exited with a boot-failure code before their "failed" event (with
     # the reason) arrived: wid -> (record, wait status, when to stop waiting).
     awaiting_reason: dict[bytes, tuple[WorkerRecord, int, float]]
+
+    def emit(self, command: Command) -> None:
+        raise NotImplementedError
+
+    def unroute(self, rec: WorkerRecord, lost: bool) -> int:
+        """Take ``rec`` out of the router (once); the requests it held, which the router
+        retries or answers WORKER_LOST."""
+        if not rec.routed:
+            return 0
+        rec.routed = False
+        held = rec.slot_view.load
+        self.emit(RemoveWorker(rec.slot_view.wid, lost))
+        return held
 
     def on_exited(self, pid: int, status: int) -> None:
         rec = self.by_pid.pop(pid, None)
@@ -47,7 +53,7 @@ class WorkerExits:
             # The worker sent its reason ("load: ...") as an event before it exited, but
             # the event comes over the backend socket and the exit through the spawner's
             # pipe, and the exit can arrive first. Wait a moment for the reason.
-            deadline = time.monotonic() + REASON_GRACE_S
+            deadline = self.now + REASON_GRACE_S
             self.awaiting_reason[rec.slot_view.wid] = (rec, status, deadline)
             return
         self._exited(rec, status)
@@ -71,13 +77,13 @@ class WorkerExits:
         rec.exit_status = status
         how = describe_exit(status) if status is not None else (rec.failure or "no process")
         rt = self.models.get(rec.model)
-        lost = self.router.remove_worker(rec.slot_view.wid, lost=not rec.expected_exit)
+        lost = self.unroute(rec, lost=not rec.expected_exit)
         self.by_wid.pop(rec.slot_view.wid, None)
         if rec.pid is not None:
             self.by_pid.pop(rec.pid, None)
         rec.to(WorkerState.EXITED)
         if rec.run_dir:
-            shutil.rmtree(rec.run_dir, ignore_errors=True)
+            self.emit(RemoveDir(rec.run_dir))
         if rt is None:
             return
         rt.workers = [w for w in rt.workers if w.alive]
@@ -89,7 +95,7 @@ class WorkerExits:
                 how,
                 extra={"model": rec.model, "version": rec.version, "worker_pid": rec.pid},
             )
-            self.metrics.observe_worker_exit(rec.model, rec.exit_reason or "retired")
+            self.emit(ObserveExit(rec.model, rec.exit_reason or "retired"))
             return
         reason = rec.exit_reason or (
             "boot_failed" if boot or exit_code(status) in BOOT_FAILURES else "crashed"
@@ -110,12 +116,12 @@ class WorkerExits:
             lost,
             extra={"model": rec.model, "version": rec.version, "worker_pid": rec.pid},
         )
-        self.metrics.observe_worker_exit(rec.model, reason)
+        self.emit(ObserveExit(rec.model, reason))
         if rt.busy is None and rec.generation == rt.serving_gen:
             self._schedule_restart(rt, rec.slot, rec.failure)
 
     def _schedule_restart(self, rt: ModelRuntime, slot: int, why: str) -> None:
-        delay = rt.flap.failure()
+        delay = rt.flap.failure(self.now)
         if delay is None:
             self.mark_failed(
                 rt,
@@ -123,19 +129,13 @@ class WorkerExits:
                 f"{rt.flap.window_s:.0f}s; last: {why}",
             )
             return
-        rt.restarts.append((time.monotonic() + delay, slot))
+        rt.restarts.append((self.now + delay, slot))
 
     def mark_failed(self, rt: ModelRuntime, why: str) -> None:
         rt.failed = why
         rt.route.unavailable = f"model {rt.name!r} is failed: {why}"
-        n = self.router.fail_queued(rt.name, "MODEL_UNAVAILABLE", rt.route.unavailable)
-        log.error(
-            "model %s marked failed (%d queued requests answered): %s",
-            rt.name,
-            n,
-            why,
-            extra={"model": rt.name},
-        )
+        # The shell answers the queue and logs "model marked failed" with the count.
+        self.emit(FailQueued(rt.name, "MODEL_UNAVAILABLE", rt.route.unavailable, why))
 
     def clear_failed(self, rt: ModelRuntime) -> None:
         rt.failed = None

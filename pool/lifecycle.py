@@ -99,6 +99,7 @@ class WorkerRecord:
     device_used_at_spawn: int | None = None
     stop_stage: int = 0
     stop_deadline: float = 0.0
+    routed: bool = True  # in the router's table: until the supervisor's RemoveWorker
     recycle_after: int = 0
     shapes: list[Any] = field(default_factory=list)
     from_standby: bool = False  # started in a hot standby (pool.standby), not a fresh fork

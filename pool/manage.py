@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
+from pool.commands import RemoveRoute
 from pool.config import ConfigError, ModelConfig
 from pool.lifecycle import WorkerState
 from pool.load_progress import LoadingReport
@@ -149,7 +150,7 @@ class Manager:
 
         def op() -> ModelOp:
             pids = [w.pid for w in rt.alive()]
-            progress("draining", queued=self.sup.router.queue_len(rt.name), pids=pids)
+            progress("draining", queued=self.d.router.queue_len(rt.name), pids=pids)
             lost = yield from self._drain_out(rt, fail_queue=False)
             return UnloadResult(rt.name, tuple(pids), lost, time.monotonic() - t0)
 
@@ -170,14 +171,14 @@ class Manager:
 
     def _drain_out(self, rt: ModelRuntime, fail_queue: bool) -> Generator[Wait, bool, int]:
         """Refuse new requests, serve the queue, drain and reap every worker."""
-        sup = self.sup
+        sup, router = self.sup, self.d.router
         rt.removing = True
         rt.restarts.clear()
         rt.route.unavailable = f"model {rt.name!r} is being unloaded"
         sup.activate(rt)  # pushes the route: new requests are answered at once
         if not fail_queue:
-            yield Wait(lambda: sup.router.queue_len(rt.name) == 0, sup.pool.drain_timeout_s)
-        lost = sup.router.fail_queued(rt.name, "MODEL_UNAVAILABLE", rt.route.unavailable)
+            yield Wait(lambda: router.queue_len(rt.name) == 0, sup.pool.drain_timeout_s)
+        lost = router.fail_queued(rt.name, "MODEL_UNAVAILABLE", rt.route.unavailable)
         recs = rt.alive()
         for rec in recs:
             sup.retire(rec)
@@ -191,7 +192,7 @@ class Manager:
         rt = self.sup.models.pop(name, None)
         if rt is None:
             return
-        self.sup.router.remove_route(name)
+        self.sup.emit(RemoveRoute(name))  # after the commands decided before it
         self.d.metrics.forget_model(name)
 
     # ----------------------------------------------------------------- scale

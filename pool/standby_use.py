@@ -11,8 +11,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-import msgpack
-
+from pool.commands import Command, SendControl
 from pool.config import sandbox_mode, standby_wanted
 from pool.lifecycle import WorkerRecord, WorkerState
 from pool.preload import PreloadSpec, preload_key, preload_setting
@@ -22,18 +21,19 @@ from pool.standby import Standbys, Taken, device_level
 if TYPE_CHECKING:
     from pool.config import PoolConfig
     from pool.gpu import Gpu
-    from router.router import Router
 
 
 class StandbyUse:
     pool: PoolConfig
     gpu: Gpu
-    router: Router
     models: dict[str, ModelRuntime]
     by_token: dict[int, WorkerRecord]
     standbys: Standbys
     roots: list[str]
     backend: str
+
+    def emit(self, command: Command) -> None:
+        raise NotImplementedError
 
     def takes_standby(self, rt: ModelRuntime, device: str) -> bool:
         return standby_wanted(self.pool, rt.cfg, device)
@@ -70,7 +70,7 @@ class StandbyUse:
     def release(self, rec: WorkerRecord) -> None:
         """A held worker may now put its staged weights on the device."""
         rec.holding = False
-        self.router.send_control(rec.slot_view.wid, msgpack.packb({"t": "go"}))
+        self.emit(SendControl(rec.slot_view.wid, {"t": "go"}))
 
     def context_pids(self, device: str) -> set[int]:
         """Processes on ``device`` holding a CUDA context and no model (pool.standby)."""

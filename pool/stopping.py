@@ -9,20 +9,15 @@ SIGABRT first, so its faulthandler writes every thread's stack to the log.
 from __future__ import annotations
 
 import logging
-import os
 import signal
-import time
 from typing import TYPE_CHECKING
 
-import msgpack
-import psutil
-
+from pool.commands import Command, Deactivate, ProbePid, SendControl, Signal
 from pool.lifecycle import WorkerRecord, WorkerState
 from pool.runtime import ModelRuntime
 
 if TYPE_CHECKING:
     from pool.config import PoolConfig
-    from router.router import Router
 
 log = logging.getLogger("pool.supervisor")
 
@@ -33,18 +28,24 @@ class WorkerStopping:
     """The stopping half of the supervisor (mixed into ``pool.supervisor.Supervisor``)."""
 
     pool: PoolConfig
-    router: Router
+    now: float  # the time of the event being handled (pool.supervisor.Supervisor.handle)
     models: dict[str, ModelRuntime]
 
     def _exited(self, rec: WorkerRecord, status: int | None) -> None:
         raise NotImplementedError
 
+    def emit(self, command: Command) -> None:
+        raise NotImplementedError
+
+    def unroute(self, rec: WorkerRecord, lost: bool) -> int:
+        raise NotImplementedError
+
     def retire(self, rec: WorkerRecord) -> None:
         """Take a worker out of routing; it is stopped once it holds nothing."""
         if rec.state in (WorkerState.READY,):
-            self.router.deactivate(rec.slot_view)
+            self.emit(Deactivate(rec.slot_view))
             rec.to(WorkerState.DRAINING)
-            rec.stop_deadline = time.monotonic() + self.pool.drain_timeout_s
+            rec.stop_deadline = self.now + self.pool.drain_timeout_s
             rec.expected_exit = True
         elif rec.alive and rec.state is not WorkerState.DRAINING:
             self.stop(rec)
@@ -54,11 +55,11 @@ class WorkerStopping:
         if not rec.alive or rec.stop_stage:
             return
         rec.expected_exit = True
-        self.router.deactivate(rec.slot_view)
+        self.emit(Deactivate(rec.slot_view))
         rec.to(WorkerState.STOPPING)
         rec.stop_stage = 1
-        rec.stop_deadline = time.monotonic() + self.pool.stop_timeout_s
-        self.router.send_control(rec.slot_view.wid, msgpack.packb({"t": "stop"}))
+        rec.stop_deadline = self.now + self.pool.stop_timeout_s
+        self.emit(SendControl(rec.slot_view.wid, {"t": "stop"}))
 
     def kill(self, rec: WorkerRecord, why: str, reason: str = "crashed") -> None:
         """A worker that is broken: signal its process group now, re-route its requests.
@@ -73,24 +74,18 @@ class WorkerStopping:
             extra={"model": rec.model, "version": rec.version, "worker_pid": rec.pid},
         )
         rec.failure = rec.failure or why
-        self.router.remove_worker(rec.slot_view.wid, lost=True)
+        self.unroute(rec, lost=True)
         if rec.state is not WorkerState.STOPPING:
             rec.to(WorkerState.STOPPING)
         rec.stop_stage = 2
-        rec.stop_deadline = time.monotonic() + KILL_GRACE_S
+        rec.stop_deadline = self.now + KILL_GRACE_S
         # SIGABRT: the worker's faulthandler writes every thread's stack to the log first,
         # which is what an operator needs to see of a hung model. SIGKILL follows.
         self._signal(rec, signal.SIGABRT)
 
     def _signal(self, rec: WorkerRecord, sig: int) -> None:
-        if rec.pid is None:
-            return
-        try:
-            os.killpg(rec.pid, sig)  # the worker leads its own session and group
-        except ProcessLookupError:
-            pass
-        except PermissionError as exc:
-            log.error("cannot signal worker %s: %s", rec.pid, exc)
+        if rec.pid is not None:  # the worker leads its own session and group: killpg
+            self.emit(Signal(rec.pid, sig, rec.stop_stage))
 
     def _tick_worker(self, rt: ModelRuntime, rec: WorkerRecord, now: float) -> None:
         state = rec.state
@@ -106,8 +101,10 @@ class WorkerStopping:
                 rec.stop_stage = 3
                 rec.stop_deadline = now + KILL_GRACE_S
                 self._signal(rec, signal.SIGKILL)
-            elif rec.pid is None or not psutil.pid_exists(rec.pid):
-                self._exited(rec, None)  # never spawned, or reaped without our hearing of it
+            elif rec.pid is None:
+                self._exited(rec, None)  # never spawned
+            else:  # reaped without our hearing of it? The shell answers WorkerVanished
+                self.emit(ProbePid(rec.slot_view.wid, rec.pid))
         elif rec.booting:
             if now - rec.spawned_at > self.pool.boot_timeout_s:
                 rec.failure = f"not ready after {self.pool.boot_timeout_s:.0f}s (boot_timeout_s)"

@@ -1,9 +1,12 @@
 """The supervisor: which workers exist, what state they are in, and what to do about it.
 
-It spawns workers through the preloaded spawner, hears their events through the router,
-hears their exits from the spawner's reaper (and poold's own, for orphans), replaces
-workers that crash or hang (with a restart-storm guard), retires drained workers in
-stages, and recycles workers by policy. Long operations live in ``pool.upgrade``.
+A decision core: ``handle`` takes one event (``pool.events``: a worker's message, an
+exit, a spawn, a tick with the time, a memory sample, ...) and returns the commands it
+decided (``pool.commands``: spawn, signal, route, record, ...), which the daemon carries
+out. It replaces workers that crash or hang (with a restart-storm guard), retires
+drained workers in stages, and recycles workers by policy; it reads no clock (the time
+comes with each event) and holds no socket, spawner or signal of its own. Long
+operations live in ``pool.upgrade``; what they decide lands in the same outbox.
 """
 
 from __future__ import annotations
@@ -12,25 +15,51 @@ import logging
 import os
 import random
 import signal
-import time
-from collections.abc import Callable
+from collections.abc import Mapping
 from itertools import count
 from typing import Any
 
+from pool.commands import (
+    Activate,
+    AddRoute,
+    AddWorker,
+    Command,
+    ObserveBatch,
+    Record,
+    Recycle,
+    SampleMemory,
+    SaveState,
+    Spawn,
+)
 from pool.config import Config, ModelConfig, effective_model_roots, sandbox_mode
 from pool.contract import MAX_EXAMPLES, Contract, ContractError, InputSignature
+from pool.events import (
+    Event,
+    KillAll,
+    MemorySample,
+    Poll,
+    SpawnAsked,
+    SpawnerMessage,
+    SpawnFailed,
+    StopAll,
+    Tick,
+    WorkerExited,
+    WorkerMessage,
+    WorkerOverdue,
+    WorkerSpawned,
+    WorkerUnreachable,
+    WorkerVanished,
+)
 from pool.exits import WorkerExits
 from pool.gpu import Gpu, device_index
 from pool.lifecycle import WorkerRecord, WorkerState
 from pool.metrics import PoolMetrics
 from pool.runtime import ModelRuntime
-from pool.spawn import SpawnerClient
 from pool.standby import Standbys
 from pool.standby_use import StandbyUse
-from pool.state import Deployed, StateStore
+from pool.state import Deployed, ModelState, StateStore
 from pool.stopping import WorkerStopping
 from pool.tasks import Scheduler
-from router.router import Router
 from router.table import ModelRoute, WorkerSlot
 
 log = logging.getLogger(__name__)
@@ -61,50 +90,98 @@ class Supervisor(StandbyUse, WorkerExits, WorkerStopping):
     def __init__(
         self,
         config: Config,
-        router: Router,
-        spawner: SpawnerClient,
+        standbys: Standbys,
         store: StateStore,
         gpu: Gpu,
         metrics: PoolMetrics,
         backend: str,
+        lane: str,
         lifeline_fd: int,
     ) -> None:
         self.config = config
         self.pool = config.pool
-        self.router = router
-        self.spawner = spawner
+        # The store, NVML and metrics are the operations' (pool.upgrade commits a switch
+        # and reads device levels through them); the supervisor's own decisions leave
+        # commands instead.
         self.store = store
         self.gpu = gpu
         self.metrics = metrics
         self.backend = backend
+        self.lane = lane  # the router's lane socket, for the workers' spec ("" = none)
         self.lifeline_fd = lifeline_fd
         self.models: dict[str, ModelRuntime] = {}
-        # Replacing a worker is an operation (pool.operations.start_recycle, wired in by
-        # the daemon): a hook, so this module does not import the operations that
-        # import it. None (a supervisor built for a test): no recycling.
-        self.recycle: Callable[[ModelRuntime, WorkerRecord, str], None] | None = None
+        self.outbox: list[Command] = []
+        self.now = 0.0  # the time of the event being handled: the only clock here
         self.by_wid: dict[bytes, WorkerRecord] = {}
         self.by_pid: dict[int, WorkerRecord] = {}
         self.by_token: dict[int, WorkerRecord] = {}
         # Workers that exited with a boot-failure code before their "failed" event (with
         # the reason) arrived: wid -> (record, wait status, when to stop waiting).
         self.awaiting_reason: dict[bytes, tuple[WorkerRecord, int, float]] = {}
-        self.scheduler = Scheduler()
+        self.scheduler = Scheduler(clock=lambda: self.now)
         self.wids = count(1)
         self.last_sample = 0.0
-        self.standbys = Standbys(spawner.standby, gpu, lifeline_fd)
+        self.standbys = standbys
         self.standbys.preload_target = self.preload_target
         # Where models may be loaded from; shared with the control server (one list).
         # Workers are told them too: a manifest's golden file must lie inside.
         self.roots: list[str] = list(effective_model_roots(config))
 
+    # ------------------------------------------------------------ the interface
+    def handle(self, event: Event) -> list[Command]:
+        """Decide what ``event`` means; the commands to carry out, in order."""
+        self.now = event.now
+        match event:
+            case WorkerMessage(wid, message, _):
+                self.on_worker_event(wid, message)
+            case SpawnAsked(wid, token, _):
+                rec = self.by_wid.get(wid)
+                if rec is not None:
+                    self.by_token[token] = rec
+            case WorkerSpawned(token, pid, _):
+                self.on_spawned(token, pid)
+            case SpawnFailed(token, reason, _):
+                self.on_spawn_failed(token, reason)
+            case SpawnerMessage(message, _):
+                self.on_spawner_message(message)
+            case WorkerExited(pid, status, _):
+                self.on_exited(pid, status)
+            case WorkerVanished(wid, _):
+                rec = self.by_wid.get(wid)
+                if rec is not None:
+                    self._exited(rec, None)
+            case WorkerUnreachable(wid, _):
+                self.on_worker_unreachable(wid)
+            case WorkerOverdue(wid, _):
+                self.on_worker_overdue(wid)
+            case Tick(now):
+                self.tick(now)
+            case Poll(_):
+                self.scheduler.poll()
+            case MemorySample(processes, _):
+                self.memory_sampled(processes)
+            case StopAll(_):
+                self.stop_all()
+            case KillAll(_):
+                self.kill_all()
+        return self.take_commands()
+
+    def emit(self, command: Command) -> None:
+        self.outbox.append(command)
+
+    def take_commands(self) -> list[Command]:
+        """What was decided since the last call: by ``handle``, or by an operation a
+        control command started (the daemon takes these after each)."""
+        out, self.outbox = self.outbox, []
+        return out
+
     # ------------------------------------------------------------------ models
     def add_model(
-        self, cfg: ModelConfig, devices: tuple[str, ...], deployed: Deployed
+        self, cfg: ModelConfig, devices: tuple[str, ...], deployed: Deployed, state: ModelState
     ) -> ModelRuntime:
         route = ModelRoute(cfg.name, cfg.max_queue, cfg.request_timeout_s, cfg.retry_on_worker_loss)
-        self.router.add_route(route)
-        rt = ModelRuntime(cfg=cfg, route=route, state=self.store.load(cfg.name), devices=devices)
+        self.emit(AddRoute(route))
+        rt = ModelRuntime(cfg=cfg, route=route, state=state, devices=devices)
         if not rt.state.config_path:
             rt.state.config_path = cfg.path
         self.models[cfg.name] = rt
@@ -147,6 +224,7 @@ class Supervisor(StandbyUse, WorkerExits, WorkerStopping):
             version=dep.version,
             path=dep.path,
             slot_view=view,
+            spawned_at=self.now,
         )
         if cfg.max_requests > 0:
             jitter = int(cfg.max_requests * cfg.max_requests_jitter)
@@ -162,11 +240,11 @@ class Supervisor(StandbyUse, WorkerExits, WorkerStopping):
         rec.from_standby = taken is not None  # the spawner's "took" confirms it
         rt.workers.append(rec)
         self.by_wid[view.wid] = rec
-        self.router.add_worker(view)
+        self.emit(AddWorker(view))
         spec = {
             "wid": wid,
             "backend": self.backend,
-            "lane": self.router.lane,
+            "lane": self.lane,
             "model": rt.name,
             "path": dep.path,
             "version": dep.version,
@@ -184,11 +262,7 @@ class Supervisor(StandbyUse, WorkerExits, WorkerStopping):
             "sandbox": self.sandbox_request(rt, rec),
             "spawned_at": rec.spawned_at,  # the worker's timings start here (to_main_s)
         }
-        if taken is not None:
-            token = self.spawner.take(taken.pid, taken.token, spec)
-        else:
-            token = self.spawner.spawn(spec)
-        self.by_token[token] = rec
+        self.emit(Spawn(view.wid, spec, taken))  # the shell answers with SpawnAsked
         log.info(
             "spawning %s version %s on %s%s",
             wid,
@@ -219,7 +293,7 @@ class Supervisor(StandbyUse, WorkerExits, WorkerStopping):
         self._know_pid(rec, pid)
         if rec.state is WorkerState.SPAWNING:
             rec.to(WorkerState.STARTING)
-            rec.last_heartbeat = time.monotonic()
+            rec.last_heartbeat = self.now
         if rec.stop_stage:  # stopped before it even had a pid
             self._signal(rec, signal.SIGKILL)
 
@@ -237,11 +311,11 @@ class Supervisor(StandbyUse, WorkerExits, WorkerStopping):
             self._exited(rec, None)
 
     # ------------------------------------------------------------ worker events
-    def on_worker_event(self, wid: bytes, event: dict[str, Any]) -> None:
+    def on_worker_event(self, wid: bytes, event: Mapping[str, Any]) -> None:
         rec = self.by_wid.get(wid)
         if rec is None or not rec.alive:
             return
-        now = time.monotonic()
+        now = self.now
         rec.last_heartbeat = now
         kind = event.get("t")
         if rec.state in (WorkerState.SPAWNING, WorkerState.STARTING):
@@ -278,7 +352,7 @@ class Supervisor(StandbyUse, WorkerExits, WorkerStopping):
                 if isinstance(pair, list) and len(pair) == 2:
                     size, n = pair
                     if isinstance(size, int) and isinstance(n, int) and size > 0 and n > 0:
-                        self.metrics.observe_batch(rec.model, size, n)
+                        self.emit(ObserveBatch(rec.model, size, n))
             self._observed(rec, event.get("signatures"))
             answered, errors = event.get("served"), event.get("model_errors")
             if isinstance(answered, int) and isinstance(errors, int):
@@ -332,9 +406,9 @@ class Supervisor(StandbyUse, WorkerExits, WorkerStopping):
         recorded = contract.to_json()
         if rt.state.contracts.get(digest) != recorded:
             rt.state.contracts[digest] = recorded
-            self.store.save(rt.state)
+            self.emit(SaveState(rt.state))
 
-    def _ready(self, rec: WorkerRecord, event: dict[str, Any], now: float) -> None:
+    def _ready(self, rec: WorkerRecord, event: Mapping[str, Any], now: float) -> None:
         if rec.state is WorkerState.READY or not rec.can(WorkerState.READY):
             return  # a repeated "ready", or one from a worker already being stopped
         rec.to(WorkerState.READY)
@@ -351,6 +425,7 @@ class Supervisor(StandbyUse, WorkerExits, WorkerStopping):
         sandbox = event.get("sandbox")
         rec.sandbox = sandbox if isinstance(sandbox, dict) else None
         self.sample_memory()  # its footprint now, for auto's next decision
+        self.standbys.sample()
         rt = self.models.get(rec.model)
         if rt is None:
             return
@@ -401,12 +476,12 @@ class Supervisor(StandbyUse, WorkerExits, WorkerStopping):
             for w in rt.workers
             if w.generation == rt.serving_gen and w.state is WorkerState.READY
         ]
-        self.router.activate(rt.name, rt.serving_gen, slots)
+        self.emit(Activate(rt.name, rt.serving_gen, tuple(slots)))
 
     def _commit_start(self, rt: ModelRuntime) -> None:
         dep = rt.deployed
         if dep is not None and rt.state.current != dep:
-            self.store.record(rt.state, dep, "start", "committed", generation=rt.serving_gen)
+            self.emit(Record(rt.state, dep, "start", "committed", rt.serving_gen))
 
     # ---------------------------------------------------------- router callbacks
     def on_worker_unreachable(self, wid: bytes) -> None:
@@ -414,8 +489,8 @@ class Supervisor(StandbyUse, WorkerExits, WorkerStopping):
         if rec is not None and rec.alive and rec.state is not WorkerState.STOPPING:
             self.kill(rec, "unreachable on the backend socket")
 
-    def on_worker_overdue(self, slot: WorkerSlot) -> None:
-        rec = self.by_wid.get(slot.wid)
+    def on_worker_overdue(self, wid: bytes) -> None:
+        rec = self.by_wid.get(wid)
         if rec is not None and rec.alive and rec.stop_stage == 0:
             why = f"hung: no answer {self.pool.request_grace_s:.1f}s past a deadline"
             self.kill(rec, why, "hung")
@@ -437,6 +512,7 @@ class Supervisor(StandbyUse, WorkerExits, WorkerStopping):
         if now - self.last_sample >= SAMPLE_EVERY_S:
             self.last_sample = now
             self.sample_memory()
+            self.standbys.sample()
         # Recomputed every tick: load, unload, scale and reload change the devices.
         self.standbys.want(
             d for m in self.models.values() for d in m.devices if self.takes_standby(m, d)
@@ -463,21 +539,22 @@ class Supervisor(StandbyUse, WorkerExits, WorkerStopping):
             and rec.gpu_bytes - rec.ready_gpu_bytes > cfg.max_gpu_growth_mb << 20
         ):
             why = f"GPU memory grew {(rec.gpu_bytes - rec.ready_gpu_bytes) >> 20} MiB"
-        if why is not None and self.recycle is not None:
-            self.recycle(rt, rec, why)
+        if why is not None:
+            self.emit(Recycle(rt.name, rec.slot_view.wid, why))
 
     def sample_memory(self) -> None:
-        """Per-worker GPU bytes from NVML (keyed by pid), once every few seconds."""
-        per_dev: dict[int, dict[int, int] | None] = {}
+        """Ask for per-worker GPU bytes from NVML (keyed by pid): once every few seconds,
+        and when a worker becomes ready. The shell answers with ``MemorySample``."""
+        indexes = {device_index(rec.device) for rec in self.by_pid.values()}
+        devices = tuple(sorted(i for i in indexes if i is not None))
+        if devices:
+            self.emit(SampleMemory(devices))
+
+    def memory_sampled(self, processes: Mapping[int, Mapping[int, int] | None]) -> None:
         for rec in self.by_pid.values():
             idx = device_index(rec.device)
-            if idx is None:
-                continue
-            if idx not in per_dev:
-                per_dev[idx] = self.gpu.process_bytes(idx)
-            procs = per_dev[idx]
+            procs = processes.get(idx) if idx is not None else None
             if procs is not None and rec.pid is not None:
                 rec.gpu_bytes = procs.get(rec.pid)
                 if rec.state is WorkerState.READY and rec.ready_gpu_bytes is None:
                     rec.ready_gpu_bytes = rec.gpu_bytes
-        self.standbys.sample()

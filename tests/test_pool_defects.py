@@ -8,9 +8,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from test_boot_reason import _supervisor
+from test_boot_reason import loading
 from upgradekit import FakeClock, FakeSupervisor, run
 
 from pool.lifecycle import TRANSITIONS, WorkerRecord, WorkerState
@@ -52,15 +53,13 @@ def test_a_failure_whose_restore_works_is_rolled_back() -> None:
     assert sorted(w.slot for w in serving) == [0, 1] and {w.version for w in serving} == {"1"}
 
 
-def test_ready_without_a_warming_phase_is_served() -> None:
+def test_ready_without_a_warming_phase_is_served(tmp_path: Path) -> None:
     # The table is the one judge: the event handler asks it instead of its own list.
-    sup, rec = _supervisor()
-    sup.models = {}  # only the record's transitions matter here
-    sup.sample_memory = lambda: None  # type: ignore[method-assign]  # no NVML
+    core, rec = loading(tmp_path)
     assert rec.state is WorkerState.LOADING
-    sup.on_worker_event(rec.slot_view.wid, {"t": "ready", "timings": {}})
+    core.says(rec, t="ready", timings={})
     assert rec.state is WorkerState.READY
-    sup.on_worker_event(rec.slot_view.wid, {"t": "ready", "timings": {}})  # said twice
+    core.says(rec, t="ready", timings={})  # said twice
     assert rec.state is WorkerState.READY
 
 
