@@ -252,13 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_format, args.log_level)  # poold's format: one log, one look
     runner: Callable[..., Any] = asyncio.run
-    if args.protocol == "http":
-        try:
-            import uvloop
+    try:  # both protocols: the router link's reads and writes are the loop's own (zmtp)
+        import uvloop
 
-            runner = uvloop.run
-        except ImportError:
-            pass
+        runner = uvloop.run
+    except ImportError:
+        pass
     try:
         return int(runner(_serve(args)))
     except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled, once it is done
