@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 import safetensors.torch
 import torch
 
@@ -59,3 +60,25 @@ def test_staging_counts_every_byte_in_file_order(tmp_path: Path) -> None:
     read: list[int] = []
     stage_model(script, None, pin=False, progress=read.append)
     assert sum(read) == os.path.getsize(script) and len(read) > 1
+
+
+def test_read_through_skips_a_file_already_in_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blob = tmp_path / "blob"
+    blob.write_bytes(os.urandom((3 << 20) + 5))
+    blob.read_bytes()  # in the page cache now
+    fd = os.open(blob, os.O_RDONLY)
+    try:
+        assert weights.resident(fd, blob.stat().st_size)
+    finally:
+        os.close(fd)
+    reads: list[int] = []
+    real = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda *a: reads.append(1) or real(*a))
+    seen: list[int] = []
+    weights.read_through(str(blob), seen.append)
+    assert sum(seen) == blob.stat().st_size and len(seen) == 4 and not reads
+    monkeypatch.setattr(weights, "resident", lambda fd, size: False)  # as if on disk only
+    weights.read_through(str(blob), seen.append)
+    assert sum(seen) == 2 * blob.stat().st_size and len(reads) == 4

@@ -17,9 +17,11 @@ No pickle anywhere: the header is JSON and the data raw bytes.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import math
+import mmap
 import os
 import struct
 from collections.abc import Callable
@@ -27,6 +29,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from workers import weights_mapped
@@ -278,6 +281,12 @@ def read_through(path: str, progress: Callable[[int], None], chunk_bytes: int = 
     fd = _open(path)
     try:
         size = os.fstat(fd).st_size
+        if resident(fd, size):
+            # Nothing to wait for on a disk: count the chunks without copying the file
+            # once more (for 768 MiB of TorchScript, tens of ms before the load).
+            for lo in range(0, size, chunk_bytes):
+                progress(min(chunk_bytes, size - lo))
+            return
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, 0, size, os.POSIX_FADV_SEQUENTIAL)
         buf = memoryview(bytearray(min(chunk_bytes, max(size, 1))))
@@ -290,6 +299,46 @@ def read_through(path: str, progress: Callable[[int], None], chunk_bytes: int = 
             progress(n)
     finally:
         os.close(fd)
+
+
+def resident(fd: int, size: int) -> bool:
+    """Whether every page of the open file ``fd`` is in the page cache (``mincore`` on
+    a mapping of it; False where that cannot be asked)."""
+    if size == 0:
+        return True
+    libc = _libc()
+    if libc is None:
+        return False
+    addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    if addr in (None, ctypes.c_void_p(-1).value):
+        return False
+    try:
+        pages = -(-size // mmap.PAGESIZE)
+        vec = (ctypes.c_ubyte * pages)()
+        if libc.mincore(ctypes.c_void_p(addr), size, vec) != 0:
+            return False
+        return bool((np.frombuffer(memoryview(vec).cast("B"), dtype=np.uint8) & 1).all())
+    finally:
+        libc.munmap(ctypes.c_void_p(addr), size)
+
+
+def _libc() -> Any:
+    global _LIBC
+    if _LIBC is False:
+        try:
+            lib = ctypes.CDLL(None, use_errno=True)
+            lib.mmap.restype = ctypes.c_void_p
+            lib.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                                 ctypes.c_int, ctypes.c_long]  # fmt: skip
+            lib.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+            lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+            _LIBC = lib
+        except (OSError, AttributeError):
+            _LIBC = None
+    return _LIBC
+
+
+_LIBC: Any = False  # not looked up yet
 
 
 # ---------------------------------------------------------------------------- header
