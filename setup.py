@@ -34,7 +34,7 @@ setup(
         Extension(
             "router._fastlane",
             sources=["router/fastlane.c"],
-            depends=["router/fastlane_protocol.h", "router/protocol.py"],
+            depends=["router/fastlane_protocol.h", "router/fastlane_peers.h", "router/protocol.py"],
             extra_compile_args=["-O2", "-std=c11", "-Wall"],
             libraries=["dl"],  # dlopen/dlsym; part of libc since glibc 2.34
         ),

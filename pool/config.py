@@ -162,6 +162,11 @@ class PoolConfig:
     # Client connections the frontend accepts at once (router/door.py); 0: the descriptor
     # limit less a reserve for poold itself.
     max_connections: int = 0
+    # Reply bytes a client connection may leave unread in poold (libzmq holds them until
+    # the client reads), and all connections together; past either, that connection's
+    # new requests are answered OVERLOADED (router/fastlane_peers.h). 0: no bound.
+    max_unread_reply_mb: int = 64
+    max_unread_reply_total_mb: int = 1024
     curve_secret_key: str | None = None
     curve_authorized_keys: str | None = None
     # Open Inference Protocol endpoints (HOST:PORT; "" = off), served by gateway

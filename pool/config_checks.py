@@ -273,6 +273,8 @@ POOL_SPECS: dict[str, FieldSpec] = {
     "max_message_mb": FieldSpec("int", "an integer >= 1", _pos),
     "io_threads": FieldSpec("int", "0 (auto) or an integer >= 1", _nonneg),
     "max_connections": FieldSpec("int", "0 (auto) or an integer >= 1", _nonneg),
+    "max_unread_reply_mb": FieldSpec("int", "0 (no bound) or an integer >= 1", _nonneg),
+    "max_unread_reply_total_mb": FieldSpec("int", "0 (no bound) or an integer >= 1", _nonneg),
     "router_spin_us": FieldSpec("int", "-1 (auto) or an integer >= 0", lambda v: v >= -1),
     "router_lane": FieldSpec("bool", "true or false"),
     "standby": FieldSpec("auto", AUTO_WANT),

@@ -160,12 +160,18 @@ class Daemon:
             curve_secret_key=curve[1] if curve else None,
             spin_us=self.pool.spin_us(),
             lane=os.path.join(self.rundir, "lane.sock") if self.pool.router_lane else "",
+            max_unread_bytes=self.pool.max_unread_reply_mb << 20,
+            max_unread_total_bytes=self.pool.max_unread_reply_total_mb << 20,
+            observe_rejected=self.metrics.observe_rejected,
         )
         self.door = Door(
             self.router.frontend, connection_limit(self.pool.max_connections, self.nofile)
         )
         self.door_stats = self.door.stats()
-        self.metrics.registry.register(DoorCollector(lambda: self.door_stats))
+        self.peer_stats = self.router.peer_stats()
+        self.metrics.registry.register(
+            DoorCollector(lambda: self.door_stats, lambda: self.peer_stats)
+        )
         self.control_sock = self.ctx.socket(zmq.ROUTER)
         self.control_sock.setsockopt(zmq.LINGER, 0)
         self.control_sock.setsockopt(zmq.MAXMSGSIZE, 1 << 16)
@@ -502,6 +508,7 @@ class Daemon:
         self.store.retry()  # a disk that was full or read-only may take the state now
         self.state_problem = self.store.problem()
         self.router.flush_stats()
+        self.peer_stats = self.router.peer_stats()  # also forgets connections that left
         workers = []
         for rt in self.sup.models.values():
             for w in rt.workers:

@@ -144,6 +144,15 @@ class PoolMetrics:
         h.counts[bisect_left(LATENCY_BUCKETS, total_s)] += 1
         h.sum += total_s
 
+    def observe_rejected(self, model: str, code: str, n: int) -> None:
+        """Record ``n`` requests the router's C core refused itself (no worker, no
+        latency), as ``n`` calls of ``observe_request`` with version "" would."""
+        stats = self._models.get(model) or self._stats(model)
+        key = ("", code)
+        stats.requests[key] = stats.requests.get(key, 0) + n
+        if code in REJECTED:
+            stats.rejected[code] = stats.rejected.get(code, 0) + n
+
     def observe_requests_bulk(
         self,
         model: str,

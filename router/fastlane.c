@@ -39,6 +39,7 @@ typedef struct { void *socket; int fd; short events; short revents; } zpoll_t;
 
 static int (*z_msg_init)(zmsg_t *);
 static int (*z_msg_init_size)(zmsg_t *, size_t);
+static int (*z_msg_init_data)(zmsg_t *, void *, size_t, void (*)(void *, void *), void *);
 static int (*z_msg_close)(zmsg_t *);
 static void *(*z_msg_data)(zmsg_t *);
 static size_t (*z_msg_size)(const zmsg_t *);
@@ -61,6 +62,7 @@ int fl_bind(const char *libzmq_path) {
 #define SYM(var, name) if (!(*(void **)&var = dlsym(h, name))) return -2
     SYM(z_msg_init, "zmq_msg_init");
     SYM(z_msg_init_size, "zmq_msg_init_size");
+    SYM(z_msg_init_data, "zmq_msg_init_data");
     SYM(z_msg_close, "zmq_msg_close");
     SYM(z_msg_data, "zmq_msg_data");
     SYM(z_msg_size, "zmq_msg_size");
@@ -83,6 +85,9 @@ int fl_bind(const char *libzmq_path) {
  * and their replies, one datagram per multipart message (see "the lane" below). */
 _Static_assert(LANE_WORD == 4, "the lane's words are read as 32-bit little-endian");
 enum { ITEM_LISTENER = -1, ITEM_PENDING = -2 };
+
+static int send_bytes(void *sock, const void *data, size_t n, int flags);
+#include "fastlane_peers.h" /* client connections: reply bytes held, their queue flows */
 
 /* ---- records ---------------------------------------------------------------------- */
 /* The latency histograms kept per worker: the router's queue, the wait at the worker (from
@@ -112,10 +117,20 @@ typedef struct {
     size_t namelen;
     char name[MAX_MODEL_NAME_BYTES];
     int *active, nactive, cap;
-    /* the queue: a ring of request keys, oldest first. A request that left the queue
-     * some other way (deadline, failed model) leaves a stale key, skipped when reached. */
-    uint64_t *q;
-    int qhead, qcount, qcap, queued;
+    /* The queue. Requests wait in their peer's flow (fastlane_peers.h), and the flows
+     * take turns, one request each (rr: the next flow to serve), so one client's flood
+     * delays another's request by at most one of its own per turn. Requests put back in
+     * front (retries after a worker's loss) wait in q, served before every flow. A ring
+     * of keys, oldest first: a request that left some other way (deadline, failed model)
+     * leaves a stale key, skipped when reached. queued counts all of them. */
+    ring_t front;
+    int queued;
+    flow_t *rr;
+    unsigned char *full_error; /* the packed error map for OVERLOADED (max_queue) */
+    size_t full_error_len;
+    uint64_t refused; /* answered OVERLOADED by us since the last drain: full queue */
+    uint64_t evicted; /* taken back out of the queue for another peer's request */
+    uint64_t unread;  /* refused: their peer holds too many reply bytes */
 } model_t;
 
 typedef struct {
@@ -123,6 +138,8 @@ typedef struct {
     int live, answered, attempts, worker, model, next_free;
     int whole;  /* every body frame kept: the request can be sent again */
     int queued; /* waiting in its model's queue (worker -1) */
+    peer_t *peer; /* the client connection it came from (NULL: unknown) */
+    flow_t *flow; /* the flow it waits in; NULL in the model's front ring or not queued */
     double arrived, dispatched, deadline;
     msgvec env;  /* identity (+ empty delimiter) */
     msgvec body; /* header + tensor frames kept for a retry; header only without retry */
@@ -154,6 +171,11 @@ typedef struct {
     msgvec scratch;
     /* the lane: its listening socket, connections waiting for their hello, and the
      * poll items fl_run rebuilds when either (or a worker's lane) changes */
+    peers_t peers;
+    unsigned char *unread_error; /* the packed error map for a peer over its byte cap */
+    size_t unread_error_len;
+    uint64_t unread_dropped; /* requests not even refused: their peer reads nothing */
+    uint64_t gone_dropped;   /* queued requests dropped because their peer left */
     int lane_listen, npending, items_dirty;
     int pending[LANE_PENDING_MAX];
     unsigned char *lane_buf;
@@ -413,6 +435,12 @@ core_t *fl_new(void *frontend, void *backend) {
     c->free_head = -1;
     c->lane_listen = -1;
     c->items_dirty = 1;
+    if (peers_init(&c->peers)) {
+        free(c->peers.acct);
+        free(c->peers.buckets);
+        free(c);
+        return NULL;
+    }
     return c;
 }
 
@@ -431,8 +459,11 @@ void fl_free(core_t *c) {
     free(c->punts);
     for (int i = 0; i < c->nmodels; i++) {
         free(c->models[i].active);
-        free(c->models[i].q);
+        free(c->models[i].front.q);
+        free(c->models[i].full_error);
     }
+    peers_free(&c->peers);
+    free(c->unread_error);
     free(c->models);
     for (int i = 0; i < c->nworkers; i++)
         if (c->workers[i].used && c->workers[i].lane >= 0) close(c->workers[i].lane);
@@ -475,7 +506,8 @@ int fl_model_add(core_t *c, const char *name, size_t n) {
     }
     model_t *m = &c->models[idx];
     free(m->active);
-    free(m->q);
+    free(m->front.q);
+    free(m->full_error);
     memset(m, 0, sizeof(*m));
     m->used = 1;
     memcpy(m->name, name, n);
@@ -483,8 +515,26 @@ int fl_model_add(core_t *c, const char *name, size_t n) {
     return idx;
 }
 
+static int ring_push(ring_t *g, uint64_t key, int front);
+static uint64_t ring_pop(ring_t *g);
+static req_t *req_get(core_t *c, uint64_t key, int *idx_out);
+static void rr_unlink(model_t *m, flow_t *f);
+
 void fl_model_remove(core_t *c, int idx) {
     if (idx < 0 || idx >= c->nmodels) return;
+    model_t *m = &c->models[idx];
+    /* Its flows belong to peers that may outlive it: what they still hold (Python takes
+     * a model's queue before removing it) moves to the front ring. */
+    while (m->rr) {
+        flow_t *f = m->rr;
+        while (f->ring.count) {
+            uint64_t key = ring_pop(&f->ring);
+            req_t *r = req_get(c, key, NULL);
+            if (r && r->queued && r->flow == f && ring_push(&m->front, key, 0) == 0) r->flow = NULL;
+        }
+        f->queued = 0;
+        rr_unlink(m, f);
+    }
     c->models[idx].used = 0;
     c->models[idx].open = 0;
     c->models[idx].nactive = 0;
@@ -604,8 +654,20 @@ static int req_alloc(core_t *c) {
     r->queued = 0;
     r->whole = 0;
     r->worker = -1;
+    r->peer = NULL;
+    r->flow = NULL;
     c->live++;
     return idx;
+}
+
+static void unqueue(core_t *c, req_t *r);
+
+/* Request idx came from the client whose routing id is env (a peer's first request
+ * makes its record). */
+static void req_set_peer(core_t *c, int idx, zmsg_t *env) {
+    req_t *r = c->reqs[idx];
+    r->peer = peer_get(&c->peers, mdata(env), msize(env));
+    if (r->peer) r->peer->requests++;
 }
 
 /* Free a request: its frames, its hold on the worker's credit. */
@@ -614,9 +676,12 @@ static void req_release(core_t *c, int idx) {
     if (!r->live) return;
     vec_close(&r->env);
     vec_close(&r->body);
+    if (r->peer) {
+        r->peer->requests--;
+        r->peer = NULL; /* the loop's tick forgets a peer that holds nothing */
+    }
     if (r->queued) {
-        c->models[r->model].queued--; /* its key in the ring is stale from now on */
-        r->queued = 0;
+        unqueue(c, r); /* its key in the ring is stale from now on */
     } else if (r->worker >= 0 && r->worker < c->nworkers && c->workers[r->worker].used) {
         worker_t *w = &c->workers[r->worker];
         if (w->load > 0) w->load--;
@@ -709,84 +774,185 @@ void fl_punt_clear(core_t *c) {
 }
 
 /* ---- queues ------------------------------------------------------------------------ */
-static int ring_push(model_t *m, uint64_t key, int front) {
-    if (m->qcount == m->qcap) {
-        int cap = m->qcap ? 2 * m->qcap : 64;
+static int ring_push(ring_t *g, uint64_t key, int front) {
+    if (g->count == g->cap) {
+        int cap = g->cap ? 2 * g->cap : 16;
         uint64_t *q = malloc((size_t)cap * sizeof(uint64_t));
         if (!q) return -1;
-        for (int i = 0; i < m->qcount; i++) q[i] = m->q[(m->qhead + i) % m->qcap];
-        free(m->q);
-        m->q = q;
-        m->qcap = cap;
-        m->qhead = 0;
+        for (int i = 0; i < g->count; i++) q[i] = g->q[(g->head + i) % g->cap];
+        free(g->q);
+        g->q = q;
+        g->cap = cap;
+        g->head = 0;
     }
     if (front) {
-        m->qhead = (m->qhead + m->qcap - 1) % m->qcap;
-        m->q[m->qhead] = key;
+        g->head = (g->head + g->cap - 1) % g->cap;
+        g->q[g->head] = key;
     } else {
-        m->q[(m->qhead + m->qcount) % m->qcap] = key;
+        g->q[(g->head + g->count) % g->cap] = key;
     }
-    m->qcount++;
+    g->count++;
     return 0;
 }
 
+static uint64_t ring_pop(ring_t *g) {
+    uint64_t key = g->q[g->head];
+    g->head = (g->head + 1) % g->cap;
+    g->count--;
+    return key;
+}
+
+static uint64_t ring_pop_back(ring_t *g) {
+    g->count--;
+    return g->q[(g->head + g->count) % g->cap];
+}
+
+/* Whether key is a request waiting in ring f (a flow), or in the front ring (f NULL). */
+static req_t *queued_in(core_t *c, uint64_t key, const flow_t *f, int *idx) {
+    req_t *r = req_get(c, key, idx);
+    return r && r->queued && r->flow == f ? r : NULL;
+}
+
+/* Drop stale keys when they outnumber the live ones, so a ring stays bounded. */
+static void ring_compact(core_t *c, ring_t *g, const flow_t *f, int live) {
+    if (g->count <= 64 || g->count <= 2 * live) return;
+    int n = 0;
+    for (int i = 0; i < g->count; i++) {
+        uint64_t key = g->q[(g->head + i) % g->cap];
+        if (queued_in(c, key, f, NULL)) g->q[(g->head + n++) % g->cap] = key;
+    }
+    g->count = n;
+}
+
+/* The model's round-robin of flows: a circular list, m->rr the next to serve. */
+static void rr_link(model_t *m, flow_t *f) {
+    if (!m->rr) {
+        f->prev = f->next = f;
+        m->rr = f;
+    } else { /* at the tail: just before the next to serve */
+        f->next = m->rr;
+        f->prev = m->rr->prev;
+        m->rr->prev->next = f;
+        m->rr->prev = f;
+    }
+    f->linked = 1;
+}
+
+static void rr_unlink(model_t *m, flow_t *f) {
+    if (!f->linked) return;
+    if (f->next == f) m->rr = NULL;
+    else {
+        f->prev->next = f->next;
+        f->next->prev = f->prev;
+        if (m->rr == f) m->rr = f->next;
+    }
+    f->prev = f->next = NULL;
+    f->linked = 0;
+}
+
+/* Peer p's flow in model mi; made when absent and `make` (NULL: none, or no memory). */
+static flow_t *flow_of(peer_t *p, int mi, int make) {
+    for (flow_t *f = p->flows; f; f = f->next_of_peer)
+        if (f->model == mi) return f;
+    if (!make) return NULL;
+    flow_t *f = calloc(1, sizeof(flow_t));
+    if (!f) return NULL;
+    f->model = mi;
+    f->peer = p;
+    f->next_of_peer = p->flows;
+    p->flows = f;
+    return f;
+}
+
+/* Request r leaves its model's queue, whichever way (dispatched, expired, answered). */
+static void unqueue(core_t *c, req_t *r) {
+    model_t *m = &c->models[r->model];
+    flow_t *f = r->flow;
+    m->queued--;
+    r->queued = 0;
+    r->flow = NULL;
+    if (!f) return;
+    if (--f->queued <= 0) { /* every key left in its ring is stale */
+        f->queued = 0;
+        f->ring.count = f->ring.head = 0;
+        rr_unlink(m, f);
+    } else {
+        ring_compact(c, &f->ring, f, f->queued);
+    }
+}
+
+/* Queue request idx: at the back of its peer's flow, or (front: a retry) in the
+ * model's front ring, served before any flow. */
 static void enqueue(core_t *c, int idx, int front) {
     req_t *r = c->reqs[idx];
     model_t *m = &c->models[r->model];
-    if (ring_push(m, req_key(c, idx), front)) {
+    flow_t *f = !front && r->peer ? flow_of(r->peer, r->model, 1) : NULL;
+    if (ring_push(f ? &f->ring : &m->front, req_key(c, idx), front)) {
         r->deadline = 0.0; /* no memory to queue it: let the sweep answer it now */
         c->expired = 1;
         return;
     }
     r->queued = 1;
     r->worker = -1;
+    r->flow = f;
     m->queued++;
+    if (f && f->queued++ == 0) rr_link(m, f);
 }
 
-/* Drop stale keys when they outnumber the live ones, so the ring stays bounded. */
-static void ring_compact(core_t *c, model_t *m) {
-    if (m->qcount <= 64 || m->qcount <= 2 * m->queued) return;
-    int n = 0;
-    for (int i = 0; i < m->qcount; i++) {
-        uint64_t key = m->q[(m->qhead + i) % m->qcap];
-        req_t *r = req_get(c, key, NULL);
-        if (r && r->queued) m->q[(m->qhead + n++) % m->qcap] = key;
+/* The next request to serve (0: none) and the ring it heads: the front ring first, then
+ * the flow whose turn it is. Stale keys met on the way are dropped. */
+static uint64_t queue_peek(core_t *c, model_t *m, ring_t **from) {
+    while (m->front.count) {
+        uint64_t key = m->front.q[m->front.head];
+        if (queued_in(c, key, NULL, NULL)) { *from = &m->front; return key; }
+        ring_pop(&m->front);
     }
-    m->qcount = n;
+    while (m->rr) {
+        flow_t *f = m->rr;
+        while (f->ring.count) {
+            uint64_t key = f->ring.q[f->ring.head];
+            if (queued_in(c, key, f, NULL)) { *from = &f->ring; return key; }
+            ring_pop(&f->ring);
+        }
+        f->queued = 0; /* counted keys it did not hold: never expected; stay consistent */
+        rr_unlink(m, f);
+    }
+    return 0;
 }
 
 static int send_to_worker(core_t *c, int widx, uint64_t key, msgvec *body, int keep);
 static void punt_notice(core_t *c, int kind, int worker);
 static int pick_worker(core_t *c, model_t *m);
+static void refuse_queued(core_t *c, model_t *m, int idx);
 
-/* Send queued requests, oldest first, while workers have credit. */
+/* Send queued requests while workers have credit: retries first, then one request per
+ * flow in turn. */
 static void dispatch_queue(core_t *c, int mi, double now) {
     model_t *m = &c->models[mi];
-    while (m->qcount) {
-        uint64_t key = m->q[m->qhead];
-        int idx;
-        req_t *r = req_get(c, key, &idx);
-        if (!r || !r->queued) { /* stale */
-            m->qhead = (m->qhead + 1) % m->qcap;
-            m->qcount--;
-            continue;
-        }
+    while (m->queued) {
+        ring_t *from;
+        uint64_t key = queue_peek(c, m, &from);
+        if (!key) break;
         int wi = pick_worker(c, m);
         if (wi < 0) break;
-        m->qhead = (m->qhead + 1) % m->qcap;
-        m->qcount--;
-        m->queued--;
-        r->queued = 0;
+        int idx;
+        req_t *r = req_get(c, key, &idx);
+        ring_pop(from);
+        flow_t *f = r->flow;
+        unqueue(c, r);
+        if (f && f->linked && m->rr == f) m->rr = f->next; /* its turn is taken */
         if (r->deadline <= now) { /* waited too long: the sweep answers it */
             r->worker = -1;
             c->expired = 1;
             continue;
         }
+        if (peer_verdict(&c->peers, r->peer)) { /* its client stopped reading meanwhile */
+            refuse_queued(c, m, idx);
+            continue;
+        }
         int keep = m->retry ? r->body.n : 1;
         if (send_to_worker(c, wi, key, &r->body, keep)) {
-            ring_push(m, key, 1); /* back in front; Python drops the worker */
-            r->queued = 1;
-            m->queued++;
+            enqueue(c, idx, 1); /* back in front; Python drops the worker */
             punt_notice(c, PUNT_UNREACHABLE, wi);
             break;
         }
@@ -798,7 +964,7 @@ static void dispatch_queue(core_t *c, int mi, double now) {
         r->dispatched = now;
         c->workers[wi].load++;
     }
-    ring_compact(c, m);
+    ring_compact(c, &m->front, NULL, m->queued);
 }
 
 void fl_kick(core_t *c, int mi) { dispatch_queue(c, mi, now_s()); }
@@ -809,17 +975,47 @@ int fl_queued(core_t *c, int mi) { return c->models[mi].queued; }
 int fl_queue_take(core_t *c, int mi, uint64_t *keys, int max) {
     model_t *m = &c->models[mi];
     int n = 0;
-    while (m->qcount && n < max) {
-        uint64_t key = m->q[m->qhead];
-        m->qhead = (m->qhead + 1) % m->qcap;
-        m->qcount--;
-        req_t *r = req_get(c, key, NULL);
-        if (!r || !r->queued) continue;
-        r->queued = 0;
-        m->queued--;
-        keys[n++] = key;
+    while (n < max && m->front.count) {
+        uint64_t key = ring_pop(&m->front);
+        req_t *r = queued_in(c, key, NULL, NULL);
+        if (r) {
+            unqueue(c, r);
+            keys[n++] = key;
+        }
+    }
+    while (n < max && m->rr) {
+        flow_t *f = m->rr;
+        if (!f->ring.count) { /* never expected, see queue_peek */
+            f->queued = 0;
+            rr_unlink(m, f);
+            continue;
+        }
+        uint64_t key = ring_pop(&f->ring);
+        req_t *r = queued_in(c, key, f, NULL);
+        if (r) {
+            unqueue(c, r); /* unlinks f with its last one */
+            keys[n++] = key;
+        }
     }
     return n;
+}
+
+/* The flow holding the most of model m's queue. */
+static flow_t *top_flow(model_t *m) {
+    flow_t *top = m->rr;
+    if (!top) return NULL;
+    for (flow_t *f = top->next; f != m->rr; f = f->next)
+        if (f->queued > top->queued) top = f;
+    return top;
+}
+
+/* Take the newest request out of flow f: its key, 0 if none. */
+static uint64_t flow_take_newest(core_t *c, flow_t *f) {
+    while (f->ring.count) {
+        uint64_t key = ring_pop_back(&f->ring);
+        if (queued_in(c, key, f, NULL)) return key;
+    }
+    return 0;
 }
 
 /* ---- the frontend fast path ------------------------------------------------------ */
@@ -831,7 +1027,12 @@ static int find_model(core_t *c, const unsigned char *name, size_t n) {
     return -1;
 }
 
-/* Try to dispatch one client message. 0: done (sent), -1: punt it whole. */
+static int refuse(core_t *c, int mi, zmsg_t *env, int nenv, peer_t *peer, zmsg_t *hdr,
+                  const unsigned char *error, size_t error_len);
+static int make_room(core_t *c, model_t *m, int mi, peer_t *peer);
+
+/* Try to dispatch one client message. 0: done (sent, queued or refused), -1: punt it
+ * whole. */
 static int accept_request(core_t *c, msgvec *v, double now) {
     int nenv = v->n >= 2 && msize(&v->m[1]) == 0 ? 2 : 1;
     if (v->n - nenv < 2) return -1;
@@ -843,12 +1044,31 @@ static int accept_request(core_t *c, msgvec *v, double now) {
     int mi = find_model(c, rt.model, rt.model_len);
     if (mi < 0 || !c->models[mi].open) return -1;
     model_t *m = &c->models[mi];
+    peer_t *peer = peer_get(&c->peers, mdata(&v->m[0]), msize(&v->m[0]));
+    int verdict = peer_verdict(&c->peers, peer);
+    if (verdict) { /* it holds more replies than it may: the frames go with the next recv */
+        if (verdict == 1 && c->unread_error &&
+            refuse(c, mi, v->m, nenv, peer, hdr, c->unread_error, c->unread_error_len))
+            m->unread++;
+        else c->unread_dropped++;
+        return 0;
+    }
     int wi = m->queued ? -1 : pick_worker(c, m);
-    if (wi < 0 && m->queued >= m->max_queue) return -1; /* Python answers OVERLOADED */
+    if (wi < 0 && m->queued >= m->max_queue && !make_room(c, m, mi, peer)) {
+        if (!m->full_error) return -1; /* Python answers OVERLOADED */
+        if (!refuse(c, mi, v->m, nenv, peer, hdr, m->full_error, m->full_error_len))
+            c->dropped_replies++;
+        m->refused++;
+        return 0;
+    }
 
     int idx = req_alloc(c);
     if (idx < 0) return -1;
     req_t *r = c->reqs[idx];
+    if (peer) {
+        r->peer = peer;
+        peer->requests++;
+    }
     uint64_t key = req_key(c, idx);
     double deadline = now + (rt.has_timeout ? (double)rt.timeout_ms / 1000.0 : m->timeout_s);
     if (wi < 0) { /* no credit anywhere: wait in line, every frame kept */
@@ -992,6 +1212,22 @@ static int reply_compute(zmsg_t *m, double *compute) {
     return 1;
 }
 
+/* Peer p is gone (ROUTER_MANDATORY says so when a reply cannot be routed): its queued
+ * requests can never be answered, so they go now rather than take workers' time. */
+static void peer_left(core_t *c, peer_t *p) {
+    if (!p) return;
+    for (flow_t *f = p->flows; f; f = f->next_of_peer) {
+        uint64_t key;
+        while (f->queued && (key = flow_take_newest(c, f))) {
+            int idx;
+            if (req_get(c, key, &idx)) {
+                req_release(c, idx);
+                c->gone_dropped++;
+            }
+        }
+    }
+}
+
 static void complete(core_t *c, msgvec *v, double now) {
     /* wid, "R", key, status, reply header, *outputs */
     if (msize(&v->m[2]) != 8) { c->dropped_replies++; return; }
@@ -1022,10 +1258,15 @@ static void complete(core_t *c, msgvec *v, double now) {
         if (c->models[mi].queued) dispatch_queue(c, mi, now);
         return;
     }
+    int64_t bytes = PROTOCOL_LEN + PEER_FRAME_COST * (r->env.n + 1 + v->n - 4);
+    for (int i = 0; i < r->env.n; i++) bytes += (int64_t)msize(&r->env.m[i]);
+    for (int i = 4; i < v->n; i++) bytes += (int64_t)msize(&v->m[i]);
     int ok = 1;
-    for (int i = 0; i < r->env.n && ok; i++)
+    for (int i = 0; i < r->env.n && ok; i++) {
         ok = send_copy(c->frontend, &r->env.m[i], Z_SNDMORE | Z_DONTWAIT) == 0;
-    if (ok) ok = send_bytes(c->frontend, PROTOCOL, PROTOCOL_LEN, Z_SNDMORE | Z_DONTWAIT) == 0;
+        if (!ok && i == 0 && z_errno() == EHOSTUNREACH) peer_left(c, r->peer);
+    }
+    if (ok) ok = send_protocol_frame(c->frontend, r->peer, bytes, 0, Z_SNDMORE | Z_DONTWAIT) == 0;
     for (int i = 4; i < v->n && ok; i++) {
         int flags = (i + 1 < v->n ? Z_SNDMORE : 0) | Z_DONTWAIT;
         ok = z_msg_send(&v->m[i], c->frontend, flags) >= 0;
@@ -1322,6 +1563,7 @@ int64_t fl_enqueue(core_t *c, int midx, const unsigned char **env, const size_t 
         if (z_msg_init_size(&r->env.m[r->env.n], envlen[r->env.n])) goto fail;
         if (envlen[r->env.n]) memcpy(z_msg_data(&r->env.m[r->env.n]), env[r->env.n], envlen[r->env.n]);
     }
+    if (r->env.n) req_set_peer(c, idx, &r->env.m[0]);
     r->model = midx;
     r->attempts = attempts;
     r->arrived = arrived;
@@ -1402,24 +1644,24 @@ static size_t put_str(unsigned char *p, const void *s, size_t n) {
     return h + n;
 }
 
-/* The reply header protocol.error_header() would write for request r: the map
- * {ok: false, model, version, error: <the template>, id (when the request had one)},
- * keys in that order. The id is copied as the client encoded it. 0: done, -1: no memory. */
-static int compose_error(core_t *c, req_t *r, const unsigned char *error, size_t error_len,
-                         zmsg_t *out) {
+/* The reply header protocol.error_header() would write for a request of model mi whose
+ * header is hdr, held by worker wi (-1: none): the map {ok: false, model, version,
+ * error: <the template>, id (when the request had one)}, keys in that order. The id is
+ * copied as the client encoded it. 0: done, -1: no memory. */
+static int compose_error_for(core_t *c, int mi, int wi, zmsg_t *hdr, const unsigned char *error,
+                             size_t error_len, zmsg_t *out) {
     const unsigned char *model = NULL, *version = NULL;
     size_t model_len = 0, version_len = 0;
-    if (r->model >= 0 && r->model < c->nmodels && c->models[r->model].used) {
-        model = (const unsigned char *)c->models[r->model].name;
-        model_len = c->models[r->model].namelen;
+    if (mi >= 0 && mi < c->nmodels && c->models[mi].used) {
+        model = (const unsigned char *)c->models[mi].name;
+        model_len = c->models[mi].namelen;
     }
-    if (r->worker >= 0 && r->worker < c->nworkers && c->workers[r->worker].used) {
-        version = (const unsigned char *)c->workers[r->worker].version;
-        version_len = c->workers[r->worker].versionlen;
+    if (wi >= 0 && wi < c->nworkers && c->workers[wi].used) {
+        version = (const unsigned char *)c->workers[wi].version;
+        version_len = c->workers[wi].versionlen;
     }
-    route_t rt; /* the kept header is the request's first body frame */
-    int has_id = r->body.n && !parse_header(mdata(&r->body.m[0]), msize(&r->body.m[0]), &rt) &&
-                 rt.id != NULL;
+    route_t rt;
+    int has_id = hdr && !parse_header(mdata(hdr), msize(hdr), &rt) && rt.id != NULL;
     /* map head, 4 keys of at most 8 bytes, two strings of at most 3 + 255 bytes */
     size_t cap = 1 + 4 * 8 + 1 + 2 * (3 + 255) + error_len + (has_id ? 3 + rt.id_len : 0);
     if (z_msg_init_size(out, cap)) return -1;
@@ -1449,6 +1691,73 @@ static int compose_error(core_t *c, req_t *r, const unsigned char *error, size_t
     return 0;
 }
 
+/* ... for request r (the kept header is its first body frame). */
+static int compose_error(core_t *c, req_t *r, const unsigned char *error, size_t error_len,
+                         zmsg_t *out) {
+    return compose_error_for(c, r->model, r->worker, r->body.n ? &r->body.m[0] : NULL, error,
+                             error_len, out);
+}
+
+/* Send [envelope, protocol, header] to a client; the header is zmq's once sent, else
+ * closed here. 1: delivered. */
+static int send_error_reply(core_t *c, zmsg_t *env, int nenv, peer_t *peer, zmsg_t *header,
+                            int refusal) {
+    int64_t bytes = PROTOCOL_LEN + (int64_t)msize(header) + PEER_FRAME_COST * (nenv + 2);
+    for (int j = 0; j < nenv; j++) bytes += (int64_t)msize(&env[j]);
+    int ok = 1;
+    for (int j = 0; j < nenv && ok; j++)
+        ok = send_copy(c->frontend, &env[j], Z_SNDMORE | Z_DONTWAIT) == 0;
+    if (ok) ok = send_protocol_frame(c->frontend, peer, bytes, refusal, Z_SNDMORE | Z_DONTWAIT) == 0;
+    if (ok) ok = z_msg_send(header, c->frontend, Z_DONTWAIT) >= 0; /* sent: zmq owns it */
+    if (!ok) z_msg_close(header);
+    return ok;
+}
+
+/* Answer a request we did not take (its frames: the envelope env, its header hdr) with
+ * an error template. 1: delivered. */
+static int refuse(core_t *c, int mi, zmsg_t *env, int nenv, peer_t *peer, zmsg_t *hdr,
+                  const unsigned char *error, size_t error_len) {
+    zmsg_t header;
+    if (compose_error_for(c, mi, -1, hdr, error, error_len, &header)) return 0;
+    return send_error_reply(c, env, nenv, peer, &header, error == c->unread_error);
+}
+
+/* A request taken out of the queue is not served after all: its client holds more
+ * unread replies than it may. Answered OVERLOADED (or not at all, if it reads nothing),
+ * and released. */
+static void refuse_queued(core_t *c, model_t *m, int idx) {
+    req_t *r = c->reqs[idx];
+    zmsg_t header;
+    if (peer_verdict(&c->peers, r->peer) == 1 && c->unread_error &&
+        compose_error(c, r, c->unread_error, c->unread_error_len, &header) == 0 &&
+        send_error_reply(c, r->env.m, r->env.n, r->peer, &header, 1))
+        m->unread++;
+    else c->unread_dropped++;
+    req_release(c, idx);
+}
+
+/* Model mi's queue is full and peer wants in. Fair share: if another peer holds at
+ * least two more of the queue than this one, its newest request is answered OVERLOADED
+ * and gives up its place (1); otherwise this one is refused (0). So a flood from one
+ * connection fills the queue only until others come, and never pushes them out. */
+static int make_room(core_t *c, model_t *m, int mi, peer_t *peer) {
+    flow_t *mine = peer ? flow_of(peer, mi, 0) : NULL;
+    int have = mine ? mine->queued : 0;
+    flow_t *top = top_flow(m);
+    if (!top || top == mine || top->queued < have + 2 || !m->full_error) return 0;
+    uint64_t key = flow_take_newest(c, top);
+    int idx;
+    req_t *r = key ? req_get(c, key, &idx) : NULL;
+    if (!r) return 0;
+    zmsg_t header;
+    int ok = compose_error(c, r, m->full_error, m->full_error_len, &header) == 0 &&
+             send_error_reply(c, r->env.m, r->env.n, r->peer, &header, 0);
+    if (!ok) c->dropped_replies++;
+    m->evicted++;
+    req_release(c, idx);
+    return 1;
+}
+
 /* Answer each request in keys with an error, composed from `error` (the packed
  * {"code", "message"} map Python hands over once for the whole batch), and forget it
  * when `forget` is set; otherwise it stays in flight, marked answered (its worker may
@@ -1471,12 +1780,8 @@ int fl_fail(core_t *c, const uint64_t *keys, int n, const unsigned char *error, 
         info_fill(r, &infos[i]);
         r->answered = 1;
         zmsg_t header;
-        int composed = compose_error(c, r, error, error_len, &header) == 0, ok = composed;
-        for (int j = 0; j < r->env.n && ok; j++)
-            ok = send_copy(c->frontend, &r->env.m[j], Z_SNDMORE | Z_DONTWAIT) == 0;
-        if (ok) ok = send_bytes(c->frontend, PROTOCOL, PROTOCOL_LEN, Z_SNDMORE | Z_DONTWAIT) == 0;
-        if (ok) ok = z_msg_send(&header, c->frontend, Z_DONTWAIT) >= 0; /* sent: zmq owns it */
-        if (composed && !ok) z_msg_close(&header);
+        int ok = compose_error(c, r, error, error_len, &header) == 0 &&
+                 send_error_reply(c, r->env.m, r->env.n, r->peer, &header, 0);
         if (!ok) undelivered++;
         infos[i].delivered = ok ? DELIVERED : UNDELIVERED;
         if (forget) req_release(c, idx);
@@ -1525,4 +1830,62 @@ int fl_check_header(const unsigned char *p, size_t n, size_t *model_off, size_t 
     *model_len = rt.model_len;
     *timeout_ms = rt.has_timeout ? rt.timeout_ms : 0;
     return 0;
+}
+
+/* ---- bounds on what clients may hold ----------------------------------------------- */
+static int set_blob(unsigned char **dst, size_t *dst_len, const unsigned char *src, size_t n) {
+    unsigned char *b = n ? malloc(n) : NULL;
+    if (n && !b) return -1;
+    if (n) memcpy(b, src, n);
+    free(*dst);
+    *dst = b;
+    *dst_len = n;
+    return 0;
+}
+
+/* The reply bytes a client connection may leave unread, and all of them together
+ * (0: no bound), and the packed error map a refused request is answered with. */
+int fl_set_reply_limits(core_t *c, int64_t per_peer, int64_t total, const unsigned char *error,
+                        size_t error_len) {
+    c->peers.cap = per_peer;
+    c->peers.total_cap = total;
+    return set_blob(&c->unread_error, &c->unread_error_len, error, error_len);
+}
+
+/* The packed error map for OVERLOADED when model mi's queue is full (NULL: Python answers). */
+int fl_model_set_full_error(core_t *c, int mi, const unsigned char *error, size_t error_len) {
+    model_t *m = &c->models[mi];
+    return set_blob(&m->full_error, &m->full_error_len, error, error_len);
+}
+
+/* Requests of model mi we answered OVERLOADED since the last call: out[0] the queue was
+ * full, out[1] given up for another peer's, out[2] their peer held too many replies. */
+void fl_model_rejections(core_t *c, int mi, uint64_t *out) {
+    model_t *m = &c->models[mi];
+    out[0] = m->refused;
+    out[1] = m->evicted;
+    out[2] = m->unread;
+    m->refused = m->evicted = m->unread = 0;
+}
+
+/* Forget peers that hold nothing, then describe the rest: out[0] peers, out[1] reply
+ * bytes libzmq holds for them, out[2] the most one peer holds, out[3] peers past their
+ * cap, out[4] requests dropped unanswered (their peer reads nothing), out[5] queued
+ * requests dropped because their peer left. The last two count from the start. */
+void fl_peer_stats(core_t *c, int64_t *out) {
+    peers_gc(&c->peers);
+    int64_t most = 0, over = 0;
+    for (int i = 0; i < c->peers.nbuckets; i++) {
+        for (peer_t *p = c->peers.buckets[i]; p; p = p->next) {
+            int64_t held = peer_held(p);
+            if (held > most) most = held;
+            if (c->peers.cap > 0 && held > c->peers.cap) over++;
+        }
+    }
+    out[0] = c->peers.count;
+    out[1] = atomic_load_explicit(&c->peers.acct->held, memory_order_relaxed);
+    out[2] = most;
+    out[3] = over;
+    out[4] = (int64_t)c->unread_dropped;
+    out[5] = (int64_t)c->gone_dropped;
 }

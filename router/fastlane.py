@@ -16,7 +16,7 @@ import ctypes
 import glob
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import zmq
 
@@ -34,6 +34,17 @@ PROTOCOL_DIGEST = digest({name: getattr(p, name) for name in p.C_EXPORTS})
 _u8p = ctypes.POINTER(ctypes.c_ubyte)
 _u64 = ctypes.c_uint64
 _vp = ctypes.c_void_p
+
+
+class PeerStats(NamedTuple):
+    """The frontend's client connections as the C core sees them (``fl_peer_stats``)."""
+
+    peers: int  # connections with a request or an unread reply
+    held: int  # reply bytes libzmq holds for them, unread (payload + 64 bytes a frame)
+    most: int  # the most one connection holds
+    over: int  # connections past their cap, whose requests are refused
+    dropped_unread: int  # requests not answered at all: their connection reads nothing
+    dropped_gone: int  # queued requests dropped because their connection left
 
 
 class FastlaneUnavailable(RuntimeError):
@@ -118,6 +129,16 @@ def load() -> ctypes.CDLL:
             [_vp, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_double, ctypes.c_int],
         ),
         "fl_kick": (None, [_vp, ctypes.c_int]),
+        "fl_set_reply_limits": (
+            ctypes.c_int,
+            [_vp, ctypes.c_int64, ctypes.c_int64, ctypes.c_char_p, ctypes.c_size_t],
+        ),
+        "fl_model_set_full_error": (
+            ctypes.c_int,
+            [_vp, ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t],
+        ),
+        "fl_model_rejections": (None, [_vp, ctypes.c_int, ctypes.POINTER(_u64)]),
+        "fl_peer_stats": (None, [_vp, ctypes.POINTER(ctypes.c_int64)]),
         "fl_queued": (ctypes.c_int, [_vp, ctypes.c_int]),
         "fl_queue_take": (ctypes.c_int, [_vp, ctypes.c_int, ctypes.POINTER(_u64), ctypes.c_int]),
         "fl_worker_drop": (ctypes.c_int, [_vp, ctypes.c_int, ctypes.POINTER(_u64), ctypes.c_int]),
@@ -317,6 +338,30 @@ class Core:
         self, idx: int, open_: bool, retry: bool, timeout_s: float, max_queue: int
     ) -> None:
         self.lib.fl_model_set(self.h, idx, int(open_), int(retry), timeout_s, max_queue)
+
+    def set_reply_limits(self, per_peer: int, total: int, error: bytes) -> None:
+        """Reply bytes one client connection may leave unread, and all together (0: no
+        bound); ``error`` (``protocol.error_map``) answers a request refused for it."""
+        if self.lib.fl_set_reply_limits(self.h, per_peer, total, error, len(error)) != 0:
+            raise MemoryError("fastlane: no memory for the error template")
+
+    def model_set_full_error(self, idx: int, error: bytes) -> None:
+        """The error map C answers with when model ``idx``'s queue is full."""
+        if self.lib.fl_model_set_full_error(self.h, idx, error, len(error)) != 0:
+            raise MemoryError("fastlane: no memory for the error template")
+
+    def model_rejections(self, idx: int) -> tuple[int, int, int]:
+        """OVERLOADED answers C gave for model ``idx`` since the last call: (queue full,
+        given up for another connection's request, connection holding too many replies)."""
+        out = (_u64 * 3)()
+        self.lib.fl_model_rejections(self.h, idx, out)
+        return int(out[0]), int(out[1]), int(out[2])
+
+    def peer_stats(self) -> PeerStats:
+        """Forget client connections that hold nothing; describe the rest."""
+        out = (ctypes.c_int64 * 6)()
+        self.lib.fl_peer_stats(self.h, out)
+        return PeerStats(*(int(v) for v in out))
 
     def kick(self, idx: int) -> None:
         """Send what a model's queue holds to workers with credit."""

@@ -130,7 +130,7 @@ LANE_PENDING_MAX: Final = 64  # accepted lane connections that have not said who
 
 # The ctypes interface of router/fastlane.c. FASTLANE_ABI is bumped whenever a function's
 # signature changes, so a stale build is refused, not misused.
-FASTLANE_ABI: Final = 5
+FASTLANE_ABI: Final = 6
 # A worker's reply header starts with these two keys (microseconds, unsigned ints): how
 # long the request waited inside the worker before its batch's compute began, and that
 # compute. C reads them there for the latency histograms (router/fastlane.c

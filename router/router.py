@@ -17,10 +17,18 @@ Who does what:
 Socket options, chosen on purpose:
 
 * ROUTER_MANDATORY on the backend: a send to a worker that vanished fails instead of
-  dropping the request silently, so we can re-route it.
-  Not on the frontend: a client that left cannot be answered anyway.
+  dropping the request silently, so we can re-route it. On the frontend too: a reply
+  that cannot be routed tells the C core its client left, and that client's queued
+  requests are dropped instead of computed for nobody.
 * High-water marks are generous (our own per-model queues are the bound that matters and
   they answer OVERLOADED); a ZeroMQ HWM would drop or block without telling anyone.
+  The bound on replies a client leaves unread is in bytes, kept by the C core
+  (``max_unread_bytes`` per connection, ``max_unread_total_bytes`` for all): past it,
+  that connection's requests are answered OVERLOADED (router/fastlane_peers.h).
+* Fairness: a model's queue is served round-robin between client connections, and when
+  it is full a request from a connection holding less of it takes the place of the
+  newest request of the one holding the most (answered OVERLOADED), so one flooding
+  client cannot push the others into OVERLOADED or make them wait behind its flood.
 * MAXMSGSIZE on the frontend caps what one client message may make libzmq allocate.
 * LINGER is short so a stopping daemon flushes its last replies without hanging forever.
 
@@ -65,6 +73,8 @@ class RouterEvents(Protocol):
 # One request answered by Python: (model, version, code, queue_s, total_s). No worker timed
 # it (a rejection, a deadline, a lost worker), so it has no in-worker wait or compute.
 RequestObserver = Callable[[str, str, str, float, float], None]
+# Requests the C core refused itself since the last flush: (model, code, count).
+RejectionObserver = Callable[[str, str, int], None]
 # Requests the C core answered since the last flush, for one worker: (model, version,
 # {code: count}, [queue, in-worker wait, compute, total] bucket counts, their sums).
 BulkObserver = Callable[[str, str, dict[str, int], list[list[int]], list[float]], None]
@@ -86,11 +96,15 @@ class Router:
         curve_secret_key: bytes | None = None,
         spin_us: int = 0,
         lane: str = "",
+        max_unread_bytes: int = 64 << 20,
+        max_unread_total_bytes: int = 1 << 30,
+        observe_rejected: RejectionObserver | None = None,
     ) -> None:
         self.events = events
         self.request_grace_s = request_grace_s
         self.observe = observe
         self.observe_bulk = observe_bulk
+        self.observe_rejected = observe_rejected
         self.spin_us = spin_us
         self.routes: dict[str, ModelRoute] = {}
         self.workers: dict[bytes, WorkerSlot] = {}
@@ -106,6 +120,7 @@ class Router:
         self.frontend.setsockopt(zmq.RCVHWM, 100_000)
         self.frontend.setsockopt(zmq.SNDHWM, 100_000)
         self.frontend.setsockopt(zmq.LINGER, 1000)
+        self.frontend.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # A short accept queue: what can still be accepted once router/door.py shuts the door.
         self.frontend.setsockopt(zmq.BACKLOG, 64)
         if curve_secret_key is not None:
@@ -121,6 +136,11 @@ class Router:
         self.backend.bind(backend)
 
         self.core = fl.Core(self.frontend, self.backend, STATUS_CODES, latency_bounds)
+        self.core.set_reply_limits(
+            max_unread_bytes,
+            max_unread_total_bytes,
+            unread_error(max_unread_bytes, max_unread_total_bytes),
+        )
         self.lane = lane  # "" without lanes
         if lane:
             self._listen_lane(lane)
@@ -187,6 +207,9 @@ class Router:
             return
         if not route.pushed or state[0] != route.pushed[0]:
             self.core.model_set_active(route.index, state[0])
+        if not route.pushed or state[4] != route.pushed[4]:
+            message = f"model {route.name!r} has {route.max_queue} requests waiting (max_queue)"
+            self.core.model_set_full_error(route.index, p.error_map(p.OVERLOADED, message))
         self.core.model_set(route.index, state[1], route.retry, route.timeout_s, route.max_queue)
         route.pushed = state
 
@@ -389,9 +412,18 @@ class Router:
 
     # ------------------------------------------------------------------ metrics
     def flush_stats(self) -> None:
-        """Hand the C core's per-worker request counts to ``observe_bulk``."""
+        """Hand the C core's per-worker request counts to ``observe_bulk``, and the
+        OVERLOADED answers it gave itself to ``observe_rejected``."""
         for slot in self.workers.values():
             self._flush_worker(slot)
+        for route in self.routes.values():
+            n = sum(self.core.model_rejections(route.index))
+            if n and self.observe_rejected is not None:
+                self.observe_rejected(route.name, p.OVERLOADED, n)
+
+    def peer_stats(self) -> fl.PeerStats:
+        """The client connections holding requests or unread replies (forgets the rest)."""
+        return self.core.peer_stats()
 
     def _flush_worker(self, slot: WorkerSlot) -> None:
         n, codes, hists, sums = self.core.worker_stats(slot.index)
@@ -439,6 +471,16 @@ class Router:
                 pass
         self.frontend.close(linger=1000)
         self.backend.close(linger=0)
+
+
+def unread_error(per_peer: int, total: int) -> bytes:
+    """The error a request is refused with while its connection leaves replies unread."""
+    return p.error_map(
+        p.OVERLOADED,
+        f"this connection has not read its replies: past {per_peer >> 20} MiB unread for "
+        f"one connection (max_unread_reply_mb) or {total >> 20} MiB for all "
+        "(max_unread_reply_total_mb) new requests are refused; read, then retry",
+    )
 
 
 def _readable_id(body: list[bytes]) -> Any:

@@ -242,6 +242,67 @@ def test_the_workers_compute_in_a_reply_header_splits_the_latency(rig: Rig) -> N
     assert wait[2] == 2 and 2 * 0.012 < sums[1] < sums[3]
 
 
+def test_the_queue_is_shared_fairly_between_connections(rig: Rig) -> None:
+    """A flood from one connection fills the queue; another's request takes the place of
+    the flood's newest (answered OVERLOADED) and is served after at most one of it."""
+    rig.route("m", max_queue=4)
+    slot = rig.worker(b"w1", "m", credit=1)
+    rig.router.activate("m", 1, [slot])
+    flood, other = rig.client(), rig.client()
+    for i in range(6):
+        send(flood, "m", bytes([i]) * 4, id=i)
+    first = rig.take(b"w1")
+    header, _ = rig.answer(flood)  # the sixth: the queue holds four of its own
+    assert header["error"]["code"] == p.OVERLOADED and header["id"] == 5
+    send(other, "m", id=100)
+    header, _ = rig.answer(flood)  # its newest gave up its place
+    assert header["error"]["code"] == p.OVERLOADED and header["id"] == 4
+    assert rig.router.queued_count() == 4
+    order = [msgpack.unpackb(first[2])["id"]]
+    rig.reply(b"w1", first)
+    for _ in range(4):
+        req = rig.take(b"w1")
+        order.append(msgpack.unpackb(req[2])["id"])
+        rig.reply(b"w1", req)
+    assert order == [0, 1, 100, 2, 3]
+    assert rig.router.core.model_rejections(rig.router.routes["m"].index) == (1, 1, 0)
+
+
+def test_a_connection_past_its_unread_bytes_is_refused(tmp_path: Any) -> None:
+    """Replies a connection has not read count in bytes; past the cap its requests get
+    OVERLOADED while another connection is served; the count drops as it reads."""
+    ctx: zmq.Context[Any] = zmq.Context()
+    rig = Rig(str(tmp_path), ctx)
+    try:
+        rig.router.core.set_reply_limits(1 << 20, 1 << 30, p.error_map(p.OVERLOADED, "unread"))
+        rig.route("m")
+        slot = rig.worker(b"w1", "m", credit=8)
+        rig.router.activate("m", 1, [slot])
+        slow, other = rig.client(), rig.client()
+        slow.setsockopt(zmq.RCVHWM, 1)
+        big = b"y" * (512 << 10)
+        for i in range(8):  # 4 MiB of replies: more than the sockets' buffers take
+            send(slow, "m", big, id=i)
+        for req in [rig.take(b"w1") for _ in range(8)]:
+            rig.reply(b"w1", req)
+        rig.pump_until(lambda: rig.router.peer_stats().most > 1 << 20)
+        send(slow, "m", id=8)
+        send(other, "m", id=9)
+        req = rig.take(b"w1")
+        assert msgpack.unpackb(req[2])["id"] == 9  # only the other one reached the worker
+        rig.reply(b"w1", req)
+        assert rig.answer(other)[0]["id"] == 9
+        codes = []
+        while len(codes) < 9:
+            header, _ = rig.answer(slow)
+            codes.append((header["id"], header["ok"] or header["error"]["code"]))
+        assert codes == [(i, True) for i in range(8)] + [(8, p.OVERLOADED)]
+        rig.pump_until(lambda: rig.router.peer_stats().held == 0)
+    finally:
+        rig.router.close()
+        ctx.destroy(linger=0)
+
+
 def test_no_credit_queues_in_order_then_overloaded(rig: Rig) -> None:
     rig.route("m", max_queue=2)
     slot = rig.worker(b"w1", "m", credit=1)
