@@ -285,7 +285,9 @@ def test_a_connection_past_its_unread_bytes_is_refused(tmp_path: Any) -> None:
             send(slow, "m", big, id=i)
         for req in [rig.take(b"w1") for _ in range(8)]:
             rig.reply(b"w1", req)
-        rig.pump_until(lambda: rig.router.peer_stats().most > 1 << 20)
+        rig.pump_until(
+            lambda: rig.router.inflight_count() == 0 and rig.router.peer_stats().most > 1 << 20
+        )
         send(slow, "m", id=8)
         send(other, "m", id=9)
         req = rig.take(b"w1")
