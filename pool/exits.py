@@ -132,13 +132,13 @@ class WorkerExits:
         rt.restarts.append((self.now + delay, slot))
 
     def mark_failed(self, rt: ModelRuntime, why: str) -> None:
-        rt.failed = why
+        rt.fail(why)
         rt.route.unavailable = f"model {rt.name!r} is failed: {why}"
         # The shell answers the queue and logs "model marked failed" with the count.
         self.emit(FailQueued(rt.name, "MODEL_UNAVAILABLE", rt.route.unavailable, why))
 
     def clear_failed(self, rt: ModelRuntime) -> None:
-        rt.failed = None
+        rt.recover()
         rt.route.unavailable = None
         rt.flap.reset()
         rt.restarts.clear()

@@ -85,7 +85,7 @@ class Manager:
                 return OpFailed(cfg.name, "loaded meanwhile", outcome=None)
             self.d.add_model(cfg)
             rt: ModelRuntime = sup.models[cfg.name]
-            rt.busy = "load"  # like any operation: no restarts, no recycling meanwhile
+            rt.begin("load")  # like any operation: no restarts, no recycling meanwhile
             made.append(rt)
             workers = list(rt.workers)
             progress("starting", devices=list(rt.devices), pids=[w.pid for w in workers])
@@ -119,7 +119,7 @@ class Manager:
 
         def finished(result: OpResult) -> None:  # the scheduler's OpCrashed, if op raised
             for rt in made:
-                rt.busy = None
+                rt.end()
                 if result.ok:
                     sup.refill(rt)
                 else:
@@ -172,7 +172,7 @@ class Manager:
     def _drain_out(self, rt: ModelRuntime, fail_queue: bool) -> Generator[Wait, bool, int]:
         """Refuse new requests, serve the queue, drain and reap every worker."""
         sup, router = self.sup, self.d.router
-        rt.removing = True
+        rt.unload()
         rt.restarts.clear()
         rt.route.unavailable = f"model {rt.name!r} is being unloaded"
         sup.activate(rt)  # pushes the route: new requests are answered at once

@@ -1,9 +1,9 @@
-"""A model's lifecycle as the supervisor reports it: one enum, one table of moves.
+"""A model's lifecycle: one enum, one table of moves.
 
-``ModelRuntime.status()`` derives the status from what the supervisor holds (the
-unloading mark, the failed reason, the running operation, ready workers of the
-serving generation); the table says which changes between two readings are legal, and
-the supervisor's unit tests check every one they see against it.
+``ModelRuntime`` stores its status and moves it only through this table (an illegal
+move raises ``IllegalTransition``): ``begin`` / ``end`` of an operation, ``fail`` /
+``recover``, ``unload``, and ``settle`` (STARTING <-> SERVING as ready workers of the
+serving generation come and go, which the supervisor calls after each event).
 """
 
 from __future__ import annotations

@@ -59,10 +59,10 @@ def start_operation(
 ) -> None:
     if rt.busy is not None:
         raise Refused(f"{rt.busy} of model {rt.name!r} is already running; try again when it ends")
-    rt.busy = name
+    rt.begin(name)
 
     def finished(result: OpResult) -> None:  # the scheduler's OpCrashed, if op raised
-        rt.busy = None
+        rt.end()
         sup.prune_generations(rt)
         sup.activate(rt)  # workers that became ready meanwhile join the table
         sup.refill(rt)  # a serving worker that died during the operation is replaced now

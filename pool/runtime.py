@@ -8,8 +8,8 @@ from itertools import count
 from pool.config import ModelConfig
 from pool.contract import MAX_EXAMPLES, Contract, ContractError, ForwardSchema, InputSignature
 from pool.flapping import FlapGuard
-from pool.lifecycle import WorkerRecord, WorkerState
-from pool.model_lifecycle import ModelStatus
+from pool.lifecycle import IllegalTransition, WorkerRecord, WorkerState
+from pool.model_lifecycle import TRANSITIONS, ModelStatus
 from pool.state import Deployed, ModelState
 from router.table import ModelRoute
 
@@ -23,10 +23,12 @@ class ModelRuntime:
     gens: dict[int, Deployed] = field(default_factory=dict)
     serving_gen: int = 0
     workers: list[WorkerRecord] = field(default_factory=list)
-    busy: str | None = None  # the running operation, if any
-    failed: str | None = None
+    # Where the model is in its lifecycle (pool.model_lifecycle), moved only through its
+    # table by the methods below: begin/end an operation, fail/recover, unload, settle.
+    lifecycle: ModelStatus = ModelStatus.STARTING
+    busy: str | None = None  # the running operation, if any (set by begin)
+    failed: str | None = None  # why restarts gave up (set by fail)
     last_failure: str | None = None  # the last worker exit that was not asked for
-    removing: bool = False  # being unloaded: drained, then forgotten (pool.manage)
     flap: FlapGuard = field(default_factory=FlapGuard)
     restarts: list[tuple[float, int]] = field(default_factory=list)  # (when, slot)
     # What the serving generation was sent, most served first (for the next warm-up).
@@ -81,15 +83,52 @@ class ModelRuntime:
             if w.alive and (generation is None or w.generation == generation)
         ]
 
+    # ---------------------------------------------------------------- lifecycle
     def status(self) -> ModelStatus:
-        if self.removing:
-            return ModelStatus.UNLOADING
-        if self.failed:
-            return ModelStatus.FAILED
-        if self.busy:
-            return ModelStatus.UPGRADING
-        if any(
+        return self.lifecycle
+
+    @property
+    def removing(self) -> bool:
+        """Being unloaded: drained, then forgotten (pool.manage)."""
+        return self.lifecycle is ModelStatus.UNLOADING
+
+    def move(self, new: ModelStatus) -> None:
+        if new is self.lifecycle:
+            return
+        if new not in TRANSITIONS[self.lifecycle]:
+            raise IllegalTransition(f"model {self.name}: {self.lifecycle.value} -> {new.value}")
+        self.lifecycle = new
+
+    def begin(self, operation: str) -> None:
+        """An operation starts (upgrade, rollback, recycle, scale, load, unload). A failed
+        model stays FAILED until the operation recovers it (an upgrade or rollback)."""
+        self.busy = operation
+        if self.lifecycle is not ModelStatus.FAILED:
+            self.move(ModelStatus.UPGRADING)
+
+    def end(self) -> None:
+        self.busy = None
+        self.settle()
+
+    def fail(self, why: str) -> None:
+        """Restarts gave up: requests are answered MODEL_UNAVAILABLE until recovered."""
+        self.failed = why
+        self.move(ModelStatus.FAILED)
+
+    def recover(self) -> None:
+        """An upgrade or rollback (running: ``begin`` came first) clears a failure."""
+        self.failed = None
+        self.move(ModelStatus.UPGRADING if self.busy else ModelStatus.STARTING)
+
+    def unload(self) -> None:
+        self.move(ModelStatus.UNLOADING)
+
+    def settle(self) -> None:
+        """Between operations, after the workers changed: SERVING while a worker of the
+        serving generation is ready, else STARTING. Failed and unloading stay."""
+        if self.busy is not None or self.lifecycle in (ModelStatus.FAILED, ModelStatus.UNLOADING):
+            return
+        ready = any(
             w.state is WorkerState.READY and w.generation == self.serving_gen for w in self.workers
-        ):
-            return ModelStatus.SERVING
-        return ModelStatus.STARTING
+        )
+        self.move(ModelStatus.SERVING if ready else ModelStatus.STARTING)

@@ -164,6 +164,8 @@ class Supervisor(StandbyUse, WorkerExits, WorkerStopping):
                 self.stop_all()
             case KillAll(_):
                 self.kill_all()
+        for rt in self.models.values():
+            rt.settle()  # STARTING <-> SERVING as ready workers came or went
         return self.take_commands()
 
     def emit(self, command: Command) -> None:

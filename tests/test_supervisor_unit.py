@@ -35,7 +35,8 @@ from pool.commands import (
     Spawn,
 )
 from pool.events import KillAll, StopAll, Tick, WorkerExited, WorkerOverdue, WorkerUnreachable
-from pool.lifecycle import WorkerState
+from pool.lifecycle import IllegalTransition, WorkerState
+from pool.model_lifecycle import TRANSITIONS, ModelStatus
 from pool.stopping import KILL_GRACE_S
 
 
@@ -245,3 +246,57 @@ def test_the_core_reads_no_clock(core: Core, monkeypatch: pytest.MonkeyPatch) ->
     for step in range(1, 40):
         core.feed(Tick(when + step))
     assert not rec.alive and not again.alive
+
+
+def test_the_model_lifecycle_is_stored_and_moves_only_along_its_table(core: Core) -> None:
+    rt = core.rt
+    seen = [rt.status()]
+
+    def look() -> None:
+        if rt.status() is not seen[-1]:
+            assert rt.status() in TRANSITIONS[seen[-1]], (seen[-1], rt.status())
+            seen.append(rt.status())
+
+    rec = core.boot()
+    look()
+    core.feed(WorkerExited(NO_SUCH_PID, signal.SIGSEGV, core.now))  # its only worker died
+    look()
+    for crash in range(rt.flap.attempts):  # then every replacement dies while loading
+        ((when, _),) = rt.restarts
+        core.now = when + 0.01
+        core.feed(Tick(core.now))
+        rec, pid = core.newest(), NO_SUCH_PID + 1 + crash
+        core.spawned(rec, pid)
+        core.feed(WorkerExited(pid, signal.SIGSEGV, core.now))
+        look()
+        if rt.failed:
+            break
+    assert rt.failed is not None and rt.status() is ModelStatus.FAILED
+    rt.begin("upgrade")  # what start_operation does; the model stays failed ...
+    look()
+    core.sup.clear_failed(rt)  # ... until the upgrade recovers it
+    look()
+    rt.end()  # no ready worker of the serving generation yet
+    look()
+    rt.unload()
+    look()
+    assert seen == [
+        ModelStatus.STARTING,
+        ModelStatus.SERVING,
+        ModelStatus.STARTING,
+        ModelStatus.FAILED,
+        ModelStatus.UPGRADING,
+        ModelStatus.STARTING,
+        ModelStatus.UNLOADING,
+    ], seen
+    with pytest.raises(IllegalTransition, match="unloading -> serving"):
+        rt.move(ModelStatus.SERVING)  # an unloading model never serves again
+
+
+def test_a_failed_model_recovers_only_through_an_operation(core: Core) -> None:
+    core.rt.fail("gave up")
+    assert core.rt.status() is ModelStatus.FAILED
+    with pytest.raises(IllegalTransition, match="failed -> starting"):
+        core.rt.recover()  # no operation began: nothing may bring it back by itself
+    core.feed(Tick(core.now + 1))  # settling leaves a failed model failed
+    assert core.rt.status() is ModelStatus.FAILED
