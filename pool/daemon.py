@@ -42,7 +42,7 @@ from pool.events import (
 from pool.gateways import Gateways, admit_gateways, gateway_specs
 from pool.gpu import Gpu
 from pool.health import PoolHealth, assess
-from pool.http import serve_http
+from pool.http import read_token_file, serve_http
 from pool.logs import StderrRelay, relay_wanted
 from pool.manage import Manager
 from pool.manage_commands import manage_commands
@@ -90,11 +90,10 @@ def metrics_token(pool: PoolConfig) -> str:
     """The bearer token /metrics requires ("" = none), from pool.metrics_token_file."""
     if not pool.metrics_token_file:
         return ""
-    with open(pool.metrics_token_file, encoding="utf-8") as fh:
-        token = fh.read().strip()
-    if not token:
-        raise SystemExit(f"pool.metrics_token_file: {pool.metrics_token_file} is empty")
-    return token
+    try:
+        return read_token_file(pool.metrics_token_file)
+    except ValueError as exc:
+        raise SystemExit(f"pool.metrics_token_file: {exc}") from exc
 
 
 def owner_only_dir(path: str, what: str = "state") -> None:

@@ -159,6 +159,11 @@ class HttpEndpoint:
             host = f"[{host}]"
         return f"http://{host}:{self.port}"
 
+    def set_token(self, token: str) -> None:
+        """Require ``token`` from the next request on ("" = none): one reference swap,
+        which the HTTP thread reads per request (pool-ctl reload re-reads the file)."""
+        self._server.authorization = f"Bearer {token}".encode() if token else b""
+
     def close(self, timeout: float = 5.0) -> None:
         if self._closed:
             return
@@ -172,6 +177,19 @@ class HttpEndpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def read_token_file(path: str) -> str:
+    """The bearer token in ``path`` (surrounding whitespace dropped); ValueError when
+    the file cannot be read or holds none."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            token = fh.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+    if not token:
+        raise ValueError(f"{path} is empty")
+    return token
 
 
 def serve_http(

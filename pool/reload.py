@@ -15,7 +15,8 @@ version when the file changes only its worker count. The result comes when every
 operation it started has finished: ``ok`` only if all of them succeeded, with one
 outcome per model. A file with problems changes nothing and fails. [pool] settings
 need a restart, except that the CURVE authorized keys directory is always re-read
-(``pool.curve_keys``): a removed key file is refused from its next connection on.
+(``pool.curve_keys``): a removed key file is refused from its next connection on; and
+so is ``metrics_token_file``: /metrics wants the new token from its next request on.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pool.config import ConfigError, ModelConfig, load_config
+from pool.http import read_token_file
 from pool.op_result import LoadResult, OpResult
 from pool.operations import ModelOp, digest_then, start_operation
 from pool.rescale import RescaleResult
@@ -151,6 +153,22 @@ def _detail(result: OpResult) -> str:
     return f"version {version} on {', '.join(devices)}" if version else ""
 
 
+def _reload_metrics_token(d: Daemon, batch: _Batch, notes: list[str]) -> None:
+    """Re-read pool.metrics_token_file, as the CURVE keys are: a leaked token is revoked by
+    writing a new one and reloading. A file that cannot be read keeps the old token."""
+    path = d.pool.metrics_token_file
+    http = getattr(d, "http", None)
+    if not path or http is None:
+        return
+    try:
+        token = read_token_file(path)
+    except ValueError as exc:
+        batch.record("metrics_token_file", "failed", f"{exc}; old token kept")
+        return
+    http.set_token(token)
+    notes.append("metrics token re-read")
+
+
 def apply_reload(d: Daemon, done: ReloadDone) -> None:
     if d.config.source is None:
         done(ReloadResult(True, notes=("no config file (demo): nothing to reload",)))
@@ -175,6 +193,7 @@ def apply_reload(d: Daemon, done: ReloadDone) -> None:
                 f"CURVE keys: {change.admitted} admitted ({change.added} added, "
                 f"{change.removed} removed; existing connections stay up)"
             )
+    _reload_metrics_token(d, batch, notes)
     old = {m.name: m for m in d.config.models}
     fresh = {m.name: m for m in new.models}
     d.config = new

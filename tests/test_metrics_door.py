@@ -109,3 +109,28 @@ def test_public_metrics_with_a_token_answer_only_the_token(tmp_path: Path) -> No
         status, body = get(f"{url}/metrics", "tok-12345")
         assert status == 200 and "gpupool_" in body
         assert get(f"{url}/healthz") == (200, "ok\n")  # probes send no credentials
+
+
+@pytest.mark.slow
+def test_reload_rereads_the_metrics_token(tmp_path: Path) -> None:
+    """A leaked token is revoked as CURVE keys are: write a new one, pool-ctl reload."""
+    token = tmp_path / "metrics.token"
+    token.write_text("old-token\n")
+    path = make_mlp(str(tmp_path / "models" / "mlp.pt"), seed=1)
+    port = free_port()
+    models = [{"name": "mlp", "path": path, "devices": ["cpu"]}]
+    with running_pool(
+        str(tmp_path), models, metrics=f"127.0.0.1:{port}", metrics_token_file=str(token)
+    ) as pool:
+        url = f"http://127.0.0.1:{port}/metrics"
+        assert get(url, "old-token")[0] == 200
+        token.write_text("new-token\n")
+        assert get(url, "old-token")[0] == 200  # nothing changes before the reload
+        done = pool.pool_ctl("reload")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert get(url, "old-token")[0] == 401
+        assert get(url, "new-token")[0] == 200
+        token.write_text("")  # a file that holds no token: the reload fails, the token stays
+        done = pool.pool_ctl("reload")
+        assert done.returncode == 1 and "old token kept" in done.stdout, done.stdout
+        assert get(url, "new-token")[0] == 200
