@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import logging
 import os
 import signal
@@ -248,9 +249,35 @@ async def _serve_grpc(
     await server.stop(grace=10)  # finish what is in flight; refuse new calls
 
 
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+
+
+def keep_freed_memory(mmap_below: int = 64 << 20, trim_above: int = 256 << 20) -> bool:
+    """Let glibc reuse freed tensor buffers instead of handing them back to the kernel.
+
+    A request's tensors are a few buffers of hundreds of KiB (the body, the protobuf's
+    bytes, the reply); glibc's defaults mmap such a buffer and unmap it on free, so every
+    request paid a page fault per 4 KiB, and on a VM those are dear: three 294 KiB
+    buffers took 500-540 us to allocate, fill and free, against 22-28 us from a heap that
+    keeps them (measured on the 2-core VM). Buffers of ``mmap_below`` and up are still
+    mapped; free heap is returned once more than ``trim_above`` of it is idle. False
+    where the C library has no mallopt (not glibc): nothing changes then."""
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, mmap_below)) and bool(
+        mallopt(M_TRIM_THRESHOLD, trim_above)
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_format, args.log_level)  # poold's format: one log, one look
+    keep_freed_memory()
     runner: Callable[..., Any] = asyncio.run
     try:  # both protocols: the router link's reads and writes are the loop's own (zmtp)
         import uvloop
