@@ -67,7 +67,10 @@ class PreloadSpec:
 
     def readable(self, path: str) -> bool:
         """Whether a standby confined for this preload can read ``path``: inside one of
-        the roots or the preload's own directory (``workers.sandbox.confine``)."""
+        the roots or the preload's own directory (``workers.sandbox.confine``); any
+        path with ``sandbox = false``."""
+        if self.sandbox_mode is False:
+            return True
         real = os.path.realpath(path)
         dirs = [*self.roots, os.path.dirname(os.path.abspath(self.path))]
         for d in dirs:

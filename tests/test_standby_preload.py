@@ -173,8 +173,10 @@ def test_a_rewritten_file_is_not_taken_from_the_preload(tmp_path: Any) -> None:
     assert not reports[-1]["ok"] and reports[-1]["reason"] and bad.staged is None
 
 
-def spec(version: str, path: str = "/m/v.pt", setting: str | bool = True) -> PreloadSpec:
-    return PreloadSpec("m", version, path, setting, False, ("/m",), "/run/w")
+def spec(
+    version: str, path: str = "/m/v.pt", setting: str | bool = True, sandbox: str | bool = False
+) -> PreloadSpec:
+    return PreloadSpec("m", version, path, setting, sandbox, ("/m",), "/run/w")
 
 
 def test_stale_preload_is_replaced_once_the_device_is_idle(
@@ -203,7 +205,8 @@ def test_stale_preload_is_replaced_once_the_device_is_idle(
     sb.on_preloaded({"pid": 7001, "key": "m:1:" + model, "ok": True, "bytes": 100})
     assert sb.current["cpu"].preload is not None
     assert sb.current["cpu"].preload.state is PreloadState.LOADED
-    target["spec"] = spec("2", model)  # the serving version changed, the standby not taken
+    # The serving version changed, the standby not taken (its workers are sandboxed).
+    target["spec"] = spec("2", model, sandbox="auto")
     sb.tick(1.0, {"cpu"})
     assert not killed  # busy: an operation runs there
     sb.tick(2.0, set())
@@ -234,8 +237,9 @@ def test_admit_and_readable(tmp_path: Any) -> None:
     assert not admit(PreloadSpec("m", "1", path + "x", True, "auto", (), "/r"))[0]
     ram = available_ram()
     assert ram is None or ram > 0
-    s = spec("1", "/m/a/v.pt")
+    s = PreloadSpec("m", "1", "/m/a/v.pt", True, "auto", ("/m/b",), "/r")
     assert s.readable("/m/b/v.pt") and s.readable("/m/a/w.pt") and not s.readable("/n/v.pt")
+    assert spec("1", "/m/a/v.pt").readable("/n/v.pt")  # sandbox = false: nothing confines it
 
 
 def test_preload_config(tmp_path: Any) -> None:
