@@ -198,6 +198,27 @@ def main() -> int:
             nbytes,
             None,
         )
+        if dev.type == "cuda":
+            # TorchScript another way: read onto the CPU, then one copy per tensor (what a
+            # standby's preload and drain-first staging do, there with pinning off the path).
+            from workers.staged import _pinned
+
+            def cpu_then_device(pin: bool) -> object:
+                m = torch.jit.load(pt, map_location="cpu")
+                return _pinned(m, pin).to(dev, non_blocking=pin)
+
+            report(
+                "torch.jit.load to cpu, then .to(device)",
+                median_time(lambda: cpu_then_device(False), dev, args.repeats),
+                nbytes,
+                base,
+            )
+            report(
+                "torch.jit.load to cpu, pin, then .to(device)",
+                median_time(lambda: cpu_then_device(True), dev, args.repeats),
+                nbytes,
+                base,
+            )
         report(
             "safetensors.torch.load_file",
             median_time(
