@@ -535,7 +535,7 @@ class Daemon:
                 model_state={rt.name: rt.status() for rt in self.sup.models.values()},
                 devices=self.device_samples(),
                 standbys=tuple(
-                    StandbySample(r.device, r.state.value, r.pid, r.gpu_bytes)
+                    StandbySample(r.device, r.state.value, r.pid, r.gpu_bytes, r.preload_bytes)
                     for r in self.sup.standbys.current.values()
                     if r.alive and r.pid is not None
                 ),

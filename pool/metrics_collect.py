@@ -301,10 +301,16 @@ def _standby_metrics(snap: PoolSnapshot) -> Iterator[Metric]:
         "Device memory of a hot standby: its CUDA context, no model (NVML).",
         labels=["device", "pid"],
     )
+    held = GaugeMetricFamily(
+        "gpupool_standby_preload_bytes",
+        "Host memory of the serving version a hot standby holds ahead of need (pool.preload).",
+        labels=["device", "pid"],
+    )
     for sb in snap.standbys:
         up.add_metric([sb.device, sb.state], 1)
         if sb.gpu_bytes is not None:
             gpu.add_metric([sb.device, str(sb.pid)], sb.gpu_bytes)
+        held.add_metric([sb.device, str(sb.pid)], sb.preload_bytes)
     taken = CounterMetricFamily(
         "gpupool_standby_taken",
         "Workers started in a hot standby instead of a fresh process.",
@@ -319,5 +325,6 @@ def _standby_metrics(snap: PoolSnapshot) -> Iterator[Metric]:
         died.add_metric([device], n)
     yield up
     yield gpu
+    yield held
     yield taken
     yield died

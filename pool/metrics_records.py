@@ -88,6 +88,7 @@ class StandbySample:
     state: str  # preparing | waiting
     pid: int
     gpu_bytes: int | None  # its CUDA context (NVML)
+    preload_bytes: int = 0  # the serving version it holds in host memory (pool.preload)
 
 
 @dataclass(frozen=True)

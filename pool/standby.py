@@ -69,6 +69,12 @@ class StandbyRecord:
     gpu_bytes: int | None = None  # NVML, per process: its context
     preload: PreloadRecord | None = None  # the version it reads ahead (pool.preload)
 
+    @property
+    def preload_bytes(self) -> int:
+        """Host bytes of the version it holds (0: none, or not read yet)."""
+        pre = self.preload
+        return pre.bytes if pre is not None and pre.state is PreloadState.LOADED else 0
+
     def to(self, new: StandbyState) -> None:
         if new is self.state:
             return

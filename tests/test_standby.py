@@ -297,7 +297,7 @@ def test_standby_metrics() -> None:
             workers=(),
             queue_depth={},
             model_state={},
-            standbys=(StandbySample("cuda:0", "waiting", 4242, 520 << 20),),
+            standbys=(StandbySample("cuda:0", "waiting", 4242, 520 << 20, 768 << 20),),
             standbys_taken={"cuda:0": 3},
             standbys_died={"cuda:0": 1},
         )
@@ -309,6 +309,8 @@ def test_standby_metrics() -> None:
     }
     assert got[("gpupool_standby", (("device", "cuda:0"), ("state", "waiting")))] == 1
     assert got[("gpupool_standby_gpu_bytes", (("device", "cuda:0"), ("pid", "4242")))] == 520 << 20
+    held = ("gpupool_standby_preload_bytes", (("device", "cuda:0"), ("pid", "4242")))
+    assert got[held] == 768 << 20
     assert got[("gpupool_standby_taken_total", (("device", "cuda:0"),))] == 3
     assert got[("gpupool_standby_died_total", (("device", "cuda:0"),))] == 1
 
