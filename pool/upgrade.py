@@ -76,6 +76,20 @@ def _settled(sup: Supervisor, devices: list[str]) -> Callable[[], bool]:
     return check
 
 
+def _gone_stopping_drained(sup: Supervisor, recs: list[WorkerRecord]) -> Callable[[], bool]:
+    """A condition: every worker of ``recs`` has exited. One that has drained (holds no
+    request any more) is stopped as soon as a check sees it, not at the next tick (up to
+    50 ms later, which a drain-first upgrade's clients would wait out)."""
+
+    def check() -> bool:
+        for r in recs:
+            if r.state is WorkerState.DRAINING and not r.slot_view.load:
+                sup.stop(r)
+        return not any(r.alive for r in recs)
+
+    return check
+
+
 def _back_at(sup: Supervisor, reference: dict[str, int | None]) -> Callable[[], bool]:
     """A condition: every device's level is within MEMORY_TOLERANCE of ``reference``, or
     has not moved for SETTLE_EVERY_S (another process changed the level: the proof then
@@ -281,7 +295,7 @@ class Upgrade:
         self.say("draining", workers=[r.wid for r in recs], pids=[r.pid for r in recs])
         pool = self.sup.pool
         limit = pool.drain_timeout_s + pool.stop_timeout_s + 3 * KILL_GRACE_S + 5
-        yield Wait(lambda: not any(r.alive for r in recs), limit, "exit")
+        yield Wait(_gone_stopping_drained(self.sup, recs), limit, "exit")
         self.stopped.extend(recs)
         self.phases["drain_s"] = self.phases.get("drain_s", 0.0) + time.monotonic() - t
         t = time.monotonic()

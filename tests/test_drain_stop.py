@@ -1,0 +1,49 @@
+"""A retiring worker that holds nothing any more is stopped by the upgrade's own check,
+not at the supervisor's next tick (``pool.upgrade._gone_stopping_drained``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pool.lifecycle import WorkerRecord, WorkerState
+from pool.upgrade import _gone_stopping_drained
+from router.table import WorkerSlot
+
+
+class Sup:
+    def __init__(self) -> None:
+        self.stopped: list[str] = []
+
+    def stop(self, rec: WorkerRecord) -> None:
+        self.stopped.append(rec.wid)
+        rec.to(WorkerState.STOPPING)
+
+
+class Busy(WorkerSlot):
+    @property
+    def load(self) -> int:
+        return 1
+
+
+def worker(wid: str, slot: WorkerSlot, state: WorkerState) -> WorkerRecord:
+    rec = WorkerRecord(wid=wid, model="m", generation=1, slot=0, device="cpu", version="1",
+                       path="/m.pt", slot_view=slot)  # fmt: skip
+    for s in (WorkerState.STARTING, WorkerState.LOADING, WorkerState.WARMING,
+              WorkerState.READY, state):  # fmt: skip
+        if rec.can(s):
+            rec.to(s)
+    assert rec.state is state
+    return rec
+
+
+def test_drained_workers_are_stopped_by_the_check() -> None:
+    sup: Any = Sup()
+    idle = worker("idle", WorkerSlot(b"idle", "m", 1, "1", 2), WorkerState.DRAINING)
+    busy = worker("busy", Busy(b"busy", "m", 1, "1", 2), WorkerState.DRAINING)
+    check = _gone_stopping_drained(sup, [idle, busy])
+    assert not check()
+    assert sup.stopped == ["idle"]  # the one still answering a request keeps draining
+    assert not check() and sup.stopped == ["idle"]  # stopping already: not again
+    idle.to(WorkerState.EXITED)
+    busy.to(WorkerState.EXITED)
+    assert check()
