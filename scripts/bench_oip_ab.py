@@ -139,6 +139,9 @@ def main() -> int:
     ap.add_argument("--big", action="store_true", help="294 KiB float16 inputs")
     ap.add_argument("--dir", default="/tmp/oip-ab", help="scratch directory")
     args = ap.parse_args()
+    # A SIGTERM (timeout(1), a CI limit) must still reach the finally below, or the pool
+    # and the gateways, each in a session of its own, outlive us.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     trees = {"this": ROOT}
     for item in args.tree:
         name, _, path = item.partition("=")

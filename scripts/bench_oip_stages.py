@@ -27,6 +27,7 @@ import asyncio
 import http.client
 import json
 import os
+import signal
 import statistics
 import sys
 import time
@@ -102,6 +103,7 @@ def main() -> int:
     ap.add_argument("--oip-processes", type=int, default=1, help="gateways per protocol")
     ap.add_argument("--dir", default="/tmp/oip-stages", help="scratch directory")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # still stop the pool below
     import grpc
     from benchmodels import make_identity
 
