@@ -290,3 +290,50 @@ def test_standby_retire_proof_returns_every_byte(
         assert not load.errors, load.errors[:3]
         assert max(levels) - min(levels) <= 16 * MIB, [x // MIB for x in levels]
     wait_for(lambda: abs(used() - baseline) <= 16 * MIB, 20, "device back to its baseline")
+
+
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+def test_crash_replacement_from_a_preloaded_standby(
+    big_models: tuple[str, str, str], fmt: str
+) -> None:
+    """The standby holds the serving version on the host (pool.preload, pinned): a
+    kill -9 of the worker is replaced from it (no read of the file), it answers as the
+    dead one did, and model memory on the device is where it was."""
+    d, a, _ = big_models
+    if fmt == "safetensors":
+        a = make_big_factory(os.path.join(d, "models", "pa"), HIDDEN, LAYERS, seed=1)
+    tmp = os.path.join(d, f"preload-{fmt}")
+    models = [{"name": "big", "path": a, "version": "a", "devices": ["cuda:0"], "max_batch": 8}]
+    with running_pool(
+        tmp, models, boot_timeout_s=120, standby=True, standby_preload=True,
+        model_roots=[os.path.join(d, "models")],
+    ) as pool:  # fmt: skip
+
+        def preloaded() -> list[dict[str, object]]:
+            return [
+                s
+                for s in pool.status()["standby"]["standbys"]
+                if s["state"] == "waiting" and (s.get("preload") or {}).get("state") == "loaded"
+            ]
+
+        sb = wait_for(preloaded, 120, "a standby holding version a")[0]
+        with pool.client() as c:
+            want = c.infer("big", big_input(3)).outputs[0]
+        level = level_without_standby(pool)[0]
+        (old,) = [w for w in pool.model("big")["workers"] if w["state"] == "ready"]
+        os.kill(old["pid"], signal.SIGKILL)
+        new = wait_for(
+            lambda: [
+                w
+                for w in pool.model("big")["workers"]
+                if w["state"] == "ready" and w["pid"] != old["pid"]
+            ],
+            120,
+            "the replacement",
+        )[0]
+        assert new["pid"] == sb["pid"] and new["preloaded"], new
+        with pool.client() as c:
+            got = c.infer("big", big_input(3)).outputs[0]
+        assert np.array_equal(got, want)
+        wait_for(preloaded, 120, "the next standby holding version a")
+        assert abs(level_without_standby(pool)[0] - level) <= 16 * MIB
