@@ -28,6 +28,7 @@ import asyncio
 import enum
 import itertools
 import logging
+import socket
 from typing import Any, Final
 
 import msgpack
@@ -47,6 +48,9 @@ GREETING: Final = (
 )
 RECONNECT_MIN_S: Final = 0.02
 RECONNECT_MAX_S: Final = 2.0
+# Our socket's send buffer: the kernel's default (208 KiB on Linux) splits a large
+# request over several loop turns; the kernel caps this at net.core.wmem_max.
+SEND_BUFFER: Final = 4 << 20
 # Unsent bytes we let pile up while the router reads slowly before refusing (OVERLOADED),
 # as libzmq's SNDHWM would.
 MAX_BUFFERED: Final = 256 << 20
@@ -145,6 +149,12 @@ class _Link(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:  # a resnet50 input (294 KiB) in one write, not one write per loop turn
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+            except OSError:
+                pass  # the kernel's default then; still correct
         self.transport.write(GREETING + ready_command())
 
     def data_received(self, data: bytes) -> None:
