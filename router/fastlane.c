@@ -20,6 +20,7 @@
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
+#include <malloc.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -1889,3 +1890,11 @@ void fl_peer_stats(core_t *c, int64_t *out) {
     out[4] = (int64_t)c->unread_dropped;
     out[5] = (int64_t)c->gone_dropped;
 }
+
+/* Give the allocator's free pages back to the kernel, in every arena (libzmq's I/O
+ * threads allocate in arenas of their own). glibc returns only the top of a heap by
+ * itself; the buffers of replies, requests and connections that come and go leave free
+ * memory between live blocks that it keeps: in the soak poold's RSS grew by a few MiB a
+ * minute with the memory in use flat (mallinfo2: 15-24 MiB in use, ~30 MiB free and
+ * kept). 1: some memory was released. */
+int fl_trim(void) { return malloc_trim(0); }

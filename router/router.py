@@ -43,6 +43,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -60,6 +61,7 @@ log = logging.getLogger(__name__)
 STATUS_CODES: tuple[str, ...] = ("OK", *sorted(p.ERROR_CODES))
 # Default histogram bounds (seconds) when the caller gives none.
 DEFAULT_BOUNDS: tuple[float, ...] = (0.001, 0.01, 0.1, 1.0, 10.0)
+TRIM_EVERY_S = 5.0  # malloc_trim, on its own thread
 
 
 class RouterEvents(Protocol):
@@ -141,6 +143,9 @@ class Router:
             max_unread_total_bytes,
             unread_error(max_unread_bytes, max_unread_total_bytes),
         )
+        self._trim_stop = threading.Event()
+        self._trimmer = threading.Thread(target=self._trim, name="gpupool-trim", daemon=True)
+        self._trimmer.start()
         self.lane = lane  # "" without lanes
         if lane:
             self._listen_lane(lane)
@@ -425,6 +430,14 @@ class Router:
         """The client connections holding requests or unread replies (forgets the rest)."""
         return self.core.peer_stats()
 
+    def _trim(self) -> None:
+        """Every ``TRIM_EVERY_S``, hand the allocator's free pages back to the kernel
+        (``Core.trim``): what a client that left held is freed, but glibc would keep it.
+        On a thread of its own, GIL released: releasing tens of MiB takes ~10 ms of
+        madvise calls, which the loop must not wait for."""
+        while not self._trim_stop.wait(TRIM_EVERY_S):
+            self.core.trim()
+
     def _flush_worker(self, slot: WorkerSlot) -> None:
         n, codes, hists, sums = self.core.worker_stats(slot.index)
         if not n or self.observe_bulk is None:
@@ -463,6 +476,8 @@ class Router:
         if self.closed:
             return
         self.closed = True
+        self._trim_stop.set()
+        self._trimmer.join(5)
         self.core.close()
         if self.lane:
             try:

@@ -419,6 +419,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=5.0,
         help="wait after the clients left before the last sample (5)",
     )
+    ap.add_argument(
+        "--unread-mb",
+        type=int,
+        default=4,
+        help="poold's max_unread_reply_mb: what the slow reader may hold (4: reached in "
+        "the warm-up, so that RSS after it must stay flat)",
+    )
     ap.add_argument("--dir", help="work directory, kept (default: a temporary one, removed)")
     ap.add_argument("--json", action="store_true", help="print one JSON summary, nothing else")
     args = ap.parse_args(argv)
@@ -446,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         frontend=f"tcp://127.0.0.1:{port}",
         heartbeat_interval_s=1.0,
         heartbeat_timeout_s=5.0,
+        max_unread_reply_mb=args.unread_mb,
     )
     try:
         pool.wait_serving(ControlClient(pool.control))
