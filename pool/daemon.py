@@ -394,7 +394,8 @@ class Daemon:
         next_publish = 0.0
         stopping_since: float | None = None
         while True:
-            timeout = 10 if self.sup.scheduler.busy() else int(TICK_S * 1000)
+            sched = self.sup.scheduler
+            timeout = sched.wake_in_ms(10) if sched.busy() else int(TICK_S * 1000)
             self.router.pump(timeout)
             if self.router.woke(0):
                 self.control.handle()

@@ -8,6 +8,7 @@ Nothing blocks the loop, so routing continues while an upgrade waits for a worke
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
@@ -104,3 +105,17 @@ class Scheduler:
 
     def busy(self) -> bool:
         return bool(self.tasks)
+
+    def wake_in_ms(self, most_ms: int) -> int:
+        """How long the loop may sleep before a sampling wait (``every_s`` > 0) is due:
+        at most ``most_ms``, at least 1. Waits sampled every turn (``every_s`` 0) wake on
+        the events that move them, or after ``most_ms``."""
+        now = self.clock()
+        due = [
+            t.next_check - now
+            for t in self.tasks
+            if not t.finished and t.wait is not None and t.wait.every_s > 0
+        ]
+        if not due:
+            return most_ms
+        return max(1, min(most_ms, math.ceil(min(due) * 1000)))

@@ -46,7 +46,8 @@ SETTLE_EVERY_S = 0.25
 # While a drain-first retire holds the device's clients, the wait is the whole critical
 # path: sample fast there, and settle on "back within MEMORY_TOLERANCE of the known
 # reference" instead of two equal slow readings. Bounded by MEMORY_WAIT_S all the same.
-HELD_EVERY_S = 0.01
+# Every 2 ms: the loop sleeps only until the next sample is due (Scheduler.wake_in_ms).
+HELD_EVERY_S = 0.002
 Progress = Callable[..., None]
 
 # Progress phases that also go to the log: an upgrade's story, step by step.

@@ -47,3 +47,24 @@ def test_drained_workers_are_stopped_by_the_check() -> None:
     idle.to(WorkerState.EXITED)
     busy.to(WorkerState.EXITED)
     assert check()
+
+
+def test_the_loop_wakes_for_the_next_sample_of_a_sampling_wait() -> None:
+    from pool.tasks import Scheduler, Wait
+
+    now = [100.0]
+    sched = Scheduler(clock=lambda: now[0])
+    assert sched.wake_in_ms(10) == 10  # nothing runs
+
+    def op(every: float) -> Any:
+        yield Wait(lambda: False, 5.0, "w", every_s=every)
+
+    sched.start("turns", op(0.0), lambda r: None)
+    assert sched.wake_in_ms(10) == 10  # sampled every turn: woken by events, or in 10 ms
+    sched.start("nvml", op(0.002), lambda r: None)
+    sched.poll()  # asks at once, then every 2 ms
+    assert sched.wake_in_ms(10) == 2
+    now[0] += 0.0015
+    assert sched.wake_in_ms(10) == 1
+    now[0] += 0.01
+    assert sched.wake_in_ms(10) == 1  # overdue: at once (1 ms is the least)
