@@ -6,9 +6,11 @@ usage: bench_oip_ab.py [--tree NAME=DIR ...] [--rounds N] [--requests N] [--big]
 A busy or shared machine moves a single latency figure by more than most changes to the
 gateway do. So this starts one pool (1 CPU worker, no gateways of its own), then an HTTP
 and a gRPC gateway (``python -m gateway``) per code tree, all on that pool, and takes
-turns: each round sends ``--requests`` requests from one client to each gateway in turn.
-Noise then falls on every tree alike. Printed per tree and protocol: the median over
-rounds of the round's p50, and the gateway's CPU time per request (psutil).
+turns: each round sends ``--requests`` requests from one client to each gateway in turn
+(every other round in reverse order). Noise then falls on every tree alike. Printed per
+tree and protocol: the median over rounds of the round's p50, and the gateway's CPU time
+per request (psutil). ``--tree same=.`` (this checkout again) shows what the noise alone
+does to the figures.
 
 ``--tree before=/tmp/before`` adds a tree, e.g. ``git archive REV gateway router pool |
 tar -x -C /tmp/before``; this checkout is always the tree ``this``. ``--big`` sends a
@@ -177,8 +179,9 @@ def main() -> int:
         p50s: dict[str, list[float]] = {t[0]: [] for t in targets}
         cpus: dict[str, list[float]] = {t[0]: [] for t in targets}
         load0 = os.getloadavg()[0]
-        for _ in range(args.rounds):
-            for label, call, proc in targets:
+        for i in range(args.rounds):
+            # Every other round in reverse order: no tree always runs right after another.
+            for label, call, proc in targets if i % 2 == 0 else targets[::-1]:
                 c0, lat = sum(proc.cpu_times()[:2]), []
                 for _ in range(args.requests):
                     s = time.perf_counter()
