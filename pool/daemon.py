@@ -7,12 +7,10 @@ handles them in order (TERM/INT: drain and stop, HUP: reload the config, CHLD: r
 from __future__ import annotations
 
 import collections
-import ctypes
 import logging
 import os
 import shutil
 import signal
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,19 +18,16 @@ from typing import Any
 import zmq
 
 from gateway.collector import OipCollector
-from pool.config import Config, ModelConfig, PoolConfig, ipc_path
+from pool import daemon_loop
+from pool.config import Config, ModelConfig, ipc_path
 from pool.control import ControlServer
 from pool.curve_keys import AuthorizedKeys
-from pool.dirs import private_dir
 from pool.door_metrics import DoorCollector
 from pool.events import (
     Event,
-    KillAll,
     Poll,
     SpawnerMessage,
     SpawnFailed,
-    StopAll,
-    Tick,
     WorkerExited,
     WorkerMessage,
     WorkerOverdue,
@@ -42,17 +37,16 @@ from pool.events import (
 from pool.gateways import Gateways, admit_gateways, gateway_specs
 from pool.gpu import Gpu
 from pool.health import PoolHealth, assess
-from pool.http import read_token_file, serve_http
+from pool.http import serve_http
 from pool.logs import StderrRelay, relay_wanted
 from pool.manage import Manager
 from pool.manage_commands import manage_commands
 from pool.metrics import (
     LATENCY_BUCKETS,
     PoolMetrics,
-    PoolSnapshot,
-    StandbySample,
-    WorkerSample,
 )
+from pool.process_env import become_subreaper, metrics_token, owner_only_dir, short_tmp
+from pool.publish import publish
 from pool.reload import ReloadResult, apply_reload
 from pool.rundirs import clean_stale, make_rundir
 from pool.sdnotify import Notifier, watchdog_interval
@@ -65,51 +59,9 @@ from pool.topology import Topology
 from router.door import Door, connection_limit, raise_nofile
 from router.router import Router
 from router.table import WorkerSlot
-from workers.heap import freeze_heap
 from workers.spawner import reaped
 
 log = logging.getLogger("poold")
-
-TICK_S = 0.05
-PUBLISH_EVERY_S = 1.0
-CLOSE_QUIET_S = 0.2  # at shutdown: how long the frontend must be quiet before it closes
-CLOSE_WINDOW_S = 2.0  # ... and the longest it stays open for that
-PR_SET_CHILD_SUBREAPER = 36
-
-
-def become_subreaper() -> None:
-    """Orphans of a dead spawner become our children, so our reaper can reap them."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    except (OSError, AttributeError):
-        log.debug("prctl(PR_SET_CHILD_SUBREAPER) unavailable")
-
-
-def metrics_token(pool: PoolConfig) -> str:
-    """The bearer token /metrics requires ("" = none), from pool.metrics_token_file."""
-    if not pool.metrics_token_file:
-        return ""
-    try:
-        return read_token_file(pool.metrics_token_file)
-    except ValueError as exc:
-        raise SystemExit(f"pool.metrics_token_file: {exc}") from exc
-
-
-def owner_only_dir(path: str, what: str = "state") -> None:
-    """See pool.dirs: created 0700 if missing, refused if unsafe, never re-moded."""
-    private_dir(path, what)
-
-
-
-# An ipc:// path is limited to 107 bytes (sun_path); ours are rundir + "/backend.sock".
-IPC_DIR_MAX = 80
-
-
-def short_tmp() -> str | None:
-    """Where poold's private socket directory goes: $TMPDIR unless its path is too long
-    for ipc sockets under it, then /tmp."""
-    return None if len(tempfile.gettempdir().encode()) <= IPC_DIR_MAX - 20 else "/tmp"
 
 class Daemon:
     def __init__(self, config: Config) -> None:
@@ -125,6 +77,7 @@ class Daemon:
         self.state_problem = ""  # what StateStore could not write, for health
         self.last_tick = time.monotonic()
         self.gateways = Gateways([], -1)  # the OIP gateways, set up in setup()
+        self.workers_told = False  # shutdown: StopAll was fed
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -374,104 +327,7 @@ class Daemon:
 
     # -------------------------------------------------------------- the loop
     def run(self) -> int:
-        wake_r = self.install_signals()
-        spawner_fd = self.spawner.fileno()
-
-        def wakeups() -> None:
-            # 0: control socket, 1: signal wake-up pipe, 2: the door's monitor,
-            # 3: the spawner's pipe (if alive)
-            items: list[tuple[zmq.Socket[Any] | None, int]] = [
-                (self.control_sock, 0),
-                (None, wake_r),
-                (self.door.monitor, 0),
-            ]
-            if spawner_fd is not None:
-                items.append((None, spawner_fd))
-            self.router.set_wakeups(items)
-
-        wakeups()
-        freeze_heap()  # see workers.heap: full collections would pause routing
-        next_publish = 0.0
-        stopping_since: float | None = None
-        while True:
-            sched = self.sup.scheduler
-            timeout = sched.wake_in_ms(10) if sched.busy() else int(TICK_S * 1000)
-            self.router.pump(timeout)
-            if self.router.woke(0):
-                self.control.handle()
-                self.shell.flush()  # what the commands' operations decided
-            if self.router.woke(2):
-                self.door.handle()
-                self.door_stats = self.door.stats()
-            if spawner_fd is not None and self.router.woke(3):
-                if not self.spawner.handle_readable():
-                    spawner_fd = None
-                    wakeups()
-            if self.router.woke(1):
-                try:
-                    os.read(wake_r, 4096)
-                except BlockingIOError:
-                    pass
-            self.handle_signals()
-            self.shell.flush()  # a reload's operations
-            now = time.monotonic()
-            if now - self.last_tick >= TICK_S:
-                self.last_tick = now
-                self.router.sweep(now)
-                self.feed(Tick(now))
-                if self.running:
-                    self.gateways.tick(now)
-                if self.running and self.spawner.maybe_restart(now):
-                    spawner_fd = self.spawner.fileno()
-                    wakeups()
-                self.systemd(now)
-            else:
-                self.feed(Poll(now))
-            if now >= next_publish:
-                next_publish = now + PUBLISH_EVERY_S
-                self.publish()
-            if not self.running:
-                stopping_since = self.shutdown_step(stopping_since, now)
-                if stopping_since is not None and stopping_since < 0:
-                    self.closing_window()
-                    return 0
-
-    def shutdown_step(self, since: float | None, now: float) -> float | None:
-        """Stop accepting; let in-flight and queued work finish; then stop the workers."""
-        if since is None:
-            self.notifier.stopping("draining")
-            self.router.accepting = False
-            self.gateways.stop()  # they finish what is in flight; the router answers it
-            return now
-        drained = not self.router.inflight_count() and not self.router.queued_count()
-        if drained or now - since > self.pool.drain_timeout_s:
-            if not getattr(self, "_workers_told", False):
-                self._workers_told = True
-                self.feed(StopAll(now))
-                self.sup.standbys.stop_all()
-            limit = self.pool.drain_timeout_s + self.pool.stop_timeout_s + 10
-            if self.sup.all_exited() or now - since > limit:
-                self.feed(KillAll(now))
-                return -1.0
-        return since
-
-    def closing_window(self) -> None:
-        """Answer SHUTTING_DOWN to whatever still arrives until the frontend has been quiet
-        for CLOSE_QUIET_S (at most CLOSE_WINDOW_S), then close it at once: a request read
-        is a request answered, and one sent after the close stays in the client's queue
-        (it is never half-taken)."""
-        start = quiet = time.monotonic()
-        seen = self.router.frontend_seen
-        while True:
-            self.router.pump(10)
-            now = time.monotonic()
-            if self.router.frontend_seen != seen:
-                seen, quiet = self.router.frontend_seen, now
-            if now - quiet >= CLOSE_QUIET_S or now - start >= CLOSE_WINDOW_S:
-                break
-        self.door.close()
-        self.router.close()  # flushes the last answers (LINGER)
-        log.info("frontend closed")
+        return daemon_loop.run(self)
 
     def systemd(self, now: float) -> None:
         if self.watchdog_s and now - self.last_watchdog >= self.watchdog_s:
@@ -495,55 +351,8 @@ class Daemon:
             self._last_status = status
             self.notifier.status(status)
 
-    def device_samples(self) -> dict[str, tuple[float | None, int, int]]:
-        """NVML utilisation and memory of every GPU, for the per-device gauges."""
-        out: dict[str, tuple[float | None, int, int]] = {}
-        for idx in range(self.gpu.count()):
-            mem = self.gpu.memory(idx)
-            if mem is not None:
-                out[f"cuda:{idx}"] = (self.gpu.utilization(idx), mem[0], mem[2])
-        return out
-
     def publish(self) -> None:
-        self.store.retry()  # a disk that was full or read-only may take the state now
-        self.state_problem = self.store.problem()
-        self.router.flush_stats()
-        self.peer_stats = self.router.peer_stats()  # also forgets connections that left
-        workers = []
-        for rt in self.sup.models.values():
-            for w in rt.workers:
-                if w.alive and w.pid:
-                    workers.append(
-                        WorkerSample(
-                            model=w.model,
-                            version=w.version,
-                            generation=w.generation,
-                            device=w.device,
-                            state=w.state.value,
-                            pid=w.pid,
-                            gpu_bytes=w.gpu_bytes,
-                            rss_bytes=w.rss,
-                            inflight=w.slot_view.load,
-                            served=w.slot_view.served,
-                        )
-                    )
-        self.metrics.publish(
-            PoolSnapshot(
-                workers=tuple(workers),
-                queue_depth={
-                    rt.name: self.router.queue_len(rt.name) for rt in self.sup.models.values()
-                },
-                model_state={rt.name: rt.status() for rt in self.sup.models.values()},
-                devices=self.device_samples(),
-                standbys=tuple(
-                    StandbySample(r.device, r.state.value, r.pid, r.gpu_bytes, r.preload_bytes)
-                    for r in self.sup.standbys.current.values()
-                    if r.alive and r.pid is not None
-                ),
-                standbys_taken=dict(self.sup.standbys.taken),
-                standbys_died=dict(self.sup.standbys.died),
-            )
-        )
+        publish(self)
 
     def close(self) -> None:
         self.gateways.kill()

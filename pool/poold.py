@@ -19,10 +19,11 @@ from pool.config import (
     check_config,
     load_config,
 )
-from pool.daemon import Daemon, owner_only_dir
+from pool.daemon import Daemon
 from pool.dirs import UnsafeDirectory
 from pool.gpu import Gpu
 from pool.logs import setup_logging
+from pool.process_env import owner_only_dir
 from pool.version import version_line
 from router.fastlane import FastlaneUnavailable
 

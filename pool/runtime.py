@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import count
+from typing import Any
 
 from pool.config import ModelConfig
 from pool.contract import MAX_EXAMPLES, Contract, ContractError, ForwardSchema, InputSignature
@@ -65,6 +66,18 @@ class ModelRuntime:
         self.gens.pop(generation, None)
         self.contracts.pop(generation, None)
         self.schemas.pop(generation, None)
+
+    def contract_record(self, deployed: Deployed) -> dict[str, Any]:
+        """``deployed``'s inputs and outputs for its history entry, when known."""
+        gens = [g for g, d in self.gens.items() if d == deployed]
+        contract = self.contracts.get(max(gens)) if gens else None
+        if contract is None:
+            return {}
+        return {
+            "inputs": [t.to_json() for t in contract.inputs],
+            "outputs": [t.to_json() for t in contract.outputs],
+            "batchable": contract.batchable,
+        }
 
     def warmup_signatures(self) -> list[InputSignature]:
         """Inputs a new worker warms up on: what the serving version was sent, then the

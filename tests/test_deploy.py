@@ -135,7 +135,7 @@ def test_the_grace_period_covers_prestop_and_poolds_own_drain(target: str) -> No
     (c,) = spec["containers"]
     pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
     # poold's shutdown: drain up to drain_timeout_s, stop workers within stop_timeout_s,
-    # and it gives itself 10 s more for the last exits (pool/daemon.py shutdown_step).
+    # and it gives itself 10 s more for the last exits (pool/daemon_loop.py shutdown_step).
     needed = pre_stop + pool["drain_timeout_s"] + pool["stop_timeout_s"] + 10
     assert spec["terminationGracePeriodSeconds"] >= needed
 

@@ -1,12 +1,12 @@
 """A retiring worker that holds nothing any more is stopped by the upgrade's own check,
-not at the supervisor's next tick (``pool.upgrade._gone_stopping_drained``)."""
+not at the supervisor's next tick (``pool.upgrade_steps._gone_stopping_drained``)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from pool.lifecycle import WorkerRecord, WorkerState
-from pool.upgrade import _gone_stopping_drained
+from pool.upgrade_steps import _gone_stopping_drained
 from router.table import WorkerSlot
 
 
