@@ -32,6 +32,7 @@ from pool.supervisor import Supervisor
 from pool.tasks import Wait
 from pool.upgrade_phases import PhaseTrack, UpgradePhase
 from pool.upgrade_result import Restore, UpgradeResult
+from pool.upgrade_waits import changed_state, gone_stopping_drained
 
 log = logging.getLogger("pool.upgrade")  # one logger for an upgrade's story
 
@@ -43,27 +44,6 @@ STORY = frozenset(
 )
 
 BootResult = Generator[Wait, bool, tuple[bool, str]]
-
-
-def _changed(recs: list[WorkerRecord]) -> Callable[[], bool]:
-    """A condition: some worker of ``recs`` changed state since now."""
-    before = [r.state for r in recs]
-    return lambda: [r.state for r in recs] != before
-
-
-
-def _gone_stopping_drained(sup: Supervisor, recs: list[WorkerRecord]) -> Callable[[], bool]:
-    """A condition: every worker of ``recs`` has exited. One that has drained (holds no
-    request any more) is stopped as soon as a check sees it, not at the next tick (up to
-    50 ms later, which a drain-first upgrade's clients would wait out)."""
-
-    def check() -> bool:
-        for r in recs:
-            if r.state is WorkerState.DRAINING and not r.slot_view.load:
-                sup.stop(r)
-        return not any(r.alive for r in recs)
-
-    return check
 
 
 class Refused(Exception):
@@ -159,7 +139,7 @@ class UpgradeSteps:
     def _changed_or_cancelled(
         self, recs: list[WorkerRecord], also: Callable[[], bool] = lambda: False
     ) -> Callable[[], bool]:
-        changed = _changed(recs)
+        changed = changed_state(recs)
         return lambda: changed() or self._cancelling() or also()
 
     def wait_boot(self, recs: list[WorkerRecord]) -> BootResult:
@@ -212,7 +192,7 @@ class UpgradeSteps:
         self.say("draining", workers=[r.wid for r in recs], pids=[r.pid for r in recs])
         pool = self.sup.pool
         limit = pool.drain_timeout_s + pool.stop_timeout_s + 3 * KILL_GRACE_S + 5
-        yield Wait(_gone_stopping_drained(self.sup, recs), limit, "exit")
+        yield Wait(gone_stopping_drained(self.sup, recs), limit, "exit")
         self.stopped.extend(recs)
         self.phases["drain_s"] = self.phases.get("drain_s", 0.0) + time.monotonic() - t
         t = time.monotonic()

@@ -1,12 +1,12 @@
 """A retiring worker that holds nothing any more is stopped by the upgrade's own check,
-not at the supervisor's next tick (``pool.upgrade_steps._gone_stopping_drained``)."""
+not at the supervisor's next tick (``pool.upgrade_waits.gone_stopping_drained``)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from pool.lifecycle import WorkerRecord, WorkerState
-from pool.upgrade_steps import _gone_stopping_drained
+from pool.upgrade_waits import gone_stopping_drained
 from router.table import WorkerSlot
 
 
@@ -40,7 +40,7 @@ def test_drained_workers_are_stopped_by_the_check() -> None:
     sup: Any = Sup()
     idle = worker("idle", WorkerSlot(b"idle", "m", 1, "1", 2), WorkerState.DRAINING)
     busy = worker("busy", Busy(b"busy", "m", 1, "1", 2), WorkerState.DRAINING)
-    check = _gone_stopping_drained(sup, [idle, busy])
+    check = gone_stopping_drained(sup, [idle, busy])
     assert not check()
     assert sup.stopped == ["idle"]  # the one still answering a request keeps draining
     assert not check() and sup.stopped == ["idle"]  # stopping already: not again
