@@ -60,3 +60,37 @@ def test_the_env_chooses_it_only_on_cuda(monkeypatch: pytest.MonkeyPatch) -> Non
     assert weights_mapped.wanted()
     monkeypatch.setenv(weights_mapped.PATH_ENV, "ring")
     assert not weights_mapped.wanted()
+
+
+@pytest.mark.parametrize("begin,end,chunk", [(8, 10_000, 1), (8, 10_000, 4096),
+                                             (4096, 3 * 4096, 8192), (100, 101, 1 << 20),
+                                             (8 + 200, (5 << 20) + 3, 1 << 20)])  # fmt: skip
+def test_chunks_register_disjoint_pages_each_holding_its_range(
+    begin: int, end: int, chunk: int
+) -> None:
+    page = weights_mapped.PAGE
+    chunks = weights_mapped._chunks(begin, end, chunk)
+    assert chunks[0][0] == begin and chunks[-1][1] == end
+    assert all(a < b for a, b in chunks)
+    assert all(b == a2 for (_, b), (a2, _) in zip(chunks, chunks[1:], strict=False))
+    pages = [((a // page) * page, -(-b // page) * page) for a, b in chunks]
+    assert all(e <= s2 for (_, e), (s2, _) in zip(pages, pages[1:], strict=False)), pages
+    assert all(b - a <= max(chunk, page) for a, b in chunks[1:-1])
+
+
+def test_a_refused_copy_falls_back_to_the_ring(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, want = _file(tmp_path)
+    real = weights._copy_chunk
+    calls: list[int] = []
+
+    def copy_then_refuse(*args: Any) -> int:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA error: invalid argument")
+        return real(*args)
+
+    monkeypatch.setattr(weights, "_copy_chunk", copy_then_refuse)
+    got = weights.load_file(path, "cpu", chunk_bytes=4096, mapped=True)
+    assert all(torch.equal(got[k], w) for k, w in want.items() if w.numel())

@@ -102,22 +102,26 @@ def stream_mapped(
     try:
         pieces = [s for s in header.tensors if s.nbytes]
         dst: list[torch.Tensor] = []
-        first, done_to = 0, 0  # file offset up to which the mapping is registered
-        for lo in range(0, total, chunk):
-            hi = min(total, lo + chunk)
-            end = min(size, -(-(header.data_start + hi) // PAGE) * PAGE)
-            if cuda and end > done_to:
-                start = done_to if done_to else (header.data_start // PAGE) * PAGE
+        first = 0
+        for a, b in _chunks(header.data_start, header.data_start + total, chunk):
+            lo, hi = a - header.data_start, b - header.data_start
+            if cuda:
+                # One registration per chunk, page-aligned and disjoint from the others:
+                # a copy must lie inside one registered range (the driver looks up one).
+                start, end = (a // PAGE) * PAGE, min(size, -(-b // PAGE) * PAGE)
                 _register(addr + start, end - start)
                 regions.append((addr + start, end - start))
-                done_to = end
             while len(dst) < len(pieces) and pieces[len(dst)].begin < hi:
                 p = pieces[len(dst)]
                 out[p.name] = torch.empty(p.shape, dtype=p.dtype, device=device)
                 dst.append(out[p.name].reshape(-1).view(torch.uint8))
-            src = base[header.data_start + lo : header.data_start + hi]
-            first = copy_chunk(src, lo, pieces, dst, first, cuda)
-            del src
+            src = base[a:b]
+            try:
+                first = copy_chunk(src, lo, pieces, dst, first, cuda)
+            except RuntimeError as e:  # the driver refused the copy: the ring instead
+                raise HostRegisterError(f"copy from the mapped file failed: {e}") from e
+            finally:
+                del src
             if progress is not None:
                 progress(hi - lo)
         if cuda:
@@ -133,6 +137,21 @@ def stream_mapped(
             _unregister(regions)
             del base
             _close(mm)
+
+
+def _chunks(begin: int, end: int, chunk: int) -> list[tuple[int, int]]:
+    """File ranges ``[a, b)`` covering ``[begin, end)``, about ``chunk`` bytes each, every
+    boundary but ``begin`` and ``end`` on a page: their page-rounded registrations are
+    disjoint, and each range lies inside its own."""
+    out: list[tuple[int, int]] = []
+    a = begin
+    while a < end:
+        b = min(end, ((a + chunk) // PAGE) * PAGE)
+        if b <= a:
+            b = min(end, (a // PAGE + 1) * PAGE)
+        out.append((a, b))
+        a = b
+    return out
 
 
 def _close(mm: mmap.mmap) -> None:
