@@ -161,6 +161,14 @@ class ProbePid:
     pid: int | None
 
 
+@dataclass(frozen=True)
+class SampleCpu:
+    """Read a silent worker's CPU seconds from /proc; answered with ``CpuSample``."""
+
+    wid: bytes
+    pid: int | None
+
+
 Command = (
     AddRoute
     | RemoveRoute
@@ -180,4 +188,5 @@ Command = (
     | Recycle
     | SampleMemory
     | ProbePid
+    | SampleCpu
 )

@@ -114,6 +114,15 @@ class MemorySample:
 
 
 @dataclass(frozen=True)
+class CpuSample:
+    """A silent worker's CPU seconds (None: gone), as a ``SampleCpu`` command asked."""
+
+    wid: bytes
+    cpu_s: float | None
+    now: float
+
+
+@dataclass(frozen=True)
 class StopAll:
     """poold is stopping: retire what serves, stop the rest."""
 
@@ -140,6 +149,7 @@ Event = (
     | Tick
     | Poll
     | MemorySample
+    | CpuSample
     | StopAll
     | KillAll
 )

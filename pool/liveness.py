@@ -32,22 +32,34 @@ class CpuProgress:
     cpu_s: float | None = None
     moved_at: float = 0.0
 
-    def last_sign_of_life(self, pid: int | None, last_heartbeat: float, now: float) -> float:
-        """The later of the last heartbeat and the last time the worker was seen using
-        CPU; samples when due (call it on every tick for a silent worker)."""
+    def due(self, last_heartbeat: float, now: float) -> bool:
+        """Whether a CPU sample is wanted now (the supervisor asks the shell for one)."""
+        return (
+            self.sampled_at < last_heartbeat
+            or self.cpu_s is None
+            or now - self.sampled_at >= SAMPLE_EVERY_S
+        )
+
+    def observe(self, cpu: float | None, last_heartbeat: float, now: float) -> None:
+        """A sample of the worker's CPU seconds (None: the process is gone), taken now."""
         if self.sampled_at < last_heartbeat or self.cpu_s is None:
             # A beat came since the last sample (or none was taken): a new baseline. The
             # CPU used between the beat and now is not known, so it does not count.
-            self.cpu_s = cpu_seconds(pid)
-            self.sampled_at = now
             self.moved_at = last_heartbeat
-        elif now - self.sampled_at >= SAMPLE_EVERY_S:
-            cpu = cpu_seconds(pid)
-            if cpu is not None and cpu - self.cpu_s >= MIN_CPU_SHARE * (now - self.sampled_at):
-                self.moved_at = now
-            self.cpu_s = cpu
-            self.sampled_at = now
+        elif cpu is not None and cpu - self.cpu_s >= MIN_CPU_SHARE * (now - self.sampled_at):
+            self.moved_at = now
+        self.cpu_s = cpu
+        self.sampled_at = now
+
+    def alive_at(self, last_heartbeat: float) -> float:
+        """The later of the last heartbeat and the last time the worker was seen using CPU."""
         return max(last_heartbeat, self.moved_at)
+
+    def last_sign_of_life(self, pid: int | None, last_heartbeat: float, now: float) -> float:
+        """``alive_at``, sampling ``pid`` from /proc first when due (the shell's way)."""
+        if self.due(last_heartbeat, now):
+            self.observe(cpu_seconds(pid), last_heartbeat, now)
+        return self.alive_at(last_heartbeat)
 
 
 def cpu_seconds(pid: int | None) -> float | None:

@@ -35,14 +35,16 @@ from pool.commands import (
     RemoveDir,
     RemoveRoute,
     RemoveWorker,
+    SampleCpu,
     SampleMemory,
     SaveState,
     SendControl,
     Signal,
     Spawn,
 )
-from pool.events import Event, MemorySample, SpawnAsked, WorkerVanished
+from pool.events import CpuSample, Event, MemorySample, SpawnAsked, WorkerVanished
 from pool.gpu import Gpu
+from pool.liveness import cpu_seconds
 from pool.metrics import PoolMetrics
 from pool.operations import start_recycle
 from pool.spawn import SpawnerClient
@@ -143,4 +145,6 @@ class Shell:
             case ProbePid(wid, pid):
                 if pid is None or not psutil.pid_exists(pid):
                     return sup.handle(WorkerVanished(wid, sup.now))
+            case SampleCpu(wid, pid):
+                return sup.handle(CpuSample(wid, cpu_seconds(pid), sup.now))
         return []

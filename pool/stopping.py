@@ -12,7 +12,7 @@ import logging
 import signal
 from typing import TYPE_CHECKING
 
-from pool.commands import Command, Deactivate, ProbePid, SendControl, Signal
+from pool.commands import Command, Deactivate, ProbePid, SampleCpu, SendControl, Signal
 from pool.lifecycle import WorkerRecord, WorkerState
 from pool.runtime import ModelRuntime
 
@@ -113,15 +113,25 @@ class WorkerStopping:
             silent = now - rec.last_heartbeat
             if silent <= min(2 * self.pool.heartbeat_interval_s, self.pool.heartbeat_timeout_s):
                 return  # a beat or two late: nothing to sample yet
-            # Silent: busy in a long forward, or hung? Its CPU time tells (pool.liveness).
-            alive_at = rec.cpu_progress.last_sign_of_life(rec.pid, rec.last_heartbeat, now)
-            if now - alive_at > self.pool.heartbeat_timeout_s:
-                self.kill(
-                    rec,
-                    f"hung: no heartbeat for {silent:.1f}s, and no CPU time used for "
-                    f"{now - alive_at:.1f}s",
-                    "hung",
-                )
+            # Silent: busy in a long forward, or hung? Its CPU time tells (pool.liveness);
+            # the shell reads it and answers with CpuSample, which judges at once.
+            if rec.cpu_progress.due(rec.last_heartbeat, now):
+                self.emit(SampleCpu(rec.slot_view.wid, rec.pid))
+            else:
+                self.judge_silence(rec, now)
+
+    def judge_silence(self, rec: WorkerRecord, now: float) -> None:
+        """A silent ready worker that used no CPU for heartbeat_timeout_s is hung."""
+        if rec.state is not WorkerState.READY or rec.stop_stage:
+            return
+        alive_at = rec.cpu_progress.alive_at(rec.last_heartbeat)
+        if now - alive_at > self.pool.heartbeat_timeout_s:
+            self.kill(
+                rec,
+                f"hung: no heartbeat for {now - rec.last_heartbeat:.1f}s, and no CPU time "
+                f"used for {now - alive_at:.1f}s",
+                "hung",
+            )
 
     def stop_all(self) -> None:
         for rt in self.models.values():

@@ -31,6 +31,7 @@ from pool.commands import (
 from pool.config import Config, ModelConfig, effective_model_roots, sandbox_mode
 from pool.contract import Contract, ContractError
 from pool.events import (
+    CpuSample,
     Event,
     KillAll,
     MemorySample,
@@ -138,6 +139,11 @@ class Supervisor(StandbyUse, WorkerMessages, WorkerExits, WorkerStopping):
                 self.scheduler.poll()
             case MemorySample(processes, _):
                 self.memory_sampled(processes)
+            case CpuSample(wid, cpu_s, now):
+                rec = self.by_wid.get(wid)
+                if rec is not None and rec.alive:
+                    rec.cpu_progress.observe(cpu_s, rec.last_heartbeat, now)
+                    self.judge_silence(rec, now)
             case StopAll(_):
                 self.stop_all()
             case KillAll(_):

@@ -4,7 +4,8 @@
 GPU-less NVML; nothing else is faked, because the supervisor holds no router, spawner or
 signal: it answers each event (``pool.events``) with commands (``pool.commands``).
 ``Core.feed`` plays the shell's part for the commands that expect an answer (a spawn's
-token, an NVML reading, a pid probe) and returns every command decided, in order.
+token, an NVML reading, a pid probe, a CPU sample) and returns every command decided,
+in order.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from itertools import count
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pool.commands import Command, ProbePid, SampleMemory, Spawn
+from pool.commands import Command, ProbePid, SampleCpu, SampleMemory, Spawn
 from pool.config import Config, ModelConfig, PoolConfig
 from pool.events import (
+    CpuSample,
     Event,
     MemorySample,
     Poll,
@@ -70,6 +72,7 @@ class Core:
         self.token_of: dict[bytes, int] = {}
         self.live: set[int] = set()  # pids a ProbePid finds
         self.nvml: dict[int, dict[int, int]] = {}  # device index -> {pid: bytes}
+        self.cpu: dict[int, float] = {}  # pid -> CPU seconds /proc would say (absent: gone)
         self.feed(Poll(self.now))  # the supervisor's clock starts at ours
         first = Deployed("1", self.model.path, "d1")
         self.sup.add_model(self.model, devices, first, store.load("m"))
@@ -93,6 +96,9 @@ class Core:
                 follow = self.sup.handle(SpawnAsked(cmd.wid, token, self.sup.now))
             elif isinstance(cmd, ProbePid) and cmd.pid not in self.live:
                 follow = self.sup.handle(WorkerVanished(cmd.wid, self.sup.now))
+            elif isinstance(cmd, SampleCpu):
+                cpu = self.cpu.get(cmd.pid) if cmd.pid is not None else None
+                follow = self.sup.handle(CpuSample(cmd.wid, cpu, self.sup.now))
             elif isinstance(cmd, SampleMemory):
                 procs = {i: self.nvml.get(i) for i in cmd.devices}
                 follow = self.sup.handle(MemorySample(procs, self.sup.now))

@@ -29,6 +29,7 @@ from pool.commands import (
     Recycle,
     RemoveDir,
     RemoveWorker,
+    SampleCpu,
     SampleMemory,
     SendControl,
     Signal,
@@ -117,7 +118,8 @@ def test_a_hung_worker_gets_sigabrt_then_sigkill(core: Core) -> None:
     late = rec.last_heartbeat + core.pool.heartbeat_timeout_s + 0.1
     cmds = core.feed(Tick(late))
     assert rec.state is WorkerState.STOPPING and rec.stop_stage == 2
-    assert cmds[:2] == [
+    assert cmds[:3] == [
+        SampleCpu(rec.slot_view.wid, NO_SUCH_PID),  # silent: is it computing? (no: gone)
         RemoveWorker(rec.slot_view.wid, lost=True),  # its requests are retried now
         Signal(NO_SUCH_PID, signal.SIGABRT, 2),
     ]
@@ -300,3 +302,24 @@ def test_a_failed_model_recovers_only_through_an_operation(core: Core) -> None:
         core.rt.recover()  # no operation began: nothing may bring it back by itself
     core.feed(Tick(core.now + 1))  # settling leaves a failed model failed
     assert core.rt.status() is ModelStatus.FAILED
+
+
+def test_a_silent_worker_using_cpu_is_left_alone_until_it_stops(core: Core) -> None:
+    """Silence alone is not a hang: the CPU samples the shell answers decide."""
+    rec = core.boot()
+    beat, step = rec.last_heartbeat, 0.5
+    core.cpu[NO_SUCH_PID] = 100.0
+    t = beat + 2 * core.pool.heartbeat_interval_s + 0.1  # silent: sampling starts
+    cmds = core.feed(Tick(t))
+    assert only(cmds, SampleCpu) == [SampleCpu(rec.slot_view.wid, NO_SUCH_PID)]
+    for _ in range(int(2 * core.pool.heartbeat_timeout_s / step)):  # a long forward
+        t += step
+        core.cpu[NO_SUCH_PID] += step  # one core busy
+        assert only(core.feed(Tick(t)), Signal) == []
+    assert rec.state is WorkerState.READY
+    stuck = t  # from here on it uses no CPU
+    while only(core.feed(Tick(t)), Signal) == []:
+        t += step
+        assert t - stuck < core.pool.heartbeat_timeout_s + 2 * step
+    assert rec.state is WorkerState.STOPPING and rec.failure is not None
+    assert "no CPU time used" in rec.failure
