@@ -117,7 +117,9 @@ class Daemon:
             observe_rejected=self.metrics.observe_rejected,
         )
         self.door = Door(
-            self.router.frontend, connection_limit(self.pool.max_connections, self.nofile)
+            self.router.frontend,
+            connection_limit(self.pool.max_connections, self.nofile),
+            on_closed=self.router.peer_closed,
         )
         self.door_stats = self.door.stats()
         self.peer_stats = self.router.peer_stats()

@@ -40,6 +40,7 @@ import resource
 import socket
 import stat
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import zmq
@@ -158,8 +159,14 @@ def find_listener(endpoint: str) -> socket.socket | None:
 class Door:
     """Counts the frontend's connections and refuses new ones at ``limit``."""
 
-    def __init__(self, frontend: zmq.Socket[Any], limit: int) -> None:
+    def __init__(
+        self,
+        frontend: zmq.Socket[Any],
+        limit: int,
+        on_closed: Callable[[int], None] | None = None,
+    ) -> None:
         self.limit = limit
+        self.on_closed = on_closed  # told each closed connection's descriptor
         self.low = max(1, int(limit * LOW_WATER))
         self.endpoint = frontend.getsockopt_string(zmq.LAST_ENDPOINT)
         self.monitor = frontend.get_monitor_socket(_EVENTS)
@@ -197,6 +204,8 @@ class Door:
                 self.open.add(fd)  # its DISCONNECTED comes either way
             elif kind == zmq.EVENT_DISCONNECTED:
                 self.open.discard(fd)
+                if self.on_closed is not None:
+                    self.on_closed(fd)
             elif kind == zmq.EVENT_ACCEPT_FAILED:
                 self.accept_failed += 1
                 self._unlogged += 1

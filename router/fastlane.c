@@ -25,6 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
@@ -37,6 +38,7 @@ typedef struct { void *socket; int fd; short events; short revents; } zpoll_t;
 #define Z_DONTWAIT 1
 #define Z_SNDMORE 2
 #define Z_POLLIN 1
+#define Z_SRCFD 2 /* zmq_msg_get: the descriptor of the connection a message came in on */
 
 static int (*z_msg_init)(zmsg_t *);
 static int (*z_msg_init_size)(zmsg_t *, size_t);
@@ -45,6 +47,7 @@ static int (*z_msg_close)(zmsg_t *);
 static void *(*z_msg_data)(zmsg_t *);
 static size_t (*z_msg_size)(const zmsg_t *);
 static int (*z_msg_more)(const zmsg_t *);
+static int (*z_msg_get)(const zmsg_t *, int);
 static int (*z_msg_recv)(zmsg_t *, void *, int);
 static int (*z_msg_send)(zmsg_t *, void *, int);
 static int (*z_msg_copy)(zmsg_t *, zmsg_t *);
@@ -68,6 +71,7 @@ int fl_bind(const char *libzmq_path) {
     SYM(z_msg_data, "zmq_msg_data");
     SYM(z_msg_size, "zmq_msg_size");
     SYM(z_msg_more, "zmq_msg_more");
+    SYM(z_msg_get, "zmq_msg_get");
     SYM(z_msg_recv, "zmq_msg_recv");
     SYM(z_msg_send, "zmq_msg_send");
     SYM(z_msg_copy, "zmq_msg_copy");
@@ -1046,6 +1050,7 @@ static int accept_request(core_t *c, msgvec *v, double now) {
     if (mi < 0 || !c->models[mi].open) return -1;
     model_t *m = &c->models[mi];
     peer_t *peer = peer_get(&c->peers, mdata(&v->m[0]), msize(&v->m[0]));
+    if (peer && peer->fd < 0) peer_learn_socket(peer, z_msg_get(hdr, Z_SRCFD));
     int verdict = peer_verdict(&c->peers, peer);
     if (verdict) { /* it holds more replies than it may: the frames go with the next recv */
         if (verdict == 1 && c->unread_error &&
@@ -1225,6 +1230,21 @@ static void peer_left(core_t *c, peer_t *p) {
                 req_release(c, idx);
                 c->gone_dropped++;
             }
+        }
+    }
+}
+
+/* The frontend closed connection fd (the door's monitor says so): the peers that came in
+ * on it have left. A peer is matched by the socket's inode too, since the number may
+ * already belong to a new connection by now. */
+void fl_peer_closed(core_t *c, int fd) {
+    for (int i = 0; i < c->peers.nbuckets; i++) {
+        for (peer_t *p = c->peers.buckets[i]; p; p = p->next) {
+            if (p->fd != fd) continue;
+            struct stat st;
+            if (fstat(fd, &st) == 0 && st.st_ino == p->ino && st.st_dev == p->dev) continue;
+            p->fd = -1;
+            peer_left(c, p);
         }
     }
 }

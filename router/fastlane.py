@@ -140,6 +140,7 @@ def load() -> ctypes.CDLL:
         "fl_model_rejections": (None, [_vp, ctypes.c_int, ctypes.POINTER(_u64)]),
         "fl_peer_stats": (None, [_vp, ctypes.POINTER(ctypes.c_int64)]),
         "fl_trim": (ctypes.c_int, []),
+        "fl_peer_closed": (None, [_vp, ctypes.c_int]),
         "fl_queued": (ctypes.c_int, [_vp, ctypes.c_int]),
         "fl_queue_take": (ctypes.c_int, [_vp, ctypes.c_int, ctypes.POINTER(_u64), ctypes.c_int]),
         "fl_worker_drop": (ctypes.c_int, [_vp, ctypes.c_int, ctypes.POINTER(_u64), ctypes.c_int]),
@@ -363,6 +364,10 @@ class Core:
         out = (ctypes.c_int64 * 6)()
         self.lib.fl_peer_stats(self.h, out)
         return PeerStats(*(int(v) for v in out))
+
+    def peer_closed(self, fd: int) -> None:
+        """The frontend closed connection ``fd``: drop what its clients still have queued."""
+        self.lib.fl_peer_closed(self.h, fd)
 
     def trim(self) -> bool:
         """Return the allocator's free pages to the kernel (``malloc_trim``)."""

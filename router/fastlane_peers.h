@@ -57,6 +57,9 @@ struct peer {
     peer_t *next; /* hash chain */
     uint64_t hash;
     int requests; /* accepted and not yet released (queued or at a worker) */
+    int fd;         /* the connection's descriptor (-1: unknown), and its socket's */
+    ino_t ino;      /* identity: the number may be reused once it is closed */
+    dev_t dev;
     flow_t *flows;
     size_t idlen;
     unsigned char id[MAX_IDENTITY];
@@ -115,6 +118,7 @@ static peer_t *peer_get(peers_t *ps, const unsigned char *id, size_t n) {
     peer_t *p = calloc(1, sizeof(peer_t));
     if (!p) return NULL;
     p->acct = ps->acct;
+    p->fd = -1;
     p->hash = h;
     p->idlen = n;
     memcpy(p->id, id, n);
@@ -123,6 +127,15 @@ static peer_t *peer_get(peers_t *ps, const unsigned char *id, size_t n) {
     ps->buckets[b] = p;
     ps->count++;
     return p;
+}
+
+/* Remember which connection a peer's messages come in on (fd from ZMQ_SRCFD). */
+static void peer_learn_socket(peer_t *p, int fd) {
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) != 0) return;
+    p->fd = fd;
+    p->ino = st.st_ino;
+    p->dev = st.st_dev;
 }
 
 static int64_t peer_held(peer_t *p) { return atomic_load_explicit(&p->held, memory_order_relaxed); }

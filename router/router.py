@@ -426,6 +426,11 @@ class Router:
             if n and self.observe_rejected is not None:
                 self.observe_rejected(route.name, p.OVERLOADED, n)
 
+    def peer_closed(self, fd: int) -> None:
+        """A frontend connection closed (``router.door``'s monitor): the requests its
+        client still has queued are dropped, nobody is left to answer."""
+        self.core.peer_closed(fd)
+
     def peer_stats(self) -> fl.PeerStats:
         """The client connections holding requests or unread replies (forgets the rest)."""
         return self.core.peer_stats()

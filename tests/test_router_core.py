@@ -22,6 +22,7 @@ import zmq
 
 from router import fastlane
 from router import protocol as p
+from router.door import Door
 from router.router import DEFAULT_BOUNDS, Router
 from router.table import ModelRoute, WorkerSlot
 from workers.lane import Lane
@@ -303,6 +304,41 @@ def test_a_connection_past_its_unread_bytes_is_refused(tmp_path: Any) -> None:
     finally:
         rig.router.close()
         ctx.destroy(linger=0)
+
+
+def test_a_client_that_leaves_has_its_queued_requests_dropped(rig: Rig) -> None:
+    """The door's monitor tells the router a connection closed: what that client still
+    has queued goes at once, another client's stays, and nothing is sent to a worker
+    for nobody."""
+    door = Door(rig.router.frontend, 100, on_closed=rig.router.peer_closed)
+    try:
+        rig.route("m")
+        slot = rig.worker(b"w1", "m", credit=1)
+        rig.router.activate("m", 1, [slot])
+        leaver, stayer = rig.client(), rig.client()
+        for i in range(4):
+            send(leaver, "m", id=i)
+        first = rig.take(b"w1")  # the worker holds one; three wait
+        rig.pump_until(lambda: rig.router.queued_count() == 3)
+        send(stayer, "m", id=10)
+        rig.pump_until(lambda: rig.router.queued_count() == 4)
+        rig.clients.remove(leaver)
+        leaver.close(0)
+
+        def dropped() -> bool:
+            rig.pump(5)
+            door.handle()
+            return rig.router.peer_stats().dropped_gone == 3
+
+        rig.pump_until(dropped)
+        assert rig.router.queued_count() == 1
+        rig.reply(b"w1", first)  # its reply finds nobody; the other client's goes next
+        req = rig.take(b"w1")
+        assert msgpack.unpackb(req[2])["id"] == 10
+        rig.reply(b"w1", req)
+        assert rig.answer(stayer)[0]["id"] == 10
+    finally:
+        door.close()
 
 
 def test_no_credit_queues_in_order_then_overloaded(rig: Rig) -> None:
