@@ -79,9 +79,36 @@ def decode_reply(frames: list[bytes]) -> tuple[Any, Reply]:
     return header.get("id"), Reply(True, version, tuple(outputs))
 
 
-def _expire(fut: asyncio.Future[Reply], wait: float) -> None:
+def expire(fut: asyncio.Future[Reply], wait: float) -> None:
+    """A request's timer: the router said nothing within ``wait`` seconds."""
     if not fut.done():
         fut.set_exception(GatewayError(TIMEOUT, f"no answer from the router within {wait:.0f}s"))
+
+
+def request_header(
+    model: str, inputs: list[WireTensor], rid: int, timeout_s: float | None
+) -> bytes:
+    """The packed header of one request (both router links send the same one)."""
+    header: dict[str, Any] = {
+        "model": model,
+        "inputs": [{"dtype": t.dtype, "shape": list(t.shape)} for t in inputs],
+        "id": rid,
+    }
+    if timeout_s is not None:
+        header["timeout_ms"] = max(1, int(timeout_s * 1000))
+    return msgpack.packb(header)
+
+
+def settle(pending: dict[int, asyncio.Future[Reply]], frames: list[bytes]) -> None:
+    """Hand one reply to the request waiting for it; a malformed one is logged, dropped."""
+    try:
+        rid, reply = decode_reply(frames)
+    except (ValueError, KeyError, TypeError, IndexError, p.ProtocolError) as exc:
+        log.warning("dropping a malformed reply from the router: %s", exc)
+        return
+    fut = pending.pop(rid, None) if isinstance(rid, int) else None
+    if fut is not None and not fut.done():
+        fut.set_result(reply)
 
 
 class Upstream:
@@ -133,27 +160,14 @@ class Upstream:
             except zmq.ZMQError as exc:
                 log.warning("router connection: %s", exc)
                 return
-            try:
-                rid, reply = decode_reply(frames)
-            except (ValueError, KeyError, TypeError, p.ProtocolError) as exc:
-                log.warning("dropping a malformed reply from the router: %s", exc)
-                continue
-            fut = self.pending.pop(rid, None) if isinstance(rid, int) else None
-            if fut is not None and not fut.done():
-                fut.set_result(reply)
+            settle(self.pending, frames)
 
     async def infer(
         self, model: str, inputs: list[WireTensor], timeout_s: float | None = None
     ) -> Reply:
         rid = next(self.ids)
-        header: dict[str, Any] = {
-            "model": model,
-            "inputs": [{"dtype": t.dtype, "shape": list(t.shape)} for t in inputs],
-            "id": rid,
-        }
-        if timeout_s is not None:
-            header["timeout_ms"] = max(1, int(timeout_s * 1000))
-        frames: list[Any] = [b"", p.PROTOCOL, msgpack.packb(header), *(t.data for t in inputs)]
+        header = request_header(model, inputs, rid, timeout_s)
+        frames: list[Any] = [b"", p.PROTOCOL, header, *(t.data for t in inputs)]
         assert self.loop is not None, "Upstream.start() was not called"
         fut: asyncio.Future[Reply] = self.loop.create_future()
         self.pending[rid] = fut
@@ -167,7 +181,7 @@ class Upstream:
         wait = DEFAULT_WAIT_S if timeout_s is None else timeout_s + WAIT_MARGIN_S
         # A plain timer, not asyncio.wait_for: this is the hot path, and wait_for wraps
         # the future in a task on Python 3.11.
-        timer = self.loop.call_later(wait, _expire, fut, wait)
+        timer = self.loop.call_later(wait, expire, fut, wait)
         try:
             return await fut
         finally:

@@ -31,11 +31,16 @@ import logging
 import socket
 from typing import Any, Final
 
-import msgpack
-
 from gateway.errors import TIMEOUT, GatewayError
 from gateway.tensors import WireTensor
-from gateway.upstream import DEFAULT_WAIT_S, WAIT_MARGIN_S, Reply, decode_reply
+from gateway.upstream import (
+    DEFAULT_WAIT_S,
+    WAIT_MARGIN_S,
+    Reply,
+    expire,
+    request_header,
+    settle,
+)
 from router import protocol as p
 
 log = logging.getLogger(__name__)
@@ -231,11 +236,6 @@ class _Link(asyncio.Protocol):
         self.owner.writable = True
 
 
-def _expire(fut: asyncio.Future[Reply], wait: float) -> None:
-    if not fut.done():
-        fut.set_exception(GatewayError(TIMEOUT, f"no answer from the router within {wait:.0f}s"))
-
-
 class ZmtpUpstream:
     """The same calls as gateway.upstream.Upstream, over our own ZMTP connection."""
 
@@ -317,14 +317,7 @@ class ZmtpUpstream:
             log.warning("router connection %s lost (%s)", self.endpoint, exc or "closed")
 
     def on_message(self, frames: list[bytes]) -> None:
-        try:
-            rid, reply = decode_reply(frames)
-        except (ValueError, KeyError, TypeError, IndexError, p.ProtocolError) as exc:
-            log.warning("dropping a malformed reply from the router: %s", exc)
-            return
-        fut = self.pending.pop(rid, None) if isinstance(rid, int) else None
-        if fut is not None and not fut.done():
-            fut.set_result(reply)
+        settle(self.pending, frames)
 
     async def infer(
         self, model: str, inputs: list[WireTensor], timeout_s: float | None = None
@@ -344,20 +337,12 @@ class ZmtpUpstream:
         if not self.writable and transport.get_write_buffer_size() > MAX_BUFFERED:
             raise GatewayError(p.OVERLOADED, "the gateway's queue to the router is full")
         rid = next(self.ids)
-        header: dict[str, Any] = {
-            "model": model,
-            "inputs": [{"dtype": t.dtype, "shape": list(t.shape)} for t in inputs],
-            "id": rid,
-        }
-        if timeout_s is not None:
-            header["timeout_ms"] = max(1, int(timeout_s * 1000))
+        header = request_header(model, inputs, rid, timeout_s)
         assert self.loop is not None
         fut: asyncio.Future[Reply] = self.loop.create_future()
         self.pending[rid] = fut
-        transport.writelines(
-            encode_message([b"", p.PROTOCOL, msgpack.packb(header), *(t.data for t in inputs)])
-        )
-        timer = self.loop.call_later(wait, _expire, fut, wait)
+        transport.writelines(encode_message([b"", p.PROTOCOL, header, *(t.data for t in inputs)]))
+        timer = self.loop.call_later(wait, expire, fut, wait)
         try:
             return await fut
         finally:
