@@ -142,6 +142,18 @@ def mlp_reference(
     return out.numpy()
 
 
+def mlp_answer_problem(seeds: dict[str, int], x: np.ndarray, r: object) -> str | None:
+    """What is wrong with reply ``r`` to ``x`` from a pool serving ``make_mlp`` versions
+    (``seeds``: version label -> seed), or None when it is the answer of its version."""
+    version = getattr(r, "version", "")
+    if version not in seeds:
+        return f"unexpected version {version!r}"
+    want = mlp_reference(seeds[version], x)
+    if not np.allclose(r.outputs[0], want, rtol=1e-5, atol=1e-6):  # type: ignore[attr-defined]
+        return f"answer does not match version {version}"
+    return None
+
+
 def mlp_input(n: int, in_features: int = 16, seed: int = 0) -> np.ndarray:
     """A deterministic non-negative float32 ``[n, in_features]`` input."""
     return np.random.default_rng(seed).random((n, in_features), dtype=np.float32)
