@@ -83,7 +83,7 @@ def test_a_foreign_client_flooding_six_connections_is_bounded(tmp_path: object) 
                     codes[code] = codes.get(code, 0) + 1
                     peak = max(peak, rss())
         finally:
-            flood.kill()
+            flood.terminate()  # SIGTERM: it prints its count once more on the way out
             output = flood.communicate(timeout=10)[0]
         assert flood.returncode is not None and pool.proc.poll() is None
         lines = [ln for ln in output.splitlines() if ln.startswith("{")]
