@@ -171,10 +171,9 @@ class WorkerMessages:
         rec.heap_frozen = frozen if isinstance(frozen, int) else 0
         sandbox = event.get("sandbox")
         rec.sandbox = sandbox if isinstance(sandbox, dict) else None
-        self.sample_memory()  # its footprint now, for auto's next decision
-        self.standbys.sample()
         rt = self.models.get(rec.model)
         if rt is None:
+            self._sample_after_ready()
             return
         self._contract(rec, event.get("contract"))
         rt.note_schema(rec.generation, event.get("schema"))
@@ -199,6 +198,14 @@ class WorkerMessages:
             if rt.failed is None:
                 rt.flap.reset()
             self._commit_start(rt)
+        self._sample_after_ready()
+
+    def _sample_after_ready(self) -> None:
+        # Its footprint now, for auto's next decision; after the route, because NVML's
+        # per-process query takes milliseconds that a crash replacement's first request
+        # would otherwise wait.
+        self.sample_memory()
+        self.standbys.sample()
 
     def _check_recycle(self, rec: WorkerRecord) -> None:
         # A worker can outlive its model's entry (unloaded, removed by a reload): the

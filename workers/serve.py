@@ -255,7 +255,6 @@ class Worker:
         timings["main_to_ready_s"] = time.monotonic() - t0
         self.event(
             "ready",
-            sent_at=time.monotonic(),  # poold times the event's way to it (ready_delivery_s)
             timings=timings,
             # Objects kept out of garbage collection: the torch import, frozen by the
             # spawner before it forked this process (workers.heap).
@@ -268,6 +267,9 @@ class Worker:
             sandbox=self.sandbox.to_wire() if self.sandbox is not None else None,
             contract=self.contract.to_json() if self.contract is not None else None,
             schema=schema.to_wire() if (schema := forward_schema(self.model)) else None,
+            # Last, so the fields above are made before it: poold times the event's way
+            # to it (ready_delivery_s).
+            sent_at=time.monotonic(),
         )
         flush_after_ready()
         self.serve()

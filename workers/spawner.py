@@ -218,6 +218,9 @@ def main() -> int:
     import torch  # the point of this process: pay for the import once
 
     import workers.serve  # noqa: F401  and everything a worker imports after it
+    from workers.jit_prime import prime_torchscript
+
+    prime_torchscript()  # every child inherits the JIT's one-time setup (workers.jit_prime)
 
     for k, v in saved.items():  # children see the operator's settings again
         if v is None:

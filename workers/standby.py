@@ -1,7 +1,8 @@
 """The hot standby: a process whose device is already up, waiting to become a worker.
 
 Forked by the spawner ahead of need (``{"t": "standby"}``), it pins its device,
-initialises CUDA, creates the cuBLAS handle with one small GEMM, pins the host ring
+initialises CUDA, creates the cuBLAS handle with one small GEMM, runs a tiny scripted
+module (TorchScript's device-side setup), pins the host ring
 that ``workers.weights`` streams a safetensors file through, and then waits, holding no
 model and no socket to the router: it cannot answer a request because it has no way to
 receive one. Its one channel is a socketpair to the spawner, length-prefixed msgpack::
@@ -42,6 +43,7 @@ def prepare(device: str) -> dict[str, Any]:
     import torch
 
     from workers import weights
+    from workers.jit_prime import prime_torchscript
 
     t0 = time.monotonic()
     reserved = 0
@@ -53,6 +55,7 @@ def prepare(device: str) -> dict[str, Any]:
         torch.nn.functional.linear(a, b)
         torch.cuda.synchronize()
         del a, b
+        prime_torchscript(dev)  # the JIT's device-side setup (workers.jit_prime)
         # Pinning costs far more per byte than copying: the ring a load streams through
         # is pinned here, off the critical path.
         weights.reserve_ring()
