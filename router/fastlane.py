@@ -1,39 +1,50 @@
 """ctypes binding for ``router/fastlane.c``: the router's per-request path in C.
 
 The C side never calls into Python and uses no Python headers, so ctypes can call it
-with the GIL released. It shares pyzmq's own libzmq (found in this process's memory
-map), so the socket handles pyzmq gives us are the ones C uses.
+with the GIL released. ``Core`` below is one router's C state behind typed methods;
+``router.fastlane_abi`` declares the C functions and records, ``router.fastlane_load``
+finds, checks and binds the library (both re-exported here).
 
 Build: ``pip install -e .`` compiles it (setup.py); by hand, ``python -m router.genheader
 && gcc -O2 -shared -fPIC -o router/_fastlane.so router/fastlane.c``. Its constants, the
-request-info record below included, come from ``router.protocol`` through the generated
+request-info record included, come from ``router.protocol`` through the generated
 ``router/fastlane_protocol.h``; a library built from other values is refused.
 """
 
 from __future__ import annotations
 
 import ctypes
-import glob
-import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import zmq
 
 from router import protocol as p
-from router.genheader import digest
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-BUILD_HINT = (
-    "rebuild it with `pip install -e .`, or by hand: `python -m router.genheader && "
-    "gcc -O2 -shared -fPIC -o router/_fastlane.so router/fastlane.c`"
+from router.fastlane_abi import PollItem, ReqInfo
+from router.fastlane_load import (
+    BUILD_HINT,
+    PROTOCOL_DIGEST,
+    FastlaneUnavailable,
+    available,
+    load,
 )
-# The values the generated header must have held when the library was built.
-PROTOCOL_DIGEST = digest({name: getattr(p, name) for name in p.C_EXPORTS})
+
+__all__ = [
+    "BUILD_HINT",
+    "PROTOCOL_DIGEST",
+    "Core",
+    "FastlaneUnavailable",
+    "PeerStats",
+    "PollItem",
+    "ReqInfo",
+    "available",
+    "check_header",
+    "load",
+]
 
 _u8p = ctypes.POINTER(ctypes.c_ubyte)
 _u64 = ctypes.c_uint64
-_vp = ctypes.c_void_p
+SWEEP_MAX = 4096  # keys per list per sweep; the rest wait for the next tick
 
 
 class PeerStats(NamedTuple):
@@ -45,223 +56,6 @@ class PeerStats(NamedTuple):
     over: int  # connections past their cap, whose requests are refused
     dropped_unread: int  # requests not answered at all: their connection reads nothing
     dropped_gone: int  # queued requests dropped because their connection left
-
-
-class FastlaneUnavailable(RuntimeError):
-    """The compiled core is missing or cannot bind to pyzmq's libzmq."""
-
-
-class PollItem(ctypes.Structure):
-    _fields_ = [
-        ("socket", _vp),
-        ("fd", ctypes.c_int),
-        ("events", ctypes.c_short),
-        ("revents", ctypes.c_short),
-    ]
-
-
-_CTYPES: dict[str, type[ctypes.c_int] | type[ctypes.c_double]] = {
-    "int": ctypes.c_int,
-    "double": ctypes.c_double,
-}
-
-
-class ReqInfo(ctypes.Structure):
-    """C's req_info_t: both are made from ``protocol.REQ_INFO_FIELDS``."""
-
-    _fields_ = [(name, _CTYPES[ctype]) for name, ctype in p.REQ_INFO_FIELDS]
-
-
-def _library_path() -> str:
-    found = sorted(glob.glob(os.path.join(HERE, "_fastlane*.so")))
-    if not found:
-        raise FastlaneUnavailable(f"router/_fastlane*.so is not built: {BUILD_HINT}")
-    return found[0]
-
-
-def _libzmq_path() -> str:
-    """The libzmq file pyzmq loaded: the one whose socket handles we are given."""
-    zmq.Context.instance()  # make sure the backend (and its libzmq) is loaded
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            path = line.rstrip("\n").split(maxsplit=5)[-1]
-            if "libzmq" in os.path.basename(path) and os.path.exists(path):
-                return path
-    # pyzmq built with libzmq linked statically into its extension module
-    from zmq.backend.cython import _zmq
-
-    return str(_zmq.__file__)
-
-
-_lib: ctypes.CDLL | None = None
-SWEEP_MAX = 4096  # keys per list per sweep; the rest wait for the next tick
-
-
-def load() -> ctypes.CDLL:
-    """Load and bind the library once per process; raise FastlaneUnavailable if we can't."""
-    global _lib
-    if _lib is not None:
-        return _lib
-    path = _library_path()
-    lib = ctypes.CDLL(path)
-    abi = lib.fl_abi() if hasattr(lib, "fl_abi") else 0
-    if abi != p.FASTLANE_ABI:
-        raise FastlaneUnavailable(
-            f"{path} is a stale build (ABI {abi}, this code needs {p.FASTLANE_ABI}): {BUILD_HINT}"
-        )
-    lib.fl_protocol_digest.restype = ctypes.c_int64
-    if lib.fl_protocol_digest() != PROTOCOL_DIGEST:
-        raise FastlaneUnavailable(
-            f"{path} was built from other router/protocol.py constants: {BUILD_HINT}"
-        )
-    rc = lib.fl_bind(_libzmq_path().encode())
-    if rc != 0:
-        raise FastlaneUnavailable(f"fastlane could not bind to pyzmq's libzmq (code {rc})")
-    sigs: dict[str, tuple[Any, list[Any]]] = {
-        "fl_new": (_vp, [_vp, _vp]),
-        "fl_free": (None, [_vp]),
-        "fl_add_code": (ctypes.c_int, [_vp, ctypes.c_char_p, ctypes.c_size_t]),
-        "fl_set_bounds": (ctypes.c_int, [_vp, ctypes.POINTER(ctypes.c_double), ctypes.c_int]),
-        "fl_model_add": (ctypes.c_int, [_vp, ctypes.c_char_p, ctypes.c_size_t]),
-        "fl_model_remove": (None, [_vp, ctypes.c_int]),
-        "fl_model_set": (
-            None,
-            [_vp, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_double, ctypes.c_int],
-        ),
-        "fl_kick": (None, [_vp, ctypes.c_int]),
-        "fl_set_reply_limits": (
-            ctypes.c_int,
-            [_vp, ctypes.c_int64, ctypes.c_int64, ctypes.c_char_p, ctypes.c_size_t],
-        ),
-        "fl_model_set_full_error": (
-            ctypes.c_int,
-            [_vp, ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t],
-        ),
-        "fl_model_rejections": (None, [_vp, ctypes.c_int, ctypes.POINTER(_u64)]),
-        "fl_peer_stats": (None, [_vp, ctypes.POINTER(ctypes.c_int64)]),
-        "fl_trim": (ctypes.c_int, []),
-        "fl_peer_closed": (None, [_vp, ctypes.c_int]),
-        "fl_queued": (ctypes.c_int, [_vp, ctypes.c_int]),
-        "fl_queue_take": (ctypes.c_int, [_vp, ctypes.c_int, ctypes.POINTER(_u64), ctypes.c_int]),
-        "fl_worker_drop": (ctypes.c_int, [_vp, ctypes.c_int, ctypes.POINTER(_u64), ctypes.c_int]),
-        "fl_model_set_active": (
-            ctypes.c_int,
-            [_vp, ctypes.c_int, ctypes.POINTER(ctypes.c_int), ctypes.c_int],
-        ),
-        "fl_worker_add": (
-            ctypes.c_int,
-            [
-                _vp,
-                ctypes.c_char_p,
-                ctypes.c_size_t,
-                ctypes.c_int,
-                ctypes.c_int,
-                ctypes.c_char_p,
-                ctypes.c_size_t,
-            ],
-        ),
-        "fl_worker_remove": (None, [_vp, ctypes.c_int]),
-        "fl_lane_listen": (None, [_vp, ctypes.c_int]),
-        "fl_worker_lane": (ctypes.c_int, [_vp, ctypes.c_int]),
-        "fl_lane_sent": (_u64, [_vp]),
-        "fl_lane_received": (_u64, [_vp]),
-        "fl_worker_load": (ctypes.c_int, [_vp, ctypes.c_int]),
-        "fl_worker_served": (_u64, [_vp, ctypes.c_int]),
-        "fl_worker_stats": (
-            _u64,
-            [
-                _vp,
-                ctypes.c_int,
-                ctypes.POINTER(_u64),
-                ctypes.POINTER(_u64),
-                ctypes.POINTER(ctypes.c_double),
-            ],
-        ),
-        "fl_check_header": (
-            ctypes.c_int,
-            [
-                ctypes.c_char_p,
-                ctypes.c_size_t,
-                ctypes.POINTER(ctypes.c_size_t),
-                ctypes.POINTER(ctypes.c_size_t),
-                ctypes.POINTER(_u64),
-            ],
-        ),
-        "fl_live": (ctypes.c_int, [_vp]),
-        "fl_dropped_replies": (_u64, [_vp]),
-        "fl_punt_count": (ctypes.c_int, [_vp]),
-        "fl_punt_kind": (ctypes.c_int, [_vp, ctypes.c_int]),
-        "fl_punt_worker": (ctypes.c_int, [_vp, ctypes.c_int]),
-        "fl_punt_nframes": (ctypes.c_int, [_vp, ctypes.c_int]),
-        "fl_punt_frame": (
-            ctypes.c_size_t,
-            [_vp, ctypes.c_int, ctypes.c_int, ctypes.POINTER(_u8p)],
-        ),
-        "fl_punt_clear": (None, [_vp]),
-        "fl_run": (
-            ctypes.c_int,
-            [_vp, ctypes.POINTER(PollItem), ctypes.c_int, ctypes.c_long, ctypes.c_long],
-        ),
-        "fl_enqueue": (
-            ctypes.c_int64,
-            [
-                _vp,
-                ctypes.c_int,
-                ctypes.POINTER(ctypes.c_char_p),
-                ctypes.POINTER(ctypes.c_size_t),
-                ctypes.c_int,
-                ctypes.POINTER(ctypes.c_char_p),
-                ctypes.POINTER(ctypes.c_size_t),
-                ctypes.c_int,
-                ctypes.c_double,
-                ctypes.c_double,
-                ctypes.c_int,
-                ctypes.c_int,
-            ],
-        ),
-        "fl_info": (ctypes.c_int, [_vp, _u64, ctypes.POINTER(ReqInfo)]),
-        "fl_fail": (
-            ctypes.c_int,
-            [
-                _vp,
-                ctypes.POINTER(_u64),
-                ctypes.c_int,
-                ctypes.c_char_p,
-                ctypes.c_size_t,
-                ctypes.c_int,
-                ctypes.POINTER(ReqInfo),
-            ],
-        ),
-        "fl_forget": (ctypes.c_int, [_vp, _u64]),
-        "fl_sweep": (
-            ctypes.c_int,
-            [
-                _vp,
-                ctypes.c_double,
-                ctypes.c_double,
-                ctypes.POINTER(_u64),
-                ctypes.POINTER(ctypes.c_int),
-                ctypes.POINTER(_u64),
-                ctypes.POINTER(ctypes.c_int),
-                ctypes.POINTER(_u64),
-                ctypes.c_int,
-            ],
-        ),
-    }
-    for name, (restype, argtypes) in sigs.items():
-        fn = getattr(lib, name)
-        fn.restype = restype
-        fn.argtypes = argtypes
-    _lib = lib
-    return lib
-
-
-def available() -> bool:
-    try:
-        load()
-    except (FastlaneUnavailable, OSError):
-        return False
-    return True
 
 
 def check_header(header: bytes) -> tuple[str, int] | None:

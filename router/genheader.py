@@ -5,7 +5,7 @@ router/fastlane.c (so ``pip install -e .`` and ``setup.py build_ext --inplace`` 
 and ``python -m router.genheader`` does it by hand (scripts/asan_router.sh). It is not
 committed: a committed copy could go stale, while a generated one cannot, and the
 library already is a build output. A library built from other values is refused at load
-time, because the header carries a digest of the values that fastlane.py recomputes
+time, because the header carries a digest of the values that fastlane_load.py recomputes
 from the module it imports.
 
 It reads protocol.py with ``ast`` instead of importing it: pip builds the package in an

@@ -98,7 +98,7 @@ MAX_INPUTS: Final = 64
 # ---- shared with the C core ------------------------------------------------------------
 # Every constant below that router/fastlane.c needs is written here once: the build
 # (setup.py, through router/genheader.py) turns the names in C_EXPORTS into
-# router/fastlane_protocol.h, and fastlane.py refuses a library built from other values.
+# router/fastlane_protocol.h, and fastlane_load.py refuses a library built from other values.
 # Only literals and arithmetic on earlier names: the generator reads this file with ast,
 # without importing it (msgpack is not installed while pip builds the package).
 
@@ -155,7 +155,7 @@ DELIVERED: Final = 1
 UNDELIVERED: Final = 0
 NO_SUCH_REQUEST: Final = -1
 # What C tells Python about a request it holds: (field, C type) in struct order; the C
-# struct req_info_t and fastlane.ReqInfo are both made from this one table.
+# struct req_info_t and fastlane_abi.ReqInfo are both made from this one table.
 REQ_INFO_FIELDS: Final = (
     ("worker", "int"),
     ("model", "int"),

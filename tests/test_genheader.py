@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from router import fastlane, genheader
+from router import fastlane, fastlane_load, genheader
 from router import protocol as p
 
 
@@ -44,8 +44,9 @@ def test_an_export_that_is_not_a_constant_is_refused(tmp_path: Any) -> None:
 
 @pytest.mark.skipif(not fastlane.available(), reason="router/_fastlane not built")
 def test_a_library_built_from_other_constants_is_refused(monkeypatch: Any) -> None:
-    monkeypatch.setattr(fastlane, "_lib", None)
-    monkeypatch.setattr(fastlane, "PROTOCOL_DIGEST", fastlane.PROTOCOL_DIGEST ^ 1)
+    # load() lives in router.fastlane_load and reads that module's cache and digest.
+    monkeypatch.setattr(fastlane_load, "_lib", None)
+    monkeypatch.setattr(fastlane_load, "PROTOCOL_DIGEST", fastlane.PROTOCOL_DIGEST ^ 1)
     with pytest.raises(fastlane.FastlaneUnavailable, match="other router/protocol.py"):
         fastlane.load()
 
