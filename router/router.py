@@ -14,23 +14,14 @@ Who does what:
   requests (answered with the right error), models whose requests must wait (a queue,
   a failed model, a shutdown), worker events, deadlines, retries after a worker's exit.
 
-Socket options, chosen on purpose:
+Fairness: a model's queue is served round-robin between client connections, and when
+it is full a request from a connection holding less of it takes the place of the newest
+request of the one holding the most (answered OVERLOADED), so one flooding client cannot
+push the others into OVERLOADED or make them wait behind its flood.
 
-* ROUTER_MANDATORY on the backend: a send to a worker that vanished fails instead of
-  dropping the request silently, so we can re-route it. On the frontend too: a reply
-  that cannot be routed tells the C core its client left, and that client's queued
-  requests are dropped instead of computed for nobody.
-* High-water marks are generous (our own per-model queues are the bound that matters and
-  they answer OVERLOADED); a ZeroMQ HWM would drop or block without telling anyone.
-  The bound on replies a client leaves unread is in bytes, kept by the C core
-  (``max_unread_bytes`` per connection, ``max_unread_total_bytes`` for all): past it,
-  that connection's requests are answered OVERLOADED (router/fastlane_peers.h).
-* Fairness: a model's queue is served round-robin between client connections, and when
-  it is full a request from a connection holding less of it takes the place of the
-  newest request of the one holding the most (answered OVERLOADED), so one flooding
-  client cannot push the others into OVERLOADED or make them wait behind its flood.
-* MAXMSGSIZE on the frontend caps what one client message may make libzmq allocate.
-* LINGER is short so a stopping daemon flushes its last replies without hanging forever.
+The pieces around this class: ``router.sockets`` opens the sockets (and says why each
+option is set), ``router.admission`` judges the requests the core punts,
+``router.answers`` sends the errors, ``router.stats`` names what goes to the metrics.
 
 The lane (``lane`` below): each worker also connects to a unix SOCK_SEQPACKET socket of
 ours, and the C core sends small requests down it: the worker's loop is then woken by one
@@ -42,25 +33,43 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import zmq
 
 from router import fastlane as fl
 from router import protocol as p
+from router.admission import Refused, admit, split_envelope
+from router.answers import Answers, unread_error
 from router.frames import NOBLOCK, send_frames
+from router.sockets import listen_lane, open_backend, open_frontend
+from router.stats import (
+    DEFAULT_BOUNDS,
+    STATUS_CODES,
+    BulkObserver,
+    RejectionObserver,
+    RequestObserver,
+    code_counts,
+)
 from router.table import ModelRoute, WorkerSlot
+
+# Names other modules import from here.
+__all__ = [
+    "DEFAULT_BOUNDS",
+    "STATUS_CODES",
+    "BulkObserver",
+    "RejectionObserver",
+    "RequestObserver",
+    "Router",
+    "RouterEvents",
+    "unread_error",
+]
 
 log = logging.getLogger(__name__)
 
-# Status strings a worker may put in a reply, counted by the C core per worker.
-STATUS_CODES: tuple[str, ...] = ("OK", *sorted(p.ERROR_CODES))
-# Default histogram bounds (seconds) when the caller gives none.
-DEFAULT_BOUNDS: tuple[float, ...] = (0.001, 0.01, 0.1, 1.0, 10.0)
 TRIM_EVERY_S = 5.0  # malloc_trim, on its own thread
 
 
@@ -70,16 +79,6 @@ class RouterEvents(Protocol):
     def on_worker_event(self, wid: bytes, event: dict[str, Any]) -> None: ...
     def on_worker_unreachable(self, wid: bytes) -> None: ...
     def on_worker_overdue(self, slot: WorkerSlot) -> None: ...
-
-
-# One request answered by Python: (model, version, code, queue_s, total_s). No worker timed
-# it (a rejection, a deadline, a lost worker), so it has no in-worker wait or compute.
-RequestObserver = Callable[[str, str, str, float, float], None]
-# Requests the C core refused itself since the last flush: (model, code, count).
-RejectionObserver = Callable[[str, str, int], None]
-# Requests the C core answered since the last flush, for one worker: (model, version,
-# {code: count}, [queue, in-worker wait, compute, total] bucket counts, their sums).
-BulkObserver = Callable[[str, str, dict[str, int], list[list[int]], list[float]], None]
 
 
 class Router:
@@ -104,7 +103,6 @@ class Router:
     ) -> None:
         self.events = events
         self.request_grace_s = request_grace_s
-        self.observe = observe
         self.observe_bulk = observe_bulk
         self.observe_rejected = observe_rejected
         self.spin_us = spin_us
@@ -113,31 +111,15 @@ class Router:
         self.accepting = True
         self.frontend_seen = 0  # client messages Python has read (the closing window watches it)
         self.closed = False
-        self._python_dropped = 0
         self._route_at: dict[int, ModelRoute] = {}
         self._slot_at: dict[int, WorkerSlot] = {}
 
-        self.frontend = ctx.socket(zmq.ROUTER)
-        self.frontend.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
-        self.frontend.setsockopt(zmq.RCVHWM, 100_000)
-        self.frontend.setsockopt(zmq.SNDHWM, 100_000)
-        self.frontend.setsockopt(zmq.LINGER, 1000)
-        self.frontend.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        # A short accept queue: what can still be accepted once router/door.py shuts the door.
-        self.frontend.setsockopt(zmq.BACKLOG, 64)
-        if curve_secret_key is not None:
-            self.frontend.curve_server = True
-            self.frontend.curve_secretkey = curve_secret_key
-        self.frontend.bind(frontend)
-
-        self.backend = ctx.socket(zmq.ROUTER)
-        self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.backend.setsockopt(zmq.RCVHWM, 100_000)
-        self.backend.setsockopt(zmq.SNDHWM, 100_000)
-        self.backend.setsockopt(zmq.LINGER, 0)
-        self.backend.bind(backend)
-
+        self.frontend = open_frontend(
+            ctx, frontend, max_message_bytes=max_message_bytes, curve_secret_key=curve_secret_key
+        )
+        self.backend = open_backend(ctx, backend)
         self.core = fl.Core(self.frontend, self.backend, STATUS_CODES, latency_bounds)
+        self.answers = Answers(self.core, self.frontend, observe, self._route_at, self._slot_at)
         self.core.set_reply_limits(
             max_unread_bytes,
             max_unread_total_bytes,
@@ -148,20 +130,8 @@ class Router:
         self._trimmer.start()
         self.lane = lane  # "" without lanes
         if lane:
-            self._listen_lane(lane)
-
-    def _listen_lane(self, path: str) -> None:
-        """Listen on ``path`` for the workers' lanes; the C core accepts and owns them."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            sock.bind(path)
-            os.chmod(path, 0o600)
-            sock.listen(64)
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
-            raise
-        self.core.lane_listen(sock.detach())
+            # The workers' lanes connect here; the C core accepts and owns them.
+            self.core.lane_listen(listen_lane(lane))
 
     # ----------------------------------------------------------------- table edits
     def add_route(self, route: ModelRoute) -> None:
@@ -228,7 +198,7 @@ class Router:
         held = slot.load
         why = "the worker exited" if lost else "the worker was stopped"
         gone = core.worker_drop(slot.index)  # the retryable ones are queued again
-        self._fail(gone, p.WORKER_LOST, f"{why} while computing this request", forget=True)
+        self.answers.fail(gone, p.WORKER_LOST, f"{why} while computing this request", forget=True)
         self._flush_worker(slot)
         slot.final_served = slot.served
         slot.core = None
@@ -282,66 +252,14 @@ class Router:
     # ------------------------------------------------------------------- frontend
     def _accept(self, frames: list[bytes], now: float) -> None:
         self.frontend_seen += 1
-        # Envelope: identity, then the empty delimiter REQ sockets add. A DEALER client
-        # that skips the delimiter is served too (its next frame is the protocol id).
-        if len(frames) >= 2 and len(frames[1]) == 0:
-            envelope, body = frames[:2], frames[2:]
-        else:
-            envelope, body = frames[:1], frames[1:]
-        try:
-            if len(body) < 2:
-                raise p.ProtocolError(p.BAD_REQUEST, "expected protocol id and header frames")
-            p.check_protocol(body[0])
-            header = p.unpack_map(body[1])
-            model, timeout_ms, client_id = p.route_fields(header)
-        except p.ProtocolError as exc:
-            self._reject("", exc.code)
-            rid = _readable_id(body)
-            self._send_client(envelope, p.error_header(exc.code, exc.message, rid=rid))
+        envelope, body = split_envelope(frames)
+        decision = admit(body, self.routes, self.accepting, lambda r: self.core.queued(r.index))
+        if isinstance(decision, Refused):
+            self.answers.refuse(envelope, decision.model, decision.code, decision.header)
             return
-        route = self.routes.get(model)
-        if route is None:
-            self._reject("", p.NO_SUCH_MODEL)  # not the name: clients choose it (cardinality)
-            msg = f"no model named {model!r}; serving: {', '.join(sorted(self.routes)) or 'none'}"
-            self._send_client(envelope, p.error_header(p.NO_SUCH_MODEL, msg, rid=client_id))
-            return
-        if not self.accepting:
-            self._reject(model, p.SHUTTING_DOWN)
-            self._send_client(
-                envelope,
-                p.error_header(
-                    p.SHUTTING_DOWN, "the pool is shutting down", model=model, rid=client_id
-                ),
-            )
-            return
-        if route.unavailable is not None:
-            self._reject(model, p.MODEL_UNAVAILABLE)
-            self._send_client(
-                envelope,
-                p.error_header(p.MODEL_UNAVAILABLE, route.unavailable, model=model, rid=client_id),
-            )
-            return
-        timeout = timeout_ms / 1000.0 if timeout_ms else route.timeout_s
-        queued = self.core.queued(route.index)
-        if queued >= route.max_queue and not any(s.load < s.credit for s in route.active):
-            self._observe_python(model, p.OVERLOADED, 0.0)
-            self._send_client(
-                envelope,
-                p.error_header(
-                    p.OVERLOADED,
-                    f"model {model!r} has {queued} requests waiting (max_queue)",
-                    model=model,
-                    rid=client_id,
-                ),
-            )
-            return
-        # A header only Python could judge (the C check is stricter): serve it the same way.
-        self.core.enqueue(route.index, envelope, body[1:], now, now + timeout)
-        self.core.kick(route.index)
-
-    def _reject(self, model: str, code: str) -> None:
-        if self.observe is not None:
-            self.observe(model, "", code, 0.0, 0.0)
+        index = decision.route.index
+        self.core.enqueue(index, envelope, decision.body, now, now + decision.timeout_s)
+        self.core.kick(index)
 
     def _backend_message(self, frames: list[bytes]) -> None:
         if len(frames) < 3 or frames[1] != p.KIND_EVENT:
@@ -359,11 +277,11 @@ class Router:
         """Expire requests past their deadline; report workers past deadline+grace."""
         queued, held, overdue = self.core.sweep(now, self.request_grace_s)
         why = "waited in the queue past its deadline"
-        self._fail(queued, p.DEADLINE_EXCEEDED, why, forget=True, now=now)
+        self.answers.fail(queued, p.DEADLINE_EXCEEDED, why, forget=True, now=now)
         # The client gets its answer at the deadline, not later; the worker's late reply
         # is dropped, and the worker counts as hung if it never sends one.
         why = "the model did not answer before the deadline"
-        self._fail(held, p.DEADLINE_EXCEEDED, why, forget=False, now=now)
+        self.answers.fail(held, p.DEADLINE_EXCEEDED, why, forget=False, now=now)
         for key in overdue:
             info = self.core.info(key)
             if info is None:
@@ -377,43 +295,8 @@ class Router:
         """Answer every queued request of ``model`` with an error (a model marked failed)."""
         route = self.routes[model]
         keys = self.core.queue_take(route.index)
-        self._fail(keys, code, message, forget=True)
+        self.answers.fail(keys, code, message, forget=True)
         return len(keys)
-
-    # -------------------------------------------------------------------- replies
-    def _fail(
-        self, keys: Sequence[int], code: str, message: str, *, forget: bool, now: float = 0.0
-    ) -> None:
-        """Answer, with one error, requests the C core holds: one call for them all (C
-        composes each reply from the template; nothing is read back per request)."""
-        if not keys:
-            return
-        infos = self.core.fail(keys, p.error_map(code, message), forget=forget)
-        now = now or time.monotonic()
-        for info in infos:
-            if info.delivered == p.NO_SUCH_REQUEST:
-                continue
-            if info.delivered == p.UNDELIVERED:
-                self._python_dropped += 1
-            if self.observe is not None:
-                route = self._route_at.get(info.model)
-                slot = self._slot_at.get(info.worker)
-                model = route.name if route is not None else ""
-                version = slot.version if slot is not None else ""
-                # Never dispatched (worker -1): it spent all its time in the queue.
-                left_queue = now if info.worker < 0 else info.dispatched
-                self.observe(model, version, code, left_queue - info.arrived, now - info.arrived)
-
-    def _observe_python(self, model: str, code: str, waited: float) -> None:
-        if self.observe is not None:
-            self.observe(model, "", code, waited, waited)
-
-    def _send_client(self, envelope: list[bytes], header: bytes) -> None:
-        try:
-            send_frames(self.frontend, [*envelope, p.PROTOCOL, header], NOBLOCK)
-        except zmq.ZMQError as exc:
-            self._python_dropped += 1
-            log.debug("reply not delivered: %s", exc)
 
     # ------------------------------------------------------------------ metrics
     def flush_stats(self) -> None:
@@ -447,18 +330,13 @@ class Router:
         n, codes, hists, sums = self.core.worker_stats(slot.index)
         if not n or self.observe_bulk is None:
             return
-        counts: dict[str, int] = {}
-        for i, c in enumerate(codes):
-            if c:
-                code = STATUS_CODES[i] if i < len(STATUS_CODES) else p.INTERNAL
-                counts[code] = counts.get(code, 0) + c
-        self.observe_bulk(slot.model, slot.version, counts, hists, sums)
+        self.observe_bulk(slot.model, slot.version, code_counts(codes), hists, sums)
 
     # ------------------------------------------------------------------ snapshots
     @property
     def dropped_replies(self) -> int:
         """Replies nobody could receive: late after a deadline, or the client had left."""
-        return self._python_dropped + self.core.dropped_replies()
+        return self.answers.dropped + self.core.dropped_replies()
 
     def inflight_count(self) -> int:
         return self.core.live()
@@ -491,26 +369,3 @@ class Router:
                 pass
         self.frontend.close(linger=1000)
         self.backend.close(linger=0)
-
-
-def unread_error(per_peer: int, total: int) -> bytes:
-    """The error a request is refused with while its connection leaves replies unread."""
-    return p.error_map(
-        p.OVERLOADED,
-        f"this connection has not read its replies: past {per_peer >> 20} MiB unread for "
-        f"one connection (max_unread_reply_mb) or {total >> 20} MiB for all "
-        "(max_unread_reply_total_mb) new requests are refused; read, then retry",
-    )
-
-
-def _readable_id(body: list[bytes]) -> Any:
-    """The request's ``id`` when its header can be read, even though the request was
-    refused (another protocol version, a malformed key): every error reply whose header
-    was readable echoes it (docs/PROTOCOL.md)."""
-    if len(body) < 2:
-        return None
-    try:
-        rid = p.unpack_map(body[1]).get("id")
-    except p.ProtocolError:
-        return None
-    return rid if rid is not None and p._valid_id(rid) else None
