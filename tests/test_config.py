@@ -25,7 +25,8 @@ from pool.config import (
     ipc_path,
     load_config,
 )
-from pool.config_checks import MODEL_SPECS, POOL_SPECS, is_loopback_host, validate
+from pool.config_checks import is_loopback_host
+from pool.config_fields import MODEL_SPECS, POOL_SPECS, validate
 
 # Short, fixed home and runtime dirs keep every derived ipc path well under 107 bytes
 # and make the tests independent of the real environment.
