@@ -179,7 +179,7 @@ class ControlServer:
             "uptime_s": round(time.time() - self.started, 1),
             "spawner_pid": self.spawner.pid,
             "inflight": self.router.inflight_count(),
-            "state_unsaved": self.sup.store.problem(),
+            "state_unsaved": self.sup.ports.store.problem(),
             "models": models,
             "standby": self.sup.standbys.summary(),
             "gateways": self.gateways(),
@@ -193,7 +193,7 @@ class ControlServer:
             any(w.state is WorkerState.READY and w.generation == rt.serving_gen for w in rt.workers)
             for rt in self.sup.models.values()
         )
-        unsaved = self.sup.store.problem()  # serving, but a restart would not come back on it
+        unsaved = self.sup.ports.store.problem()  # serving, but a restart would not come back on it
         error = "" if ok else "not every model is serving"
         if unsaved:
             error = "; ".join(filter(None, [error, f"degraded: state not saved: {unsaved}"]))

@@ -45,6 +45,7 @@ from pool.metrics import (
     LATENCY_BUCKETS,
     PoolMetrics,
 )
+from pool.ports import Ports
 from pool.process_env import become_subreaper, metrics_token, owner_only_dir, short_tmp
 from pool.publish import publish
 from pool.reload import ReloadResult, apply_reload
@@ -153,8 +154,7 @@ class Daemon:
         self.sup = Supervisor(
             self.config,
             Standbys(self.spawner.standby, self.gpu, self.lifeline_r),
-            self.store,
-            self.gpu,
+            Ports(store=self.store, memory=self.gpu, queues=self.router),
             self.metrics,
             backend,
             self.router.lane,

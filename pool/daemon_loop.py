@@ -56,6 +56,11 @@ def run(d: Daemon) -> int:
         sched = d.sup.scheduler
         timeout = sched.wake_in_ms(10) if sched.busy() else int(TICK_S * 1000)
         d.router.pump(timeout)
+        if d.router.woke(0) or d.signals:
+            # The core's clock is the last event's time, and the pump may have waited up
+            # to a tick: bring it to now before a command or a reload starts an
+            # operation, which times itself on that clock.
+            d.feed(Poll(time.monotonic()))
         if d.router.woke(0):
             d.control.handle()
             d.shell.flush()  # what the commands' operations decided

@@ -8,12 +8,18 @@ returned model.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from pool.gpu import device_index
+from pool.ports import DeviceMemory
 from pool.runtime import ModelRuntime
-from pool.supervisor import Supervisor
+
+if TYPE_CHECKING:
+    from pool.supervisor import Supervisor
+
+Clock = Callable[[], float]  # the core's: Supervisor.clock
+Level = Callable[[str], int | None]  # a device's used bytes: Supervisor.device_level
 
 MEMORY_TOLERANCE = 16 << 20  # retired means device memory back within this of its level
 MEMORY_WAIT_S = 10.0
@@ -28,11 +34,27 @@ SETTLE_EVERY_S = 0.25
 HELD_EVERY_S = 0.002
 
 
-def settled(sup: Supervisor, devices: list[str]) -> Callable[[], bool]:
+def device_level(memory: DeviceMemory, device: str, context_pids: set[int]) -> int | None:
+    """NVML's used bytes on ``device`` minus those of ``context_pids`` (processes that
+    hold a CUDA context and no model: standbys, and a taken one staging weights)."""
+    idx = device_index(device)
+    if idx is None:
+        return None
+    mem = memory.memory(idx)
+    if mem is None:
+        return None
+    if not context_pids:
+        return mem[0]
+    procs = memory.process_bytes(idx) or {}
+    return mem[0] - sum(procs.get(pid, 0) for pid in context_pids)
+
+
+def settled(level: Level, devices: list[str]) -> Callable[[], bool]:
+    """A condition: two readings in a row (one wait period apart) are equal."""
     last: dict[str, int | None] = {}
 
     def check() -> bool:
-        now = {d: device_used(sup, d) for d in devices}
+        now = {d: level(d) for d in devices}
         same = now == last
         last.clear()
         last.update(now)
@@ -41,18 +63,18 @@ def settled(sup: Supervisor, devices: list[str]) -> Callable[[], bool]:
     return check
 
 
-def back_at(sup: Supervisor, reference: dict[str, int | None]) -> Callable[[], bool]:
+def back_at(level: Level, reference: dict[str, int | None], clock: Clock) -> Callable[[], bool]:
     """A condition: every device's level is within MEMORY_TOLERANCE of ``reference``, or
     has not moved for SETTLE_EVERY_S (another process changed the level: the proof then
     fails, but the held clients do not wait the whole settle timeout for it)."""
     since: dict[str, tuple[int | None, float]] = {}
 
     def check() -> bool:
-        t = time.monotonic()
+        t = clock()
         back = True
-        for dev, level in reference.items():
-            now = device_used(sup, dev)
-            if level is None or now is None or abs(now - level) <= MEMORY_TOLERANCE:
+        for dev, ref in reference.items():
+            now = level(dev)
+            if ref is None or now is None or abs(now - ref) <= MEMORY_TOLERANCE:
                 continue
             seen, at = since.get(dev, (None, t))
             if seen != now:
@@ -75,7 +97,7 @@ def choose_strategy(sup: Supervisor, rt: ModelRuntime) -> tuple[str, str]:
     for rec in rt.alive(rt.serving_gen):
         idx = device_index(rec.device)
         if idx is not None:
-            procs = sup.gpu.process_bytes(idx) or {}  # read now: a cached sample can lag
+            procs = sup.ports.memory.process_bytes(idx) or {}  # read now: a cached sample can lag
             foot = procs.get(rec.pid or -1) or max(rec.gpu_bytes or 0, rec.ready_gpu_bytes or 0)
             wants = sup.takes_standby(rt, rec.device)
             standby = sup.standbys.waiting(rec.device) if wants else None
@@ -86,7 +108,7 @@ def choose_strategy(sup: Supervisor, rt: ModelRuntime) -> tuple[str, str]:
             need[idx] = need.get(idx, 0) + foot
     margin = sup.pool.surge_margin_mb << 20
     for idx, foot in need.items():
-        mem = sup.gpu.memory(idx)
+        mem = sup.ports.memory.memory(idx)
         if mem is None:
             return "drain-first", f"NVML cannot read cuda:{idx}"
         if mem[1] < foot + margin:

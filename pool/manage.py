@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +38,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Done = Callable[[OpResult], None]
+# How often an unload asks the router whether its model's queue is served: a sampled
+# wait (pool.tasks.Wait.every_s), not a question every loop turn.
+QUEUE_EVERY_S = 0.005
 Progress = Callable[..., None]
 
 
@@ -75,7 +77,7 @@ class Manager:
         if cfg.name in self.sup.models:
             raise Refused(f"model {cfg.name!r} is already loaded (unload it, or upgrade it)")
         sup = self.sup
-        t0 = time.monotonic()
+        t0 = sup.now
         made: list[ModelRuntime] = []  # the runtime this load created, once it exists
 
         def op() -> ModelOp:
@@ -95,13 +97,13 @@ class Manager:
                 return all(w.state is WorkerState.READY or not w.booting for w in workers)
 
             def say(phase: str, **info: Any) -> None:
-                progress(phase, elapsed_s=round(time.monotonic() - t0, 3), **info)
+                progress(phase, elapsed_s=round(sup.now - t0, 3), **info)
 
             loading = LoadingReport(workers)
-            end = time.monotonic() + limit
-            while not settled() and time.monotonic() < end:
+            end = sup.now + limit
+            while not settled() and sup.now < end:
                 # Wakes as the workers load, to forward their bytes (a bar in pool-ctl).
-                yield Wait(lambda: settled() or loading.moved(), end - time.monotonic(), "boot")
+                yield Wait(lambda: settled() or loading.moved(), end - sup.now, "boot")
                 loading.say(say)
             bad = [w for w in workers if w.state is not WorkerState.READY]
             if bad:
@@ -114,7 +116,7 @@ class Manager:
                 version=dep.version if dep else None,
                 devices=tuple(rt.devices),
                 pids_started=tuple(w.pid for w in workers),
-                elapsed_s=time.monotonic() - t0,
+                elapsed_s=sup.now - t0,
             )
 
         def finished(result: OpResult) -> None:  # the scheduler's OpCrashed, if op raised
@@ -146,13 +148,14 @@ class Manager:
     def unload(
         self, rt: ModelRuntime, done: Done, progress: Progress = _quiet, persist: bool = True
     ) -> None:
-        t0 = time.monotonic()
+        sup = self.sup
+        t0 = sup.now
 
         def op() -> ModelOp:
             pids = [w.pid for w in rt.alive()]
-            progress("draining", queued=self.d.router.queue_len(rt.name), pids=pids)
+            progress("draining", queued=sup.ports.queues.queue_len(rt.name), pids=pids)
             lost = yield from self._drain_out(rt, fail_queue=False)
-            return UnloadResult(rt.name, tuple(pids), lost, time.monotonic() - t0)
+            return UnloadResult(rt.name, tuple(pids), lost, sup.now - t0)
 
         def finished(result: OpResult) -> None:
             if isinstance(result, UnloadResult):
@@ -171,14 +174,16 @@ class Manager:
 
     def _drain_out(self, rt: ModelRuntime, fail_queue: bool) -> Generator[Wait, bool, int]:
         """Refuse new requests, serve the queue, drain and reap every worker."""
-        sup, router = self.sup, self.d.router
+        sup = self.sup
+        queues = sup.ports.queues
         rt.unload()
         rt.restarts.clear()
         rt.route.unavailable = f"model {rt.name!r} is being unloaded"
         sup.activate(rt)  # pushes the route: new requests are answered at once
         if not fail_queue:
-            yield Wait(lambda: router.queue_len(rt.name) == 0, sup.pool.drain_timeout_s)
-        lost = router.fail_queued(rt.name, "MODEL_UNAVAILABLE", rt.route.unavailable)
+            served = lambda: queues.queue_len(rt.name) == 0  # noqa: E731
+            yield Wait(served, sup.pool.drain_timeout_s, "queue", every_s=QUEUE_EVERY_S)
+        lost = queues.fail_queued(rt.name, "MODEL_UNAVAILABLE", rt.route.unavailable)
         recs = rt.alive()
         for rec in recs:
             sup.retire(rec)

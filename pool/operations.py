@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -40,12 +39,12 @@ def digest_then(
         yield Wait(fut.done, 600.0, "digest")
         return fut.result()
     total = os.path.getsize(path)
-    t0 = time.monotonic()
+    t0 = sup.now
     end = t0 + 600.0
-    while not fut.done() and time.monotonic() < end:
+    while not fut.done() and sup.now < end:
         yield Wait(fut.done, PROGRESS_EVERY_S, "digest")
         if not fut.done():
-            elapsed = round(time.monotonic() - t0, 3)
+            elapsed = round(sup.now - t0, 3)
             progress("hashing", bytes=done[0], total=total, elapsed_s=elapsed)
     return fut.result()
 

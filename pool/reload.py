@@ -265,7 +265,7 @@ def _upgrade(
         result = yield from up.run()
         if result.ok:
             rt.state.config_path = after.path
-            sup.store.save(rt.state)
+            sup.ports.store.save(rt.state)
         else:
             rt.devices = before
         return dataclasses.replace(result, devices=tuple(rt.devices))

@@ -20,7 +20,6 @@ Phases, in order::
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Generator
 from dataclasses import dataclass
 from enum import StrEnum
@@ -141,7 +140,7 @@ class Rescale:
         self.sup = sup
         self.rt = rt
         self.devices = devices
-        self.t0 = time.monotonic()
+        self.t0 = self.sup.now
         self.phase = R.PLANNING
         self.path = [R.PLANNING]
         # The boot and retire waits are the upgrade's own (same progress, same limits).
@@ -210,7 +209,7 @@ class Rescale:
             pids_started=tuple(w.pid for w in started) if ok else (),
             pids_stopped=tuple(w.pid for w in stopped),
             path=tuple(self.path),
-            elapsed_s=time.monotonic() - self.t0,
+            elapsed_s=self.sup.now - self.t0,
             reason=reason,
         )
         level = logging.INFO if ok else logging.ERROR
@@ -227,7 +226,7 @@ class Rescale:
             extra={"model": rt.name},
         )
         if dep is not None:
-            self.sup.store.record(
+            self.sup.ports.store.record(
                 rt.state,
                 dep,
                 "scale",

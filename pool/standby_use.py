@@ -13,19 +13,20 @@ from typing import TYPE_CHECKING, Any
 
 from pool.commands import Command, SendControl
 from pool.config import sandbox_mode, standby_wanted
+from pool.device_memory import device_level
 from pool.lifecycle import WorkerRecord, WorkerState
 from pool.preload import PreloadSpec, preload_key, preload_setting
 from pool.runtime import ModelRuntime
-from pool.standby import Standbys, Taken, device_level
+from pool.standby import Standbys, Taken
 
 if TYPE_CHECKING:
     from pool.config import PoolConfig
-    from pool.gpu import Gpu
+    from pool.ports import Ports
 
 
 class StandbyUse:
     pool: PoolConfig
-    gpu: Gpu
+    ports: Ports
     models: dict[str, ModelRuntime]
     by_token: dict[int, WorkerRecord]
     standbys: Standbys
@@ -84,7 +85,7 @@ class StandbyUse:
 
     def device_level(self, device: str) -> int | None:
         """Used device memory, bare contexts left out (see pool.standby)."""
-        return device_level(self.gpu, device, self.context_pids(device))
+        return device_level(self.ports.memory, device, self.context_pids(device))
 
     def on_spawner_message(self, msg: dict[str, Any]) -> None:
         if msg.get("t") == "standby_ready":

@@ -49,13 +49,14 @@ from pool.events import (
     WorkerVanished,
 )
 from pool.exits import WorkerExits
-from pool.gpu import Gpu, device_index
+from pool.gpu import device_index
 from pool.lifecycle import WorkerRecord, WorkerState
 from pool.metrics import PoolMetrics
+from pool.ports import Ports
 from pool.runtime import ModelRuntime
 from pool.standby import Standbys
 from pool.standby_use import StandbyUse
-from pool.state import Deployed, ModelState, StateStore
+from pool.state import Deployed, ModelState
 from pool.stopping import WorkerStopping
 from pool.tasks import Scheduler
 from pool.worker_messages import WorkerMessages
@@ -70,8 +71,7 @@ class Supervisor(StandbyUse, WorkerMessages, WorkerExits, WorkerStopping):
         self,
         config: Config,
         standbys: Standbys,
-        store: StateStore,
-        gpu: Gpu,
+        ports: Ports,
         metrics: PoolMetrics,
         backend: str,
         lane: str,
@@ -79,11 +79,11 @@ class Supervisor(StandbyUse, WorkerMessages, WorkerExits, WorkerStopping):
     ) -> None:
         self.config = config
         self.pool = config.pool
-        # The store, NVML and metrics are the operations' (pool.upgrade commits a switch
-        # and reads device levels through them); the supervisor's own decisions leave
-        # commands instead.
-        self.store = store
-        self.gpu = gpu
+        # The store, device memory and queues are the operations' (pool.ports: pool.upgrade
+        # commits a switch and proves memory back through them, an unload serves the
+        # queue); the supervisor's own decisions leave commands instead, apart from the
+        # device level each spawn notes (pool.device_memory).
+        self.ports = ports
         self.metrics = metrics
         self.backend = backend
         self.lane = lane  # the router's lane socket, for the workers' spec ("" = none)
@@ -107,6 +107,10 @@ class Supervisor(StandbyUse, WorkerMessages, WorkerExits, WorkerStopping):
         self.roots: list[str] = list(effective_model_roots(config))
 
     # ------------------------------------------------------------ the interface
+    def clock(self) -> float:
+        """The core's clock, for the operations: the time of the event being handled."""
+        return self.now
+
     def handle(self, event: Event) -> list[Command]:
         """Decide what ``event`` means; the commands to carry out, in order."""
         self.now = event.now

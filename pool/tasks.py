@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +39,7 @@ class Task:
         name: str,
         op: Operation,
         done: Callable[[Any], None],
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float],
     ) -> None:
         self.name = name
         self.op = op
@@ -65,7 +64,9 @@ class Task:
 
 
 class Scheduler:
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float]) -> None:
+        # The core's clock (Supervisor.clock): deadlines and sampling periods run on
+        # the time of the events, so a test moves them with a fake one.
         self.tasks: list[Task] = []
         self.clock = clock
 

@@ -17,7 +17,6 @@ serves, and puts them on the device once the old one's memory is back.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Generator
 
 from pool.device_memory import HELD_EVERY_S, SETTLE_EVERY_S, choose_strategy, device_used
@@ -87,9 +86,9 @@ class Upgrade(UpgradeSteps):
         pool = self.sup.pool
         if pool.watch_requests <= 0 or pool.watch_s <= 0:
             return ""
-        seconds = min(pool.watch_s, max(0.0, self.deadline - time.monotonic()))
+        seconds = min(pool.watch_s, max(0.0, self.deadline - self.sup.now))
         self.enter(UpgradePhase.WATCHING)
-        result = yield from watch(new, old, pool.watch_requests, seconds, self.say)
+        result = yield from watch(new, old, pool.watch_requests, seconds, self.say, self.sup.clock)
         self.phases["watch_s"] = result.seconds
         self.watch_note = result.note()
         return result.failed
@@ -107,7 +106,7 @@ class Upgrade(UpgradeSteps):
                 held_from = self.held_from
             else:
                 self.enter(UpgradePhase.DRAINING)
-                held_from = time.monotonic()
+                held_from = self.sup.now
                 yield from self.retire(old, held=reference)
                 self.check_memory(reference)
                 self.enter(UpgradePhase.STARTING)
@@ -117,7 +116,7 @@ class Upgrade(UpgradeSteps):
             ok, reason = yield from self.wait_boot([new])
             if ok:
                 # Drain start -> the new worker ready: how long this slot's clients waited.
-                held_s = time.monotonic() - held_from
+                held_s = self.sup.now - held_from
                 self.phases["held_s"] = max(self.phases.get("held_s", 0.0), held_s)
             refusal = self.contract_refusal(gen) if ok and not done else None
             first = ok and not refusal and rt.serving_gen != gen
@@ -150,19 +149,19 @@ class Upgrade(UpgradeSteps):
         self.enter(UpgradePhase.STAGING)
         self.say("starting", generation=gen, slot=slot, device=device, staged=True)
         new = self.spawn(gen, slot, hold=True)
-        t = time.monotonic()
+        t = self.sup.now
         loading = LoadingReport([new])  # the bytes it stages, as a bar in pool-ctl
-        while not (new.staged or not new.booting) and time.monotonic() < self.deadline:
-            left = max(0.0, self.deadline - time.monotonic())
+        while not (new.staged or not new.booting) and self.sup.now < self.deadline:
+            left = max(0.0, self.deadline - self.sup.now)
             yield Wait(lambda: new.staged or not new.booting or loading.moved(), left, "stage")
             loading.say(self.say)
         if not new.staged:
             return new  # failed, or timed out: wait_boot says which; the old still serves
-        self.phases["staged_s"] = time.monotonic() - t
+        self.phases["staged_s"] = self.sup.now - t
         self.staged = True
         self.say("staged", worker=new.wid, staged_s=round(self.phases["staged_s"], 3))
         self.enter(UpgradePhase.DRAINING)
-        self.held_from = time.monotonic()
+        self.held_from = self.sup.now
         yield from self.retire(old, held=reference)
         self.check_memory(reference)
         if new.alive:

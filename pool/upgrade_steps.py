@@ -7,7 +7,6 @@ and back, abandon, and finish with the typed ``UpgradeResult`` and its history e
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Generator
 from typing import Any
 
@@ -70,14 +69,14 @@ class UpgradeSteps:
         self.strategy = strategy
         self.action = action
         self.progress = progress
-        self.t0 = time.monotonic()
+        self.t0 = self.sup.now
         self.deadline = self.t0 + timeout_s
         self.old_gen = rt.serving_gen
         self.from_version = rt.deployed.version if rt.deployed else ""
         self.started: list[WorkerRecord] = []
         self.stopped: list[WorkerRecord] = []
         self.phases: dict[str, float] = {}
-        self.held_from = time.monotonic()  # when a drain-first slot's clients began to wait
+        self.held_from = self.sup.now  # when a drain-first slot's clients began to wait
         self.freed: dict[str, int] = {}
         self.memory_back: bool | None = None
         self.worker_timings: dict[str, float] = {}
@@ -91,7 +90,7 @@ class UpgradeSteps:
         self.contract_note = ""  # what the check found, for the result
         self.watch_note = ""  # what the watch window saw (pool.watch)
         self.restored: Restore | None = None  # set when a failure put the old version back
-        self.track = PhaseTrack(time.monotonic)  # the phase now, per pool.upgrade_phases
+        self.track = PhaseTrack(sup.clock)  # the phase now, per pool.upgrade_phases
         self.pids_before = [r.pid for r in rt.alive()]
         self.result: UpgradeResult | None = None  # set by finish
 
@@ -100,7 +99,7 @@ class UpgradeSteps:
         self.track.enter(phase)
 
     def say(self, phase: str, **info: Any) -> None:
-        elapsed = round(time.monotonic() - self.t0, 3)
+        elapsed = round(self.sup.now - self.t0, 3)
         self.progress(phase, elapsed_s=elapsed, **info)
         if phase in STORY and self.action != "recycle":
             # The upgrade's story in the log, one line a step (pool-ctl sees the same).
@@ -144,7 +143,7 @@ class UpgradeSteps:
 
     def wait_boot(self, recs: list[WorkerRecord]) -> BootResult:
         """Wait until every worker is ready (True) or one fails (False, reason)."""
-        t = time.monotonic()
+        t = self.sup.now
         reported: dict[str, str] = {}
         loading = LoadingReport([r for r in recs if not r.staged])  # staging said its bytes
         while True:
@@ -158,7 +157,7 @@ class UpgradeSteps:
                     self.say(r.state.value, worker=r.wid, pid=r.pid, device=r.device)
             loading.say(self.say)
             if all(r.state is WorkerState.READY for r in recs):
-                self.phases["boot_s"] = time.monotonic() - t
+                self.phases["boot_s"] = self.sup.now - t
                 self.worker_timings = dict(recs[0].timings)
                 return True, ""
             bad = [
@@ -170,11 +169,11 @@ class UpgradeSteps:
                 return False, f"{bad[0].wid}: {bad[0].failure or bad[0].state.value}"
             if self._cancelling():
                 return False, str(self.cancelled)
-            left = self.deadline - time.monotonic()
+            left = self.deadline - self.sup.now
             if left <= 0:
                 return False, "not ready before the upgrade timeout"
             met = yield Wait(self._changed_or_cancelled(recs, loading.moved), left, "boot")
-            if not met and time.monotonic() >= self.deadline:
+            if not met and self.sup.now >= self.deadline:
                 return False, "not ready before the upgrade timeout"
 
     def retire(
@@ -185,7 +184,7 @@ class UpgradeSteps:
         wait samples every HELD_EVERY_S and ends once each device is back at its level."""
         if not recs:
             return
-        t = time.monotonic()
+        t = self.sup.now
         before = {r.device: device_used(self.sup, r.device) for r in recs}
         for r in recs:
             self.sup.retire(r)
@@ -194,15 +193,15 @@ class UpgradeSteps:
         limit = pool.drain_timeout_s + pool.stop_timeout_s + 3 * KILL_GRACE_S + 5
         yield Wait(gone_stopping_drained(self.sup, recs), limit, "exit")
         self.stopped.extend(recs)
-        self.phases["drain_s"] = self.phases.get("drain_s", 0.0) + time.monotonic() - t
-        t = time.monotonic()
+        self.phases["drain_s"] = self.phases.get("drain_s", 0.0) + self.sup.now - t
+        t = self.sup.now
         gpu_recs = [r for r in recs if device_index(r.device) is not None]
         if gpu_recs:
             pids = {r.pid for r in gpu_recs}
 
             def gone() -> bool:
                 for r in gpu_recs:
-                    procs = self.sup.gpu.process_bytes(device_index(r.device) or 0)
+                    procs = self.sup.ports.memory.process_bytes(device_index(r.device) or 0)
                     if procs is not None and pids & procs.keys():
                         return False
                 return True
@@ -213,15 +212,17 @@ class UpgradeSteps:
             # memory settles: wait for two equal readings in a row, a period apart (or,
             # held, for the level known to be the target).
             devices = [r.device for r in gpu_recs]
+            level = self.sup.device_level
             if held is not None and all(held.get(d) is not None for d in devices):
-                yield Wait(back_at(self.sup, held), 3.0, "settle", every_s=HELD_EVERY_S)
+                back = back_at(level, held, self.sup.clock)
+                yield Wait(back, 3.0, "settle", every_s=HELD_EVERY_S)
             else:
-                yield Wait(settled(self.sup, devices), 3.0, "settle", every_s=SETTLE_EVERY_S)
+                yield Wait(settled(level, devices), 3.0, "settle", every_s=SETTLE_EVERY_S)
             for dev, used in before.items():
                 after = device_used(self.sup, dev)
                 if used is not None and after is not None:
                     self.freed[dev] = self.freed.get(dev, 0) + max(0, used - after)
-        self.phases["retire_s"] = self.phases.get("retire_s", 0.0) + time.monotonic() - t
+        self.phases["retire_s"] = self.phases.get("retire_s", 0.0) + self.sup.now - t
         self.say("retired", pids=[r.pid for r in recs], bytes_freed=dict(self.freed))
 
     def check_memory(self, reference: dict[str, int | None]) -> None:
@@ -269,12 +270,12 @@ class UpgradeSteps:
         """Record the new version as current, then route to it; if the record cannot be
         written, say why and do not switch (a restart would bring back the old one)."""
         try:
-            self.sup.store.commit_current(self.rt.state, self.rt.gens[gen])
+            self.sup.ports.store.commit_current(self.rt.state, self.rt.gens[gen])
         except OSError as exc:
             return f"state: cannot record the switch ({exc.strerror or exc}); not switching"
         self.rt.serving_gen = gen
         self.sup.activate(self.rt)
-        self.phases["switch_at_s"] = time.monotonic() - self.t0
+        self.phases["switch_at_s"] = self.sup.now - self.t0
         self.say("switched", generation=gen, version=self.rt.gens[gen].version)
         return None
 
@@ -296,7 +297,7 @@ class UpgradeSteps:
 
     def finish(self, ok: bool, reason: str) -> UpgradeResult:
         rt = self.rt
-        elapsed = time.monotonic() - self.t0
+        elapsed = self.sup.now - self.t0
         if ok:
             end = UpgradePhase.COMMITTED
         elif self.restored is None or self.restored.ok:
@@ -362,7 +363,7 @@ class UpgradeSteps:
         if not ok and self.old_gen in rt.gens:
             rt.state.current = rt.gens[self.old_gen]  # a switch may have recorded the target
         if self.action != "recycle":
-            self.sup.store.record(
+            self.sup.ports.store.record(
                 rt.state,
                 self.target,
                 self.action,

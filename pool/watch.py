@@ -17,7 +17,6 @@ device the old version is started again, as after a failed start).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
@@ -60,19 +59,21 @@ def watch(
     requests: int,
     seconds: float,
     say: Callable[..., None],
+    clock: Callable[[], float],
 ) -> Generator[Wait, bool, WatchResult]:
-    """Watch ``new`` (serving) against ``old`` (kept); see the module docstring."""
+    """Watch ``new`` (serving) against ``old`` (kept); see the module docstring. ``clock``
+    is the core's (``Supervisor.clock``)."""
     old_answered, old_errors = _counts(old)
     old_rate = old_errors / old_answered if old_answered else 0.0
     base_answered, base_errors = _counts(new)  # warm-up and probes are not answers
-    t0 = time.monotonic()
+    t0 = clock()
     end = t0 + seconds
     say("watching", requests=requests, seconds=seconds)
     while True:
         answered, errors = _counts(new)
         answered -= base_answered
         errors -= base_errors
-        elapsed = time.monotonic() - t0
+        elapsed = clock() - t0
         if _verdict(answered, errors, old_rate):
             why = (
                 f"watch: {errors} of {answered} requests to the new version failed "
@@ -90,4 +91,4 @@ def watch(
         def moved(seen: tuple[int, int] = seen) -> bool:
             return _counts(new) != seen
 
-        yield Wait(moved, max(0.0, end - time.monotonic()), "watch")
+        yield Wait(moved, max(0.0, end - clock()), "watch")

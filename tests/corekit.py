@@ -30,6 +30,7 @@ from pool.events import (
 from pool.gpu import Gpu
 from pool.lifecycle import WorkerRecord
 from pool.metrics import PoolMetrics
+from pool.ports import DeviceMemory, Ports
 from pool.runtime import ModelRuntime
 from pool.standby import Standbys
 from pool.state import Deployed, StateStore
@@ -46,23 +47,48 @@ class NoGpu(Gpu):
         return None
 
 
-def _no_standby(spec: dict[str, Any]) -> int:  # pragma: no cover - CPU: never asked
-    raise AssertionError("no standby on a CPU device")
+class FakeQueues:
+    """The router's queues as ``pool.ports.Queues``: requests waiting per model."""
+
+    def __init__(self) -> None:
+        self.waiting: dict[str, int] = {}
+        self.failed: list[tuple[str, str, int]] = []  # (model, code, how many)
+
+    def queue_len(self, model: str) -> int:
+        return self.waiting.get(model, 0)
+
+    def fail_queued(self, model: str, code: str, message: str) -> int:
+        n = self.waiting.pop(model, 0)
+        self.failed.append((model, code, n))
+        return n
 
 
 class Core:
-    def __init__(self, tmp_path: Path, devices: tuple[str, ...] = ("cpu",), **pool: Any) -> None:
+    """``memory``: the devices' memory as the operations read it (``pool.ports``; NVML
+    absent if None); ``store``: the state store (a real one in ``tmp_path`` if None)."""
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        devices: tuple[str, ...] = ("cpu",),
+        memory: DeviceMemory | None = None,
+        store: StateStore | None = None,
+        **pool: Any,
+    ) -> None:
         self.now = 1000.0
-        self.pool = PoolConfig(state_dir=str(tmp_path), standby=False, **pool)
+        settings: dict[str, Any] = {"standby": False, "standby_preload": False, **pool}
+        self.pool = PoolConfig(state_dir=str(tmp_path), **settings)
         self.model = ModelConfig(name="m", path=str(tmp_path / "m.pt"), devices=devices)
         config = Config(pool=self.pool, models=(self.model,), source=None)
-        store = StateStore(str(tmp_path))
+        self.store = store = store or StateStore(str(tmp_path))
         gpu = NoGpu()
+        self.memory = memory
+        self.queues = FakeQueues()
+        self.standby_forks: list[tuple[int, dict[str, Any]]] = []  # (token, spec) asked
         self.sup = Supervisor(
             config,
-            Standbys(_no_standby, gpu, -1),
-            store,
-            gpu,
+            Standbys(self._fork_standby, gpu, -1),
+            Ports(store=store, memory=memory or gpu, queues=self.queues),
             PoolMetrics(),
             "ipc:///nonexistent/backend.sock",
             "",
@@ -76,7 +102,13 @@ class Core:
         self.feed(Poll(self.now))  # the supervisor's clock starts at ours
         first = Deployed("1", self.model.path, "d1")
         self.sup.add_model(self.model, devices, first, store.load("m"))
-        self.answer(self.sup.take_commands())
+        self.started = self.answer(self.sup.take_commands())  # the first workers' spawns
+
+    def _fork_standby(self, spec: dict[str, Any]) -> int:
+        """The spawner's token for a standby fork; a test (tests/opskit.py) answers it."""
+        token = next(self.tokens)
+        self.standby_forks.append((token, spec))
+        return token
 
     @property
     def rt(self) -> ModelRuntime:
@@ -100,7 +132,10 @@ class Core:
                 cpu = self.cpu.get(cmd.pid) if cmd.pid is not None else None
                 follow = self.sup.handle(CpuSample(cmd.wid, cpu, self.sup.now))
             elif isinstance(cmd, SampleMemory):
-                procs = {i: self.nvml.get(i) for i in cmd.devices}
+                if self.memory is not None:
+                    procs = {i: self.memory.process_bytes(i) for i in cmd.devices}
+                else:
+                    procs = {i: self.nvml.get(i) for i in cmd.devices}
                 follow = self.sup.handle(MemorySample(procs, self.sup.now))
             out.extend(self.answer(follow))
         return out

@@ -64,12 +64,14 @@ def test_workers_already_going_are_not_kept() -> None:
 
 
 def test_phases_end_in_done_or_failed_and_an_illegal_move_raises() -> None:
+    from types import SimpleNamespace
     from typing import Any, cast
 
     from pool.rescale import Rescale
 
     assert {ph for ph in RescalePhase if ph.terminal} == {RescalePhase.DONE, RescalePhase.FAILED}
-    r = Rescale(cast(Any, None), runtime(["cpu"]), ("cpu", "cpu"), 60.0, lambda *a, **k: None)
+    core = SimpleNamespace(now=0.0, clock=lambda: 0.0)  # only its clock is read here
+    r = Rescale(cast(Any, core), runtime(["cpu"]), ("cpu", "cpu"), 60.0, lambda *a, **k: None)
     r.enter(RescalePhase.STARTING)
     with pytest.raises(IllegalTransition):
         r.enter(RescalePhase.FAILED)  # a failed start abandons first

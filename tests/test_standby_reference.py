@@ -55,12 +55,12 @@ class LedgerSupervisor(FakeSupervisor):
         super().__init__(("cuda:0",), lambda rec: True)
         self.gpu = self.ledger  # type: ignore[assignment]
         self.ledger.workers = self.rt.workers
-        self.clock = FakeClock()
+        self.time = FakeClock()
         self.exited_at = self.released_at = 0.0
 
     def retire(self, rec: WorkerRecord) -> None:
         super().retire(rec)
-        self.exited_at = self.clock.now
+        self.exited_at = self.time.now
 
     def spawn(self, rt, gen, slot, hold=False):  # type: ignore[no-untyped-def]
         level = self.device_level(rt.devices[slot]) if hasattr(self, "ledger") else None
@@ -79,7 +79,7 @@ class LedgerSupervisor(FakeSupervisor):
         return rec
 
     def release(self, rec: WorkerRecord) -> None:
-        self.released_at = self.clock.now
+        self.released_at = self.time.now
         rec.holding = False
         rec.to(WorkerState.WARMING)
         rec.to(WorkerState.READY)
@@ -97,7 +97,7 @@ class LedgerSupervisor(FakeSupervisor):
 def upgrade_to(sup: LedgerSupervisor, version: str, strategy: str) -> Upgrade:
     target = Deployed(version, f"/models/m/{version}.pt", f"d{version}")
     up = Upgrade(sup, sup.rt, target, strategy, 60.0, "upgrade", lambda *a, **k: None)  # type: ignore[arg-type]
-    run(sup, up.run(), sup.clock)
+    run(sup, up.run(), sup.time)
     return up
 
 

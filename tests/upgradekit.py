@@ -14,6 +14,7 @@ from typing import Any
 
 from pool.config import ModelConfig, PoolConfig
 from pool.lifecycle import WorkerRecord, WorkerState
+from pool.ports import Ports
 from pool.runtime import ModelRuntime
 from pool.state import Deployed, ModelState
 from pool.tasks import Operation, Scheduler
@@ -57,6 +58,14 @@ class Recorded:
         state.current = deployed  # the real one writes it to disk first
 
 
+class _NoQueues:
+    def queue_len(self, model: str) -> int:
+        return 0
+
+    def fail_queued(self, model: str, code: str, message: str) -> int:
+        return 0
+
+
 class _Metrics:
     def observe_upgrade(self, *args: Any) -> None:
         pass
@@ -67,6 +76,7 @@ class FakeSupervisor:
 
     def __init__(self, devices: tuple[str, ...], fate: Callable[[WorkerRecord], bool]) -> None:
         self.pool = PoolConfig(watch_requests=0)
+        self.time = FakeClock()  # the core's clock; run() puts its own here
         self.gpu = FakeGpu()
         self.store = Recorded()
         self.metrics = _Metrics()
@@ -80,6 +90,18 @@ class FakeSupervisor:
         for slot in range(len(devices)):
             self.boot(self.spawn(self.rt, gen, slot), True)
         self.activations: list[int] = []
+
+    @property
+    def now(self) -> float:
+        return self.time.now
+
+    def clock(self) -> float:
+        return self.time.now
+
+    @property
+    def ports(self) -> Ports:
+        # Read at each use: a test may swap ``gpu`` or ``store``.
+        return Ports(store=self.store, memory=self.gpu, queues=_NoQueues())  # type: ignore[arg-type]
 
     def new_generation(self, rt: ModelRuntime, deployed: Deployed) -> int:
         gen = next(rt.gen_counter)
@@ -145,6 +167,7 @@ def run(
     """Poll the operation like poold's loop, one turn every ``step_s`` of fake time;
     ``on_turn`` plays what the workers do meanwhile."""
     results: list[Any] = []
+    sup.time = clock  # the operation reads the same clock the scheduler runs on
     scheduler = Scheduler(clock=clock)
     scheduler.start("test", op, results.append)
     for _ in range(200_000):

@@ -1,0 +1,68 @@
+"""What operations reach outside the core through: three narrow typed interfaces.
+
+An upgrade must commit the new version to disk before it switches (a restart comes back
+on what clients were served), proves a retired worker's memory back from NVML, and an
+unload serves its model's queue before the workers go. Those three answers are needed
+at once, inside a step, so they are calls, not commands; but each is a ``Protocol`` of
+the two or three methods used, so a test hands the real core and operations a fake
+store, fake device memory and fake queues (``tests/corekit.py``). The daemon passes
+the real things: ``pool.state.StateStore``, ``pool.gpu.Gpu``, ``router.router.Router``.
+
+The clock is not here: an operation reads the core's, ``Supervisor.now``, the time of
+the event being handled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from pool.state import Deployed, ModelState
+
+
+class VersionStore(Protocol):
+    """The state directory: the current version and the history of each model."""
+
+    def commit_current(self, state: ModelState, deployed: Deployed) -> None:
+        """Write ``deployed`` as current; raise OSError (``state`` as it was) if not."""
+
+    def record(
+        self, state: ModelState, deployed: Deployed, action: str, outcome: str, **extra: Any
+    ) -> object:
+        """Append one history entry (and save)."""
+
+    def save(self, state: ModelState) -> None:
+        """Write ``state``; a failure is kept and retried, not raised."""
+
+    def problem(self) -> str:
+        """"" when every model's state is on disk, else what is not."""
+
+
+class DeviceMemory(Protocol):
+    """NVML's view of a device, by index; None when NVML or the device is absent."""
+
+    def memory(self, index: int) -> tuple[int, int, int] | None:
+        """(used, free, total) bytes."""
+
+    def process_bytes(self, index: int) -> dict[int, int] | None:
+        """Bytes of each process with a context on the device, by pid."""
+
+
+class Queues(Protocol):
+    """The router's per-model queues of requests waiting for a worker."""
+
+    def queue_len(self, model: str) -> int:
+        """Requests of ``model`` waiting now."""
+
+    def fail_queued(self, model: str, code: str, message: str) -> int:
+        """Answer every waiting request of ``model`` with ``code``; how many."""
+
+
+@dataclass(frozen=True)
+class Ports:
+    """The three interfaces, as the supervisor keeps them for the operations."""
+
+    store: VersionStore
+    memory: DeviceMemory
+    queues: Queues
