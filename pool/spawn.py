@@ -17,6 +17,7 @@ from collections.abc import Callable
 from itertools import count
 from typing import Any
 
+from pool.host_memory import with_host_hugepages
 from workers.spawner import MessageReader, write_message
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class SpawnerClient:
         return self.proc.pid if self.proc else None
 
     def start(self) -> None:
-        env = dict(os.environ)
+        env = with_host_hugepages(os.environ)  # see pool.host_memory
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
         self.started_at = time.monotonic()

@@ -97,6 +97,21 @@ class Clients:
         worst = max((b - a for a, b, _ in rows), default=0.0)
         return worst, len(rows), sum(not ok for _, _, ok in rows)
 
+    def where(self, t0: float, t1: float) -> str:
+        """Where the worst request of [t0, t1] sat, against the longest time in which no
+        client got an answer: equal when every client waited on the same hold."""
+        with self.lock:
+            rows = sorted(r for r in self.done if r[1] >= t0 and r[0] <= t1)
+        if not rows:
+            return ""
+        a, b, _ = max(rows, key=lambda r: r[1] - r[0])
+        ends = sorted(r[1] for r in rows)
+        gap, gap_at = max((y - x, x) for x, y in zip(ends, ends[1:], strict=False)) \
+            if len(ends) > 1 else (0.0, t0)
+        slow = sum(1 for r in rows if r[1] - r[0] > 0.1)
+        return (f"worst sent +{a - t0:.3f}s answered +{b - t0:.3f}s; longest time with no "
+                f"answer {gap:.3f}s from +{gap_at - t0:.3f}s; {slow} requests over 0.1 s")
+
     def first_answer_after(self, t: float, timeout: float = 60.0) -> float:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
@@ -244,6 +259,8 @@ def run_pool(b: Any, dev: str, fmt: str, paths: list[str], hidden: int, standby:
                       f"requests, {failed} failed; upgrade {data.get('elapsed_s')}s "
                       f"{data.get('standby')}; held: {held}; worker after go: {steps}",
                       flush=True)
+                staged = f"staged_s {ph['staged_s']:.3f}; " if "staged_s" in ph else ""
+                print(f"  {'':<26} {staged}{load.where(t0, t1)}", flush=True)
         if fmt == "torchscript":
             with Clients(pool.frontend, "m", 4, hidden) as load:
                 for _ in range(n):
