@@ -212,7 +212,7 @@ def servers(b: Any, clients: int) -> None:
 
 def oip_batching(b: Any) -> None:
     """resnet50 fp16 (GPU): 64 gRPC clients against 64 ZeroMQ clients of the same pool."""
-    from bench import gpu_device  # the same rules as the batching section
+    from bench_harness import gpu_device  # the same rules as the batching section
 
     dev = gpu_device(b, "oip batching")
     if dev is None or dev == "cpu":

@@ -149,7 +149,7 @@ def wait_serving(pool: Any, old_pid: int | None = None, timeout: float = 120.0) 
 
 
 def section_standby(b: Any) -> None:
-    from bench import gpu_device, mlp_files, preread
+    from bench_harness import gpu_device, mlp_files, preread
     from benchkit import BenchError, Compare
     from benchmodels import MLP_WARM_BATCHES, make_factory_copy
 
