@@ -9,7 +9,7 @@ import os
 import time
 
 from bench_harness import Bench, gpu_device, pool_worker_pids
-from bench_worker_host import cpu_ticks, us_per_request
+from bench_worker_cpu import cpu_ticks, us_per_request
 from benchkit import (
     Compare,
     Load,
