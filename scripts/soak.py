@@ -39,217 +39,59 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import resource
-import select
 import shutil
-import signal
 import socket
 import sys
 import tempfile
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import zmq
-from stresskit import PoolProcess, model_set, output_problem, proc_stats
+from soak_faults import connections, killer, upgrades
+from soak_tally import Tally
+from soak_traffic import MODEL, client, fuzzer, slow_reader
+from stresskit import PoolProcess, model_set, proc_stats
 
 from pool.ctl.client import ControlClient
-from router.client import Client
-from router.client_codec import encode_request
-from router.errors import PoolError, RequestTimeout
 
-MODEL = "soak"
 MiB = 1 << 20
 
 
 class Soak:
+    """Every part at once, against one poold, then the verdict."""
+
     def __init__(self, args: argparse.Namespace, pool: PoolProcess, port: int) -> None:
         self.args = args
         self.pool = pool
         self.frontend = f"tcp://127.0.0.1:{port}"
         self.port = port
         self.models = model_set(os.path.join(pool.dir, "models"), "small")
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
-        self.codes: Counter[str] = Counter()  # OK, error codes, LOST, WRONG
-        self.problems: list[str] = []
-        self.counts: Counter[str] = Counter()  # kills, fuzz, slow reader, upgrades ...
-
-    # ------------------------------------------------------------------ pieces
-    def note(self, key: str, n: int = 1) -> None:
-        with self.lock:
-            self.counts[key] += n
-
-    def problem(self, text: str) -> None:
-        with self.lock:
-            if len(self.problems) < 20:
-                self.problems.append(text)
-
-    def client(self, idx: int) -> None:
-        c = Client(self.frontend, retries=1, timeout=self.args.request_timeout_s)
-        try:
-            while not self.stop.is_set():
-                try:
-                    r = c.infer(MODEL, self.models.x)
-                    wrong = output_problem(self.models.refs, r.version, r.outputs[0])
-                    code = "WRONG" if wrong else "OK"
-                    if wrong:
-                        self.problem(f"client {idx}: {wrong}")
-                except RequestTimeout as exc:
-                    code = "LOST"
-                    self.problem(f"client {idx}: {exc}")
-                except PoolError as exc:
-                    code = exc.code
-                with self.lock:
-                    self.codes[code] += 1
-        finally:
-            c.close()
-
-    def killer(self) -> None:
-        ctl = ControlClient(self.pool.control)
-        while not self.stop.wait(self.args.kill_every):
-            try:
-                m = next(m for m in ctl.call("status")["data"]["models"] if m["name"] == MODEL)
-                pids = [w["pid"] for w in m["workers"] if w.get("pid")]
-            except Exception as exc:  # poold busy or gone: the summary says which
-                self.problem(f"status: {exc}")
-                continue
-            if pids:
-                try:
-                    os.kill(random.choice(pids), signal.SIGKILL)
-                    self.note("workers killed")
-                except ProcessLookupError:
-                    pass
-
-    def dealer(self, ctx: zmq.Context[Any]) -> zmq.Socket[Any]:
-        s = ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
-        s.connect(self.frontend)
-        return s
-
-    def slow_reader(self, ctx: zmq.Context[Any]) -> None:
-        s = ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.RCVHWM, 1)  # never read: push back into poold at once
-        s.setsockopt(zmq.RCVBUF, 4096)
-        s.connect(self.frontend)
-        frames = [b"", *encode_request(MODEL, (self.models.x,), 2000)]
-        try:
-            while not self.stop.wait(0.002):
-                try:
-                    s.send_multipart(frames, zmq.NOBLOCK)
-                    self.note("slow reader sent")
-                except zmq.Again:
-                    pass
-        finally:
-            s.close(0)
-
-    def fuzzer(self, ctx: zmq.Context[Any]) -> None:
-        s = self.dealer(ctx)
-        good = [bytes(f) for f in encode_request(MODEL, (self.models.x,), 1000)]
-        rng = random.Random(17)
-        try:
-            while not self.stop.wait(0.02):
-                s.send_multipart([b"", *mutate(good, rng)])
-                self.note("fuzz sent")
-                while s.poll(0):
-                    s.recv_multipart()
-                    self.note("fuzz answered")
-        finally:
-            s.close(0)
-
-    def connections(self) -> None:
-        want = self.args.connections
-        held: list[socket.socket] = []
-        rng = random.Random(5)
-        while not self.stop.is_set():
-            while len(held) < want and not self.stop.is_set():
-                try:
-                    held.append(socket.create_connection(("127.0.0.1", self.port), timeout=2))
-                    self.note("connections opened")
-                except OSError as exc:
-                    self.problem(f"connect: {exc}")
-                    break
-            with self.lock:
-                self.counts["connections held (max)"] = max(
-                    self.counts["connections held (max)"], len(held)
-                )
-            if self.stop.wait(2.0):
-                break
-            # libzmq closes a connection whose handshake has not finished after
-            # HANDSHAKE_IVL (30 s): replace those, so that the count stays at poold.
-            poller = select.poll()  # select() stops at descriptor 1023
-            by_fd = {sock.fileno(): sock for sock in held}
-            for fd in by_fd:
-                poller.register(fd, select.POLLIN)
-            closed = set()
-            for fd, _ in poller.poll(0):
-                try:  # poold's ZMTP greeting, read and dropped; b"": it hung up
-                    if by_fd[fd].recv(4096, socket.MSG_DONTWAIT) == b"":
-                        closed.add(by_fd[fd])
-                except BlockingIOError:
-                    pass
-                except OSError:
-                    closed.add(by_fd[fd])
-            if closed:
-                self.note("connections closed by poold", len(closed))
-                for sock in closed:
-                    sock.close()
-                held = [sock for sock in held if sock not in closed]
-            for _ in range(len(held) // 20):  # churn: 5% every 2 s
-                held.pop(rng.randrange(len(held))).close()
-        for sock in held:
-            sock.close()
-
-    def upgrades(self) -> None:
-        """Upgrade to the version not serving, then roll back, and again."""
-        ctl = ControlClient(self.pool.control)
-        cycle = 0
-        while not self.stop.wait(self.args.upgrade_every):
-            cycle += 1
-            kind = "upgrade" if cycle % 2 else "rollback"
-            try:
-                if kind == "upgrade":
-                    status = ctl.call("status")["data"]
-                    current = next(m for m in status["models"] if m["name"] == MODEL)["version"]
-                    i = 1 if current == self.models.versions[0] else 0
-                    args = {
-                        "model": MODEL,
-                        "path": self.models.paths[i],
-                        "version": self.models.versions[i],
-                    }
-                else:
-                    args = {"model": MODEL}
-                reply = ctl.call(kind, args, timeout_s=120)
-            except Exception as exc:
-                self.problem(f"{kind}: {exc}")
-                continue
-            ok = bool(reply.get("ok"))
-            self.note(f"{kind}s {'committed' if ok else 'failed'}")
-            if not ok:
-                data = reply.get("data") or {}
-                self.problem(f"{kind}: {data.get('reason') or reply.get('error') or data}")
+        self.tally = Tally()
 
     def sample(self) -> dict[str, int | None]:
         rss, fds, threads = proc_stats(self.pool.proc.pid)
         return {"rss": rss, "fds": fds, "threads": threads}
 
-    # -------------------------------------------------------------------- run
     def run(self) -> dict[str, Any]:
         ctx: zmq.Context[Any] = zmq.Context()
+        a, tally, control = self.args, self.tally, self.pool.control
         jobs: list[Callable[[], None]] = [
-            self.killer,
-            lambda: self.slow_reader(ctx),
-            lambda: self.fuzzer(ctx),
-            self.connections,
-            self.upgrades,
+            lambda: killer(tally, control, a.kill_every),
+            lambda: slow_reader(tally, ctx, self.frontend, self.models),
+            lambda: fuzzer(tally, ctx, self.frontend, self.models),
+            lambda: connections(tally, self.port, a.connections),
+            lambda: upgrades(tally, control, self.models, a.upgrade_every),
         ]
         threads = [threading.Thread(target=job, daemon=True) for job in jobs]
         threads += [
-            threading.Thread(target=self.client, args=(i,), daemon=True)
+            threading.Thread(
+                target=client,
+                args=(tally, self.frontend, self.models, a.request_timeout_s, i),
+                daemon=True,
+            )
             for i in range(self.args.clients)
         ]
         seconds = self.args.minutes * 60
@@ -257,25 +99,25 @@ class Soak:
         t0 = time.monotonic()
         for t in threads:
             t.start()
-        self.stop.wait(warmup)
+        self.tally.stop.wait(warmup)
         # The start sample comes once the connections are all open (or warm-up doubled),
         # so that it compares like with like.
         while (
-            self.counts["connections held (max)"] < self.args.connections
+            self.tally.counts["connections held (max)"] < self.args.connections
             and time.monotonic() - t0 < 2 * warmup
         ):
             time.sleep(0.1)
         start = self.sample()
-        self.stop.wait(max(0.0, seconds - (time.monotonic() - t0)))
+        self.tally.stop.wait(max(0.0, seconds - (time.monotonic() - t0)))
         end = self.sample()
-        self.stop.set()
+        self.tally.stop.set()
         for t in threads:
             t.join(self.args.request_timeout_s + 10)
         ctx.destroy(linger=0)
         time.sleep(self.args.settle_s)
         after = self.sample()
         alive = self.pool.proc.poll() is None
-        codes = dict(self.codes)
+        codes = dict(self.tally.codes)
         requests = sum(codes.values())
         growth = (end["rss"] or 0) - (start["rss"] or 0)
         verdict = {
@@ -297,38 +139,13 @@ class Soak:
             "settle_s": self.args.settle_s,
             "requests": requests,
             "answers_by_code": codes,
-            "events": dict(self.counts),
+            "events": dict(self.tally.counts),
             "poold_start": start,
             "poold_end": end,
             "poold_after": after,
             "verdict": verdict,
-            "problems": self.problems,
+            "problems": self.tally.problems,
         }
-
-
-def mutate(good: list[bytes], rng: random.Random) -> list[bytes]:
-    """One fuzzed request: a valid one with something broken."""
-    frames = list(good)
-    how = rng.randrange(6)
-    if how == 0:  # flip bytes in one frame
-        i = rng.randrange(len(frames))
-        b = bytearray(frames[i])
-        for _ in range(rng.randint(1, 8)):
-            if b:
-                b[rng.randrange(len(b))] = rng.randrange(256)
-        frames[i] = bytes(b)
-    elif how == 1:  # cut a frame short
-        i = rng.randrange(len(frames))
-        frames[i] = frames[i][: rng.randrange(len(frames[i]) + 1)]
-    elif how == 2 and len(frames) > 1:  # drop a frame
-        frames.pop(rng.randrange(len(frames)))
-    elif how == 3:  # an extra frame of noise
-        frames.insert(rng.randrange(len(frames) + 1), rng.randbytes(rng.randrange(64)))
-    elif how == 4:  # another protocol id
-        frames[0] = rng.choice([b"gpu-pool/2", b"", b"GPU-POOL/1", rng.randbytes(10)])
-    else:  # noise alone
-        frames = [rng.randbytes(rng.randrange(1, 256)) for _ in range(rng.randint(1, 4))]
-    return frames
 
 
 def free_port() -> int:
