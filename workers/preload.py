@@ -109,8 +109,7 @@ class Preloaded:
 
 
 def _drop(staged: StagedModel) -> None:
-    if staged.staged is not None:
-        staged.staged.release()
+    staged.release()
     del staged
     gc.collect()
 

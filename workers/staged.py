@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workers import weights
+from workers import host_pinned, weights
 from workers.loader import (
     FORMATS,
     LoadedModel,
@@ -42,6 +42,8 @@ from workers.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
+ALIGN = 64  # each tensor's place in a pinned arena: any dtype's alignment, a cache line
+
 
 @dataclass
 class StagedModel:
@@ -49,6 +51,16 @@ class StagedModel:
     format: str
     module: torch.nn.Module  # on the host (TorchScript, export) or on meta (safetensors)
     staged: weights.StagedWeights | None = None  # safetensors only
+    # TorchScript and export: the pinned memory their host tensors were moved into.
+    arena: host_pinned.PinnedArena | None = None
+
+    def release(self) -> None:
+        """Give the host copy's pinned memory back (or queue it, if the worker defers)."""
+        if self.staged is not None:
+            self.staged.release()
+        arena, self.arena = self.arena, None
+        if arena is not None:
+            weights.release_arena(arena)
 
     def to_device(self, device: torch.device) -> LoadedModel:
         """The model on ``device``; the host copy is released (its pinned memory goes
@@ -64,6 +76,10 @@ class StagedModel:
                 # Pinned by stage_model (a CUDA device): an asynchronous copy at bus
                 # speed; the worker synchronises before it runs the model.
                 module = self.module.to(device, non_blocking=device.type == "cuda")
+                if self.arena is not None:
+                    # The copies read the arena: done before it may be unpinned.
+                    torch.cuda.current_stream(device).synchronize()
+                    self.release()
                 num_inputs = (
                     _script_num_inputs(module, path)
                     if self.format == "torchscript"
@@ -96,9 +112,9 @@ def stage_model(
     if progress is not None and fmt in ("torchscript", "export") and os.path.isfile(path):
         weights.read_through(path, progress)  # those loaders take the file in one call
     if fmt == "torchscript":
-        return StagedModel(path, fmt, _pinned(_load_torchscript(path, cpu), pin))
+        return StagedModel(path, fmt, *_pinned(_load_torchscript(path, cpu), pin))
     if fmt == "export":
-        return StagedModel(path, fmt, _pinned(_load_export(path, cpu), pin))
+        return StagedModel(path, fmt, *_pinned(_load_export(path, cpu), pin))
     if fmt == "safetensors":
         module = build_factory_module(path, manifest)
         try:
@@ -114,21 +130,39 @@ def stage_model(
     raise ModelLoadError(f"{path}: cannot be staged")
 
 
-def _pinned(module: torch.nn.Module, pin: bool) -> torch.nn.Module:
+def _pinned(
+    module: torch.nn.Module, pin: bool
+) -> tuple[torch.nn.Module, None, host_pinned.PinnedArena | None]:
     """``module`` with its parameters and buffers moved into pinned host memory (``pin``),
     so that ``to_device`` is one asynchronous copy per tensor instead of a copy the
     driver stages through a small pinned buffer of its own. ``.data`` is swapped in place:
-    a TorchScript module sees the same tensors. Where pinning fails (no pinned memory
-    left), the rest stay pageable: slower, not wrong."""
+    a TorchScript module sees the same tensors. They go into one arena of our own
+    (``workers.host_pinned``); where that is refused, into torch's pinned memory; where
+    that fails too (no pinned memory left), the rest stay pageable: slower, not wrong."""
     if not pin:
-        return module
+        return module, None, None
+    tensors = [
+        t
+        for t in itertools.chain(module.parameters(), module.buffers())
+        if t.device.type == "cpu" and t.numel() and not t.is_pinned()
+    ]
+    places, total = [], 0
+    for t in tensors:
+        places.append(total)
+        total += -(-(t.numel() * t.element_size()) // ALIGN) * ALIGN if t.is_contiguous() else 0
+    arena = weights.pinned_arena(total)
     try:
         with torch.no_grad():
-            for t in itertools.chain(module.parameters(), module.buffers()):
-                if t.device.type == "cpu" and t.numel() and not t.is_pinned():
+            for t, at in zip(tensors, places, strict=True):
+                if arena is not None and t.is_contiguous():
+                    nbytes = t.numel() * t.element_size()
+                    dst = arena.tensor[at : at + nbytes].view(t.dtype).view(t.shape)
+                    dst.copy_(t)
+                    t.data = dst
+                else:
                     t.data = t.data.pin_memory()
     except RuntimeError as e:
         log.warning(
             "%s: staged tensors left pageable: %s", getattr(module, "original_name", "model"), e
         )
-    return module
+    return module, None, arena

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from workers import weights_mapped
+from workers import host_pinned, weights_mapped
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ __all__ = [
 CHUNK_BYTES = 8 << 20
 # Both can be set for a host (scripts/bench_weights_paths.py finds the best pair there):
 THREADS_ENV, CHUNK_ENV = "GPU_POOL_WEIGHTS_THREADS", "GPU_POOL_WEIGHTS_CHUNK_MB"
+PINNED_ENV = "GPU_POOL_PINNED"  # "torch": staged weights in torch's pinned memory, as before
 
 
 def _env_int(name: str, lo: int, hi: int) -> int | None:
@@ -219,6 +220,7 @@ class StagedWeights:
 
     header: Header
     data: torch.Tensor  # uint8, data_size bytes
+    arena: host_pinned.PinnedArena | None = None  # where ``data`` lives when pinned by us
 
     def to_device(self, device: torch.device | str) -> dict[str, torch.Tensor]:
         device = torch.device(device)
@@ -235,10 +237,14 @@ class StagedWeights:
         return out
 
     def release(self) -> None:
-        """Give the host buffer back (pinned memory is locked RAM)."""
-        pinned = self.data.is_pinned()
+        """Give the host buffer back (pinned memory is locked RAM). The copies of
+        ``to_device`` have finished: it synchronises."""
+        arena, self.arena = self.arena, None
+        pinned = arena is None and self.data.is_pinned()
         self.data = torch.empty(0, dtype=torch.uint8)
-        if pinned:
+        if arena is not None:
+            release_arena(arena)
+        elif pinned:
             _empty_host_cache()
 
 
@@ -255,22 +261,40 @@ def stage_file(
     fd = _open(path)
     try:
         header = _read_header(fd)
-        data = torch.empty(header.data_size, dtype=torch.uint8, pin_memory=pin)
-        view = data.numpy().data if header.data_size else memoryview(b"")
-        step = CHUNK_BYTES
-        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="stage") as pool:
-            futures = [
-                pool.submit(_read_into, fd, view[lo : lo + step], header.data_start + lo, None)
-                for lo in range(0, header.data_size, step)
-            ]
-            for i, f in enumerate(futures):
-                f.result()
-                if progress is not None:
-                    progress(min(step, header.data_size - i * step))
-        del view
-        return StagedWeights(header, data)
+        arena = pinned_arena(header.data_size) if pin else None
+        data = arena.tensor if arena is not None else torch.empty(
+            header.data_size, dtype=torch.uint8, pin_memory=pin
+        )
+        try:
+            _read_staged(fd, header, data, threads, progress)
+        except BaseException:
+            if arena is not None:
+                del data
+                arena.unpin(pause_s=0.0)  # locked RAM: not left to the garbage collector
+            raise
+        return StagedWeights(header, data, arena)
     finally:
         os.close(fd)
+
+
+def _read_staged(
+    fd: int,
+    header: Header,
+    data: torch.Tensor,
+    threads: int,
+    progress: Callable[[int], None] | None,
+) -> None:
+    view = data.numpy().data if header.data_size else memoryview(b"")
+    step = CHUNK_BYTES
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="stage") as pool:
+        futures = [
+            pool.submit(_read_into, fd, view[lo : lo + step], header.data_start + lo, None)
+            for lo in range(0, header.data_size, step)
+        ]
+        for i, f in enumerate(futures):
+            f.result()
+            if progress is not None:
+                progress(min(step, header.data_size - i * step))
 
 
 def read_through(path: str, progress: Callable[[int], None], chunk_bytes: int = 1 << 20) -> None:
@@ -596,17 +620,36 @@ def defer_host_frees(on: bool = True) -> bool:
     """From now on (``on``), keep freed pinned blocks cached until ``flush_host_frees``;
     returns whether a deferred free is pending."""
     _defer["on"] = on
-    return bool(_defer["pending"]) or bool(weights_mapped._pending)
+    return bool(_defer["pending"]) or bool(weights_mapped._pending) or host_pinned.pending()
 
 
 def flush_host_frees() -> bool:
     """Give back the pinned blocks whose release was deferred; True if there were any."""
     pending = bool(_defer["pending"]) or bool(weights_mapped._pending)
     _defer["pending"] = False
+    arenas = host_pinned.flush()
     if pending:
         weights_mapped.unregister_all()
         _free_host_cache()
-    return pending
+    return pending or arenas
+
+
+def release_arena(arena: host_pinned.PinnedArena) -> None:
+    """Unpin ``arena`` now, or with the other deferred frees after "ready"."""
+    host_pinned.release(arena, deferred=bool(_defer["on"]))
+
+
+def pinned_arena(size: int) -> host_pinned.PinnedArena | None:
+    """Page-locked memory of our own for ``size`` bytes (``workers.host_pinned``), or
+    None where the driver refuses it (the caller takes torch's pinned memory instead);
+    ``GPU_POOL_PINNED=torch`` always takes torch's."""
+    if os.environ.get(PINNED_ENV, "") == "torch" or size == 0:
+        return None
+    try:
+        return host_pinned.PinnedArena(size)
+    except (host_pinned.HostRegisterError, OSError, RuntimeError) as e:
+        log.info("pinned arena of %d bytes refused (%s): torch's pinned memory instead", size, e)
+        return None
 
 
 def _empty_host_cache() -> None:
