@@ -310,10 +310,10 @@ def test_standby_metrics() -> None:
 
 
 def test_deferred_host_frees_wait_for_the_flush(monkeypatch: pytest.MonkeyPatch) -> None:
-    from workers import weights
+    from workers import host_frees, weights
 
     freed: list[int] = []
-    monkeypatch.setattr(weights, "_free_host_cache", lambda: freed.append(1))
+    monkeypatch.setattr(host_frees, "_free_host_cache", lambda: freed.append(1))
     weights.defer_host_frees(True)
     try:
         weights._empty_host_cache()  # what a load does when it ends
