@@ -57,6 +57,7 @@ from pool.standby import Standbys
 from pool.state import Deployed, StateStore, file_digest
 from pool.supervisor import Supervisor
 from pool.topology import Topology
+from pool.worker_wire import decode
 from router.door import Door, connection_limit, raise_nofile
 from router.router import Router
 from router.table import WorkerSlot
@@ -232,7 +233,8 @@ class Daemon:
 
         class Events:  # the router's callbacks, as events (the supervisor comes later)
             def on_worker_event(self, wid: bytes, event: dict[str, Any]) -> None:
-                daemon.feed(WorkerMessage(wid, event, time.monotonic()))
+                # Decoded once, here: the core sees only typed records (pool.worker_wire).
+                daemon.feed(WorkerMessage(wid, decode(event), time.monotonic()))
 
             def on_worker_unreachable(self, wid: bytes) -> None:
                 daemon.feed(WorkerUnreachable(wid, time.monotonic()))

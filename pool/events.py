@@ -16,13 +16,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pool.worker_wire import WorkerEvent
+
 
 @dataclass(frozen=True)
 class WorkerMessage:
-    """A worker said something on the backend socket (hello, phase, ready, hb, ...)."""
+    """A worker said something on the backend socket (hello, phase, ready, hb, ...),
+    decoded by the shell into its record (``pool.worker_wire.decode``)."""
 
     wid: bytes
-    message: Mapping[str, Any]  # decoded msgpack from the worker: checked as it is read
+    message: WorkerEvent
     now: float
 
 

@@ -94,6 +94,7 @@ class WorkerRecord:
     answered: int = 0  # replies the worker sent, errors included (from its heartbeat)
     model_errors: int = 0  # of them MODEL_ERROR (the watch window compares versions)
     heap_frozen: int = 0  # objects the worker keeps out of garbage collection
+    malformed: int = 0  # messages it sent that did not decode (pool.worker_wire): ignored
     gpu_bytes: int | None = None
     ready_gpu_bytes: int | None = None
     device_used_at_spawn: int | None = None

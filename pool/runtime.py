@@ -7,7 +7,7 @@ from itertools import count
 from typing import Any
 
 from pool.config import ModelConfig
-from pool.contract import MAX_EXAMPLES, Contract, ContractError, ForwardSchema, InputSignature
+from pool.contract import MAX_EXAMPLES, Contract, ForwardSchema, InputSignature
 from pool.flapping import FlapGuard
 from pool.lifecycle import IllegalTransition, WorkerRecord, WorkerState
 from pool.model_lifecycle import TRANSITIONS, ModelStatus
@@ -52,14 +52,11 @@ class ModelRuntime:
         """The serving version's contract, once a worker of it has reported one."""
         return self.contracts.get(self.serving_gen)
 
-    def note_schema(self, generation: int, value: object) -> None:
-        """A ready worker's forward schema (``pool.contract.ForwardSchema``); a malformed
-        or absent one is dropped: it only labels a contract not known yet."""
-        try:
-            if value is not None and generation in self.gens:
-                self.schemas[generation] = ForwardSchema.from_wire(value)
-        except ContractError:
-            pass
+    def note_schema(self, generation: int, schema: ForwardSchema | None) -> None:
+        """A ready worker's forward schema (decoded by ``pool.worker_wire``, which drops
+        a malformed one: it only labels a contract not known yet)."""
+        if schema is not None and generation in self.gens:
+            self.schemas[generation] = schema
 
     def forget(self, generation: int) -> None:
         """Drop a generation nothing runs any more, with what was learned of it."""

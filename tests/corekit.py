@@ -35,6 +35,7 @@ from pool.runtime import ModelRuntime
 from pool.standby import Standbys
 from pool.state import Deployed, StateStore
 from pool.supervisor import Supervisor
+from pool.worker_wire import decode
 
 NO_SUCH_PID = 2**22 + 12345  # above pid_max on any Linux: never a live process
 C = TypeVar("C")
@@ -148,7 +149,8 @@ class Core:
         return self.feed(WorkerSpawned(self.token_of[rec.slot_view.wid], pid, self.now))
 
     def says(self, rec: WorkerRecord, **message: Any) -> list[Command]:
-        return self.feed(WorkerMessage(rec.slot_view.wid, message, self.now))
+        # As the shell does: decoded at the edge, the core gets the record.
+        return self.feed(WorkerMessage(rec.slot_view.wid, decode(message), self.now))
 
     def boot(self, rec: WorkerRecord | None = None, pid: int = NO_SUCH_PID) -> WorkerRecord:
         """The spawner's pid, hello, warming, ready: a serving worker."""

@@ -38,6 +38,7 @@ from pool.operations import start_operation
 from pool.state import Deployed
 from pool.upgrade import Upgrade
 from pool.upgrade_result import UpgradeResult
+from pool.worker_wire import decode
 
 MiB = 1 << 20
 BASE = 600 * MiB  # what the driver itself holds on a device
@@ -201,7 +202,7 @@ class World:
         else:
             if line.pop("loaded", False):
                 self.devices.put(proc.device, proc.pid, MODEL)
-            self.feed(WorkerMessage(proc.wid, line, self.core.now))
+            self.feed(WorkerMessage(proc.wid, decode(line), self.core.now))
 
     def _exit(self, proc: Proc, status: int) -> None:
         self.procs.pop(proc.pid, None)

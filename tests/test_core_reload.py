@@ -24,6 +24,7 @@ from pool.model_lifecycle import ModelStatus
 from pool.reload import ReloadResult, apply_reload
 from pool.state import Deployed
 from pool.topology import Topology
+from pool.worker_wire import decode
 
 
 class Daemon:
@@ -109,7 +110,7 @@ def test_a_reload_adds_changes_and_removes_models(tmp_path: Path) -> None:
             w.core.queues.waiting["k"] = max(0, w.core.queues.waiting.get("k", 0) - 1)
         if k_worker.alive and k_worker.pid is not None:
             hb = {"t": "hb", "rss": 1 << 20, "served": 1, "model_errors": 0, "batches": []}
-            w.feed(WorkerMessage(k_worker.slot_view.wid, hb, w.core.now))
+            w.feed(WorkerMessage(k_worker.slot_view.wid, decode(hb), w.core.now))
         told = [c for c in w.commands[-20:] if isinstance(c, SendControl)]
         if any(c.wid == k_worker.slot_view.wid for c in told):
             stopped_with_queue.append(w.core.queues.queue_len("k"))
