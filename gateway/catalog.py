@@ -226,6 +226,15 @@ class Catalog:
             log.info("poold has no describe command: tensors are taken positionally")
         return None
 
+    def cached(self, name: str) -> ModelInfo | None:
+        """The hot path's lookup, no await: the cached entry (an old cache is refreshed
+        beside, as ``refresh`` does), or None when only ``model`` can tell."""
+        info = self.models.get(name)
+        if info is not None and time.monotonic() - self.fetched_at >= self.ttl_s:
+            if self._background is None or self._background.done():
+                self._background = asyncio.create_task(self._refresh_beside())
+        return info
+
     async def model(self, name: str) -> ModelInfo:
         await self.refresh()
         info = self.models.get(name)

@@ -1,7 +1,8 @@
 """The OIP REST API (KServe v2), independent of the HTTP server that carries it.
 
-``HttpApi.handle(method, path, headers, body)`` returns a ``Response``; ``asgi_app``
-adapts it to ASGI for uvicorn (the server chosen by measurement, docs/PERFORMANCE.md).
+``HttpApi.handle(method, path, headers, body)`` returns a ``Response``;
+``gateway.http_server.asgi_app`` adapts it to ASGI for uvicorn (the server chosen by
+measurement, docs/PERFORMANCE.md).
 
 Routes::
 
@@ -23,7 +24,6 @@ import hmac
 import json
 import re
 import zlib
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -306,57 +306,5 @@ def _render(request: dict[str, Any], answer: inference.Answer) -> Response:
     )
 
 
-# ---------------------------------------------------------------------- ASGI adapter
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-
-
-def _too_big(limit: int) -> Response:
+def too_big(limit: int) -> Response:
     return _json(413, {"error": f"BAD_REQUEST: body over {limit} bytes"})
-
-
-def asgi_app(api: HttpApi) -> Callable[[dict[str, Any], Receive, Send], Awaitable[None]]:
-    """A bare ASGI app around ``api``: uvicorn parses HTTP (httptools), we route."""
-
-    async def app(scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                msg = await receive()
-                if msg["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif msg["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        if scope["type"] != "http":
-            return
-        # uvicorn gives header names lower-cased already (httptools does that)
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        declared = headers.get("content-length", "")
-        parts, size = [], 0
-        while True:
-            if declared.isdigit() and int(declared) > api.max_body:
-                resp = _too_big(api.max_body)  # refused before a byte of it is read
-                break
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                return
-            chunk = msg.get("body", b"")
-            size += len(chunk)
-            if size > api.max_body:  # chunked bodies declare nothing: count as they come
-                resp = _too_big(api.max_body)
-                break
-            parts.append(chunk)
-            if not msg.get("more_body"):
-                body = parts[0] if len(parts) == 1 else b"".join(parts)
-                resp = await api.handle(scope["method"], scope["path"], headers, body)
-                break
-        await send(
-            {
-                "type": "http.response.start",
-                "status": resp.status,
-                "headers": [*resp.headers, (b"content-length", str(len(resp.body)).encode())],
-            }
-        )
-        await send({"type": "http.response.body", "body": resp.body})
-
-    return app

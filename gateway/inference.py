@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from gateway.catalog import Catalog, ModelInfo, VersionInfo
 from gateway.errors import NOT_FOUND, GatewayError, bad_request
-from gateway.tensors import WireTensor, oip_datatype
+from gateway.tensors import WIRE_TO_OIP, WireTensor, oip_datatype
 from gateway.upstream import RouterLink
 
 
@@ -41,6 +41,15 @@ def order_inputs(spec: VersionInfo, given: list[NamedTensor]) -> list[WireTensor
     keeps working)."""
     if not spec.inputs:
         return [n.tensor for n in given]
+    if len(given) == len(spec.inputs):  # the usual request: the contract's names, in order
+        ordered = []
+        for n, s in zip(given, spec.inputs, strict=True):
+            t = n.tensor
+            if n.name != s.name or (s.datatype and WIRE_TO_OIP.get(t.dtype) != s.datatype):
+                break
+            ordered.append(t)
+        else:
+            return ordered
     expected = [s.name for s in spec.inputs]
     names = [n.name for n in given]
     if names == positional_names(len(given)) and not set(names) & set(expected):
@@ -96,7 +105,15 @@ async def infer(
     given: list[NamedTensor],
     timeout_s: float | None,
 ) -> Answer:
-    info, spec = await _serving(catalog, model, version)
+    info = catalog.cached(model)
+    spec = None
+    if info is not None and (not version or version == info.version):
+        for v in info.versions:  # ModelInfo.serving without its exceptions: the hot path
+            if v.version == info.version:
+                spec = v
+                break
+    if info is None or spec is None:
+        info, spec = await _serving(catalog, model, version)
     reply = await upstream.infer(model, order_inputs(spec, given), timeout_s)
     if not reply.ok:
         raise GatewayError(reply.code, reply.message)

@@ -161,7 +161,8 @@ async def _serve_http(
 ) -> None:
     import uvicorn
 
-    from gateway.http_api import HttpApi, asgi_app
+    from gateway.http_api import HttpApi
+    from gateway.http_server import OneWriteProtocol, asgi_app
 
     api = HttpApi(
         upstream,
@@ -175,7 +176,7 @@ async def _serve_http(
         asgi_app(api),
         host=host,
         port=port,
-        http="httptools",
+        http=OneWriteProtocol,  # httptools; a response in one write (http_server.py)
         lifespan="off",
         ws="none",  # no websockets to import or to upgrade to
         proxy_headers=False,  # X-Forwarded-* rewriting: a middleware call per request

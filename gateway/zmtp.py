@@ -41,16 +41,25 @@ from gateway.upstream import (
     request_header,
     settle,
 )
+from gateway.zmtp_wire import (  # noqa: F401  (the names tests and callers use here)
+    BIG_FRAME,
+    COMMAND,
+    GREETING,
+    LONG,
+    MORE,
+    ZmtpError,
+    command,
+    encode_frame,
+    encode_message,
+    encode_request,
+    frame_head,
+    parse_ready,
+    ready_command,
+)
 from router import protocol as p
 
 log = logging.getLogger(__name__)
 
-MORE: Final = 0x01
-LONG: Final = 0x02
-COMMAND: Final = 0x04
-GREETING: Final = (
-    b"\xff" + b"\x00" * 8 + b"\x7f" + bytes((3, 0)) + b"NULL".ljust(20, b"\x00") + b"\x00" * 32
-)
 RECONNECT_MIN_S: Final = 0.02
 RECONNECT_MAX_S: Final = 2.0
 # Our socket's send buffer: the kernel's default (208 KiB on Linux) splits a large
@@ -59,6 +68,9 @@ SEND_BUFFER: Final = 4 << 20
 # Unsent bytes we let pile up while the router reads slowly before refusing (OVERLOADED),
 # as libzmq's SNDHWM would.
 MAX_BUFFERED: Final = 256 << 20
+# How often requests are checked against their deadlines: one timer for the link, not
+# one per request (the waits are the request's timeout plus 10 s, or 120 s).
+SWEEP_S: Final = 1.0
 
 
 class LinkState(enum.Enum):
@@ -72,67 +84,6 @@ TRANSITIONS: Final[dict[LinkState, frozenset[LinkState]]] = {
     LinkState.READY: frozenset({LinkState.CONNECTING, LinkState.CLOSED}),
     LinkState.CLOSED: frozenset(),
 }
-
-
-class ZmtpError(Exception):
-    """The peer broke the protocol; the connection is closed and made again."""
-
-
-def command(name: bytes, body: bytes = b"") -> bytes:
-    payload = bytes((len(name),)) + name + body
-    return encode_frame(payload, COMMAND)
-
-
-def ready_command(socket_type: bytes = b"DEALER") -> bytes:
-    prop = b"Socket-Type"
-    return command(b"READY", bytes((len(prop),)) + prop + len(socket_type).to_bytes(4, "big")
-                   + socket_type)  # fmt: skip
-
-
-def frame_head(size: int, flags: int) -> bytes:
-    if size < 256:
-        return bytes((flags, size))
-    return bytes((flags | LONG,)) + size.to_bytes(8, "big")
-
-
-def encode_frame(body: bytes, flags: int = 0) -> bytes:
-    return frame_head(len(body), flags) + body
-
-
-def encode_message(frames: list[Any]) -> list[Any]:
-    """The wire chunks of a multipart message; large bodies stay separate (not copied)."""
-    out: list[Any] = []
-    small: list[Any] = []
-    last = len(frames) - 1
-    for i, body in enumerate(frames):
-        size = len(body) if not isinstance(body, memoryview) else body.nbytes
-        small.append(frame_head(size, MORE if i < last else 0))
-        if size >= 16384:
-            out.append(b"".join(small))
-            out.append(body)
-            small = []
-        else:
-            small.append(body)
-    if small:
-        out.append(b"".join(small))
-    return out
-
-
-def parse_ready(body: bytes) -> dict[bytes, bytes]:
-    """The properties of a READY command's body (after the name)."""
-    props, i = {}, 0
-    while i < len(body):
-        n = body[i]
-        name = body[i + 1 : i + 1 + n]
-        i += 1 + n
-        if i + 4 > len(body):
-            raise ZmtpError("READY property runs past the command")
-        size = int.from_bytes(body[i : i + 4], "big")
-        props[name] = body[i + 4 : i + 4 + size]
-        i += 4 + size
-    if i != len(body):
-        raise ZmtpError("READY property runs past the command")
-    return props
 
 
 class _Link(asyncio.Protocol):
@@ -164,18 +115,25 @@ class _Link(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         buf = self.buf
-        buf += data
         try:
-            used = self._parse(buf)
+            if buf:  # the rest of a frame we had begun: parse it from our buffer
+                buf += data
+                used = self._parse(buf)
+                if used:
+                    del buf[:used]
+            else:  # the usual case, whole messages: parse them from the read itself
+                used = self._parse(data)
+                if used < len(data):
+                    buf += memoryview(data)[used:]
         except ZmtpError as exc:
             log.warning("router connection: %s", exc)
             if self.transport is not None:
                 self.transport.abort()
-            return
-        if used:
-            del buf[:used]
 
-    def _parse(self, buf: bytearray) -> int:
+    def _parse(self, buf: bytes | bytearray) -> int:
+        """Frames from ``buf``, the bytes used. From a bytearray (ours, cut after this)
+        every frame body is copied out; from the read's own bytes, which nobody changes,
+        a large body is a view of it instead (no copy of an output tensor)."""
         pos, end = 0, len(buf)
         if not self.greeted:
             if end < 64:
@@ -185,6 +143,7 @@ class _Link(asyncio.Protocol):
             if bytes(buf[12:32]).rstrip(b"\x00") != b"NULL":
                 raise ZmtpError("the router wants a security mechanism (CURVE?) we lack")
             self.greeted, pos = True, 64
+        ours = isinstance(buf, bytearray)
         with memoryview(buf) as mv:
             while end - pos >= 2:
                 flags = buf[pos]
@@ -198,10 +157,17 @@ class _Link(asyncio.Protocol):
                     raise ZmtpError(f"a frame of {size} bytes is over the limit")
                 if end - pos < head + size:
                     break
-                body = bytes(mv[pos + head : pos + head + size])
-                pos += head + size
+                start = pos + head
+                pos = start + size
+                body: Any
+                if ours:
+                    body = bytes(mv[start:pos])
+                elif size >= BIG_FRAME:
+                    body = buf[start:pos] if flags & COMMAND else mv[start:pos]
+                else:
+                    body = buf[start:pos]
                 if flags & COMMAND:
-                    self._command(body)
+                    self._command(bytes(body))
                 elif not self.ready:
                     raise ZmtpError("a message before the handshake ended")
                 else:
@@ -247,6 +213,7 @@ class ZmtpUpstream:
         self.state = LinkState.CONNECTING
         self.link: _Link | None = None
         self.pending: dict[int, asyncio.Future[Reply]] = {}
+        self.deadlines: dict[int, tuple[float, float]] = {}  # id -> (loop time, wait)
         self.ids = itertools.count(1)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.writable = True
@@ -263,6 +230,7 @@ class ZmtpUpstream:
         self.loop = asyncio.get_running_loop()
         self._up = asyncio.Event()
         self._connector = self.loop.create_task(self._connect())
+        self.loop.call_later(SWEEP_S, self._sweep)
 
     async def _connect(self) -> None:
         """Connect, and connect again whenever a connection ends, until close()."""
@@ -338,16 +306,32 @@ class ZmtpUpstream:
             raise GatewayError(p.OVERLOADED, "the gateway's queue to the router is full")
         rid = next(self.ids)
         header = request_header(model, inputs, rid, timeout_s)
-        assert self.loop is not None
-        fut: asyncio.Future[Reply] = self.loop.create_future()
+        loop = self.loop
+        assert loop is not None
+        fut: asyncio.Future[Reply] = loop.create_future()
         self.pending[rid] = fut
-        transport.writelines(encode_message([b"", p.PROTOCOL, header, *(t.data for t in inputs)]))
-        timer = self.loop.call_later(wait, expire, fut, wait)
+        self.deadlines[rid] = (loop.time() + wait, wait)
+        transport.writelines(encode_request(header, [t.data for t in inputs]))
         try:
             return await fut
         finally:
-            timer.cancel()
             self.pending.pop(rid, None)
+            self.deadlines.pop(rid, None)
+
+    def _sweep(self) -> None:
+        """Expire the requests past their wait: one timer per link, every ``SWEEP_S``
+        (a timer per request cost a timer handle made and cancelled per request)."""
+        assert self.loop is not None
+        if self.state is LinkState.CLOSED:
+            return
+        now = self.loop.time()
+        late = [(rid, wait) for rid, (at, wait) in self.deadlines.items() if at <= now]
+        for rid, wait in late:
+            del self.deadlines[rid]
+            fut = self.pending.get(rid)
+            if fut is not None:
+                expire(fut, wait)
+        self.loop.call_later(SWEEP_S, self._sweep)
 
     def close(self) -> None:
         if self.state is not LinkState.CLOSED:

@@ -296,7 +296,7 @@ def test_gzip_bodies_and_bearer_tokens() -> None:
 
 
 def test_a_body_over_the_limit_is_refused_unread() -> None:
-    from gateway.http_api import asgi_app
+    from gateway.http_server import asgi_app
 
     api, _ = _api()
     api.max_body = 100
