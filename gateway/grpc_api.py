@@ -55,9 +55,9 @@ def request_inputs(request: pb.ModelInferRequest) -> list[inference.NamedTensor]
     for i, item in enumerate(request.inputs):
         try:
             dtype = tensors.wire_dtype(item.datatype)
-            shape = tensors.check_shape(list(item.shape))
+            shape = tensors.check_shape(tuple(item.shape))
             if raw:
-                t = tensors.from_bytes(dtype, shape, raw[i])
+                t = tensors.from_bytes(dtype, shape, raw[i])  # one copy out of the message
             else:
                 fname = CONTENTS_FIELD.get(dtype)
                 if fname is None:
@@ -180,26 +180,31 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                         f"unknown output {', '.join(missing)}; outputs: {', '.join(known)}"
                     )
                 outputs = tuple(known[o.name] for o in request.outputs)
-            return pb.ModelInferResponse(
-                model_name=answer.model,
-                model_version=answer.version,
-                id=request.id,
-                outputs=[
-                    pb.ModelInferResponse.InferOutputTensor(
-                        name=o.name,
-                        datatype=tensors.oip_datatype(o.tensor.dtype),
-                        shape=list(o.tensor.shape),
-                    )
-                    for o in outputs
-                ],
-                raw_output_contents=[bytes(o.tensor.data) for o in outputs],
-            )
+            return _response(answer, request.id, outputs)
         except GatewayError as exc:
             code = exc.code
             await self._abort(context, exc)
             raise
         finally:
             self.stats.end("grpc", request.model_name, code, t0)
+
+
+def _response(
+    answer: inference.Answer, rid: str, outputs: tuple[inference.NamedTensor, ...]
+) -> pb.ModelInferResponse:
+    resp = pb.ModelInferResponse(model_name=answer.model, model_version=answer.version, id=rid)
+    add_output, raw = resp.outputs.add, resp.raw_output_contents
+    for o in outputs:
+        t = o.tensor
+        add_output(
+            name=o.name,
+            datatype=tensors.WIRE_TO_OIP.get(t.dtype) or tensors.oip_datatype(t.dtype),
+            shape=t.shape,
+        )
+        # bytes as they came from the router; a view of its read (a large output) is
+        # copied once here, into the message (the protobuf keeps its own copy anyway)
+        raw.append(t.data if isinstance(t.data, bytes) else bytes(t.data))
+    return resp
 
 
 def _timeout(request: pb.ModelInferRequest, context: Any) -> float | None:

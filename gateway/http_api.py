@@ -25,6 +25,7 @@ import json
 import re
 import zlib
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 from gateway import inference, tensors
@@ -35,12 +36,15 @@ from gateway.upstream import RouterLink
 from router import protocol as p
 
 HEADER_LENGTH = "inference-header-content-length"
+HEADER_LENGTH_BYTES = HEADER_LENGTH.encode()
 EXTENSIONS = ("binary_tensor_data", "model_version")
 MAX_BODY = 1 << 30  # the default; poold passes its max_message_mb
 
 # One encoder for every answer: json.dumps with any non-default option builds a new
 # JSONEncoder per call, a few microseconds of the hot path.
 _ENCODE = json.JSONEncoder(separators=(",", ":")).encode
+_DECODE = json.JSONDecoder().decode
+_QUOTE = encode_basestring_ascii  # a JSON string literal, as the encoder writes it
 
 _MODEL_PATH = re.compile(
     r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<tail>/ready|/infer)?"
@@ -199,8 +203,12 @@ def _split(header_length: str | None, body: bytes) -> tuple[dict[str, Any], memo
         if not 0 <= n <= len(body):
             raise bad_request(f"Inference-Header-Content-Length {n} exceeds the body ({len(body)})")
     view = memoryview(body)
+    raw = view[:n].tobytes() if header_length is not None else body
     try:
-        request = json.loads(view[:n].tobytes() if header_length is not None else body)
+        try:
+            request = _DECODE(raw.decode())  # UTF-8, as every client sends it
+        except UnicodeDecodeError:
+            request = json.loads(raw)  # UTF-16/32, which json.loads recognises
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad_request(f"request is not valid JSON: {exc}") from None
     if not isinstance(request, dict):
@@ -275,9 +283,12 @@ def _render(request: dict[str, Any], answer: inference.Answer) -> Response:
         if missing:
             raise bad_request(f"unknown output {', '.join(missing)}; outputs: {', '.join(known)}")
         outputs = tuple(known[n] for n in chosen)
+    rid = request.get("id")
+    if default and chosen is None:  # all outputs binary, the usual binary request
+        return _render_binary(answer, outputs, rid if isinstance(rid, str) else None)
     body: dict[str, Any] = {"model_name": answer.model, "model_version": answer.version}
-    if isinstance(request.get("id"), str):
-        body["id"] = request["id"]
+    if isinstance(rid, str):
+        body["id"] = rid
     rendered, chunks = [], []
     for o in outputs:
         t = o.tensor
@@ -302,6 +313,35 @@ def _render(request: dict[str, Any], answer: inference.Answer) -> Response:
         [
             (b"content-type", b"application/octet-stream"),
             (HEADER_LENGTH.encode(), str(len(head)).encode()),
+        ],
+    )
+
+
+def _render_binary(
+    answer: inference.Answer, outputs: tuple[inference.NamedTensor, ...], rid: str | None
+) -> Response:
+    """``_render``'s answer when every output goes as binary data, written as text
+    directly (same JSON, same key order): no dicts to build and walk per request."""
+    parts = [f'{{"model_name":{_QUOTE(answer.model)},"model_version":{_QUOTE(answer.version)}']
+    if rid is not None:
+        parts.append(f',"id":{_QUOTE(rid)}')
+    entries = []
+    for o in outputs:
+        t = o.tensor
+        dims = ",".join(map(str, t.shape))
+        datatype = tensors.WIRE_TO_OIP.get(t.dtype) or tensors.oip_datatype(t.dtype)
+        entries.append(
+            f'{{"name":{_QUOTE(o.name)},"datatype":{_QUOTE(datatype)},"shape":[{dims}],'
+            f'"parameters":{{"binary_data_size":{len(t.data)}}}}}'
+        )
+    parts.append(f',"outputs":[{",".join(entries)}]}}')
+    head = "".join(parts).encode()
+    return Response(
+        200,
+        b"".join([head, *(o.tensor.data for o in outputs)]),
+        [
+            (b"content-type", b"application/octet-stream"),
+            (HEADER_LENGTH_BYTES, str(len(head)).encode()),
         ],
     )
 

@@ -61,9 +61,11 @@ def oip_datatype(dtype: str) -> str:
 def check_shape(shape: object) -> tuple[int, ...]:
     if not isinstance(shape, list | tuple) or len(shape) > p.MAX_DIMS:
         raise TensorError(f"shape must be a list of at most {p.MAX_DIMS} dims")
-    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise TensorError(f"shape dims must be non-negative integers (got {list(shape)[:16]})")
-    return tuple(int(d) for d in shape)
+    dims = tuple(shape)
+    for d in dims:
+        if type(d) is not int or d < 0:  # bool is an int subclass: not a dim
+            raise TensorError(f"shape dims must be non-negative integers (got {list(shape)[:16]})")
+    return dims
 
 
 def nbytes(dtype: str, shape: tuple[int, ...]) -> int:
