@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import pytest
 import zmq
 
 from gateway import zmtp
-from gateway.errors import GatewayError
+from gateway.errors import TIMEOUT, GatewayError
 from gateway.tensors import WireTensor
 from router import protocol as p
 
@@ -126,6 +127,39 @@ def test_a_dropped_connection_fails_what_is_in_flight_and_comes_back(endpoint: s
     code, ok = asyncio.run(main())
     assert code == p.MODEL_UNAVAILABLE
     assert ok
+
+
+def test_an_unanswered_request_expires_on_the_link_s_sweep(
+    endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(zmtp, "WAIT_MARGIN_S", 0.0)
+    monkeypatch.setattr(zmtp, "SWEEP_S", 0.02)
+
+    async def main() -> tuple[str, float, int, int]:
+        router = EchoRouter(endpoint)
+        link = zmtp.ZmtpUpstream(endpoint)
+        link.start()
+        try:
+            assert (await link.infer("m", _tensor(b"ab"), 5.0)).ok
+            router.stop.set()  # connected, but answering nothing any more
+            await asyncio.to_thread(router.thread.join, 5)
+            t0 = time.monotonic()
+            try:
+                await asyncio.wait_for(link.infer("m", _tensor(b"cd"), 0.1), 5.0)
+                code = "answered"
+            except GatewayError as exc:
+                code = exc.code
+            except TimeoutError:
+                code = "never expired"
+            return code, time.monotonic() - t0, len(link.deadlines), len(link.pending)
+        finally:
+            link.close()
+            await asyncio.to_thread(router.close)
+
+    code, waited, deadlines, pending = asyncio.run(main())
+    assert code == TIMEOUT
+    assert 0.1 <= waited < 1.0  # its own wait, and at most a sweep or two more
+    assert deadlines == pending == 0  # nothing left behind for answered or expired ones
 
 
 def test_a_router_that_wants_curve_is_refused_not_half_spoken_to(endpoint: str) -> None:
