@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import math
 import os
-import threading
 import time
 from collections import deque
 from typing import Any
@@ -15,44 +13,22 @@ import torch
 import zmq
 
 from pool.contract import Contract, InputSignature
-from router import protocol as p
-from router.frames import recv_frames
-from workers import weights
 from workers.copier import Copier, new_copier
-from workers.graphs import capture_graphs
 from workers.intake import Intake
-from workers.lane import Lane, LaneError
+from workers.lane import Lane
 from workers.launcher import Launcher
-from workers.load_progress import LoadMeter
-from workers.loader import LoadedModel, ModelLoadError, load_model
-from workers.main import (
-    EXIT_LOAD_FAILED,
-    EXIT_OK,
-    EXIT_SANDBOX_FAILED,
-    EXIT_VALIDATION_FAILED,
-    EXIT_WARMUP_FAILED,
-    WorkerSpec,
-    rss_bytes,
-    send_event,
-)
-from workers.manifest import Manifest, ManifestError, load_manifest
+from workers.loader import LoadedModel
+from workers.main import EXIT_OK, WorkerSpec, rss_bytes, send_event
+from workers.manifest import Manifest
 from workers.pacing import LaunchClock
 from workers.pipeline import Completions, Gather, Launched
 from workers.preload import Preloaded
-from workers.probe import ProbeError, contract_of, signatures_from_wire
+from workers.probe import ProbeError, signatures_from_wire
+from workers.receive import Receiver
 from workers.replies import Replier
-from workers.sandbox import SandboxError, SandboxReport, confine
-from workers.schema import forward_schema, warmup_sets
-from workers.staged import stage_model
-from workers.staging import ALIGN
-from workers.warmup import (
-    ValidationError,
-    WarmupError,
-    example_inputs,
-    served_sets,
-    validate,
-    warm_up,
-)
+from workers.sandbox import SandboxReport
+from workers.startup import arena_row_bytes, flush_after_ready, learn_contract, start
+from workers.warmup import WarmupError, example_inputs, warm_up
 
 log = logging.getLogger(__name__)
 
@@ -63,30 +39,12 @@ GATHERS = 3
 POLL_TICK_S = 0.001  # zmq_poll's timeout resolution
 
 
-def default_threads() -> int:
-    env = os.environ.get("OMP_NUM_THREADS", "")
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    return max(1, len(os.sched_getaffinity(0)))
-
-
 # Copy each request into the pinned staging arena as it arrives ("1") or when its batch
 # is launched ("0"). Default: on arrival on a GPU (the copy overlaps the running
 # forward), at launch on a CPU (nothing runs meanwhile, and a request that runs alone
 # is then passed to the model without any copy). Tests set it to run the GPU's host
 # path on a CPU.
 STAGE_ON_ARRIVAL_ENV = "GPU_POOL_STAGE_ON_ARRIVAL"
-# "0": free pinned load buffers (the weights ring, drain-first's staged copy) before
-# "ready", as before; default: after it, on a thread of their own (flush_after_ready).
-DEFER_HOST_FREE_ENV = "GPU_POOL_DEFER_HOST_FREE"
-
-
-def flush_after_ready() -> None:
-    """Give back the pinned memory the load deferred, off the serving thread: unpinning
-    (cudaFreeHost) of a staged model takes tens of milliseconds or more."""
-    if not weights.defer_host_frees(False):
-        return  # nothing was deferred
-    threading.Thread(target=weights.flush_host_frees, name="host-free", daemon=True).start()
 
 
 class Worker:
@@ -108,6 +66,7 @@ class Worker:
             lambda: self.model.num_inputs if self.model else None,
             self.replies.error,
         )
+        self.receiver = Receiver(spec.wid, sock, self.intake, self.replies)
         self.stopping = False
         self.last_beat = 0.0
         self.copier: Copier | None = None
@@ -150,145 +109,14 @@ class Worker:
         self.event("phase", phase="loading", bytes=done, total=total)
 
     def main(self) -> int:
-        spec = self.spec
-        self.event("hello", model=spec.model, version=spec.version, device=spec.device)
-        timings: dict[str, float] = {}
-        t0 = time.monotonic()
-        if spec.spawned_at:  # CLOCK_MONOTONIC is the machine's: poold's clock too
-            timings["to_main_s"] = t0 - spec.spawned_at
-        if spec.device.startswith("cuda"):
-            self.device = torch.device("cuda", 0)
-            torch.cuda.init()
-            torch.empty(1, device=self.device)
-            torch.cuda.synchronize()
-            timings["cuda_init_s"] = time.monotonic() - t0
-        # The spawner imported torch with one thread; pick the real count here. A GPU
-        # worker needs few CPU threads: the forward runs on the device.
-        cpu_threads = default_threads() if self.device.type == "cpu" else min(4, default_threads())
-        torch.set_num_threads(spec.threads or cpu_threads)
-        # Confined before the model is read: a model is code, from its first byte on
-        # (a pickle runs as it loads). CUDA is up, so the device files are open already.
-        t_conf = time.monotonic()
-        pre, self.preloaded = self.preloaded, None
-        try:
-            if pre is not None and pre.sandbox is not None:
-                self.sandbox = pre.sandbox  # the standby confined itself before its preload
-            else:
-                self.sandbox = confine(spec.sandbox, spec.model_roots, spec.path, spec.device)
-        except SandboxError as exc:
-            return self.fail("sandbox", exc, EXIT_SANDBOX_FAILED)
-        timings["confine_s"] = time.monotonic() - t_conf
-        if self.device.type == "cuda" and os.environ.get(DEFER_HOST_FREE_ENV, "1") != "0":
-            weights.defer_host_frees()  # given back after "ready" (flush_after_ready)
-        self.event("phase", phase="loading")
-        t1 = time.monotonic()
-        try:
-            roots = spec.model_roots or None  # none sent (a test's worker): its own dir
-            manifest = self.manifest = load_manifest(spec.path, roots)
-            staged = pre.take(spec) if pre is not None else None
-            if staged is not None:
-                timings["preloaded"] = 1.0  # read by the standby ahead of need
-            if spec.hold_device:
-                if staged is None:
-                    meter = LoadMeter.for_file(spec.path, self.loaded_bytes)
-                    meter.start()
-                    pin = self.device.type == "cuda"
-                    staged = stage_model(spec.path, manifest, pin, meter.add)
-                    meter.finish()
-                timings["staged_s"] = time.monotonic() - t1
-                self.event("phase", phase="staged", staged_s=timings["staged_s"])
-                if not self.wait_for_go():
-                    return EXIT_OK
-                t1 = time.monotonic()
-                self.model = staged.to_device(self.device)
-                timings["to_device_s"] = time.monotonic() - t1
-            elif staged is not None:
-                self.model = staged.to_device(self.device)
-                timings["to_device_s"] = time.monotonic() - t1
-            else:
-                meter = LoadMeter.for_file(spec.path, self.loaded_bytes)
-                meter.start()
-                self.model = load_model(spec.path, self.device, manifest, meter.add)
-                meter.finish()
-            self.sync()
-            weights.release_ring()  # pinned by a standby for a load that may not use it
-        except (ModelLoadError, ManifestError, OSError) as exc:
-            return self.fail("load", exc, EXIT_LOAD_FAILED)
-        except Exception as exc:  # a broken model file can raise anything from torch
-            return self.fail("load", exc, EXIT_LOAD_FAILED)
-        timings["load_s"] = time.monotonic() - t1
-        self.event("phase", phase="warming")
-        try:
-            signatures = self.warmup_signatures()
-            sets, source = warmup_sets(self.model, manifest, signatures, self.device)
-            seen: list[list[torch.Tensor]] = []
-            timings["warm_s"] = warm_up(self.model, sets, seen)
-            sets += served_sets(self.model, manifest, signatures, self.device, seen)
-        except WarmupError as exc:
-            return self.fail("warmup", exc, EXIT_WARMUP_FAILED)
-        t_probe = time.monotonic()
-        try:
-            self.learn_contract(sets, seen, source)
-        except ProbeError as exc:
-            return self.fail("warmup", exc, EXIT_WARMUP_FAILED)
-        timings["probe_s"] = time.monotonic() - t_probe
-        if manifest is not None and manifest.golden:
-            self.event("phase", phase="validating")
-            t3 = time.monotonic()
-            try:
-                validate(self.model, manifest)
-            except ValidationError as exc:
-                return self.fail("validate", exc, EXIT_VALIDATION_FAILED)
-            timings["validate_s"] = time.monotonic() - t3
-        if spec.cuda_graphs and self.device.type == "cuda":
-            t4 = time.monotonic()
-            self.capture(sets)
-            timings["graphs_s"] = time.monotonic() - t4
-        t_arena = time.monotonic()
-        self.prepare_staging(sets)
-        timings["arenas_s"] = time.monotonic() - t_arena
-        if spec.lane:
-            # Before "ready", so the router mostly has the lane before it routes to us
-            # (until it does, everything comes on the backend socket).
-            self.lane = Lane.connect(spec.lane, spec.wid)
-        gpu = torch.cuda.memory_reserved(self.device) if self.device.type == "cuda" else 0
-        timings["main_to_ready_s"] = time.monotonic() - t0
-        self.event(
-            "ready",
-            timings=timings,
-            # Objects kept out of garbage collection: the torch import, frozen by the
-            # spawner before it forked this process (workers.heap).
-            heap_frozen=gc.get_freeze_count(),
-            rss=rss_bytes(),
-            torch_reserved=gpu,
-            num_inputs=self.model.num_inputs,
-            graphs=self.graph_info,
-            standby=spec.from_standby,
-            sandbox=self.sandbox.to_wire() if self.sandbox is not None else None,
-            contract=self.contract.to_json() if self.contract is not None else None,
-            schema=schema.to_wire() if (schema := forward_schema(self.model)) else None,
-            # Last, so the fields above are made before it: poold times the event's way
-            # to it (ready_delivery_s).
-            sent_at=time.monotonic(),
-        )
+        """Start up (``workers.startup``), say "ready", serve until told to stop."""
+        code = start(self)
+        if code is not None:
+            return code  # failed, or told to stop before "go"
         flush_after_ready()
         self.serve()
         self.event("bye", served=self.replies.served)
         return EXIT_OK
-
-    def wait_for_go(self) -> bool:
-        """Block until poold says "go" (True: the device is ours) or "stop" (False).
-
-        Nothing else can arrive: a worker that has not said "ready" is in no route."""
-        while True:
-            frames = recv_frames(self.sock, 0)  # blocking
-            if frames and frames[0].bytes == p.KIND_CONTROL and len(frames) > 1:
-                try:
-                    kind = p.unpack_map(frames[1].buffer).get("t")
-                except p.ProtocolError:
-                    continue
-                if kind in ("go", "stop"):
-                    return kind == "go"
 
     def warmup_signatures(self) -> list[InputSignature]:
         """The supervisor's warm-up signatures (typed on the wire: ``pool.contract``)."""
@@ -297,12 +125,9 @@ class Worker:
     def learn_contract(
         self, sets: list[list[torch.Tensor]], seen: list[list[torch.Tensor]], source: str
     ) -> None:
-        """This version's contract from its warm-up (``workers.probe``); a model whose
-        outputs do not follow the batch is served one request per forward from now on."""
+        """This version's contract (``workers.startup.learn_contract``)."""
         assert self.model is not None
-        self.contract = contract_of(self.model, self.manifest, sets, seen, source)
-        if self.contract is not None:
-            self.launcher.batchable = self.contract.batchable
+        self.contract = learn_contract(self.launcher, self.model, self.manifest, sets, seen, source)
 
     def learn_from_traffic(self) -> None:
         """No warm-up inputs were known at start: probe the contract once, on synthetic
@@ -323,23 +148,6 @@ class Worker:
         if self.contract is not None:
             self.event("contract", contract=self.contract.to_json())
 
-    def capture(self, sets: list[list[torch.Tensor]]) -> None:
-        """CUDA graphs of the forward for the warm-up signatures (``workers.graphs``);
-        a signature that cannot be captured keeps the ordinary forward."""
-        assert self.model is not None
-        batchable = self.launcher.batchable  # the contract's, learned just before
-        if not batchable:
-            log.info(
-                "worker %s: the model cannot be batched: CUDA graphs only at the shapes "
-                "it was warmed up on, each replayed for requests of exactly that shape",
-                self.spec.wid,
-            )
-        # Signatures left out are reported in the ready event (poold logs them).
-        table, problems = capture_graphs(self.model, sets, max(1, self.spec.max_batch), batchable)
-        if len(table):
-            self.launcher.use_graphs(table)
-        self.graph_info = {**table.describe(), "batchable": batchable, "skipped": problems}
-
     def prepare_staging(
         self, sets: list[list[torch.Tensor]], on_arrival: bool | None = None
     ) -> None:
@@ -355,13 +163,7 @@ class Worker:
             self.copier.close()
         self.copier = new_copier() if on_arrival else None
         self.gathers = tuple(Gather(self.device, self.copier) for _ in range(GATHERS))
-        per_row = 0
-        for inputs in sets:
-            row = 0
-            for t in inputs:
-                rows = int(t.shape[0]) if t.dim() and t.shape[0] else 1
-                row += t.numel() * t.element_size() // rows + ALIGN
-            per_row = max(per_row, row)
+        per_row = arena_row_bytes(sets)
         try:
             for gather in self.gathers:
                 gather.stager.reserve(per_row * max(1, self.spec.max_batch))
@@ -564,62 +366,8 @@ class Worker:
         )
 
     def take(self, gather: Gather, max_batch: int, running: Launched | None = None) -> None:
-        """Receive what waits (see ``receive``); the copies it staged start meanwhile."""
-        try:
-            self.receive(gather, max_batch, running)
-        finally:
-            gather.stager.flush()
-
-    def receive(self, gather: Gather, max_batch: int, running: Launched | None) -> None:
-        """Receive what is waiting, without blocking, until the gather is full or the
-        running batch has completed (the device must not wait while requests are read:
-        the completion thread's wake-up needs the GIL, which this loop holds)."""
-        sock = self.sock
-        stager = gather.stager if self.stage_on_arrival else None
-        requests = gather.requests
-        event = running.event if running is not None else None
-        lane = self.lane if self.lane is not None and self.lane.open else None
-        while gather.rows < max_batch:
-            if event is not None and event.query():
-                return
-            frames: list[Any] | None = None
-            if lane is not None:
-                frames = self.from_lane(lane)
-                if frames is None:
-                    lane = None  # nothing more there for now
-            via_lane = frames is not None
-            if frames is None:
-                try:
-                    frames = recv_frames(sock)
-                except zmq.Again:
-                    return
-            kind = frames[0].bytes
-            if kind == p.KIND_REQUEST and len(frames) >= 3:
-                pending = self.intake.decode(frames, stager)
-                if pending is not None:
-                    if not requests:
-                        gather.since = time.monotonic()
-                    requests.append(pending)
-                    gather.rows += pending.layout.size
-                    if via_lane:
-                        self.replies.lane_keys.add(pending.key)  # answered the same way
-            elif kind == p.KIND_CONTROL:
-                self.control(frames)
-
-    def from_lane(self, lane: Lane) -> list[Any] | None:
-        try:
-            return lane.recv()
-        except LaneError as exc:  # only a router bug sends that: the backend socket only
-            log.error("worker %s: closing the lane: %s", self.spec.wid, exc)
-            lane.close()
-            return None
-
-    def control(self, frames: list[Any]) -> None:
-        try:
-            msg = p.unpack_map(frames[1].buffer) if len(frames) > 1 else {}
-        except p.ProtocolError:
-            return
-        if msg.get("t") == "stop":
+        """Receive what waits (``workers.receive``); a "stop" among it ends the loop."""
+        if self.receiver.take(gather, max_batch, running, self.stage_on_arrival):
             self.stopping = True
 
     def finish(self, launched: Launched) -> None:
