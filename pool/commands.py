@@ -3,9 +3,9 @@
 ``Supervisor.handle`` (and every decision an operation calls) leaves these in the
 supervisor's outbox; the daemon takes them (``Supervisor.take_commands``) and carries
 each out: the spawner, ``os.killpg``, the router, the state store, the metrics. The
-supervisor itself touches none of them. A command whose outcome the supervisor needs
-(the spawner's token, an NVML reading, whether a pid still exists) is answered by the
-shell with an event (``pool.events``).
+supervisor (its standbys too, ``pool.standby``) touches none of them. A command whose
+outcome the supervisor needs (the spawner's token, an NVML reading, whether a pid still
+exists) is answered by the shell with an event (``pool.events``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pool.standby import Taken
 from pool.state import Deployed, ModelState
 from router.table import ModelRoute, WorkerSlot
 
@@ -39,6 +38,18 @@ class AddWorker:
 
 
 @dataclass(frozen=True)
+class Taken:
+    """A hot standby handed to a worker's ``Spawn`` (``pool.standby.Standbys.take``):
+    its pid, or the token of its fork when the spawner has not said the pid yet."""
+
+    pid: int | None
+    token: int
+    sid: str
+    waited: bool  # True: it had finished preparing (WAITING): the take saves its set-up
+    preloaded: bool = False  # its preload is loaded and is the version taken
+
+
+@dataclass(frozen=True)
 class Spawn:
     """Fork a worker through the spawner (into ``standby`` when one was taken); the shell
     answers with ``SpawnAsked`` (the spawner's token)."""
@@ -51,7 +62,7 @@ class Spawn:
 @dataclass(frozen=True)
 class Signal:
     """``os.killpg(pid, signal)``: the worker leads its own group. ``stage``: the stop
-    stage it belongs to (2: SIGTERM or SIGABRT, 3: SIGKILL)."""
+    stage it belongs to (2: SIGTERM or SIGABRT, 3: SIGKILL; 0: a standby let go)."""
 
     pid: int
     signal: int

@@ -53,7 +53,6 @@ from pool.rundirs import clean_stale, make_rundir
 from pool.sdnotify import Notifier, watchdog_interval
 from pool.shell import Shell
 from pool.spawn import SpawnerClient
-from pool.standby import Standbys
 from pool.state import Deployed, StateStore, file_digest
 from pool.supervisor import Supervisor
 from pool.topology import Topology
@@ -154,8 +153,7 @@ class Daemon:
         self.store = StateStore(self.pool.state_dir)
         self.sup = Supervisor(
             self.config,
-            Standbys(self.spawner.standby, self.gpu, self.lifeline_r),
-            Ports(store=self.store, memory=self.gpu, queues=self.router),
+            Ports(store=self.store, memory=self.gpu, queues=self.router, spawner=self.spawner),
             self.metrics,
             backend,
             self.router.lane,

@@ -112,8 +112,7 @@ def shutdown_step(d: Daemon, since: float | None, now: float) -> float | None:
     if drained or now - since > d.pool.drain_timeout_s:
         if not d.workers_told:
             d.workers_told = True
-            d.feed(StopAll(now))
-            d.sup.standbys.stop_all()
+            d.feed(StopAll(now))  # the standbys are let go too
         limit = d.pool.drain_timeout_s + d.pool.stop_timeout_s + 10
         if d.sup.all_exited() or now - since > limit:
             d.feed(KillAll(now))

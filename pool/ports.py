@@ -1,15 +1,19 @@
-"""What operations reach outside the core through: three narrow typed interfaces.
+"""What the core reaches outside through: four narrow typed interfaces.
 
 An upgrade must commit the new version to disk before it switches (a restart comes back
-on what clients were served), proves a retired worker's memory back from NVML, and an
-unload serves its model's queue before the workers go. Those three answers are needed
-at once, inside a step, so they are calls, not commands; but each is a ``Protocol`` of
-the two or three methods used, so a test hands the real core and operations a fake
-store, fake device memory and fake queues (``tests/corekit.py``). The daemon passes
-the real things: ``pool.state.StateStore``, ``pool.gpu.Gpu``, ``router.router.Router``.
+on what clients were served), proves a retired worker's memory back from NVML (a spawn
+notes its device's level for that proof), an unload serves its model's queue before the
+workers go, and a standby fork needs the spawner's token at once (a take may name the
+fork before the spawner has said its pid). Those answers are needed inside a step, so
+they are calls, not commands; but each is a ``Protocol`` of the methods used, so a test
+hands the real core, its standbys and its operations a fake store, fake device memory,
+fake queues and a fake spawner (``tests/corekit.py``). The daemon passes the real
+things: ``pool.state.StateStore``, ``pool.gpu.Gpu``, ``router.router.Router``,
+``pool.spawn.SpawnerClient``.
 
-The clock is not here: an operation reads the core's, ``Supervisor.now``, the time of
-the event being handled.
+The clock is not here: the core, its standbys and its operations read the core's,
+``Supervisor.now``, the time of the event being handled. What needs no answer (a
+signal, a directory to remove, a metric) is a command (``pool.commands``).
 """
 
 from __future__ import annotations
@@ -59,10 +63,20 @@ class Queues(Protocol):
         """Answer every waiting request of ``model`` with ``code``; how many."""
 
 
+class Spawner(Protocol):
+    """The spawner, for what must be asked of it outside a worker's ``Spawn``."""
+
+    def standby(self, spec: dict[str, Any]) -> int:
+        """Fork a standby for ``spec["device"]`` (``workers.standby``); the token that
+        its answers (``WorkerSpawned``, ``SpawnFailed``) will name."""
+
+
 @dataclass(frozen=True)
 class Ports:
-    """The three interfaces, as the supervisor keeps them for the operations."""
+    """The four interfaces, as the supervisor keeps them for itself, its standbys and
+    the operations."""
 
     store: VersionStore
     memory: DeviceMemory
     queues: Queues
+    spawner: Spawner

@@ -22,8 +22,7 @@ model roots and the preload's directory; it is taken only for a path it can read
 from __future__ import annotations
 
 import os
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
@@ -100,7 +99,7 @@ class PreloadRecord:
     bytes: int = 0
     load_s: float | None = None
     reason: str = ""
-    since: float = field(default_factory=time.monotonic)
+    since: float = 0.0  # the core's clock when it was asked for
 
     def on_report(self, msg: dict[str, Any]) -> None:
         if msg.get("key") != self.spec.key or self.state is not PreloadState.LOADING:

@@ -8,31 +8,42 @@ the new standby's CUDA init would compete with the load it is meant to speed up,
 context appearing mid-operation would move the memory levels an upgrade compares. A
 standby that dies is replaced, with the same back-off as a crashing worker.
 
+Part of the decision core (issue 16): the spawner is asked through the ``Spawner`` port
+(``pool.ports``: a take may name a fork by its token before its pid is known), a standby
+let go is a ``Signal`` command and its run directory a ``RemoveDir`` (``emit``: the
+supervisor's outbox), NVML's per-process bytes come in with the supervisor's
+``MemorySample``, and the time is the core's clock. ``tests/test_core_standby.py``
+drives it with fakes.
+
 Memory accounting: a standby (or a taken standby still staging weights on the host)
-holds a CUDA context and nothing else. ``device_level`` is NVML's used memory minus
-what NVML shows for those context-only processes, so the retire proof compares model
-memory, whatever standbys came and went between its two readings.
+holds a CUDA context and nothing else. ``pool.device_memory.device_level`` is NVML's
+used memory minus what NVML shows for those context-only processes (``pids``), so the
+retire proof compares model memory, whatever standbys came and went between its two
+readings.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
-import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from enum import StrEnum
 from itertools import count
 from typing import Any
 
+from pool.commands import Command, RemoveDir, Signal, Taken
 from pool.flapping import FlapGuard
-from pool.gpu import Gpu, device_index
+from pool.gpu import device_index
 from pool.lifecycle import IllegalTransition, describe_exit
+from pool.ports import Spawner
 from pool.preload import PreloadRecord, PreloadSpec, PreloadState, admit
 
 log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]  # the core's: Supervisor.clock
+Emit = Callable[[Command], None]  # the supervisor's outbox: Supervisor.emit
 
 
 class StandbyState(StrEnum):
@@ -63,7 +74,7 @@ class StandbyRecord:
     state: StandbyState = StandbyState.FORKING
     pid: int | None = None
     token: int = 0  # the spawner's token for its fork
-    forked_at: float = field(default_factory=time.monotonic)
+    forked_at: float = 0.0  # the core's clock
     ready_at: float | None = None
     prep_s: float | None = None
     gpu_bytes: int | None = None  # NVML, per process: its context
@@ -86,7 +97,7 @@ class StandbyRecord:
     def alive(self) -> bool:
         return self.state not in (StandbyState.TAKEN, StandbyState.EXITED)
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, now: float) -> dict[str, Any]:
         return {
             "sid": self.sid,
             "device": self.device,
@@ -94,33 +105,21 @@ class StandbyRecord:
             "pid": self.pid,
             "gpu_bytes": self.gpu_bytes,
             "prep_s": None if self.prep_s is None else round(self.prep_s, 3),
-            "age_s": round(time.monotonic() - self.forked_at, 1),
+            "age_s": round(now - self.forked_at, 1),
             "preload": None if self.preload is None else self.preload.describe(),
         }
 
 
-@dataclass
-class Taken:
-    """What ``Standbys.take`` hands the supervisor for the spawner: the standby's pid, or
-    the token of its fork when the spawner has not said the pid yet."""
-
-    pid: int | None
-    token: int
-    sid: str
-    waited: bool  # True: it had finished preparing (WAITING): the take saves its set-up
-    preloaded: bool = False  # its preload is loaded and is the version taken
-
-
-AskStandby = Callable[[dict[str, Any]], int]  # spec -> spawner token
 
 
 class Standbys:
     """The standby records of every device, and when to fork the next one."""
 
-    def __init__(self, ask: AskStandby, gpu: Gpu, lifeline_fd: int) -> None:
-        self.ask = ask
-        self.gpu = gpu
+    def __init__(self, spawner: Spawner, lifeline_fd: int, clock: Clock, emit: Emit) -> None:
+        self.spawner = spawner
         self.lifeline_fd = lifeline_fd
+        self.clock = clock
+        self.emit = emit
         self.wanted: set[str] = set()
         self.current: dict[str, StandbyRecord] = {}  # device -> its live standby
         self.by_token: dict[int, StandbyRecord] = {}
@@ -151,10 +150,7 @@ class Standbys:
         """SIGTERM a standby's group (it leads its own); its exit is reaped as usual.
         One still forking has no pid yet: the spawner's answer finds it gone."""
         if rec.pid is not None:
-            try:
-                os.killpg(rec.pid, signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
-                pass
+            self.emit(Signal(rec.pid, signal.SIGTERM, 0))
 
     def tick(self, now: float, busy_devices: set[str]) -> None:
         """Fork a standby on every wanted device that has none and is not busy; let a
@@ -183,19 +179,21 @@ class Standbys:
             self._fork(device)
 
     def _fork(self, device: str, preload: bool = True) -> None:
-        rec = StandbyRecord(sid=f"standby.{device}.{next(self.sids)}", device=device)
+        sid = f"standby.{device}.{next(self.sids)}"
+        rec = StandbyRecord(sid=sid, device=device, forked_at=self.clock())
         self.current[device] = rec
         spec: dict[str, Any] = {"sid": rec.sid, "device": device, "lifeline_fd": self.lifeline_fd}
         target = self.preload_target(device) if preload else None
         if target is not None:
             ok, why = admit(target)
             if ok:
-                rec.preload = PreloadRecord(target, os.path.join(target.run_root, rec.sid))
+                run_dir = os.path.join(target.run_root, rec.sid)
+                rec.preload = PreloadRecord(target, run_dir, since=self.clock())
                 spec["preload"] = target.to_wire(rec.preload.run_dir)
                 self.preload_refused.pop(device, None)
             else:
                 self.preload_refused[device] = why
-        token = self.ask(spec)
+        token = self.spawner.standby(spec)
         rec.token = token
         self.by_token[token] = rec
         log.info("forking standby %s on %s", rec.sid, device)
@@ -242,7 +240,7 @@ class Standbys:
         """A worker's exit: remove the run directory of the standby it was, if any."""
         run_dir = self.run_dirs.pop(pid, None)
         if run_dir:
-            shutil.rmtree(run_dir, ignore_errors=True)
+            self.emit(RemoveDir(run_dir))
 
     def available(self, device: str) -> bool:
         """Whether a spawn on ``device`` would start in a standby (one there or forked)."""
@@ -297,7 +295,7 @@ class Standbys:
         if rec is None or rec.state is not StandbyState.PREPARING:
             return
         rec.to(StandbyState.WAITING)
-        rec.ready_at = time.monotonic()
+        rec.ready_at = self.clock()
         prep = msg.get("prep_s")
         rec.prep_s = float(prep) if isinstance(prep, int | float) else None
         self.flap.setdefault(rec.device, FlapGuard()).reset()
@@ -315,7 +313,7 @@ class Standbys:
         if rec is None:
             return False
         if rec.preload is not None:
-            shutil.rmtree(rec.preload.run_dir, ignore_errors=True)
+            self.emit(RemoveDir(rec.preload.run_dir))
         if rec.state is StandbyState.TAKEN:
             return True  # taken just as it died: the spawner forked a worker instead
         self._lost(rec, describe_exit(status))
@@ -330,13 +328,13 @@ class Standbys:
             return
         del self.current[rec.device]
         self.died[rec.device] = self.died.get(rec.device, 0) + 1
-        delay = self.flap.setdefault(rec.device, FlapGuard()).failure()
+        delay = self.flap.setdefault(rec.device, FlapGuard()).failure(self.clock())
         if delay is None:
             why = f"standbys on {rec.device} keep dying; last: {how}"
             self.given_up[rec.device] = why
             log.error("%s; no more standbys there (workers start cold)", why)
             return
-        self.next_try[rec.device] = time.monotonic() + delay
+        self.next_try[rec.device] = self.clock() + delay
         log.warning(
             "standby %s [pid %s] on %s died while %s: %s; another in %.1fs",
             rec.sid,
@@ -348,16 +346,17 @@ class Standbys:
         )
 
     # ----------------------------------------------------------------- memory, status
-    def sample(self) -> None:
-        per_dev: dict[int, dict[int, int] | None] = {}
+    def devices(self) -> set[int]:
+        """The device indexes whose NVML sample would tell a standby's context size."""
+        indexes = {device_index(r.device) for r in self.current.values() if r.pid is not None}
+        return {i for i in indexes if i is not None}
+
+    def memory_sampled(self, processes: Mapping[int, Mapping[int, int] | None]) -> None:
+        """The supervisor's ``MemorySample``: each standby's context, in bytes."""
         for rec in self.current.values():
             idx = device_index(rec.device)
-            if idx is None or rec.pid is None:
-                continue
-            if idx not in per_dev:
-                per_dev[idx] = self.gpu.process_bytes(idx)
-            procs = per_dev[idx]
-            if procs is not None:
+            procs = processes.get(idx) if idx is not None else None
+            if procs is not None and rec.pid is not None:
                 rec.gpu_bytes = procs.get(rec.pid)
 
     def pids(self, device: str) -> set[int]:
@@ -370,7 +369,8 @@ class Standbys:
         self.want(())
 
     def describe(self) -> list[dict[str, Any]]:
-        return [r.describe() for r in self.current.values() if r.alive]
+        now = self.clock()
+        return [r.describe(now) for r in self.current.values() if r.alive]
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -382,17 +382,3 @@ class Standbys:
             "preload_refused": dict(self.preload_refused),
         }
 
-
-def device_level(gpu: Gpu, device: str, context_pids: set[int]) -> int | None:
-    """NVML's used bytes on ``device`` minus those of ``context_pids`` (processes that
-    hold a CUDA context and no model: standbys, and a taken one staging weights)."""
-    idx = device_index(device)
-    if idx is None:
-        return None
-    mem = gpu.memory(idx)
-    if mem is None:
-        return None
-    if not context_pids:
-        return mem[0]
-    procs = gpu.process_bytes(idx) or {}
-    return mem[0] - sum(procs.get(pid, 0) for pid in context_pids)

@@ -11,13 +11,13 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from pool.commands import Command, SendControl
+from pool.commands import Command, SendControl, Taken
 from pool.config import sandbox_mode, standby_wanted
 from pool.device_memory import device_level
 from pool.lifecycle import WorkerRecord, WorkerState
 from pool.preload import PreloadSpec, preload_key, preload_setting
 from pool.runtime import ModelRuntime
-from pool.standby import Standbys, Taken
+from pool.standby import Standbys
 
 if TYPE_CHECKING:
     from pool.config import PoolConfig
@@ -84,7 +84,9 @@ class StandbyUse:
         return self.standbys.pids(device) | held
 
     def device_level(self, device: str) -> int | None:
-        """Used device memory, bare contexts left out (see pool.standby)."""
+        """Used device memory, bare contexts left out (see pool.standby): a call through
+        the DeviceMemory port (NVML in poold), read synchronously by a spawn for the
+        retire proof's reference and by the operations' memory waits."""
         return device_level(self.ports.memory, device, self.context_pids(device))
 
     def on_spawner_message(self, msg: dict[str, Any]) -> None:

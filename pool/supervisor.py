@@ -5,7 +5,8 @@ exit, a spawn, a tick with the time, a memory sample, ...) and returns the comma
 decided (``pool.commands``: spawn, signal, route, record, ...), which the daemon carries
 out. It replaces workers that crash or hang (with a restart-storm guard), retires
 drained workers in stages, and recycles workers by policy; it reads no clock (the time
-comes with each event) and holds no socket, spawner or signal of its own. Long
+comes with each event) and holds no socket, spawner or signal of its own. Its hot
+standbys (``pool.standby``) are built here, on the same clock, outbox and ports. Long
 operations live in ``pool.upgrade``; what they decide lands in the same outbox.
 """
 
@@ -70,7 +71,6 @@ class Supervisor(StandbyUse, WorkerMessages, WorkerExits, WorkerStopping):
     def __init__(
         self,
         config: Config,
-        standbys: Standbys,
         ports: Ports,
         metrics: PoolMetrics,
         backend: str,
@@ -82,7 +82,7 @@ class Supervisor(StandbyUse, WorkerMessages, WorkerExits, WorkerStopping):
         # The store, device memory and queues are the operations' (pool.ports: pool.upgrade
         # commits a switch and proves memory back through them, an unload serves the
         # queue); the supervisor's own decisions leave commands instead, apart from the
-        # device level each spawn notes (pool.device_memory).
+        # device level each spawn notes (pool.device_memory) and the standbys' forks.
         self.ports = ports
         self.metrics = metrics
         self.backend = backend
@@ -100,7 +100,7 @@ class Supervisor(StandbyUse, WorkerMessages, WorkerExits, WorkerStopping):
         self.scheduler = Scheduler(clock=lambda: self.now)
         self.wids = count(1)
         self.last_sample = 0.0
-        self.standbys = standbys
+        self.standbys = Standbys(ports.spawner, lifeline_fd, self.clock, self.emit)
         self.standbys.preload_target = self.preload_target
         # Where models may be loaded from; shared with the control server (one list).
         # Workers are told them too: a manifest's golden file must lie inside.
@@ -150,6 +150,7 @@ class Supervisor(StandbyUse, WorkerMessages, WorkerExits, WorkerStopping):
                     self.judge_silence(rec, now)
             case StopAll(_):
                 self.stop_all()
+                self.standbys.stop_all()
             case KillAll(_):
                 self.kill_all()
         for rt in self.models.values():
@@ -360,7 +361,6 @@ class Supervisor(StandbyUse, WorkerMessages, WorkerExits, WorkerStopping):
         if now - self.last_sample >= SAMPLE_EVERY_S:
             self.last_sample = now
             self.sample_memory()
-            self.standbys.sample()
         # Recomputed every tick: load, unload, scale and reload change the devices.
         self.standbys.want(
             d for m in self.models.values() for d in m.devices if self.takes_standby(m, d)
@@ -369,14 +369,17 @@ class Supervisor(StandbyUse, WorkerMessages, WorkerExits, WorkerStopping):
         self.scheduler.poll()
 
     def sample_memory(self) -> None:
-        """Ask for per-worker GPU bytes from NVML (keyed by pid): once every few seconds,
-        and when a worker becomes ready. The shell answers with ``MemorySample``."""
+        """Ask for per-worker (and per-standby) GPU bytes from NVML (keyed by pid): once
+        every few seconds, and when a worker becomes ready. The shell answers with
+        ``MemorySample``."""
         indexes = {device_index(rec.device) for rec in self.by_pid.values()}
-        devices = tuple(sorted(i for i in indexes if i is not None))
+        known = {i for i in indexes if i is not None} | self.standbys.devices()
+        devices = tuple(sorted(known))
         if devices:
             self.emit(SampleMemory(devices))
 
     def memory_sampled(self, processes: Mapping[int, Mapping[int, int] | None]) -> None:
+        self.standbys.memory_sampled(processes)
         for rec in self.by_pid.values():
             idx = device_index(rec.device)
             procs = processes.get(idx) if idx is not None else None

@@ -200,8 +200,7 @@ class WorkerMessages:
         rec.rss = event.rss
         rec.heap_frozen = event.heap_frozen
         rec.sandbox = dict(event.sandbox) if event.sandbox is not None else None
-        self.sample_memory()  # its footprint now, for auto's next decision
-        self.standbys.sample()
+        self.sample_memory()  # its footprint now (and the standbys'), for auto's next decision
         rt = self.models.get(rec.model)
         if rt is None:
             return

@@ -32,7 +32,6 @@ from pool.lifecycle import WorkerRecord
 from pool.metrics import PoolMetrics
 from pool.ports import DeviceMemory, Ports
 from pool.runtime import ModelRuntime
-from pool.standby import Standbys
 from pool.state import Deployed, StateStore
 from pool.supervisor import Supervisor
 from pool.worker_wire import decode
@@ -88,8 +87,7 @@ class Core:
         self.standby_forks: list[tuple[int, dict[str, Any]]] = []  # (token, spec) asked
         self.sup = Supervisor(
             config,
-            Standbys(self._fork_standby, gpu, -1),
-            Ports(store=store, memory=memory or gpu, queues=self.queues),
+            Ports(store=store, memory=memory or gpu, queues=self.queues, spawner=self),
             PoolMetrics(),
             "ipc:///nonexistent/backend.sock",
             "",
@@ -105,8 +103,9 @@ class Core:
         self.sup.add_model(self.model, devices, first, store.load("m"))
         self.started = self.answer(self.sup.take_commands())  # the first workers' spawns
 
-    def _fork_standby(self, spec: dict[str, Any]) -> int:
-        """The spawner's token for a standby fork; a test (tests/opskit.py) answers it."""
+    def standby(self, spec: dict[str, Any]) -> int:
+        """The spawner port (``pool.ports.Spawner``): the token for a standby fork; a test
+        (tests/opskit.py, tests/test_core_standby.py) answers it."""
         token = next(self.tokens)
         self.standby_forks.append((token, spec))
         return token

@@ -14,9 +14,10 @@ import psutil
 import pytest
 from modelkit import make_mlp, mlp_answer_problem, mlp_input
 from poolkit import Load, Pool, running_pool, wait_for
+from standbykit import Kit
 
 from pool.lifecycle import IllegalTransition
-from pool.standby import Standbys, StandbyState
+from pool.standby import StandbyState
 
 SEEDS = {"1": 1, "2": 2, "3": 3}
 
@@ -165,20 +166,8 @@ def test_dead_standby_is_replaced(pool: Pool) -> None:
 
 
 def test_standby_decisions() -> None:
-    asked: list[dict[str, Any]] = []
-
-    class NoGpu:
-        def memory(self, idx: int) -> None:
-            return None
-
-        def process_bytes(self, idx: int) -> None:
-            return None
-
-    def ask(spec: dict[str, Any]) -> int:
-        asked.append(spec)
-        return len(asked)
-
-    sb = Standbys(ask, NoGpu(), -1)  # type: ignore[arg-type]
+    kit = Kit()
+    asked, sb = kit.asked, kit.standbys
     sb.want(["cuda:0"])
     sb.tick(0.0, busy_devices={"cuda:0"})
     assert not asked  # nothing forks where something boots
@@ -202,7 +191,8 @@ def test_standby_decisions() -> None:
     assert sb.on_exited(4242, 0) is False  # the worker's exit now, not a standby's
     # Deaths back off, then give up.
     for n in range(5):
-        sb.tick(1e9 + n * 100, busy_devices=set())
+        kit.now = 1000.0 + n * 10  # past each back-off, inside the flapping window
+        sb.tick(kit.now, busy_devices=set())
         token = len(asked)
         sb.on_spawned(token, 5000 + n)
         assert sb.on_exited(5000 + n, 9)
@@ -234,16 +224,14 @@ def test_standby_config(tmp_path: Any) -> None:
     assert any(p.startswith("env GPU_POOL_STANDBY: must be") for p in problems), problems
 
 
-def test_unwanted_standby_is_let_go_not_counted_dead(monkeypatch: pytest.MonkeyPatch) -> None:
-    killed: list[int] = []
-    monkeypatch.setattr(os, "killpg", lambda pid, sig: killed.append(pid))
-    tokens = iter(range(1, 100))
-    sb = Standbys(lambda spec: next(tokens), None, -1)  # type: ignore[arg-type]
+def test_unwanted_standby_is_let_go_not_counted_dead() -> None:
+    kit = Kit()
+    sb = kit.standbys
     sb.want(["cpu"])
     sb.tick(0.0, set())
     sb.on_spawned(1, 7001)
     sb.want([])  # its model was unloaded, or poold stops
-    assert killed == [7001] and not sb.current
+    assert kit.signalled() == [7001] and not sb.current
     assert sb.on_exited(7001, 15) and sb.died == {} and not sb.next_try
     sb.stop_all()
     sb.want(["cpu"])  # a stopping poold wants none, whatever its models say

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from modelkit import make_mlp, mlp_answer_problem, mlp_input, mlp_reference
 from poolkit import Load, Pool, running_pool, wait_for
+from standbykit import Kit
 
 from pool.preload import PreloadSpec, PreloadState, admit, available_ram
-from pool.standby import Standbys
 
 SEEDS = {"1": 1, "2": 2, "3": 3}
 
@@ -175,22 +175,13 @@ def spec(
     return PreloadSpec("m", version, path, setting, sandbox, ("/m",), "/run/w")
 
 
-def test_stale_preload_is_replaced_once_the_device_is_idle(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
-) -> None:
-    killed: list[int] = []
-    monkeypatch.setattr(os, "killpg", lambda pid, sig: killed.append(pid))
+def test_stale_preload_is_replaced_once_the_device_is_idle(tmp_path: Any) -> None:
     model = str(tmp_path / "v.pt")
     with open(model, "wb") as f:
         f.write(b"x" * 100)
-    asked: list[dict[str, Any]] = []
-
-    def ask(s: dict[str, Any]) -> int:
-        asked.append(s)
-        return len(asked)
-
+    kit = Kit()
+    asked, sb = kit.asked, kit.standbys
     target = {"spec": spec("1", model)}
-    sb = Standbys(ask, None, -1)  # type: ignore[arg-type]
     sb.preload_target = lambda device: target["spec"]
     sb.want(["cpu"])
     sb.tick(0.0, set())
@@ -204,9 +195,9 @@ def test_stale_preload_is_replaced_once_the_device_is_idle(
     # The serving version changed, the standby not taken (its workers are sandboxed).
     target["spec"] = spec("2", model, sandbox="auto")
     sb.tick(1.0, {"cpu"})
-    assert not killed  # busy: an operation runs there
+    assert not kit.signalled()  # busy: an operation runs there
     sb.tick(2.0, set())
-    assert killed == [7001] and asked[1]["preload"]["version"] == "2"
+    assert kit.signalled() == [7001] and asked[1]["preload"]["version"] == "2"
     assert sb.on_exited(7001, 15) and sb.died == {}  # let go, not dead
     sb.on_spawned(2, 7002)
     # A take for the preloaded version says so; for a path its sandbox cannot read, it
@@ -217,7 +208,7 @@ def test_stale_preload_is_replaced_once_the_device_is_idle(
     sb.tick(3.0, set())
     sb.on_spawned(3, 7003)
     t = sb.take("cpu", "/elsewhere/v.pt", "m:9:/elsewhere/v.pt")
-    assert killed[-1] == 7003 and t is not None and t.token == 4 and not t.preloaded
+    assert kit.signalled()[-1] == 7003 and t is not None and t.token == 4 and not t.preloaded
     assert "preload" not in asked[3]
 
 

@@ -71,6 +71,11 @@ class _Metrics:
         pass
 
 
+class _NoSpawner:
+    def standby(self, spec: dict[str, Any]) -> int:
+        raise AssertionError("an upgrade forks no standby of its own")
+
+
 class FakeSupervisor:
     """The part of ``pool.supervisor.Supervisor`` an ``Upgrade`` calls."""
 
@@ -101,7 +106,12 @@ class FakeSupervisor:
     @property
     def ports(self) -> Ports:
         # Read at each use: a test may swap ``gpu`` or ``store``.
-        return Ports(store=self.store, memory=self.gpu, queues=_NoQueues())  # type: ignore[arg-type]
+        return Ports(
+            store=self.store,  # type: ignore[arg-type]
+            memory=self.gpu,  # type: ignore[arg-type]
+            queues=_NoQueues(),
+            spawner=_NoSpawner(),
+        )
 
     def new_generation(self, rt: ModelRuntime, deployed: Deployed) -> int:
         gen = next(rt.gen_counter)
