@@ -148,6 +148,17 @@ class ObserveBatch:
 
 
 @dataclass(frozen=True)
+class ObserveUpgrade:
+    """A finished upgrade / rollback / recycle and its phase timings (the metrics)."""
+
+    model: str
+    kind: str
+    outcome: str
+    phases: Mapping[str, float]
+    bytes_freed: int
+
+
+@dataclass(frozen=True)
 class Recycle:
     """Start the recycle operation for one worker (``pool.operations.start_recycle``)."""
 
@@ -196,6 +207,7 @@ Command = (
     | RemoveDir
     | ObserveExit
     | ObserveBatch
+    | ObserveUpgrade
     | Recycle
     | SampleMemory
     | ProbePid

@@ -29,6 +29,7 @@ from pool.commands import (
     FailQueued,
     ObserveBatch,
     ObserveExit,
+    ObserveUpgrade,
     ProbePid,
     Record,
     Recycle,
@@ -135,6 +136,8 @@ class Shell:
                 self.metrics.observe_worker_exit(model, reason)
             case ObserveBatch(model, size, count):
                 self.metrics.observe_batch(model, size, count)
+            case ObserveUpgrade(model, kind, outcome, phases, freed):
+                self.metrics.observe_upgrade(model, kind, outcome, phases, freed)
             case Recycle(model, wid, why):
                 rt, rec = sup.models.get(model), sup.by_wid.get(wid)
                 if rt is not None and rec is not None:

@@ -10,6 +10,7 @@ import logging
 from collections.abc import Callable, Generator
 from typing import Any
 
+from pool.commands import ObserveUpgrade
 from pool.contract import NOT_CHECKED_NEW, NOT_CHECKED_SERVING, differences
 from pool.device_memory import (
     HELD_EVERY_S,
@@ -382,8 +383,7 @@ class UpgradeSteps:
                 restore=result["restore"],
                 **self.rt.contract_record(self.target),
             )
-        self.sup.metrics.observe_upgrade(
-            rt.name, self.action, outcome, self.phases, sum(self.freed.values())
-        )
+        freed = sum(self.freed.values())
+        self.sup.emit(ObserveUpgrade(rt.name, self.action, outcome, dict(self.phases), freed))
         return res
 

@@ -18,8 +18,10 @@ import pytest
 from corekit import Core
 from opskit import BASE, CTX, MODEL, FakeDevices, World
 
-from pool.commands import Activate, SendControl, Spawn
+from pool.commands import Activate, ObserveUpgrade, SendControl, Spawn
 from pool.lifecycle import WorkerState
+from pool.metrics import PoolMetrics
+from pool.shell import Shell
 from pool.state import StateStore
 from pool.upgrade_phases import TRANSITIONS, UpgradePhase
 from pool.upgrade_result import UpgradeResult
@@ -97,6 +99,14 @@ def test_a_surge_switches_to_the_new_workers_before_the_old_ones_stop(tmp_path: 
     on_disk = StateStore(str(tmp_path)).load("m").current
     assert on_disk is not None and on_disk.version == "2"
     assert history(tmp_path)[-1] == "committed"
+    # The metric is a command the shell carries out, not a call from the core.
+    (obs,) = [c for c in w.commands if isinstance(c, ObserveUpgrade)]
+    assert (obs.model, obs.kind, obs.outcome) == ("m", "upgrade", "committed")
+    assert obs.bytes_freed == 2 * (CTX + MODEL) and "boot_s" in obs.phases
+    metrics = PoolMetrics()
+    Shell(w.core.sup, None, None, w.core.store, None, metrics).run(obs)  # type: ignore[arg-type]
+    assert metrics._upgrades == {("m", "upgrade", "committed"): 1}
+    assert metrics._bytes_freed == {"m": 2 * (CTX + MODEL)}
 
 
 def test_drain_first_across_two_devices_replaces_one_device_at_a_time(tmp_path: Path) -> None:

@@ -66,11 +66,6 @@ class _NoQueues:
         return 0
 
 
-class _Metrics:
-    def observe_upgrade(self, *args: Any) -> None:
-        pass
-
-
 class _NoSpawner:
     def standby(self, spec: dict[str, Any]) -> int:
         raise AssertionError("an upgrade forks no standby of its own")
@@ -84,7 +79,7 @@ class FakeSupervisor:
         self.time = FakeClock()  # the core's clock; run() puts its own here
         self.gpu = FakeGpu()
         self.store = Recorded()
-        self.metrics = _Metrics()
+        self.emitted: list[Any] = []  # commands an Upgrade left (ObserveUpgrade)
         self.fate = fate  # spawned worker -> does it become ready
         self.pids = iter(range(100, 10_000))
         cfg = ModelConfig(name="m", path="/models/m/1.pt", devices=devices)
@@ -112,6 +107,9 @@ class FakeSupervisor:
             queues=_NoQueues(),
             spawner=_NoSpawner(),
         )
+
+    def emit(self, command: Any) -> None:
+        self.emitted.append(command)
 
     def new_generation(self, rt: ModelRuntime, deployed: Deployed) -> int:
         gen = next(rt.gen_counter)
