@@ -27,7 +27,7 @@ from pool.config import PathNotAllowed, check_model_path
 from pool.describe import describe_model
 from pool.labels import label_conflict, label_problem
 from pool.lifecycle import WorkerState
-from pool.metrics import LATENCY_BUCKETS
+from pool.metrics import LATENCY_BUCKETS, PoolMetrics
 from pool.op_result import OpFailed, result_message
 from pool.operations import ModelOp, digest_then, start_operation
 from pool.reload import ReloadResult
@@ -59,9 +59,11 @@ class ControlServer:
         spawner: SpawnerClient,
         roots: list[str],
         on_reload: Callable[[Callable[[ReloadResult], None]], None],
+        metrics: PoolMetrics,
     ) -> None:
         self.sock = sock
         self.sup = sup
+        self.metrics = metrics  # read for stats: the answers counted per model
         self.router = router  # read for status: queue depths, requests in flight
         self.spawner = spawner
         self.roots = roots
@@ -212,7 +214,7 @@ class ControlServer:
         per bound then +Inf). ``pool-ctl fleet`` diffs two readings for its bake window."""
         models = {}
         for name in self.sup.models:
-            t = self.sup.metrics.request_totals(name)
+            t = self.metrics.request_totals(name)
             models[name] = {
                 "requests": [[v, c, n] for (v, c), n in t.by_version_code.items()],
                 "latency": {

@@ -154,7 +154,6 @@ class Daemon:
         self.sup = Supervisor(
             self.config,
             Ports(store=self.store, memory=self.gpu, queues=self.router, spawner=self.spawner),
-            self.metrics,
             backend,
             self.router.lane,
             self.lifeline_r,
@@ -164,7 +163,13 @@ class Daemon:
         )
         self.roots = self.sup.roots
         self.control = ControlServer(
-            self.control_sock, self.sup, self.router, self.spawner, self.roots, self.reload
+            self.control_sock,
+            self.sup,
+            self.router,
+            self.spawner,
+            self.roots,
+            self.reload,
+            self.metrics,
         )
         self.manager = Manager(self)
         self.control.commands.update(manage_commands(self.manager, self.control))

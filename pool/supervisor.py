@@ -52,7 +52,6 @@ from pool.events import (
 from pool.exits import WorkerExits
 from pool.gpu import device_index
 from pool.lifecycle import WorkerRecord, WorkerState
-from pool.metrics import PoolMetrics
 from pool.ports import Ports
 from pool.runtime import ModelRuntime
 from pool.standby import Standbys
@@ -72,7 +71,6 @@ class Supervisor(StandbyUse, WorkerMessages, WorkerExits, WorkerStopping):
         self,
         config: Config,
         ports: Ports,
-        metrics: PoolMetrics,
         backend: str,
         lane: str,
         lifeline_fd: int,
@@ -84,7 +82,6 @@ class Supervisor(StandbyUse, WorkerMessages, WorkerExits, WorkerStopping):
         # queue); the supervisor's own decisions leave commands instead, apart from the
         # device level each spawn notes (pool.device_memory) and the standbys' forks.
         self.ports = ports
-        self.metrics = metrics
         self.backend = backend
         self.lane = lane  # the router's lane socket, for the workers' spec ("" = none)
         self.lifeline_fd = lifeline_fd

@@ -29,7 +29,6 @@ from pool.events import (
 )
 from pool.gpu import Gpu
 from pool.lifecycle import WorkerRecord
-from pool.metrics import PoolMetrics
 from pool.ports import DeviceMemory, Ports
 from pool.runtime import ModelRuntime
 from pool.state import Deployed, StateStore
@@ -88,7 +87,6 @@ class Core:
         self.sup = Supervisor(
             config,
             Ports(store=store, memory=memory or gpu, queues=self.queues, spawner=self),
-            PoolMetrics(),
             "ipc:///nonexistent/backend.sock",
             "",
             -1,

@@ -20,6 +20,7 @@ from pool.config import Config, ModelConfig, load_config
 from pool.events import WorkerMessage
 from pool.lifecycle import WorkerState
 from pool.manage import Manager
+from pool.metrics import PoolMetrics
 from pool.model_lifecycle import ModelStatus
 from pool.reload import ReloadResult, apply_reload
 from pool.state import Deployed
@@ -34,7 +35,7 @@ class Daemon:
         self.sup = core.sup
         self.config = config
         self.pool = config.pool
-        self.metrics = core.sup.metrics
+        self.metrics = PoolMetrics()
         self.store = core.store
         self.topology = Topology(config.pool.state_dir)
         self.roots = tuple(core.sup.roots)
