@@ -62,7 +62,8 @@ class Spawn:
 @dataclass(frozen=True)
 class Signal:
     """``os.killpg(pid, signal)``: the worker leads its own group. ``stage``: the stop
-    stage it belongs to (2: SIGTERM or SIGABRT, 3: SIGKILL; 0: a standby let go)."""
+    stage the worker is at (2: SIGTERM or SIGABRT, 3: SIGKILL; lower under ``KillAll``;
+    0 for a standby let go)."""
 
     pid: int
     signal: int

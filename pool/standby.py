@@ -110,8 +110,6 @@ class StandbyRecord:
         }
 
 
-
-
 class Standbys:
     """The standby records of every device, and when to fork the next one."""
 
