@@ -76,8 +76,8 @@ def test_a_scripted_module_staged_into_one_arena_answers_the_same(
     d = Driver()
     arenas: list[PinnedArena] = []
 
-    def arena(size: int) -> PinnedArena:
-        arenas.append(PinnedArena(size, d.register, d.unregister))
+    def arena(size: int, cuts: list[int] | None = None) -> PinnedArena:
+        arenas.append(PinnedArena(size, d.register, d.unregister, cuts))
         return arenas[-1]
 
     monkeypatch.setattr(weights, "pinned_arena", arena)
@@ -97,4 +97,80 @@ def test_a_scripted_module_staged_into_one_arena_answers_the_same(
     assert torch.equal(module.steps, torch.arange(4))
     model = staged.StagedModel("m.pt", "torchscript", module, None, got_arena)
     model.release()
+    assert d.registered == {}
+
+
+def within_one_region(d: Driver, addr: int, n: int) -> bool:
+    """What the driver checks for a copy from registered memory: it starts in a region
+    and does not run past that region's end."""
+    return any(lo <= addr and addr + n <= lo + size for lo, size in d.registered.items())
+
+
+def test_laid_out_tensors_never_cross_a_region_cut() -> None:
+    # A cut falling inside a tensor made .to("cuda") fail with "invalid argument" on a
+    # lent H200: the layout starts a new region before a tensor that would cross one.
+    sizes = [40 << 20, 40 << 20, 3 * REGISTER_CHUNK + 5, 8, 0, 63 << 20, 2 << 20, 1 << 20]
+    places, total, cuts = host_pinned.layout(sizes, staged.ALIGN)
+    d = Driver()
+    a = PinnedArena(total, d.register, d.unregister, cuts)
+    base = a.tensor.data_ptr()
+    assert len(d.registered) == len(cuts) + 1 >= 3
+    for at, n in zip(places, sizes, strict=True):
+        assert at % staged.ALIGN == 0 and at + n <= total
+        assert within_one_region(d, base + at, max(n, 1)), (at, n)
+    ends = sorted(zip(places, sizes, strict=True))
+    assert all(p + n <= q for (p, n), (q, _) in zip(ends, ends[1:], strict=False))  # no overlap
+    a.unpin(pause_s=0.0)
+
+
+def test_a_copy_across_cuts_is_split_into_pieces_inside_one_region_each() -> None:
+    d = Driver()
+    a = PinnedArena(3 * REGISTER_CHUNK, d.register, d.unregister)
+    base = a.tensor.data_ptr()
+    lo, hi = REGISTER_CHUNK - 100, 2 * REGISTER_CHUNK + 100  # crosses two cuts
+    pieces = a.pieces(lo, hi)
+    assert len(pieces) == 3 and pieces[0][0] == lo and pieces[-1][1] == hi
+    assert all(p[1] == q[0] for p, q in zip(pieces, pieces[1:], strict=False))
+    assert all(within_one_region(d, base + x, y - x) for x, y in pieces)
+    assert a.pieces(10, 20) == [(10, 20)]
+    a.unpin(pause_s=0.0)
+
+
+def test_staged_safetensors_copy_each_piece_inside_one_region(
+    tmp_path: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """StagedWeights.to_device, with tensors that straddle the arena's cuts: every copy
+    it makes reads inside one registered region, and the bytes arrive whole."""
+    import os
+
+    from safetensors.torch import save_file
+
+    d = Driver()
+    monkeypatch.setattr(host_pinned, "REGISTER_CHUNK", 1 << 20)  # cuts every MiB
+    monkeypatch.setattr(
+        weights, "pinned_arena", lambda size, cuts=None: PinnedArena(size, d.register, d.unregister)
+    )
+    torch.manual_seed(0)
+    want = {f"w{i}": torch.rand(1000 + 37 * i, 301) for i in range(4)}  # ~1.2 MiB each
+    path = os.path.join(str(tmp_path), "w.safetensors")
+    save_file(want, path)
+    stage = weights.stage_file(path, pin=True)
+    assert stage.arena is not None and len(d.registered) >= 4
+    base = stage.data.data_ptr()
+    copies: list[tuple[int, int]] = []
+    real_copy = torch.Tensor.copy_
+
+    def copy_(self: torch.Tensor, src: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
+        if src.data_ptr() >= base:
+            copies.append((src.data_ptr(), src.numel() * src.element_size()))
+        return real_copy(self, src, non_blocking)
+
+    monkeypatch.setattr(torch.Tensor, "copy_", copy_)
+    got = stage.to_device("cpu")
+    monkeypatch.setattr(torch.Tensor, "copy_", real_copy)
+    assert len(copies) > len(want)  # some tensors were split
+    assert all(within_one_region(d, addr, n) for addr, n in copies)
+    for name, t in want.items():
+        assert torch.equal(got[name], t)
+    stage.release()
     assert d.registered == {}

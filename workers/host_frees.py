@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 
 import torch
 
@@ -57,14 +58,14 @@ def release_arena(arena: host_pinned.PinnedArena) -> None:
     host_pinned.release(arena, deferred=bool(_defer["on"]))
 
 
-def pinned_arena(size: int) -> host_pinned.PinnedArena | None:
+def pinned_arena(size: int, cuts: Sequence[int] | None = None) -> host_pinned.PinnedArena | None:
     """Page-locked memory of our own for ``size`` bytes (``workers.host_pinned``), or
     None where the driver refuses it (the caller takes torch's pinned memory instead);
     ``GPU_POOL_PINNED=torch`` always takes torch's."""
     if os.environ.get(PINNED_ENV, "") == "torch" or size == 0:
         return None
     try:
-        return host_pinned.PinnedArena(size)
+        return host_pinned.PinnedArena(size, cuts=cuts)
     except (host_pinned.HostRegisterError, OSError, RuntimeError) as e:
         log.info("pinned arena of %d bytes refused (%s): torch's pinned memory instead", size, e)
         return None

@@ -10,22 +10,29 @@ device-to-host copy allocates its pinned destination there: on a lent H200 every
 of a drain-first upgrade went 0.09-0.16 s longer without an answer than the hold itself.
 
 Here the memory is an anonymous mapping (transparent huge pages asked for), page-locked
-with ``cudaHostRegister`` in chunks, and unpinned chunk by chunk with
-``cudaHostUnregister``: torch's allocator never sees it, and between two chunks any
-other thread's CUDA call gets its turn. Where registration is refused, callers fall
-back to torch's pinned memory.
+with ``cudaHostRegister`` in regions of about ``REGISTER_CHUNK``, and unpinned region by
+region with ``cudaHostUnregister``: torch's allocator never sees it, and between two
+regions any other thread's CUDA call gets its turn. Where registration is refused,
+callers fall back to torch's pinned memory.
+
+One copy must not cross from one region into the next: the driver looks up the
+registration of the copy's start and refuses a range that runs past its end ("invalid
+argument"; seen on a lent H200 when a 64 MiB cut fell inside a tensor). So either the
+tensors are laid out around the cuts (``layout``: TorchScript and export modules, whose
+``.to(device)`` copies each tensor in one call) or each copy is split at them
+(``PinnedArena.pieces``: safetensors, whose tensors sit where the file put them).
 """
 
 from __future__ import annotations
 
 import mmap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["PinnedArena", "HostRegisterError", "release", "flush"]
+__all__ = ["PinnedArena", "HostRegisterError", "layout", "release", "flush"]
 
 PAGE = mmap.PAGESIZE
 REGISTER_CHUNK = 64 << 20  # one unpin at ~0.1 ms per MiB: a few ms in a row at most
@@ -52,13 +59,16 @@ def cuda_unregister(addr: int) -> None:
 
 
 class PinnedArena:
-    """``size`` bytes of page-locked host memory as a uint8 tensor (``tensor``)."""
+    """``size`` bytes of page-locked host memory as a uint8 tensor (``tensor``),
+    registered as regions that start at 0 and at each offset in ``cuts`` (page-aligned,
+    increasing; default: every ``REGISTER_CHUNK``)."""
 
     def __init__(
         self,
         size: int,
         register: Callable[[int, int], None] = cuda_register,
         unregister: Callable[[int], None] = cuda_unregister,
+        cuts: Sequence[int] | None = None,
     ) -> None:
         self.size = size
         self._unregister = unregister
@@ -69,16 +79,26 @@ class PinnedArena:
             except OSError:
                 pass
         self.tensor: torch.Tensor = torch.frombuffer(self._mm, dtype=torch.uint8)[:size]
+        self.bounds = _bounds(len(self._mm), cuts) if size else []
         self.regions: list[int] = []
         base = self.tensor.data_ptr() if size else 0
         try:
-            for lo in range(0, len(self._mm) if size else 0, REGISTER_CHUNK):
-                n = min(REGISTER_CHUNK, len(self._mm) - lo)
-                register(base + lo, n)
+            for lo, hi in self.bounds:
+                register(base + lo, hi - lo)
                 self.regions.append(base + lo)
         except Exception:
             self.unpin(pause_s=0.0)
             raise
+
+    def pieces(self, lo: int, hi: int) -> list[tuple[int, int]]:
+        """``[lo, hi)`` split where it crosses from one registered region into the next:
+        each piece can be one copy."""
+        out = []
+        for start, end in self.bounds:
+            a, b = max(lo, start), min(hi, end)
+            if a < b:
+                out.append((a, b))
+        return out or [(lo, hi)]
 
     @property
     def pinned(self) -> bool:
@@ -121,6 +141,31 @@ def flush() -> bool:
     while _pending:
         _pending.pop(0).unpin()
     return had
+
+
+def layout(nbytes: Sequence[int], align: int) -> tuple[list[int], int, list[int]]:
+    """Places for items of ``nbytes`` bytes, each ``align``-aligned, such that none
+    crosses a region cut: (offsets, total size, cuts for ``PinnedArena``). A new region
+    starts, page-aligned, before an item that would run past ``REGISTER_CHUNK`` bytes of
+    the current one; an item larger than that gets a region of its own size."""
+    places: list[int] = []
+    cuts: list[int] = []
+    at = start = 0
+    for n in nbytes:
+        if at > start and at + n > start + REGISTER_CHUNK:
+            start = at = _round_up(at, PAGE)
+            cuts.append(start)
+        places.append(at)
+        at += _round_up(n, align)
+    return places, at, cuts
+
+
+def _bounds(length: int, cuts: Sequence[int] | None) -> list[tuple[int, int]]:
+    starts = [0, *(range(REGISTER_CHUNK, length, REGISTER_CHUNK) if cuts is None else cuts)]
+    pairs = zip(starts, starts[1:], strict=False)
+    if any(c % PAGE or c <= prev or c >= length for prev, c in pairs):
+        raise ValueError(f"region cuts must be page-aligned, increasing, inside: {cuts}")
+    return list(zip(starts, [*starts[1:], length], strict=True))
 
 
 def _round_up(n: int, to: int) -> int:

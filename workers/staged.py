@@ -146,11 +146,11 @@ def _pinned(
         for t in itertools.chain(module.parameters(), module.buffers())
         if t.device.type == "cpu" and t.numel() and not t.is_pinned()
     ]
-    places, total = [], 0
-    for t in tensors:
-        places.append(total)
-        total += -(-(t.numel() * t.element_size()) // ALIGN) * ALIGN if t.is_contiguous() else 0
-    arena = weights.pinned_arena(total)
+    # Around the arena's region cuts: ``.to(device)`` copies each tensor in one call.
+    places, total, cuts = host_pinned.layout(
+        [t.numel() * t.element_size() if t.is_contiguous() else 0 for t in tensors], ALIGN
+    )
+    arena = weights.pinned_arena(total, cuts)
     try:
         with torch.no_grad():
             for t, at in zip(tensors, places, strict=True):

@@ -174,8 +174,11 @@ class StagedWeights:
         for s in self.header.tensors:
             t = torch.empty(s.shape, dtype=s.dtype, device=device)
             if s.nbytes:
-                src = self.data[s.begin : s.end]
-                t.reshape(-1).view(torch.uint8).copy_(src, non_blocking=cuda)
+                dst = t.reshape(-1).view(torch.uint8)
+                # Our arena's registered regions: no one copy may cross from one to the next.
+                pieces = self.arena.pieces(s.begin, s.end) if self.arena else [(s.begin, s.end)]
+                for lo, hi in pieces:
+                    dst[lo - s.begin : hi - s.begin].copy_(self.data[lo:hi], non_blocking=cuda)
             out[s.name] = t
         if cuda:
             torch.cuda.current_stream(device).synchronize()
