@@ -1,8 +1,8 @@
 """The OIP REST API (KServe v2), independent of the HTTP server that carries it.
 
-``HttpApi.handle(method, path, headers, body)`` returns a ``Response``;
-``gateway.http_server.asgi_app`` adapts it to ASGI for uvicorn (the server chosen by
-measurement, docs/PERFORMANCE.md).
+``HttpApi.handle(method, path, headers, body)`` returns a ``Response``; the server
+(gateway/http_server.py, http_conn.py) calls it once per complete request, after it has
+checked the body against the size limit, with the headers it reads lower-cased.
 
 Routes::
 
@@ -38,7 +38,6 @@ from router import protocol as p
 HEADER_LENGTH = "inference-header-content-length"
 HEADER_LENGTH_BYTES = HEADER_LENGTH.encode()
 EXTENSIONS = ("binary_tensor_data", "model_version")
-MAX_BODY = 1 << 30  # the default; poold passes its max_message_mb
 
 # One encoder for every answer: json.dumps with any non-default option builds a new
 # JSONEncoder per call, a few microseconds of the hot path.
@@ -79,9 +78,7 @@ class HttpApi:
         *,
         token: str = "",
         server_version: str = "",
-        max_body: int = MAX_BODY,
     ) -> None:
-        self.max_body = max_body
         self.upstream = upstream
         self.catalog = catalog
         self.stats = stats
@@ -344,7 +341,3 @@ def _render_binary(
             (HEADER_LENGTH_BYTES, str(len(head)).encode()),
         ],
     )
-
-
-def too_big(limit: int) -> Response:
-    return _json(413, {"error": f"BAD_REQUEST: body over {limit} bytes"})

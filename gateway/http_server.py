@@ -1,150 +1,102 @@
-"""The HTTP gateway's server side: a bare ASGI app around ``HttpApi``, and uvicorn's
-httptools protocol taught to write a response in one syscall.
+"""The HTTP gateway's server: a listening socket (TLS if asked) of ``HttpConnection``s.
 
-uvicorn writes the status line and headers when the app sends ``http.response.start``
-and the body when it sends ``http.response.body``: two writes, two TCP segments and, on
-a loaded host, two wake-ups of the client per response. ``OneWriteProtocol`` wraps each
-connection's transport so that the app can ask for the header block to be held back
-and written together with the body (one ``writelines``, one ``writev``). The app finds
-that wrapper in the scope under ``HOLD_KEY``; under any other ASGI server it is absent
-and the app behaves as a plain ASGI app.
+Our own server around httptools rather than uvicorn's: uvicorn turns every request
+into an ASGI scope dict, a Task, an Event and two ``send`` messages, and that was most
+of the gateway's Python per request (docs/PERFORMANCE.md, "OIP gateway"). Here a
+connection calls ``HttpApi.handle`` directly (gateway/http_conn.py says how).
+
+Once a second the server stamps the ``date:`` header line and lets every connection
+check its timeouts (one timer for all, none per request). ``shutdown`` stops accepting,
+lets each connection answer the requests it has in full, and aborts what is left after
+the grace period.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from typing import Any
+import logging
+import socket
+import ssl
+import time
+from email.utils import formatdate
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from gateway.http_conn import HttpConnection
+from gateway.http_wire import Handler, Limits
 
-from gateway.http_api import HttpApi, Response, too_big
-
-HOLD_KEY = "gpu_pool.hold_headers"  # scope key: a callable that holds the next write
-
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-
-# The request headers the API reads; the rest are never decoded.
-_WANTED = frozenset(
-    {b"content-length", b"content-encoding", b"inference-header-content-length", b"authorization"}
-)
+log = logging.getLogger("gateway")
+SWEEP_S = 1.0
+BACKLOG = 2048
 
 
-class OneWrite:
-    """A transport that can hold one write back and send it with the next."""
+def tls_context(cert: str, key: str) -> ssl.SSLContext:
+    """A server context with the ssl module's defaults (TLS 1.2 and up, no client certs)."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
 
-    __slots__ = ("transport", "held", "holding")
 
-    def __init__(self, transport: asyncio.Transport) -> None:
-        self.transport = transport
-        self.held: bytes | None = None
-        self.holding = False
+def _date_line() -> bytes:
+    return b"date: " + formatdate(time.time(), usegmt=True).encode() + b"\r\n"
 
-    def hold_next(self) -> None:
-        self.holding = True
 
-    def write(self, data: bytes) -> None:
-        if self.holding:
-            self.holding, self.held = False, data
-            return
-        held = self.held
-        if held is None:
-            self.transport.write(data)
+class HttpServer:
+    def __init__(self, handle: Handler, limits: Limits, tls: ssl.SSLContext | None = None) -> None:
+        self.handle = handle
+        self.limits = limits
+        self.tls = tls
+        self.connections: set[HttpConnection] = set()
+        self._date = _date_line()
+        self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def date(self) -> bytes:
+        return self._date
+
+    def _connection(self) -> HttpConnection:
+        return HttpConnection(self.handle, self.limits, self.connections, self.date)
+
+    async def start(self, host: str, port: int, sock: socket.socket | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        if sock is not None:  # SO_REUSEPORT: the caller bound it (gateway/main.py)
+            self._server = await loop.create_server(
+                self._connection, sock=sock, ssl=self.tls, backlog=BACKLOG
+            )
         else:
-            self.held = None
-            self.transport.writelines((held, data))  # one writev, no copy of the body
+            self._server = await loop.create_server(
+                self._connection, host, port, ssl=self.tls, backlog=BACKLOG, reuse_address=True
+            )
+        self._sweeper = loop.call_later(SWEEP_S, self._sweep)
 
-    def flush(self) -> None:
-        self.holding = False
-        if self.held is not None:
-            held, self.held = self.held, None
-            self.transport.write(held)
+    @property
+    def port(self) -> int:
+        assert self._server is not None and self._server.sockets
+        return int(self._server.sockets[0].getsockname()[1])
 
-    def close(self) -> None:
-        self.flush()
-        self.transport.close()
+    def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._date = _date_line()
+        now = loop.time()
+        for conn in list(self.connections):
+            conn.check(now)
+        self._sweeper = loop.call_later(SWEEP_S, self._sweep)
 
-    def __getattr__(self, name: str) -> Any:  # everything else is the real transport's
-        return getattr(self.transport, name)
-
-
-class OneWriteProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol over a ``OneWrite`` transport."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(OneWrite(transport))  # type: ignore[arg-type]
-
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        scope: dict[str, Any] = self.scope  # type: ignore[assignment]
-        scope[HOLD_KEY] = self.transport.hold_next  # type: ignore[attr-defined]
-
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        msg = await receive()
-        if msg["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif msg["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
-
-
-def asgi_app(api: HttpApi) -> Callable[[dict[str, Any], Receive, Send], Awaitable[None]]:
-    """A bare ASGI app around ``api``: uvicorn parses HTTP (httptools), we route."""
-    max_body = api.max_body
-    handle = api.handle
-
-    async def app(scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            if scope["type"] == "lifespan":
-                await _lifespan(receive, send)
-            return
-        # uvicorn gives header names lower-cased already (httptools does that)
-        headers = {
-            k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"] if k in _WANTED
-        }
-        declared = headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > max_body:
-            resp = too_big(max_body)  # refused before a byte of it is read
-        else:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                return
-            body = msg.get("body", b"")
-            if msg.get("more_body"):
-                parts, size = [body], len(body)
-                while True:
-                    if size > max_body:  # chunked bodies declare nothing: count as they come
-                        break
-                    msg = await receive()
-                    if msg["type"] == "http.disconnect":
-                        return
-                    chunk = msg.get("body", b"")
-                    size += len(chunk)
-                    parts.append(chunk)
-                    if not msg.get("more_body"):
-                        break
-                body = b"".join(parts)
-            if len(body) > max_body:
-                resp = too_big(max_body)
-            else:
-                resp = await handle(scope["method"], scope["path"], headers, body)
-        await _respond(scope, send, resp)
-
-    return app
-
-
-async def _respond(scope: dict[str, Any], send: Send, resp: Response) -> None:
-    hold = scope.get(HOLD_KEY)
-    if hold is not None and scope["method"] != "HEAD":  # HEAD: no body write to join
-        hold()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": resp.status,
-            "headers": [*resp.headers, (b"content-length", str(len(resp.body)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": resp.body})
+    async def shutdown(self, grace_s: float) -> int:
+        """Stop accepting, finish the requests in hand; the connections aborted after
+        ``grace_s`` are counted in the result."""
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn.shutdown()
+        end = time.monotonic() + grace_s
+        while self.connections and time.monotonic() < end:
+            await asyncio.sleep(0.02)
+        left = len(self.connections)
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if left:
+            log.warning("HTTP gateway: %d connection(s) still busy after %.0f s", left, grace_s)
+        return left

@@ -39,6 +39,7 @@ example (against a running pool, by hand):
   curl -s 127.0.0.1:8000/v2/health/ready -o /dev/null -w '%{http_code}\\n'
 """
 STATS_EVERY_S = 1.0
+GRACE_S = 10.0  # at shutdown: how long requests in flight may take
 
 
 def server_version() -> str:
@@ -159,10 +160,9 @@ async def _serve_http(
     host: str,
     port: int,
 ) -> None:
-    import uvicorn
-
     from gateway.http_api import HttpApi
-    from gateway.http_server import OneWriteProtocol, asgi_app
+    from gateway.http_server import HttpServer, tls_context
+    from gateway.http_wire import Limits
 
     api = HttpApi(
         upstream,
@@ -170,27 +170,17 @@ async def _serve_http(
         stats,
         token=token,
         server_version=server_version(),
-        max_body=args.max_body_mb << 20,
     )
-    config = uvicorn.Config(
-        asgi_app(api),
-        host=host,
-        port=port,
-        http=OneWriteProtocol,  # httptools; a response in one write (http_server.py)
-        lifespan="off",
-        ws="none",  # no websockets to import or to upgrade to
-        proxy_headers=False,  # X-Forwarded-* rewriting: a middleware call per request
-        server_header=False,
-        access_log=False,
-        log_level="warning",
-        ssl_certfile=args.tls_cert or None,
-        ssl_keyfile=args.tls_key or None,
-        timeout_graceful_shutdown=10,
-    )
-    server = uvicorn.Server(config)
+    tls = tls_context(args.tls_cert, args.tls_key) if args.tls_cert else None
+    server = HttpServer(api.handle, Limits(max_body=args.max_body_mb << 20), tls)
+    await server.start(host, port, _reuse_port_socket(host, port) if args.reuse_port else None)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     log.info("gateway [pid %d] serving OIP/HTTP on %s", os.getpid(), args.listen)
-    sockets = [_reuse_port_socket(host, port)] if args.reuse_port else None
-    await server.serve(sockets=sockets)  # on SIGTERM/SIGINT: stop accepting, finish, return
+    await stop.wait()
+    await server.shutdown(GRACE_S)  # stop accepting, finish what is in flight
 
 
 def _reuse_port_socket(host: str, port: int) -> socket.socket:
@@ -247,7 +237,7 @@ async def _serve_grpc(
         loop.add_signal_handler(sig, stop.set)
     log.info("gateway [pid %d] serving OIP/gRPC on %s", os.getpid(), args.listen)
     await stop.wait()
-    await server.stop(grace=10)  # finish what is in flight; refuse new calls
+    await server.stop(grace=GRACE_S)  # finish what is in flight; refuse new calls
 
 
 # glibc's mallopt parameters (malloc.h)
@@ -288,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     try:
         return int(runner(_serve(args)))
-    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled, once it is done
+    except KeyboardInterrupt:  # a SIGINT before the loop's handlers are in place
         return 0
     except OSError as exc:
         log.error("gateway cannot serve %s: %s", args.listen, exc)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Two gateway code trees against one pool, interleaved: which one is faster, and by how much.
 
-usage: bench_oip_ab.py [--tree NAME=DIR ...] [--rounds N] [--requests N] [--big]
+usage: bench_oip_ab.py [--tree NAME=DIR ...] [--rounds N] [--requests N] [--big | --live]
 
 A busy or shared machine moves a single latency figure by more than most changes to the
 gateway do. So this starts one pool (1 CPU worker, no gateways of its own), then an HTTP
@@ -16,7 +16,8 @@ does to the figures.
 tar -x -C /tmp/before``; this checkout is always the tree ``this``. ``--big`` sends a
 [1, 3, 224, 224] float16 tensor (resnet50's input, 294 KiB) to a model that answers
 its first 1,000 values (resnet50's output size), instead of 1 KiB float32 [1, 256]
-to the identity: the per-request cost of large inputs.
+to the identity: the per-request cost of large inputs. ``--live`` sends the health call
+instead (GET /v2/health/live, gRPC ServerLive): the server alone, no router.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def start_gateway(
                                 stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
 
 
-def http_call(address: str, model: str, data: np.ndarray) -> Callable[[], None]:
+def http_call(address: str, model: str, data: np.ndarray, live: bool) -> Callable[[], None]:
     raw = data.tobytes()
     datatype = {"float32": "FP32", "float16": "FP16"}[str(data.dtype)]
     head = json.dumps({"inputs": [{"name": "input0", "shape": list(data.shape),
@@ -89,7 +90,10 @@ def http_call(address: str, model: str, data: np.ndarray) -> Callable[[], None]:
     def call() -> None:
         for again in (True, False):
             try:
-                conn.request("POST", f"/v2/models/{model}/infer", body, headers)
+                if live:
+                    conn.request("GET", "/v2/health/live")
+                else:
+                    conn.request("POST", f"/v2/models/{model}/infer", body, headers)
                 r = conn.getresponse()
                 r.read()
                 break
@@ -103,7 +107,7 @@ def http_call(address: str, model: str, data: np.ndarray) -> Callable[[], None]:
     return call
 
 
-def grpc_call(address: str, model: str, data: np.ndarray) -> Callable[[], None]:
+def grpc_call(address: str, model: str, data: np.ndarray, live: bool) -> Callable[[], None]:
     import grpc
 
     from gateway.proto import grpc_predict_v2_pb2 as pb
@@ -118,6 +122,8 @@ def grpc_call(address: str, model: str, data: np.ndarray) -> Callable[[], None]:
                                                       shape=list(data.shape))],
         raw_input_contents=[data.tobytes()],
     )  # fmt: skip
+    if live:
+        return lambda: stub.ServerLive(pb.ServerLiveRequest(), timeout=60)
     return lambda: stub.ModelInfer(req, timeout=60)
 
 
@@ -139,6 +145,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--requests", type=int, default=300, help="per gateway per round")
     ap.add_argument("--big", action="store_true", help="294 KiB float16 inputs")
+    ap.add_argument("--live", action="store_true", help="the health call, not infer")
     ap.add_argument("--dir", default="/tmp/oip-ab", help="scratch directory")
     args = ap.parse_args()
     # A SIGTERM (timeout(1), a CI limit) must still reach the finally below, or the pool
@@ -170,7 +177,7 @@ def main() -> int:
                 log = os.path.join(args.dir, f"gateway-{name}-{protocol}.log")
                 gw = start_gateway(tree, protocol, address, pool, log)
                 gateways.append(gw)
-                call = make(address, "m", data)
+                call = make(address, "m", data, args.live)
                 wait_ready(call, gw, f"{name}/{protocol}")
                 targets.append((f"{name}/{protocol}", call, psutil.Process(gw.pid)))
         for _, call, _ in targets:
@@ -190,6 +197,8 @@ def main() -> int:
                 cpus[label].append((sum(proc.cpu_times()[:2]) - c0) / args.requests)
                 p50s[label].append(statistics.median(lat))
         what = "294 KiB float16 -> 1,000 values" if args.big else "1 KiB float32 identity"
+        if args.live:
+            what = "health live (no router)"
         load1 = os.getloadavg()[0]
         print(f"oip a/b: {what}, 1 client, {args.rounds} rounds x {args.requests} requests, "
               f"{psutil.cpu_count()} cores, load {load0:.1f} -> {load1:.1f}")  # fmt: skip

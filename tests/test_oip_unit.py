@@ -296,29 +296,33 @@ def test_gzip_bodies_and_bearer_tokens() -> None:
 
 
 def test_a_body_over_the_limit_is_refused_unread() -> None:
-    from gateway.http_server import asgi_app
+    """Over the real server: a declared length over the limit is refused on the headers,
+    a chunked body as it passes the limit; neither reaches the router."""
+    from httpkit import connect, read_answer, serving
 
-    api, _ = _api()
-    api.max_body = 100
-    sent: list[dict[str, Any]] = []
-    reads = 0
+    from gateway.http_wire import Limits
 
-    async def receive() -> dict[str, Any]:
-        nonlocal reads
-        reads += 1
-        return {"type": "http.request", "body": b"x" * 60, "more_body": True}
-
-    async def send(msg: dict[str, Any]) -> None:
-        sent.append(msg)
-
-    async def run(headers: list[tuple[bytes, bytes]]) -> None:
-        scope = {"type": "http", "method": "POST", "path": "/v2/models/m/infer", "headers": headers}
-        await asgi_app(api)(scope, receive, send)
-
-    asyncio.run(run([(b"content-length", b"101")]))
-    assert sent[0]["status"] == 413 and reads == 0
-    asyncio.run(run([(b"transfer-encoding", b"chunked")]))
-    assert sent[2]["status"] == 413 and reads == 2  # 60, then 120 > 100
+    api, up = _api()
+    body = json.dumps({"inputs": [
+        {"name": "a", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]},
+        {"name": "b", "datatype": "FP32", "shape": [1, 2], "data": [3, 4]}]}).encode()  # fmt: skip
+    with serving(api.handle, Limits(max_body=len(body))) as s:
+        with connect(s.port) as c:
+            c.sendall(b"POST /v2/models/m/infer HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body))
+            c.sendall(body)  # exactly the limit
+            ok = read_answer(c.makefile("rb"))
+            assert ok.status == 200 and json.loads(ok.body)["outputs"][0]["data"] == [2.0, 3.0]
+        with connect(s.port) as c:
+            c.sendall(b"POST /v2/models/m/infer HTTP/1.1\r\nContent-Length: %d\r\n\r\n"
+                      % (len(body) + 1))  # fmt: skip
+            refused = read_answer(c.makefile("rb"))
+            assert refused.status == 413 and "BAD_REQUEST" in json.loads(refused.body)["error"]
+        with connect(s.port) as c:
+            c.sendall(b"POST /v2/models/m/infer HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+            c.sendall(b"%x\r\n%s\r\n" % (len(body), body))
+            c.sendall(b"1\r\n \r\n0\r\n\r\n")  # one byte more
+            assert read_answer(c.makefile("rb")).status == 413
+    assert len(up.sent) == 1
 
 
 # ------------------------------------------------------------------ the supervisor
@@ -406,12 +410,14 @@ def test_the_collector_sums_processes_of_one_protocol(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_the_gateway_never_imports_torch() -> None:
-    """It must start in a fraction of torch's import time and hold no CUDA context."""
+    """It must start in a fraction of torch's import time and hold no CUDA context (and
+    it serves HTTP with its own server: uvicorn is only the benchmarks' reference)."""
     import subprocess
     import sys
 
     code = (
         "import sys, gateway.main, gateway.http_api, gateway.grpc_api, gateway.collector, "
-        "pool.gateways; sys.exit('torch' in sys.modules)"
+        "gateway.http_server, pool.gateways; sys.exit('torch' in sys.modules or "
+        "'uvicorn' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=60).returncode == 0
