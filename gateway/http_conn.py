@@ -59,6 +59,10 @@ class Phase(enum.Enum):
     CLOSING = "closing"  # nothing more is read: answer what is queued, then close
     CLOSED = "closed"
 
+    # Members are singletons: hash by identity in C, not by name in Python (Enum's
+    # __hash__), as _to looks each transition up three times per request.
+    __hash__ = object.__hash__
+
 
 _NEXT: dict[Phase, frozenset[Phase]] = {
     Phase.IDLE: frozenset({Phase.HEAD, Phase.CLOSING, Phase.CLOSED}),

@@ -11,7 +11,8 @@ Roles:
   reference     the reference server: uvicorn + starlette, one process, the same
                 TorchScript model called in-process (the way most teams serve a model)
   echo          a server with no model that answers a parsed OIP binary request with its
-                own input, to compare HTTP servers (cfg "server": asgi | starlette | aiohttp)
+                own input, to compare HTTP servers (cfg "server": gateway | asgi | starlette |
+                aiohttp; gateway = the gateway's own server, gateway/http_server.py)
 """
 
 from __future__ import annotations
@@ -192,6 +193,27 @@ def echo(cfg: dict[str, Any]) -> None:
 
         uvloop.install()
         web.run_app(app, host="127.0.0.1", port=cfg["port"], access_log=None, print=None)
+    elif server == "gateway":
+        import asyncio
+
+        import uvloop
+
+        from gateway.http_api import Response as GatewayResponse
+        from gateway.http_server import HttpServer
+        from gateway.http_wire import Limits
+
+        async def answer(method: str, path: str, headers: dict[str, str],
+                         body: bytes) -> GatewayResponse:  # fmt: skip
+            req, raw = _parse(headers, body)
+            out, extra = _answer("id", req, raw)
+            return GatewayResponse(200, out, [(k.encode(), v.encode()) for k, v in extra.items()])
+
+        async def serve() -> None:
+            await HttpServer(answer, Limits()).start("127.0.0.1", cfg["port"])
+            print(f"ready {os.getpid()}", flush=True)
+            await asyncio.Event().wait()
+
+        uvloop.run(serve())
     elif server == "starlette":
         from starlette.applications import Starlette
         from starlette.requests import Request
