@@ -102,7 +102,10 @@ class HttpConnection(asyncio.Protocol):
         self.current: Request | None = None  # the request the API has
         self.coro: Coroutine[Any, Any, Response] | None = None
         self.read_paused = self.write_paused = self.lingering = False
-        self.stamp = self.paused_at = self.head_at = self.loop.time()
+        # loop.time() stamps for the timeouts (check): the last bytes in, the last answer
+        # out (idle is counted from it: bytes that are no request, such as stray CRLFs,
+        # keep nothing open), the current head's first byte, the write pause, the linger
+        self.stamp = self.answered_at = self.head_at = self.paused_at = self.loop.time()
         # the request being parsed
         self.url = b""
         self.headers: dict[str, str] = {}
@@ -326,7 +329,7 @@ class HttpConnection(asyncio.Protocol):
             transport.write(b"".join(parts))
         else:
             transport.writelines((b"".join(parts), body))  # one writev, the body uncopied
-        self.stamp = self.loop.time()
+        self.answered_at = self.loop.time()
         if last:
             if self.phase is not Phase.CLOSING:
                 self._to(Phase.CLOSING)
@@ -349,7 +352,7 @@ class HttpConnection(asyncio.Protocol):
             return
         transport.write_eof()
         self.lingering = True
-        self.stamp = self.loop.time()
+        self.answered_at = self.loop.time()  # the linger runs from here, whatever comes
         self._reading()  # read (and drop) until the client closes or linger_s
 
     # ------------------------------------------------------------------ the server's calls
@@ -363,7 +366,7 @@ class HttpConnection(asyncio.Protocol):
             log.info("HTTP connection: answers unread for %.0f s, dropped", lim.send_s)
             transport.abort()
         elif self.lingering:
-            if now - self.stamp > lim.linger_s:
+            if now - self.answered_at > lim.linger_s:
                 transport.close()
         elif phase is Phase.HEAD and now - self.head_at > lim.head_s:
             self._refuse(408, f"TIMEOUT: request head not complete within {lim.head_s:g} s")
@@ -373,7 +376,7 @@ class HttpConnection(asyncio.Protocol):
             phase is Phase.IDLE
             and self.coro is None
             and not self.queue
-            and now - self.stamp > lim.keepalive_s
+            and now - self.answered_at > lim.keepalive_s
         ):
             transport.close()
 

@@ -274,3 +274,30 @@ def test_a_client_that_half_closes_still_gets_its_answers() -> None:
         last = read_answer(r)
         assert last.body == b"GET /second " and last.headers["connection"] == "close"
         assert r.read() == b""
+
+
+def test_bytes_that_are_no_request_keep_no_connection_open() -> None:
+    """Idle time counts from the last answer: stray CRLFs (which llhttp skips) are not
+    activity, and a refused client that keeps sending is cut off after linger_s."""
+    with serving(handle, Limits(keepalive_s=0.5, linger_s=0.5, max_body=10)) as s:
+        with connect(s.port, timeout=0.2) as c:
+            t0 = time.monotonic()
+            closed = False
+            while not closed and time.monotonic() - t0 < 5:
+                try:
+                    c.sendall(b"\r\n")
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+                closed = at_eof(c)  # waits the 0.2 s timeout when still open
+            assert time.monotonic() - t0 < 3
+        with connect(s.port, timeout=0.2) as c:
+            c.sendall(b"POST /big HTTP/1.1\r\nContent-Length: 100000000\r\n\r\n")
+            t0 = time.monotonic()
+            try:
+                while time.monotonic() - t0 < 5:
+                    c.sendall(b"x" * 4096)  # never stops: the linger does
+                    time.sleep(0.01)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            assert time.monotonic() - t0 < 3
+    assert calls == []
