@@ -37,6 +37,7 @@ from pool.events import (
 from pool.gateways import Gateways, admit_gateways, gateway_specs
 from pool.gpu import Gpu
 from pool.health import PoolHealth, assess
+from pool.host_files import LocalFiles
 from pool.http import serve_http
 from pool.logs import StderrRelay, relay_wanted
 from pool.manage import Manager
@@ -153,7 +154,13 @@ class Daemon:
         self.store = StateStore(self.pool.state_dir)
         self.sup = Supervisor(
             self.config,
-            Ports(store=self.store, memory=self.gpu, queues=self.router, spawner=self.spawner),
+            Ports(
+                store=self.store,
+                memory=self.gpu,
+                queues=self.router,
+                spawner=self.spawner,
+                files=LocalFiles(),
+            ),
             backend,
             self.router.lane,
             self.lifeline_r,

@@ -1,15 +1,16 @@
-"""What the core reaches outside through: four narrow typed interfaces.
+"""What the core reaches outside through: five narrow typed interfaces.
 
 An upgrade must commit the new version to disk before it switches (a restart comes back
 on what clients were served), proves a retired worker's memory back from NVML (a spawn
 notes its device's level for that proof), an unload serves its model's queue before the
 workers go, and a standby fork needs the spawner's token at once (a take may name the
-fork before the spawner has said its pid). Those answers are needed inside a step, so
+fork before the spawner has said its pid), and a standby's preload is decided from the
+model file's size and the host's available memory. Those answers are needed inside a step, so
 they are calls, not commands; but each is a ``Protocol`` of the methods used, so a test
 hands the real core, its standbys and its operations a fake store, fake device memory,
-fake queues and a fake spawner (``tests/corekit.py``). The daemon passes the real
-things: ``pool.state.StateStore``, ``pool.gpu.Gpu``, ``router.router.Router``,
-``pool.spawn.SpawnerClient``.
+fake queues, a fake spawner and a fake host (``tests/corekit.py``). The daemon passes
+the real things: ``pool.state.StateStore``, ``pool.gpu.Gpu``, ``router.router.Router``,
+``pool.spawn.SpawnerClient``, ``pool.host_files.LocalFiles``.
 
 The clock is not here: the core, its standbys and its operations read the core's,
 ``Supervisor.now``, the time of the event being handled. What needs no answer (a
@@ -71,12 +72,26 @@ class Spawner(Protocol):
         its answers (``WorkerSpawned``, ``SpawnFailed``) will name."""
 
 
+class HostFiles(Protocol):
+    """The host, for what a standby's preload decides (``pool.preload``)."""
+
+    def size(self, path: str) -> int:
+        """The file's size in bytes; raise OSError if it cannot be read."""
+
+    def mem_available(self) -> int | None:
+        """The host's available memory in bytes (MemAvailable); None if unknown."""
+
+    def realpath(self, path: str) -> str:
+        """``path`` with every symbolic link resolved."""
+
+
 @dataclass(frozen=True)
 class Ports:
-    """The four interfaces, as the supervisor keeps them for itself, its standbys and
+    """The five interfaces, as the supervisor keeps them for itself, its standbys and
     the operations."""
 
     store: VersionStore
     memory: DeviceMemory
     queues: Queues
     spawner: Spawner
+    files: HostFiles

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pool.config import ModelConfig, PoolConfig
+    from pool.ports import HostFiles
 
 RAM_SHARE = 0.25  # auto: the file may take at most this share of MemAvailable
 
@@ -64,16 +65,16 @@ class PreloadSpec:
     def key(self) -> str:
         return preload_key(self.model, self.version, self.path)
 
-    def readable(self, path: str) -> bool:
+    def readable(self, path: str, files: HostFiles) -> bool:
         """Whether a standby confined for this preload can read ``path``: inside one of
         the roots or the preload's own directory (``workers.sandbox.confine``); any
         path with ``sandbox = false``."""
         if self.sandbox_mode is False:
             return True
-        real = os.path.realpath(path)
+        real = files.realpath(path)
         dirs = [*self.roots, os.path.dirname(os.path.abspath(self.path))]
         for d in dirs:
-            top = os.path.realpath(d)
+            top = files.realpath(d)
             if os.path.commonpath([top, real]) == top:
                 return True
         return False
@@ -124,28 +125,16 @@ class PreloadRecord:
         }
 
 
-def available_ram(meminfo: str = "/proc/meminfo") -> int | None:
-    """The host's MemAvailable in bytes; None where it cannot be read."""
-    try:
-        with open(meminfo) as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def admit(spec: PreloadSpec, ram: int | None = None) -> tuple[bool, str]:
+def admit(spec: PreloadSpec, files: HostFiles) -> tuple[bool, str]:
     """Whether to preload ``spec`` now, and why not: ``true`` always (if the file is
     there), ``"auto"`` when the file fits in ``RAM_SHARE`` of available memory."""
     try:
-        size = os.path.getsize(spec.path)
+        size = files.size(spec.path)
     except OSError as exc:
         return False, f"cannot read {spec.path}: {exc.strerror or exc}"
     if spec.setting is True:
         return True, ""
-    ram = available_ram() if ram is None else ram
+    ram = files.mem_available()
     if ram is None:
         return False, "auto: the host's available memory is unknown"
     if size > RAM_SHARE * ram:

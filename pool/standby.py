@@ -37,7 +37,7 @@ from pool.commands import Command, RemoveDir, Signal, Taken
 from pool.flapping import FlapGuard
 from pool.gpu import device_index
 from pool.lifecycle import IllegalTransition, describe_exit
-from pool.ports import Spawner
+from pool.ports import HostFiles, Spawner
 from pool.preload import PreloadRecord, PreloadSpec, PreloadState, admit
 
 log = logging.getLogger(__name__)
@@ -113,8 +113,11 @@ class StandbyRecord:
 class Standbys:
     """The standby records of every device, and when to fork the next one."""
 
-    def __init__(self, spawner: Spawner, lifeline_fd: int, clock: Clock, emit: Emit) -> None:
+    def __init__(
+        self, spawner: Spawner, files: HostFiles, lifeline_fd: int, clock: Clock, emit: Emit
+    ) -> None:
         self.spawner = spawner
+        self.files = files
         self.lifeline_fd = lifeline_fd
         self.clock = clock
         self.emit = emit
@@ -183,7 +186,7 @@ class Standbys:
         spec: dict[str, Any] = {"sid": rec.sid, "device": device, "lifeline_fd": self.lifeline_fd}
         target = self.preload_target(device) if preload else None
         if target is not None:
-            ok, why = admit(target)
+            ok, why = admit(target, self.files)
             if ok:
                 run_dir = os.path.join(target.run_root, rec.sid)
                 rec.preload = PreloadRecord(target, run_dir, since=self.clock())
@@ -203,7 +206,8 @@ class Standbys:
         every worker on a standby device starts the same way (and has the same
         footprint). None: this device gets no standbys."""
         rec = self.current.get(device)
-        if rec is not None and rec.alive and rec.preload and not rec.preload.spec.readable(path):
+        pre = rec.preload if rec is not None and rec.alive else None
+        if rec is not None and pre is not None and not pre.spec.readable(path, self.files):
             log.info("standby %s: its sandbox cannot read %s; forking another", rec.sid, path)
             del self.current[device]
             self._signal(rec)

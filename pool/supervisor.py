@@ -97,7 +97,7 @@ class Supervisor(StandbyUse, WorkerMessages, WorkerExits, WorkerStopping):
         self.scheduler = Scheduler(clock=lambda: self.now)
         self.wids = count(1)
         self.last_sample = 0.0
-        self.standbys = Standbys(ports.spawner, lifeline_fd, self.clock, self.emit)
+        self.standbys = Standbys(ports.spawner, ports.files, lifeline_fd, self.clock, self.emit)
         self.standbys.preload_target = self.preload_target
         # Where models may be loaded from; shared with the control server (one list).
         # Workers are told them too: a manifest's golden file must lie inside.

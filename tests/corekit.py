@@ -28,6 +28,7 @@ from pool.events import (
     WorkerVanished,
 )
 from pool.gpu import Gpu
+from pool.host_files import LocalFiles
 from pool.lifecycle import WorkerRecord
 from pool.ports import DeviceMemory, Ports
 from pool.runtime import ModelRuntime
@@ -86,7 +87,13 @@ class Core:
         self.standby_forks: list[tuple[int, dict[str, Any]]] = []  # (token, spec) asked
         self.sup = Supervisor(
             config,
-            Ports(store=store, memory=memory or gpu, queues=self.queues, spawner=self),
+            Ports(
+                store=store,
+                memory=memory or gpu,
+                queues=self.queues,
+                spawner=self,
+                files=LocalFiles(),
+            ),
             "ipc:///nonexistent/backend.sock",
             "",
             -1,

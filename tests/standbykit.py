@@ -20,6 +20,7 @@ from opskit import FakeDevices, Proc, World
 
 from pool.commands import Command, Signal
 from pool.events import WorkerMessage
+from pool.host_files import LocalFiles
 from pool.lifecycle import WorkerState
 from pool.standby import StandbyRecord, Standbys, StandbyState
 from pool.worker_wire import decode
@@ -30,7 +31,7 @@ class Kit:
         self.now = now
         self.asked: list[dict[str, Any]] = []
         self.commands: list[Command] = []
-        self.standbys = Standbys(self, -1, lambda: self.now, self.commands.append)
+        self.standbys = Standbys(self, LocalFiles(), -1, lambda: self.now, self.commands.append)
 
     def standby(self, spec: dict[str, Any]) -> int:
         """The spawner port: the token of the fork."""

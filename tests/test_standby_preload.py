@@ -18,7 +18,8 @@ from modelkit import make_mlp, mlp_answer_problem, mlp_input, mlp_reference
 from poolkit import Load, Pool, running_pool, wait_for
 from standbykit import Kit
 
-from pool.preload import PreloadSpec, PreloadState, admit, available_ram
+from pool.host_files import LocalFiles
+from pool.preload import PreloadSpec, PreloadState, admit
 
 SEEDS = {"1": 1, "2": 2, "3": 3}
 
@@ -212,21 +213,58 @@ def test_stale_preload_is_replaced_once_the_device_is_idle(tmp_path: Any) -> Non
     assert "preload" not in asked[3]
 
 
-def test_admit_and_readable(tmp_path: Any) -> None:
-    path = str(tmp_path / "m.pt")
-    with open(path, "wb") as f:
-        f.write(b"x" * 4096)
-    auto = PreloadSpec("m", "1", path, "auto", "auto", (), "/r")
-    assert admit(auto, ram=4 * 4096)[0]
-    ok, why = admit(auto, ram=4 * 4096 - 1)
+class FakeHost:
+    """The HostFiles port over a dictionary of file sizes, a RAM figure and symlinks."""
+
+    def __init__(self, sizes: dict[str, int], ram: int | None, links: dict[str, str]) -> None:
+        self.sizes, self.ram, self.links = sizes, ram, links
+
+    def size(self, path: str) -> int:
+        if path not in self.sizes:
+            raise FileNotFoundError(2, "No such file or directory", path)
+        return self.sizes[path]
+
+    def mem_available(self) -> int | None:
+        return self.ram
+
+    def realpath(self, path: str) -> str:
+        for link, target in self.links.items():
+            if path == link or path.startswith(link + "/"):
+                return target + path[len(link) :]
+        return path
+
+
+def test_admit_and_readable() -> None:
+    host = FakeHost({"/m/a/v.pt": 4096}, 4 * 4096, {"/m/b/link": "/n"})
+    auto = PreloadSpec("m", "1", "/m/a/v.pt", "auto", "auto", (), "/r")
+    assert admit(auto, host)[0]
+    host.ram = 4 * 4096 - 1
+    ok, why = admit(auto, host)
     assert not ok and "25%" in why
-    assert admit(PreloadSpec("m", "1", path, True, "auto", (), "/r"), ram=1)[0]
-    assert not admit(PreloadSpec("m", "1", path + "x", True, "auto", (), "/r"))[0]
-    ram = available_ram()
-    assert ram is None or ram > 0
+    host.ram = None
+    ok, why = admit(auto, host)
+    assert not ok and "unknown" in why
+    assert admit(PreloadSpec("m", "1", "/m/a/v.pt", True, "auto", (), "/r"), host)[0]
+    ok, why = admit(PreloadSpec("m", "1", "/m/a/x.pt", True, "auto", (), "/r"), host)
+    assert not ok and "cannot read /m/a/x.pt" in why
     s = PreloadSpec("m", "1", "/m/a/v.pt", True, "auto", ("/m/b",), "/r")
-    assert s.readable("/m/b/v.pt") and s.readable("/m/a/w.pt") and not s.readable("/n/v.pt")
-    assert spec("1", "/m/a/v.pt").readable("/n/v.pt")  # sandbox = false: nothing confines it
+    assert s.readable("/m/b/v.pt", host) and s.readable("/m/a/w.pt", host)
+    assert not s.readable("/n/v.pt", host)
+    assert not s.readable("/m/b/link/v.pt", host)  # a link out of the roots: not reachable
+    assert spec("1", "/m/a/v.pt").readable("/n/v.pt", host)  # sandbox = false: nothing confines it
+
+
+def test_the_local_host_reads_real_files(tmp_path: Any) -> None:
+    path = tmp_path / "m.pt"
+    path.write_bytes(b"x" * 4096)
+    host = LocalFiles()
+    assert host.size(str(path)) == 4096
+    ram = host.mem_available()
+    assert ram is None or ram > 0
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal: 10 kB\nMemAvailable:    3 kB\n")
+    assert LocalFiles(str(meminfo)).mem_available() == 3072
+    assert LocalFiles(str(tmp_path / "none")).mem_available() is None
 
 
 def test_preload_config(tmp_path: Any) -> None:

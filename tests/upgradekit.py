@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pool.config import ModelConfig, PoolConfig
+from pool.host_files import LocalFiles
 from pool.lifecycle import WorkerRecord, WorkerState
 from pool.ports import Ports
 from pool.runtime import ModelRuntime
@@ -106,6 +107,7 @@ class FakeSupervisor:
             memory=self.gpu,  # type: ignore[arg-type]
             queues=_NoQueues(),
             spawner=_NoSpawner(),
+            files=LocalFiles(),
         )
 
     def emit(self, command: Any) -> None:
