@@ -1,14 +1,21 @@
 """The host's files as the core's ``HostFiles`` port sees them (``pool.ports``).
 
 A standby's preload is decided from a model file's size against the memory the host
-has available, and a take checks that the standby's sandbox can reach the new version's
-file. Those are reads of the host, so the core asks for them through this port and a
-test hands it a fake host (``tests/test_core_standby.py``).
+has available, a take checks that the standby's sandbox can reach the new version's
+file, and an operation hashes the model file it deploys (on a thread: a big file must
+not stall routing). Those are reads of the host, so the core asks for them through this
+port and a test can hand it a fake host (``tests/test_standby_preload.py``).
 """
 
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from pool.state import file_digest
+
+# Shared by every LocalFiles: two hashes at once at most, whatever asks.
+_digests = ThreadPoolExecutor(max_workers=2, thread_name_prefix="digest")
 
 
 class LocalFiles:
@@ -25,6 +32,9 @@ class LocalFiles:
 
     def realpath(self, path: str) -> str:
         return os.path.realpath(path)
+
+    def digest(self, path: str, done: list[int]) -> Future[str]:
+        return _digests.submit(file_digest, path, done)
 
 
 def available_ram(meminfo: str = "/proc/meminfo") -> int | None:

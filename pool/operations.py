@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Generator
-from concurrent.futures import ThreadPoolExecutor
 
 from pool.lifecycle import WorkerRecord
 from pool.op_result import OpResult
@@ -20,9 +18,6 @@ log = logging.getLogger(__name__)
 # An operation on one model: a generator the scheduler drives, ending with its result.
 ModelOp = Generator[Wait, bool, OpResult]
 
-_digests = ThreadPoolExecutor(max_workers=2, thread_name_prefix="digest")
-
-
 PROGRESS_EVERY_S = 0.25
 
 
@@ -31,14 +26,12 @@ def digest_then(
 ) -> Generator[Wait, bool, str]:
     """Hash a model file on a thread so a big file never stalls routing; with
     ``progress``, report ``hashing`` with bytes done and total while it runs."""
-    from pool.state import file_digest
-
     done = [0]
-    fut = _digests.submit(file_digest, path, done)
+    fut = sup.ports.files.digest(path, done)
     if progress is None:
         yield Wait(fut.done, 600.0, "digest")
         return fut.result()
-    total = os.path.getsize(path)
+    total = sup.ports.files.size(path)
     t0 = sup.now
     end = t0 + 600.0
     while not fut.done() and sup.now < end:

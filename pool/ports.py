@@ -5,7 +5,8 @@ on what clients were served), proves a retired worker's memory back from NVML (a
 notes its device's level for that proof), an unload serves its model's queue before the
 workers go, and a standby fork needs the spawner's token at once (a take may name the
 fork before the spawner has said its pid), and a standby's preload is decided from the
-model file's size and the host's available memory. Those answers are needed inside a step, so
+model file's size and the host's available memory (and a deploy's file is hashed off
+the loop). Those answers are needed inside a step, so
 they are calls, not commands; but each is a ``Protocol`` of the methods used, so a test
 hands the real core, its standbys and its operations a fake store, fake device memory,
 fake queues, a fake spawner and a fake host (``tests/corekit.py``). The daemon passes
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     from pool.state import Deployed, ModelState
 
 
@@ -73,7 +76,8 @@ class Spawner(Protocol):
 
 
 class HostFiles(Protocol):
-    """The host, for what a standby's preload decides (``pool.preload``)."""
+    """The host's files: what a standby's preload decides (``pool.preload``) and the
+    digest an operation records (``pool.operations.digest_then``)."""
 
     def size(self, path: str) -> int:
         """The file's size in bytes; raise OSError if it cannot be read."""
@@ -83,6 +87,10 @@ class HostFiles(Protocol):
 
     def realpath(self, path: str) -> str:
         """``path`` with every symbolic link resolved."""
+
+    def digest(self, path: str, done: list[int]) -> Future[str]:
+        """The file's ``sha256:`` digest, computed off the caller's thread; ``done[0]``
+        counts the bytes hashed so far (for progress)."""
 
 
 @dataclass(frozen=True)
