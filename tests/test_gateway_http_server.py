@@ -135,6 +135,7 @@ def test_expect_100_continue() -> None:
             assert read_answer(c.makefile("rb")).status == 413
 
 
+@pytest.mark.slow  # waits out the server's timers
 def test_slow_headers_get_408_and_idle_connections_close() -> None:
     limits = Limits(head_s=0.5, keepalive_s=0.5, body_s=0.5)
     with serving(handle, limits) as s:
@@ -171,6 +172,7 @@ def test_a_huge_head_gets_431() -> None:
     assert calls == []
 
 
+@pytest.mark.slow  # waits out the server's timers
 def test_a_client_that_never_reads_is_paused_then_dropped() -> None:
     """Answers of 1 MiB to a client that only sends: the server stops reading its
     requests once the write buffer is full, and drops the connection after send_s."""
@@ -276,6 +278,7 @@ def test_a_client_that_half_closes_still_gets_its_answers() -> None:
         assert r.read() == b""
 
 
+@pytest.mark.slow  # waits out the server's timers
 def test_bytes_that_are_no_request_keep_no_connection_open() -> None:
     """Idle time counts from the last answer: stray CRLFs (which llhttp skips) are not
     activity, and a refused client that keeps sending is cut off after linger_s."""

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -19,6 +21,7 @@ def _run(code: str) -> str:
     return out.stdout
 
 
+@pytest.mark.slow  # imports torch in a child and forks
 def test_priming_leaves_the_spawner_single_threaded_and_a_forked_child_scripts() -> None:
     # The spawner forks after priming: a second thread there could hold a lock in a child.
     out = _run(
