@@ -1,15 +1,18 @@
 """Helpers for the HTTP server tests: the gateway's HttpServer on a loop of its own
-thread, and a raw-socket reader of HTTP/1.1 answers."""
+thread, a raw-socket reader of HTTP/1.1 answers, and a self-signed certificate."""
 
 from __future__ import annotations
 
 import asyncio
+import shutil
 import socket
 import ssl
+import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import BinaryIO
 
 from gateway.http_server import HttpServer
@@ -91,3 +94,20 @@ def at_eof(sock: socket.socket) -> bool:
         return True
     except TimeoutError:
         return False
+
+
+OPENSSL = shutil.which("openssl")
+NO_OPENSSL = "openssl is not installed (to make a certificate)"
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for localhost and 127.0.0.1, valid a day, and its key (PEM)."""
+    assert OPENSSL is not None, NO_OPENSSL
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [OPENSSL, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return cert, key

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import socket
 import ssl
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from httpkit import at_eof, connect, read_answer, serving
+from httpkit import NO_OPENSSL, OPENSSL, at_eof, connect, read_answer, self_signed, serving
 
 from gateway.http_api import Response
 from gateway.http_server import tls_context
@@ -228,19 +226,10 @@ def test_graceful_shutdown_finishes_what_is_in_flight() -> None:
         idle.close()
 
 
-OPENSSL = shutil.which("openssl")
 
-
-@pytest.mark.skipif(OPENSSL is None, reason="openssl is not installed (to make a certificate)")
+@pytest.mark.skipif(OPENSSL is None, reason=NO_OPENSSL)
 def test_tls(tmp_path: Path) -> None:
-    assert OPENSSL is not None
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [OPENSSL, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
+    cert, key = self_signed(tmp_path)
     with serving(handle, tls=tls_context(str(cert), str(key))) as s:
         ctx = ssl.create_default_context(cafile=str(cert))
         with ctx.wrap_socket(connect(s.port), server_hostname="localhost") as c:

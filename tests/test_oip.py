@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import psutil
 import pytest
+from httpkit import NO_OPENSSL, OPENSSL, self_signed
 from modelkit import make_mlp, make_two_input, mlp_input, mlp_reference
 from oipkit import free_ports, gateway_pid, gateway_pids, make_half_long
 from poolkit import Pool, running_pool, wait_for
@@ -522,24 +523,15 @@ def test_several_gateways_share_a_port_and_all_exit_with_poold(tmp_path: Any) ->
         )
 
 
-OPENSSL = shutil.which("openssl")
-
 
 @pytest.mark.slow
-@pytest.mark.skipif(OPENSSL is None, reason="openssl is not installed (to make a certificate)")
+@pytest.mark.skipif(OPENSSL is None, reason=NO_OPENSSL)
 def test_tls_and_bearer_token_on_both_protocols(tmp_path: Any) -> None:
     """oip_tls_cert/key serve HTTPS and gRPC over TLS; oip_token_file makes every call but
     health need the token, over both."""
     import ssl
 
-    assert OPENSSL is not None
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [OPENSSL, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
+    cert, key = self_signed(tmp_path)
     token = tmp_path / "token"
     token.write_text("s3cret-token\n")
     http, grpc = free_ports(2)
