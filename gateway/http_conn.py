@@ -15,7 +15,10 @@ it waits on; no Task, no ASGI messages) and its ``Response`` goes out in one wri
   connection before it has read the answer.
 - ``Expect: 100-continue`` is answered at once when nothing is ahead in the queue
   (an interim answer must not overtake an earlier request's); over the limit it is 413.
-- The server's sweep (http_server.py) calls ``check`` once a second for the timeouts.
+- The server's sweep (http_server.py) calls ``check`` once a second for the timeouts:
+  a head not complete in ``head_s``, a body silent for ``body_s`` or, past ``body_s``,
+  slower than ``min_body_rate`` on average (408); idle for ``keepalive_s`` (closed).
+- Past the server's ``max_connections``, a new connection is answered 503 and closed.
 
 The read phase and its transitions (``_NEXT``)::
 
@@ -106,6 +109,8 @@ class HttpConnection(asyncio.Protocol):
         # out (idle is counted from it: bytes that are no request, such as stray CRLFs,
         # keep nothing open), the current head's first byte, the write pause, the linger
         self.stamp = self.answered_at = self.head_at = self.paused_at = self.loop.time()
+        self.body_at = self.stamp  # the current body's start (its headers' end)
+        self.over_capacity = False  # set by the server: refuse this one at once
         # the request being parsed
         self.url = b""
         self.headers: dict[str, str] = {}
@@ -123,6 +128,8 @@ class HttpConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's: not a subclass
         self.tls = self.transport.get_extra_info("sslcontext") is not None
         self.connections.add(self)
+        if self.over_capacity:
+            self._refuse(503, "OVERLOADED: too many connections to this gateway; try again")
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.phase is not Phase.CLOSED:
@@ -209,6 +216,7 @@ class HttpConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._to(Phase.BODY)
+        self.body_at = self.loop.time()
         declared = self.headers.get("content-length", "")
         limit = self.limits.max_body
         if declared.isdigit() and int(declared) > limit:
@@ -372,6 +380,12 @@ class HttpConnection(asyncio.Protocol):
             self._refuse(408, f"TIMEOUT: request head not complete within {lim.head_s:g} s")
         elif phase is Phase.BODY and now - self.stamp > lim.body_s:
             self._refuse(408, f"TIMEOUT: request body stalled for {lim.body_s:g} s")
+        elif (
+            phase is Phase.BODY
+            and now - self.body_at > lim.body_s
+            and self.body_size < lim.min_body_rate * (now - self.body_at)
+        ):
+            self._refuse(408, f"TIMEOUT: request body slower than {lim.min_body_rate} bytes/s")
         elif (
             phase is Phase.IDLE
             and self.coro is None

@@ -26,6 +26,7 @@ from gateway.http_wire import Handler, Limits
 log = logging.getLogger("gateway")
 SWEEP_S = 1.0
 BACKLOG = 2048
+CAP_WARN_EVERY_S = 10.0  # how often a full connection table is said in the log
 
 
 def tls_context(cert: str, key: str) -> ssl.SSLContext:
@@ -49,12 +50,29 @@ class HttpServer:
         self._date = _date_line()
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.TimerHandle | None = None
+        self.refused = 0  # connections answered 503: the table was full
+        self._warned_at = -CAP_WARN_EVERY_S
+        self._refused_since_warning = 0
 
     def date(self) -> bytes:
         return self._date
 
     def _connection(self) -> HttpConnection:
-        return HttpConnection(self.handle, self.limits, self.connections, self.date)
+        conn = HttpConnection(self.handle, self.limits, self.connections, self.date)
+        cap = self.limits.max_connections
+        if cap and len(self.connections) >= cap:
+            conn.over_capacity = True
+            self.refused += 1
+            self._refused_since_warning += 1
+            now = time.monotonic()
+            if now - self._warned_at >= CAP_WARN_EVERY_S:
+                log.warning(
+                    "HTTP gateway: %d connections open, the most it takes; %d new one(s) "
+                    "answered 503 since the last warning",
+                    len(self.connections), self._refused_since_warning,
+                )  # fmt: skip
+                self._warned_at, self._refused_since_warning = now, 0
+        return conn
 
     async def start(self, host: str, port: int, sock: socket.socket | None = None) -> None:
         loop = asyncio.get_running_loop()

@@ -23,6 +23,13 @@ class Limits:
     keepalive_s: float = 5.0  # idle between requests (uvicorn's default too)
     head_s: float = 10.0  # a request's first byte to the end of its headers (slowloris)
     body_s: float = 30.0  # the longest silence inside a body
+    # ... and, once a body has run body_s, the slowest it may arrive on average: a client
+    # trickling a byte every body_s would otherwise hold its connection for ever
+    min_body_rate: int = 1024  # bytes per second
+    # Open connections at once (0: no cap); past it a new one is answered 503 and closed,
+    # so that idle or slow clients cannot take every descriptor (gateway/main.py sets it
+    # from RLIMIT_NOFILE).
+    max_connections: int = 0
     send_s: float = 30.0  # the longest a client may leave its answers unread
     linger_s: float = 2.0  # after a refusal: drop what still comes, then close
     pipeline: int = 16  # complete requests waiting before reading pauses

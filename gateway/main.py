@@ -18,6 +18,7 @@ import asyncio
 import ctypes
 import logging
 import os
+import resource
 import signal
 import socket
 from collections.abc import Callable
@@ -172,7 +173,8 @@ async def _serve_http(
         server_version=server_version(),
     )
     tls = tls_context(args.tls_cert, args.tls_key) if args.tls_cert else None
-    server = HttpServer(api.handle, Limits(max_body=args.max_body_mb << 20), tls)
+    limits = Limits(max_body=args.max_body_mb << 20, max_connections=connection_cap())
+    server = HttpServer(api.handle, limits, tls)
     await server.start(host, port, _reuse_port_socket(host, port) if args.reuse_port else None)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -263,6 +265,26 @@ def keep_freed_memory(mmap_below: int = 64 << 20, trim_above: int = 256 << 20) -
     return bool(mallopt(M_MMAP_THRESHOLD, mmap_below)) and bool(
         mallopt(M_TRIM_THRESHOLD, trim_above)
     )
+
+
+FD_RESERVE = 64  # descriptors besides clients': the router and control links, the
+# listening socket, the loop's own, the stats snapshot, logs
+
+
+def connection_cap() -> int:
+    """How many client connections the HTTP server takes at once: the descriptor limit
+    (raised to its hard limit first) less ``FD_RESERVE``, so that a flood of idle
+    connections is answered 503 instead of leaving no descriptor for anything else."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(16, soft - FD_RESERVE)
 
 
 def main(argv: list[str] | None = None) -> int:

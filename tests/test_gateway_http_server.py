@@ -293,3 +293,84 @@ def test_bytes_that_are_no_request_keep_no_connection_open() -> None:
                 pass
             assert time.monotonic() - t0 < 3
     assert calls == []
+
+
+@pytest.mark.slow  # waits out the server's timers
+def test_a_body_that_trickles_in_gets_408_though_it_never_stalls() -> None:
+    """A byte every half second never stalls for body_s, but is far below the minimum
+    rate once body_s has passed: 408, so a slow-POST client cannot hold a connection."""
+    limits = Limits(body_s=1.0, min_body_rate=100)
+    with serving(handle, limits) as s, connect(s.port, timeout=10) as c:
+        c.sendall(b"POST /trickle HTTP/1.1\r\nContent-Length: 1000\r\n\r\n")
+        t0 = time.monotonic()
+        answer = None
+        c.settimeout(0.5)
+        while time.monotonic() - t0 < 6 and answer is None:
+            try:
+                c.sendall(b"x")
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            try:
+                head = c.recv(4096, socket.MSG_PEEK)
+            except TimeoutError:
+                continue
+            if head:
+                answer = read_answer(c.makefile("rb"))
+        assert answer is not None and answer.status == 408
+        assert "slower than 100 bytes/s" in _error(answer.body)
+        assert 1.0 <= time.monotonic() - t0 < 4  # body_s, then the next sweep
+    assert calls == []
+
+
+def test_a_body_at_a_fair_rate_is_not_cut_off() -> None:
+    """The rate is averaged from the body's start: a body that pauses but keeps up is
+    answered."""
+    limits = Limits(body_s=0.5, min_body_rate=100)
+    with serving(handle, limits) as s, connect(s.port, timeout=10) as c:
+        c.sendall(b"POST /steady HTTP/1.1\r\nContent-Length: 400\r\n\r\n")
+        for _ in range(4):
+            c.sendall(b"y" * 100)
+            time.sleep(0.3)  # 333 bytes/s on average
+        a = read_answer(c.makefile("rb"))
+        assert a.status == 200
+    assert [path for _, path, _ in calls] == ["/steady"]
+
+
+def test_past_the_connection_cap_a_new_client_gets_503_and_the_others_are_served() -> None:
+    with serving(handle, Limits(max_connections=3)) as s:
+        held = [connect(s.port) for _ in range(3)]
+        try:
+            time.sleep(0.2)  # all three accepted
+            with connect(s.port) as extra:
+                extra.sendall(b"GET /extra HTTP/1.1\r\nHost: x\r\n\r\n")
+                a = read_answer(extra.makefile("rb"))
+                assert a.status == 503 and "too many connections" in _error(a.body)
+                assert a.headers.get("connection") == "close"
+            assert s.server.refused == 1
+            held[0].sendall(b"GET /held HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_answer(held[0].makefile("rb")).status == 200
+        finally:
+            for c in held:
+                c.close()
+        time.sleep(0.3)  # their connection_lost ran: the table has room again
+        with connect(s.port) as again:
+            again.sendall(b"GET /again HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_answer(again.makefile("rb")).status == 200
+    assert [path for _, path, _ in calls] == ["/held", "/again"]
+
+
+def test_the_gateway_takes_as_many_connections_as_its_descriptors_allow() -> None:
+    import resource
+
+    from gateway.main import FD_RESERVE, connection_cap
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(512, hard), hard))
+        cap = connection_cap()
+        now = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        assert now == hard  # raised to the hard limit first
+        limit = now if now != resource.RLIM_INFINITY else 1 << 20
+        assert cap == max(16, limit - FD_RESERVE)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
