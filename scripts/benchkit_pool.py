@@ -116,12 +116,18 @@ def start_pool(procs: Procs, tmp: str, models: list[dict[str, Any]],
             raise BenchError(f"poold exited {proc.returncode}:\n{pool.log_tail()}")
         try:
             data = pool.ctl("status")["data"]
+        except Exception:  # not listening yet
+            data = None
+        if data is not None:
             if data["models"] and all(
                 m["status"] == "serving" and m["workers"]
                 and all(w["state"] == "ready" for w in m["workers"]) for m in data["models"]):
                 return pool
-        except Exception:  # not listening yet
-            pass
+            # A model whose restarts gave up will not serve: say so now, not at the timeout.
+            failed = [m["name"] for m in data["models"] if m["status"] == "failed"]
+            if failed:
+                raise BenchError(f"model(s) {', '.join(failed)} failed to start:\n"
+                                 f"{pool.log_tail()}")
         if time.monotonic() > end:
             raise BenchError(f"poold not serving after {boot_timeout_s:.0f}s:\n{pool.log_tail()}")
         time.sleep(0.1)

@@ -91,3 +91,28 @@ def test_bench_router_and_big_quick(tmp_path: Path) -> None:
     left = [p.info for p in psutil.process_iter(["pid", "cmdline"])
             if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
     assert not left, left
+
+
+@pytest.mark.slow
+def test_a_pool_whose_model_cannot_start_is_reported_at_once(tmp_path: Path) -> None:
+    """benchkit_pool.start_pool gives up as soon as a model is marked failed, with
+    poold's log, instead of waiting out its boot timeout (600 s in bench_standby)."""
+    import time
+
+    from benchkit import BenchError
+    from benchkit_pool import start_pool
+    from benchkit_procs import Procs
+
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a model")
+    (tmp_path / "logs").mkdir()
+    procs = Procs(str(tmp_path / "logs"))
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(BenchError, match="failed to start") as err:
+            start_pool(procs, str(tmp_path / "pool"), [{"name": "m", "path": str(bad),
+                       "devices": ["cpu"], "threads": 1}], boot_timeout_s=600.0)
+    finally:
+        procs.kill_all()
+    assert time.monotonic() - t0 < 120
+    assert "bad.pt" in str(err.value)  # the log tail says which file and why
