@@ -1,7 +1,8 @@
 """The OIP gRPC service, ``inference.GRPCInferenceService``, on grpc.aio.
 
 Requests carry tensors either as typed ``contents`` or, as tritonclient sends them, as
-``raw_input_contents`` (one bytes entry per input, in order). Answers always use
+``raw_input_contents`` (one bytes entry per input, in order), which ModelInfer's own
+deserializer (gateway/grpc_wire.py) leaves as views of the received bytes. Answers use
 ``raw_output_contents``: the output bytes pass through from the worker without a copy
 into typed lists, and every OIP client reads them.
 """
@@ -9,6 +10,7 @@ into typed lists, and every OIP client reads them.
 from __future__ import annotations
 
 import hmac
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -16,6 +18,7 @@ import grpc
 from gateway import inference, tensors
 from gateway.catalog import PLATFORM, Catalog
 from gateway.errors import UNAUTHENTICATED, GatewayError, bad_request
+from gateway.grpc_wire import InferCall, parse_infer_request
 from gateway.http_api import EXTENSIONS
 from gateway.proto import grpc_predict_v2_pb2 as pb
 from gateway.proto import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -43,8 +46,10 @@ def _param(params: Any, key: str) -> Any:
     return getattr(value, choice) if choice else None
 
 
-def request_inputs(request: pb.ModelInferRequest) -> list[inference.NamedTensor]:
-    raw = request.raw_input_contents
+def request_inputs(
+    request: pb.ModelInferRequest, raw: Sequence[bytes | memoryview]
+) -> list[inference.NamedTensor]:
+    """The request's tensors; ``raw``: its raw_input_contents (InferCall.raw)."""
     if not request.inputs:
         raise bad_request("inputs must be a non-empty list")
     if raw and len(raw) != len(request.inputs):
@@ -57,7 +62,7 @@ def request_inputs(request: pb.ModelInferRequest) -> list[inference.NamedTensor]
             dtype = tensors.wire_dtype(item.datatype)
             shape = tensors.check_shape(tuple(item.shape))
             if raw:
-                t = tensors.from_bytes(dtype, shape, raw[i])  # one copy out of the message
+                t = tensors.from_bytes(dtype, shape, raw[i])  # a view: no copy
             else:
                 fname = CONTENTS_FIELD.get(dtype)
                 if fname is None:
@@ -153,15 +158,16 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelInfer(  # noqa: N802
-        self, request: pb.ModelInferRequest, context: Any
+        self, call: InferCall, context: Any
     ) -> pb.ModelInferResponse:
         if self.token:
             await self._authorize(context)
         self.stats.begin("grpc")
         t0 = self.stats.now()
         code = "OK"
+        request = call.message
         try:
-            given = request_inputs(request)
+            given = request_inputs(request, call.raw)
             timeout_s = _timeout(request, context)
             answer = await inference.infer(
                 self.upstream,
@@ -220,5 +226,30 @@ def _timeout(request: pb.ModelInferRequest, context: Any) -> float | None:
     return min(candidates) if candidates else None
 
 
+SERVICE = "inference.GRPCInferenceService"
+# method -> (request type, response type): the generated registration's table
+METHODS: dict[str, tuple[Any, Any]] = {
+    "ServerLive": (pb.ServerLiveRequest, pb.ServerLiveResponse),
+    "ServerReady": (pb.ServerReadyRequest, pb.ServerReadyResponse),
+    "ModelReady": (pb.ModelReadyRequest, pb.ModelReadyResponse),
+    "ServerMetadata": (pb.ServerMetadataRequest, pb.ServerMetadataResponse),
+    "ModelMetadata": (pb.ModelMetadataRequest, pb.ModelMetadataResponse),
+    "ModelInfer": (pb.ModelInferRequest, pb.ModelInferResponse),
+}
+
+
 def add_to_server(server: grpc.aio.Server, service: InferenceService) -> None:
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
+    """What ``add_GRPCInferenceServiceServicer_to_server`` does, but ModelInfer's request
+    is read by ``parse_infer_request`` (raw inputs as views, not copies)."""
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(
+            getattr(service, name),
+            request_deserializer=parse_infer_request
+            if name == "ModelInfer"
+            else request_type.FromString,
+            response_serializer=response_type.SerializeToString,
+        )
+        for name, (request_type, response_type) in METHODS.items()
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
