@@ -2,6 +2,7 @@
 """Two gateway code trees against one pool, interleaved: which one is faster, and by how much.
 
 usage: bench_oip_ab.py [--tree NAME=DIR ...] [--rounds N] [--requests N] [--big | --live]
+                       [--protocol http|grpc|both] [--clients N]
 
 A busy or shared machine moves a single latency figure by more than most changes to the
 gateway do. So this starts one pool (1 CPU worker, no gateways of its own), then an HTTP
@@ -18,6 +19,9 @@ tar -x -C /tmp/before``; this checkout is always the tree ``this``. ``--big`` se
 its first 1,000 values (resnet50's output size), instead of 1 KiB float32 [1, 256]
 to the identity: the per-request cost of large inputs. ``--live`` sends the health call
 instead (GET /v2/health/live, gRPC ServerLive): the server alone, no router.
+``--clients N`` sends from N threads at once, each with its own connection (as N
+tritonclient clients would), and also prints the round's requests/s;
+``--protocol grpc`` leaves the HTTP gateways out.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -113,7 +118,8 @@ def grpc_call(address: str, model: str, data: np.ndarray, live: bool) -> Callabl
     from gateway.proto import grpc_predict_v2_pb2 as pb
     from gateway.proto import grpc_predict_v2_pb2_grpc as pb_grpc
 
-    opts = [("grpc.max_receive_message_length", 1 << 30)]
+    # a subchannel of its own: each client its own connection, as separate processes get
+    opts = [("grpc.max_receive_message_length", 1 << 30), ("grpc.use_local_subchannel_pool", 1)]
     stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(address, options=opts))
     datatype = {"float32": "FP32", "float16": "FP16"}[str(data.dtype)]
     req = pb.ModelInferRequest(
@@ -139,13 +145,44 @@ def wait_ready(call: Callable[[], None], gw: subprocess.Popen[bytes], name: str)
             time.sleep(0.2)
 
 
+def timed_round(calls: list[Callable[[], None]], requests: int) -> tuple[list[float], float]:
+    """Every call ``requests`` times, each from a thread of its own, released together:
+    (latencies, wall seconds)."""
+    lats: list[list[float]] = [[] for _ in calls]
+    alone = len(calls) == 1  # one client: in this thread, no barrier to wait at
+    go = threading.Barrier(1 if alone else len(calls) + 1)
+
+    def client(call: Callable[[], None], lat: list[float]) -> None:
+        go.wait()
+        for _ in range(requests):
+            s = time.perf_counter()
+            call()
+            lat.append(time.perf_counter() - s)
+
+    if alone:
+        t0 = time.perf_counter()
+        client(calls[0], lats[0])
+        return lats[0], time.perf_counter() - t0
+    pairs = zip(calls, lats, strict=True)
+    threads = [threading.Thread(target=client, args=pair) for pair in pairs]
+    for t in threads:
+        t.start()
+    go.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    return [x for lat in lats for x in lat], time.perf_counter() - t0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tree", action="append", default=[], metavar="NAME=DIR")
     ap.add_argument("--rounds", type=int, default=8)
-    ap.add_argument("--requests", type=int, default=300, help="per gateway per round")
+    ap.add_argument("--requests", type=int, default=300, help="per client per gateway per round")
     ap.add_argument("--big", action="store_true", help="294 KiB float16 inputs")
     ap.add_argument("--live", action="store_true", help="the health call, not infer")
+    ap.add_argument("--protocol", choices=("http", "grpc", "both"), default="both")
+    ap.add_argument("--clients", type=int, default=1, help="concurrent clients per gateway")
     ap.add_argument("--dir", default="/tmp/oip-ab", help="scratch directory")
     args = ap.parse_args()
     # A SIGTERM (timeout(1), a CI limit) must still reach the finally below, or the pool
@@ -155,6 +192,8 @@ def main() -> int:
     for item in args.tree:
         name, _, path = item.partition("=")
         trees[name] = os.path.abspath(path)
+    makers = [(p, m) for p, m in (("http", http_call), ("grpc", grpc_call))
+              if args.protocol in (p, "both")]  # fmt: skip
     os.makedirs(args.dir, exist_ok=True)
     procs = Procs(args.dir)
     if args.big:
@@ -170,43 +209,43 @@ def main() -> int:
     pool = start_pool(procs, args.dir, [cfg])
     gateways: list[subprocess.Popen[bytes]] = []
     try:
-        targets: list[tuple[str, Callable[[], None], psutil.Process]] = []
+        targets: list[tuple[str, list[Callable[[], None]], psutil.Process]] = []
         for name, tree in trees.items():
-            for protocol, make in (("http", http_call), ("grpc", grpc_call)):
+            for protocol, make in makers:
                 address = f"127.0.0.1:{free_port()}"
                 log = os.path.join(args.dir, f"gateway-{name}-{protocol}.log")
                 gw = start_gateway(tree, protocol, address, pool, log)
                 gateways.append(gw)
-                call = make(address, "m", data, args.live)
-                wait_ready(call, gw, f"{name}/{protocol}")
-                targets.append((f"{name}/{protocol}", call, psutil.Process(gw.pid)))
-        for _, call, _ in targets:
-            for _ in range(100):
-                call()
+                calls = [make(address, "m", data, args.live) for _ in range(args.clients)]
+                wait_ready(calls[0], gw, f"{name}/{protocol}")
+                targets.append((f"{name}/{protocol}", calls, psutil.Process(gw.pid)))
+        for _, calls, _ in targets:
+            timed_round(calls, max(1, 100 // len(calls)))
         p50s: dict[str, list[float]] = {t[0]: [] for t in targets}
         cpus: dict[str, list[float]] = {t[0]: [] for t in targets}
+        rates: dict[str, list[float]] = {t[0]: [] for t in targets}
         load0 = os.getloadavg()[0]
         for i in range(args.rounds):
             # Every other round in reverse order: no tree always runs right after another.
-            for label, call, proc in targets if i % 2 == 0 else targets[::-1]:
-                c0, lat = sum(proc.cpu_times()[:2]), []
-                for _ in range(args.requests):
-                    s = time.perf_counter()
-                    call()
-                    lat.append(time.perf_counter() - s)
-                cpus[label].append((sum(proc.cpu_times()[:2]) - c0) / args.requests)
+            for label, calls, proc in targets if i % 2 == 0 else targets[::-1]:
+                c0 = sum(proc.cpu_times()[:2])
+                lat, wall = timed_round(calls, args.requests)
+                cpus[label].append((sum(proc.cpu_times()[:2]) - c0) / len(lat))
                 p50s[label].append(statistics.median(lat))
+                rates[label].append(len(lat) / wall)
         what = "294 KiB float16 -> 1,000 values" if args.big else "1 KiB float32 identity"
         if args.live:
             what = "health live (no router)"
         load1 = os.getloadavg()[0]
-        print(f"oip a/b: {what}, 1 client, {args.rounds} rounds x {args.requests} requests, "
-              f"{psutil.cpu_count()} cores, load {load0:.1f} -> {load1:.1f}")  # fmt: skip
+        print(f"oip a/b: {what}, {args.clients} client(s), {args.rounds} rounds x "
+              f"{args.requests} requests, {psutil.cpu_count()} cores, "
+              f"load {load0:.1f} -> {load1:.1f}")  # fmt: skip
         for label in p50s:
             lo, hi = min(p50s[label]), max(p50s[label])
             print(f"  {label:<14} p50 {statistics.median(p50s[label]) * 1e6:7.0f} us "
                   f"(rounds {lo * 1e6:.0f}-{hi * 1e6:.0f})  gateway cpu/req "
-                  f"{statistics.median(cpus[label]) * 1e6:6.0f} us", flush=True)  # fmt: skip
+                  f"{statistics.median(cpus[label]) * 1e6:6.0f} us  "
+                  f"{statistics.median(rates[label]):7.0f} req/s", flush=True)  # fmt: skip
     finally:
         for gw in gateways:
             try:
