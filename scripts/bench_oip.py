@@ -26,7 +26,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-from benchkit import BenchError, Compare, Load, num, readline, wait_ready
+import psutil
+from benchkit import BenchError, Compare, Load, cpu_seconds, num, readline, wait_ready
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROLES = os.path.join(HERE, "bench_oip_roles.py")
@@ -237,16 +238,38 @@ def oip_batching(b: Any) -> None:
     with b.pool("oip-batching", [cfg], boot_timeout_s=600.0, grpc=f"127.0.0.1:{grpc}",
                 **procs) as pool:  # fmt: skip
         _wait_port(grpc)
+        name = grpc_input_name(f"127.0.0.1:{grpc}", "id")
+        gateways = gateway_pids(pool.proc.pid)
+        cpu0, host0 = cpu_seconds(gateways), psutil.cpu_times()
         g = run_oip_clients(b, "grpc-client", f"127.0.0.1:{grpc}", clients, seconds,
                             dtype="float16", shape=shape, check_identity=False, warm=5,
-                            input=grpc_input_name(f"127.0.0.1:{grpc}", "id"))
-        g = {"section": "oip", "name": "resnet50 over OIP/gRPC", **g}
+                            input=name)  # fmt: skip
+        # whether the gateways or the host ran out of CPU: the next step differs
+        gw_us = (cpu_seconds(gateways) - cpu0) / max(1, g["requests"]) * 1e6
+        g = {"section": "oip", "name": "resnet50 over OIP/gRPC", **g,
+             "gateway_processes": len(gateways), "gateway_cpu_us": gw_us,
+             "host_busy": host_busy(host0, psutil.cpu_times())}  # fmt: skip
         b.rows.append(g)
-        print(f"  gRPC: {num(g['rps'])} images/s, p50 {num(g['p50_us'])} us, errors {g['errors']}")
+        print(f"  gRPC: {num(g['rps'])} images/s, p50 {num(g['p50_us'])} us, errors "
+              f"{g['errors']}; gateway cpu/req {num(gw_us)} us over {len(gateways)} "
+              f"processes (warm-up included), host CPU busy {g['host_busy']:.0%}")  # fmt: skip
         load = Load("float16", shape, model="id", seconds=seconds, warm=5)
         z = b.measure("oip", "resnet50 over ZeroMQ", pool.frontend, clients, load)
     b.compare(Compare("oip", f"images/s, {clients} clients x batch 1", "pool grpc", g["rps"],
                       "pool zmq", z["rps"], "images/s", target=0.7))
+
+
+def gateway_pids(poold: int) -> list[int]:
+    """The gateway processes poold runs (``python -m gateway``)."""
+    kids = psutil.Process(poold).children()
+    return [k.pid for k in kids if "gateway" in " ".join(k.cmdline())]
+
+
+def host_busy(before: Any, after: Any) -> float:
+    """The fraction of the host's CPU time that was not idle between two cpu_times()."""
+    total = sum(after) - sum(before)
+    idle = (after.idle + after.iowait) - (before.idle + before.iowait)
+    return 1.0 - idle / total if total > 0 else math.nan
 
 
 def grpc_input_name(address: str, model: str) -> str:
