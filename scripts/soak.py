@@ -13,6 +13,12 @@ For ``--minutes`` (default 10), against a small two-version MLP on two CPU worke
                added, wrong protocol id); answers counted, never required
   upgrades     upgrade to the other version, then a rollback, in a loop
 
+and with ``--oip`` the HTTP gateway too (scripts/soak_oip.py): ``--oip-clients``
+OIP/HTTP keep-alive clients checked like the others, and one peer misbehaving at the
+HTTP level in turns (slowloris, a trickled body, requests never read, bytes that are
+not HTTP, requests dropped half way). The gateway must keep its pid (poold never had
+to restart it) and its descriptors (growth at most ``--max-gateway-fd-growth``).
+
 It prints the requests, the failures by error code (an error code is an answer: the
 pool said what happened), the requests *lost* (no answer at all before the client gave
 up: the client waits past the deadline the pool enforces), and poold's RSS and open
@@ -51,6 +57,7 @@ from typing import Any
 
 import zmq
 from soak_faults import connections, killer, upgrades
+from soak_oip import gateway_pid, gateway_sample, hostile, oip_client
 from soak_tally import Tally
 from soak_traffic import MODEL, client, fuzzer, slow_reader
 from stresskit import PoolProcess, model_set, proc_stats
@@ -63,17 +70,33 @@ MiB = 1 << 20
 class Soak:
     """Every part at once, against one poold, then the verdict."""
 
-    def __init__(self, args: argparse.Namespace, pool: PoolProcess, port: int) -> None:
+    def __init__(
+        self, args: argparse.Namespace, pool: PoolProcess, port: int, http_at: str = ""
+    ) -> None:
         self.args = args
         self.pool = pool
         self.frontend = f"tcp://127.0.0.1:{port}"
         self.port = port
+        self.http_at = http_at  # the OIP/HTTP gateway's address ("": no --oip)
         self.models = model_set(os.path.join(pool.dir, "models"), "small")
         self.tally = Tally()
+        self.gateway: int | None = None
 
-    def sample(self) -> dict[str, int | None]:
+    def sample(self) -> dict[str, Any]:
         rss, fds, threads = proc_stats(self.pool.proc.pid)
-        return {"rss": rss, "fds": fds, "threads": threads}
+        out: dict[str, Any] = {"rss": rss, "fds": fds, "threads": threads}
+        if self.http_at:
+            out["gateway"] = gateway_sample(gateway_pid(self.pool.proc.pid))
+        return out
+
+    def oip_jobs(self, a: argparse.Namespace) -> list[Callable[[], None]]:
+        if not self.http_at:
+            return []
+        tally, at, models = self.tally, self.http_at, self.models
+        jobs: list[Callable[[], None]] = [lambda: hostile(tally, at, models)]
+        for i in range(a.oip_clients):
+            jobs.append(lambda i=i: oip_client(tally, at, models, a.request_timeout_s, i))
+        return jobs
 
     def run(self) -> dict[str, Any]:
         ctx: zmq.Context[Any] = zmq.Context()
@@ -84,6 +107,7 @@ class Soak:
             lambda: fuzzer(tally, ctx, self.frontend, self.models),
             lambda: connections(tally, self.port, a.connections),
             lambda: upgrades(tally, control, self.models, a.upgrade_every),
+            *self.oip_jobs(a),
         ]
         threads = [threading.Thread(target=job, daemon=True) for job in jobs]
         threads += [
@@ -134,6 +158,18 @@ class Soak:
             and start["rss"] is not None
             and growth <= self.args.max_rss_growth_mb * MiB
         )
+        if self.http_at:
+            g0, g1, g2 = start["gateway"], end["gateway"], after["gateway"]
+            verdict["gateway_kept"] = g0["pid"] is not None and g0["pid"] == g1["pid"]
+            verdict["gateway_fd_growth"] = (
+                g2["fds"] - g0["fds"] if g0["fds"] is not None and g2["fds"] is not None else None
+            )
+            verdict["ok"] = bool(
+                verdict["ok"]
+                and verdict["gateway_kept"]
+                and verdict["gateway_fd_growth"] is not None
+                and verdict["gateway_fd_growth"] <= self.args.max_gateway_fd_growth
+            )
         return {
             "seconds": round(time.monotonic() - t0, 1),
             "settle_s": self.args.settle_s,
@@ -146,6 +182,21 @@ class Soak:
             "verdict": verdict,
             "problems": self.tally.problems,
         }
+
+
+def wait_http_ready(at: str, timeout_s: float = 60.0) -> None:
+    import urllib.request
+
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        try:
+            with urllib.request.urlopen(f"http://{at}/v2/health/ready", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"the HTTP gateway on {at} not ready after {timeout_s:.0f} s")
 
 
 def free_port() -> int:
@@ -194,6 +245,14 @@ def print_summary(s: dict[str, Any]) -> None:
         f"descriptors {c['fds']}"
     )
     print(f"  poold alive at the end: {v['poold_alive']}")
+    if "gateway_kept" in v:
+        g0, g1, g2 = (s[k]["gateway"] for k in ("poold_start", "poold_end", "poold_after"))
+        print(
+            f"  HTTP gateway: pid {g0['pid']} -> {g1['pid']} (kept: {v['gateway_kept']}); "
+            f"RSS {fmt_mb(g0['rss'])} -> {fmt_mb(g1['rss'])}; descriptors {g0['fds']} -> "
+            f"{g1['fds']}, {g2['fds']} after the clients left (growth "
+            f"{v['gateway_fd_growth']})"
+        )
     for p in s["problems"][:10]:
         print(f"  problem: {p}")
     print("PASS" if v["ok"] else "FAIL")
@@ -243,6 +302,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="poold's max_unread_reply_mb: what the slow reader may hold (4: reached in "
         "the warm-up, so that RSS after it must stay flat)",
     )
+    ap.add_argument(
+        "--oip", action="store_true", help="the OIP/HTTP gateway too (scripts/soak_oip.py)"
+    )
+    ap.add_argument("--oip-clients", type=int, default=2, help="OIP/HTTP clients (2)")
+    ap.add_argument(
+        "--max-gateway-fd-growth",
+        type=int,
+        default=8,
+        help="the gateway's descriptor growth, start to after, that fails the run (8)",
+    )
     ap.add_argument("--dir", help="work directory, kept (default: a temporary one, removed)")
     ap.add_argument("--json", action="store_true", help="print one JSON summary, nothing else")
     args = ap.parse_args(argv)
@@ -256,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     args.connections = connection_budget(args.connections)
     work = args.dir or tempfile.mkdtemp(prefix="soak-", dir="/tmp")
     port = free_port()
+    http_at = f"127.0.0.1:{free_port()}" if args.oip else ""
+    oip = {"http": http_at, "oip_processes": 1} if args.oip else {}
     models = model_set(os.path.join(work, "models"), "small")
     model = {
         "name": MODEL,
@@ -271,10 +342,13 @@ def main(argv: list[str] | None = None) -> int:
         heartbeat_interval_s=1.0,
         heartbeat_timeout_s=5.0,
         max_unread_reply_mb=args.unread_mb,
+        **oip,
     )
     try:
         pool.wait_serving(ControlClient(pool.control))
-        summary = Soak(args, pool, port).run()
+        if http_at:
+            wait_http_ready(http_at)
+        summary = Soak(args, pool, port, http_at).run()
     finally:
         rc = pool.stop()
         if not args.dir:  # our own temporary directory: nothing in it is wanted later
