@@ -10,24 +10,27 @@ hands protobuf the other fields (a few hundred bytes: names, shapes, parameters)
 parse as usual. Protobuf encodings of fields concatenate (a message is the sequence of
 its fields), so what protobuf sees is exactly the request minus its raw inputs; any
 byte string this walk cannot follow is given to protobuf whole, which then accepts or
-refuses it as it always did.
+refuses it as it always did; so is a request under 16 KiB, whose copies cost less than
+the walk.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from gateway.proto import grpc_predict_v2_pb2 as pb
 
 # ModelInferRequest.raw_input_contents = 7, length-delimited (wire type 2)
 RAW_INPUT_KEY: Final = 7 << 3 | 2
+# Below this a request is parsed whole: protobuf's copies of a few KiB cost less than
+# the walk in Python (1 KiB: 4.2 us whole, 6.5 us split; 294 KiB: 18 us, 6.7 us).
+SPLIT_FROM: Final = 16384
 
 
-@dataclass(frozen=True)
-class InferCall:
+class InferCall(NamedTuple):  # a tuple: made per request, cheaper than a dataclass
     """A ModelInferRequest as the service reads it: every field but the raw inputs in
-    ``message``; the raw inputs, in order, in ``raw`` (views of the received bytes)."""
+    ``message``; the raw inputs, in order, in ``raw`` (views of the received bytes, or
+    bytes when the request was parsed whole)."""
 
     message: pb.ModelInferRequest
     raw: list[memoryview] | list[bytes]
@@ -87,9 +90,15 @@ def split_raw(data: bytes) -> tuple[bytes, list[memoryview]]:
 
 def parse_infer_request(data: bytes) -> InferCall:
     """gRPC's request deserializer for ModelInfer."""
-    try:
-        rest, raw = split_raw(data)
-    except WireError:
-        whole = pb.ModelInferRequest.FromString(data)  # raises as protobuf always did
-        return InferCall(whole, list(whole.raw_input_contents))
-    return InferCall(pb.ModelInferRequest.FromString(rest), raw)
+    if len(data) >= SPLIT_FROM:
+        try:
+            rest, views = split_raw(data)
+        except WireError:
+            pass  # protobuf's to accept or refuse, below
+        else:
+            return InferCall(pb.ModelInferRequest.FromString(rest), views)
+    whole = pb.ModelInferRequest.FromString(data)  # raises as protobuf always did
+    raw = list(whole.raw_input_contents)
+    if raw:
+        whole.ClearField("raw_input_contents")
+    return InferCall(whole, raw)

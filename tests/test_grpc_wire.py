@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECK = r"""
 import random
 from google.protobuf.message import DecodeError
-from gateway.grpc_wire import parse_infer_request, split_raw
+from gateway.grpc_wire import WireError, parse_infer_request, split_raw
 from gateway.proto import grpc_predict_v2_pb2 as pb
 
 R = pb.ModelInferRequest
@@ -91,6 +91,17 @@ for bad in (wire[:-1], wire[:5], wire[:len(wire) // 2], bytes([0x3A, 0xFF]),
     same(bad)
 rest, raw = split_raw(wire)
 assert len(rest) < 300 and [bytes(r) for r in raw] == list(m.raw_input_contents)
+# the walk itself on what it cannot follow (small requests are protobuf's alone)
+for bad in (bytes([0x3A, 0xFF]), bytes([0x3A, 0x05, 1]), bytes([0x08] + [0xFF] * 11),
+            bytes([0x3B, 0x3C]), bytes([0x0D, 1, 2])):
+    try:
+        split_raw(bad)
+    except WireError:
+        continue
+    raise AssertionError(f"walked past a malformed field: {bad!r}")
+small = R(model_name="s", inputs=[T(name="a", datatype="FP32", shape=[1])],
+          raw_input_contents=[b"abcd"]).SerializeToString()
+assert split_raw(small)[1][0] == b"abcd" and same(small).raw == [b"abcd"]
 print("ok")
 """
 

@@ -222,6 +222,19 @@ def test_two_inputs_two_outputs(pool: Pool, proto: str) -> None:
     np.testing.assert_array_equal(out[1], a * b)
 
 
+def test_grpc_large_raw_inputs_reach_the_model_whole(pool: Pool) -> None:
+    """Two 256 KiB inputs of different types: ModelInfer's deserializer walks the request
+    and passes each raw input on, in order, as a view of the received bytes
+    (gateway/grpc_wire.py)."""
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((64, 2048)).astype(np.float16)
+    b = rng.integers(-(2**40), 2**40, (64, 512), dtype=np.int64)
+    r = _infer_grpc(pool, "mixed", [a, b])
+    half, long = (r.as_numpy(n) for n in _output_names(pool, "mixed"))
+    np.testing.assert_array_equal(half, a * 2)
+    np.testing.assert_array_equal(long, b + 1)
+
+
 def _output_names(p: Pool, model: str) -> list[str]:
     return [o["name"] for o in _http(p).get_model_metadata(model)["outputs"]]
 
