@@ -130,29 +130,30 @@ def _connect(at: str) -> socket.socket:
     return socket.create_connection((host, int(port)), timeout=5)
 
 
-def _slowloris(tally: Tally, at: str, until: float) -> None:
+def _drip(tally: Tally, at: str, until: float, what: str, start: bytes, drop: bytes,
+          every_s: float) -> None:
+    """``start``, then ``drop`` every ``every_s`` until ``until`` or the server cuts it off."""
     with _connect(at) as s:
-        s.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: soak\r\n")
+        s.sendall(start)
         while time.monotonic() < until and not tally.stop.is_set():
             try:
-                s.sendall(b"X-Slow: 1\r\n")
+                s.sendall(drop)
             except OSError:
-                tally.note("OIP slowloris cut off")
+                tally.note(f"OIP {what} cut off")
                 return
-            time.sleep(1.0)
+            time.sleep(every_s)
+
+
+def _slowloris(tally: Tally, at: str, until: float) -> None:
+    """A head a header a second: cut off by the server's head_s (10 s)."""
+    _drip(tally, at, until, "slowloris", b"GET /v2/health/live HTTP/1.1\r\nHost: soak\r\n",
+          b"X-Slow: 1\r\n", 1.0)  # fmt: skip
 
 
 def _trickle(tally: Tally, at: str, until: float) -> None:
-    with _connect(at) as s:
-        s.sendall(b"POST /v2/models/soak/infer HTTP/1.1\r\nHost: soak\r\n"
-                  b"Content-Length: 100000\r\n\r\n")  # fmt: skip
-        while time.monotonic() < until and not tally.stop.is_set():
-            try:
-                s.sendall(b"{")
-            except OSError:
-                tally.note("OIP trickle cut off")
-                return
-            time.sleep(0.5)
+    """A body two bytes a second, never silent for long: cut off by the minimum rate."""
+    _drip(tally, at, until, "trickle", b"POST /v2/models/soak/infer HTTP/1.1\r\nHost: soak"
+          b"\r\nContent-Length: 100000\r\n\r\n", b"{", 0.5)  # fmt: skip
 
 
 def _never_reads(tally: Tally, at: str, until: float, name: str, x: np.ndarray) -> None:
