@@ -18,6 +18,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -46,6 +47,19 @@ STRATEGIES = ("auto", "surge", "drain-first")
 Reply = Callable[[dict[str, Any]], None]
 
 
+@dataclass
+class Preparing:
+    """An upgrade or rollback still hashing its file, before any worker starts: a cancel
+    now ends it there (Ctrl-C right after ``pool-ctl upgrade``, while a big file hashes)."""
+
+    action: str
+    version: str | None
+    cancelled: str | None = None
+
+    def cancel(self, why: str) -> None:
+        self.cancelled = why
+
+
 class CommandError(Exception):
     pass
 
@@ -69,7 +83,8 @@ class ControlServer:
         self.roots = roots
         self.on_reload = on_reload
         self.started = time.time()
-        self.running: dict[str, Upgrade] = {}  # model -> its upgrade/rollback, for cancel
+        # model -> its upgrade/rollback (hashing, then running), for cancel
+        self.running: dict[str, Upgrade | Preparing] = {}
         # The OIP gateways' processes for status (poold sets it once they exist).
         self.gateways: Callable[[], list[dict[str, Any]]] = list
         self.commands: dict[str, Callable[[dict[str, Any], Reply], None]] = {
@@ -261,6 +276,7 @@ class ControlServer:
         Request args: model, uid?. The running upgrade or rollback gives up at its next
         wait for a new worker and puts the serving version back; its own result then
         says rolled_back with the reason. Once traffic switched, it completes instead.
+        One still hashing its file ends there (``Preparing``): outcome cancelled.
         """
         rt = self.model(args)
         up = self.running.get(rt.name)
@@ -270,7 +286,8 @@ class ControlServer:
         up.cancel(f"cancelled by pool-ctl cancel (uid {uid})")
         log.warning("%s of %s: cancel requested by uid %s", up.action, rt.name, uid,
                     extra={"model": rt.name, "event": "cancel", "peer_uid": uid})  # fmt: skip
-        data = {"model": rt.name, "operation": up.action, "target_version": up.target.version}
+        target = up.target.version if isinstance(up, Upgrade) else up.version
+        data = {"model": rt.name, "operation": up.action, "target_version": target}
         reply({"type": "result", "ok": True, "data": data})
 
     def cmd_upgrade(self, args: dict[str, Any], reply: Reply) -> None:
@@ -342,7 +359,16 @@ class ControlServer:
         def op() -> ModelOp:
             t_start = time.monotonic()
             progress("digest", path=path)
-            digest = yield from digest_then(sup, path, progress)
+            prep = Preparing(action, version)
+            self.running[rt.name] = prep
+            try:
+                digest = yield from digest_then(
+                    sup, path, progress, stop=lambda: prep.cancelled is not None
+                )
+            finally:
+                self.running.pop(rt.name, None)
+            if prep.cancelled is not None:  # nothing started: nothing to put back
+                return OpFailed(rt.name, prep.cancelled, "cancelled")
             if expect_digest and digest != expect_digest:
                 return OpFailed(
                     rt.name,

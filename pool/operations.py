@@ -22,21 +22,25 @@ PROGRESS_EVERY_S = 0.25
 
 
 def digest_then(
-    sup: Supervisor, path: str, progress: Callable[..., None] | None = None
+    sup: Supervisor,
+    path: str,
+    progress: Callable[..., None] | None = None,
+    stop: Callable[[], bool] = lambda: False,
 ) -> Generator[Wait, bool, str]:
     """Hash a model file on a thread so a big file never stalls routing; with
-    ``progress``, report ``hashing`` with bytes done and total while it runs."""
+    ``progress``, report ``hashing`` with bytes done and total while it runs. ``stop``
+    (a cancel) ends the wait at once: "" then (the hash finishes on its thread unused)."""
     done = [0]
     fut = sup.ports.files.digest(path, done)
-    if progress is None:
-        yield Wait(fut.done, 600.0, "digest")
-        return fut.result()
-    total = sup.ports.files.size(path)
+    total = sup.ports.files.size(path) if progress is not None else 0
     t0 = sup.now
     end = t0 + 600.0
+    every = PROGRESS_EVERY_S if progress is not None else 600.0
     while not fut.done() and sup.now < end:
-        yield Wait(fut.done, PROGRESS_EVERY_S, "digest")
-        if not fut.done():
+        yield Wait(lambda: fut.done() or stop(), every, "digest")
+        if stop() and not fut.done():
+            return ""
+        if progress is not None and not fut.done():
             elapsed = round(sup.now - t0, 3)
             progress("hashing", bytes=done[0], total=total, elapsed_s=elapsed)
     return fut.result()

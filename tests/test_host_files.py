@@ -54,3 +54,23 @@ def test_an_operation_hashes_through_the_port_and_reports_progress() -> None:
         assert stop.value == "sha256:abc"
     else:
         raise AssertionError("digest_then did not finish once the hash was done")
+
+
+def test_a_stop_ends_the_wait_for_the_hash_at_once() -> None:
+    """A cancel while the file hashes: digest_then returns "" at its next turn, without
+    waiting for the hash (which finishes on its thread, unused)."""
+    host = SlowHost()
+    sup: Any = SimpleNamespace(now=0.0, ports=SimpleNamespace(files=host))
+    cancelled = [False]
+    op = digest_then(sup, "/nowhere/m.pt", None, stop=lambda: cancelled[0])
+    wait = next(op)
+    assert not wait.until()
+    cancelled[0] = True
+    assert wait.until()  # the scheduler sees the wait met now
+    try:
+        op.send(True)
+    except StopIteration as stop:
+        assert stop.value == ""
+    else:
+        raise AssertionError("digest_then went on waiting after a stop")
+    assert not host.future.done()

@@ -258,7 +258,13 @@ def test_cancel_and_ctrl_c_roll_an_upgrade_back(rig: Rig) -> None:
             stderr=subprocess.PIPE,
             text=True,
         )
-        wait_for(lambda: rig.pool.model("a")["operation"] == "upgrade", 30, "the upgrade")
+        # Past the hashing (a cancel then is test_a_cancel_while_the_file_hashes_*): the
+        # new version's workers are loading, so there is something to roll back.
+        wait_for(
+            lambda: any(w["version"] == "slow" for w in rig.pool.model("a")["workers"]),
+            30,
+            "the upgrade's new workers",
+        )
         return p
 
     p = upgrade()
@@ -281,6 +287,43 @@ def test_cancel_and_ctrl_c_roll_an_upgrade_back(rig: Rig) -> None:
     log = rig.pool.log()
     assert "upgrade of a requested: " in log and "by uid " in log and "sha256:" in log
     assert "upgrade of a to slow: strategy" in log
+
+
+@pytest.mark.slow
+def test_a_cancel_while_the_file_hashes_ends_the_upgrade_before_any_worker(rig: Rig) -> None:
+    """Ctrl-C right after ``pool-ctl upgrade``, while a big file is still hashed: the
+    cancel was refused ("no upgrade or rollback running") and the upgrade went on. Now it
+    ends there, nothing started, the serving version kept, nothing in the history."""
+    import subprocess
+    import sys
+
+    from pool.ctl.client import ControlClient
+
+    big = rig.path("big.pt")
+    with open(big, "wb") as f:
+        f.truncate(3 << 30)  # sparse: hashing 3 GiB of zeros takes seconds, costs no disk
+    before = rig.pool.model("a")
+    hist_before = json.loads(rig.pool.pool_ctl("history", "a", "--json").stdout)["history"]
+    cmd = [sys.executable, "-m", "pool.ctl.cli", "--control", rig.pool.control]
+    p = subprocess.Popen([*cmd, "upgrade", "a", big, "--version", "big"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        wait_for(lambda: rig.pool.model("a")["operation"] == "upgrade", 30, "the upgrade")
+        answer = ControlClient(rig.pool.control).call("cancel", {"model": "a"})
+        assert answer["ok"], answer
+        assert answer["data"]["target_version"] == "big"
+        stdout, stderr = p.communicate(timeout=60)
+    finally:
+        p.kill()
+        os.unlink(big)
+    assert p.returncode == 1 and "cancelled by pool-ctl cancel" in stdout + stderr, (stdout, stderr)
+    after = rig.pool.model("a")
+    assert after["version"] == before["version"] and after["operation"] is None
+    assert sorted(w["pid"] for w in after["workers"]) == sorted(
+        w["pid"] for w in before["workers"]
+    )  # no worker started or stopped
+    hist = json.loads(rig.pool.pool_ctl("history", "a", "--json").stdout)["history"]
+    assert hist == hist_before
 
 
 def _pids(pool: Pool, name: str) -> list[int]:
