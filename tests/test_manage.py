@@ -251,6 +251,8 @@ def test_cancel_and_ctrl_c_roll_an_upgrade_back(rig: Rig) -> None:
     before = rig.pool.model("a")["version"]
     cmd = [sys.executable, "-m", "pool.ctl.cli", "--control", rig.pool.control]
 
+    started: list[subprocess.Popen[str]] = []
+
     def upgrade() -> subprocess.Popen[str]:
         p = subprocess.Popen(
             [*cmd, "upgrade", "a", slow, "--version", "slow"],
@@ -258,6 +260,8 @@ def test_cancel_and_ctrl_c_roll_an_upgrade_back(rig: Rig) -> None:
             stderr=subprocess.PIPE,
             text=True,
         )
+        started.append(p)  # killed and closed below whatever happens: no leak into
+        # later tests' warnings
         # Past the hashing (a cancel then is test_a_cancel_while_the_file_hashes_*): the
         # new version's workers are loading, so there is something to roll back.
         wait_for(
@@ -267,15 +271,20 @@ def test_cancel_and_ctrl_c_roll_an_upgrade_back(rig: Rig) -> None:
         )
         return p
 
-    p = upgrade()
-    out = rig.pool.pool_ctl("cancel", "a")
-    assert out.returncode == 0 and "cancelling upgrade" in out.stdout, out
-    stdout, stderr = p.communicate(timeout=60)
-    assert p.returncode == 1 and "cancelled by pool-ctl cancel" in stdout + stderr
-    assert rig.pool.model("a")["version"] == before
-    p = upgrade()
-    p.send_signal(signal.SIGINT)  # what Ctrl-C does
-    stdout, stderr = p.communicate(timeout=60)
+    try:
+        p = upgrade()
+        out = rig.pool.pool_ctl("cancel", "a")
+        assert out.returncode == 0 and "cancelling upgrade" in out.stdout, out
+        stdout, stderr = p.communicate(timeout=60)
+        assert p.returncode == 1 and "cancelled by pool-ctl cancel" in stdout + stderr
+        assert rig.pool.model("a")["version"] == before
+        p = upgrade()
+        p.send_signal(signal.SIGINT)  # what Ctrl-C does
+        stdout, stderr = p.communicate(timeout=60)
+    finally:
+        for q in started:
+            q.kill()
+            q.communicate()
     assert p.returncode == 1 and "cancelling" in stderr and "cancelled" in stdout, (stdout, stderr)
     a = rig.pool.model("a")
     assert a["version"] == before and a["operation"] is None
