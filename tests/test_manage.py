@@ -259,6 +259,9 @@ def test_cancel_and_ctrl_c_roll_an_upgrade_back(rig: Rig) -> None:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            # A suite started in the background by a non-interactive shell inherits SIGINT
+            # ignored, and Python then keeps it so: Ctrl-C is what is tested, so reset it.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         started.append(p)  # killed and closed below whatever happens: no leak into
         # later tests' warnings
