@@ -76,13 +76,27 @@ class HttpServer:
 
     async def start(self, host: str, port: int, sock: socket.socket | None = None) -> None:
         loop = asyncio.get_running_loop()
+        # A TLS handshake is no connection of ours until it completes (connection_made),
+        # so neither the head timeout nor the cap sees it: it gets head_s of its own,
+        # not asyncio's 60 s, before it is dropped.
+        shake = self.limits.head_s if self.tls is not None else None
         if sock is not None:  # SO_REUSEPORT: the caller bound it (gateway/main.py)
             self._server = await loop.create_server(
-                self._connection, sock=sock, ssl=self.tls, backlog=BACKLOG
+                self._connection,
+                sock=sock,
+                ssl=self.tls,
+                backlog=BACKLOG,
+                ssl_handshake_timeout=shake,
             )
         else:
             self._server = await loop.create_server(
-                self._connection, host, port, ssl=self.tls, backlog=BACKLOG, reuse_address=True
+                self._connection,
+                host,
+                port,
+                ssl=self.tls,
+                backlog=BACKLOG,
+                reuse_address=True,
+                ssl_handshake_timeout=shake,
             )
         self._sweeper = loop.call_later(SWEEP_S, self._sweep)
 

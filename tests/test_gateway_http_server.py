@@ -245,6 +245,20 @@ def test_tls(tmp_path: Path) -> None:
     assert [path for _, path, _ in calls] == ["/t", "/u"]
 
 
+@pytest.mark.slow  # waits out the handshake timeout
+@pytest.mark.skipif(OPENSSL is None, reason=NO_OPENSSL)
+def test_a_tls_handshake_that_never_comes_is_dropped_after_head_s(tmp_path: Path) -> None:
+    """A TLS handshake is not a connection of ours until it completes, so the head timeout
+    does not see it: it has head_s of its own, not asyncio's 60 s."""
+    cert, key = self_signed(tmp_path)
+    with serving(handle, Limits(head_s=1.0), tls=tls_context(str(cert), str(key))) as s:
+        with connect(s.port, timeout=10) as silent:
+            t0 = time.monotonic()
+            assert at_eof(silent)
+            assert time.monotonic() - t0 < 5
+    assert calls == []
+
+
 def test_an_upgrade_is_answered_over_http11_then_closed() -> None:
     with serving(handle) as s, connect(s.port) as c:
         c.sendall(
