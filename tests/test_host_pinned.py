@@ -174,3 +174,14 @@ def test_staged_safetensors_copy_each_piece_inside_one_region(
         assert torch.equal(got[name], t)
     stage.release()
     assert d.registered == {}
+
+
+def test_an_empty_item_after_a_large_one_makes_no_cut_at_the_end() -> None:
+    """_pinned gives a non-contiguous tensor 0 bytes; after a tensor over a region a cut
+    for it would fall at the arena's end, which PinnedArena refuses (ValueError, not a
+    registration refusal the caller falls back from)."""
+    sizes = [REGISTER_CHUNK + (1 << 20), 0]
+    places, total, cuts = host_pinned.layout(sizes, staged.ALIGN)
+    assert cuts == [] and places == [0, REGISTER_CHUNK + (1 << 20)]
+    d = Driver()
+    PinnedArena(total, d.register, d.unregister, cuts).unpin(pause_s=0.0)

@@ -152,7 +152,9 @@ def layout(nbytes: Sequence[int], align: int) -> tuple[list[int], int, list[int]
     cuts: list[int] = []
     at = start = 0
     for n in nbytes:
-        if at > start and at + n > start + REGISTER_CHUNK:
+        # An empty item (a tensor the caller pins elsewhere) needs no region: a cut for
+        # it could fall at the very end, outside the arena.
+        if n and at > start and at + n > start + REGISTER_CHUNK:
             start = at = _round_up(at, PAGE)
             cuts.append(start)
         places.append(at)
