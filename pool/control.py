@@ -18,23 +18,22 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 import zmq
 
 from pool.config import PathNotAllowed, check_model_path
+from pool.deploy import DeployRequest, Preparing, deploy_op
 from pool.describe import describe_model
-from pool.labels import label_conflict, label_problem
+from pool.labels import label_problem
 from pool.lifecycle import WorkerState
 from pool.metrics import LATENCY_BUCKETS, PoolMetrics
-from pool.op_result import OpFailed, result_message
-from pool.operations import ModelOp, digest_then, start_operation
+from pool.op_result import result_message
+from pool.operations import start_operation
 from pool.reload import ReloadResult
 from pool.runtime import ModelRuntime
 from pool.spawn import SpawnerClient
-from pool.state import Deployed
 from pool.supervisor import Supervisor
 from pool.upgrade import Refused, Upgrade
 from router import protocol as p
@@ -45,19 +44,6 @@ log = logging.getLogger(__name__)
 CTL_PROTOCOL = b"gpu-pool-ctl/1"
 STRATEGIES = ("auto", "surge", "drain-first")
 Reply = Callable[[dict[str, Any]], None]
-
-
-@dataclass
-class Preparing:
-    """An upgrade or rollback still hashing its file, before any worker starts: a cancel
-    now ends it there (Ctrl-C right after ``pool-ctl upgrade``, while a big file hashes)."""
-
-    action: str
-    version: str | None
-    cancelled: str | None = None
-
-    def cancel(self, why: str) -> None:
-        self.cancelled = why
 
 
 class CommandError(Exception):
@@ -351,57 +337,11 @@ class ControlServer:
         # and the 0600 socket in a 0700 directory already limits callers to poold's user
         # and root.
         uid = self.opt(args, "uid", int, None)
-        sup = self.sup
+        req = DeployRequest(action, path, version, strategy, timeout, allow_change, uid,
+                            expect_digest)  # fmt: skip
 
         def progress(phase: str, **info: Any) -> None:
             reply({"type": "progress", "phase": phase, **info})
 
-        def op() -> ModelOp:
-            t_start = time.monotonic()
-            progress("digest", path=path)
-            prep = Preparing(action, version)
-            self.running[rt.name] = prep
-            try:
-                digest = yield from digest_then(
-                    sup, path, progress, stop=lambda: prep.cancelled is not None
-                )
-            finally:
-                self.running.pop(rt.name, None)
-            if prep.cancelled is not None:  # nothing started: nothing to put back
-                return OpFailed(rt.name, prep.cancelled, "cancelled")
-            if expect_digest and digest != expect_digest:
-                return OpFailed(
-                    rt.name,
-                    f"{path} changed on disk since version {version} was "
-                    f"deployed ({digest[:19]} != {expect_digest[:19]})",
-                    "refused",
-                )
-            label = version or digest.split(":")[1][:12]
-            conflict = label_conflict(rt.state, label, digest)
-            if conflict:
-                return OpFailed(rt.name, conflict, "refused")
-            target = Deployed(label, path, digest)
-            if sup.models[rt.name].failed:
-                sup.clear_failed(rt)  # an upgrade is how an operator recovers a failed model
-            up = Upgrade(sup, rt, target, strategy, timeout, action, progress)
-            up.allow_contract_change = allow_change
-            up.t0 = t_start  # the caller's wait includes hashing the file
-            log.info(
-                "%s of %s requested: %s (%s) as version %s, strategy %s, by uid %s",
-                action,
-                rt.name,
-                path,
-                digest,
-                label,
-                strategy,
-                uid,
-                extra={"model": rt.name, "event": "requested", "path": path, "digest": digest,
-                       "peer_uid": uid, "strategy": strategy},
-            )  # fmt: skip
-            self.running[rt.name] = up
-            try:
-                return (yield from up.run())
-            finally:
-                self.running.pop(rt.name, None)
-
-        start_operation(sup, rt, action, op(), lambda result: reply(result_message(result)))
+        op = deploy_op(self.sup, rt, req, self.running, progress)
+        start_operation(self.sup, rt, action, op, lambda result: reply(result_message(result)))
