@@ -176,6 +176,17 @@ def fleet_main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # ``pool-ctl status | head``: the reader left. Point stdout at /dev/null so that
+        # the interpreter's own flush at exit does not raise again; no traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse itself exits 2 with a message on bad usage
     if args.command == "fleet":  # many hosts: no local endpoint to choose

@@ -257,7 +257,8 @@ def print_reload(data: dict[str, Any]) -> None:
 
 
 def print_upgrade(data: dict[str, Any], error: str) -> None:
-    if not data:  # refused before it started: nothing but the reason
+    # Refused, or cancelled while its file hashed: no plan ran, nothing but the reason.
+    if not data or "action" not in data:
         say(f"not applied: {error}", "bold red")
         return
     if not data.get("ok"):
