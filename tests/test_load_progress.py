@@ -9,7 +9,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from workers import weights
+from workers import page_cache, weights
 from workers.load_progress import MIN_STEP, LoadMeter
 
 
@@ -79,6 +79,6 @@ def test_read_through_skips_a_file_already_in_the_page_cache(
     seen: list[int] = []
     weights.read_through(str(blob), seen.append)
     assert sum(seen) == blob.stat().st_size and len(seen) == 4 and not reads
-    monkeypatch.setattr(weights, "resident", lambda fd, size: False)  # as if on disk only
+    monkeypatch.setattr(page_cache, "resident", lambda fd, size: False)  # as if on disk only
     weights.read_through(str(blob), seen.append)
     assert sum(seen) == 2 * blob.stat().st_size and len(reads) == 4
