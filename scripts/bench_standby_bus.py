@@ -31,18 +31,25 @@ def load_vs_bus(b: Any, dev: str, st: str, mib: float) -> None:
     finally:
         b.procs.kill(p)
     b.rows.append({"section": "standby", "name": "load vs bus", **res})
-    print(f"  safetensors load {res['load_s']:.4f}s ({res['load_gbs']:.1f} GB/s; its ring "
+    print(f"  safetensors load {res['load_s']:.4f}s ({res['load_gbs']:.1f} GB/s, "
+          f"{res['share']:.0%} of it by the mapped path (GPU_POOL_WEIGHTS_PATH), the rest "
+          "by the ring; "
+          f"{res['fallbacks']} loads fell back to the ring alone; its pinned memory "
           f"unpinned after it, {res['free_s']:.4f}s, as a worker does after ready), staged "
           f"to device {res['staged_s']:.4f}s, pinned copy {res['bus_s']:.4f}s "
           f"({res['bus_gbs']:.1f} GB/s); read side alone, {res['threads']} threads x "
           f"{res['chunk_mib']} MiB: {res['read_s']:.4f}s ({res['read_gbs']:.1f} GB/s); "
           + (f"mapped path failed: {res['mapped_error']}" if res.get("mapped_error") else
-             f"mapped path: {res['mapped_s']:.4f}s ({res['mapped_gbs']:.1f} GB/s)"),
+             f"mapped path: {res['mapped_s']:.4f}s ({res['mapped_gbs']:.1f} GB/s)")
+          + f"; the ring alone: {res['ring_gbs']:.1f} GB/s",
           flush=True)
     if not res.get("mapped_error"):
         b.compare(Compare("standby", f"safetensors load {mib:.0f} MiB, mapped path / pinned copy",
                           "mapped", res["mapped_gbs"], "pinned copy", res["bus_gbs"], "GB/s",
-                          target=None, note="GPU_POOL_WEIGHTS_PATH=mapped (not the default)"))
+                          target=None, note="GPU_POOL_WEIGHTS_PATH=mapped"))
+    b.compare(Compare("standby", f"safetensors load {mib:.0f} MiB, the ring alone / pinned copy",
+                      "ring", res["ring_gbs"], "pinned copy", res["bus_gbs"], "GB/s",
+                      target=None, note="GPU_POOL_WEIGHTS_PATH=ring"))
     b.compare(Compare("standby", f"safetensors load {mib:.0f} MiB / pinned H2D copy",
                       "load", res["load_gbs"], "pinned copy", res["bus_gbs"], "GB/s",
                       target=None if dev == "cpu" else 0.6,
@@ -55,7 +62,7 @@ def role_load_vs_bus(cfg: dict[str, Any]) -> int:
     host->device copy of as many bytes."""
     import torch
 
-    from workers import weights
+    from workers import weights, weights_split
     from workers.standby import prepare
 
     dev_name = cfg["device"]
@@ -74,7 +81,7 @@ def role_load_vs_bus(cfg: dict[str, Any]) -> int:
 
     from bench_weights_paths import read_ceiling
 
-    loads, frees, staged, bus, reads, mapped = [], [], [], [], [], []
+    loads, frees, staged, bus, reads, mapped, ring_only = [], [], [], [], [], [], []
     mapped_error: str | None = None  # the opt-in mapped path failing is reported, not fatal
     nbytes = weights.read_header(path).data_size
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
@@ -100,6 +107,9 @@ def role_load_vs_bus(cfg: dict[str, Any]) -> int:
         if mapped_error is None:
             mapped_error = _time_mapped(path, dev, sync, mapped if i else [])
         if cuda:
+            weights.reserve_ring()
+        _time_load(path, dev, sync, ring_only if i else [], share=0.0)
+        if cuda:
             torch.cuda.empty_cache()
         t_read = read_ceiling(path, weights.READ_THREADS, weights.CHUNK_BYTES, cuda)
         if i:
@@ -122,12 +132,16 @@ def role_load_vs_bus(cfg: dict[str, Any]) -> int:
     med = {k: statistics.median(v) for k, v in (("load_s", loads), ("staged_s", staged),
                                                  ("bus_s", bus), ("free_s", frees),
                                                  ("read_s", reads),
+                                                 ("ring_s", ring_only),
                                                  ("mapped_s", mapped or [float("nan")]))}
     print(json.dumps({**med, "bytes": nbytes, "load_gbs": nbytes / med["load_s"] / 1e9,
                       "bus_gbs": nbytes / med["bus_s"] / 1e9,
                       "read_gbs": nbytes / med["read_s"] / 1e9,
                       "mapped_gbs": nbytes / med["mapped_s"] / 1e9,
                       "mapped_error": mapped_error,
+                      "ring_gbs": nbytes / med["ring_s"] / 1e9,
+                      "share": weights_split.mapped_share(dev, None),
+                      "fallbacks": weights_split.fallbacks,
                       "threads": weights.READ_THREADS, "chunk_mib": weights.CHUNK_BYTES >> 20,
                       "staged_gbs": nbytes / med["staged_s"] / 1e9,
                       "loads": loads, "bus": bus}), flush=True)
@@ -136,21 +150,29 @@ def role_load_vs_bus(cfg: dict[str, Any]) -> int:
 
 def _time_mapped(path: str, dev: torch.device, sync: Callable[[], None],
                  into: list[float]) -> str | None:
-    """One load by the mapped path (GPU_POOL_WEIGHTS_PATH=mapped), its seconds appended
-    to ``into``; a failure is returned as text (the path is opt-in: the ring's figures
-    stand without it)."""
+    """One load by the mapped path alone (GPU_POOL_WEIGHTS_PATH=mapped), its seconds
+    appended to ``into``; a failure is returned as text (the ring's figures stand
+    without it)."""
+    return _time_load(path, dev, sync, into, share=1.0)
+
+
+def _time_load(path: str, dev: torch.device, sync: Callable[[], None],
+               into: list[float], share: float) -> str | None:
+    """One load with ``share`` of the file by the mapped path, its frees after it as a
+    worker's; the seconds of the load appended to ``into``, a failure returned as text."""
     from workers import weights
 
     weights.defer_host_frees(dev.type == "cuda")
     t = time.monotonic()
     try:
-        out = weights.load_file(path, dev, mapped=True)
+        out = weights.load_file(path, dev, share=share)
         sync()
+        seconds = time.monotonic() - t  # its frees wait until after ready, as a worker's
     except Exception as exc:  # noqa: BLE001 - any failure of the opt-in path is a finding
         return f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
     finally:
         weights.defer_host_frees(False)
         weights.flush_host_frees()
-    into.append(time.monotonic() - t)
+    into.append(seconds)
     del out
     return None

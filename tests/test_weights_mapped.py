@@ -11,7 +11,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from workers import weights, weights_mapped
+from workers import load_targets, weights, weights_mapped
 
 
 def _file(tmp_path: Any) -> tuple[str, dict[str, torch.Tensor]]:
@@ -82,7 +82,7 @@ def test_a_refused_copy_falls_back_to_the_ring(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path, want = _file(tmp_path)
-    real = weights._copy_chunk
+    real = load_targets.Targets.copy
     calls: list[int] = []
 
     def copy_then_refuse(*args: Any) -> int:
@@ -91,6 +91,6 @@ def test_a_refused_copy_falls_back_to_the_ring(
             raise RuntimeError("CUDA error: invalid argument")
         return real(*args)
 
-    monkeypatch.setattr(weights, "_copy_chunk", copy_then_refuse)
+    monkeypatch.setattr(load_targets.Targets, "copy", copy_then_refuse)
     got = weights.load_file(path, "cpu", chunk_bytes=4096, mapped=True)
     assert all(torch.equal(got[k], w) for k, w in want.items() if w.numel())

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workers import host_pinned, weights_mapped
+from workers import host_pinned, weights_split
 from workers.host_frees import (  # noqa: F401  re-exported: callers use weights.*
     PINNED_ENV,
     _defer,
@@ -32,6 +32,7 @@ from workers.host_frees import (  # noqa: F401  re-exported: callers use weights
     pinned_arena,
     release_arena,
 )
+from workers.load_targets import Targets
 from workers.page_cache import read_through, resident  # noqa: F401  re-exported
 from workers.safetensors_header import (  # noqa: F401  re-exported: callers use weights.*
     DTYPES,
@@ -100,18 +101,23 @@ def load_file(
     ring_slots: int = RING_SLOTS,
     progress: Callable[[int], None] | None = None,
     mapped: bool | None = None,
+    share: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """The tensors of ``path`` on ``device``, bit-identical to
     ``safetensors.torch.load_file``; each tensor has its own contiguous storage.
-    ``mapped`` (None: ``GPU_POOL_WEIGHTS_PATH=mapped`` on CUDA): copy from the mapped,
-    page-locked file instead (``workers.weights_mapped``; the ring where that fails).
 
     On CUDA the data is streamed through ``ring_slots`` pinned buffers of ``chunk_bytes``
-    filled by ``threads`` readers. On any other device the same chunking and threading
-    run with plain host buffers and synchronous copies (slower than safetensors' mmap:
-    it is there so that CPU tests cover the chunk logic; the model loader keeps using
-    safetensors for the CPU). ``progress`` is called with each chunk's byte count once
-    the chunk has been copied out.
+    filled by ``threads`` readers; or a front share of it is copied from the mapped,
+    page-locked file (``workers.weights_mapped``) beside the ring
+    (``workers.weights_split``; the ring takes over where the driver refuses to pin).
+    ``share`` is the mapped path's part, 0 to 1 (None: from ``GPU_POOL_WEIGHTS_PATH``
+    and ``GPU_POOL_WEIGHTS_SPLIT``); ``mapped`` True is all of it, False none.
+
+    On any other device the same chunking and threading run with plain host buffers
+    and synchronous copies (slower than safetensors' mmap: it is there so that CPU tests
+    cover the chunk logic; the model loader keeps using safetensors for the CPU).
+    ``progress`` is called with each chunk's byte count once the chunk has been copied
+    out (from two threads in a split load, never at once).
     """
     if chunk_bytes < 1 or threads < 1 or ring_slots < 1:
         raise ValueError("chunk_bytes, threads and ring_slots must be at least 1")
@@ -121,16 +127,20 @@ def load_file(
     fd = _open(path)
     try:
         header = _read_header(fd)
-        if mapped is None:
-            mapped = device.type == "cuda" and weights_mapped.wanted()
-        if mapped:
-            try:
-                return weights_mapped.stream_mapped(
-                    fd, header, device, chunk_bytes, _copy_chunk, bool(_defer["on"]), progress
-                )
-            except weights_mapped.HostRegisterError as e:
-                log.warning("%s: the mapped path failed (%s); reading through the ring", path, e)
-        return _stream(fd, header, device, chunk_bytes, threads, ring_slots, progress)
+        if share is None:
+            share = weights_split.mapped_share(device, mapped)
+        if share <= 0:
+            return _stream(fd, header, device, chunk_bytes, threads, ring_slots, progress)
+        targets = Targets(header, device)
+
+        def ring(t: Targets, span: tuple[int, int], report: Callable[[int], None] | None) -> None:
+            stream_span(fd, t, span, chunk_bytes, threads, ring_slots, report)
+
+        # On a CPU (the tests) the mapped path takes the ring's chunks, so that small ones
+        # cut tensors everywhere; on CUDA its registrations have their own size.
+        mapped_chunk = chunk_bytes if device.type != "cuda" else weights_split.MAPPED_CHUNK_BYTES
+        weights_split.load(fd, targets, share, ring, bool(_defer["on"]), progress, mapped_chunk)
+        return targets.result()
     finally:
         os.close(fd)
 
@@ -251,16 +261,31 @@ def _stream(
     slots: int,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Copy the data region of ``fd`` into new tensors on ``device``, chunk by chunk.
+    """Copy the data region of ``fd`` into new tensors on ``device`` through the ring."""
+    targets = Targets(header, device)
+    stream_span(fd, targets, (0, header.data_size), chunk_bytes, threads, slots, progress)
+    return targets.result()
 
-    Chunk ``k`` is the data bytes ``[k * chunk, (k + 1) * chunk)``, read into ring slot
-    ``k % slots``; a tensor may span several chunks and a chunk hold many tensors, so each
-    chunk is copied out piece by piece into the byte views of the tensors it overlaps.
-    """
+
+def stream_span(
+    fd: int,
+    targets: Targets,
+    span: tuple[int, int],
+    chunk_bytes: int,
+    threads: int,
+    slots: int,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Copy the data bytes ``span`` of ``fd`` into ``targets``, chunk by chunk: chunk
+    ``k`` is the bytes ``[begin + k * chunk, begin + (k + 1) * chunk)``, read into ring
+    slot ``k % slots``, then copied out (``Targets.copy``). Returns once the copies are
+    done."""
+    header, device = targets.header, targets.device
     cuda = device.type == "cuda"
-    total = header.data_size
-    if total == 0:
-        return {s.name: torch.empty(s.shape, dtype=s.dtype, device=device) for s in header.tensors}
+    begin, end = span
+    total = end - begin
+    if total <= 0:
+        return
     chunk = min(chunk_bytes, total)
     n_chunks = -(-total // chunk)
     slots = min(slots, n_chunks)
@@ -291,31 +316,19 @@ def _stream(
             )
             ring.append(buf)
             views.append(buf.numpy().data)
-        lo = k * chunk
-        view = views[s][: min(chunk, total - lo)]
+        lo = begin + k * chunk
+        view = views[s][: min(chunk, end - lo)]
         reads[k] = pool.submit(_read_into, fd, view, header.data_start + lo, copied[s])
 
     try:
         for k in range(slots):
             start_read(k)
-        # Each destination is allocated just before the first chunk that fills it is
-        # waited for, so that device allocations (a cudaMalloc each, on a fresh process)
-        # overlap the reads instead of stalling them all at the start.
-        out = {s.name: torch.empty(s.shape, dtype=s.dtype, device=device) for s in header.tensors
-               if not s.nbytes}  # fmt: skip
-        pieces = [s for s in header.tensors if s.nbytes]
-        dst: list[torch.Tensor] = []
-        first = 0  # pieces before this one are complete
+        first = targets.first_at(begin)  # tensors before this one are complete
         for k in range(n_chunks):
-            lo = k * chunk
-            hi = min(total, lo + chunk)
-            while len(dst) < len(pieces) and pieces[len(dst)].begin < hi:
-                p = pieces[len(dst)]
-                out[p.name] = torch.empty(p.shape, dtype=p.dtype, device=device)
-                dst.append(out[p.name].reshape(-1).view(torch.uint8))
+            lo = begin + k * chunk
             reads.pop(k).result()
-            src = ring[k % slots][: min(chunk, total - lo)]
-            first = _copy_chunk(src, lo, pieces, dst, first, cuda)
+            src = ring[k % slots][: min(chunk, end - lo)]
+            first = targets.copy(src, lo, first, cuda)
             if progress is not None:
                 progress(src.numel())
             del src  # only the ring may hold a pinned buffer, so that it is freed below
@@ -325,7 +338,6 @@ def _stream(
                 copied[k % slots] = event
             if k + slots < n_chunks:
                 start_read(k + slots)
-        return {s.name: out[s.name] for s in header.tensors}  # in the header's order
     finally:
         # Also on error: readers blocked on an event return, no copy still reads a
         # pinned buffer when it is freed, and no thread outlives the file descriptor.
@@ -341,29 +353,6 @@ def _stream(
                 # Freed pinned blocks stay cached (and locked in RAM) in torch's host
                 # allocator; a worker loads once, so give them back to the system.
                 _empty_host_cache()
-
-
-def _copy_chunk(
-    src: torch.Tensor,
-    lo: int,
-    pieces: list[TensorSpec],
-    dst: list[torch.Tensor],
-    first: int,
-    non_blocking: bool,
-) -> int:
-    """Copy the data bytes ``[lo, lo + len(src))``, held in ``src``, into the byte views
-    ``dst`` of the ``pieces`` they overlap, starting at piece ``first``; returns the first
-    piece not yet complete."""
-    hi = lo + src.numel()
-    i = first
-    while i < len(pieces) and pieces[i].begin < hi:
-        p = pieces[i]
-        a, b = max(p.begin, lo), min(p.end, hi)
-        dst[i][a - p.begin : b - p.begin].copy_(src[a - lo : b - lo], non_blocking=non_blocking)
-        if p.end <= hi:
-            first = i + 1
-        i += 1
-    return first
 
 
 def _read_into(fd: int, view: memoryview, offset: int, after: torch.cuda.Event | None) -> None:
