@@ -160,8 +160,12 @@ def _time_load(path: str, dev: torch.device, sync: Callable[[], None],
                into: list[float], share: float) -> str | None:
     """One load with ``share`` of the file by the mapped path, its frees after it as a
     worker's; the seconds of the load appended to ``into``, a failure returned as text."""
+    import torch
+
     from workers import weights
 
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()  # no cached device blocks: a standby's allocator has none
     weights.defer_host_frees(dev.type == "cuda")
     t = time.monotonic()
     try:
