@@ -5,7 +5,7 @@ Formats, chosen by file extension:
 - ``.pt`` ``.pth`` ``.ts`` ``.torchscript``: TorchScript, ``torch.jit.load``.
 - ``.pt2``: ``torch.export``. ``torch.export.load`` falls back to full pickle for some
   archive entries, so the archive is inspected first and refused when any entry would
-  take that path (see ``_check_pt2_pickle_free``).
+  take that path (``workers.pt2_check``).
 - ``.safetensors``: "factory + safetensors". The manifest names ``factory =
   "net.py:build"``, a Python file inside the model's directory and a callable returning
   an ``nn.Module``. The module is built on the meta device (no memory, no init cost),
@@ -20,12 +20,9 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-import io
 import itertools
-import json
 import os
 import sys
-import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
@@ -35,7 +32,14 @@ import safetensors.torch
 import torch
 
 from workers import weights
+from workers.load_errors import (  # noqa: F401  re-exported: callers use loader.*
+    ModelLoadError,
+    ModelOutputError,
+    _bounded,
+    describe_error,
+)
 from workers.manifest import Manifest, ManifestError, load_manifest
+from workers.pt2_check import check_pickle_free
 
 __all__ = [
     "FORMATS",
@@ -56,14 +60,6 @@ FORMATS: dict[str, str] = {
 }
 
 _factory_counter = itertools.count()
-
-
-class ModelLoadError(Exception):
-    """The model file could not be turned into a runnable module."""
-
-
-class ModelOutputError(TypeError):
-    """forward() returned something other than a tensor or a tuple/list of tensors."""
 
 
 @dataclass
@@ -207,7 +203,7 @@ def _signature_num_inputs(module: torch.nn.Module) -> int | None:
 
 
 def _load_export(path: str, device: torch.device) -> torch.nn.Module:
-    _check_pt2_pickle_free(path)
+    check_pickle_free(path)
     try:
         program = torch.export.load(path)
         module = program.module()
@@ -217,65 +213,6 @@ def _load_export(path: str, device: torch.device) -> torch.nn.Module:
         raise ModelLoadError(
             f"{path}: cannot load as torch.export program: {describe_error(e)}"
         ) from e
-
-
-def _check_pt2_pickle_free(path: str) -> None:
-    """Refuse a .pt2 archive that torch.export.load would unpickle without restriction.
-
-    torch.export.load uses ``weights_only=False`` or ``pickle.loads`` for: the pre-2.5
-    archive layout, config entries marked ``use_pickle``, custom/opaque object
-    constants, and any embedded ``.pt`` that fails a ``weights_only=True`` load (it
-    retries without the restriction). Each is checked here before it can run.
-    """
-    try:
-        with zipfile.ZipFile(path) as z:
-            names = z.namelist()
-            roots = [n[: -len("archive_format")] for n in names if n.endswith("archive_format")]
-            root = next((r for r in roots if r.count("/") <= 1), None)
-            if root is None or z.read(root + "archive_format").strip() != b"pt2":
-                raise ModelLoadError(
-                    f"{path}: not a PT2 archive from torch.export.save (torch >= 2.5); "
-                    "older layouts need pickle and are refused"
-                )
-            for name in names:
-                rel = name[len(root) :] if name.startswith(root) else name
-                if rel.startswith(("data/weights/", "data/constants/")) and rel.endswith(
-                    "_config.json"
-                ):
-                    _check_payload_config(path, rel, z.read(name))
-                elif rel.endswith(".pt"):
-                    try:
-                        torch.load(io.BytesIO(z.read(name)), weights_only=True)
-                    except Exception as e:
-                        raise ModelLoadError(
-                            f"{path}: archive entry {rel} needs unrestricted pickle "
-                            f"({describe_error(e)}); refused"
-                        ) from e
-    except (zipfile.BadZipFile, OSError, KeyError) as e:
-        raise ModelLoadError(
-            f"{path}: not a readable .pt2 (zip) archive: {describe_error(e)}"
-        ) from e
-
-
-def _check_payload_config(path: str, rel: str, raw: bytes) -> None:
-    try:
-        entries = json.loads(raw)["config"]
-        items = list(entries.items())
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ModelLoadError(
-            f"{path}: archive entry {rel} is malformed: {describe_error(e)}"
-        ) from e
-    for fqn, meta in items:
-        if not isinstance(meta, dict):
-            raise ModelLoadError(f"{path}: archive entry {rel}: {fqn} is malformed")
-        if meta.get("use_pickle"):
-            raise ModelLoadError(f"{path}: {fqn} in {rel} is stored with pickle; refused")
-        if rel.startswith("data/constants/") and not str(meta.get("path_name", "")).startswith(
-            "tensor_"
-        ):
-            raise ModelLoadError(
-                f"{path}: constant {fqn} in {rel} is a pickled object, not a tensor; refused"
-            )
 
 
 def _load_safetensors(
@@ -388,23 +325,3 @@ def _import_factory(path: str, spec: str) -> Callable[[], Any]:
     if build is None or not callable(build):
         raise ModelLoadError(f"{path}: factory file {source} has no callable {name!r}")
     return build
-
-
-def describe_error(e: BaseException, limit: int = 600) -> str:
-    """``Type: message`` on one line, bounded, for logs, events and error replies.
-
-    A TorchScript error carries both tracebacks in its message; its last line names the
-    original exception, which is what a reader needs.
-    """
-    text = str(e).strip()
-    scripted = isinstance(e, torch.jit.Error) or "Traceback of TorchScript" in text
-    if scripted and text:
-        last = [line.strip() for line in text.splitlines() if line.strip()][-1]
-        return _bounded(last if ":" in last else f"{type(e).__name__}: {last}", limit)
-    # torch messages often span lines; one line keeps a reply or log line readable.
-    text = " ".join(text.split())
-    return _bounded(f"{type(e).__name__}: {text}" if text else type(e).__name__, limit)
-
-
-def _bounded(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
