@@ -74,6 +74,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="share the port with other gateway processes (SO_REUSEPORT)",
     )
     ap.add_argument(
+        "--spin-us",
+        type=int,
+        default=0,
+        metavar="N",
+        help="busy-poll for N microseconds before the loop sleeps (0: off, uvloop as "
+        "usually); a wake-up saved per idle moment for a core's time (gateway/spin_loop.py)",
+    )
+    ap.add_argument(
         "--libzmq",
         action="store_true",
         help="reach the router through libzmq's DEALER even without CURVE (to compare)",
@@ -287,19 +295,32 @@ def connection_cap() -> int:
     return max(16, soft - FD_RESERVE)
 
 
+def _loop_runner(spin_us: int) -> Callable[..., Any]:
+    """How the gateway runs its loop: uvloop where installed (both protocols: the router
+    link's reads and writes are the loop's own, gateway/zmtp.py), asyncio's own loop on a
+    spinning selector when ``--spin-us`` asks (uvloop's epoll cannot be told to spin)."""
+    if spin_us > 0:
+        from gateway.spin_loop import spinning_loop_factory
+
+        def run_spinning(coro: Any) -> Any:
+            with asyncio.Runner(loop_factory=spinning_loop_factory(spin_us)) as runner:
+                return runner.run(coro)
+
+        return run_spinning
+    try:
+        import uvloop
+
+        return uvloop.run
+    except ImportError:
+        return asyncio.run
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_format, args.log_level)  # poold's format: one log, one look
     keep_freed_memory()
-    runner: Callable[..., Any] = asyncio.run
-    try:  # both protocols: the router link's reads and writes are the loop's own (zmtp)
-        import uvloop
-
-        runner = uvloop.run
-    except ImportError:
-        pass
     try:
-        return int(runner(_serve(args)))
+        return int(_loop_runner(args.spin_us)(_serve(args)))
     except KeyboardInterrupt:  # a SIGINT before the loop's handlers are in place
         return 0
     except OSError as exc:

@@ -104,6 +104,7 @@ POOL_SPECS: dict[str, FieldSpec] = {
     "oip_processes": FieldSpec(
         "int", "0 (auto) or an integer from 1 to 64", lambda v: 0 <= v <= 64
     ),
+    "oip_spin_us": FieldSpec("int", "an integer from 0 to 10000", lambda v: 0 <= v <= 10_000),
     "oip_token_file": FieldSpec("path", "a file path", check=file_problem, optional=True),
     "metrics_insecure": FieldSpec("bool", "true or false"),
     "metrics_token_file": FieldSpec("path", "a file path", check=file_problem, optional=True),

@@ -136,6 +136,7 @@ class PoolConfig:
     metrics_token_file: str | None = None
     # gateway processes per protocol (SO_REUSEPORT when > 1); 0 = auto, see gateway_count
     oip_processes: int = 0
+    oip_spin_us: int = 0  # each gateway's busy-poll window before its loop sleeps (0: off)
     log_format: str = "text"
     log_level: str = "INFO"
 

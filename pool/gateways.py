@@ -69,6 +69,7 @@ class GatewaySpec:
     log_format: str = "text"
     max_body_mb: int = 1024
     reuse_port: bool = False  # several processes share the port (oip_processes > 1)
+    spin_us: int = 0  # busy-poll before the loop sleeps (gateway/spin_loop.py)
 
     def argv(self) -> list[str]:
         args = [
@@ -81,6 +82,8 @@ class GatewaySpec:
         ]  # fmt: skip
         if self.reuse_port:
             args.append("--reuse-port")
+        if self.spin_us:
+            args += ["--spin-us", str(self.spin_us)]
         for flag, value in (
             ("--tls-cert", self.tls_cert),
             ("--tls-key", self.tls_key),
@@ -283,6 +286,7 @@ def gateway_specs(
                     log_level=pool.log_level,
                     log_format=pool.log_format,
                     max_body_mb=pool.max_message_mb,
+                    spin_us=pool.oip_spin_us,
                 )
             )
     return specs

@@ -106,6 +106,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--oip-max-batch", type=int, default=32, help="pool max_batch (oip)")
     ap.add_argument("--oip-processes", type=int, default=0,
                     help="gateway processes per protocol (oip; default 0 = poold's auto)")
+    ap.add_argument("--oip-spin-us", type=int, default=-1,
+                    help="the gateways' oip_spin_us (oip; default -1 = the pool's default)")
     ap.add_argument("--oip-max-delay-ms", type=float, default=0.0,
                     help="pool max_delay_ms (oip)")
     ap.add_argument("--batch-clients", type=int, default=64, help="clients (batching)")

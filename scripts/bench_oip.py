@@ -128,6 +128,14 @@ def gateway_processes(asked: int) -> int:
     return PoolConfig(oip_processes=asked).gateway_count()
 
 
+def gateway_opts(a: Any) -> dict[str, int]:
+    """The pool settings ``--oip-processes`` and ``--oip-spin-us`` ask for (none: defaults)."""
+    opts = {"oip_processes": a.oip_processes} if a.oip_processes else {}
+    if a.oip_spin_us >= 0:
+        opts["oip_spin_us"] = a.oip_spin_us
+    return opts
+
+
 def section_oip(b: Any) -> None:
     """The reference app and the pool run side by side and are measured in ``--rounds``
     interleaved rounds; a compared figure is the median over rounds (on a shared box a
@@ -144,9 +152,10 @@ def section_oip(b: Any) -> None:
           f"(figures: medians); pool: 1 CPU worker, max_batch {a.oip_max_batch}, "
           f"max_delay_ms {a.oip_max_delay_ms:g}", flush=True)  # fmt: skip
     runs: dict[str, list[dict[str, Any]]] = {}
-    procs = {"oip_processes": a.oip_processes} if a.oip_processes else {}
+    procs = gateway_opts(a)
     print(f"   gateway processes per protocol: {gateway_processes(a.oip_processes)}"
-          f"{' (auto)' if not a.oip_processes else ''}", flush=True)
+          f"{' (auto)' if not a.oip_processes else ''}, oip_spin_us "
+          f"{procs.get('oip_spin_us', 'default')}", flush=True)
     http, grpc = _free_port(), _free_port()
     cfg = {"name": "id", "path": model, "devices": ["cpu"], "threads": 1,
            "max_batch": a.oip_max_batch, "max_delay_ms": a.oip_max_delay_ms}  # fmt: skip
@@ -234,7 +243,7 @@ def oip_batching(b: Any) -> None:
            "max_delay_ms": a.batch_delay_ms, "request_timeout_s": 120.0, "cuda_graphs": True}
     print(f"\n== oip batching: resnet50 fp16 on {dev}, {clients} clients x batch 1", flush=True)
     seconds = max(b.seconds, 5.0)
-    procs = {"oip_processes": a.oip_processes} if a.oip_processes else {}
+    procs = gateway_opts(a)
     with b.pool("oip-batching", [cfg], boot_timeout_s=600.0, grpc=f"127.0.0.1:{grpc}",
                 **procs) as pool:  # fmt: skip
         _wait_port(grpc)

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Two gateway code trees against one pool, interleaved: which one is faster, and by how much.
 
-usage: bench_oip_ab.py [--tree NAME=DIR ...] [--rounds N] [--requests N] [--big | --live]
-                       [--protocol http|grpc|both] [--clients N]
+usage: bench_oip_ab.py [--tree NAME=DIR ...] [--variant NAME=ARGS ...] [--rounds N]
+                       [--requests N] [--big | --live] [--protocol http|grpc|both]
+                       [--clients N]
 
 A busy or shared machine moves a single latency figure by more than most changes to the
 gateway do. So this starts one pool (1 CPU worker, no gateways of its own), then an HTTP
@@ -14,7 +15,9 @@ per request (psutil). ``--tree same=.`` (this checkout again) shows what the noi
 does to the figures.
 
 ``--tree before=/tmp/before`` adds a tree, e.g. ``git archive REV gateway router pool |
-tar -x -C /tmp/before``; this checkout is always the tree ``this``. ``--big`` sends a
+tar -x -C /tmp/before``; this checkout is always the tree ``this``. ``--variant
+spin=--spin-us=200`` adds this checkout's gateway again with more arguments (split on
+spaces), for a setting rather than a tree. ``--big`` sends a
 [1, 3, 224, 224] float16 tensor (resnet50's input, 294 KiB) to a model that answers
 its first 1,000 values (resnet50's output size), instead of 1 KiB float32 [1, 256]
 to the identity: the per-request cost of large inputs. ``--live`` sends the health call
@@ -68,12 +71,12 @@ def make_head(path: str) -> str:
 
 
 def start_gateway(
-    tree: str, protocol: str, listen: str, pool: Any, log: str
+    tree: str, protocol: str, listen: str, pool: Any, log: str, extra: list[str]
 ) -> subprocess.Popen[bytes]:
     env = dict(os.environ, PYTHONPATH=tree)
     argv = [sys.executable, "-m", "gateway", "--protocol", protocol, "--listen", listen,
             "--frontend", pool.frontend, "--control", pool.control,
-            "--log-level", "WARNING"]  # fmt: skip
+            "--log-level", "WARNING", *extra]  # fmt: skip
     with open(log, "ab") as err:
         return subprocess.Popen(argv, env=env, cwd=tree, stdout=err, stderr=err,
                                 stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
@@ -177,6 +180,8 @@ def timed_round(calls: list[Callable[[], None]], requests: int) -> tuple[list[fl
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tree", action="append", default=[], metavar="NAME=DIR")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
+                    help="this tree's gateway with more arguments, e.g. spin=--spin-us=200")
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--requests", type=int, default=300, help="per client per gateway per round")
     ap.add_argument("--big", action="store_true", help="294 KiB float16 inputs")
@@ -188,10 +193,13 @@ def main() -> int:
     # A SIGTERM (timeout(1), a CI limit) must still reach the finally below, or the pool
     # and the gateways, each in a session of its own, outlive us.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    trees = {"this": ROOT}
+    trees: dict[str, tuple[str, list[str]]] = {"this": (ROOT, [])}
     for item in args.tree:
         name, _, path = item.partition("=")
-        trees[name] = os.path.abspath(path)
+        trees[name] = (os.path.abspath(path), [])
+    for item in args.variant:
+        name, _, extra = item.partition("=")
+        trees[name] = (ROOT, extra.split())
     makers = [(p, m) for p, m in (("http", http_call), ("grpc", grpc_call))
               if args.protocol in (p, "both")]  # fmt: skip
     os.makedirs(args.dir, exist_ok=True)
@@ -210,11 +218,11 @@ def main() -> int:
     gateways: list[subprocess.Popen[bytes]] = []
     try:
         targets: list[tuple[str, list[Callable[[], None]], psutil.Process]] = []
-        for name, tree in trees.items():
+        for name, (tree, extra) in trees.items():
             for protocol, make in makers:
                 address = f"127.0.0.1:{free_port()}"
                 log = os.path.join(args.dir, f"gateway-{name}-{protocol}.log")
-                gw = start_gateway(tree, protocol, address, pool, log)
+                gw = start_gateway(tree, protocol, address, pool, log, extra)
                 gateways.append(gw)
                 calls = [make(address, "m", data, args.live) for _ in range(args.clients)]
                 wait_ready(calls[0], gw, f"{name}/{protocol}")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Where one OIP request's time goes: 1-client p50 of each stage, and the gateway's CPU.
 
-usage: bench_oip_stages.py [--requests N] [--oip-processes N]
+usage: bench_oip_stages.py [--requests N] [--oip-processes N] [--spin-us N[,N...]]
 
 One pool (1 CPU worker, identity TorchScript, 1 KiB float32 [1, 256]) with both gateways;
 one client at a time, closed loop, in this process:
@@ -14,6 +14,9 @@ one client at a time, closed loop, in this process:
   http         POST .../infer, binary tensors: the whole OIP/HTTP path
   grpc-live    ServerLive: the gRPC hop and server alone
   grpc         ModelInfer with raw_input_contents: the whole OIP/gRPC path
+
+``--spin-us 0,200,0,200`` runs the whole list once per value, one fresh pool each, with
+the gateways' ``oip_spin_us`` set so (gateway/spin_loop.py): interleaved A/B rounds.
 
 Besides each p50 it prints the CPU time per request of the gateway processes of that
 protocol and of poold (psutil), which a busy machine disturbs less than latency. The
@@ -102,8 +105,16 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=2000, help="requests per stage")
     ap.add_argument("--oip-processes", type=int, default=1, help="gateways per protocol")
     ap.add_argument("--dir", default="/tmp/oip-stages", help="scratch directory")
+    ap.add_argument("--spin-us", default="0", metavar="N[,N...]",
+                    help="the gateways' oip_spin_us; a list runs one pool per value")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # still stop the pool below
+    for spin in [int(v) for v in args.spin_us.split(",")]:
+        run_pool(args, spin)
+    return 0
+
+
+def run_pool(args: argparse.Namespace, spin_us: int) -> None:
     import grpc
     from benchmodels import make_identity
 
@@ -125,7 +136,7 @@ def main() -> int:
             ports.append(s.getsockname()[1])
     http_at, grpc_at = (f"127.0.0.1:{p}" for p in ports)
     pool = start_pool(procs, args.dir, [cfg], http=http_at, grpc=grpc_at,
-                      oip_processes=args.oip_processes)  # fmt: skip
+                      oip_processes=args.oip_processes, oip_spin_us=spin_us)  # fmt: skip
     try:
         poold = psutil.Process(pool.proc.pid)
         end = time.monotonic() + 60
@@ -136,7 +147,7 @@ def main() -> int:
             time.sleep(0.1)
         by = {p: [k for k in kids if p in k.cmdline()] for p in ("http", "grpc")}
         print(f"oip stages: 1 client, {args.requests} requests per stage, "
-              f"{args.oip_processes} gateway process(es) per protocol, "
+              f"{args.oip_processes} gateway process(es) per protocol, oip_spin_us {spin_us}, "
               f"{psutil.cpu_count()} cores", flush=True)  # fmt: skip
         data = np.ones((1, 256), np.float32)
         n = args.requests
@@ -188,7 +199,6 @@ def main() -> int:
         stage("grpc", lambda: stub.ModelInfer(req), n, by["grpc"], poold)
     finally:
         stop_pool(procs, pool)
-    return 0
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@
 #   bench     scripts/bench.py --all (router, p50, big, spawn, batching, weights)
 #   standby   scripts/bench.py --standby --upgrades 3
 #   oip       scripts/bench.py --oip
+#   oip-spin  scripts/bench_oip_ab.py: the gateways with oip_spin_us 0, 200 and 500, 1 client
 #   stress    scripts/stress.py, drain-first with the standby, 200 cycles
 #   machine   nvidia-smi, CPU, torch: what the figures were measured on
 #
@@ -19,7 +20,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 1 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
-  sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
   exit 2
 fi
 out=$1
@@ -54,6 +55,9 @@ for stage in "${stages[@]}"; do
       run_stage standby python3 scripts/bench.py --standby --upgrades 3 --json "$out/standby.json" ;;
     oip)
       run_stage oip python3 scripts/bench.py --oip --json "$out/oip.json" ;;
+    oip-spin)
+      run_stage oip-spin python3 scripts/bench_oip_ab.py --variant spin200=--spin-us=200 \
+        --variant spin500=--spin-us=500 --rounds 8 --requests 500 ;;
     stress)
       run_stage stress python3 scripts/stress.py --device cuda:0 --standby \
         --strategy drain-first --cycles 200 --out "$out/stress" ;;

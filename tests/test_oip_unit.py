@@ -379,6 +379,16 @@ def test_oip_processes_share_one_port(tmp_path: Path) -> None:
     assert "0 (auto)" in _problems(tmp_path, oip_processes=-1)[0]
 
 
+def test_oip_spin_us_reaches_every_gateway(tmp_path: Path) -> None:
+    off = gw.gateway_specs(_config(tmp_path, http="127.0.0.1:8000").pool, str(tmp_path))
+    assert off[0].spin_us == 0 and "--spin-us" not in off[0].argv()  # the default: off
+    cfg = _config(tmp_path, http="127.0.0.1:8000", grpc="127.0.0.1:8001", oip_spin_us=150)
+    for spec in gw.gateway_specs(cfg.pool, str(tmp_path)):
+        argv = spec.argv()
+        assert argv[argv.index("--spin-us") + 1] == "150"
+    assert "from 0 to 10000" in _problems(tmp_path, oip_spin_us=20_000)[0]
+
+
 def test_oip_processes_auto_follows_the_cores(tmp_path: Path) -> None:
     pool = _config(tmp_path, http="127.0.0.1:8000").pool
     assert pool.oip_processes == 0  # the default: auto
