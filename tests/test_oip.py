@@ -596,3 +596,37 @@ def _ok(call: Any) -> bool:
         return bool(call())
     except Exception:
         return False
+
+
+@pytest.mark.slow
+def test_spinning_gateways_serve_both_protocols_and_stop_with_poold(tmp_path: Any) -> None:
+    """oip_spin_us: each gateway runs on the spinning selector (gateway/spin_loop.py), not
+    uvloop. The real clients get the two-input model's answers over both protocols, and
+    poold's SIGTERM still stops both gateways (their signal handlers are the loop's)."""
+    http, grpc = free_ports(2)
+    models = [{"name": "two", "path": make_two_input(f"{tmp_path}/m/two.pt"), "version": "7"}]
+    opts = {"http": f"127.0.0.1:{http}", "grpc": f"127.0.0.1:{grpc}", "oip_processes": 1,
+            "oip_spin_us": 300}  # fmt: skip
+    with running_pool(str(tmp_path), models, **opts) as p:
+        p.env["OIP_HTTP"], p.env["OIP_GRPC"] = opts["http"], opts["grpc"]
+        wait_for(lambda: _http_ready(p) and _grpc_ready(p), 30, "both gateways ready")
+        pids = [gateway_pid(p.proc.pid, proto) for proto in ("http", "grpc")]
+        for pid in pids:
+            argv = psutil.Process(pid).cmdline()
+            assert argv[argv.index("--spin-us") + 1] == "300"
+        a = np.arange(8, dtype=np.float32).reshape(2, 4)
+        b = np.full((2, 4), 3.0, np.float32)
+        try:
+            for _ in range(50):
+                g = _infer_grpc(p, "two", [a, b])
+                h = _infer_http(p, "two", [a, b], binary=True)
+                assert g.get_response().model_version == h.get_response()["model_version"] == "7"
+                for r in (g, h):
+                    out = [r.as_numpy(n) for n in _output_names(p, "two")]
+                    np.testing.assert_array_equal(out[0], a + b)
+                    np.testing.assert_array_equal(out[1], a * b)
+        finally:
+            _close_clients_of_this_thread()
+        p.proc.send_signal(signal.SIGTERM)
+        p.proc.wait(30)
+    assert all(pid and not psutil.pid_exists(pid) for pid in pids), pids
