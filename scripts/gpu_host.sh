@@ -10,8 +10,8 @@
 #   tests     python -m pytest -m gpu tests/
 #   bench     scripts/bench.py --all (router, p50, big, spawn, batching, weights)
 #   standby   scripts/bench.py --standby --upgrades 3
-#   oip       scripts/bench.py --oip
-#   oip-spin  scripts/bench_oip_ab.py: the gateways with oip_spin_us 0, 200 and 500, 1 client
+#   oip       scripts/bench.py --oip (and $OIP_ARGS, e.g. "--oip-spin-us 500")
+#   oip-spin  scripts/bench_oip_ab.py: the gateways with oip_spin_us 0, 200, 500, 1000, 1 client
 #   stress    scripts/stress.py, drain-first with the standby, 200 cycles
 #   machine   nvidia-smi, CPU, torch: what the figures were measured on
 #
@@ -54,10 +54,11 @@ for stage in "${stages[@]}"; do
     standby)
       run_stage standby python3 scripts/bench.py --standby --upgrades 3 --json "$out/standby.json" ;;
     oip)
-      run_stage oip python3 scripts/bench.py --oip --json "$out/oip.json" ;;
+      run_stage oip python3 scripts/bench.py --oip --json "$out/oip.json" ${OIP_ARGS:-} ;;
     oip-spin)
       run_stage oip-spin python3 scripts/bench_oip_ab.py --variant spin200=--spin-us=200 \
-        --variant spin500=--spin-us=500 --rounds 8 --requests 500 ;;
+        --variant spin500=--spin-us=500 --variant spin1000=--spin-us=1000 --rounds 8 \
+        --requests 500 ;;
     stress)
       run_stage stress python3 scripts/stress.py --device cuda:0 --standby \
         --strategy drain-first --cycles 200 --out "$out/stress" ;;
