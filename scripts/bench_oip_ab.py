@@ -73,7 +73,9 @@ def make_head(path: str) -> str:
 def start_gateway(
     tree: str, protocol: str, listen: str, pool: Any, log: str, extra: list[str]
 ) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, PYTHONPATH=tree)
+    # the tree first; what PYTHONPATH already held (a --target site of wheels) after it
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (tree, os.environ.get("PYTHONPATH", "")) if p))  # fmt: skip
     argv = [sys.executable, "-m", "gateway", "--protocol", protocol, "--listen", listen,
             "--frontend", pool.frontend, "--control", pool.control,
             "--log-level", "WARNING", *extra]  # fmt: skip

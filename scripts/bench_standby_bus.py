@@ -53,7 +53,12 @@ def load_vs_bus(b: Any, dev: str, st: str, mib: float) -> None:
     b.compare(Compare("standby", f"safetensors load {mib:.0f} MiB / pinned H2D copy",
                       "load", res["load_gbs"], "pinned copy", res["bus_gbs"], "GB/s",
                       target=None if dev == "cpu" else 0.6,
-                      note="medians; the ring pinned ahead, as in a standby"))
+                      note=f"medians; the default path ({_path_name(res['share'])}), as a "
+                           "standby loads"))
+
+
+def _path_name(share: float) -> str:
+    return "mapped" if share >= 1 else "ring" if share <= 0 else f"split {share:.0%} mapped"
 
 
 def role_load_vs_bus(cfg: dict[str, Any]) -> int:
@@ -140,7 +145,7 @@ def role_load_vs_bus(cfg: dict[str, Any]) -> int:
                       "mapped_gbs": nbytes / med["mapped_s"] / 1e9,
                       "mapped_error": mapped_error,
                       "ring_gbs": nbytes / med["ring_s"] / 1e9,
-                      "share": weights_split.mapped_share(dev, None),
+                      "share": weights_split.mapped_share(dev, None, os.path.getsize(path)),
                       "fallbacks": weights_split.fallbacks,
                       "threads": weights.READ_THREADS, "chunk_mib": weights.CHUNK_BYTES >> 20,
                       "staged_gbs": nbytes / med["staged_s"] / 1e9,

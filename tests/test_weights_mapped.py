@@ -55,13 +55,6 @@ def test_a_refused_registration_falls_back_to_the_ring(
     assert all(torch.equal(got[k], w) for k, w in want.items() if w.numel())
 
 
-def test_the_env_chooses_it_only_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(weights_mapped.PATH_ENV, "mapped")
-    assert weights_mapped.wanted()
-    monkeypatch.setenv(weights_mapped.PATH_ENV, "ring")
-    assert not weights_mapped.wanted()
-
-
 @pytest.mark.parametrize("begin,end,chunk", [(8, 10_000, 1), (8, 10_000, 4096),
                                              (4096, 3 * 4096, 8192), (100, 101, 1 << 20),
                                              (8 + 200, (5 << 20) + 3, 1 << 20)])  # fmt: skip

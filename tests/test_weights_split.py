@@ -110,7 +110,14 @@ def test_the_env_chooses_the_share_on_cuda_only(monkeypatch: pytest.MonkeyPatch)
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     monkeypatch.delenv(weights_split.PATH_ENV, raising=False)
     monkeypatch.delenv(weights_split.SHARE_ENV, raising=False)
-    assert weights_split.mapped_share(cuda, None) == 0.0  # the ring by default
+    gib = 1 << 30
+    # auto, the default: the mapped path for a file up to a quarter of MemAvailable
+    assert weights_split.mapped_share(cuda, None, 2 * gib, available=8 * gib) == 1.0
+    assert weights_split.mapped_share(cuda, None, 2 * gib + 1, available=8 * gib) == 0.0
+    assert weights_split.mapped_share(cuda, None, 1, available=None) == 0.0  # unknown: ring
+    assert weights_split.mapped_share(cpu, None, 1, available=8 * gib) == 0.0
+    monkeypatch.setenv(weights_split.PATH_ENV, "auto")
+    assert weights_split.mapped_share(cuda, None, 2 * gib, available=8 * gib) == 1.0
     monkeypatch.setenv(weights_split.PATH_ENV, "split")
     assert weights_split.mapped_share(cuda, None) == weights_split.DEFAULT_SHARE
     assert weights_split.mapped_share(cpu, None) == 0.0

@@ -128,7 +128,7 @@ def load_file(
     try:
         header = _read_header(fd)
         if share is None:
-            share = weights_split.mapped_share(device, mapped)
+            share = weights_split.mapped_share(device, mapped, os.fstat(fd).st_size)
         if share <= 0:
             return _stream(fd, header, device, chunk_bytes, threads, ring_slots, progress)
         targets = Targets(header, device)

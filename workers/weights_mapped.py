@@ -9,9 +9,10 @@ the page cache directly: one crossing, no reader threads, at the price of regist
 registrations are undone after the worker is ready (``weights.flush_host_frees``), as
 the ring's unpinning is.
 
-Chosen by ``GPU_POOL_WEIGHTS_PATH=mapped`` (default: the ring); which is faster depends
-on the host (``scripts/bench_weights_paths.py`` times both). On a CPU the registration
-is skipped, so tests cover the chunk logic.
+Taken on CUDA by default (``GPU_POOL_WEIGHTS_PATH=auto``: for a file up to a quarter of
+the available memory, see ``workers.weights_split``) or always (``=mapped``); which path
+is faster depends on the host (``scripts/bench_weights_paths.py`` times both). On a CPU
+the registration is skipped, so tests cover the chunk logic.
 """
 
 from __future__ import annotations
@@ -37,10 +38,6 @@ MADV_POPULATE_READ = 22  # linux/mman.h; Python's mmap module names it only on 3
 # ``unregister_all`` (weights.flush_host_frees) or at once when frees are not deferred.
 _pending: list[tuple[mmap.mmap, torch.Tensor, list[tuple[int, int]]]] = []
 _lock = threading.Lock()  # a split load registers from a second thread
-
-
-def wanted() -> bool:
-    return os.environ.get(PATH_ENV, "") == "mapped"
 
 
 class HostRegisterError(RuntimeError):

@@ -8,13 +8,17 @@ pins pages, and on an H200 host each alone fed the bus at about half its speed
 the driver), so the file is cut in two: the mapped path takes the front share in a
 thread of its own while the ring takes the rest, and the copy engine is fed by both.
 
-``GPU_POOL_WEIGHTS_PATH`` chooses: ``ring`` (the default), ``split`` or ``mapped`` (all
-to the mapped path); ``GPU_POOL_WEIGHTS_SPLIT`` is the split's mapped share in percent.
-Which is fastest depends on the host: where the ring reached 0.8x of the bus alone (an
-H100 host), sharing the copy engine only slowed it; where its readers' memory copy was
-the bound (an H200 host, 0.46x), the mapped path alone reached 0.59x. Where the driver
-refuses to page-lock the file (a file system it cannot pin, an old driver), the ring
-reads the part the mapped path did not finish, and the load goes on.
+``GPU_POOL_WEIGHTS_PATH`` chooses: ``auto`` (the default), ``ring``, ``split`` or
+``mapped`` (all to the mapped path); ``GPU_POOL_WEIGHTS_SPLIT`` is the split's mapped
+share in percent. Which is fastest depends on the host. Measured on four hosts
+(docs/PERFORMANCE.md), the mapped path alone fed the bus at 0.59-0.66x where the ring's
+reader threads were the bound (0.46-0.55x), and at 0.71-0.78x on the one host where the
+ring reached 0.79x; sharing the copy engine in a split only slowed the fast host. So
+``auto`` takes the mapped path, whose worst case is the better one, unless the file is
+larger than a quarter of the host's available memory: the mapped path keeps the whole
+file's page cache page-locked until the worker is ready, the ring only its buffers.
+Where the driver refuses to page-lock the file (a file system it cannot pin, an old
+driver), the ring reads the part the mapped path did not finish, and the load goes on.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from pool.host_files import available_ram
 from workers import weights_mapped
 from workers.load_targets import Targets
 
@@ -38,23 +43,34 @@ PATH_ENV, SHARE_ENV = weights_mapped.PATH_ENV, "GPU_POOL_WEIGHTS_SPLIT"
 # and the last chunk's copy is the tail no registration overlaps).
 MAPPED_CHUNK_BYTES = 32 << 20
 DEFAULT_SHARE = 0.55
+# auto: the mapped path only for a file of at most this share of MemAvailable, as the
+# standby's preload decides (pool/preload.py): it holds the file's pages locked a while.
+MAPPED_RAM_SHARE = 0.25
 fallbacks = 0  # loads whose mapped part the ring read again (benchmarks report it)
 
 Ring = Callable[[Targets, tuple[int, int], Callable[[int], None] | None], None]
 
 
-def mapped_share(device: torch.device, mapped: bool | None) -> float:
+def mapped_share(
+    device: torch.device, mapped: bool | None, size: int = 0, available: int | None = -1
+) -> float:
     """The share of the data region the mapped path takes (0: the ring alone). Only on
-    CUDA: elsewhere the ring's synchronous copies are what the tests check."""
+    CUDA: elsewhere the ring's synchronous copies are what the tests check. ``size``:
+    the file's bytes; ``available``: MemAvailable (-1: read it; None: unknown, which
+    leaves ``auto`` with the ring)."""
     if mapped is not None:
         return 1.0 if mapped else 0.0
     if device.type != "cuda":
         return 0.0
-    path = os.environ.get(PATH_ENV, "")
+    path = os.environ.get(PATH_ENV, "") or "auto"
     if path == "mapped":
         return 1.0
+    if path == "auto":
+        if available == -1:
+            available = available_ram()
+        return 1.0 if available is not None and size <= available * MAPPED_RAM_SHARE else 0.0
     if path != "split":
-        return 0.0  # the ring: the default
+        return 0.0  # the ring, asked for by name (or a value we do not know)
     raw = os.environ.get(SHARE_ENV, "")
     return min(100, int(raw)) / 100 if raw.isdigit() else DEFAULT_SHARE
 
