@@ -2,9 +2,11 @@
 
 ``load_file`` checks the header first (``workers.safetensors_header``: a bad file fails
 with one clear ``SafetensorsError`` and never half-loads), then copies the data region to
-the device through a small ring of pinned host buffers: several threads ``preadv``
-chunks of the file (page cache -> pinned memory, GIL released) while the CUDA copy
-engine moves finished chunks to the device. ``safetensors.torch.load_file(device="cuda")``
+the device: on CUDA by default from the page-locked page cache itself
+(``workers.weights_mapped``; ``workers.weights_split`` says when), else through a small
+ring of pinned host buffers: several threads ``preadv`` chunks of the file (page cache
+-> pinned memory, GIL released) while the CUDA copy engine moves finished chunks to the
+device. ``safetensors.torch.load_file(device="cuda")``
 instead copies each tensor from pageable memory (the mapped file), which the driver
 stages through pinned buffers of its own, synchronously, with one thread reading.
 ``stage_file`` reads the data region into host memory ahead of the device being free
