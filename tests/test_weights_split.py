@@ -114,23 +114,24 @@ def test_the_env_chooses_the_share_on_cuda_only(monkeypatch: pytest.MonkeyPatch)
     # auto, the default: the mapped path for a file up to a quarter of MemAvailable
     assert weights_split.mapped_share(cuda, None, 2 * gib, available=8 * gib) == 1.0
     assert weights_split.mapped_share(cuda, None, 2 * gib + 1, available=8 * gib) == 0.0
-    assert weights_split.mapped_share(cuda, None, 1, available=None) == 0.0  # unknown: ring
+    monkeypatch.setattr(weights_split, "available_ram", lambda: None)
+    assert weights_split.mapped_share(cuda, None, 1) == 0.0  # MemAvailable unknown: the ring
     assert weights_split.mapped_share(cpu, None, 1, available=8 * gib) == 0.0
     monkeypatch.setenv(weights_split.PATH_ENV, "auto")
     assert weights_split.mapped_share(cuda, None, 2 * gib, available=8 * gib) == 1.0
     monkeypatch.setenv(weights_split.PATH_ENV, "split")
-    assert weights_split.mapped_share(cuda, None) == weights_split.DEFAULT_SHARE
-    assert weights_split.mapped_share(cpu, None) == 0.0
+    assert weights_split.mapped_share(cuda, None, 1) == weights_split.DEFAULT_SHARE
+    assert weights_split.mapped_share(cpu, None, 1) == 0.0
     monkeypatch.setenv(weights_split.SHARE_ENV, "70")
-    assert weights_split.mapped_share(cuda, None) == 0.7
+    assert weights_split.mapped_share(cuda, None, 1) == 0.7
     monkeypatch.setenv(weights_split.SHARE_ENV, "250")
-    assert weights_split.mapped_share(cuda, None) == 1.0
+    assert weights_split.mapped_share(cuda, None, 1) == 1.0
     monkeypatch.setenv(weights_split.PATH_ENV, "ring")
-    assert weights_split.mapped_share(cuda, None) == 0.0
+    assert weights_split.mapped_share(cuda, None, 1) == 0.0
     monkeypatch.setenv(weights_split.SHARE_ENV, "")
     monkeypatch.setenv(weights_split.PATH_ENV, "bogus")
-    assert weights_split.mapped_share(cuda, None) == 0.0
+    assert weights_split.mapped_share(cuda, None, 1) == 0.0
     monkeypatch.setenv(weights_split.PATH_ENV, "mapped")
-    assert weights_split.mapped_share(cuda, None) == 1.0
-    assert weights_split.mapped_share(cuda, False) == 0.0
-    assert weights_split.mapped_share(cpu, True) == 1.0
+    assert weights_split.mapped_share(cuda, None, 1) == 1.0
+    assert weights_split.mapped_share(cuda, False, 1) == 0.0
+    assert weights_split.mapped_share(cpu, True, 1) == 1.0

@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from pool.host_files import available_ram
+from pool.preload import RAM_SHARE  # auto's bound: the standby preload's, for the same reason
 from workers import weights_mapped
 from workers.load_targets import Targets
 
@@ -43,21 +44,18 @@ PATH_ENV, SHARE_ENV = weights_mapped.PATH_ENV, "GPU_POOL_WEIGHTS_SPLIT"
 # and the last chunk's copy is the tail no registration overlaps).
 MAPPED_CHUNK_BYTES = 32 << 20
 DEFAULT_SHARE = 0.55
-# auto: the mapped path only for a file of at most this share of MemAvailable, as the
-# standby's preload decides (pool/preload.py): it holds the file's pages locked a while.
-MAPPED_RAM_SHARE = 0.25
 fallbacks = 0  # loads whose mapped part the ring read again (benchmarks report it)
 
 Ring = Callable[[Targets, tuple[int, int], Callable[[int], None] | None], None]
 
 
 def mapped_share(
-    device: torch.device, mapped: bool | None, size: int = 0, available: int | None = -1
+    device: torch.device, mapped: bool | None, size: int, available: int | None = None
 ) -> float:
     """The share of the data region the mapped path takes (0: the ring alone). Only on
     CUDA: elsewhere the ring's synchronous copies are what the tests check. ``size``:
-    the file's bytes; ``available``: MemAvailable (-1: read it; None: unknown, which
-    leaves ``auto`` with the ring)."""
+    the file's bytes; ``available``: MemAvailable (None: read it; ``auto`` takes the
+    ring where it cannot be read)."""
     if mapped is not None:
         return 1.0 if mapped else 0.0
     if device.type != "cuda":
@@ -66,9 +64,9 @@ def mapped_share(
     if path == "mapped":
         return 1.0
     if path == "auto":
-        if available == -1:
+        if available is None:
             available = available_ram()
-        return 1.0 if available is not None and size <= available * MAPPED_RAM_SHARE else 0.0
+        return 1.0 if available is not None and size <= available * RAM_SHARE else 0.0
     if path != "split":
         return 0.0  # the ring, asked for by name (or a value we do not know)
     raw = os.environ.get(SHARE_ENV, "")
